@@ -1,0 +1,260 @@
+//! Request bodies to events.
+//!
+//! Every body format the edge takes (one event, a JSON array batch, NDJSON) decodes to a
+//! list of [`Item`]s: the event's raw JSON text, borrowed from the body, and its parse.
+//! Keeping the raw text lets the stream store exactly what the producer sent without
+//! serialising it again.
+//!
+//! Whole-body faults ([`DecodeError`]) carry a line and column. NDJSON is the exception by
+//! design: a line that does not parse rejects that event alone, so one corrupt line never
+//! costs a producer its valid events (unless no line parses at all).
+
+use std::cell::Cell;
+use std::fmt;
+
+use serde::de::{self, Deserializer as _, SeqAccess, Visitor};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::FieldError;
+
+/// How the body is framed; the edge picks it from `Content-Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// Exactly one event object (`application/cloudevents+json`).
+    Single,
+    /// A JSON array of events (`application/cloudevents-batch+json`).
+    Batch,
+    /// An object is one event, an array is a batch (`application/json`).
+    Auto,
+    /// One event per line (`application/x-ndjson`); blank lines are skipped.
+    Ndjson,
+}
+
+/// One event of a body.
+#[derive(Debug)]
+pub struct Item<'a> {
+    /// The event's JSON text exactly as sent (without surrounding whitespace).
+    pub raw: &'a str,
+    /// Its parse. Only NDJSON lines can fail individually.
+    pub parsed: Result<Value, FieldError>,
+}
+
+/// Why a whole body was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("the body is empty")]
+    Empty,
+    #[error("the body is not valid UTF-8 (line {line}, column {column})")]
+    InvalidUtf8 { line: usize, column: usize },
+    #[error("invalid JSON at line {line}, column {column}: {message}")]
+    Syntax {
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("the batch holds more than {max} events")]
+    TooManyEvents { max: usize },
+    #[error("{0}")]
+    Shape(&'static str),
+}
+
+impl DecodeError {
+    /// A stable, machine-readable code for the error body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DecodeError::Empty => "empty_body",
+            DecodeError::InvalidUtf8 { .. } => "invalid_utf8",
+            DecodeError::Syntax { .. } => "invalid_json",
+            DecodeError::TooManyEvents { .. } => "too_many_events",
+            DecodeError::Shape(_) => "invalid_body_shape",
+        }
+    }
+}
+
+/// Decodes a body into at most `max_events` events.
+pub fn decode(body: &[u8], format: BodyFormat, max_events: usize) -> Result<Vec<Item<'_>>, DecodeError> {
+    let text = match std::str::from_utf8(body) {
+        Ok(t) => t,
+        Err(e) => {
+            let (line, column) = line_column(body, e.valid_up_to());
+            return Err(DecodeError::InvalidUtf8 { line, column });
+        }
+    };
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let trimmed = text.trim_start_matches([' ', '\t', '\r', '\n']);
+    if trimmed.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let format = match format {
+        BodyFormat::Auto if trimmed.starts_with('[') => BodyFormat::Batch,
+        BodyFormat::Auto => BodyFormat::Single,
+        f => f,
+    };
+    match format {
+        BodyFormat::Single => {
+            if trimmed.starts_with('[') {
+                return Err(DecodeError::Shape(
+                    "expected one event object; send a batch as application/cloudevents-batch+json",
+                ));
+            }
+            let value: Value = serde_json::from_str(text).map_err(syntax)?;
+            Ok(vec![Item {
+                raw: text.trim_matches([' ', '\t', '\r', '\n']),
+                parsed: Ok(value),
+            }])
+        }
+        BodyFormat::Batch | BodyFormat::Auto => decode_array(text, max_events),
+        BodyFormat::Ndjson => decode_ndjson(text, max_events),
+    }
+}
+
+fn decode_array(text: &str, max_events: usize) -> Result<Vec<Item<'_>>, DecodeError> {
+    let too_many = Cell::new(false);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let raws = match de.deserialize_seq(BoundedSeq {
+        max: max_events,
+        too_many: &too_many,
+    }) {
+        Ok(raws) => raws,
+        Err(_) if too_many.get() => return Err(DecodeError::TooManyEvents { max: max_events }),
+        Err(e) => return Err(syntax(e)),
+    };
+    de.end().map_err(syntax)?;
+    let mut items = Vec::with_capacity(raws.len());
+    for raw in raws {
+        match serde_json::from_str::<Value>(raw.get()) {
+            Ok(value) => items.push(Item {
+                raw: raw.get(),
+                parsed: Ok(value),
+            }),
+            // The array scan does not bound nesting; the full parse does. Report the
+            // position in the whole body.
+            Err(_) => {
+                return Err(match serde_json::from_str::<Value>(text) {
+                    Err(e) => syntax(e),
+                    Ok(_) => DecodeError::Shape("an event could not be parsed"),
+                });
+            }
+        }
+    }
+    Ok(items)
+}
+
+fn decode_ndjson(text: &str, max_events: usize) -> Result<Vec<Item<'_>>, DecodeError> {
+    let mut items = Vec::new();
+    let mut first_error = None;
+    for (n, line) in text.split('\n').enumerate() {
+        let line = line.trim_matches([' ', '\t', '\r']);
+        if line.is_empty() {
+            continue;
+        }
+        if items.len() == max_events {
+            return Err(DecodeError::TooManyEvents { max: max_events });
+        }
+        let parsed = serde_json::from_str::<Value>(line).map_err(|e| {
+            let err = DecodeError::Syntax {
+                line: n + 1,
+                column: e.column(),
+                message: e.to_string(),
+            };
+            let field = FieldError::new("", err.to_string());
+            first_error.get_or_insert(err);
+            field
+        });
+        items.push(Item { raw: line, parsed });
+    }
+    if items.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    if items.iter().all(|i| i.parsed.is_err()) {
+        return Err(first_error.expect("a failed line recorded its error"));
+    }
+    Ok(items)
+}
+
+fn syntax(e: serde_json::Error) -> DecodeError {
+    DecodeError::Syntax {
+        line: e.line(),
+        column: e.column(),
+        message: e.to_string(),
+    }
+}
+
+/// 1-based line and column (in bytes) of a byte offset.
+fn line_column(body: &[u8], offset: usize) -> (usize, usize) {
+    let before = &body[..offset.min(body.len())];
+    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+    let column = offset - before.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1) + 1;
+    (line, column)
+}
+
+/// Collects the raw elements of a JSON array, refusing to collect more than `max`.
+struct BoundedSeq<'c> {
+    max: usize,
+    too_many: &'c Cell<bool>,
+}
+
+impl<'de> Visitor<'de> for BoundedSeq<'_> {
+    type Value = Vec<&'de RawValue>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON array of events")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(16).min(self.max));
+        while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+            if out.len() == self.max {
+                self.too_many.set(true);
+                return Err(de::Error::custom("too many events"));
+            }
+            out.push(raw);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        let one = br#" {"id":"1"} "#;
+        assert_eq!(decode(one, BodyFormat::Single, 10).unwrap()[0].raw, r#"{"id":"1"}"#);
+        assert_eq!(decode(one, BodyFormat::Auto, 10).unwrap().len(), 1);
+        let many = br#"[{"id":"1"}, {"id":"2"} ]"#;
+        let items = decode(many, BodyFormat::Batch, 10).unwrap();
+        assert_eq!(items[1].raw, r#"{"id":"2"}"#);
+        assert_eq!(decode(many, BodyFormat::Auto, 10).unwrap().len(), 2);
+        let nd = b"{\"id\":\"1\"}\r\n\n{oops\n{\"id\":\"3\"}";
+        let items = decode(nd, BodyFormat::Ndjson, 10).unwrap();
+        assert_eq!(items.len(), 3);
+        assert!(items[1].parsed.as_ref().unwrap_err().message.contains("line 3"));
+    }
+
+    #[test]
+    fn whole_body_faults() {
+        assert_eq!(decode(b"  \n", BodyFormat::Auto, 10).unwrap_err(), DecodeError::Empty);
+        assert!(matches!(
+            decode(b"[1,\n{\"a\":\xff}]", BodyFormat::Batch, 10).unwrap_err(),
+            DecodeError::InvalidUtf8 { line: 2, column: 6 }
+        ));
+        assert!(matches!(
+            decode(b"[1,\n2,}", BodyFormat::Batch, 10).unwrap_err(),
+            DecodeError::Syntax { line: 2, .. }
+        ));
+        assert_eq!(
+            decode(b"[1,2,3]", BodyFormat::Batch, 2).unwrap_err(),
+            DecodeError::TooManyEvents { max: 2 }
+        );
+        assert_eq!(decode(b"[1,2]", BodyFormat::Batch, 2).unwrap().len(), 2);
+        assert!(matches!(decode(b"{}", BodyFormat::Batch, 2).unwrap_err(), DecodeError::Syntax { .. }));
+        let deep = "[".repeat(10_000) + &"]".repeat(10_000);
+        assert!(matches!(decode(deep.as_bytes(), BodyFormat::Auto, 500).unwrap_err(), DecodeError::Syntax { .. }));
+        let deep_obj = "{\"a\":".repeat(10_000) + "1" + &"}".repeat(10_000);
+        assert!(matches!(decode(deep_obj.as_bytes(), BodyFormat::Single, 500).unwrap_err(), DecodeError::Syntax { .. }));
+        assert!(matches!(decode(b"{oops", BodyFormat::Ndjson, 5).unwrap_err(), DecodeError::Syntax { line: 1, .. }));
+    }
+}

@@ -1,0 +1,310 @@
+//! The CloudEvents 1.0 envelope, JSON event format.
+//!
+//! [`check_envelope`] reads the context attributes of one event (a `serde_json::Value`)
+//! and reports every way it breaks the specification, each with the pointer of the
+//! attribute at fault. It borrows from the event; nothing is copied.
+//!
+//! Spec: <https://github.com/cloudevents/spec/blob/v1.0.2/cloudevents/spec.md> and
+//! <https://github.com/cloudevents/spec/blob/v1.0.2/cloudevents/formats/json-format.md>.
+
+use serde_json::{Map, Value};
+
+use crate::FieldError;
+
+/// The only `specversion` this edge speaks.
+pub const SPEC_VERSION: &str = "1.0";
+
+/// The longest extension attribute name we accept. The spec says names SHOULD NOT exceed
+/// 20 characters; we allow a little more but bound it so hostile names cannot grow maps.
+pub const MAX_EXTENSION_NAME_CHARS: usize = 64;
+
+/// Attributes the spec or the JSON format define; anything else is an extension.
+const KNOWN: &[&str] = &[
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "datacontenttype",
+    "dataschema",
+    "subject",
+    "time",
+    "data",
+    "data_base64",
+];
+
+/// The context attributes of one event that passed the envelope checks.
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope<'a> {
+    pub id: &'a str,
+    pub source: &'a str,
+    pub event_type: &'a str,
+    pub time: Option<&'a str>,
+    pub subject: Option<&'a str>,
+    pub datacontenttype: Option<&'a str>,
+    pub dataschema: Option<&'a str>,
+    /// The `partitionkey` extension (CloudEvents "Partitioning" extension).
+    pub partitionkey: Option<&'a str>,
+    /// `data`, when present and not `null`.
+    pub data: Option<&'a Value>,
+    /// Whether the event carries binary data (`data_base64`) instead of JSON `data`.
+    pub has_data_base64: bool,
+}
+
+/// Best-effort `id` of an event, for reporting even when the envelope is broken.
+pub fn event_id(event: &Value) -> Option<&str> {
+    event.get("id").and_then(Value::as_str)
+}
+
+/// Checks the envelope of one event. On failure returns every fault found, not just the
+/// first, so a producer can fix an event in one round trip.
+pub fn check_envelope(event: &Value) -> Result<Envelope<'_>, Vec<FieldError>> {
+    let Some(obj) = event.as_object() else {
+        return Err(vec![FieldError::new(
+            "",
+            format!("an event must be a JSON object, not {}", kind(event)),
+        )]);
+    };
+    let mut errors = Vec::new();
+
+    match obj.get("specversion") {
+        None | Some(Value::Null) => errors.push(missing("specversion")),
+        Some(Value::String(v)) if v == SPEC_VERSION => {}
+        Some(Value::String(v)) => errors.push(FieldError::new(
+            "/specversion",
+            format!("unsupported specversion {v:?}; this edge accepts \"{SPEC_VERSION}\""),
+        )),
+        Some(other) => errors.push(wrong_type("specversion", "a string", other)),
+    }
+    let id = required_string(obj, "id", &mut errors);
+    let source = required_string(obj, "source", &mut errors);
+    if let Some(s) = source
+        && s.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        errors.push(FieldError::new(
+            "/source",
+            "source must be a URI-reference: no whitespace or control characters",
+        ));
+    }
+    let event_type = required_string(obj, "type", &mut errors);
+    let datacontenttype = optional_string(obj, "datacontenttype", &mut errors);
+    let dataschema = optional_string(obj, "dataschema", &mut errors);
+    let subject = optional_string(obj, "subject", &mut errors);
+    let time = optional_string(obj, "time", &mut errors);
+    if let Some(t) = time
+        && !is_rfc3339(t)
+    {
+        errors.push(FieldError::new(
+            "/time",
+            format!("time must be an RFC 3339 timestamp, got {t:?}"),
+        ));
+    }
+
+    let data = obj.get("data").filter(|d| !d.is_null());
+    let has_data_base64 = match obj.get("data_base64") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(_)) => true,
+        Some(other) => {
+            errors.push(wrong_type("data_base64", "a base64 string", other));
+            false
+        }
+    };
+    if data.is_some() && has_data_base64 {
+        errors.push(FieldError::new(
+            "/data_base64",
+            "an event carries either data or data_base64, not both",
+        ));
+    }
+
+    let mut partitionkey = None;
+    for (name, value) in obj {
+        if KNOWN.contains(&name.as_str()) {
+            continue;
+        }
+        let pointer = format!("/{}", crate::escape_pointer_token(name));
+        if name.is_empty()
+            || name.len() > MAX_EXTENSION_NAME_CHARS
+            || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            errors.push(FieldError::new(
+                pointer,
+                "extension attribute names must be lower-case ASCII letters and digits",
+            ));
+            continue;
+        }
+        match value {
+            Value::String(s) if name == "partitionkey" => {
+                if s.is_empty() {
+                    errors.push(FieldError::new(pointer, "partitionkey must not be empty"));
+                } else {
+                    partitionkey = Some(s.as_str());
+                }
+            }
+            Value::Null | Value::String(_) | Value::Bool(_) if name != "partitionkey" => {}
+            Value::Null => {}
+            Value::Number(n) if name != "partitionkey" && (n.is_i64() || n.is_u64()) => {}
+            other if name == "partitionkey" => errors.push(wrong_type(name, "a string", other)),
+            other => errors.push(FieldError::new(
+                pointer,
+                format!(
+                    "extension attributes must be a string, an integer or a boolean, not {}",
+                    kind(other)
+                ),
+            )),
+        }
+    }
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Envelope {
+        id: id.unwrap_or_default(),
+        source: source.unwrap_or_default(),
+        event_type: event_type.unwrap_or_default(),
+        time,
+        subject,
+        datacontenttype,
+        dataschema,
+        partitionkey,
+        data,
+        has_data_base64,
+    })
+}
+
+/// Whether `s` is an RFC 3339 `date-time` (e.g. `2026-11-22T10:00:00Z`).
+pub fn is_rfc3339(s: &str) -> bool {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).is_ok()
+}
+
+/// Whether a `datacontenttype` denotes JSON data (absent means JSON in the JSON format).
+pub fn is_json_content_type(ct: &str) -> bool {
+    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
+}
+
+fn required_string<'a>(
+    obj: &'a Map<String, Value>,
+    name: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<&'a str> {
+    match obj.get(name) {
+        None | Some(Value::Null) => {
+            errors.push(missing(name));
+            None
+        }
+        Some(Value::String(s)) if s.is_empty() => {
+            errors.push(FieldError::new(format!("/{name}"), format!("{name} must not be empty")));
+            None
+        }
+        Some(Value::String(s)) => Some(s),
+        Some(other) => {
+            errors.push(wrong_type(name, "a string", other));
+            None
+        }
+    }
+}
+
+fn optional_string<'a>(
+    obj: &'a Map<String, Value>,
+    name: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<&'a str> {
+    match obj.get(name) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => {
+            errors.push(FieldError::new(
+                format!("/{name}"),
+                format!("{name} must not be empty when present"),
+            ));
+            None
+        }
+        Some(Value::String(s)) => Some(s),
+        Some(other) => {
+            errors.push(wrong_type(name, "a string", other));
+            None
+        }
+    }
+}
+
+fn missing(name: &str) -> FieldError {
+    FieldError::new(format!("/{name}"), format!("required attribute {name} is missing"))
+}
+
+fn wrong_type(name: &str, expected: &str, got: &Value) -> FieldError {
+    FieldError::new(
+        format!("/{}", crate::escape_pointer_token(name)),
+        format!("{name} must be {expected}, not {}", kind(got)),
+    )
+}
+
+pub(crate) fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ok() -> Value {
+        json!({"specversion":"1.0","id":"a-1","source":"/shop","type":"booking.requested",
+               "time":"2026-11-22T10:00:00Z","partitionkey":"k","traceparent":"00-x","count":3,
+               "data":{"x":1}})
+    }
+
+    fn pointers(v: Value) -> Vec<String> {
+        check_envelope(&v).unwrap_err().into_iter().map(|e| e.pointer).collect()
+    }
+
+    #[test]
+    fn accepts_a_full_envelope() {
+        let v = ok();
+        let env = check_envelope(&v).unwrap();
+        assert_eq!(env.id, "a-1");
+        assert_eq!(env.partitionkey, Some("k"));
+        assert!(env.data.is_some());
+    }
+
+    #[test]
+    fn rejects_spec_violations_with_pointers() {
+        let mut v = ok();
+        v.as_object_mut().unwrap().remove("id");
+        assert_eq!(pointers(v), ["/id"]);
+        let mut v = ok();
+        v["specversion"] = json!("0.3");
+        assert_eq!(pointers(v), ["/specversion"]);
+        let mut v = ok();
+        v["source"] = json!(7);
+        assert_eq!(pointers(v), ["/source"]);
+        let mut v = ok();
+        v["time"] = json!("yesterday");
+        assert_eq!(pointers(v), ["/time"]);
+        let mut v = ok();
+        v["Bad-Ext"] = json!("x");
+        assert_eq!(pointers(v), ["/Bad-Ext"]);
+        let mut v = ok();
+        v["ext"] = json!({"nested": true});
+        assert_eq!(pointers(v), ["/ext"]);
+        let mut v = ok();
+        v["data_base64"] = json!("AAAA");
+        assert_eq!(pointers(v), ["/data_base64"]);
+        assert_eq!(pointers(json!([1])), [""]);
+        assert_eq!(
+            pointers(json!({})),
+            ["/specversion", "/id", "/source", "/type"]
+        );
+    }
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json_content_type("application/json; charset=utf-8"));
+        assert!(is_json_content_type("application/cloudevents+json"));
+        assert!(!is_json_content_type("application/octet-stream"));
+    }
+}

@@ -1,0 +1,226 @@
+//! The stream roles: appending events, reading them back per shard, and the consumers'
+//! checkpoints.
+//!
+//! The traits are shaped so that both the embedded log and Kinesis Data Streams fit:
+//! sequence numbers are opaque, ordered strings (Kinesis' are up to 128-bit decimals);
+//! an append can fail per record (PutRecords does) and a failure is a value, not an
+//! error; shards can close and split, so a shard knows its parent and whether it is
+//! closed.
+
+use std::cmp::Ordering;
+use std::fmt;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A shard's identity: `"0"`, `"1"`, … in the embedded log, `shardId-000000000001` in Kinesis.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ShardId(pub String);
+
+impl fmt::Display for ShardId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A position within one shard. Opaque to callers, but totally ordered: a decimal string
+/// without leading zeros, compared numerically (by length, then bytes), which is how both
+/// the embedded log (u64) and Kinesis (up to 128-bit) number records.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SequenceNumber(String);
+
+impl SequenceNumber {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn from_u64(n: u64) -> Self {
+        Self(n.to_string())
+    }
+    /// The number as a u64, when it fits (always, for the embedded log).
+    pub fn as_u64(&self) -> Option<u64> {
+        self.0.parse().ok()
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Ord for SequenceNumber {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.len().cmp(&other.0.len()).then_with(|| self.0.cmp(&other.0))
+    }
+}
+impl PartialOrd for SequenceNumber {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl fmt::Display for SequenceNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One event to append: its partition key and its bytes (the event's JSON).
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub key: String,
+    pub payload: Bytes,
+}
+
+/// Where an appended record landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub shard: ShardId,
+    pub sequence: SequenceNumber,
+}
+
+/// Why one record was not appended. Every variant means "not durable": the producer
+/// may send it again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    /// The stream is over its capacity right now (queue full, throughput exceeded).
+    #[error("stream is busy; retry after {retry_after_ms} ms")]
+    Busy { retry_after_ms: u64 },
+    /// The stream could not make the record durable (I/O error, service unavailable).
+    #[error("stream unavailable: {0}")]
+    Unavailable(String),
+    /// The record can never be appended (e.g. larger than the stream's record limit).
+    #[error("record refused: {0}")]
+    Refused(String),
+}
+
+/// Errors of whole stream operations.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("unknown shard {0}")]
+    UnknownShard(ShardId),
+    #[error("stream unavailable: {0}")]
+    Unavailable(String),
+    #[error("stream data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("stream i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The edge's side of the stream.
+#[async_trait]
+pub trait StreamWriter: Send + Sync + fmt::Debug {
+    /// Appends `records`, returning one outcome per record in input order.
+    ///
+    /// Contract:
+    /// - `Ok` means durable: fsynced by the embedded log, acknowledged by Kinesis. An `Ok`
+    ///   record is never lost.
+    /// - Records of one key keep their relative order in the shard, and records of one key
+    ///   appended by successive calls are ordered by call (the second call's records come
+    ///   after the first's once the first has returned).
+    /// - A failure is per record and means "not appended, safe to retry"; other records of
+    ///   the same call may still succeed.
+    /// - Cancelling the future does not undo records already handed to the stream; their
+    ///   fate is then unknown to the caller, as with any lost response.
+    async fn append(&self, records: Vec<Record>) -> Vec<Result<Appended, AppendError>>;
+
+    /// Ok when an append issued now could succeed (the stream is open and healthy).
+    async fn check_writable(&self) -> Result<(), StreamError>;
+
+    /// Makes everything appended so far durable and stops accepting appends. Idempotent.
+    async fn close(&self) -> Result<(), StreamError>;
+}
+
+/// A shard as a reader sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ShardInfo {
+    pub id: ShardId,
+    /// The shard this one was split or merged from; read the parent to its end first.
+    pub parent: Option<ShardId>,
+    /// No more records will be appended; once read to its end the shard is done.
+    pub closed: bool,
+}
+
+/// Where a read starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartPosition {
+    /// The oldest record still retained.
+    TrimHorizon,
+    /// The record with this sequence number (or the first after it, if it was trimmed).
+    At(SequenceNumber),
+    /// The first record after this sequence number (resuming from a checkpoint).
+    After(SequenceNumber),
+}
+
+/// A record read back from a shard.
+#[derive(Debug, Clone)]
+pub struct StoredRecord {
+    pub sequence: SequenceNumber,
+    pub key: String,
+    pub payload: Bytes,
+    /// When the stream appended it (milliseconds since the Unix epoch).
+    pub appended_at_ms: i64,
+}
+
+/// The answer to one read.
+#[derive(Debug, Clone)]
+pub struct ReadBatch {
+    pub records: Vec<StoredRecord>,
+    /// Where the next read continues; `None` when the shard is closed and fully read.
+    pub next: Option<StartPosition>,
+    /// Durable records in the shard after this batch (an estimate where the backend only
+    /// knows time lag).
+    pub records_behind: u64,
+}
+
+/// The processors' side of the stream.
+#[async_trait]
+pub trait StreamReader: Send + Sync + fmt::Debug {
+    /// The shards of the stream, parents before children.
+    async fn shards(&self) -> Result<Vec<ShardInfo>, StreamError>;
+
+    /// Reads up to `max_records` durable records of `shard` from `from`, in sequence order.
+    /// Never returns a record that a crash could still take away. An empty batch with a
+    /// `next` means "nothing new yet".
+    async fn read(
+        &self,
+        shard: &ShardId,
+        from: &StartPosition,
+        max_records: usize,
+    ) -> Result<ReadBatch, StreamError>;
+}
+
+/// Consumers' checkpoints: the last sequence number whose effects are committed, per
+/// consumer and shard. The stream's retention never deletes a record that some consumer
+/// has not checkpointed past.
+#[async_trait]
+pub trait CheckpointStore: Send + Sync + fmt::Debug {
+    /// The last committed sequence of `consumer` on `shard`; `None` if it never committed.
+    async fn checkpoint(
+        &self,
+        consumer: &str,
+        shard: &ShardId,
+    ) -> Result<Option<SequenceNumber>, StreamError>;
+
+    /// Durably records that `consumer` has committed the effects of every record of `shard`
+    /// up to and including `sequence`. Checkpoints never move backwards: committing an
+    /// older sequence than the stored one is a no-op.
+    async fn commit(
+        &self,
+        consumer: &str,
+        shard: &ShardId,
+        sequence: &SequenceNumber,
+    ) -> Result<(), StreamError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_numbers_order_numerically() {
+        let s = |x: &str| SequenceNumber::new(x);
+        assert!(s("9") < s("10"));
+        assert!(s("49590338271490256608559692538361571095921575989136588898") > s("9"));
+        assert_eq!(SequenceNumber::from_u64(42).as_u64(), Some(42));
+    }
+}
