@@ -122,6 +122,7 @@ pub fn crc_ok(header_bytes: &[u8; HEADER_LEN], header: &Header, body: &[u8]) -> 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecodedRecord {
     pub sequence: u64,
+    pub appended_at_ms: i64,
     pub key: String,
     pub payload: Bytes,
 }
@@ -154,6 +155,7 @@ pub fn decode_body(header: &Header, body: Vec<u8>) -> std::io::Result<Vec<Decode
         pos += payload_len;
         out.push(DecodedRecord {
             sequence: header.base_sequence + i,
+            appended_at_ms: header.appended_at_ms,
             key,
             payload,
         });

@@ -177,13 +177,13 @@ pub fn read_records(
         let mut hb = [0u8; HEADER_LEN];
         let n = read_full(&mut reader, &mut hb)?;
         if n < HEADER_LEN {
-            return Ok(ScanEnd::EndOfData);
+            return Ok(ScanEnd::EndOfData { offset: pos });
         }
         let Some(header) = Header::parse(&hb) else {
-            return Ok(ScanEnd::EndOfData);
+            return Ok(ScanEnd::EndOfData { offset: pos });
         };
         if header.base_sequence >= bound {
-            return Ok(ScanEnd::EndOfData);
+            return Ok(ScanEnd::EndOfData { offset: pos });
         }
         if header.next_sequence() <= from {
             reader.seek_relative(i64::from(header.body_len))?;
@@ -192,7 +192,7 @@ pub fn read_records(
         }
         let mut body = vec![0u8; header.body_len as usize];
         if read_full(&mut reader, &mut body)? < body.len() || !frame::crc_ok(&hb, &header, &body) {
-            return Ok(ScanEnd::EndOfData);
+            return Ok(ScanEnd::EndOfData { offset: pos });
         }
         let records = frame::decode_body(&header, body)?;
         let mut stopped_inside = false;
@@ -218,6 +218,6 @@ pub fn read_records(
 pub enum ScanEnd {
     /// `max` records collected; resume at this frame offset.
     Full { resume_offset: u64 },
-    /// The segment (or its durable part) is exhausted.
-    EndOfData,
+    /// The segment (or its durable part) is exhausted at this frame offset.
+    EndOfData { offset: u64 },
 }
