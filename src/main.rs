@@ -1,1 +1,351 @@
-fn main() {}
+//! `floodgate`: the command-line entry point. Wiring only: it parses flags, loads the
+//! configuration, builds the backends from `floodgate-sinks` and hands them to the edge
+//! (`floodgate-ingest`) through the role traits of `floodgate-core`.
+
+use std::io::{self, BufWriter, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use floodgate_core::check::{Outcome, check_body};
+use floodgate_core::config::Config;
+use floodgate_core::decode::BodyFormat;
+use floodgate_core::registry::{Registry, SchemaSource};
+use floodgate_core::stream::{SequenceNumber, StartPosition, StreamWriter};
+use floodgate_ingest::App;
+use floodgate_ingest::app::Limits;
+use floodgate_sinks::{EmbeddedLog, EmbeddedLogReader};
+use serde_json::json;
+use serde_json::value::RawValue;
+
+#[derive(Parser, Debug)]
+#[command(name = "floodgate", version, about = "Streaming event ingestion: HTTP edge, durable sharded stream, processors")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the HTTP edge on the embedded durable stream.
+    Serve(ServeArgs),
+    /// Inspect the stream.
+    #[command(subcommand)]
+    Stream(StreamCommand),
+    /// Inspect and use the schema registry offline.
+    #[command(subcommand)]
+    Schemas(SchemasCommand),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:8080]
+    #[arg(long, env = "FLOODGATE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Directory of the embedded backends' files [default: ./data]
+    #[arg(long, env = "FLOODGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file
+    #[arg(long, env = "FLOODGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory of `<type>/v<N>.json` schemas replacing the built-in ones
+    #[arg(long, env = "FLOODGATE_SCHEMAS")]
+    schemas: Option<PathBuf>,
+    /// Number of stream shards (fixed once the log exists) [default: 4]
+    #[arg(long, env = "FLOODGATE_SHARDS")]
+    shards: Option<u32>,
+}
+
+#[derive(Subcommand, Debug)]
+enum StreamCommand {
+    /// Print records as NDJSON: {"shard":N,"sequence":"…","key":"…","event":{…}}. Safe
+    /// beside a running server.
+    Read {
+        #[arg(long, env = "FLOODGATE_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+        /// Only this shard [default: every shard, in order]
+        #[arg(long)]
+        shard: Option<u32>,
+        /// First sequence number to print (per shard)
+        #[arg(long)]
+        from: Option<u64>,
+        /// Print at most this many records in all
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SchemasCommand {
+    /// List the registered schema versions.
+    List {
+        #[arg(long, env = "FLOODGATE_SCHEMAS")]
+        schemas: Option<PathBuf>,
+    },
+    /// Check a file of events (one event, a JSON array, or NDJSON) offline; prints one
+    /// NDJSON outcome per event. Exit status 0: all valid, 1: some invalid, 2: unreadable.
+    Check {
+        /// The events file; `-` reads standard input
+        file: PathBuf,
+        #[arg(long, env = "FLOODGATE_SCHEMAS")]
+        schemas: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).map(|()| ExitCode::SUCCESS),
+        Command::Stream(StreamCommand::Read {
+            data_dir,
+            shard,
+            from,
+            limit,
+        }) => stream_read(&data_dir, shard, from, limit).map(|()| ExitCode::SUCCESS),
+        Command::Schemas(SchemasCommand::List { schemas }) => {
+            schemas_list(schemas.as_deref()).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Schemas(SchemasCommand::Check { file, schemas }) => schemas_check(&file, schemas.as_deref()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("floodgate: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOODGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+/// The built-in registry, or the schemas under `dir`.
+fn load_registry(dir: Option<&Path>) -> Result<Registry> {
+    let Some(dir) = dir else {
+        return Ok(Registry::builtin()?);
+    };
+    let mut sources = Vec::new();
+    let types = std::fs::read_dir(dir).with_context(|| format!("cannot read schema directory {}", dir.display()))?;
+    for ty in types {
+        let ty = ty?;
+        if !ty.file_type()?.is_dir() {
+            continue;
+        }
+        for file in std::fs::read_dir(ty.path())? {
+            let file = file?;
+            let name = file.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".json") {
+                continue;
+            }
+            let path = file.path();
+            let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read schema {}", path.display()))?;
+            sources.push(SchemaSource {
+                relative_path: format!("{}/{name}", ty.file_name().to_string_lossy()),
+                origin: path.display().to_string(),
+                text,
+            });
+        }
+    }
+    if sources.is_empty() {
+        bail!("no schemas (<type>/v<N>.json) under {}", dir.display());
+    }
+    Ok(Registry::from_sources(sources)?)
+}
+
+/// File, then environment and flags (clap folds the environment into the flags).
+fn effective_config(args: &ServeArgs) -> Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+            Config::from_toml(&text).with_context(|| format!("in {}", path.display()))?
+        }
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.ingest.listen = listen;
+    }
+    if let Some(dir) = &args.data_dir {
+        config.data_dir.clone_from(dir);
+    }
+    if let Some(dir) = &args.schemas {
+        config.schemas_dir = Some(dir.clone());
+    }
+    if let Some(shards) = args.shards {
+        config.stream.embedded.shards = shards;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let config = effective_config(&args)?;
+    eprintln!(
+        "floodgate {}: effective configuration\n{}",
+        env!("CARGO_PKG_VERSION"),
+        toml::to_string(&config).unwrap_or_default()
+    );
+    let registry = Arc::new(load_registry(config.schemas_dir.as_deref())?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fg-worker")
+        .build()?;
+    runtime.block_on(async move {
+        let metrics = floodgate_ingest::telemetry::install();
+        floodgate_ingest::telemetry::spawn_upkeep(metrics.clone());
+        let stream_root = config.data_dir.join("stream");
+        let log = Arc::new(
+            EmbeddedLog::open(&stream_root, &config.stream.embedded)
+                .with_context(|| format!("cannot open the stream at {}", stream_root.display()))?,
+        );
+        let writer: Arc<dyn StreamWriter> = log.clone();
+        let app = App::new(registry, writer, Limits::from_config(&config.ingest), metrics);
+        let listener = tokio::net::TcpListener::bind(config.ingest.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.ingest.listen))?;
+        let addr = listener.local_addr()?;
+        println!("floodgate listening on http://{addr}");
+        io::stdout().flush()?;
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving");
+        floodgate_ingest::server::serve(
+            listener,
+            app,
+            shutdown_signal(),
+            Duration::from_millis(config.ingest.shutdown_grace_ms),
+        )
+        .await;
+        log.close().await.context("cannot make the log durable at shutdown")?;
+        tracing::info!("log closed; every acknowledged event is on disk");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn stream_read(data_dir: &Path, shard: Option<u32>, from: Option<u64>, limit: Option<u64>) -> Result<()> {
+    let reader = EmbeddedLogReader::open(&data_dir.join("stream"))?;
+    let shards: Vec<u32> = match shard {
+        Some(s) if s >= reader.meta().shards => bail!("shard {s} does not exist; the log has {}", reader.meta().shards),
+        Some(s) => vec![s],
+        None => (0..reader.meta().shards).collect(),
+    };
+    let stdout = io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let mut remaining = limit.unwrap_or(u64::MAX);
+    let result = (|| -> Result<()> {
+        for shard in shards {
+            let mut pos = from.map_or(StartPosition::TrimHorizon, |f| StartPosition::At(SequenceNumber::from_u64(f)));
+            while remaining > 0 {
+                let batch = reader.read_blocking(shard, &pos, remaining.min(1000) as usize)?;
+                if batch.records.is_empty() {
+                    break;
+                }
+                for r in &batch.records {
+                    // The payload is the producer's JSON as stored; print it as is.
+                    let event: Box<RawValue> = serde_json::from_slice(&r.payload).unwrap_or_else(|_| {
+                        RawValue::from_string(json!(String::from_utf8_lossy(&r.payload)).to_string())
+                            .expect("a JSON string is JSON")
+                    });
+                    writeln!(
+                        out,
+                        r#"{{"shard":{shard},"sequence":"{}","event":{},"key":{}}}"#,
+                        r.sequence,
+                        event.get(),
+                        serde_json::to_string(&r.key)?
+                    )?;
+                }
+                remaining -= batch.records.len() as u64;
+                pos = batch.next.unwrap_or(pos);
+            }
+        }
+        out.flush()?;
+        Ok(())
+    })();
+    match result {
+        Err(e) if e.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe) => Ok(()),
+        other => other,
+    }
+}
+
+fn schemas_list(dir: Option<&Path>) -> Result<()> {
+    let registry = load_registry(dir)?;
+    println!("{:<32} {:>7}  {:<8} {:<14} $id", "TYPE", "VERSION", "LATEST", "PARTITION KEY");
+    for s in registry.summaries() {
+        println!(
+            "{:<32} {:>7}  {:<8} {:<14} {}",
+            s.event_type,
+            format!("v{}", s.version),
+            if s.latest { "yes" } else { "" },
+            s.partition_key.as_deref().unwrap_or("-"),
+            s.id.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
+fn schemas_check(file: &Path, dir: Option<&Path>) -> Result<ExitCode> {
+    let registry = load_registry(dir)?;
+    let bytes = if file == Path::new("-") {
+        let mut buf = Vec::new();
+        io::Read::read_to_end(&mut io::stdin(), &mut buf)?;
+        buf
+    } else {
+        std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?
+    };
+    let ndjson = matches!(file.extension().and_then(|e| e.to_str()), Some("ndjson" | "jsonl"));
+    let format = if ndjson { BodyFormat::Ndjson } else { BodyFormat::Auto };
+    let outcomes = check_body(&registry, &Bytes::from(bytes), format, usize::MAX)
+        .with_context(|| format!("cannot decode {}", file.display()))?;
+    let mut invalid = 0;
+    let stdout = io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    for (index, o) in outcomes.iter().enumerate() {
+        let line = match o {
+            Outcome::Valid { id, event_type, key, .. } => {
+                json!({"index": index, "id": id, "status": "valid", "type": event_type, "partitionKey": key})
+            }
+            Outcome::Rejected { id, errors, .. } => {
+                invalid += 1;
+                json!({"index": index, "id": id, "status": "invalid", "errors": errors})
+            }
+        };
+        serde_json::to_writer(&mut out, &line)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    eprintln!("{} valid, {} invalid", outcomes.len() - invalid, invalid);
+    Ok(if invalid == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}

@@ -1,1 +1,24 @@
-//! placeholder
+//! `floodgate-ingest`: the HTTP edge.
+//!
+//! A request flows: [`server::serve`] accepts connections (HTTP/1.1 and cleartext HTTP/2)
+//! → [`app::App::handle`] routes it → for `POST /v1/events`, [`events`] picks the body
+//! format from `Content-Type`, reads the body within its limit, decodes and checks every
+//! event against the schema registry (off the async workers when the batch is large),
+//! appends the valid ones through the [`StreamWriter`] role, and answers one result per
+//! event only after the stream has made them durable.
+//!
+//! [`App`] is built by [`App::new`] apart from any socket, so tests drive it directly.
+//! [`telemetry`] installs the Prometheus recorder behind `GET /metrics`.
+//!
+//! Invariants: no request, however malformed, panics a task or blocks the runtime for
+//! long; every whole-request error is a JSON `{"error":{"code","message"}}`.
+//!
+//! [`StreamWriter`]: floodgate_core::stream::StreamWriter
+
+pub mod app;
+pub mod events;
+mod response;
+pub mod server;
+pub mod telemetry;
+
+pub use app::App;

@@ -1,0 +1,183 @@
+//! The edge as a plain async function from request to response: routing, the small
+//! routes, and request metrics. [`App::new`] needs no socket, so tests call
+//! [`App::handle`] directly.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use floodgate_core::config::IngestConfig;
+use floodgate_core::registry::Registry;
+use floodgate_core::stream::StreamWriter;
+use hyper::header::{ALLOW, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+
+use crate::events;
+use crate::response::{self, Body};
+
+/// Limits of the edge, from `[ingest]`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: u64,
+    pub max_batch_events: usize,
+    pub retry_after_secs: u64,
+    /// Longest time a request may take to send its body.
+    pub body_timeout: Duration,
+}
+
+impl Limits {
+    pub fn from_config(cfg: &IngestConfig) -> Self {
+        Self {
+            max_body_bytes: cfg.max_body_bytes,
+            max_batch_events: cfg.max_batch_events,
+            retry_after_secs: cfg.retry_after_secs.max(1),
+            body_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub registry: Arc<Registry>,
+    pub stream: Arc<dyn StreamWriter>,
+    pub limits: Limits,
+    metrics: PrometheusHandle,
+    schema_list: Bytes,
+}
+
+/// The edge application. Cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("limits", &self.inner.limits).finish_non_exhaustive()
+    }
+}
+
+/// Routes, as metric labels: a small fixed set.
+const ROUTE_EVENTS: &str = "/v1/events";
+const ROUTE_SCHEMA: &str = "/v1/schemas/{type}/{version}";
+
+impl App {
+    pub fn new(
+        registry: Arc<Registry>,
+        stream: Arc<dyn StreamWriter>,
+        limits: Limits,
+        metrics: PrometheusHandle,
+    ) -> App {
+        let schema_list = Bytes::from(
+            serde_json::to_vec(&json!({ "schemas": registry.summaries() })).expect("serializable"),
+        );
+        App {
+            inner: Arc::new(Inner {
+                registry,
+                stream,
+                limits,
+                metrics,
+                schema_list,
+            }),
+        }
+    }
+
+    /// Answers one request. Never panics on input; every error is a JSON body.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Body>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let started = Instant::now();
+        let path = req.uri().path().to_owned();
+        let method = req.method().clone();
+        let (route, resp) = self.route(&method, &path, req).await;
+        let status = resp.status().as_u16().to_string();
+        metrics::counter!("floodgate_ingest_requests_total", "route" => route, "status" => status)
+            .increment(1);
+        metrics::histogram!("floodgate_ingest_request_duration_seconds", "route" => route)
+            .record(started.elapsed().as_secs_f64());
+        resp
+    }
+
+    async fn route<B>(&self, method: &Method, path: &str, req: Request<B>) -> (&'static str, Response<Body>)
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let inner = &self.inner;
+        let get = method == Method::GET || method == Method::HEAD;
+        match path {
+            "/v1/events" if method == Method::POST => (ROUTE_EVENTS, events::post(inner, req).await),
+            "/v1/events" => (ROUTE_EVENTS, not_allowed("POST")),
+            "/healthz" if get => ("/healthz", response::json(StatusCode::OK, &json!({"status": "ok"}))),
+            "/readyz" if get => ("/readyz", self.ready().await),
+            "/metrics" if get => (
+                "/metrics",
+                response::with_type(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    Bytes::from(inner.metrics.render()),
+                ),
+            ),
+            "/v1/schemas" if get => (
+                "/v1/schemas",
+                response::with_type(StatusCode::OK, response::JSON, inner.schema_list.clone()),
+            ),
+            "/healthz" | "/readyz" | "/metrics" | "/v1/schemas" => ("unmatched", not_allowed("GET, HEAD")),
+            p if p.starts_with("/v1/schemas/") => {
+                if !get {
+                    return (ROUTE_SCHEMA, not_allowed("GET, HEAD"));
+                }
+                (ROUTE_SCHEMA, self.schema(&p["/v1/schemas/".len()..]))
+            }
+            _ => (
+                "unmatched",
+                response::error(StatusCode::NOT_FOUND, "not_found", "no such route; see /openapi.json"),
+            ),
+        }
+    }
+
+    async fn ready(&self) -> Response<Body> {
+        match self.inner.stream.check_writable().await {
+            Ok(()) => response::json(StatusCode::OK, &json!({"status": "ready"})),
+            Err(e) => response::error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", &e.to_string()),
+        }
+    }
+
+    fn schema(&self, rest: &str) -> Response<Body> {
+        let not_found = || {
+            response::error(
+                StatusCode::NOT_FOUND,
+                "schema_not_found",
+                "no such schema; GET /v1/schemas lists them",
+            )
+        };
+        let Some((event_type, version)) = rest.split_once('/') else {
+            return not_found();
+        };
+        let version = version.strip_suffix(".json").unwrap_or(version);
+        let Some(version) = version.strip_prefix('v').unwrap_or(version).parse::<u32>().ok() else {
+            return not_found();
+        };
+        match self.inner.registry.get(event_type, version) {
+            Some(entry) => response::with_type(
+                StatusCode::OK,
+                "application/schema+json",
+                Bytes::from(serde_json::to_vec_pretty(&entry.document).expect("serializable")),
+            ),
+            None => not_found(),
+        }
+    }
+}
+
+fn not_allowed(allow: &'static str) -> Response<Body> {
+    let mut resp = response::error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("this route allows {allow}"),
+    );
+    resp.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+    resp
+}

@@ -1,0 +1,223 @@
+//! `POST /v1/events`: body → events → checks → durable append → one result per event.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use floodgate_core::FieldError;
+use floodgate_core::check::{Outcome, check_body};
+use floodgate_core::decode::{BodyFormat, DecodeError};
+use floodgate_core::stream::{AppendError, Record};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::{Request, Response, StatusCode};
+use serde::Serialize;
+
+use crate::app::Inner;
+use crate::response::{self, Body};
+
+/// Bodies larger than this are decoded and validated on the blocking pool, so a big batch
+/// never holds an async worker for more than a fraction of a millisecond.
+const INLINE_CHECK_MAX_BYTES: usize = 16 * 1024;
+
+/// The body format a `Content-Type` names, or `None` for a type we do not take.
+pub fn format_for(content_type: &str) -> Option<BodyFormat> {
+    let essence = content_type.split(';').next()?.trim().to_ascii_lowercase();
+    match essence.as_str() {
+        "application/cloudevents+json" => Some(BodyFormat::Single),
+        "application/cloudevents-batch+json" => Some(BodyFormat::Batch),
+        "application/json" => Some(BodyFormat::Auto),
+        "application/x-ndjson" | "application/ndjson" => Some(BodyFormat::Ndjson),
+        _ => None,
+    }
+}
+
+#[derive(Serialize)]
+struct BatchResponse {
+    accepted: usize,
+    rejected: usize,
+    retry: usize,
+    results: Vec<EventResult>,
+}
+
+#[derive(Serialize)]
+struct EventResult {
+    index: usize,
+    id: Option<String>,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    errors: Option<Vec<FieldError>>,
+}
+
+pub(crate) async fn post<B>(app: &Inner, req: Request<B>) -> Response<Body>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let limits = &app.limits;
+    let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let Some(format) = content_type.and_then(format_for) else {
+        return response::error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            &format!(
+                "Content-Type {} is not accepted; use application/cloudevents+json, application/cloudevents-batch+json, application/json or application/x-ndjson",
+                content_type.map_or_else(|| "(missing)".to_owned(), |c| format!("{c:?}"))
+            ),
+        );
+    };
+    if let Some(enc) = req.headers().get(CONTENT_ENCODING) {
+        let enc = enc.to_str().unwrap_or("").trim().to_ascii_lowercase();
+        if enc != "identity" && !enc.is_empty() {
+            return response::error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_content_encoding",
+                &format!("Content-Encoding {enc:?} is not accepted; send identity"),
+            );
+        }
+    }
+    let too_large = || {
+        response::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            &format!("the body is larger than {} bytes", limits.max_body_bytes),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes) {
+        return too_large();
+    }
+    let limited = Limited::new(req.into_body(), limits.max_body_bytes as usize);
+    let body = match tokio::time::timeout(limits.body_timeout, limited.collect()).await {
+        Err(_) => {
+            return response::error(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the body did not arrive in time",
+            );
+        }
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
+        Ok(Err(e)) => {
+            return response::error(
+                StatusCode::BAD_REQUEST,
+                "body_read_failed",
+                &format!("the body could not be read: {e}"),
+            );
+        }
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+
+    let max_events = limits.max_batch_events;
+    let checked = if body.len() <= INLINE_CHECK_MAX_BYTES {
+        check_body(&app.registry, &body, format, max_events)
+    } else {
+        let registry = app.registry.clone();
+        match tokio::task::spawn_blocking(move || check_body(&registry, &body, format, max_events)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "event check task failed");
+                return response::error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "event check failed");
+            }
+        }
+    };
+    let outcomes = match checked {
+        Ok(o) => o,
+        Err(e @ DecodeError::TooManyEvents { .. }) => {
+            return response::error(StatusCode::PAYLOAD_TOO_LARGE, e.code(), &e.to_string());
+        }
+        Err(e) => return response::error(StatusCode::BAD_REQUEST, e.code(), &e.to_string()),
+    };
+    metrics::histogram!("floodgate_ingest_batch_size_events").record(outcomes.len() as f64);
+
+    // Append the valid events, then answer in input order.
+    let mut records = Vec::new();
+    for o in &outcomes {
+        if let Outcome::Valid { key, payload, .. } = o {
+            records.push(Record {
+                key: key.clone(),
+                payload: payload.clone(),
+            });
+        }
+    }
+    let mut appended = if records.is_empty() {
+        Vec::new()
+    } else {
+        app.stream.append(records).await
+    }
+    .into_iter();
+
+    let mut counts: HashMap<(String, &'static str), u64> = HashMap::new();
+    let (mut accepted, mut rejected, mut retry) = (0, 0, 0);
+    let mut retry_after_ms = 0u64;
+    let mut results = Vec::with_capacity(outcomes.len());
+    for (index, outcome) in outcomes.into_iter().enumerate() {
+        let (id, event_type, status, errors) = match outcome {
+            Outcome::Valid { id, event_type, .. } => match appended.next() {
+                Some(Ok(_)) => {
+                    accepted += 1;
+                    (Some(id), event_type, "accepted", None)
+                }
+                other => {
+                    retry += 1;
+                    let message = match other {
+                        Some(Err(AppendError::Busy { retry_after_ms: ms })) => {
+                            retry_after_ms = retry_after_ms.max(ms);
+                            format!("the stream is busy; retry after {ms} ms")
+                        }
+                        Some(Err(e)) => e.to_string(),
+                        _ => "not appended".to_owned(),
+                    };
+                    (Some(id), event_type, "retry", Some(vec![FieldError::new("", message)]))
+                }
+            },
+            Outcome::Rejected {
+                id,
+                event_type,
+                errors,
+            } => {
+                rejected += 1;
+                (id, event_type.unwrap_or_else(|| "unknown".to_owned()), "rejected", Some(errors))
+            }
+        };
+        *counts.entry((event_type, status)).or_default() += 1;
+        results.push(EventResult {
+            index,
+            id,
+            status,
+            errors,
+        });
+    }
+    for ((event_type, outcome), n) in counts {
+        metrics::counter!("floodgate_ingest_events_total", "type" => event_type, "outcome" => outcome)
+            .increment(n);
+    }
+
+    let total = results.len();
+    let status = if accepted == total {
+        StatusCode::OK
+    } else if accepted > 0 {
+        StatusCode::MULTI_STATUS
+    } else if retry > 0 {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    let mut resp = response::json(
+        status,
+        &BatchResponse {
+            accepted,
+            rejected,
+            retry,
+            results,
+        },
+    );
+    if retry > 0 {
+        let secs = limits.retry_after_secs.max(retry_after_ms.div_ceil(1000));
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
+}
