@@ -1,0 +1,221 @@
+//! Helpers for tests that drive the real `floodgate` binary over HTTP: start and kill the
+//! server, a minimal HTTP/1.1 client on std sockets (so a test controls every byte it
+//! sends), `floodgate stream read`, and event builders.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_floodgate");
+
+/// A running `floodgate serve` child process.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+impl Server {
+    /// Starts `floodgate serve` on an ephemeral loopback port with `extra` arguments and
+    /// waits until it listens.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("FLOODGATE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("floodgate starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = lines
+            .next()
+            .expect("floodgate prints its address")
+            .expect("stdout is readable");
+        let addr = line
+            .rsplit("http://")
+            .next()
+            .and_then(|a| a.trim().parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line: {line}"));
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            addr,
+            data_dir: data_dir.to_owned(),
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill(1) runs");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn post(&self, content_type: Option<&str>, body: &[u8]) -> Resp {
+        post(self.addr, "/v1/events", content_type, body, &[])
+    }
+
+    pub fn post_batch(&self, events: &[Value]) -> Resp {
+        let body = serde_json::to_vec(events).unwrap();
+        self.post(Some("application/cloudevents-batch+json"), &body)
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        request(self.addr, "GET", path, &[], None)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A response: status, lower-cased headers, body.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+pub fn post(addr: SocketAddr, path: &str, content_type: Option<&str>, body: &[u8], headers: &[(&str, &str)]) -> Resp {
+    let mut all: Vec<(&str, &str)> = headers.to_vec();
+    if let Some(ct) = content_type {
+        all.push(("content-type", ct));
+    }
+    request(addr, "POST", path, &all, Some(body))
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`).
+pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Resp {
+    try_request(addr, method, path, headers, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+pub fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> std::io::Result<Resp> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        head.push_str(&format!("content-length: {}\r\n", b.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes())?;
+    if let Some(b) = body {
+        // The server may answer (413) and close before reading a large body.
+        let _ = s.write_all(b);
+    }
+    read_response(&mut s)
+}
+
+pub fn read_response(s: &mut impl Read) -> std::io::Result<Resp> {
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).or_else(|e| if raw.is_empty() { Err(e) } else { Ok(0) })?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no header end in {:?}", String::from_utf8_lossy(&raw))))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("bad status line"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok(Resp {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    })
+}
+
+/// Every record in the log, via `floodgate stream read`.
+pub fn stream_read(data_dir: &Path, extra: &[&str]) -> Vec<Value> {
+    let out = Command::new(BIN)
+        .args(["stream", "read", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .output()
+        .expect("stream read runs");
+    assert!(out.status.success(), "stream read failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("stream read prints NDJSON"))
+        .collect()
+}
+
+pub fn envelope(id: &str, ty: &str, data: Value) -> Value {
+    json!({"specversion":"1.0","id":id,"source":"/tests","type":ty,"time":"2026-11-22T10:00:00Z","data":data})
+}
+
+pub fn booking(id: &str, booking_id: &str, event_id: &str, seats: i64) -> Value {
+    envelope(
+        id,
+        "booking.requested",
+        json!({"bookingId":booking_id,"eventId":event_id,"customerId":"cust-1","seats":seats,"requestedAt":"2026-11-22T10:00:00Z"}),
+    )
+}
+
+/// One valid event of every shipped type, keyed by `event_id`.
+pub fn one_of_each(prefix: &str, event_id: &str) -> Vec<Value> {
+    vec![
+        envelope(&format!("{prefix}-c"), "inventory.event.created", json!({"eventId":event_id,"name":"Show","venue":"Hall","startsAt":"2026-12-01T20:00:00Z","capacity":100})),
+        envelope(&format!("{prefix}-cc"), "inventory.capacity.changed", json!({"eventId":event_id,"capacity":120})),
+        booking(&format!("{prefix}-b"), &format!("{prefix}-bk"), event_id, 2),
+        envelope(&format!("{prefix}-x"), "booking.cancelled", json!({"bookingId":"bk","eventId":event_id})),
+        envelope(&format!("{prefix}-ps"), "payment.succeeded", json!({"paymentId":"p1","bookingId":"bk","eventId":event_id,"amountMinor":1500,"currency":"EUR"})),
+        envelope(&format!("{prefix}-pf"), "payment.failed", json!({"paymentId":"p2","bookingId":"bk","eventId":event_id,"code":"card_declined"})),
+        envelope(&format!("{prefix}-ck"), "checkin.scanned", json!({"bookingId":"bk","eventId":event_id,"gate":"A","scannedAt":"2026-12-01T19:30:00Z"})),
+    ]
+}
