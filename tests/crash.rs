@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Server, booking, post, stream_read};
+use common::{Server, booking, stream_read, try_request};
 
 const ROUNDS: usize = 5;
 const CLIENTS: usize = 4;
@@ -41,9 +41,13 @@ fn sigkill_under_load_loses_no_acked_event() {
                     n += 1;
                     let body = serde_json::to_vec(&events).unwrap();
                     // Connection errors are expected once the server is killed.
-                    let Ok(resp) = std::panic::catch_unwind(|| {
-                        post(addr, "/v1/events", Some("application/cloudevents-batch+json"), &body, &[])
-                    }) else {
+                    let Ok(resp) = try_request(
+                        addr,
+                        "POST",
+                        "/v1/events",
+                        &[("content-type", "application/cloudevents-batch+json")],
+                        Some(&body),
+                    ) else {
                         break;
                     };
                     if resp.status == 200 {

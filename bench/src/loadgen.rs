@@ -1,1 +1,122 @@
-fn main() {}
+//! `floodgate-loadgen`: a small closed-loop HTTP load generator for the edge.
+//!
+//! C connections each POST pre-built batches of N events back to back for D seconds and
+//! record each request's latency; prints events/s and p50/p90/p99/max ack latency as JSON.
+//! Only ever point it at 127.0.0.1.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Edge URL
+    #[arg(long, default_value = "http://127.0.0.1:8080/v1/events")]
+    url: String,
+    /// Concurrent connections (closed loop: one request in flight each)
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Events per request
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Seconds to run
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Seconds of warm-up not counted
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Worker threads of the generator's runtime
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if !args.url.starts_with("http://127.") && !args.url.starts_with("http://localhost") {
+        bail!("load tests only ever target loopback");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let bodies: Arc<Vec<Bytes>> = Arc::new(
+        (0..64)
+            .map(|s| Bytes::from(serde_json::to_vec(&floodgate_bench::sample_batch(args.batch, s)).unwrap()))
+            .collect(),
+    );
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(args.concurrency)
+        .build_http();
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for c in 0..args.concurrency {
+        let (client, bodies, stop, measuring) = (client.clone(), bodies.clone(), stop.clone(), measuring.clone());
+        let url: hyper::Uri = args.url.parse()?;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let (mut ok, mut failed) = (0u64, 0u64);
+            let mut i = c;
+            while !stop.load(Ordering::Relaxed) {
+                let body = bodies[i % bodies.len()].clone();
+                i += 1;
+                let req = Request::post(url.clone())
+                    .header("content-type", "application/cloudevents-batch+json")
+                    .body(Full::new(body))
+                    .unwrap();
+                let started = Instant::now();
+                let res = client.request(req).await;
+                let good = match res {
+                    Ok(resp) => {
+                        let status = resp.status();
+                        let _ = resp.into_body().collect().await;
+                        status == 200
+                    }
+                    Err(_) => false,
+                };
+                if measuring.load(Ordering::Relaxed) {
+                    lat.push(started.elapsed());
+                    if good { ok += 1 } else { failed += 1 }
+                }
+            }
+            (lat, ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.duration)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let (mut lat, mut ok, mut failed) = (Vec::new(), 0, 0);
+    for t in tasks {
+        let (l, o, f) = t.await?;
+        lat.extend(l);
+        ok += o;
+        failed += f;
+    }
+    lat.sort();
+    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let summary = json!({
+        "concurrency": args.concurrency,
+        "batch": args.batch,
+        "seconds": elapsed,
+        "requests_ok": ok,
+        "requests_failed": failed,
+        "events_per_sec": (ok as f64 * args.batch as f64 / elapsed).round(),
+        "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99), "max_ms": pct(1.0),
+    });
+    println!("{summary}");
+    Ok(())
+}
