@@ -15,11 +15,17 @@ fn main() {
                 continue;
             }
             println!("cargo:rerun-if-changed={}", ty.path().display());
-            for file in std::fs::read_dir(ty.path()).expect("schema type dir is readable").flatten() {
+            for file in std::fs::read_dir(ty.path())
+                .expect("schema type dir is readable")
+                .flatten()
+            {
                 let name = file.file_name().to_string_lossy().into_owned();
                 if name.starts_with('v') && name.ends_with(".json") {
                     let rel = format!("{}/{}", ty.file_name().to_string_lossy(), name);
-                    let abs = file.path().canonicalize().expect("schema path canonicalizes");
+                    let abs = file
+                        .path()
+                        .canonicalize()
+                        .expect("schema path canonicalizes");
                     println!("cargo:rerun-if-changed={}", abs.display());
                     entries.push((rel, abs));
                 }
@@ -30,7 +36,12 @@ fn main() {
     let mut out = String::from("/// Shipped schemas: (path relative to `schemas/`, contents).\n");
     out.push_str("pub static BUILTIN_SCHEMAS: &[(&str, &str)] = &[\n");
     for (rel, abs) in entries {
-        writeln!(out, "    ({rel:?}, include_str!({:?})),", abs.display().to_string()).unwrap();
+        writeln!(
+            out,
+            "    ({rel:?}, include_str!({:?})),",
+            abs.display().to_string()
+        )
+        .unwrap();
     }
     out.push_str("];\n");
     let dest = Path::new(&std::env::var("OUT_DIR").unwrap()).join("builtin_schemas.rs");

@@ -24,7 +24,11 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 #[derive(Parser, Debug)]
-#[command(name = "floodgate", version, about = "Streaming event ingestion: HTTP edge, durable sharded stream, processors")]
+#[command(
+    name = "floodgate",
+    version,
+    about = "Streaming event ingestion: HTTP edge, durable sharded stream, processors"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -111,7 +115,9 @@ fn main() -> ExitCode {
         Command::Schemas(SchemasCommand::List { schemas }) => {
             schemas_list(schemas.as_deref()).map(|()| ExitCode::SUCCESS)
         }
-        Command::Schemas(SchemasCommand::Check { file, schemas }) => schemas_check(&file, schemas.as_deref()),
+        Command::Schemas(SchemasCommand::Check { file, schemas }) => {
+            schemas_check(&file, schemas.as_deref())
+        }
     };
     match result {
         Ok(code) => code,
@@ -138,7 +144,8 @@ fn load_registry(dir: Option<&Path>) -> Result<Registry> {
         return Ok(Registry::builtin()?);
     };
     let mut sources = Vec::new();
-    let types = std::fs::read_dir(dir).with_context(|| format!("cannot read schema directory {}", dir.display()))?;
+    let types = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read schema directory {}", dir.display()))?;
     for ty in types {
         let ty = ty?;
         if !ty.file_type()?.is_dir() {
@@ -151,7 +158,8 @@ fn load_registry(dir: Option<&Path>) -> Result<Registry> {
                 continue;
             }
             let path = file.path();
-            let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read schema {}", path.display()))?;
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read schema {}", path.display()))?;
             sources.push(SchemaSource {
                 relative_path: format!("{}/{name}", ty.file_name().to_string_lossy()),
                 origin: path.display().to_string(),
@@ -169,7 +177,8 @@ fn load_registry(dir: Option<&Path>) -> Result<Registry> {
 fn effective_config(args: &ServeArgs) -> Result<Config> {
     let mut config = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config {}", path.display()))?;
             Config::from_toml(&text).with_context(|| format!("in {}", path.display()))?
         }
         None => Config::default(),
@@ -211,7 +220,12 @@ fn serve(args: ServeArgs) -> Result<()> {
                 .with_context(|| format!("cannot open the stream at {}", stream_root.display()))?,
         );
         let writer: Arc<dyn StreamWriter> = log.clone();
-        let app = App::new(registry, writer, Limits::from_config(&config.ingest), metrics);
+        let app = App::new(
+            registry,
+            writer,
+            Limits::from_config(&config.ingest),
+            metrics,
+        );
         let listener = tokio::net::TcpListener::bind(config.ingest.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.ingest.listen))?;
@@ -226,7 +240,9 @@ fn serve(args: ServeArgs) -> Result<()> {
             Duration::from_millis(config.ingest.shutdown_grace_ms),
         )
         .await;
-        log.close().await.context("cannot make the log durable at shutdown")?;
+        log.close()
+            .await
+            .context("cannot make the log durable at shutdown")?;
         tracing::info!("log closed; every acknowledged event is on disk");
         Ok(())
     })
@@ -236,14 +252,15 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => tracing::info!("SIGINT: shutting down"),
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -255,10 +272,18 @@ async fn shutdown_signal() {
     }
 }
 
-fn stream_read(data_dir: &Path, shard: Option<u32>, from: Option<u64>, limit: Option<u64>) -> Result<()> {
+fn stream_read(
+    data_dir: &Path,
+    shard: Option<u32>,
+    from: Option<u64>,
+    limit: Option<u64>,
+) -> Result<()> {
     let reader = EmbeddedLogReader::open(&data_dir.join("stream"))?;
     let shards: Vec<u32> = match shard {
-        Some(s) if s >= reader.meta().shards => bail!("shard {s} does not exist; the log has {}", reader.meta().shards),
+        Some(s) if s >= reader.meta().shards => bail!(
+            "shard {s} does not exist; the log has {}",
+            reader.meta().shards
+        ),
         Some(s) => vec![s],
         None => (0..reader.meta().shards).collect(),
     };
@@ -267,7 +292,9 @@ fn stream_read(data_dir: &Path, shard: Option<u32>, from: Option<u64>, limit: Op
     let mut remaining = limit.unwrap_or(u64::MAX);
     let result = (|| -> Result<()> {
         for shard in shards {
-            let mut pos = from.map_or(StartPosition::TrimHorizon, |f| StartPosition::At(SequenceNumber::from_u64(f)));
+            let mut pos = from.map_or(StartPosition::TrimHorizon, |f| {
+                StartPosition::At(SequenceNumber::from_u64(f))
+            });
             while remaining > 0 {
                 let batch = reader.read_blocking(shard, &pos, remaining.min(1000) as usize)?;
                 if batch.records.is_empty() {
@@ -275,10 +302,13 @@ fn stream_read(data_dir: &Path, shard: Option<u32>, from: Option<u64>, limit: Op
                 }
                 for r in &batch.records {
                     // The payload is the producer's JSON as stored; print it as is.
-                    let event: Box<RawValue> = serde_json::from_slice(&r.payload).unwrap_or_else(|_| {
-                        RawValue::from_string(json!(String::from_utf8_lossy(&r.payload)).to_string())
+                    let event: Box<RawValue> =
+                        serde_json::from_slice(&r.payload).unwrap_or_else(|_| {
+                            RawValue::from_string(
+                                json!(String::from_utf8_lossy(&r.payload)).to_string(),
+                            )
                             .expect("a JSON string is JSON")
-                    });
+                        });
                     writeln!(
                         out,
                         r#"{{"shard":{shard},"sequence":"{}","event":{},"key":{}}}"#,
@@ -295,14 +325,22 @@ fn stream_read(data_dir: &Path, shard: Option<u32>, from: Option<u64>, limit: Op
         Ok(())
     })();
     match result {
-        Err(e) if e.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe) => Ok(()),
+        Err(e)
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
         other => other,
     }
 }
 
 fn schemas_list(dir: Option<&Path>) -> Result<()> {
     let registry = load_registry(dir)?;
-    println!("{:<32} {:>7}  {:<8} {:<14} $id", "TYPE", "VERSION", "LATEST", "PARTITION KEY");
+    println!(
+        "{:<32} {:>7}  {:<8} {:<14} $id",
+        "TYPE", "VERSION", "LATEST", "PARTITION KEY"
+    );
     for s in registry.summaries() {
         println!(
             "{:<32} {:>7}  {:<8} {:<14} {}",
@@ -325,8 +363,15 @@ fn schemas_check(file: &Path, dir: Option<&Path>) -> Result<ExitCode> {
     } else {
         std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?
     };
-    let ndjson = matches!(file.extension().and_then(|e| e.to_str()), Some("ndjson" | "jsonl"));
-    let format = if ndjson { BodyFormat::Ndjson } else { BodyFormat::Auto };
+    let ndjson = matches!(
+        file.extension().and_then(|e| e.to_str()),
+        Some("ndjson" | "jsonl")
+    );
+    let format = if ndjson {
+        BodyFormat::Ndjson
+    } else {
+        BodyFormat::Auto
+    };
     let outcomes = check_body(&registry, &Bytes::from(bytes), format, usize::MAX)
         .with_context(|| format!("cannot decode {}", file.display()))?;
     let mut invalid = 0;
@@ -334,7 +379,12 @@ fn schemas_check(file: &Path, dir: Option<&Path>) -> Result<ExitCode> {
     let mut out = BufWriter::new(stdout.lock());
     for (index, o) in outcomes.iter().enumerate() {
         let line = match o {
-            Outcome::Valid { id, event_type, key, .. } => {
+            Outcome::Valid {
+                id,
+                event_type,
+                key,
+                ..
+            } => {
                 json!({"index": index, "id": id, "status": "valid", "type": event_type, "partitionKey": key})
             }
             Outcome::Rejected { id, errors, .. } => {
@@ -347,5 +397,9 @@ fn schemas_check(file: &Path, dir: Option<&Path>) -> Result<ExitCode> {
     }
     out.flush()?;
     eprintln!("{} valid, {} invalid", outcomes.len() - invalid, invalid);
-    Ok(if invalid == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if invalid == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -22,7 +22,12 @@ fn sigkill_under_load_loses_no_acked_event() {
         let mut server = Server::start(dir.path(), &[]);
         // The server accepts again after the previous crash.
         let probe = server.post_batch(&[booking(&format!("probe-{round}"), "bp", "PROBE", 1)]);
-        assert_eq!(probe.status, 200, "round {round}: {}", String::from_utf8_lossy(&probe.body));
+        assert_eq!(
+            probe.status,
+            200,
+            "round {round}: {}",
+            String::from_utf8_lossy(&probe.body)
+        );
         acked.lock().unwrap().push(format!("probe-{round}"));
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -35,7 +40,12 @@ fn sigkill_under_load_loses_no_acked_event() {
                     let events: Vec<_> = (0..25)
                         .map(|i| {
                             let id = format!("r{round}-c{c}-{n}-{i}");
-                            booking(&id, &format!("bk-{id}"), &format!("E{}", (c * 7 + i) % 13), 1)
+                            booking(
+                                &id,
+                                &format!("bk-{id}"),
+                                &format!("E{}", (c * 7 + i) % 13),
+                                1,
+                            )
                         })
                         .collect();
                     n += 1;
@@ -51,9 +61,16 @@ fn sigkill_under_load_loses_no_acked_event() {
                         break;
                     };
                     if resp.status == 200 {
-                        acked.lock().unwrap().extend(events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
+                        acked
+                            .lock()
+                            .unwrap()
+                            .extend(events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
                     } else {
-                        assert!(matches!(resp.status, 503 | 207), "unexpected status {}", resp.status);
+                        assert!(
+                            matches!(resp.status, 503 | 207),
+                            "unexpected status {}",
+                            resp.status
+                        );
                     }
                 }
             }));
@@ -70,20 +87,40 @@ fn sigkill_under_load_loses_no_acked_event() {
         }
     }
     let server = Server::start(dir.path(), &[]);
-    assert_eq!(server.post_batch(&[booking("final", "bf", "FINAL", 1)]).status, 200);
+    assert_eq!(
+        server
+            .post_batch(&[booking("final", "bf", "FINAL", 1)])
+            .status,
+        200
+    );
     drop(server);
 
     let records = stream_read(dir.path(), &[]);
     let mut seen: HashMap<String, usize> = HashMap::new();
     for r in &records {
-        *seen.entry(r["event"]["id"].as_str().unwrap().to_owned()).or_default() += 1;
+        *seen
+            .entry(r["event"]["id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
     }
     let acked = acked.lock().unwrap();
-    assert!(acked.len() > ROUNDS * 100, "too little load to prove anything: {}", acked.len());
+    assert!(
+        acked.len() > ROUNDS * 100,
+        "too little load to prove anything: {}",
+        acked.len()
+    );
     for id in acked.iter() {
-        assert_eq!(seen.get(id).copied().unwrap_or(0), 1, "acked event {id} is in the log {:?} times", seen.get(id));
+        assert_eq!(
+            seen.get(id).copied().unwrap_or(0),
+            1,
+            "acked event {id} is in the log {:?} times",
+            seen.get(id)
+        );
     }
     // Nothing is in the log twice, acked or not.
     assert!(seen.values().all(|&n| n == 1));
-    eprintln!("{} acked events across {ROUNDS} SIGKILLs, {} records in the log", acked.len(), records.len());
+    eprintln!(
+        "{} acked events across {ROUNDS} SIGKILLs, {} records in the log",
+        acked.len(),
+        records.len()
+    );
 }

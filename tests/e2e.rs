@@ -73,7 +73,12 @@ fn mixed_batch_of_100_gets_exact_outcomes_and_lands_in_order() {
             expected.push(Some(pointer));
         } else {
             let key = format!("E{}", valid % 9);
-            events.push(booking(&format!("ok-{i}"), &format!("bk-{i}"), &key, 1 + (i as i64 % 4)));
+            events.push(booking(
+                &format!("ok-{i}"),
+                &format!("bk-{i}"),
+                &key,
+                1 + (i as i64 % 4),
+            ));
             expected.push(None);
             valid += 1;
         }
@@ -96,10 +101,18 @@ fn mixed_batch_of_100_gets_exact_outcomes_and_lands_in_order() {
             }
             Some(pointer) => {
                 assert_eq!(r["status"], "rejected", "{r}");
-                let pointers: Vec<&str> =
-                    r["errors"].as_array().unwrap().iter().map(|e| e["pointer"].as_str().unwrap()).collect();
+                let pointers: Vec<&str> = r["errors"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["pointer"].as_str().unwrap())
+                    .collect();
                 assert_eq!(pointers, [*pointer], "event {i}: {r}");
-                assert!(r["errors"][0]["message"].as_str().is_some_and(|m| !m.is_empty()));
+                assert!(
+                    r["errors"][0]["message"]
+                        .as_str()
+                        .is_some_and(|m| !m.is_empty())
+                );
             }
         }
     }
@@ -112,7 +125,10 @@ fn mixed_batch_of_100_gets_exact_outcomes_and_lands_in_order() {
         let key = r["event"]["data"]["eventId"].as_str().unwrap().to_owned();
         assert_eq!(r["shard"], shard_for_key(&key, 4), "{r}");
         assert_eq!(r["key"], key);
-        per_key.entry(key).or_default().push(r["event"]["id"].as_str().unwrap().to_owned());
+        per_key
+            .entry(key)
+            .or_default()
+            .push(r["event"]["id"].as_str().unwrap().to_owned());
     }
     for (key, ids) in &per_key {
         let sent: Vec<String> = events
@@ -139,16 +155,24 @@ fn every_content_type_and_shape() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["results"][0]["status"], "accepted");
 
-    let r = server.post(Some("application/json"), &serde_json::to_vec(&events[1]).unwrap());
+    let r = server.post(
+        Some("application/json"),
+        &serde_json::to_vec(&events[1]).unwrap(),
+    );
     assert_eq!(r.status, 200);
-    let r = server.post(Some("application/json"), &serde_json::to_vec(&events[2..4]).unwrap());
+    let r = server.post(
+        Some("application/json"),
+        &serde_json::to_vec(&events[2..4]).unwrap(),
+    );
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["accepted"], 2);
 
     // Pretty-printed batches are stored one event per line.
     let r = server.post(
         Some("application/cloudevents-batch+json"),
-        serde_json::to_string_pretty(&events[4..5]).unwrap().as_bytes(),
+        serde_json::to_string_pretty(&events[4..5])
+            .unwrap()
+            .as_bytes(),
     );
     assert_eq!(r.status, 200);
 
@@ -163,7 +187,12 @@ fn every_content_type_and_shape() {
     let body = r.json();
     assert_eq!(body["results"][1]["status"], "rejected");
     assert_eq!(body["results"][1]["errors"][0]["pointer"], "");
-    assert!(body["results"][1]["errors"][0]["message"].as_str().unwrap().contains("line 2"));
+    assert!(
+        body["results"][1]["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("line 2")
+    );
     assert_eq!(body["results"][2]["status"], "accepted");
 
     // All invalid → 422.
@@ -171,7 +200,10 @@ fn every_content_type_and_shape() {
     bad["data"]["capacity"] = json!(-1);
     let r = server.post_batch(&[bad.clone(), bad]);
     assert_eq!(r.status, 422);
-    assert_eq!(r.json()["results"][1]["errors"][0]["pointer"], "/data/capacity");
+    assert_eq!(
+        r.json()["results"][1]["errors"][0]["pointer"],
+        "/data/capacity"
+    );
 
     // A batch sent as a single event is a shape error.
     let r = server.post(Some("application/cloudevents+json"), b"[]");
@@ -181,13 +213,22 @@ fn every_content_type_and_shape() {
     // An empty batch is trivially all accepted.
     let r = server.post(Some("application/cloudevents-batch+json"), b"[]");
     assert_eq!(r.status, 200);
-    assert_eq!(r.json(), json!({"accepted":0,"rejected":0,"retry":0,"results":[]}));
+    assert_eq!(
+        r.json(),
+        json!({"accepted":0,"rejected":0,"retry":0,"results":[]})
+    );
 
     let records = stream_read(dir.path(), &[]);
     assert_eq!(records.len(), 7);
-    let mut ids: Vec<_> = records.iter().map(|r| r["event"]["id"].as_str().unwrap().to_owned()).collect();
+    let mut ids: Vec<_> = records
+        .iter()
+        .map(|r| r["event"]["id"].as_str().unwrap().to_owned())
+        .collect();
     ids.sort();
-    let mut want: Vec<_> = events.iter().map(|e| e["id"].as_str().unwrap().to_owned()).collect();
+    let mut want: Vec<_> = events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
     want.sort();
     assert_eq!(ids, want);
 }
@@ -200,7 +241,8 @@ fn dataschema_and_partitionkey() {
     e["dataschema"] = json!("https://schemas.floodgate.dev/booking.requested/v1.json");
     e["partitionkey"] = json!("ignored-for-typed-keys");
     let mut unknown_version = booking("ds-2", "bk-ds-2", "E-ds", 1);
-    unknown_version["dataschema"] = json!("https://schemas.floodgate.dev/booking.requested/v7.json");
+    unknown_version["dataschema"] =
+        json!("https://schemas.floodgate.dev/booking.requested/v7.json");
     let r = server.post_batch(&[e, unknown_version]);
     assert_eq!(r.status, 207);
     let body = r.json();
@@ -239,10 +281,24 @@ fn routes_health_metrics_schemas() {
     let r = server.get("/v1/schemas");
     assert_eq!(r.status, 200);
     let list = r.json();
-    let types: Vec<&str> = list["schemas"].as_array().unwrap().iter().map(|s| s["type"].as_str().unwrap()).collect();
+    let types: Vec<&str> = list["schemas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["type"].as_str().unwrap())
+        .collect();
     assert_eq!(types.len(), 7, "{list}");
-    assert!(list["schemas"].as_array().unwrap().iter().all(|s| s["partitionKey"] == "/eventId"));
-    for path in ["/v1/schemas/booking.requested/v1", "/v1/schemas/booking.requested/1"] {
+    assert!(
+        list["schemas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["partitionKey"] == "/eventId")
+    );
+    for path in [
+        "/v1/schemas/booking.requested/v1",
+        "/v1/schemas/booking.requested/1",
+    ] {
         let r = server.get(path);
         assert_eq!(r.status, 200, "{path}");
         assert_eq!(r.header("content-type"), Some("application/schema+json"));
@@ -277,7 +333,16 @@ fn sigterm_drains_and_exits_zero_with_everything_durable() {
 fn stream_read_flags() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--shards", "2"]);
-    let events: Vec<Value> = (0..30).map(|i| booking(&format!("s{i}"), &format!("b{i}"), &format!("K{}", i % 6), 1)).collect();
+    let events: Vec<Value> = (0..30)
+        .map(|i| {
+            booking(
+                &format!("s{i}"),
+                &format!("b{i}"),
+                &format!("K{}", i % 6),
+                1,
+            )
+        })
+        .collect();
     assert_eq!(server.post_batch(&events).status, 200);
     let all = stream_read(dir.path(), &[]);
     assert_eq!(all.len(), 30);
@@ -289,12 +354,22 @@ fn stream_read_flags() {
     assert_eq!(from[0]["sequence"], "2");
     assert_eq!(stream_read(dir.path(), &["--limit", "5"]).len(), 5);
     // Sequences are strings that grow within a shard.
-    let seqs: Vec<u64> = shard1.iter().map(|r| r["sequence"].as_str().unwrap().parse().unwrap()).collect();
+    let seqs: Vec<u64> = shard1
+        .iter()
+        .map(|r| r["sequence"].as_str().unwrap().parse().unwrap())
+        .collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));
     // A different shard count on restart is refused.
     drop(server);
     let out = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--shards", "3", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "3",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();
@@ -304,10 +379,17 @@ fn stream_read_flags() {
 
 #[test]
 fn schemas_cli_and_bad_schema_dir() {
-    let out = Command::new(BIN).args(["schemas", "list"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["schemas", "list"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    for t in ["booking.requested", "inventory.event.created", "checkin.scanned"] {
+    for t in [
+        "booking.requested",
+        "inventory.event.created",
+        "checkin.scanned",
+    ] {
         assert!(text.contains(t), "{text}");
     }
 
@@ -315,28 +397,45 @@ fn schemas_cli_and_bad_schema_dir() {
     let file = dir.path().join("events.ndjson");
     let mut bad = booking("c2", "b2", "E", 1);
     bad["data"]["seats"] = json!(0);
-    std::fs::write(
-        &file,
-        format!("{}\n{}\n", booking("c1", "b1", "E", 1), bad),
-    )
-    .unwrap();
-    let out = Command::new(BIN).args(["schemas", "check"]).arg(&file).output().unwrap();
+    std::fs::write(&file, format!("{}\n{}\n", booking("c1", "b1", "E", 1), bad)).unwrap();
+    let out = Command::new(BIN)
+        .args(["schemas", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let lines: Vec<Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines[0]["status"], "valid");
     assert_eq!(lines[0]["partitionKey"], "E");
     assert_eq!(lines[1]["status"], "invalid");
     assert_eq!(lines[1]["errors"][0]["pointer"], "/data/seats");
     let good = dir.path().join("good.json");
     std::fs::write(&good, serde_json::to_vec(&one_of_each("g", "E")).unwrap()).unwrap();
-    let out = Command::new(BIN).args(["schemas", "check"]).arg(&good).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = Command::new(BIN)
+        .args(["schemas", "check"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // An invalid schema stops start-up with a message naming the file.
     let schemas = dir.path().join("schemas");
     std::fs::create_dir_all(schemas.join("thing.happened")).unwrap();
     let broken = schemas.join("thing.happened/v1.json");
-    std::fs::write(&broken, r#"{"type":"object","properties":{"a":{"type":"strnig"}}}"#).unwrap();
+    std::fs::write(
+        &broken,
+        r#"{"type":"object","properties":{"a":{"type":"strnig"}}}"#,
+    )
+    .unwrap();
     let out = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--schemas"])
         .arg(&schemas)
@@ -352,7 +451,10 @@ fn schemas_cli_and_bad_schema_dir() {
     std::fs::write(&broken, r#"{"type":"object","x-floodgate-partition-key":"/k","properties":{"k":{"type":"string"}},"required":["k"]}"#).unwrap();
     let data = dir.path().join("data2");
     let server = Server::start(&data, &["--schemas", schemas.to_str().unwrap()]);
-    let r = server.post_batch(&[envelope("o1", "thing.happened", json!({"k":"x"})), booking("o2", "b", "E", 1)]);
+    let r = server.post_batch(&[
+        envelope("o1", "thing.happened", json!({"k":"x"})),
+        booking("o2", "b", "E", 1),
+    ]);
     assert_eq!(r.status, 207);
     assert_eq!(r.json()["results"][1]["errors"][0]["pointer"], "/type");
 }

@@ -11,7 +11,11 @@ use floodgate_core::stream::{Record, StreamWriter};
 use floodgate_sinks::EmbeddedLog;
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     let events = floodgate_bench::sample_batch(1000, 7);
     let records: Vec<Record> = events
         .iter()
@@ -27,7 +31,11 @@ fn bench(c: &mut Criterion) {
     for compression in [Compression::None, Compression::Zstd] {
         for group in [100usize, 1000] {
             let dir = tempfile::tempdir().unwrap();
-            let cfg = EmbeddedStreamConfig { shards: 1, compression, ..Default::default() };
+            let cfg = EmbeddedStreamConfig {
+                shards: 1,
+                compression,
+                ..Default::default()
+            };
             let log = Arc::new(EmbeddedLog::open(dir.path(), &cfg).unwrap());
             let batch: Vec<Record> = records[..group].to_vec();
             g.throughput(Throughput::Elements(group as u64));
@@ -53,7 +61,13 @@ fn walk(p: &std::path::Path) -> u64 {
     std::fs::read_dir(p)
         .map(|rd| {
             rd.flatten()
-                .map(|e| if e.path().is_dir() { walk(&e.path()) } else { e.metadata().map_or(0, |m| m.len()) })
+                .map(|e| {
+                    if e.path().is_dir() {
+                        walk(&e.path())
+                    } else {
+                        e.metadata().map_or(0, |m| m.len())
+                    }
+                })
                 .sum()
         })
         .unwrap_or(0)

@@ -4,17 +4,21 @@
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use floodgate_bench::sample_batch;
 use floodgate_core::check::check_body;
 use floodgate_core::decode::BodyFormat;
 use floodgate_core::registry::Registry;
-use floodgate_bench::sample_batch;
 
 fn bench(c: &mut Criterion) {
     let registry = Registry::builtin().unwrap();
     let batch = sample_batch(100, 0);
     let batch_bytes = Bytes::from(serde_json::to_vec(&batch).unwrap());
     let one = Bytes::from(serde_json::to_vec(&batch[0]).unwrap());
-    eprintln!("one event: {} bytes; batch of 100: {} bytes", one.len(), batch_bytes.len());
+    eprintln!(
+        "one event: {} bytes; batch of 100: {} bytes",
+        one.len(),
+        batch_bytes.len()
+    );
 
     let mut g = c.benchmark_group("edge_check");
     g.throughput(Throughput::Elements(1));

@@ -44,14 +44,21 @@ fn main() -> Result<()> {
     if !args.url.starts_with("http://127.") && !args.url.starts_with("http://localhost") {
         bail!("load tests only ever target loopback");
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads)
+        .enable_all()
+        .build()?;
     rt.block_on(run(args))
 }
 
 async fn run(args: Args) -> Result<()> {
     let bodies: Arc<Vec<Bytes>> = Arc::new(
         (0..64)
-            .map(|s| Bytes::from(serde_json::to_vec(&floodgate_bench::sample_batch(args.batch, s)).unwrap()))
+            .map(|s| {
+                Bytes::from(
+                    serde_json::to_vec(&floodgate_bench::sample_batch(args.batch, s)).unwrap(),
+                )
+            })
             .collect(),
     );
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
@@ -61,7 +68,12 @@ async fn run(args: Args) -> Result<()> {
     let measuring = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for c in 0..args.concurrency {
-        let (client, bodies, stop, measuring) = (client.clone(), bodies.clone(), stop.clone(), measuring.clone());
+        let (client, bodies, stop, measuring) = (
+            client.clone(),
+            bodies.clone(),
+            stop.clone(),
+            measuring.clone(),
+        );
         let url: hyper::Uri = args.url.parse()?;
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -107,7 +119,10 @@ async fn run(args: Args) -> Result<()> {
         failed += f;
     }
     lat.sort();
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
     let summary = json!({
         "concurrency": args.concurrency,
         "batch": args.batch,

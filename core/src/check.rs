@@ -80,4 +80,3 @@ pub fn check_body(
     }
     Ok(out)
 }
-

@@ -190,6 +190,16 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_every_default() {
+        let example = include_str!("../../deploy/floodgate.example.toml");
+        let parsed = Config::from_toml(example).unwrap();
+        assert_eq!(
+            toml::to_string(&parsed).unwrap(),
+            toml::to_string(&Config::default()).unwrap()
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let e = Config::from_toml("[ingest]\nlisten_addr = \"x\"").unwrap_err();
         assert!(e.to_string().contains("listen_addr"), "{e}");

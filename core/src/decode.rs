@@ -73,7 +73,11 @@ impl DecodeError {
 }
 
 /// Decodes a body into at most `max_events` events.
-pub fn decode(body: &[u8], format: BodyFormat, max_events: usize) -> Result<Vec<Item<'_>>, DecodeError> {
+pub fn decode(
+    body: &[u8],
+    format: BodyFormat,
+    max_events: usize,
+) -> Result<Vec<Item<'_>>, DecodeError> {
     let text = match std::str::from_utf8(body) {
         Ok(t) => t,
         Err(e) => {
@@ -185,7 +189,12 @@ fn syntax(e: serde_json::Error) -> DecodeError {
 fn line_column(body: &[u8], offset: usize) -> (usize, usize) {
     let before = &body[..offset.min(body.len())];
     let line = before.iter().filter(|b| **b == b'\n').count() + 1;
-    let column = offset - before.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1) + 1;
+    let column = offset
+        - before
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |p| p + 1)
+        + 1;
     (line, column)
 }
 
@@ -222,7 +231,10 @@ mod tests {
     #[test]
     fn formats() {
         let one = br#" {"id":"1"} "#;
-        assert_eq!(decode(one, BodyFormat::Single, 10).unwrap()[0].raw, r#"{"id":"1"}"#);
+        assert_eq!(
+            decode(one, BodyFormat::Single, 10).unwrap()[0].raw,
+            r#"{"id":"1"}"#
+        );
         assert_eq!(decode(one, BodyFormat::Auto, 10).unwrap().len(), 1);
         let many = br#"[{"id":"1"}, {"id":"2"} ]"#;
         let items = decode(many, BodyFormat::Batch, 10).unwrap();
@@ -231,12 +243,22 @@ mod tests {
         let nd = b"{\"id\":\"1\"}\r\n\n{oops\n{\"id\":\"3\"}";
         let items = decode(nd, BodyFormat::Ndjson, 10).unwrap();
         assert_eq!(items.len(), 3);
-        assert!(items[1].parsed.as_ref().unwrap_err().message.contains("line 3"));
+        assert!(
+            items[1]
+                .parsed
+                .as_ref()
+                .unwrap_err()
+                .message
+                .contains("line 3")
+        );
     }
 
     #[test]
     fn whole_body_faults() {
-        assert_eq!(decode(b"  \n", BodyFormat::Auto, 10).unwrap_err(), DecodeError::Empty);
+        assert_eq!(
+            decode(b"  \n", BodyFormat::Auto, 10).unwrap_err(),
+            DecodeError::Empty
+        );
         assert!(matches!(
             decode(b"[1,\n{\"a\":\xff}]", BodyFormat::Batch, 10).unwrap_err(),
             DecodeError::InvalidUtf8 { line: 2, column: 6 }
@@ -250,11 +272,23 @@ mod tests {
             DecodeError::TooManyEvents { max: 2 }
         );
         assert_eq!(decode(b"[1,2]", BodyFormat::Batch, 2).unwrap().len(), 2);
-        assert!(matches!(decode(b"{}", BodyFormat::Batch, 2).unwrap_err(), DecodeError::Syntax { .. }));
+        assert!(matches!(
+            decode(b"{}", BodyFormat::Batch, 2).unwrap_err(),
+            DecodeError::Syntax { .. }
+        ));
         let deep = "[".repeat(10_000) + &"]".repeat(10_000);
-        assert!(matches!(decode(deep.as_bytes(), BodyFormat::Auto, 500).unwrap_err(), DecodeError::Syntax { .. }));
+        assert!(matches!(
+            decode(deep.as_bytes(), BodyFormat::Auto, 500).unwrap_err(),
+            DecodeError::Syntax { .. }
+        ));
         let deep_obj = "{\"a\":".repeat(10_000) + "1" + &"}".repeat(10_000);
-        assert!(matches!(decode(deep_obj.as_bytes(), BodyFormat::Single, 500).unwrap_err(), DecodeError::Syntax { .. }));
-        assert!(matches!(decode(b"{oops", BodyFormat::Ndjson, 5).unwrap_err(), DecodeError::Syntax { line: 1, .. }));
+        assert!(matches!(
+            decode(deep_obj.as_bytes(), BodyFormat::Single, 500).unwrap_err(),
+            DecodeError::Syntax { .. }
+        ));
+        assert!(matches!(
+            decode(b"{oops", BodyFormat::Ndjson, 5).unwrap_err(),
+            DecodeError::Syntax { line: 1, .. }
+        ));
     }
 }

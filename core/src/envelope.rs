@@ -123,7 +123,9 @@ pub fn check_envelope(event: &Value) -> Result<Envelope<'_>, Vec<FieldError>> {
         let pointer = format!("/{}", crate::escape_pointer_token(name));
         if name.is_empty()
             || name.len() > MAX_EXTENSION_NAME_CHARS
-            || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         {
             errors.push(FieldError::new(
                 pointer,
@@ -177,7 +179,12 @@ pub fn is_rfc3339(s: &str) -> bool {
 
 /// Whether a `datacontenttype` denotes JSON data (absent means JSON in the JSON format).
 pub fn is_json_content_type(ct: &str) -> bool {
-    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
 }
 
@@ -192,7 +199,10 @@ fn required_string<'a>(
             None
         }
         Some(Value::String(s)) if s.is_empty() => {
-            errors.push(FieldError::new(format!("/{name}"), format!("{name} must not be empty")));
+            errors.push(FieldError::new(
+                format!("/{name}"),
+                format!("{name} must not be empty"),
+            ));
             None
         }
         Some(Value::String(s)) => Some(s),
@@ -226,7 +236,10 @@ fn optional_string<'a>(
 }
 
 fn missing(name: &str) -> FieldError {
-    FieldError::new(format!("/{name}"), format!("required attribute {name} is missing"))
+    FieldError::new(
+        format!("/{name}"),
+        format!("required attribute {name} is missing"),
+    )
 }
 
 fn wrong_type(name: &str, expected: &str, got: &Value) -> FieldError {
@@ -259,7 +272,11 @@ mod tests {
     }
 
     fn pointers(v: Value) -> Vec<String> {
-        check_envelope(&v).unwrap_err().into_iter().map(|e| e.pointer).collect()
+        check_envelope(&v)
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.pointer)
+            .collect()
     }
 
     #[test]

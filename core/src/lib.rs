@@ -46,7 +46,11 @@ impl FieldError {
     pub fn new(pointer: impl Into<String>, message: impl Into<String>) -> Self {
         let mut message = message.into();
         if message.chars().count() > MAX_ERROR_MESSAGE_CHARS {
-            message = message.chars().take(MAX_ERROR_MESSAGE_CHARS).collect::<String>() + "…";
+            message = message
+                .chars()
+                .take(MAX_ERROR_MESSAGE_CHARS)
+                .collect::<String>()
+                + "…";
         }
         Self {
             pointer: pointer.into(),

@@ -36,7 +36,10 @@ mod tests {
     #[test]
     fn mapping_is_pinned() {
         assert_eq!(hash_key(""), 0xd41d8cd98f00b204e9800998ecf8427e);
-        assert_eq!(hash_key("evt-1"), u128::from_be_bytes(Md5::digest(b"evt-1").into()));
+        assert_eq!(
+            hash_key("evt-1"),
+            u128::from_be_bytes(Md5::digest(b"evt-1").into())
+        );
         let pinned: Vec<u32> = ["evt-1", "evt-2", "evt-3", "concert-42", ""]
             .iter()
             .map(|k| shard_for_key(k, 4))

@@ -75,7 +75,9 @@ impl SchemaEntry {
             let base = format!("/data{}", e.instance_path().as_str());
             match e.kind() {
                 ValidationErrorKind::Required { property } => {
-                    let name = property.as_str().map_or_else(|| property.to_string(), str::to_owned);
+                    let name = property
+                        .as_str()
+                        .map_or_else(|| property.to_string(), str::to_owned);
                     errors.push(FieldError::new(
                         format!("{base}/{}", escape_pointer_token(&name)),
                         format!("required property {name:?} is missing"),
@@ -165,8 +167,8 @@ impl Registry {
                 message,
             };
             let (event_type, version) = parse_relative_path(&src.relative_path).map_err(err)?;
-            let document: Value = serde_json::from_str(&src.text)
-                .map_err(|e| err(format!("not valid JSON: {e}")))?;
+            let document: Value =
+                serde_json::from_str(&src.text).map_err(|e| err(format!("not valid JSON: {e}")))?;
             if docs.contains_key(&(event_type.clone(), version)) {
                 return Err(err(format!("duplicate schema for {event_type} v{version}")));
             }
@@ -209,7 +211,11 @@ impl Registry {
 
     /// The latest version of `event_type`.
     pub fn latest(&self, event_type: &str) -> Option<&SchemaEntry> {
-        self.types.get(event_type)?.values().next_back().map(|e| &**e)
+        self.types
+            .get(event_type)?
+            .values()
+            .next_back()
+            .map(|e| &**e)
     }
 
     /// One version of one type.
@@ -242,7 +248,11 @@ impl Registry {
 
     /// Resolves the schema an event asks for: `dataschema` when given (it must name a
     /// registered version of the event's own type), otherwise the latest version.
-    fn select(&self, event_type: &str, dataschema: Option<&str>) -> Result<&SchemaEntry, FieldError> {
+    fn select(
+        &self,
+        event_type: &str,
+        dataschema: Option<&str>,
+    ) -> Result<&SchemaEntry, FieldError> {
         let Some(versions) = self.types.get(event_type) else {
             return Err(FieldError::new(
                 "/type",
@@ -250,7 +260,10 @@ impl Registry {
             ));
         };
         let Some(ds) = dataschema else {
-            return Ok(versions.values().next_back().expect("a registered type has a version"));
+            return Ok(versions
+                .values()
+                .next_back()
+                .expect("a registered type has a version"));
         };
         let named = self
             .by_id
@@ -286,10 +299,8 @@ impl Registry {
                 // Still validate `data` when the type is usable, so a producer sees every
                 // fault of the event at once.
                 if let Some(t) = event.get("type").and_then(Value::as_str)
-                    && let Ok(schema) = self.select(
-                        t,
-                        event.get("dataschema").and_then(Value::as_str),
-                    )
+                    && let Ok(schema) =
+                        self.select(t, event.get("dataschema").and_then(Value::as_str))
                     && let Some(data) = event.get("data").filter(|d| !d.is_null())
                     && let Err(more) = schema.validate_data(data)
                 {
@@ -314,14 +325,20 @@ impl Registry {
         if envelope.has_data_base64 {
             errors.push(FieldError::new(
                 "/data_base64",
-                format!("{} requires JSON data, not data_base64", envelope.event_type),
+                format!(
+                    "{} requires JSON data, not data_base64",
+                    envelope.event_type
+                ),
             ));
         }
         let key = match envelope.data {
             None => {
                 errors.push(FieldError::new(
                     "/data",
-                    format!("required attribute data is missing; {} requires it", envelope.event_type),
+                    format!(
+                        "required attribute data is missing; {} requires it",
+                        envelope.event_type
+                    ),
                 ));
                 None
             }
@@ -387,7 +404,11 @@ fn compile(event_type: &str, version: u32, document: Value) -> Result<SchemaEntr
         .ok_or("a schema must be a JSON object")?;
     match obj.get("$schema").and_then(Value::as_str) {
         None | Some("https://json-schema.org/draft/2020-12/schema") => {}
-        Some(other) => return Err(format!("$schema must be JSON Schema 2020-12, not {other:?}")),
+        Some(other) => {
+            return Err(format!(
+                "$schema must be JSON Schema 2020-12, not {other:?}"
+            ));
+        }
     }
     let id = match obj.get("$id") {
         None => None,
@@ -422,11 +443,20 @@ fn compile(event_type: &str, version: u32, document: Value) -> Result<SchemaEntr
 /// A new version must accept every event the previous one accepted, as far as we can
 /// tell structurally: no property removed or retyped, no property newly required.
 fn check_backward_compatible(prev: &Value, next: &Value) -> Result<(), String> {
-    let props = |s: &Value| s.get("properties").and_then(Value::as_object).cloned().unwrap_or_default();
+    let props = |s: &Value| {
+        s.get("properties")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default()
+    };
     let required = |s: &Value| -> Vec<String> {
         s.get("required")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let (prev_props, next_props) = (props(prev), props(next));
@@ -478,7 +508,10 @@ mod tests {
             "payment.succeeded",
         ] {
             assert!(types.contains(&t), "{t} missing");
-            assert_eq!(r.latest(t).unwrap().partition_key.as_deref(), Some("/eventId"));
+            assert_eq!(
+                r.latest(t).unwrap().partition_key.as_deref(),
+                Some("/eventId")
+            );
         }
     }
 
@@ -487,7 +520,11 @@ mod tests {
         let e = Registry::from_sources([src("x.y/v1.json", json!({"type": 12}))]).unwrap_err();
         assert_eq!(e.origin, "test:x.y/v1.json");
         assert!(e.to_string().contains("x.y/v1.json"), "{e}");
-        let e = Registry::from_sources([src("x.y/v1.json", json!({"type":"string","format":"no-such-format"}))]).unwrap_err();
+        let e = Registry::from_sources([src(
+            "x.y/v1.json",
+            json!({"type":"string","format":"no-such-format"}),
+        )])
+        .unwrap_err();
         assert!(e.message.contains("not a valid JSON Schema"), "{e}");
         let e = Registry::from_sources([src("x.y/one.json", json!({}))]).unwrap_err();
         assert!(e.message.contains("v<N>.json"), "{e}");
@@ -499,7 +536,8 @@ mod tests {
         let v2_ok = json!({"type":"object","properties":{"a":{"type":"string"},"b":{"type":"integer"}},"required":["a"]});
         let v2_bad = json!({"type":"object","properties":{"a":{"type":"string"},"b":{"type":"integer"}},"required":["a","b"]});
         Registry::from_sources([src("t/v1.json", v1.clone()), src("t/v2.json", v2_ok)]).unwrap();
-        let e = Registry::from_sources([src("t/v1.json", v1), src("t/v2.json", v2_bad)]).unwrap_err();
+        let e =
+            Registry::from_sources([src("t/v1.json", v1), src("t/v2.json", v2_bad)]).unwrap_err();
         assert_eq!(e.origin, "test:t/v2.json");
         assert!(e.message.contains("newly required"), "{e}");
     }

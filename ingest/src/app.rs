@@ -54,7 +54,9 @@ pub struct App {
 
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("App").field("limits", &self.inner.limits).finish_non_exhaustive()
+        f.debug_struct("App")
+            .field("limits", &self.inner.limits)
+            .finish_non_exhaustive()
     }
 }
 
@@ -101,7 +103,12 @@ impl App {
         resp
     }
 
-    async fn route<B>(&self, method: &Method, path: &str, req: Request<B>) -> (&'static str, Response<Body>)
+    async fn route<B>(
+        &self,
+        method: &Method,
+        path: &str,
+        req: Request<B>,
+    ) -> (&'static str, Response<Body>)
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -109,9 +116,14 @@ impl App {
         let inner = &self.inner;
         let get = method == Method::GET || method == Method::HEAD;
         match path {
-            "/v1/events" if method == Method::POST => (ROUTE_EVENTS, events::post(inner, req).await),
+            "/v1/events" if method == Method::POST => {
+                (ROUTE_EVENTS, events::post(inner, req).await)
+            }
             "/v1/events" => (ROUTE_EVENTS, not_allowed("POST")),
-            "/healthz" if get => ("/healthz", response::json(StatusCode::OK, &json!({"status": "ok"}))),
+            "/healthz" if get => (
+                "/healthz",
+                response::json(StatusCode::OK, &json!({"status": "ok"})),
+            ),
             "/readyz" if get => ("/readyz", self.ready().await),
             "/metrics" if get => (
                 "/metrics",
@@ -125,7 +137,9 @@ impl App {
                 "/v1/schemas",
                 response::with_type(StatusCode::OK, response::JSON, inner.schema_list.clone()),
             ),
-            "/healthz" | "/readyz" | "/metrics" | "/v1/schemas" => ("unmatched", not_allowed("GET, HEAD")),
+            "/healthz" | "/readyz" | "/metrics" | "/v1/schemas" => {
+                ("unmatched", not_allowed("GET, HEAD"))
+            }
             p if p.starts_with("/v1/schemas/") => {
                 if !get {
                     return (ROUTE_SCHEMA, not_allowed("GET, HEAD"));
@@ -134,7 +148,11 @@ impl App {
             }
             _ => (
                 "unmatched",
-                response::error(StatusCode::NOT_FOUND, "not_found", "no such route; see /openapi.json"),
+                response::error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no such route; see /openapi.json",
+                ),
             ),
         }
     }
@@ -158,7 +176,12 @@ impl App {
             return not_found();
         };
         let version = version.strip_suffix(".json").unwrap_or(version);
-        let Some(version) = version.strip_prefix('v').unwrap_or(version).parse::<u32>().ok() else {
+        let Some(version) = version
+            .strip_prefix('v')
+            .unwrap_or(version)
+            .parse::<u32>()
+            .ok()
+        else {
             return not_found();
         };
         match self.inner.registry.get(event_type, version) {
@@ -178,6 +201,7 @@ fn not_allowed(allow: &'static str) -> Response<Body> {
         "method_not_allowed",
         &format!("this route allows {allow}"),
     );
-    resp.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+    resp.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
     resp
 }

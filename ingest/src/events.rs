@@ -54,7 +54,10 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let limits = &app.limits;
-    let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let content_type = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
     let Some(format) = content_type.and_then(format_for) else {
         return response::error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -115,11 +118,17 @@ where
         check_body(&app.registry, &body, format, max_events)
     } else {
         let registry = app.registry.clone();
-        match tokio::task::spawn_blocking(move || check_body(&registry, &body, format, max_events)).await {
+        match tokio::task::spawn_blocking(move || check_body(&registry, &body, format, max_events))
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "event check task failed");
-                return response::error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "event check failed");
+                return response::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "event check failed",
+                );
             }
         }
     };
@@ -170,7 +179,12 @@ where
                         Some(Err(e)) => e.to_string(),
                         _ => "not appended".to_owned(),
                     };
-                    (Some(id), event_type, "retry", Some(vec![FieldError::new("", message)]))
+                    (
+                        Some(id),
+                        event_type,
+                        "retry",
+                        Some(vec![FieldError::new("", message)]),
+                    )
                 }
             },
             Outcome::Rejected {
@@ -179,7 +193,12 @@ where
                 errors,
             } => {
                 rejected += 1;
-                (id, event_type.unwrap_or_else(|| "unknown".to_owned()), "rejected", Some(errors))
+                (
+                    id,
+                    event_type.unwrap_or_else(|| "unknown".to_owned()),
+                    "rejected",
+                    Some(errors),
+                )
             }
         };
         *counts.entry((event_type, status)).or_default() += 1;

@@ -36,7 +36,10 @@ struct ErrorDetail<'a> {
 
 /// `{"error":{"code":…,"message":…}}` — every error that concerns the whole request.
 pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json(status, &ErrorBody {
-        error: ErrorDetail { code, message },
-    })
+    json(
+        status,
+        &ErrorBody {
+            error: ErrorDetail { code, message },
+        },
+    )
 }

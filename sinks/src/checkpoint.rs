@@ -22,8 +22,12 @@ struct ConsumerFile {
 
 fn read_file(path: &Path) -> io::Result<ConsumerFile> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(ConsumerFile::default()),
         Err(e) => Err(e),
     }
@@ -43,7 +47,11 @@ pub(crate) fn min_checkpoint(stream_root: &Path, shard: u32) -> io::Result<Optio
         any_consumer = true;
         let file = read_file(&path)?;
         // A consumer that has not committed this shard yet needs all of it.
-        let Some(seq) = file.shards.get(&shard.to_string()).and_then(SequenceNumber::as_u64) else {
+        let Some(seq) = file
+            .shards
+            .get(&shard.to_string())
+            .and_then(SequenceNumber::as_u64)
+        else {
             return Ok(None);
         };
         min = Some(min.map_or(seq, |m| m.min(seq)));
@@ -115,7 +123,10 @@ impl CheckpointStore for EmbeddedCheckpoints {
                 _ => {}
             }
             file.shards.insert(shard, sequence);
-            write_atomically(&path, &serde_json::to_vec_pretty(&file).expect("serializable"))
+            write_atomically(
+                &path,
+                &serde_json::to_vec_pretty(&file).expect("serializable"),
+            )
         })
         .await
         .map_err(|e| StreamError::Unavailable(e.to_string()))??;

@@ -61,7 +61,9 @@ async fn read_all(reader: &dyn StreamReader) -> Vec<(String, u64, String, String
 /// The conformance checks every `StreamWriter` + `StreamReader` pair must pass.
 async fn conformance(writer: &dyn StreamWriter, reader: &dyn StreamReader) {
     writer.check_writable().await.unwrap();
-    let records: Vec<Record> = (0..50).map(|i| rec(&format!("k{}", i % 5), &format!("p{i}"))).collect();
+    let records: Vec<Record> = (0..50)
+        .map(|i| rec(&format!("k{}", i % 5), &format!("p{i}")))
+        .collect();
     let results = writer.append(records).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     // Sequence numbers grow within a shard, in input order.
@@ -77,25 +79,57 @@ async fn conformance(writer: &dyn StreamWriter, reader: &dyn StreamReader) {
     // Per key, payloads come back in append order.
     for k in 0..5 {
         let key = format!("k{k}");
-        let got: Vec<_> = all.iter().filter(|r| r.2 == key).map(|r| r.3.clone()).collect();
-        let want: Vec<_> = (0..50).filter(|i| i % 5 == k).map(|i| format!("p{i}")).collect();
+        let got: Vec<_> = all
+            .iter()
+            .filter(|r| r.2 == key)
+            .map(|r| r.3.clone())
+            .collect();
+        let want: Vec<_> = (0..50)
+            .filter(|i| i % 5 == k)
+            .map(|i| format!("p{i}"))
+            .collect();
         assert_eq!(got, want);
     }
     // After/At positions.
     let first = results[0].as_ref().unwrap();
-    let b = reader.read(&first.shard, &StartPosition::At(first.sequence.clone()), 1).await.unwrap();
+    let b = reader
+        .read(&first.shard, &StartPosition::At(first.sequence.clone()), 1)
+        .await
+        .unwrap();
     assert_eq!(b.records[0].payload, Bytes::from("p0"));
-    let b = reader.read(&first.shard, &StartPosition::After(first.sequence.clone()), 1).await.unwrap();
-    assert_ne!(b.records.first().map(|r| r.payload.clone()), Some(Bytes::from("p0")));
+    let b = reader
+        .read(
+            &first.shard,
+            &StartPosition::After(first.sequence.clone()),
+            1,
+        )
+        .await
+        .unwrap();
+    assert_ne!(
+        b.records.first().map(|r| r.payload.clone()),
+        Some(Bytes::from("p0"))
+    );
     // Unknown shard is an error, not a panic.
-    assert!(reader.read(&ShardId("999".into()), &StartPosition::TrimHorizon, 1).await.is_err());
+    assert!(
+        reader
+            .read(&ShardId("999".into()), &StartPosition::TrimHorizon, 1)
+            .await
+            .is_err()
+    );
 }
 
 #[test]
 fn conformance_plain_and_zstd() {
     for compression in [Compression::None, Compression::Zstd] {
         let dir = tempfile::tempdir().unwrap();
-        let log = EmbeddedLog::open(dir.path(), &EmbeddedStreamConfig { compression, ..cfg() }).unwrap();
+        let log = EmbeddedLog::open(
+            dir.path(),
+            &EmbeddedStreamConfig {
+                compression,
+                ..cfg()
+            },
+        )
+        .unwrap();
         rt().block_on(async {
             conformance(&log, &log).await;
             log.close().await.unwrap();
@@ -116,7 +150,10 @@ fn records_survive_reopen_and_sequences_keep_growing() {
         let r = log.append(vec![rec("a", "3")]).await;
         assert_eq!(r[0].as_ref().unwrap().sequence.as_u64(), Some(2));
         let all = read_all(&log).await;
-        assert_eq!(all.iter().map(|r| r.3.as_str()).collect::<Vec<_>>(), ["1", "2", "3"]);
+        assert_eq!(
+            all.iter().map(|r| r.3.as_str()).collect::<Vec<_>>(),
+            ["1", "2", "3"]
+        );
         log.close().await.unwrap();
     });
 }
@@ -129,13 +166,17 @@ fn a_second_writer_is_refused_and_shard_count_is_fixed() {
     assert!(err.to_string().contains("another process"), "{err}");
     drop(log);
     std::thread::sleep(std::time::Duration::from_millis(50));
-    let err = EmbeddedLog::open(dir.path(), &EmbeddedStreamConfig { shards: 8, ..cfg() }).unwrap_err();
+    let err =
+        EmbeddedLog::open(dir.path(), &EmbeddedStreamConfig { shards: 8, ..cfg() }).unwrap_err();
     assert!(err.to_string().contains("4 shards"), "{err}");
 }
 
 fn active_segment(root: &Path, shard: u32) -> std::path::PathBuf {
     let dir = root.join(format!("shard-{shard:04}"));
-    let mut segs: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut segs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     segs.sort();
     segs.pop().unwrap()
 }
@@ -149,7 +190,9 @@ fn torn_tail_is_truncated_and_complete_records_are_kept() {
         rt().block_on(async {
             let log = EmbeddedLog::open(dir.path(), &config).unwrap();
             for i in 0..10 {
-                let r = log.append(vec![rec("k", &format!("{i}")), rec("k", &format!("{i}b"))]).await;
+                let r = log
+                    .append(vec![rec("k", &format!("{i}")), rec("k", &format!("{i}b"))])
+                    .await;
                 assert!(r.iter().all(Result::is_ok));
             }
             log.close().await.unwrap();
@@ -157,18 +200,38 @@ fn torn_tail_is_truncated_and_complete_records_are_kept() {
         let seg = active_segment(dir.path(), 0);
         let len = std::fs::metadata(&seg).unwrap().len();
         match damage {
-            0 => OpenOptions::new().append(true).open(&seg).unwrap().write_all(b"garbage\xff\x00 bytes").unwrap(),
-            1 => OpenOptions::new().append(true).open(&seg).unwrap().write_all(&[0u8; 5]).unwrap(),
+            0 => OpenOptions::new()
+                .append(true)
+                .open(&seg)
+                .unwrap()
+                .write_all(b"garbage\xff\x00 bytes")
+                .unwrap(),
+            1 => OpenOptions::new()
+                .append(true)
+                .open(&seg)
+                .unwrap()
+                .write_all(&[0u8; 5])
+                .unwrap(),
             2 => {
                 // Append a copy of the first frame's header with a wrong sequence and
                 // cut it short: looks like a frame in progress.
                 let bytes = std::fs::read(&seg).unwrap();
-                OpenOptions::new().append(true).open(&seg).unwrap().write_all(&bytes[..40]).unwrap();
+                OpenOptions::new()
+                    .append(true)
+                    .open(&seg)
+                    .unwrap()
+                    .write_all(&bytes[..40])
+                    .unwrap();
             }
             _ => {
                 // Cut the last frame in half: its records were never acknowledged in a
                 // real crash; here we only check recovery keeps the 9 whole frames.
-                OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 3).unwrap();
+                OpenOptions::new()
+                    .write(true)
+                    .open(&seg)
+                    .unwrap()
+                    .set_len(len - 3)
+                    .unwrap();
             }
         }
         rt().block_on(async {
@@ -180,7 +243,10 @@ fn torn_tail_is_truncated_and_complete_records_are_kept() {
                 assert_eq!(r.1, i as u64);
             }
             let r = log.append(vec![rec("k", "after")]).await;
-            assert_eq!(r[0].as_ref().unwrap().sequence.as_u64(), Some(expected as u64));
+            assert_eq!(
+                r[0].as_ref().unwrap().sequence.as_u64(),
+                Some(expected as u64)
+            );
             let all = read_all(&log).await;
             assert_eq!(all.last().unwrap().3, "after");
             log.close().await.unwrap();
@@ -191,7 +257,10 @@ fn torn_tail_is_truncated_and_complete_records_are_kept() {
 #[test]
 fn concurrent_appends_share_fsyncs_and_all_land() {
     let dir = tempfile::tempdir().unwrap();
-    let config = EmbeddedStreamConfig { group_commit_max_delay_us: 500, ..cfg() };
+    let config = EmbeddedStreamConfig {
+        group_commit_max_delay_us: 500,
+        ..cfg()
+    };
     rt().block_on(async {
         let log = std::sync::Arc::new(EmbeddedLog::open(dir.path(), &config).unwrap());
         let mut tasks = Vec::new();
@@ -199,7 +268,9 @@ fn concurrent_appends_share_fsyncs_and_all_land() {
             let log = log.clone();
             tasks.push(tokio::spawn(async move {
                 for i in 0..50 {
-                    let r = log.append(vec![rec(&format!("c{t}"), &format!("{t}-{i}"))]).await;
+                    let r = log
+                        .append(vec![rec(&format!("c{t}"), &format!("{t}-{i}"))])
+                        .await;
                     assert!(r[0].is_ok());
                 }
             }));
@@ -211,7 +282,11 @@ fn concurrent_appends_share_fsyncs_and_all_land() {
         assert_eq!(all.len(), 800);
         for t in 0..16 {
             let key = format!("c{t}");
-            let got: Vec<_> = all.iter().filter(|r| r.2 == key).map(|r| r.3.clone()).collect();
+            let got: Vec<_> = all
+                .iter()
+                .filter(|r| r.2 == key)
+                .map(|r| r.3.clone())
+                .collect();
             let want: Vec<_> = (0..50).map(|i| format!("{t}-{i}")).collect();
             assert_eq!(got, want, "order of {key}");
         }
@@ -224,7 +299,8 @@ fn read_only_reader_sees_a_live_log() {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
         let log = EmbeddedLog::open(dir.path(), &cfg()).unwrap();
-        log.append((0..20).map(|i| rec(&format!("k{i}"), "x")).collect()).await;
+        log.append((0..20).map(|i| rec(&format!("k{i}"), "x")).collect())
+            .await;
         let reader = EmbeddedLogReader::open(dir.path()).unwrap();
         assert_eq!(read_all(&reader).await.len(), 20);
         log.close().await.unwrap();
@@ -257,23 +333,41 @@ fn retention_never_deletes_what_a_consumer_still_needs() {
         append_some(60).await;
         assert_eq!(read_all(&log).await.len(), 60);
         // A consumer at sequence 9 pins everything after it.
-        checkpoints.commit("lake", &ShardId("0".into()), &SequenceNumber::from_u64(9)).await.unwrap();
+        checkpoints
+            .commit("lake", &ShardId("0".into()), &SequenceNumber::from_u64(9))
+            .await
+            .unwrap();
         append_some(20).await;
         let all = read_all(&log).await;
-        assert!(all.iter().any(|r| r.1 == 10), "record 10 was deleted before its consumer got there");
+        assert!(
+            all.iter().any(|r| r.1 == 10),
+            "record 10 was deleted before its consumer got there"
+        );
         assert!(all.first().unwrap().1 <= 10);
         // Once it moves on, old segments go and the shard shrinks towards the bound.
-        checkpoints.commit("lake", &ShardId("0".into()), &SequenceNumber::from_u64(75)).await.unwrap();
+        checkpoints
+            .commit("lake", &ShardId("0".into()), &SequenceNumber::from_u64(75))
+            .await
+            .unwrap();
         // Checkpoints never move backwards.
-        checkpoints.commit("lake", &ShardId("0".into()), &SequenceNumber::from_u64(3)).await.unwrap();
+        checkpoints
+            .commit("lake", &ShardId("0".into()), &SequenceNumber::from_u64(3))
+            .await
+            .unwrap();
         assert_eq!(
-            checkpoints.checkpoint("lake", &ShardId("0".into())).await.unwrap(),
+            checkpoints
+                .checkpoint("lake", &ShardId("0".into()))
+                .await
+                .unwrap(),
             Some(SequenceNumber::from_u64(75))
         );
         append_some(20).await;
         let all = read_all(&log).await;
         assert!(all.first().unwrap().1 > 10, "retention deleted nothing");
-        assert!(all.iter().any(|r| r.1 == 76), "retention deleted past the checkpoint");
+        assert!(
+            all.iter().any(|r| r.1 == 76),
+            "retention deleted past the checkpoint"
+        );
         assert_eq!(all.last().unwrap().1, 99);
         log.close().await.unwrap();
     });

@@ -71,7 +71,10 @@ impl Server {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status.code();
             }
-            assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -107,15 +110,28 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
-pub fn post(addr: SocketAddr, path: &str, content_type: Option<&str>, body: &[u8], headers: &[(&str, &str)]) -> Resp {
+pub fn post(
+    addr: SocketAddr,
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+    headers: &[(&str, &str)],
+) -> Resp {
     let mut all: Vec<(&str, &str)> = headers.to_vec();
     if let Some(ct) = content_type {
         all.push(("content-type", ct));
@@ -124,8 +140,15 @@ pub fn post(addr: SocketAddr, path: &str, content_type: Option<&str>, body: &[u8
 }
 
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`).
-pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Resp {
-    try_request(addr, method, path, headers, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Resp {
+    try_request(addr, method, path, headers, body)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
 pub fn try_request(
@@ -156,11 +179,17 @@ pub fn try_request(
 
 pub fn read_response(s: &mut impl Read) -> std::io::Result<Resp> {
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).or_else(|e| if raw.is_empty() { Err(e) } else { Ok(0) })?;
+    s.read_to_end(&mut raw)
+        .or_else(|e| if raw.is_empty() { Err(e) } else { Ok(0) })?;
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("no header end in {:?}", String::from_utf8_lossy(&raw))))?;
+        .ok_or_else(|| {
+            std::io::Error::other(format!(
+                "no header end in {:?}",
+                String::from_utf8_lossy(&raw)
+            ))
+        })?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.split("\r\n");
     let status = lines
@@ -187,7 +216,11 @@ pub fn stream_read(data_dir: &Path, extra: &[&str]) -> Vec<Value> {
         .args(extra)
         .output()
         .expect("stream read runs");
-    assert!(out.status.success(), "stream read failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stream read failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -210,12 +243,36 @@ pub fn booking(id: &str, booking_id: &str, event_id: &str, seats: i64) -> Value 
 /// One valid event of every shipped type, keyed by `event_id`.
 pub fn one_of_each(prefix: &str, event_id: &str) -> Vec<Value> {
     vec![
-        envelope(&format!("{prefix}-c"), "inventory.event.created", json!({"eventId":event_id,"name":"Show","venue":"Hall","startsAt":"2026-12-01T20:00:00Z","capacity":100})),
-        envelope(&format!("{prefix}-cc"), "inventory.capacity.changed", json!({"eventId":event_id,"capacity":120})),
+        envelope(
+            &format!("{prefix}-c"),
+            "inventory.event.created",
+            json!({"eventId":event_id,"name":"Show","venue":"Hall","startsAt":"2026-12-01T20:00:00Z","capacity":100}),
+        ),
+        envelope(
+            &format!("{prefix}-cc"),
+            "inventory.capacity.changed",
+            json!({"eventId":event_id,"capacity":120}),
+        ),
         booking(&format!("{prefix}-b"), &format!("{prefix}-bk"), event_id, 2),
-        envelope(&format!("{prefix}-x"), "booking.cancelled", json!({"bookingId":"bk","eventId":event_id})),
-        envelope(&format!("{prefix}-ps"), "payment.succeeded", json!({"paymentId":"p1","bookingId":"bk","eventId":event_id,"amountMinor":1500,"currency":"EUR"})),
-        envelope(&format!("{prefix}-pf"), "payment.failed", json!({"paymentId":"p2","bookingId":"bk","eventId":event_id,"code":"card_declined"})),
-        envelope(&format!("{prefix}-ck"), "checkin.scanned", json!({"bookingId":"bk","eventId":event_id,"gate":"A","scannedAt":"2026-12-01T19:30:00Z"})),
+        envelope(
+            &format!("{prefix}-x"),
+            "booking.cancelled",
+            json!({"bookingId":"bk","eventId":event_id}),
+        ),
+        envelope(
+            &format!("{prefix}-ps"),
+            "payment.succeeded",
+            json!({"paymentId":"p1","bookingId":"bk","eventId":event_id,"amountMinor":1500,"currency":"EUR"}),
+        ),
+        envelope(
+            &format!("{prefix}-pf"),
+            "payment.failed",
+            json!({"paymentId":"p2","bookingId":"bk","eventId":event_id,"code":"card_declined"}),
+        ),
+        envelope(
+            &format!("{prefix}-ck"),
+            "checkin.scanned",
+            json!({"bookingId":"bk","eventId":event_id,"gate":"A","scannedAt":"2026-12-01T19:30:00Z"}),
+        ),
     ]
 }

@@ -81,7 +81,8 @@ pub fn encode(
 ) -> std::io::Result<()> {
     let mut body = Vec::with_capacity(records.iter().map(|(k, p)| record_len(k, p)).sum());
     for (key, payload) in records {
-        let key_len = u16::try_from(key.len()).map_err(|_| invalid("key longer than 65535 bytes"))?;
+        let key_len =
+            u16::try_from(key.len()).map_err(|_| invalid("key longer than 65535 bytes"))?;
         let payload_len =
             u32::try_from(payload.len()).map_err(|_| invalid("payload longer than 4 GiB"))?;
         body.extend_from_slice(&key_len.to_le_bytes());
@@ -146,7 +147,8 @@ pub fn decode_body(header: &Header, body: Vec<u8>) -> std::io::Result<Vec<Decode
         let key = body
             .get(pos..pos + key_len)
             .ok_or_else(|| invalid("record key past the frame end"))?;
-        let key = String::from_utf8(key.to_vec()).map_err(|_| invalid("record key is not UTF-8"))?;
+        let key =
+            String::from_utf8(key.to_vec()).map_err(|_| invalid("record key is not UTF-8"))?;
         pos += key_len;
         if pos + payload_len > body.len() {
             return Err(invalid("record payload past the frame end"));
@@ -176,7 +178,14 @@ mod tests {
 
     fn roundtrip(compress: bool) {
         let mut buf = Vec::new();
-        encode(&mut buf, 7, 1234, compress, &[("k1", b"hello"), ("", b""), ("k3", b"{}")]).unwrap();
+        encode(
+            &mut buf,
+            7,
+            1234,
+            compress,
+            &[("k1", b"hello"), ("", b""), ("k3", b"{}")],
+        )
+        .unwrap();
         let hb: [u8; HEADER_LEN] = buf[..HEADER_LEN].try_into().unwrap();
         let h = Header::parse(&hb).unwrap();
         assert_eq!(h.record_count, 3);
@@ -193,7 +202,10 @@ mod tests {
             bad[i] ^= 0x10;
             let hb: [u8; HEADER_LEN] = bad[..HEADER_LEN].try_into().unwrap();
             if let Some(h) = Header::parse(&hb) {
-                assert!(!crc_ok(&hb, &h, &bad[HEADER_LEN..]), "flip at {i} undetected");
+                assert!(
+                    !crc_ok(&hb, &h, &bad[HEADER_LEN..]),
+                    "flip at {i} undetected"
+                );
             }
         }
     }

@@ -280,7 +280,9 @@ impl EmbeddedLog {
     /// A receiver that changes whenever `shard`'s durable watermark (the sequence after
     /// the last durable record) moves; lets a consumer wait for new records without polling.
     pub fn watch_durable(&self, shard: u32) -> Option<watch::Receiver<u64>> {
-        self.shards.get(shard as usize).map(|s| s.durable_tx.subscribe())
+        self.shards
+            .get(shard as usize)
+            .map(|s| s.durable_tx.subscribe())
     }
 
     fn parse_shard(&self, shard: &ShardId) -> Result<u32, StreamError> {
@@ -337,7 +339,8 @@ impl StreamWriter for EmbeddedLog {
             if indexes.is_empty() {
                 continue;
             }
-            let refuse = |results: &mut Vec<Option<Result<Appended, AppendError>>>, e: AppendError| {
+            let refuse = |results: &mut Vec<Option<Result<Appended, AppendError>>>,
+                          e: AppendError| {
                 for &i in &indexes {
                     results[i] = Some(Err(e.clone()));
                 }
@@ -351,7 +354,12 @@ impl StreamWriter for EmbeddedLog {
                 self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
                 metrics::counter!("floodgate_stream_append_refused_total", "reason" => "queue_full")
                     .increment(indexes.len() as u64);
-                refuse(&mut results, AppendError::Busy { retry_after_ms: 1000 });
+                refuse(
+                    &mut results,
+                    AppendError::Busy {
+                        retry_after_ms: 1000,
+                    },
+                );
                 continue;
             }
             let (reply, rx) = oneshot::channel();
@@ -362,7 +370,10 @@ impl StreamWriter for EmbeddedLog {
             });
             if self.senders[shard].send(cmd).is_err() {
                 self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-                refuse(&mut results, AppendError::Unavailable("the log writer stopped".into()));
+                refuse(
+                    &mut results,
+                    AppendError::Unavailable("the log writer stopped".into()),
+                );
                 continue;
             }
             waiting.push((shard, indexes, rx));
@@ -515,7 +526,9 @@ fn try_read_shard(
     let mut records = Vec::new();
     let mut new_hint = None;
     if start < bound_or_max && max > 0 {
-        let idx = segments.partition_point(|s| s.base <= start).saturating_sub(1);
+        let idx = segments
+            .partition_point(|s| s.base <= start)
+            .saturating_sub(1);
         let mut offset = match hint {
             Some(h) if h.next == start && h.segment_base == segments[idx].base => h.offset,
             _ => 0,
@@ -569,7 +582,10 @@ pub struct EmbeddedLogReader {
 impl EmbeddedLogReader {
     pub fn open(root: &Path) -> Result<EmbeddedLogReader, StreamError> {
         let meta = LogMeta::read(root)?.ok_or_else(|| {
-            StreamError::Unavailable(format!("no log at {} (meta.json is missing)", root.display()))
+            StreamError::Unavailable(format!(
+                "no log at {} (meta.json is missing)",
+                root.display()
+            ))
         })?;
         Ok(EmbeddedLogReader {
             root: root.to_owned(),
@@ -593,7 +609,8 @@ impl EmbeddedLogReader {
             return Err(StreamError::UnknownShard(ShardId(shard.to_string())));
         }
         let hint = self.hints.lock().unwrap().get(&shard).copied();
-        let (batch, hint) = read_shard(&shard_dir(&self.root, shard), from, max_records, None, hint)?;
+        let (batch, hint) =
+            read_shard(&shard_dir(&self.root, shard), from, max_records, None, hint)?;
         let mut hints = self.hints.lock().unwrap();
         match hint {
             Some(h) => hints.insert(shard, h),
@@ -722,7 +739,11 @@ impl ShardWriter {
             && let Err(e) = self.roll()
         {
             self.fail(format!("cannot roll segment: {e}"));
-            self.reply_all(group, 0, |_| Err(AppendError::Unavailable(format!("cannot roll segment: {e}"))));
+            self.reply_all(group, 0, |_| {
+                Err(AppendError::Unavailable(format!(
+                    "cannot roll segment: {e}"
+                )))
+            });
             return;
         }
         // Encode the group into frames of about FRAME_TARGET_BYTES.
@@ -741,7 +762,9 @@ impl ShardWriter {
                 seq += 1;
                 record_count += 1;
                 if pending_bytes >= FRAME_TARGET_BYTES {
-                    if let Err(e) = frame::encode(&mut self.buf, frame_base, ts, self.compress, &pending) {
+                    if let Err(e) =
+                        frame::encode(&mut self.buf, frame_base, ts, self.compress, &pending)
+                    {
                         encode_err.get_or_insert(e);
                     }
                     pending.clear();
@@ -757,7 +780,9 @@ impl ShardWriter {
         }
         drop(pending);
         if let Some(e) = encode_err {
-            self.reply_all(group, 0, |_| Err(AppendError::Refused(format!("cannot encode records: {e}"))));
+            self.reply_all(group, 0, |_| {
+                Err(AppendError::Refused(format!("cannot encode records: {e}")))
+            });
             return;
         }
         if let Err(e) = self.file.write_all(&self.buf) {
@@ -767,7 +792,9 @@ impl ShardWriter {
                 self.fail(format!("write failed ({e}) and could not be undone ({u})"));
             }
             metrics::counter!("floodgate_stream_write_errors_total").increment(1);
-            self.reply_all(group, 0, |_| Err(AppendError::Unavailable(format!("write failed: {e}"))));
+            self.reply_all(group, 0, |_| {
+                Err(AppendError::Unavailable(format!("write failed: {e}")))
+            });
             return;
         }
         let fsync_started = Instant::now();
@@ -775,7 +802,9 @@ impl ShardWriter {
             // After a failed fsync the kernel may have dropped the dirty pages; nothing
             // written since the last good fsync can be trusted. Stop this shard.
             self.fail(format!("fsync failed: {e}"));
-            self.reply_all(group, 0, |_| Err(AppendError::Unavailable(format!("fsync failed: {e}"))));
+            self.reply_all(group, 0, |_| {
+                Err(AppendError::Unavailable(format!("fsync failed: {e}")))
+            });
             return;
         }
         metrics::histogram!("floodgate_stream_fsync_duration_seconds")
@@ -799,7 +828,10 @@ impl ShardWriter {
     fn roll(&mut self) -> io::Result<()> {
         self.file.sync_all()?;
         let path = segment::segment_path(&self.shared.dir, self.next_seq);
-        let file = OpenOptions::new().create_new(true).append(true).open(&path)?;
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)?;
         fsync_dir(&self.shared.dir)?;
         self.file = file;
         self.segment_len = 0;
