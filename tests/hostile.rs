@@ -22,6 +22,18 @@ fn expect_error(resp: &common::Resp, status: u16, code: &str) {
     );
 }
 
+/// The pointers of one event result's errors, sorted.
+fn sorted_pointers(result: &Value) -> Vec<String> {
+    let mut pointers: Vec<String> = result["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["pointer"].as_str().unwrap().to_owned())
+        .collect();
+    pointers.sort();
+    pointers
+}
+
 #[test]
 fn hostile_bodies_get_their_4xx_and_append_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -124,14 +136,7 @@ fn hostile_bodies_get_their_4xx_and_append_nothing() {
     );
     let r = server.post_batch(&[wrong]);
     assert_eq!(r.status, 422);
-    let body = r.json();
-    let mut pointers: Vec<&str> = body["results"][0]["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["pointer"].as_str().unwrap())
-        .collect();
-    pointers.sort();
+    let pointers = sorted_pointers(&r.json()["results"][0]);
     assert_eq!(
         pointers,
         [
@@ -147,14 +152,7 @@ fn hostile_bodies_get_their_4xx_and_append_nothing() {
         "datacontenttype": 7, "dataschema": 8, "data": {}});
     let r = server.post_batch(&[wrong_env]);
     assert_eq!(r.status, 422);
-    let body = r.json();
-    let mut pointers: Vec<&str> = body["results"][0]["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["pointer"].as_str().unwrap())
-        .collect();
-    pointers.sort();
+    let pointers = sorted_pointers(&r.json()["results"][0]);
     assert_eq!(
         pointers,
         [

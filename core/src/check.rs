@@ -52,7 +52,8 @@ pub fn check_body(
             Ok(checked) => {
                 // Store the producer's bytes as sent, unless they span lines (pretty-printed
                 // batches): the log and its NDJSON views hold one event per line.
-                let payload = if item.raw.contains(['\n', '\r']) {
+                let raw = item.raw.as_bytes();
+                let payload = if raw.contains(&b'\n') || raw.contains(&b'\r') {
                     Bytes::from(serde_json::to_vec(&value).expect("a parsed value serializes"))
                 } else {
                     body.slice_ref(item.raw.as_bytes())

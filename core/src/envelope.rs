@@ -18,6 +18,10 @@ pub const SPEC_VERSION: &str = "1.0";
 /// 20 characters; we allow a little more but bound it so hostile names cannot grow maps.
 pub const MAX_EXTENSION_NAME_CHARS: usize = 64;
 
+/// The longest `partitionkey` we take, in bytes: Kinesis' limit (256), so an event the
+/// embedded stream takes is one Kinesis takes too.
+pub const MAX_PARTITION_KEY_BYTES: usize = 256;
+
 /// Attributes the spec or the JSON format define; anything else is an extension.
 const KNOWN: &[&str] = &[
     "specversion",
@@ -137,6 +141,11 @@ pub fn check_envelope(event: &Value) -> Result<Envelope<'_>, Vec<FieldError>> {
             Value::String(s) if name == "partitionkey" => {
                 if s.is_empty() {
                     errors.push(FieldError::new(pointer, "partitionkey must not be empty"));
+                } else if s.len() > MAX_PARTITION_KEY_BYTES {
+                    errors.push(FieldError::new(
+                        pointer,
+                        format!("partitionkey must be at most {MAX_PARTITION_KEY_BYTES} bytes"),
+                    ));
                 } else {
                     partitionkey = Some(s.as_str());
                 }
@@ -308,6 +317,9 @@ mod tests {
         let mut v = ok();
         v["ext"] = json!({"nested": true});
         assert_eq!(pointers(v), ["/ext"]);
+        let mut v = ok();
+        v["partitionkey"] = json!("k".repeat(257));
+        assert_eq!(pointers(v), ["/partitionkey"]);
         let mut v = ok();
         v["data_base64"] = json!("AAAA");
         assert_eq!(pointers(v), ["/data_base64"]);

@@ -169,6 +169,16 @@ where
                     accepted += 1;
                     (Some(id), event_type, "accepted", None)
                 }
+                // The stream will never take this record: a permanent fault of the event.
+                Some(Err(AppendError::Refused(message))) => {
+                    rejected += 1;
+                    (
+                        Some(id),
+                        event_type,
+                        "rejected",
+                        Some(vec![FieldError::new("", message)]),
+                    )
+                }
                 other => {
                     retry += 1;
                     let message = match other {
