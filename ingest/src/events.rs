@@ -17,7 +17,7 @@ use crate::response::{self, Body};
 
 /// Bodies larger than this are decoded and validated on the blocking pool, so a big batch
 /// never holds an async worker for more than a fraction of a millisecond.
-const INLINE_CHECK_MAX_BYTES: usize = 16 * 1024;
+const INLINE_CHECK_MAX_BYTES: usize = 64 * 1024;
 
 /// The body format a `Content-Type` names, or `None` for a type we do not take.
 pub fn format_for(content_type: &str) -> Option<BodyFormat> {
