@@ -10,6 +10,10 @@ use floodgate_core::config::{Compression, EmbeddedStreamConfig};
 use floodgate_core::stream::{Record, StreamWriter};
 use floodgate_sinks::EmbeddedLog;
 
+// Measure with the allocator the binary ships with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -26,6 +30,19 @@ fn bench(c: &mut Criterion) {
         .collect();
     let bytes_per_record = records.iter().map(|r| r.payload.len()).sum::<usize>() / records.len();
     eprintln!("record size: {bytes_per_record} bytes");
+    for group in [100usize, 1000] {
+        let plain: Vec<u8> = records[..group]
+            .iter()
+            .flat_map(|r| r.payload.to_vec())
+            .collect();
+        let packed = zstd::bulk::compress(&plain, 1).unwrap();
+        eprintln!(
+            "zstd level 1 on a {group}-record frame: {} -> {} bytes ({:.1}x)",
+            plain.len(),
+            packed.len(),
+            plain.len() as f64 / packed.len() as f64
+        );
+    }
     let mut g = c.benchmark_group("log_append_fsync");
     g.sample_size(20);
     for compression in [Compression::None, Compression::Zstd] {
@@ -50,27 +67,9 @@ fn bench(c: &mut Criterion) {
                 })
             });
             rt.block_on(log.close()).unwrap();
-            let on_disk: u64 = walk(dir.path());
-            eprintln!("{compression:?}: {on_disk} bytes on disk");
         }
     }
     g.finish();
-}
-
-fn walk(p: &std::path::Path) -> u64 {
-    std::fs::read_dir(p)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| {
-                    if e.path().is_dir() {
-                        walk(&e.path())
-                    } else {
-                        e.metadata().map_or(0, |m| m.len())
-                    }
-                })
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 criterion_group!(benches, bench);

@@ -9,6 +9,10 @@ use floodgate_core::check::check_body;
 use floodgate_core::decode::BodyFormat;
 use floodgate_core::registry::Registry;
 
+// Measure with the allocator the binary ships with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn bench(c: &mut Criterion) {
     let registry = Registry::builtin().unwrap();
     let batch = sample_batch(100, 0);
@@ -31,6 +35,19 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("parse_only_batch_100", |b| {
         b.iter(|| floodgate_core::decode::decode(&batch_bytes, BodyFormat::Batch, 500).unwrap())
+    });
+    // Alternatives to the raw-slice decode, for comparison: one parse into values, and the
+    // compact serialisation that storing re-serialised events would add.
+    g.bench_function("serde_value_vec_batch_100", |b| {
+        b.iter(|| serde_json::from_slice::<Vec<serde_json::Value>>(&batch_bytes).unwrap())
+    });
+    g.bench_function("serialize_values_100", |b| {
+        b.iter(|| {
+            batch
+                .iter()
+                .map(|v| serde_json::to_vec(v).unwrap().len())
+                .sum::<usize>()
+        })
     });
     let values: Vec<serde_json::Value> = batch.clone();
     g.bench_function("check_only_batch_100", |b| {
