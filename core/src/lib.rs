@@ -26,6 +26,7 @@ pub mod decode;
 pub mod envelope;
 pub mod partition;
 pub mod registry;
+pub mod state;
 pub mod stream;
 
 use serde::Serialize;

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// A shard's identity: `"0"`, `"1"`, … in the embedded log, `shardId-000000000001` in Kinesis.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ShardId(pub String);
 
@@ -45,6 +45,12 @@ impl SequenceNumber {
     }
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl Default for SequenceNumber {
+    fn default() -> Self {
+        SequenceNumber::from_u64(0)
     }
 }
 

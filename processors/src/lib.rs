@@ -1,11 +1,19 @@
 //! `floodgate-processors`: the consumer side of the stream (DESIGN.md §5).
 //!
-//! Not built yet: the consumer runtime (one task per owned shard, checkpoint after
-//! effects), the bookings processor and the lake processor arrive with their issues.
-//! They will read through [`StreamReader`] and commit through [`CheckpointStore`]; the
-//! embedded log already keeps every record that a checkpointing consumer has not passed.
+//! - [`runtime`] runs one task per shard: read a batch from the shard's position, hand it
+//!   to a [`runtime::ShardProcessor`], commit the checkpoint only after the processor has
+//!   committed the batch's effects, back off when idle, stop on shutdown. It reports lag
+//!   (records and milliseconds behind) per shard.
+//! - [`bookings`] holds the business rules of bookings and seat capacity, written once
+//!   for every backend: a batch is decided in memory ([`bookings::decide`]) and written as
+//!   one [`StateChanges`] (each touched row once) through the [`StateStore`] role.
+//! - [`relay`] moves derived events from the state store's transactional outbox to the
+//!   [`Publisher`] role, exactly once.
 //!
-//! [`StreamReader`]: floodgate_core::stream::StreamReader
-//! [`CheckpointStore`]: floodgate_core::stream::CheckpointStore
+//! [`StateChanges`]: floodgate_core::state::StateChanges
+//! [`StateStore`]: floodgate_core::state::StateStore
+//! [`Publisher`]: floodgate_core::state::Publisher
 
-pub use floodgate_core::stream::{CheckpointStore, StreamReader};
+pub mod bookings;
+pub mod relay;
+pub mod runtime;

@@ -6,6 +6,10 @@
 //! - [`EmbeddedCheckpoints`] — consumers' checkpoints, in files beside the log; the log's
 //!   retention reads them so that it never deletes what a consumer still needs.
 //!
+//! - [`SqliteStateStore`] — bookings and capacity state, one transaction per batch with
+//!   the shard position and the transactional outbox.
+//! - [`EmbeddedOutbox`] — the embedded publisher of derived events (an NDJSON log).
+//!
 //! Later backends (Kinesis, DynamoDB, SQLite, S3, …) sit beside these and pass the same
 //! conformance suites.
 //!
@@ -14,6 +18,10 @@
 
 mod checkpoint;
 mod embedded_log;
+pub mod outbox;
+mod sqlite_state;
 
 pub use checkpoint::EmbeddedCheckpoints;
 pub use embedded_log::{EmbeddedLog, EmbeddedLogReader, LogMeta};
+pub use outbox::EmbeddedOutbox;
+pub use sqlite_state::SqliteStateStore;

@@ -1,0 +1,149 @@
+//! The bookings domain's state and the roles that keep and publish it.
+//!
+//! [`StateStore`] is at the level of the domain: load the rows a batch touches, apply a
+//! batch's decided changes atomically together with the shard position reached and the
+//! batch's derived events (a transactional outbox), and answer point reads. Because the
+//! position is written in the same transaction as the effects, replaying a batch after a
+//! crash changes nothing. [`Publisher`] moves the outbox to its destination (a local log,
+//! EventBridge) idempotently by outbox sequence, so a derived event is published once.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::stream::{SequenceNumber, ShardId};
+
+/// Seats of one event on sale.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub event_id: String,
+    pub capacity: i64,
+    pub reserved: i64,
+    /// `capacity.low` was published for the current dip below 10 % remaining.
+    pub low_notified: bool,
+    /// `capacity.sold_out` was published for the current sell-out.
+    pub sold_out_notified: bool,
+    pub updated_at_ms: i64,
+}
+
+impl Inventory {
+    pub fn remaining(&self) -> i64 {
+        self.capacity - self.reserved
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BookingStatus {
+    Confirmed,
+    Rejected,
+    Cancelled,
+    Paid,
+}
+
+impl BookingStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BookingStatus::Confirmed => "confirmed",
+            BookingStatus::Rejected => "rejected",
+            BookingStatus::Cancelled => "cancelled",
+            BookingStatus::Paid => "paid",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "confirmed" => BookingStatus::Confirmed,
+            "rejected" => BookingStatus::Rejected,
+            "cancelled" => BookingStatus::Cancelled,
+            "paid" => BookingStatus::Paid,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Booking {
+    pub booking_id: String,
+    pub event_id: String,
+    pub seats: i64,
+    pub status: BookingStatus,
+    pub reason: Option<String>,
+    pub updated_at_ms: i64,
+}
+
+/// Everything one batch of one shard changes, decided in memory.
+#[derive(Debug, Clone, Default)]
+pub struct StateChanges {
+    pub shard: ShardId,
+    /// The last stream record the batch covers.
+    pub last_sequence: SequenceNumber,
+    /// Each touched inventory once, in its final state for the batch.
+    pub inventories: Vec<Inventory>,
+    /// Each touched booking once, in its final state for the batch.
+    pub bookings: Vec<Booking>,
+    /// The batch's derived events (CloudEvents JSON), in decision order.
+    pub derived: Vec<String>,
+}
+
+/// One outbox entry: the derived events of one applied batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// Grows by one per applied batch that derived anything.
+    pub seq: u64,
+    /// CloudEvents JSON, one per event.
+    pub events: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
+    #[error("state store data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Where bookings and capacity live (SQLite embedded, DynamoDB on AWS).
+#[async_trait]
+pub trait StateStore: Send + Sync + fmt::Debug {
+    /// The last stream sequence of `shard` whose effects are applied; `None` if none are.
+    async fn position(&self, shard: &ShardId) -> Result<Option<SequenceNumber>, StateError>;
+
+    /// The current rows of these inventories and bookings; ids without a row are absent.
+    async fn load(
+        &self,
+        event_ids: Vec<String>,
+        booking_ids: Vec<String>,
+    ) -> Result<(Vec<Inventory>, Vec<Booking>), StateError>;
+
+    /// Applies `changes` atomically: rows, the shard position, and one outbox entry for
+    /// the derived events. Returns `false`, changing nothing, when the shard position
+    /// already covers `changes.last_sequence` (a replay).
+    async fn apply(&self, changes: StateChanges) -> Result<bool, StateError>;
+
+    async fn inventory(&self, event_id: &str) -> Result<Option<Inventory>, StateError>;
+
+    async fn booking(&self, booking_id: &str) -> Result<Option<Booking>, StateError>;
+
+    /// Outbox entries with `seq > after`, oldest first, at most `max`.
+    async fn outbox_after(&self, after: u64, max: usize) -> Result<Vec<OutboxEntry>, StateError>;
+
+    /// Forgets outbox entries up to and including `seq`: they are published.
+    async fn outbox_published(&self, seq: u64) -> Result<(), StateError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("publish failed: {0}")]
+pub struct PublishError(pub String);
+
+/// Where derived events go (a local outbox log, EventBridge).
+#[async_trait]
+pub trait Publisher: Send + Sync + fmt::Debug {
+    /// The highest outbox seq published durably; `None` if nothing was.
+    async fn last_published(&self) -> Result<Option<u64>, PublishError>;
+
+    /// Publishes entries in order, durably. Entries at or below `last_published` are
+    /// skipped, so publishing after a crash never duplicates.
+    async fn publish(&self, entries: &[OutboxEntry]) -> Result<(), PublishError>;
+}

@@ -1,0 +1,78 @@
+//! The outbox relay: moves derived events from the state store's transactional outbox to
+//! the publisher. The publisher skips entries it already holds, so a crash anywhere in
+//! the loop can neither lose nor duplicate an event.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use floodgate_core::state::{Publisher, StateStore};
+use tokio::sync::watch;
+
+/// Relays until shutdown, then drains what is left once.
+pub async fn run(
+    store: Arc<dyn StateStore>,
+    publisher: Arc<dyn Publisher>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut idle = Duration::from_millis(1);
+    let mut last: Option<u64> = None;
+    loop {
+        let stopping = *shutdown.borrow();
+        match relay_once(&*store, &*publisher, &mut last).await {
+            Ok(0) if stopping => break,
+            Ok(0) => {
+                tokio::select! {
+                    () = tokio::time::sleep(idle) => {}
+                    _ = shutdown.changed() => {}
+                }
+                idle = (idle * 2).min(Duration::from_millis(50));
+            }
+            Ok(_) => idle = Duration::from_millis(1),
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox relay failed; retrying");
+                if stopping {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// One round: publish what the outbox holds beyond the publisher's position. Returns how
+/// many entries were published.
+pub async fn relay_once(
+    store: &dyn StateStore,
+    publisher: &dyn Publisher,
+    last: &mut Option<u64>,
+) -> Result<usize, String> {
+    let after = match *last {
+        Some(l) => l,
+        None => publisher
+            .last_published()
+            .await
+            .map_err(|e| e.to_string())?
+            .unwrap_or(0),
+    };
+    let entries = store
+        .outbox_after(after, 256)
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(top) = entries.last().map(|e| e.seq) else {
+        *last = Some(after);
+        return Ok(0);
+    };
+    publisher
+        .publish(&entries)
+        .await
+        .map_err(|e| e.to_string())?;
+    let events: usize = entries.iter().map(|e| e.events.len()).sum();
+    metrics::counter!("floodgate_processor_derived_events_published_total")
+        .increment(events as u64);
+    *last = Some(top);
+    store
+        .outbox_published(top)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(entries.len())
+}

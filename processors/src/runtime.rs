@@ -1,0 +1,191 @@
+//! The consumer runtime: one task per shard, reading from the shard's position, handing
+//! batches to a [`ShardProcessor`], and committing the checkpoint only after the
+//! processor has committed the batch's effects.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use floodgate_core::state::StateError;
+use floodgate_core::stream::{
+    CheckpointStore, SequenceNumber, ShardId, StartPosition, StoredRecord, StreamError,
+    StreamReader,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A consumer of shards (bookings, lake).
+#[async_trait]
+pub trait ShardProcessor: Send + Sync + std::fmt::Debug {
+    /// The consumer's name: checkpoints and metrics are kept under it.
+    fn consumer(&self) -> &str;
+
+    /// Where the processor's own committed state says `shard` is; `None` defers to the
+    /// checkpoint store. Processors that record the position with their effects (bookings)
+    /// answer from there, so a crash between effects and checkpoint loses nothing.
+    async fn start_position(&self, shard: &ShardId)
+    -> Result<Option<SequenceNumber>, ProcessError>;
+
+    /// Commits the effects of `records` (contiguous, in sequence order). Must be
+    /// idempotent: after a crash the same records may come again.
+    async fn process(&self, shard: &ShardId, records: &[StoredRecord]) -> Result<(), ProcessError>;
+}
+
+/// Tuning of the consumer loop.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Records per read (and per processor batch).
+    pub max_batch_records: usize,
+    /// Back-off bounds while a shard has nothing new.
+    pub idle_min: Duration,
+    pub idle_max: Duration,
+    /// Wait before retrying a batch that failed.
+    pub retry_delay: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_records: 10_000,
+            idle_min: Duration::from_millis(1),
+            idle_max: Duration::from_millis(50),
+            retry_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Starts one task per shard. Each stops after finishing its current batch once
+/// `shutdown` turns true.
+pub async fn spawn_consumers(
+    reader: Arc<dyn StreamReader>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    processor: Arc<dyn ShardProcessor>,
+    config: RuntimeConfig,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Vec<JoinHandle<()>>, StreamError> {
+    let mut tasks = Vec::new();
+    for shard in reader.shards().await? {
+        let (reader, checkpoints, processor, config, shutdown) = (
+            reader.clone(),
+            checkpoints.clone(),
+            processor.clone(),
+            config.clone(),
+            shutdown.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            run_shard(reader, checkpoints, processor, shard.id, config, shutdown).await;
+        }));
+    }
+    Ok(tasks)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Sleeps `d` unless shutdown comes first; returns true on shutdown.
+async fn pause(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    if *shutdown.borrow() {
+        return true;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(d) => false,
+        _ = shutdown.changed() => true,
+    }
+}
+
+async fn run_shard(
+    reader: Arc<dyn StreamReader>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    processor: Arc<dyn ShardProcessor>,
+    shard: ShardId,
+    config: RuntimeConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let consumer = processor.consumer().to_owned();
+    let span = tracing::info_span!("consumer", consumer = %consumer, shard = %shard);
+    let _enter = span.enter();
+    let labels = [("consumer", consumer.clone()), ("shard", shard.0.clone())];
+    // Resume: the processor's own position, else the checkpoint, else the oldest record.
+    let mut position = loop {
+        let own = processor.start_position(&shard).await;
+        let stored = match own {
+            Ok(Some(p)) => Ok(Some(p)),
+            Ok(None) => checkpoints
+                .checkpoint(&consumer, &shard)
+                .await
+                .map_err(ProcessError::from),
+            Err(e) => Err(e),
+        };
+        match stored {
+            Ok(Some(seq)) => break StartPosition::After(seq),
+            Ok(None) => break StartPosition::TrimHorizon,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the start position; retrying");
+                if pause(config.retry_delay, &mut shutdown).await {
+                    return;
+                }
+            }
+        }
+    };
+    tracing::info!(?position, "consumer started");
+    let mut idle = config.idle_min;
+    while !*shutdown.borrow() {
+        let batch = match reader
+            .read(&shard, &position, config.max_batch_records)
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "read failed; retrying");
+                if pause(config.retry_delay, &mut shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        metrics::gauge!("floodgate_processor_lag_records", &labels)
+            .set(batch.records_behind as f64);
+        let Some(last) = batch.records.last() else {
+            metrics::gauge!("floodgate_processor_lag_milliseconds", &labels).set(0.0);
+            if pause(idle, &mut shutdown).await {
+                break;
+            }
+            idle = (idle * 2).min(config.idle_max);
+            continue;
+        };
+        idle = config.idle_min;
+        let lag_ms = (now_ms() - last.appended_at_ms).max(0);
+        if let Err(e) = processor.process(&shard, &batch.records).await {
+            metrics::counter!("floodgate_processor_batch_failures_total", &labels).increment(1);
+            tracing::error!(error = %e, "batch failed; retrying from the same position");
+            if pause(config.retry_delay, &mut shutdown).await {
+                break;
+            }
+            continue;
+        }
+        // Effects are committed; now the checkpoint may move.
+        if let Err(e) = checkpoints.commit(&consumer, &shard, &last.sequence).await {
+            tracing::warn!(error = %e, "checkpoint commit failed; effects are safe, will commit later");
+        }
+        metrics::counter!("floodgate_processor_records_total", &labels)
+            .increment(batch.records.len() as u64);
+        metrics::gauge!("floodgate_processor_lag_milliseconds", &labels).set(lag_ms as f64);
+        position = batch
+            .next
+            .unwrap_or(StartPosition::After(last.sequence.clone()));
+    }
+    tracing::info!("consumer stopped");
+}

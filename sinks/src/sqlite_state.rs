@@ -1,0 +1,286 @@
+//! `SqliteStateStore`: the bookings state in SQLite (WAL, `synchronous = FULL`).
+//!
+//! One transaction per batch holds the rows, the shard position and the batch's outbox
+//! entry, so replaying a batch after a crash is a no-op and its derived events exist once.
+//! Writes go through one connection; point reads use a second, so the read API never
+//! waits behind a batch (WAL lets readers and the writer run together).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use floodgate_core::state::{
+    Booking, BookingStatus, Inventory, OutboxEntry, StateChanges, StateError, StateStore,
+};
+use floodgate_core::stream::{SequenceNumber, ShardId};
+use rusqlite::{Connection, OptionalExtension, params};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS inventory (
+    event_id TEXT PRIMARY KEY,
+    capacity INTEGER NOT NULL,
+    reserved INTEGER NOT NULL CHECK (reserved >= 0 AND reserved <= capacity),
+    low_notified INTEGER NOT NULL,
+    sold_out_notified INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bookings (
+    booking_id TEXT PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    seats INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    updated_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS positions (
+    shard TEXT PRIMARY KEY,
+    sequence TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY,
+    events TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox_meta (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    last_seq INTEGER NOT NULL
+);
+";
+
+fn err(e: rusqlite::Error) -> StateError {
+    StateError::Unavailable(format!("sqlite: {e}"))
+}
+
+#[derive(Debug, Clone)]
+pub struct SqliteStateStore {
+    writer: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
+}
+
+impl SqliteStateStore {
+    /// Opens (creating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StateError::Unavailable(format!("{}: {e}", dir.display())))?;
+        }
+        let writer = open_conn(path).map_err(err)?;
+        writer.execute_batch(SCHEMA).map_err(err)?;
+        writer
+            .execute(
+                "INSERT OR IGNORE INTO outbox_meta (id, last_seq) VALUES (0, 0)",
+                [],
+            )
+            .map_err(err)?;
+        let reader = open_conn(path).map_err(err)?;
+        Ok(Self {
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    async fn with<T: Send + 'static>(
+        conn: &Arc<Mutex<Connection>>,
+        f: impl FnOnce(&mut Connection) -> Result<T, StateError> + Send + 'static,
+    ) -> Result<T, StateError> {
+        let conn = conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| StateError::Unavailable("connection poisoned".into()))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StateError::Unavailable(format!("state task failed: {e}")))?
+    }
+}
+
+fn row_inventory(r: &rusqlite::Row<'_>) -> rusqlite::Result<Inventory> {
+    Ok(Inventory {
+        event_id: r.get(0)?,
+        capacity: r.get(1)?,
+        reserved: r.get(2)?,
+        low_notified: r.get(3)?,
+        sold_out_notified: r.get(4)?,
+        updated_at_ms: r.get(5)?,
+    })
+}
+
+fn row_booking(r: &rusqlite::Row<'_>) -> rusqlite::Result<Booking> {
+    let status: String = r.get(3)?;
+    Ok(Booking {
+        booking_id: r.get(0)?,
+        event_id: r.get(1)?,
+        seats: r.get(2)?,
+        status: BookingStatus::parse(&status).unwrap_or(BookingStatus::Rejected),
+        reason: r.get(4)?,
+        updated_at_ms: r.get(5)?,
+    })
+}
+
+const SELECT_INVENTORY: &str = "SELECT event_id, capacity, reserved, low_notified, sold_out_notified, updated_at_ms FROM inventory WHERE event_id = ?1";
+const SELECT_BOOKING: &str = "SELECT booking_id, event_id, seats, status, reason, updated_at_ms FROM bookings WHERE booking_id = ?1";
+
+fn position_of(conn: &Connection, shard: &str) -> Result<Option<SequenceNumber>, StateError> {
+    conn.prepare_cached("SELECT sequence FROM positions WHERE shard = ?1")
+        .and_then(|mut s| s.query_row([shard], |r| r.get::<_, String>(0)).optional())
+        .map(|o| o.map(SequenceNumber::new))
+        .map_err(err)
+}
+
+#[async_trait]
+impl StateStore for SqliteStateStore {
+    async fn position(&self, shard: &ShardId) -> Result<Option<SequenceNumber>, StateError> {
+        let shard = shard.0.clone();
+        Self::with(&self.writer, move |c| position_of(c, &shard)).await
+    }
+
+    async fn load(
+        &self,
+        event_ids: Vec<String>,
+        booking_ids: Vec<String>,
+    ) -> Result<(Vec<Inventory>, Vec<Booking>), StateError> {
+        Self::with(&self.writer, move |c| {
+            let tx = c.transaction().map_err(err)?;
+            let mut inventories = Vec::new();
+            let mut bookings = Vec::new();
+            {
+                let mut s = tx.prepare_cached(SELECT_INVENTORY).map_err(err)?;
+                for id in &event_ids {
+                    if let Some(i) = s.query_row([id], row_inventory).optional().map_err(err)? {
+                        inventories.push(i);
+                    }
+                }
+                let mut s = tx.prepare_cached(SELECT_BOOKING).map_err(err)?;
+                for id in &booking_ids {
+                    if let Some(b) = s.query_row([id], row_booking).optional().map_err(err)? {
+                        bookings.push(b);
+                    }
+                }
+            }
+            tx.commit().map_err(err)?;
+            Ok((inventories, bookings))
+        })
+        .await
+    }
+
+    async fn apply(&self, changes: StateChanges) -> Result<bool, StateError> {
+        Self::with(&self.writer, move |c| {
+            let tx = c.transaction().map_err(err)?;
+            if let Some(p) = position_of(&tx, &changes.shard.0)?
+                && changes.last_sequence <= p
+            {
+                return Ok(false);
+            }
+            {
+                let mut s = tx
+                    .prepare_cached(
+                        "INSERT INTO inventory (event_id, capacity, reserved, low_notified, sold_out_notified, updated_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (event_id) DO UPDATE SET capacity = excluded.capacity, reserved = excluded.reserved,
+                           low_notified = excluded.low_notified, sold_out_notified = excluded.sold_out_notified,
+                           updated_at_ms = excluded.updated_at_ms",
+                    )
+                    .map_err(err)?;
+                for i in &changes.inventories {
+                    s.execute(params![i.event_id, i.capacity, i.reserved, i.low_notified, i.sold_out_notified, i.updated_at_ms])
+                        .map_err(err)?;
+                }
+                let mut s = tx
+                    .prepare_cached(
+                        "INSERT INTO bookings (booking_id, event_id, seats, status, reason, updated_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (booking_id) DO UPDATE SET event_id = excluded.event_id, seats = excluded.seats,
+                           status = excluded.status, reason = excluded.reason, updated_at_ms = excluded.updated_at_ms",
+                    )
+                    .map_err(err)?;
+                for b in &changes.bookings {
+                    s.execute(params![b.booking_id, b.event_id, b.seats, b.status.as_str(), b.reason, b.updated_at_ms])
+                        .map_err(err)?;
+                }
+                tx.execute(
+                    "INSERT INTO positions (shard, sequence) VALUES (?1, ?2)
+                     ON CONFLICT (shard) DO UPDATE SET sequence = excluded.sequence",
+                    params![changes.shard.0, changes.last_sequence.as_str()],
+                )
+                .map_err(err)?;
+                if !changes.derived.is_empty() {
+                    // Outbox seqs grow monotonically even after published entries are
+                    // deleted: they come from outbox_meta, not from the table's max.
+                    let next: i64 = tx
+                        .query_row("UPDATE outbox_meta SET last_seq = last_seq + 1 WHERE id = 0 RETURNING last_seq", [], |r| r.get(0))
+                        .map_err(err)?;
+                    let events = serde_json::to_string(&changes.derived).expect("strings serialize");
+                    tx.execute("INSERT INTO outbox (seq, events) VALUES (?1, ?2)", params![next, events])
+                        .map_err(err)?;
+                }
+            }
+            tx.commit().map_err(err)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn inventory(&self, event_id: &str) -> Result<Option<Inventory>, StateError> {
+        let id = event_id.to_owned();
+        Self::with(&self.reader, move |c| {
+            c.prepare_cached(SELECT_INVENTORY)
+                .and_then(|mut s| s.query_row([id], row_inventory).optional())
+                .map_err(err)
+        })
+        .await
+    }
+
+    async fn booking(&self, booking_id: &str) -> Result<Option<Booking>, StateError> {
+        let id = booking_id.to_owned();
+        Self::with(&self.reader, move |c| {
+            c.prepare_cached(SELECT_BOOKING)
+                .and_then(|mut s| s.query_row([id], row_booking).optional())
+                .map_err(err)
+        })
+        .await
+    }
+
+    async fn outbox_after(&self, after: u64, max: usize) -> Result<Vec<OutboxEntry>, StateError> {
+        Self::with(&self.reader, move |c| {
+            let mut s = c
+                .prepare_cached(
+                    "SELECT seq, events FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )
+                .map_err(err)?;
+            let rows = s
+                .query_map(params![after as i64, max as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })
+                .map_err(err)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (seq, events) = row.map_err(err)?;
+                let events: Vec<String> = serde_json::from_str(&events)
+                    .map_err(|e| StateError::Corrupt(format!("outbox entry {seq}: {e}")))?;
+                out.push(OutboxEntry {
+                    seq: seq as u64,
+                    events,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn outbox_published(&self, seq: u64) -> Result<(), StateError> {
+        Self::with(&self.writer, move |c| {
+            c.execute("DELETE FROM outbox WHERE seq <= ?1", [seq as i64])
+                .map_err(err)?;
+            Ok(())
+        })
+        .await
+    }
+}
