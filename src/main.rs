@@ -16,12 +16,20 @@ use floodgate_core::check::{Outcome, check_body};
 use floodgate_core::config::Config;
 use floodgate_core::decode::BodyFormat;
 use floodgate_core::registry::{Registry, SchemaSource};
-use floodgate_core::stream::{SequenceNumber, StartPosition, StreamWriter};
+use floodgate_core::state::StateStore;
+use floodgate_core::stream::{
+    CheckpointStore, SequenceNumber, StartPosition, StreamReader, StreamWriter,
+};
 use floodgate_ingest::App;
 use floodgate_ingest::app::Limits;
-use floodgate_sinks::{EmbeddedLog, EmbeddedLogReader};
+use floodgate_processors::bookings::BookingsProcessor;
+use floodgate_processors::runtime::{RuntimeConfig, spawn_consumers};
+use floodgate_sinks::{
+    EmbeddedCheckpoints, EmbeddedLog, EmbeddedLogReader, EmbeddedOutbox, SqliteStateStore,
+};
 use serde_json::json;
 use serde_json::value::RawValue;
+use tokio::sync::watch;
 
 // The edge allocates many small, short-lived values per event (parsed JSON) across the
 // async workers and the blocking pool; glibc's allocator spent over a quarter of the
@@ -43,8 +51,15 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the HTTP edge on the embedded durable stream.
+    /// Run the HTTP edge and the processors on the embedded durable stream.
     Serve(ServeArgs),
+    /// Run only the HTTP edge (processors run elsewhere, e.g. `floodgate process`).
+    Ingest(ServeArgs),
+    /// Run only the processors, reading the stream another process writes.
+    Process(ProcessArgs),
+    /// Inspect the derived events the processors published.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
     /// Inspect the stream.
     #[command(subcommand)]
     Stream(StreamCommand),
@@ -70,6 +85,26 @@ struct ServeArgs {
     /// Number of stream shards (fixed once the log exists) [default: 4]
     #[arg(long, env = "FLOODGATE_SHARDS")]
     shards: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+struct ProcessArgs {
+    /// Directory of the embedded backends' files [default: ./data]
+    #[arg(long, env = "FLOODGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file
+    #[arg(long, env = "FLOODGATE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum OutboxCommand {
+    /// Print derived events as NDJSON, one {"event":{…}} per line. Safe beside a running
+    /// server.
+    Read {
+        #[arg(long, env = "FLOODGATE_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -112,7 +147,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     let result = match cli.command {
-        Command::Serve(args) => serve(args).map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve(args, true).map(|()| ExitCode::SUCCESS),
+        Command::Ingest(args) => serve(args, false).map(|()| ExitCode::SUCCESS),
+        Command::Process(args) => process(args).map(|()| ExitCode::SUCCESS),
+        Command::Outbox(OutboxCommand::Read { data_dir }) => {
+            outbox_read(&data_dir).map(|()| ExitCode::SUCCESS)
+        }
         Command::Stream(StreamCommand::Read {
             data_dir,
             shard,
@@ -206,7 +246,81 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     Ok(config)
 }
 
-fn serve(args: ServeArgs) -> Result<()> {
+/// The processors' side: bookings state, outbox and their consumer tasks.
+struct Processors {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _lock: std::fs::File,
+}
+
+impl Processors {
+    /// Starts the bookings consumers and the outbox relay over `reader`. One process at a
+    /// time runs them for a data directory (`state/processors.lock`).
+    async fn start(
+        data_dir: &Path,
+        reader: Arc<dyn StreamReader>,
+        state: Arc<dyn StateStore>,
+    ) -> Result<Processors> {
+        let state_dir = data_dir.join("state");
+        std::fs::create_dir_all(&state_dir)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(state_dir.join("processors.lock"))?;
+        if lock.try_lock().is_err() {
+            bail!(
+                "another process runs the processors for {}",
+                data_dir.display()
+            );
+        }
+        let checkpoints: Arc<dyn CheckpointStore> =
+            Arc::new(EmbeddedCheckpoints::open(&data_dir.join("stream"))?);
+        let outbox = Arc::new(EmbeddedOutbox::open(&data_dir.join("outbox"))?);
+        let (stop, stop_rx) = watch::channel(false);
+        let processor = Arc::new(BookingsProcessor::new(state.clone()));
+        let mut tasks = spawn_consumers(
+            reader,
+            checkpoints,
+            processor,
+            RuntimeConfig::default(),
+            stop_rx.clone(),
+        )
+        .await?;
+        tasks.push(tokio::spawn(floodgate_processors::relay::run(
+            state, outbox, stop_rx,
+        )));
+        Ok(Processors {
+            stop,
+            tasks,
+            _lock: lock,
+        })
+    }
+
+    /// Lets every consumer finish its batch and the relay drain, then returns.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn open_state(data_dir: &Path) -> Result<Arc<dyn StateStore>> {
+    let path = data_dir.join("state").join("state.db");
+    Ok(Arc::new(SqliteStateStore::open(&path).with_context(
+        || format!("cannot open the state store at {}", path.display()),
+    )?))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fg-worker")
+        .build()?)
+}
+
+fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
     let config = effective_config(&args)?;
     eprintln!(
         "floodgate {}: effective configuration\n{}",
@@ -214,11 +328,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         toml::to_string(&config).unwrap_or_default()
     );
     let registry = Arc::new(load_registry(config.schemas_dir.as_deref())?);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("fg-worker")
-        .build()?;
-    runtime.block_on(async move {
+    runtime()?.block_on(async move {
         let metrics = floodgate_ingest::telemetry::install();
         floodgate_ingest::telemetry::spawn_upkeep(metrics.clone());
         let stream_root = config.data_dir.join("stream");
@@ -226,20 +336,21 @@ fn serve(args: ServeArgs) -> Result<()> {
             EmbeddedLog::open(&stream_root, &config.stream.embedded)
                 .with_context(|| format!("cannot open the stream at {}", stream_root.display()))?,
         );
+        let state = open_state(&config.data_dir)?;
+        let processors = if with_processors {
+            Some(Processors::start(&config.data_dir, log.clone(), state.clone()).await?)
+        } else {
+            None
+        };
         let writer: Arc<dyn StreamWriter> = log.clone();
-        let app = App::new(
-            registry,
-            writer,
-            Limits::from_config(&config.ingest),
-            metrics,
-        );
+        let app = App::new(registry, writer, Some(state), Limits::from_config(&config.ingest), metrics);
         let listener = tokio::net::TcpListener::bind(config.ingest.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.ingest.listen))?;
         let addr = listener.local_addr()?;
         println!("floodgate listening on http://{addr}");
         io::stdout().flush()?;
-        tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving");
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), processors = with_processors, "serving");
         floodgate_ingest::server::serve(
             listener,
             app,
@@ -247,12 +358,53 @@ fn serve(args: ServeArgs) -> Result<()> {
             Duration::from_millis(config.ingest.shutdown_grace_ms),
         )
         .await;
-        log.close()
-            .await
-            .context("cannot make the log durable at shutdown")?;
+        if let Some(p) = processors {
+            p.stop().await;
+            tracing::info!("processors stopped");
+        }
+        log.close().await.context("cannot make the log durable at shutdown")?;
         tracing::info!("log closed; every acknowledged event is on disk");
         Ok(())
     })
+}
+
+fn process(args: ProcessArgs) -> Result<()> {
+    let config_args = ServeArgs {
+        listen: None,
+        data_dir: args.data_dir,
+        config: args.config,
+        schemas: None,
+        shards: None,
+    };
+    let config = effective_config(&config_args)?;
+    runtime()?.block_on(async move {
+        let metrics = floodgate_ingest::telemetry::install();
+        floodgate_ingest::telemetry::spawn_upkeep(metrics);
+        let reader = Arc::new(EmbeddedLogReader::open(&config.data_dir.join("stream"))?);
+        let state = open_state(&config.data_dir)?;
+        let processors = Processors::start(&config.data_dir, reader, state).await?;
+        println!("floodgate processing {}", config.data_dir.display());
+        io::stdout().flush()?;
+        shutdown_signal().await;
+        processors.stop().await;
+        Ok(())
+    })
+}
+
+fn outbox_read(data_dir: &Path) -> Result<()> {
+    let events = floodgate_sinks::outbox::read_events(&data_dir.join("outbox"))?;
+    let stdout = io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let result = (|| -> io::Result<()> {
+        for e in events {
+            writeln!(out, r#"{{"event":{e}}}"#)?;
+        }
+        out.flush()
+    })();
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 async fn shutdown_signal() {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use floodgate_core::config::IngestConfig;
 use floodgate_core::registry::Registry;
+use floodgate_core::state::StateStore;
 use floodgate_core::stream::StreamWriter;
 use hyper::header::{ALLOW, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -41,6 +42,8 @@ impl Limits {
 pub(crate) struct Inner {
     pub registry: Arc<Registry>,
     pub stream: Arc<dyn StreamWriter>,
+    /// Bookings state for the read API; `None` when this process serves no state.
+    pub state: Option<Arc<dyn StateStore>>,
     pub limits: Limits,
     metrics: PrometheusHandle,
     schema_list: Bytes,
@@ -68,6 +71,7 @@ impl App {
     pub fn new(
         registry: Arc<Registry>,
         stream: Arc<dyn StreamWriter>,
+        state: Option<Arc<dyn StateStore>>,
         limits: Limits,
         metrics: PrometheusHandle,
     ) -> App {
@@ -78,6 +82,7 @@ impl App {
             inner: Arc::new(Inner {
                 registry,
                 stream,
+                state,
                 limits,
                 metrics,
                 schema_list,
@@ -139,6 +144,24 @@ impl App {
             ),
             "/healthz" | "/readyz" | "/metrics" | "/v1/schemas" => {
                 ("unmatched", not_allowed("GET, HEAD"))
+            }
+            p if p.starts_with("/v1/inventory/") => {
+                if !get {
+                    return ("/v1/inventory/{eventId}", not_allowed("GET, HEAD"));
+                }
+                (
+                    "/v1/inventory/{eventId}",
+                    crate::state::inventory(inner, &p["/v1/inventory/".len()..]).await,
+                )
+            }
+            p if p.starts_with("/v1/bookings/") => {
+                if !get {
+                    return ("/v1/bookings/{bookingId}", not_allowed("GET, HEAD"));
+                }
+                (
+                    "/v1/bookings/{bookingId}",
+                    crate::state::booking(inner, &p["/v1/bookings/".len()..]).await,
+                )
             }
             p if p.starts_with("/v1/schemas/") => {
                 if !get {

@@ -7,6 +7,10 @@
 //! appends the valid ones through the [`StreamWriter`] role, and answers one result per
 //! event only after the stream has made them durable.
 //!
+//! `GET /v1/inventory/{eventId}` and `GET /v1/bookings/{bookingId}` read the bookings
+//! state through the [`StateStore`] role ([`state`]); they are eventually consistent with
+//! ingestion: an accepted event shows there once a processor has applied it.
+//!
 //! [`App`] is built by [`App::new`] apart from any socket, so tests drive it directly.
 //! [`telemetry`] installs the Prometheus recorder behind `GET /metrics`.
 //!
@@ -14,11 +18,13 @@
 //! long; every whole-request error is a JSON `{"error":{"code","message"}}`.
 //!
 //! [`StreamWriter`]: floodgate_core::stream::StreamWriter
+//! [`StateStore`]: floodgate_core::state::StateStore
 
 pub mod app;
 pub mod events;
 mod response;
 pub mod server;
+mod state;
 pub mod telemetry;
 
 pub use app::App;

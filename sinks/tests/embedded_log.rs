@@ -310,10 +310,12 @@ fn read_only_reader_sees_a_live_log() {
 #[test]
 fn retention_never_deletes_what_a_consumer_still_needs() {
     let dir = tempfile::tempdir().unwrap();
+    // Uncompressed, so that segment sizes follow record sizes.
     let config = EmbeddedStreamConfig {
         shards: 1,
         segment_bytes: 4096,
         retention_bytes: 8192,
+        compression: Compression::None,
         ..cfg()
     };
     rt().block_on(async {
