@@ -276,3 +276,47 @@ pub fn one_of_each(prefix: &str, event_id: &str) -> Vec<Value> {
         ),
     ]
 }
+
+/// Every derived event in the outbox, via `floodgate outbox read`.
+pub fn outbox_read(data_dir: &Path) -> Vec<Value> {
+    let out = Command::new(BIN)
+        .args(["outbox", "read", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .expect("outbox read runs");
+    assert!(
+        out.status.success(),
+        "outbox read failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("outbox read prints NDJSON");
+            v["event"].clone()
+        })
+        .collect()
+}
+
+/// The sum of a metric's samples whose line contains every one of `labels`.
+pub fn metric(server: &Server, name: &str, labels: &[&str]) -> f64 {
+    let text = String::from_utf8(server.get("/metrics").body).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls `f` until it returns `Some`, or panics after `secs` seconds.
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,295 @@
+//! The bookings processors on the real binary: an on-sale rush never oversells and
+//! decides each booking once, also across a SIGKILL; a hot key is applied with far fewer
+//! inventory writes than requests.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use common::{Server, booking, envelope, metric, outbox_read, try_request, wait_for};
+use serde_json::{Value, json};
+
+const CAPACITY: i64 = 100;
+
+fn create_event(server: &Server, event_id: &str, capacity: i64) {
+    let r = server.post_batch(&[envelope(
+        &format!("create-{event_id}"),
+        "inventory.event.created",
+        json!({"eventId": event_id, "name": "Rush", "venue": "Arena", "startsAt": "2026-12-01T20:00:00Z", "capacity": capacity}),
+    )]);
+    assert_eq!(r.status, 200);
+    wait_for(30, "the inventory to exist", || {
+        (server.get(&format!("/v1/inventory/{event_id}")).status == 200).then_some(())
+    });
+}
+
+/// The 1,000 requests of the rush: seats 1–4, every tenth repeating an earlier bookingId.
+fn rush_requests(event_id: &str) -> Vec<Value> {
+    (0..1000)
+        .map(|i| {
+            let booking_id = if i % 10 == 9 {
+                format!("bk-{}", i - 7)
+            } else {
+                format!("bk-{i}")
+            };
+            booking(
+                &format!("req-{i}"),
+                &booking_id,
+                event_id,
+                1 + (i * 7 % 4) as i64,
+            )
+        })
+        .collect()
+}
+
+/// 50 clients send the requests one event per request; returns the acked bookingIds.
+fn rush(addr: SocketAddr, requests: Vec<Value>) -> HashSet<String> {
+    let queue = Arc::new(Mutex::new(requests));
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let clients: Vec<_> = (0..50)
+        .map(|_| {
+            let (queue, acked) = (queue.clone(), acked.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let Some(event) = queue.lock().unwrap().pop() else {
+                        break;
+                    };
+                    let body = serde_json::to_vec(&event).unwrap();
+                    let Ok(resp) = try_request(
+                        addr,
+                        "POST",
+                        "/v1/events",
+                        &[("content-type", "application/cloudevents+json")],
+                        Some(&body),
+                    ) else {
+                        break; // the server is gone
+                    };
+                    if resp.status == 200 {
+                        acked
+                            .lock()
+                            .unwrap()
+                            .insert(event["data"]["bookingId"].as_str().unwrap().to_owned());
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        let _ = c.join();
+    }
+    Arc::try_unwrap(acked).unwrap().into_inner().unwrap()
+}
+
+/// Waits until every booking in `ids` has a status; returns them by id.
+fn statuses(server: &Server, ids: &HashSet<String>) -> HashMap<String, Value> {
+    let mut out = HashMap::new();
+    wait_for(120, "every acked booking to be decided", || {
+        for id in ids {
+            if out.contains_key(id) {
+                continue;
+            }
+            let r = server.get(&format!("/v1/bookings/{id}"));
+            if r.status != 200 {
+                return None;
+            }
+            out.insert(id.clone(), r.json());
+        }
+        Some(())
+    });
+    out
+}
+
+/// The checks shared by the rush and the crash: nothing oversold, reserved equals the
+/// confirmed seats, each decision once, rejections only for lack of seats, sold-out once.
+fn check_outcome(server: &Server, event_id: &str, acked: &HashSet<String>) {
+    let bookings = statuses(server, acked);
+    let inventory = server.get(&format!("/v1/inventory/{event_id}")).json();
+    let reserved = inventory["reserved"].as_i64().unwrap();
+    assert_eq!(inventory["capacity"], CAPACITY);
+    assert!(reserved <= CAPACITY, "oversold: {inventory}");
+    assert_eq!(
+        inventory["remaining"].as_i64().unwrap(),
+        CAPACITY - reserved
+    );
+
+    let outbox = outbox_read(&server.data_dir);
+    let mut decisions: HashMap<String, Vec<&Value>> = HashMap::new();
+    let mut sold_out = 0;
+    let mut ids = HashSet::new();
+    for e in &outbox {
+        assert!(
+            ids.insert(e["id"].as_str().unwrap().to_owned()),
+            "derived event published twice: {e}"
+        );
+        assert_eq!(e["source"], "floodgate");
+        match e["type"].as_str().unwrap() {
+            "booking.confirmed" | "booking.rejected" => {
+                decisions
+                    .entry(e["data"]["bookingId"].as_str().unwrap().to_owned())
+                    .or_default()
+                    .push(e);
+            }
+            "capacity.sold_out" => sold_out += 1,
+            _ => {}
+        }
+    }
+    for (id, d) in &decisions {
+        assert_eq!(d.len(), 1, "booking {id} decided {} times", d.len());
+    }
+    // Every booking with a state (acked or not) was announced once, and vice versa.
+    for id in acked {
+        assert!(
+            decisions.contains_key(id),
+            "acked booking {id} has no decision in the outbox"
+        );
+    }
+    let mut confirmed_seats = 0;
+    for (id, d) in &decisions {
+        let e = d[0];
+        let state = server.get(&format!("/v1/bookings/{id}")).json();
+        match e["type"].as_str().unwrap() {
+            "booking.confirmed" => {
+                assert_eq!(state["status"], "confirmed", "{state}");
+                confirmed_seats += state["seats"].as_i64().unwrap();
+            }
+            _ => {
+                assert_eq!(state["status"], "rejected");
+                assert_eq!(e["data"]["reason"], "insufficient_capacity", "{e}");
+                assert!(
+                    e["data"]["seats"].as_i64().unwrap() > e["data"]["remaining"].as_i64().unwrap(),
+                    "rejected although seats remained: {e}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        confirmed_seats, reserved,
+        "reserved differs from confirmed seats"
+    );
+    assert!(confirmed_seats <= CAPACITY);
+    let expected_sold_out = if reserved == CAPACITY { 1 } else { 0 };
+    assert_eq!(
+        sold_out, expected_sold_out,
+        "capacity.sold_out count (reserved {reserved})"
+    );
+    for b in bookings.values() {
+        assert!(
+            matches!(b["status"].as_str(), Some("confirmed" | "rejected")),
+            "{b}"
+        );
+    }
+}
+
+#[test]
+fn on_sale_rush_never_oversells_and_decides_each_booking_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    create_event(&server, "RUSH", CAPACITY);
+    let acked = rush(server.addr, rush_requests("RUSH"));
+    // 1,000 requests, every tenth repeating an earlier bookingId: 900 distinct bookings.
+    assert_eq!(acked.len(), 900, "every distinct booking is acked");
+    check_outcome(&server, "RUSH", &acked);
+    // The unknown event and the duplicate rules.
+    let r = server.post_batch(&[
+        booking("u1", "bk-unknown", "NO-SUCH-EVENT", 1),
+        booking("u2", "bk-0", "RUSH", 1),
+    ]);
+    assert_eq!(r.status, 200);
+    let b = wait_for(30, "the unknown-event booking", || {
+        let r = server.get("/v1/bookings/bk-unknown");
+        (r.status == 200).then(|| r.json())
+    });
+    assert_eq!(b["status"], "rejected");
+    assert_eq!(b["reason"], "unknown_event");
+    let r = server.get("/v1/bookings/nope");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["code"], "booking_not_found");
+    assert_eq!(server.get("/v1/inventory/nope").status, 404);
+}
+
+#[test]
+fn sigkill_during_the_rush_decides_each_acked_booking_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[]);
+    create_event(&server, "CRASH", CAPACITY);
+    let addr = server.addr;
+    let requests = rush_requests("CRASH");
+    let rush_thread = std::thread::spawn(move || rush(addr, requests));
+    // Kill once a good part of the rush is in.
+    wait_for(60, "part of the rush to land", || {
+        (metric(
+            &server,
+            "floodgate_ingest_events_total",
+            &["outcome=\"accepted\""],
+        ) >= 300.0)
+            .then_some(())
+    });
+    server.kill9();
+    let acked = rush_thread.join().unwrap();
+    assert!(
+        acked.len() >= 250,
+        "only {} acked before the kill",
+        acked.len()
+    );
+    let server = Server::start(dir.path(), &[]);
+    check_outcome(&server, "CRASH", &acked);
+}
+
+#[test]
+fn a_hot_key_is_applied_with_far_fewer_inventory_writes_than_requests() {
+    const REQUESTS: usize = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    create_event(&server, "HOT", 1_000_000);
+    let before = metric(&server, "floodgate_processor_inventory_writes_total", &[]);
+    let addr = server.addr;
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for b in 0..REQUESTS / 4 / 500 {
+                    let events: Vec<Value> = (0..500)
+                        .map(|i| {
+                            let n = t * 1_000_000 + b * 500 + i;
+                            booking(
+                                &format!("h{n}"),
+                                &format!("hb{n}"),
+                                "HOT",
+                                1 + (n % 4) as i64,
+                            )
+                        })
+                        .collect();
+                    let body = serde_json::to_vec(&events).unwrap();
+                    let r = common::post(
+                        addr,
+                        "/v1/events",
+                        Some("application/cloudevents-batch+json"),
+                        &body,
+                        &[],
+                    );
+                    assert_eq!(r.status, 200);
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().unwrap();
+    }
+    let applied = wait_for(180, "the hot key's requests to be applied", || {
+        let n = metric(&server, "floodgate_processor_events_applied_total", &[]);
+        (n >= (REQUESTS + 1) as f64).then_some(n)
+    });
+    let writes = metric(&server, "floodgate_processor_inventory_writes_total", &[]) - before;
+    eprintln!("hot key: {applied} events applied with {writes} inventory writes");
+    assert!(writes > 0.0);
+    assert!(
+        writes * 20.0 < REQUESTS as f64,
+        "{writes} inventory writes for {REQUESTS} requests"
+    );
+    let inv = server.get("/v1/inventory/HOT").json();
+    let expected: i64 = (0..4usize)
+        .flat_map(|t| (0..REQUESTS / 4).map(move |k| 1 + ((t * 1_000_000 + k) % 4) as i64))
+        .sum();
+    assert_eq!(inv["reserved"].as_i64().unwrap(), expected);
+}
