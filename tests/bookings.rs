@@ -114,7 +114,25 @@ fn check_outcome(server: &Server, event_id: &str, acked: &HashSet<String>) {
         CAPACITY - reserved
     );
 
-    let outbox = outbox_read(&server.data_dir);
+    // The relay publishes shortly after the state commits: wait until every acked
+    // booking's decision is out.
+    let outbox = wait_for(60, "the outbox to hold every acked decision", || {
+        let outbox = outbox_read(&server.data_dir);
+        let decided: HashSet<&str> = outbox
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e["type"].as_str(),
+                    Some("booking.confirmed" | "booking.rejected")
+                )
+            })
+            .filter_map(|e| e["data"]["bookingId"].as_str())
+            .collect();
+        acked
+            .iter()
+            .all(|id| decided.contains(id.as_str()))
+            .then_some(outbox)
+    });
     let mut decisions: HashMap<String, Vec<&Value>> = HashMap::new();
     let mut sold_out = 0;
     let mut ids = HashSet::new();

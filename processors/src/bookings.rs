@@ -19,7 +19,7 @@
 //! per sell-out).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -27,8 +27,7 @@ use floodgate_core::state::{
     Booking, BookingStatus, Inventory, StateChanges, StateError, StateStore,
 };
 use floodgate_core::stream::{SequenceNumber, ShardId, StoredRecord};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
 use crate::runtime::{ProcessError, ShardProcessor};
 
@@ -39,7 +38,7 @@ pub const DERIVED_SOURCE: &str = "floodgate";
 
 /// The fields of a domain event the rules read. Unknown fields are ignored.
 #[derive(Debug, Deserialize)]
-struct DomainEvent<'a> {
+pub struct DomainEvent<'a> {
     #[serde(rename = "type", borrow)]
     event_type: Cow<'a, str>,
     #[serde(default, borrow)]
@@ -48,7 +47,7 @@ struct DomainEvent<'a> {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Data<'a> {
+pub struct Data<'a> {
     #[serde(default, borrow)]
     event_id: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
@@ -59,72 +58,146 @@ struct Data<'a> {
     capacity: Option<i64>,
 }
 
+/// Parses the records of a batch once; `None` for a record that is not a domain event.
+pub fn parse(records: &[StoredRecord]) -> Vec<Option<DomainEvent<'_>>> {
+    records
+        .iter()
+        .map(|r| serde_json::from_slice::<DomainEvent<'_>>(&r.payload).ok())
+        .collect()
+}
+
 /// The ids a batch touches, to load before deciding.
-pub fn touched_ids(records: &[StoredRecord]) -> (Vec<String>, Vec<String>) {
-    let mut events = Vec::new();
-    let mut bookings = Vec::new();
-    for r in records {
-        if let Ok(e) = serde_json::from_slice::<DomainEvent<'_>>(&r.payload) {
-            if let Some(id) = e.data.event_id {
-                events.push(id.into_owned());
-            }
-            if let Some(id) = e.data.booking_id {
-                bookings.push(id.into_owned());
-            }
+pub fn touched_ids(events: &[Option<DomainEvent<'_>>]) -> (Vec<String>, Vec<String>) {
+    let mut event_ids = HashSet::new();
+    let mut booking_ids = HashSet::new();
+    for e in events.iter().flatten() {
+        if let Some(id) = &e.data.event_id {
+            event_ids.insert(id.as_ref());
+        }
+        if let Some(id) = &e.data.booking_id {
+            booking_ids.insert(id.as_ref());
         }
     }
-    events.sort_unstable();
-    events.dedup();
-    bookings.sort_unstable();
-    bookings.dedup();
-    (events, bookings)
+    let mut event_ids: Vec<String> = event_ids.into_iter().map(str::to_owned).collect();
+    let mut booking_ids: Vec<String> = booking_ids.into_iter().map(str::to_owned).collect();
+    event_ids.sort_unstable();
+    booking_ids.sort_unstable();
+    (event_ids, booking_ids)
 }
 
 struct Decider {
     shard: ShardId,
     inventories: HashMap<String, Inventory>,
     bookings: HashMap<String, Booking>,
+    /// Touched rows, in first-touch order (kept with a set for O(1) membership).
     touched_inventories: Vec<String>,
+    touched_inventory_set: HashSet<String>,
     touched_bookings: Vec<String>,
+    touched_booking_set: HashSet<String>,
     derived: Vec<String>,
+    /// The RFC 3339 rendering of the last append time seen.
+    time_cache: (i64, String),
+}
+
+/// A derived event, as published.
+#[derive(Serialize)]
+struct DerivedEvent<'a> {
+    specversion: &'static str,
+    id: String,
+    source: &'static str,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    subject: &'a str,
+    time: &'a str,
+    datacontenttype: &'static str,
+    data: DerivedData<'a>,
+}
+
+/// The `data` of a derived event: `eventId` always, the rest where it applies.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DerivedData<'a> {
+    event_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    booking_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seats: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    capacity: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reserved: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remaining: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    /// What cancelled a booking: `booking.cancelled` or `payment.failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cause: Option<&'a str>,
+}
+
+impl<'a> DerivedData<'a> {
+    fn new(event_id: &'a str) -> Self {
+        Self {
+            event_id,
+            booking_id: None,
+            seats: None,
+            capacity: None,
+            reserved: None,
+            remaining: None,
+            reason: None,
+            cause: None,
+        }
+    }
 }
 
 impl Decider {
     fn touch_inventory(&mut self, id: &str) {
-        if !self.touched_inventories.iter().any(|t| t == id) {
+        if !self.touched_inventory_set.contains(id) {
+            self.touched_inventory_set.insert(id.to_owned());
             self.touched_inventories.push(id.to_owned());
         }
     }
 
     fn touch_booking(&mut self, id: &str) {
-        if !self.touched_bookings.iter().any(|t| t == id) {
+        if !self.touched_booking_set.contains(id) {
+            self.touched_booking_set.insert(id.to_owned());
             self.touched_bookings.push(id.to_owned());
         }
     }
 
-    fn derive(&mut self, record: &StoredRecord, event_type: &str, subject: &str, data: Value) {
+    fn derive(
+        &mut self,
+        record: &StoredRecord,
+        event_type: &str,
+        subject: &str,
+        data: DerivedData<'_>,
+    ) {
         let n = self.derived.len();
-        let time = time::OffsetDateTime::from_unix_timestamp_nanos(
-            i128::from(record.appended_at_ms) * 1_000_000,
-        )
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default();
-        // Deterministic id: the same source record always derives the same ids.
-        let event = json!({
-            "specversion": "1.0",
-            "id": format!("{}-{}-{}-{n}", event_type, self.shard, record.sequence),
-            "source": DERIVED_SOURCE,
-            "type": event_type,
-            "subject": subject,
-            "time": time,
-            "datacontenttype": "application/json",
-            "data": data,
-        });
-        self.derived.push(event.to_string());
+        if self.time_cache.0 != record.appended_at_ms || self.time_cache.1.is_empty() {
+            let time = time::OffsetDateTime::from_unix_timestamp_nanos(
+                i128::from(record.appended_at_ms) * 1_000_000,
+            )
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+            self.time_cache = (record.appended_at_ms, time);
+        }
+        let event = DerivedEvent {
+            specversion: "1.0",
+            // Deterministic: the same source record always derives the same ids.
+            id: format!("{}-{}-{}-{n}", event_type, self.shard, record.sequence),
+            source: DERIVED_SOURCE,
+            event_type,
+            subject,
+            time: &self.time_cache.1,
+            datacontenttype: "application/json",
+            data,
+        };
+        self.derived
+            .push(serde_json::to_string(&event).expect("derived events serialize"));
     }
 
     /// After reserved or capacity changed: derive low / sold-out crossings, reset flags on
@@ -140,7 +213,11 @@ impl Decider {
                 inv.low_notified = true;
                 out.push((
                     "capacity.low",
-                    json!({"eventId": event_id, "capacity": inv.capacity, "remaining": remaining}),
+                    DerivedData {
+                        capacity: Some(inv.capacity),
+                        remaining: Some(remaining),
+                        ..DerivedData::new(event_id)
+                    },
                 ));
             }
         } else {
@@ -151,7 +228,10 @@ impl Decider {
                 inv.sold_out_notified = true;
                 out.push((
                     "capacity.sold_out",
-                    json!({"eventId": event_id, "capacity": inv.capacity}),
+                    DerivedData {
+                        capacity: Some(inv.capacity),
+                        ..DerivedData::new(event_id)
+                    },
                 ));
             }
         } else if remaining > 0 {
@@ -162,8 +242,8 @@ impl Decider {
         }
     }
 
-    fn apply(&mut self, record: &StoredRecord) {
-        let Ok(event) = serde_json::from_slice::<DomainEvent<'_>>(&record.payload) else {
+    fn apply(&mut self, record: &StoredRecord, event: Option<&DomainEvent<'_>>) {
+        let Some(event) = event else {
             metrics::counter!("floodgate_processor_undecodable_records_total", "consumer" => CONSUMER).increment(1);
             tracing::warn!(shard = %self.shard, sequence = %record.sequence, "record is not a domain event; skipped");
             return;
@@ -198,16 +278,28 @@ impl Decider {
                             record,
                             "capacity.change_rejected",
                             event_id,
-                            json!({
-                            "eventId": event_id, "capacity": capacity, "reason": "unknown_event"}),
+                            DerivedData {
+                                capacity: Some(capacity),
+                                reason: Some("unknown_event"),
+                                ..DerivedData::new(event_id)
+                            },
                         );
                         return;
                     }
                     Some(inv) => inv.reserved,
                 };
                 if capacity < reserved {
-                    self.derive(record, "capacity.change_rejected", event_id, json!({
-                        "eventId": event_id, "capacity": capacity, "reserved": reserved, "reason": "below_reserved"}));
+                    self.derive(
+                        record,
+                        "capacity.change_rejected",
+                        event_id,
+                        DerivedData {
+                            capacity: Some(capacity),
+                            reserved: Some(reserved),
+                            reason: Some("below_reserved"),
+                            ..DerivedData::new(event_id)
+                        },
+                    );
                     return;
                 }
                 let inv = self.inventories.get_mut(event_id).expect("checked above");
@@ -249,17 +341,18 @@ impl Decider {
                     },
                 );
                 self.touch_booking(booking_id);
-                let mut payload =
-                    json!({"eventId": event_id, "bookingId": booking_id, "seats": seats});
-                if let Some(r) = remaining {
-                    payload["remaining"] = json!(r);
-                }
+                let payload = DerivedData {
+                    booking_id: Some(booking_id),
+                    seats: Some(seats),
+                    remaining,
+                    reason,
+                    ..DerivedData::new(event_id)
+                };
                 if status == BookingStatus::Confirmed {
                     self.touch_inventory(event_id);
                     self.derive(record, "booking.confirmed", booking_id, payload);
                     self.capacity_signals(record, event_id);
                 } else {
-                    payload["reason"] = json!(reason);
                     self.derive(record, "booking.rejected", booking_id, payload);
                 }
             }
@@ -285,9 +378,18 @@ impl Decider {
                 });
                 self.touch_booking(booking_id);
                 self.touch_inventory(event_id);
-                self.derive(record, "booking.cancelled", booking_id, json!({
-                    "eventId": event_id, "bookingId": booking_id, "seats": seats, "remaining": remaining,
-                    "cause": event.event_type.as_ref()}));
+                self.derive(
+                    record,
+                    "booking.cancelled",
+                    booking_id,
+                    DerivedData {
+                        booking_id: Some(booking_id),
+                        seats: Some(seats),
+                        remaining,
+                        cause: Some(event.event_type.as_ref()),
+                        ..DerivedData::new(event_id)
+                    },
+                );
                 self.capacity_signals(record, event_id);
             }
             "payment.succeeded" => {
@@ -309,9 +411,11 @@ impl Decider {
 }
 
 /// Decides a batch of one shard against the current rows it touches. Pure: no I/O.
+/// `events` is [`parse`] of `records`.
 pub fn decide(
     shard: &ShardId,
     records: &[StoredRecord],
+    events: &[Option<DomainEvent<'_>>],
     inventories: Vec<Inventory>,
     bookings: Vec<Booking>,
 ) -> StateChanges {
@@ -326,11 +430,14 @@ pub fn decide(
             .map(|b| (b.booking_id.clone(), b))
             .collect(),
         touched_inventories: Vec::new(),
+        touched_inventory_set: HashSet::new(),
         touched_bookings: Vec::new(),
+        touched_booking_set: HashSet::new(),
         derived: Vec::new(),
+        time_cache: (0, String::new()),
     };
-    for r in records {
-        d.apply(r);
+    for (r, e) in records.iter().zip(events) {
+        d.apply(r, e.as_ref());
     }
     let last_sequence = records
         .last()
@@ -385,9 +492,10 @@ impl BookingsProcessor {
             }
             None => records,
         };
-        let (event_ids, booking_ids) = touched_ids(fresh);
+        let events = parse(fresh);
+        let (event_ids, booking_ids) = touched_ids(&events);
         let (inventories, bookings) = self.store.load(event_ids, booking_ids).await?;
-        let changes = decide(shard, fresh, inventories, bookings);
+        let changes = decide(shard, fresh, &events, inventories, bookings);
         let inventory_writes = changes.inventories.len() as u64;
         let applied = self.store.apply(changes).await?;
         if applied {

@@ -13,6 +13,7 @@ use floodgate_core::stream::{
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -82,9 +83,11 @@ pub async fn spawn_consumers(
             config.clone(),
             shutdown.clone(),
         );
-        tasks.push(tokio::spawn(async move {
-            run_shard(reader, checkpoints, processor, shard.id, config, shutdown).await;
-        }));
+        let span =
+            tracing::info_span!("consumer", consumer = %processor.consumer(), shard = %shard.id);
+        tasks.push(tokio::spawn(
+            run_shard(reader, checkpoints, processor, shard.id, config, shutdown).instrument(span),
+        ));
     }
     Ok(tasks)
 }
@@ -115,8 +118,6 @@ async fn run_shard(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let consumer = processor.consumer().to_owned();
-    let span = tracing::info_span!("consumer", consumer = %consumer, shard = %shard);
-    let _enter = span.enter();
     let labels = [("consumer", consumer.clone()), ("shard", shard.0.clone())];
     // Resume: the processor's own position, else the checkpoint, else the oldest record.
     let mut position = loop {

@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS positions (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY,
-    events TEXT NOT NULL
+    events TEXT NOT NULL -- NDJSON, one derived event per line
 );
 CREATE TABLE IF NOT EXISTS outbox_meta (
     id INTEGER PRIMARY KEY CHECK (id = 0),
@@ -217,7 +217,8 @@ impl StateStore for SqliteStateStore {
                     let next: i64 = tx
                         .query_row("UPDATE outbox_meta SET last_seq = last_seq + 1 WHERE id = 0 RETURNING last_seq", [], |r| r.get(0))
                         .map_err(err)?;
-                    let events = serde_json::to_string(&changes.derived).expect("strings serialize");
+                    // Each derived event is one line of JSON: store the entry as NDJSON.
+                    let events = changes.derived.join("\n");
                     tx.execute("INSERT INTO outbox (seq, events) VALUES (?1, ?2)", params![next, events])
                         .map_err(err)?;
                 }
@@ -263,8 +264,7 @@ impl StateStore for SqliteStateStore {
             let mut out = Vec::new();
             for row in rows {
                 let (seq, events) = row.map_err(err)?;
-                let events: Vec<String> = serde_json::from_str(&events)
-                    .map_err(|e| StateError::Corrupt(format!("outbox entry {seq}: {e}")))?;
+                let events = events.split('\n').map(str::to_owned).collect();
                 out.push(OutboxEntry {
                     seq: seq as u64,
                     events,
