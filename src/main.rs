@@ -250,51 +250,40 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
 struct Processors {
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    _lock: std::fs::File,
 }
 
 impl Processors {
-    /// Starts the bookings consumers and the outbox relay over `reader`. One process at a
-    /// time runs them for a data directory (`state/processors.lock`).
+    /// Starts the bookings consumers and the outbox relay over `reader`. Each shard, and
+    /// the relay, is taken under a lease, so a second process (`floodgate process`) waits
+    /// and takes over the moment this one dies.
     async fn start(
         data_dir: &Path,
         reader: Arc<dyn StreamReader>,
         state: Arc<dyn StateStore>,
     ) -> Result<Processors> {
-        let state_dir = data_dir.join("state");
-        std::fs::create_dir_all(&state_dir)?;
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(state_dir.join("processors.lock"))?;
-        if lock.try_lock().is_err() {
-            bail!(
-                "another process runs the processors for {}",
-                data_dir.display()
-            );
-        }
         let checkpoints: Arc<dyn CheckpointStore> =
             Arc::new(EmbeddedCheckpoints::open(&data_dir.join("stream"))?);
         let outbox = Arc::new(EmbeddedOutbox::open(&data_dir.join("outbox"))?);
         let (stop, stop_rx) = watch::channel(false);
         let processor = Arc::new(BookingsProcessor::new(state.clone()));
+        let config = RuntimeConfig::default();
+        let owner = config.owner.clone();
         let mut tasks = spawn_consumers(
             reader,
-            checkpoints,
+            checkpoints.clone(),
             processor,
-            RuntimeConfig::default(),
+            config,
             stop_rx.clone(),
         )
         .await?;
         tasks.push(tokio::spawn(floodgate_processors::relay::run(
-            state, outbox, stop_rx,
+            state,
+            outbox,
+            checkpoints,
+            owner,
+            stop_rx,
         )));
-        Ok(Processors {
-            stop,
-            tasks,
-            _lock: lock,
-        })
+        Ok(Processors { stop, tasks })
     }
 
     /// Lets every consumer finish its batch and the relay drain, then returns.

@@ -311,3 +311,74 @@ fn a_hot_key_is_applied_with_far_fewer_inventory_writes_than_requests() {
         .sum();
     assert_eq!(inv["reserved"].as_i64().unwrap(), expected);
 }
+
+#[test]
+fn ingest_and_process_run_apart_and_a_second_processor_takes_over() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let start_processor = || {
+        let mut child = Command::new(common::BIN)
+            .args(["process", "--data-dir"])
+            .arg(dir.path())
+            .env("FLOODGATE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("processing"), "{line}");
+        child
+    };
+    // The edge alone: `ingest` is `serve` without the processors.
+    let mut ingest = Command::new(common::BIN)
+        .args(["ingest", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("FLOODGATE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(ingest.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: SocketAddr = line
+        .rsplit("http://")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let server = Server {
+        child: ingest,
+        addr,
+        data_dir: dir.path().to_owned(),
+    };
+
+    let mut first = start_processor();
+    let second_waiting = start_processor(); // holds no lease while the first lives
+    create_event(&server, "SPLIT", 10);
+    let r = server.post_batch(&[booking("s1", "bk-s1", "SPLIT", 3)]);
+    assert_eq!(r.status, 200);
+    wait_for(30, "the first processor to apply", || {
+        (server.get("/v1/bookings/bk-s1").status == 200).then_some(())
+    });
+    // The first processor dies; the waiting one takes its leases and carries on.
+    let _ = first.kill();
+    let _ = first.wait();
+    let r = server.post_batch(&[booking("s2", "bk-s2", "SPLIT", 4)]);
+    assert_eq!(r.status, 200);
+    let b = wait_for(30, "the second processor to take over", || {
+        let r = server.get("/v1/bookings/bk-s2");
+        (r.status == 200).then(|| r.json())
+    });
+    assert_eq!(b["status"], "confirmed");
+    assert_eq!(server.get("/v1/inventory/SPLIT").json()["reserved"], 7);
+    let mut second = second_waiting;
+    let _ = second.kill();
+    let _ = second.wait();
+}

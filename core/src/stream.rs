@@ -198,11 +198,42 @@ pub trait StreamReader: Send + Sync + fmt::Debug {
     ) -> Result<ReadBatch, StreamError>;
 }
 
-/// Consumers' checkpoints: the last sequence number whose effects are committed, per
-/// consumer and shard. The stream's retention never deletes a record that some consumer
-/// has not checkpointed past.
+/// Consumers' leases and checkpoints.
+///
+/// A lease gives one worker (`owner`) the right to consume one shard for one consumer;
+/// a worker that dies loses its leases (the embedded store: when its process exits; a
+/// DynamoDB store: when the lease is not renewed within its time-to-live), and another
+/// worker may then take them. A checkpoint is the last sequence number whose effects are
+/// committed, per consumer and shard. The stream's retention never deletes a record that
+/// some consumer has not checkpointed past.
 #[async_trait]
 pub trait CheckpointStore: Send + Sync + fmt::Debug {
+    /// Takes the lease on (`consumer`, `shard`) for `owner` if it is free or already
+    /// `owner`'s. Returns `false` when another live worker holds it.
+    async fn acquire_lease(
+        &self,
+        consumer: &str,
+        shard: &ShardId,
+        owner: &str,
+    ) -> Result<bool, StreamError>;
+
+    /// Keeps a held lease alive. Returns `false` when the lease was lost: the caller must
+    /// stop consuming the shard before committing anything more.
+    async fn renew_lease(
+        &self,
+        consumer: &str,
+        shard: &ShardId,
+        owner: &str,
+    ) -> Result<bool, StreamError>;
+
+    /// Gives a held lease up (on clean shutdown). Ok if it was not held.
+    async fn release_lease(
+        &self,
+        consumer: &str,
+        shard: &ShardId,
+        owner: &str,
+    ) -> Result<(), StreamError>;
+
     /// The last committed sequence of `consumer` on `shard`; `None` if it never committed.
     async fn checkpoint(
         &self,

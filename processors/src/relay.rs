@@ -6,19 +6,48 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use floodgate_core::state::{Publisher, StateStore};
+use floodgate_core::stream::{CheckpointStore, ShardId};
 use tokio::sync::watch;
 
-/// Relays until shutdown, then drains what is left once.
+/// The lease that makes one worker the relay: (consumer, shard) in the lease store.
+pub const LEASE_CONSUMER: &str = "relay";
+pub const LEASE_SHARD: &str = "outbox";
+
+/// Takes the relay lease (waiting while another worker holds it), then relays until
+/// shutdown, draining what is left once.
 pub async fn run(
     store: Arc<dyn StateStore>,
     publisher: Arc<dyn Publisher>,
+    leases: Arc<dyn CheckpointStore>,
+    owner: String,
     mut shutdown: watch::Receiver<bool>,
+) {
+    let shard = ShardId(LEASE_SHARD.to_owned());
+    loop {
+        match leases.acquire_lease(LEASE_CONSUMER, &shard, &owner).await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot take the relay lease; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+    relay_loop(&*store, &*publisher, &mut shutdown).await;
+    let _ = leases.release_lease(LEASE_CONSUMER, &shard, &owner).await;
+}
+
+async fn relay_loop(
+    store: &dyn StateStore,
+    publisher: &dyn Publisher,
+    shutdown: &mut watch::Receiver<bool>,
 ) {
     let mut idle = Duration::from_millis(1);
     let mut last: Option<u64> = None;
     loop {
         let stopping = *shutdown.borrow();
-        match relay_once(&*store, &*publisher, &mut last).await {
+        match relay_once(store, publisher, &mut last).await {
             Ok(0) if stopping => break,
             Ok(0) => {
                 tokio::select! {

@@ -50,8 +50,18 @@ pub struct RuntimeConfig {
     /// Back-off bounds while a shard has nothing new.
     pub idle_min: Duration,
     pub idle_max: Duration,
-    /// Wait before retrying a batch that failed.
+    /// Wait before retrying a batch that failed, or a lease another worker holds.
     pub retry_delay: Duration,
+    /// This worker's identity in leases.
+    pub owner: String,
+}
+
+/// A worker identity unique to this process run.
+pub fn default_owner() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("pid{}-{nanos:09}", std::process::id())
 }
 
 impl Default for RuntimeConfig {
@@ -61,6 +71,7 @@ impl Default for RuntimeConfig {
             idle_min: Duration::from_millis(1),
             idle_max: Duration::from_millis(50),
             retry_delay: Duration::from_millis(500),
+            owner: default_owner(),
         }
     }
 }
@@ -118,6 +129,48 @@ async fn run_shard(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let consumer = processor.consumer().to_owned();
+    // Own the shard first: one worker per (consumer, shard) at a time.
+    loop {
+        match checkpoints
+            .acquire_lease(&consumer, &shard, &config.owner)
+            .await
+        {
+            Ok(true) => break,
+            Ok(false) => tracing::debug!("another worker holds the lease; waiting"),
+            Err(e) => tracing::warn!(error = %e, "cannot take the lease; retrying"),
+        }
+        if pause(config.retry_delay, &mut shutdown).await {
+            return;
+        }
+    }
+    consume(
+        &*reader,
+        &*checkpoints,
+        &*processor,
+        &shard,
+        &config,
+        &mut shutdown,
+    )
+    .await;
+    if let Err(e) = checkpoints
+        .release_lease(&consumer, &shard, &config.owner)
+        .await
+    {
+        tracing::warn!(error = %e, "cannot release the lease");
+    }
+}
+
+async fn consume(
+    reader: &dyn StreamReader,
+    checkpoints: &dyn CheckpointStore,
+    processor: &dyn ShardProcessor,
+    shard: &ShardId,
+    config: &RuntimeConfig,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    let shard = shard.clone();
+    let consumer = processor.consumer().to_owned();
+    let mut shutdown = shutdown.clone();
     let labels = [("consumer", consumer.clone()), ("shard", shard.0.clone())];
     // Resume: the processor's own position, else the checkpoint, else the oldest record.
     let mut position = loop {
@@ -168,6 +221,23 @@ async fn run_shard(
             continue;
         };
         idle = config.idle_min;
+        match checkpoints
+            .renew_lease(&consumer, &shard, &config.owner)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!("lease lost; stopping before committing anything more");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the lease; retrying");
+                if pause(config.retry_delay, &mut shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        }
         let lag_ms = (now_ms() - last.appended_at_ms).max(0);
         if let Err(e) = processor.process(&shard, &batch.records).await {
             metrics::counter!("floodgate_processor_batch_failures_total", &labels).increment(1);

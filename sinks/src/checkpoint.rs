@@ -1,7 +1,12 @@
-//! Consumers' checkpoints for the embedded log: one small JSON file per consumer under
-//! `<stream root>/checkpoints/`, replaced atomically on every commit.
+//! Consumers' leases and checkpoints for the embedded log, beside it under
+//! `<stream root>/checkpoints/`: one small JSON file per consumer, replaced atomically on
+//! every commit, and one lock file per (consumer, shard) lease. A lease is an exclusive
+//! `flock` on its file, so it is held exactly as long as the holding process lives: a
+//! worker that dies (even by SIGKILL) releases its leases at once, and another process
+//! can take them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -60,10 +65,14 @@ pub(crate) fn min_checkpoint(stream_root: &Path, shard: u32) -> io::Result<Optio
 }
 
 /// Checkpoints of the embedded log's consumers.
+/// Leases this store holds: (consumer, shard) → (owner, the locked file).
+type HeldLeases = HashMap<(String, String), (String, File)>;
+
 #[derive(Debug, Clone)]
 pub struct EmbeddedCheckpoints {
     dir: PathBuf,
     commit_lock: Arc<tokio::sync::Mutex<()>>,
+    leases: Arc<std::sync::Mutex<HeldLeases>>,
 }
 
 impl EmbeddedCheckpoints {
@@ -74,7 +83,24 @@ impl EmbeddedCheckpoints {
         Ok(Self {
             dir,
             commit_lock: Arc::new(tokio::sync::Mutex::new(())),
+            leases: Arc::default(),
         })
+    }
+
+    fn lease_path(&self, consumer: &str, shard: &ShardId) -> Result<PathBuf, StreamError> {
+        self.path(consumer)?;
+        if shard.0.is_empty()
+            || !shard
+                .0
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(StreamError::Unavailable(format!(
+                "bad shard id {:?}",
+                shard.0
+            )));
+        }
+        Ok(self.dir.join(format!("{consumer}.{}.lease", shard.0)))
     }
 
     fn path(&self, consumer: &str) -> Result<PathBuf, StreamError> {
@@ -94,6 +120,69 @@ impl EmbeddedCheckpoints {
 
 #[async_trait]
 impl CheckpointStore for EmbeddedCheckpoints {
+    async fn acquire_lease(
+        &self,
+        consumer: &str,
+        shard: &ShardId,
+        owner: &str,
+    ) -> Result<bool, StreamError> {
+        let path = self.lease_path(consumer, shard)?;
+        let key = (consumer.to_owned(), shard.0.clone());
+        let mut leases = self
+            .leases
+            .lock()
+            .map_err(|_| StreamError::Unavailable("poisoned".into()))?;
+        if let Some((holder, _)) = leases.get(&key) {
+            return Ok(holder == owner);
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        match file.try_lock() {
+            Ok(()) => {
+                leases.insert(key, (owner.to_owned(), file));
+                Ok(true)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+        }
+    }
+
+    async fn renew_lease(
+        &self,
+        consumer: &str,
+        shard: &ShardId,
+        owner: &str,
+    ) -> Result<bool, StreamError> {
+        // A flock cannot expire while the process lives; holding it is renewing it.
+        let leases = self
+            .leases
+            .lock()
+            .map_err(|_| StreamError::Unavailable("poisoned".into()))?;
+        Ok(leases
+            .get(&(consumer.to_owned(), shard.0.clone()))
+            .is_some_and(|(holder, _)| holder == owner))
+    }
+
+    async fn release_lease(
+        &self,
+        consumer: &str,
+        shard: &ShardId,
+        owner: &str,
+    ) -> Result<(), StreamError> {
+        let mut leases = self
+            .leases
+            .lock()
+            .map_err(|_| StreamError::Unavailable("poisoned".into()))?;
+        let key = (consumer.to_owned(), shard.0.clone());
+        if leases.get(&key).is_some_and(|(holder, _)| holder == owner) {
+            leases.remove(&key); // dropping the file releases the flock
+        }
+        Ok(())
+    }
+
     async fn checkpoint(
         &self,
         consumer: &str,

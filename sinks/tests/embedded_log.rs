@@ -417,3 +417,61 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn leases_are_exclusive_and_freed_when_the_holder_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let shard = ShardId("0".into());
+        let a = EmbeddedCheckpoints::open(dir.path()).unwrap();
+        assert!(
+            a.acquire_lease("bookings", &shard, "worker-a")
+                .await
+                .unwrap()
+        );
+        // Idempotent for the holder; refused to anyone else, in or out of this store.
+        assert!(
+            a.acquire_lease("bookings", &shard, "worker-a")
+                .await
+                .unwrap()
+        );
+        assert!(
+            !a.acquire_lease("bookings", &shard, "worker-b")
+                .await
+                .unwrap()
+        );
+        let b = EmbeddedCheckpoints::open(dir.path()).unwrap();
+        assert!(
+            !b.acquire_lease("bookings", &shard, "worker-b")
+                .await
+                .unwrap()
+        );
+        assert!(!b.renew_lease("bookings", &shard, "worker-b").await.unwrap());
+        assert!(a.renew_lease("bookings", &shard, "worker-a").await.unwrap());
+        // Another consumer or shard is a different lease.
+        assert!(b.acquire_lease("lake", &shard, "worker-b").await.unwrap());
+        assert!(
+            b.acquire_lease("bookings", &ShardId("1".into()), "worker-b")
+                .await
+                .unwrap()
+        );
+        // When the holder goes (here: releases; a dead process's flock goes with it),
+        // the other worker can take over.
+        a.release_lease("bookings", &shard, "worker-a")
+            .await
+            .unwrap();
+        assert!(!a.renew_lease("bookings", &shard, "worker-a").await.unwrap());
+        assert!(
+            b.acquire_lease("bookings", &shard, "worker-b")
+                .await
+                .unwrap()
+        );
+        drop(b);
+        let c = EmbeddedCheckpoints::open(dir.path()).unwrap();
+        assert!(
+            c.acquire_lease("bookings", &shard, "worker-c")
+                .await
+                .unwrap()
+        );
+    });
+}
