@@ -53,6 +53,10 @@ fn err(e: rusqlite::Error) -> StateError {
 #[derive(Debug, Clone)]
 pub struct SqliteStateStore {
     writer: Arc<Mutex<Connection>>,
+    /// Loads a batch's rows while another shard's batch is being written. A shard's own
+    /// previous batch is committed before its next load, and shards touch disjoint
+    /// inventories, so a WAL snapshot is current for every row a load asks for.
+    loader: Arc<Mutex<Connection>>,
     reader: Arc<Mutex<Connection>>,
 }
 
@@ -84,9 +88,11 @@ impl SqliteStateStore {
                 [],
             )
             .map_err(err)?;
+        let loader = open_conn(path).map_err(err)?;
         let reader = open_conn(path).map_err(err)?;
         Ok(Self {
             writer: Arc::new(Mutex::new(writer)),
+            loader: Arc::new(Mutex::new(loader)),
             reader: Arc::new(Mutex::new(reader)),
         })
     }
@@ -152,7 +158,7 @@ impl StateStore for SqliteStateStore {
         event_ids: Vec<String>,
         booking_ids: Vec<String>,
     ) -> Result<(Vec<Inventory>, Vec<Booking>), StateError> {
-        Self::with(&self.writer, move |c| {
+        Self::with(&self.loader, move |c| {
             let tx = c.transaction().map_err(err)?;
             let mut inventories = Vec::new();
             let mut bookings = Vec::new();
