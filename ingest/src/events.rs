@@ -6,14 +6,27 @@ use bytes::Bytes;
 use floodgate_core::FieldError;
 use floodgate_core::check::{Outcome, check_body};
 use floodgate_core::decode::{BodyFormat, DecodeError};
+use floodgate_core::registry::Registry;
 use floodgate_core::stream::{AppendError, Record};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 
 use crate::app::Inner;
+use crate::encoding::{self, BinaryModeError, DecompressError, Encoding};
 use crate::response::{self, Body};
+
+/// Why a body could not be turned into events.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error(transparent)]
+    Decompress(#[from] DecompressError),
+    #[error(transparent)]
+    Binary(#[from] BinaryModeError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
 
 /// Bodies larger than this are decoded and validated on the blocking pool, so a big batch
 /// never holds an async worker for more than a fraction of a millisecond.
@@ -54,30 +67,36 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let limits = &app.limits;
+    let encoding = match encoding::content_encoding(req.headers()) {
+        Ok(e) => e,
+        Err(message) => {
+            return response::error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_content_encoding",
+                &message,
+            );
+        }
+    };
+    // Binary mode: the event's attributes in `ce-*` headers, its data in the body.
+    let binary = encoding::is_binary_mode(req.headers()).then(|| req.headers().clone());
     let content_type = req
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let Some(format) = content_type.and_then(format_for) else {
-        return response::error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            &format!(
-                "Content-Type {} is not accepted; use application/cloudevents+json, application/cloudevents-batch+json, application/json or application/x-ndjson",
-                content_type.map_or_else(|| "(missing)".to_owned(), |c| format!("{c:?}"))
-            ),
-        );
-    };
-    if let Some(enc) = req.headers().get(CONTENT_ENCODING) {
-        let enc = enc.to_str().unwrap_or("").trim().to_ascii_lowercase();
-        if enc != "identity" && !enc.is_empty() {
+    let format = match (&binary, content_type.and_then(format_for)) {
+        (Some(_), _) => BodyFormat::Single,
+        (None, Some(format)) => format,
+        (None, None) => {
             return response::error(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_content_encoding",
-                &format!("Content-Encoding {enc:?} is not accepted; send identity"),
+                "unsupported_media_type",
+                &format!(
+                    "Content-Type {} is not accepted; use application/cloudevents+json, application/cloudevents-batch+json, application/json or application/x-ndjson (or CloudEvents binary mode with ce-* headers)",
+                    content_type.map_or_else(|| "(missing)".to_owned(), |c| format!("{c:?}"))
+                ),
             );
         }
-    }
+    };
     let too_large = || {
         response::error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -112,15 +131,28 @@ where
         }
         Ok(Ok(collected)) => collected.to_bytes(),
     };
+    let body_len = body.len();
 
     let max_events = limits.max_batch_events;
-    let checked = if body.len() <= INLINE_CHECK_MAX_BYTES {
-        check_body(&app.registry, &body, format, max_events)
+    let limit = limits.max_body_bytes;
+    let work = move |registry: &Registry| -> Result<Vec<Outcome>, BodyError> {
+        let body = encoding::decompress(encoding, &body, limit)?;
+        let body = match &binary {
+            None => body,
+            Some(headers) => {
+                let event = encoding::binary_to_structured(headers, &body)?;
+                Bytes::from(serde_json::to_vec(&event).expect("a JSON value serializes"))
+            }
+        };
+        Ok(check_body(registry, &body, format, max_events)?)
+    };
+    // Small plain bodies are checked right here; big or compressed ones (whose size is
+    // unknown until inflated) on the blocking pool.
+    let checked = if encoding == Encoding::Identity && body_len <= INLINE_CHECK_MAX_BYTES {
+        work(&app.registry)
     } else {
         let registry = app.registry.clone();
-        match tokio::task::spawn_blocking(move || check_body(&registry, &body, format, max_events))
-            .await
-        {
+        match tokio::task::spawn_blocking(move || work(&registry)).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "event check task failed");
@@ -134,10 +166,33 @@ where
     };
     let outcomes = match checked {
         Ok(o) => o,
-        Err(e @ DecodeError::TooManyEvents { .. }) => {
+        Err(BodyError::Decode(e @ DecodeError::TooManyEvents { .. })) => {
             return response::error(StatusCode::PAYLOAD_TOO_LARGE, e.code(), &e.to_string());
         }
-        Err(e) => return response::error(StatusCode::BAD_REQUEST, e.code(), &e.to_string()),
+        Err(BodyError::Decode(e)) => {
+            return response::error(StatusCode::BAD_REQUEST, e.code(), &e.to_string());
+        }
+        Err(BodyError::Decompress(e @ DecompressError::TooLarge(_))) => {
+            return response::error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                &e.to_string(),
+            );
+        }
+        Err(BodyError::Decompress(e)) => {
+            return response::error(
+                StatusCode::BAD_REQUEST,
+                "invalid_content_encoding",
+                &e.to_string(),
+            );
+        }
+        Err(BodyError::Binary(e)) => {
+            let code = match e {
+                BinaryModeError::Header(_) => "invalid_header",
+                BinaryModeError::Data { .. } => "invalid_json",
+            };
+            return response::error(StatusCode::BAD_REQUEST, code, &e.to_string());
+        }
     };
     metrics::histogram!("floodgate_ingest_batch_size_events").record(outcomes.len() as f64);
 

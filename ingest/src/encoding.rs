@@ -1,0 +1,204 @@
+//! Request bodies as they arrive: `Content-Encoding` (gzip, zstd, identity) and the
+//! CloudEvents HTTP binary mode (`ce-*` headers, the data in the body).
+//!
+//! Decompression never holds more than the body limit: the decoder's output is read
+//! through a cap of `limit + 1` bytes, so a compression bomb of any size costs a few MiB
+//! and gets 413. zstd frames that ask for a window above 8 MiB are refused rather than
+//! allocated.
+
+use std::io::Read;
+
+use bytes::Bytes;
+use hyper::HeaderMap;
+use serde_json::{Map, Value};
+
+/// The largest zstd window (log2) a request may make us allocate: 8 MiB.
+const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Identity,
+    Gzip,
+    Zstd,
+}
+
+/// The body's `Content-Encoding`; `Err` names an encoding we do not take.
+pub fn content_encoding(headers: &HeaderMap) -> Result<Encoding, String> {
+    let Some(value) = headers.get(hyper::header::CONTENT_ENCODING) else {
+        return Ok(Encoding::Identity);
+    };
+    let value = value.to_str().unwrap_or("").trim().to_ascii_lowercase();
+    match value.as_str() {
+        "" | "identity" => Ok(Encoding::Identity),
+        "gzip" | "x-gzip" => Ok(Encoding::Gzip),
+        "zstd" => Ok(Encoding::Zstd),
+        other => Err(format!(
+            "Content-Encoding {other:?} is not accepted; send gzip, zstd or identity"
+        )),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecompressError {
+    #[error("the decompressed body is larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("the body is not valid {0}: {1}")]
+    Corrupt(&'static str, String),
+}
+
+/// Decompresses `body`, refusing output above `limit` bytes.
+pub fn decompress(encoding: Encoding, body: &Bytes, limit: u64) -> Result<Bytes, DecompressError> {
+    let mut out = Vec::new();
+    let read = match encoding {
+        Encoding::Identity => return Ok(body.clone()),
+        Encoding::Gzip => flate2::read::MultiGzDecoder::new(&body[..])
+            .take(limit + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| DecompressError::Corrupt("gzip", e.to_string())),
+        Encoding::Zstd => {
+            let mut decoder = zstd::stream::read::Decoder::new(&body[..])
+                .map_err(|e| DecompressError::Corrupt("zstd", e.to_string()))?;
+            decoder
+                .window_log_max(ZSTD_WINDOW_LOG_MAX)
+                .map_err(|e| DecompressError::Corrupt("zstd", e.to_string()))?;
+            decoder
+                .take(limit + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| DecompressError::Corrupt("zstd", e.to_string()))
+        }
+    };
+    read?;
+    if out.len() as u64 > limit {
+        return Err(DecompressError::TooLarge(limit));
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Whether a request is a binary-mode CloudEvent: it carries `ce-specversion` and its
+/// `Content-Type` is not a structured CloudEvents type (structured mode wins).
+pub fn is_binary_mode(headers: &HeaderMap) -> bool {
+    let structured = headers
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.trim()
+                .to_ascii_lowercase()
+                .starts_with("application/cloudevents")
+        });
+    headers.contains_key("ce-specversion") && !structured
+}
+
+/// Why a binary-mode request could not become an event.
+#[derive(Debug, thiserror::Error)]
+pub enum BinaryModeError {
+    #[error("header {0} is not valid percent-encoded UTF-8")]
+    Header(String),
+    #[error("invalid JSON data at line {line}, column {column}: {message}")]
+    Data {
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+/// Builds the structured (JSON format) event of a binary-mode request: every `ce-*`
+/// header becomes the attribute it names, `Content-Type` becomes `datacontenttype`, and
+/// a JSON body becomes `data`. A body of another media type is kept out: the registry
+/// then rejects the event for lacking JSON data, naming `/datacontenttype`.
+pub fn binary_to_structured(headers: &HeaderMap, body: &[u8]) -> Result<Value, BinaryModeError> {
+    let mut event = Map::new();
+    for (name, value) in headers {
+        let Some(attr) = name.as_str().strip_prefix("ce-") else {
+            continue;
+        };
+        let raw = value
+            .to_str()
+            .map_err(|_| BinaryModeError::Header(name.to_string()))?;
+        let decoded =
+            percent_decode(raw).ok_or_else(|| BinaryModeError::Header(name.to_string()))?;
+        event.insert(attr.to_owned(), Value::String(decoded));
+    }
+    let content_type = headers
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let json_data = content_type
+        .as_deref()
+        .is_none_or(floodgate_core::envelope::is_json_content_type);
+    if let Some(ct) = content_type {
+        event.insert("datacontenttype".into(), Value::String(ct));
+    }
+    if json_data && !body.iter().all(u8::is_ascii_whitespace) {
+        let data: Value = serde_json::from_slice(body).map_err(|e| BinaryModeError::Data {
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        })?;
+        event.insert("data".into(), data);
+    }
+    Ok(Value::Object(event))
+}
+
+/// RFC 3986 percent-decoding into UTF-8, as the HTTP binding asks for header values.
+fn percent_decode(s: &str) -> Option<String> {
+    if !s.contains('%') {
+        return Some(s.to_owned());
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn decompression_is_capped() {
+        let plain = vec![b'a'; 10_000];
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&plain).unwrap();
+        let gz = Bytes::from(gz.finish().unwrap());
+        assert_eq!(
+            decompress(Encoding::Gzip, &gz, 10_000).unwrap().len(),
+            10_000
+        );
+        assert!(matches!(
+            decompress(Encoding::Gzip, &gz, 9_999),
+            Err(DecompressError::TooLarge(_))
+        ));
+        let zs = Bytes::from(zstd::bulk::compress(&plain, 1).unwrap());
+        assert_eq!(
+            decompress(Encoding::Zstd, &zs, 10_000).unwrap().len(),
+            10_000
+        );
+        assert!(matches!(
+            decompress(Encoding::Zstd, &zs, 100),
+            Err(DecompressError::TooLarge(_))
+        ));
+        assert!(matches!(
+            decompress(Encoding::Gzip, &Bytes::from_static(b"not gzip"), 100),
+            Err(DecompressError::Corrupt(..))
+        ));
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%20b%C3%A9").as_deref(), Some("a bé"));
+        assert_eq!(percent_decode("plain").as_deref(), Some("plain"));
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%C3"), None);
+    }
+}

@@ -1,0 +1,222 @@
+//! Compressed bodies and CloudEvents binary mode on the real binary: gzip and zstd are
+//! decoded, a compression bomb costs a few MiB and gets 413, other encodings get 415, and
+//! a binary-mode event is checked and stored like a structured one.
+
+mod common;
+
+use std::io::{Read, Write};
+
+use common::{Server, booking, post, stream_read};
+use serde_json::{Value, json};
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn gzip_and_zstd_bodies_are_decoded_and_bombs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let batch = "application/cloudevents-batch+json";
+    let events: Vec<Value> = (0..50)
+        .map(|i| booking(&format!("z{i}"), &format!("b{i}"), "E", 1))
+        .collect();
+    let body = serde_json::to_vec(&events).unwrap();
+
+    let r = post(
+        server.addr,
+        "/v1/events",
+        Some(batch),
+        &gzip(&body),
+        &[("content-encoding", "gzip")],
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["accepted"], 50);
+    let zs = zstd::bulk::compress(&body, 3).unwrap();
+    let r = post(
+        server.addr,
+        "/v1/events",
+        Some(batch),
+        &zs,
+        &[("content-encoding", "zstd")],
+    );
+    assert_eq!(r.status, 200);
+    let r = post(
+        server.addr,
+        "/v1/events",
+        Some(batch),
+        &body,
+        &[("content-encoding", "identity")],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(stream_read(dir.path(), &[]).len(), 150);
+
+    // A 1 GiB zstd bomb and a 256 MiB gzip bomb: 413, and the server's memory stays small.
+    let mut zbomb = Vec::new();
+    {
+        let mut enc = zstd::stream::write::Encoder::new(&mut zbomb, 1).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..1024 {
+            enc.write_all(&zeros).unwrap();
+        }
+        enc.finish().unwrap();
+    }
+    let mut gbomb = Vec::new();
+    {
+        let mut enc = flate2::write::GzEncoder::new(&mut gbomb, flate2::Compression::fast());
+        std::io::copy(&mut std::io::repeat(0).take(256 << 20), &mut enc).unwrap();
+        enc.finish().unwrap();
+    }
+    let pid = server.child.id();
+    for (bomb, enc) in [(&zbomb, "zstd"), (&gbomb, "gzip")] {
+        assert!(bomb.len() < 5 << 20, "{enc} bomb is {} bytes", bomb.len());
+        let r = post(
+            server.addr,
+            "/v1/events",
+            Some(batch),
+            bomb,
+            &[("content-encoding", enc)],
+        );
+        assert_eq!(r.status, 413, "{enc}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["error"]["code"], "body_too_large");
+    }
+    let rss = rss_kib(pid);
+    assert!(rss < 200 * 1024, "server RSS {rss} KiB after the bombs");
+
+    // Corrupt data and unknown encodings.
+    let r = post(
+        server.addr,
+        "/v1/events",
+        Some(batch),
+        b"not gzip at all",
+        &[("content-encoding", "gzip")],
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "invalid_content_encoding");
+    for enc in ["br", "deflate", "gzip, br", "compress"] {
+        let r = post(
+            server.addr,
+            "/v1/events",
+            Some(batch),
+            &body,
+            &[("content-encoding", enc)],
+        );
+        assert_eq!(r.status, 415, "{enc}");
+        assert_eq!(r.json()["error"]["code"], "unsupported_content_encoding");
+    }
+    assert_eq!(
+        stream_read(dir.path(), &[]).len(),
+        150,
+        "refused bodies reached the stream"
+    );
+    assert_eq!(server.get("/healthz").status, 200);
+}
+
+#[test]
+fn binary_mode_events_are_checked_and_stored_as_structured() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let data = json!({"bookingId":"bk-bin","eventId":"E-bin","customerId":"c","seats":2,"requestedAt":"2026-11-22T10:00:00Z"});
+    let headers = [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "bin%201"),
+        ("ce-source", "/binary"),
+        ("ce-type", "booking.requested"),
+        ("ce-time", "2026-11-22T10:00:00Z"),
+        ("ce-traceparent", "00-abc-def-01"),
+    ];
+    let r = post(
+        server.addr,
+        "/v1/events",
+        Some("application/json"),
+        data.to_string().as_bytes(),
+        &headers,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["results"][0]["id"], "bin 1");
+    let records = stream_read(dir.path(), &[]);
+    assert_eq!(records.len(), 1);
+    let e = &records[0]["event"];
+    assert_eq!(e["id"], "bin 1");
+    assert_eq!(e["source"], "/binary");
+    assert_eq!(e["traceparent"], "00-abc-def-01");
+    assert_eq!(e["datacontenttype"], "application/json");
+    assert_eq!(e["data"], data);
+    assert_eq!(records[0]["key"], "E-bin");
+
+    // Invalid data gets its pointer, as in structured mode.
+    let mut bad = data.clone();
+    bad["seats"] = json!(0);
+    let r = post(
+        server.addr,
+        "/v1/events",
+        Some("application/json"),
+        bad.to_string().as_bytes(),
+        &headers,
+    );
+    assert_eq!(r.status, 422);
+    assert_eq!(
+        r.json()["results"][0]["errors"][0]["pointer"],
+        "/data/seats"
+    );
+    // Data that is not JSON cannot satisfy a schema.
+    let r = post(
+        server.addr,
+        "/v1/events",
+        Some("text/plain"),
+        b"hello",
+        &headers,
+    );
+    assert_eq!(r.status, 422);
+    let pointers: Vec<Value> = r.json()["results"][0]["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["pointer"].clone())
+        .collect();
+    assert!(
+        pointers.contains(&json!("/datacontenttype")),
+        "{pointers:?}"
+    );
+    // A body that claims JSON but is not: 400 with line and column.
+    let r = post(
+        server.addr,
+        "/v1/events",
+        Some("application/json"),
+        b"{\"seats\":",
+        &headers,
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "invalid_json");
+    // Missing required attributes are named.
+    let r = post(
+        server.addr,
+        "/v1/events",
+        Some("application/json"),
+        data.to_string().as_bytes(),
+        &[("ce-specversion", "1.0")],
+    );
+    assert_eq!(r.status, 422);
+    // Structured content types win over stray ce- headers.
+    let structured = booking("s1", "bk-s1", "E", 1);
+    let r = post(
+        server.addr,
+        "/v1/events",
+        Some("application/cloudevents+json"),
+        structured.to_string().as_bytes(),
+        &[("ce-specversion", "1.0")],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(stream_read(dir.path(), &[]).len(), 2);
+}
