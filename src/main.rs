@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -344,7 +343,7 @@ fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
             listener,
             app,
             shutdown_signal(),
-            Duration::from_millis(config.ingest.shutdown_grace_ms),
+            floodgate_ingest::server::ServerConfig::from_config(&config.ingest),
         )
         .await;
         if let Some(p) = processors {

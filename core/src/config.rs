@@ -55,6 +55,14 @@ pub struct IngestConfig {
     pub max_batch_events: usize,
     /// How long a graceful shutdown waits for in-flight requests before it gives up.
     pub shutdown_grace_ms: u64,
+    /// How long a client may take to send a request's headers (against slowloris).
+    pub header_read_timeout_ms: u64,
+    /// How long a client may take to send a request's body.
+    pub body_timeout_ms: u64,
+    /// How long one request may take from its headers to its answer.
+    pub request_timeout_ms: u64,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
     /// `Retry-After` sent with 503 when the stream cannot take a batch.
     pub retry_after_secs: u64,
 }
@@ -66,6 +74,10 @@ impl Default for IngestConfig {
             max_body_bytes: 5 * MIB,
             max_batch_events: 500,
             shutdown_grace_ms: 30_000,
+            header_read_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            request_timeout_ms: 60_000,
+            max_connections: 10_000,
             retry_after_secs: 1,
         }
     }
@@ -163,6 +175,15 @@ impl Config {
         }
         if self.ingest.max_body_bytes < 1024 {
             return e("ingest.max_body_bytes must be at least 1024");
+        }
+        if self.ingest.max_connections == 0 {
+            return e("ingest.max_connections must be at least 1");
+        }
+        if self.ingest.header_read_timeout_ms == 0
+            || self.ingest.body_timeout_ms == 0
+            || self.ingest.request_timeout_ms == 0
+        {
+            return e("ingest timeouts must be at least 1 ms");
         }
         if self.ingest.max_batch_events == 0 {
             return e("ingest.max_batch_events must be at least 1");

@@ -26,6 +26,8 @@ pub struct Limits {
     pub retry_after_secs: u64,
     /// Longest time a request may take to send its body.
     pub body_timeout: Duration,
+    /// Longest time from a request's headers to its answer.
+    pub request_timeout: Duration,
 }
 
 impl Limits {
@@ -34,7 +36,8 @@ impl Limits {
             max_body_bytes: cfg.max_body_bytes,
             max_batch_events: cfg.max_batch_events,
             retry_after_secs: cfg.retry_after_secs.max(1),
-            body_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_millis(cfg.body_timeout_ms),
+            request_timeout: Duration::from_millis(cfg.request_timeout_ms),
         }
     }
 }
@@ -99,7 +102,24 @@ impl App {
         let started = Instant::now();
         let path = req.uri().path().to_owned();
         let method = req.method().clone();
-        let (route, resp) = self.route(&method, &path, req).await;
+        let (route, resp) = match tokio::time::timeout(
+            self.inner.limits.request_timeout,
+            self.route(&method, &path, req),
+        )
+        .await
+        {
+            Ok(answer) => answer,
+            // An event whose append was still in flight may yet be durable: the producer
+            // retries, as after any lost response.
+            Err(_) => (
+                "timeout",
+                response::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "request_timeout",
+                    "the request took too long; retry",
+                ),
+            ),
+        };
         let status = resp.status().as_u16().to_string();
         metrics::counter!("floodgate_ingest_requests_total", "route" => route, "status" => status)
             .increment(1);

@@ -15,21 +15,41 @@ use tokio::net::TcpListener;
 
 use crate::App;
 
-/// How long a client may take to send its request headers.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connection-level settings, from `[ingest]`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// How long a client may take to send its request headers.
+    pub header_read_timeout: Duration,
+    /// Connections served at once; further ones wait in the accept queue.
+    pub max_connections: usize,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+}
 
-/// Serves until `shutdown` resolves, then drains connections for at most `grace`.
+impl ServerConfig {
+    pub fn from_config(cfg: &floodgate_core::config::IngestConfig) -> Self {
+        Self {
+            header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
+            max_connections: cfg.max_connections,
+            shutdown_grace: Duration::from_millis(cfg.shutdown_grace_ms),
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves, then drains connections for at most the grace period.
 pub async fn serve(
     listener: TcpListener,
     app: App,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    config: ServerConfig,
 ) {
+    let grace = config.shutdown_grace;
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(config.header_read_timeout)
         .keep_alive(true);
     builder
         .http2()
@@ -38,6 +58,11 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
+        // At the connection limit, stop accepting until a connection ends.
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _peer) = match accepted {
@@ -57,10 +82,13 @@ pub async fn serve(
                 });
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
+                metrics::gauge!("floodgate_ingest_open_connections").increment(1.0);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
+                    metrics::gauge!("floodgate_ingest_open_connections").decrement(1.0);
+                    drop(permit);
                 });
             }
             () = &mut shutdown => break,
