@@ -133,3 +133,47 @@ fn graceful_shutdown_under_load_loses_no_acked_event() {
         assert!(ids.contains(id), "acked {id} lost in a graceful shutdown");
     }
 }
+
+#[test]
+fn http2_cleartext_and_http1_keep_alive_are_both_served() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for http2 in [true, false] {
+            let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new())
+                .http2_only(http2)
+                .build_http();
+            // Several requests on the client's pooled connection (h2 streams, or h1
+            // keep-alive).
+            for i in 0..3 {
+                let body =
+                    serde_json::to_vec(&[booking(&format!("h{http2}-{i}"), "b", "K", 1)]).unwrap();
+                let req = hyper::Request::post(format!("http://{}/v1/events", server.addr))
+                    .header("content-type", "application/cloudevents-batch+json")
+                    .body(Full::new(bytes::Bytes::from(body)))
+                    .unwrap();
+                let resp = client.request(req).await.unwrap();
+                let version = resp.version();
+                assert_eq!(resp.status(), 200);
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(json["accepted"], 1);
+                let expected = if http2 {
+                    hyper::Version::HTTP_2
+                } else {
+                    hyper::Version::HTTP_11
+                };
+                assert_eq!(version, expected);
+            }
+        }
+    });
+    assert_eq!(stream_read(dir.path(), &["--limit", "100"]).len(), 6);
+}
