@@ -332,6 +332,9 @@ fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
         };
         let writer: Arc<dyn StreamWriter> = log.clone();
         let app = App::new(registry, writer, Some(state), Limits::from_config(&config.ingest), metrics);
+        if let Some(deduper) = app.deduper() {
+            rebuild_dedupe(&*log, deduper).await?;
+        }
         let listener = tokio::net::TcpListener::bind(config.ingest.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.ingest.listen))?;
@@ -354,6 +357,59 @@ fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
         tracing::info!("log closed; every acknowledged event is on disk");
         Ok(())
     })
+}
+
+/// Refills the dedupe memory with the events the log accepted within the window, so that
+/// a producer's retry after a restart is still recognised.
+async fn rebuild_dedupe(
+    reader: &dyn StreamReader,
+    deduper: &floodgate_ingest::dedupe::Deduper,
+) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Ids<'a> {
+        #[serde(borrow)]
+        source: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        id: std::borrow::Cow<'a, str>,
+    }
+    let started = std::time::Instant::now();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let mut seen = Vec::new();
+    for shard in reader.shards().await? {
+        let mut pos = StartPosition::AtTimestamp(now - deduper.window_ms());
+        loop {
+            let batch = reader.read(&shard.id, &pos, 10_000).await?;
+            if batch.records.is_empty() {
+                break;
+            }
+            for r in &batch.records {
+                if let Ok(ids) = serde_json::from_slice::<Ids<'_>>(&r.payload) {
+                    seen.push((
+                        r.appended_at_ms,
+                        floodgate_ingest::dedupe::key(&ids.source, &ids.id),
+                    ));
+                }
+            }
+            match batch.next {
+                Some(next) => pos = next,
+                None => break,
+            }
+        }
+    }
+    // Oldest first, so the memory's expiry order holds across shards.
+    seen.sort_unstable_by_key(|(at, _)| *at);
+    let n = seen.len();
+    for (at, key) in seen {
+        deduper.remember(key, at);
+    }
+    tracing::info!(
+        events = n,
+        ms = started.elapsed().as_millis() as u64,
+        "dedupe window rebuilt from the log"
+    );
+    Ok(())
 }
 
 fn process(args: ProcessArgs) -> Result<()> {

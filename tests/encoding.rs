@@ -29,10 +29,14 @@ fn gzip_and_zstd_bodies_are_decoded_and_bombs_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[]);
     let batch = "application/cloudevents-batch+json";
-    let events: Vec<Value> = (0..50)
-        .map(|i| booking(&format!("z{i}"), &format!("b{i}"), "E", 1))
-        .collect();
-    let body = serde_json::to_vec(&events).unwrap();
+    // Distinct ids per encoding: the same ids again would be answered as duplicates.
+    let body_for = |tag: &str| {
+        let events: Vec<Value> = (0..50)
+            .map(|i| booking(&format!("{tag}{i}"), &format!("b{i}"), "E", 1))
+            .collect();
+        serde_json::to_vec(&events).unwrap()
+    };
+    let body = body_for("g");
 
     let r = post(
         server.addr,
@@ -43,7 +47,7 @@ fn gzip_and_zstd_bodies_are_decoded_and_bombs_are_refused() {
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["accepted"], 50);
-    let zs = zstd::bulk::compress(&body, 3).unwrap();
+    let zs = zstd::bulk::compress(&body_for("z"), 3).unwrap();
     let r = post(
         server.addr,
         "/v1/events",
@@ -56,7 +60,7 @@ fn gzip_and_zstd_bodies_are_decoded_and_bombs_are_refused() {
         server.addr,
         "/v1/events",
         Some(batch),
-        &body,
+        &body_for("i"),
         &[("content-encoding", "identity")],
     );
     assert_eq!(r.status, 200);

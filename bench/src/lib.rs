@@ -27,3 +27,51 @@ pub fn sample_batch(n: usize, salt: u64) -> Vec<Value> {
         })
         .collect()
 }
+
+/// A request body whose event ids can be made unique per request cheaply: the ids hold a
+/// 12-digit field that [`UniqueBodies::next`] overwrites in place, so every request carries
+/// fresh (source, id) pairs and the edge's dedupe never short-cuts the work.
+#[derive(Debug, Clone)]
+pub struct UniqueBodies {
+    template: Vec<u8>,
+    offsets: Vec<usize>,
+    counter: u64,
+}
+
+const MARK: &[u8] = b"@@@@@@@@@@@@";
+
+impl UniqueBodies {
+    /// A template of `n` events; `start` seeds the counter (use distinct seeds per worker).
+    pub fn new(n: usize, start: u64) -> Self {
+        let mut events = sample_batch(n, 0);
+        for (i, e) in events.iter_mut().enumerate() {
+            e["id"] = json!(format!(
+                "evt-{i}-{}",
+                std::str::from_utf8(MARK).expect("ascii")
+            ));
+        }
+        let template = serde_json::to_vec(&events).expect("serializable");
+        let offsets = template
+            .windows(MARK.len())
+            .enumerate()
+            .filter(|(_, w)| *w == MARK)
+            .map(|(i, _)| i)
+            .collect();
+        Self {
+            template,
+            offsets,
+            counter: start,
+        }
+    }
+
+    /// The next body, with ids no earlier body of this generator used.
+    pub fn next_body(&mut self) -> Vec<u8> {
+        self.counter += 1;
+        let digits = format!("{:012}", self.counter % 1_000_000_000_000);
+        let mut body = self.template.clone();
+        for &o in &self.offsets {
+            body[o..o + MARK.len()].copy_from_slice(digits.as_bytes());
+        }
+        body
+    }
+}

@@ -52,15 +52,11 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let bodies: Arc<Vec<Bytes>> = Arc::new(
-        (0..64)
-            .map(|s| {
-                Bytes::from(
-                    serde_json::to_vec(&floodgate_bench::sample_batch(args.batch, s)).unwrap(),
-                )
-            })
-            .collect(),
-    );
+    // Every request carries fresh event ids, so the edge's dedupe never skips the work.
+    let run_seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() % 1_000)
+        * 1_000_000_000;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(args.concurrency)
         .build_http();
@@ -68,20 +64,15 @@ async fn run(args: Args) -> Result<()> {
     let measuring = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for c in 0..args.concurrency {
-        let (client, bodies, stop, measuring) = (
-            client.clone(),
-            bodies.clone(),
-            stop.clone(),
-            measuring.clone(),
-        );
+        let (client, stop, measuring) = (client.clone(), stop.clone(), measuring.clone());
+        let mut bodies =
+            floodgate_bench::UniqueBodies::new(args.batch, run_seed + c as u64 * 10_000_000);
         let url: hyper::Uri = args.url.parse()?;
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let (mut ok, mut failed) = (0u64, 0u64);
-            let mut i = c;
             while !stop.load(Ordering::Relaxed) {
-                let body = bodies[i % bodies.len()].clone();
-                i += 1;
+                let body = Bytes::from(bodies.next_body());
                 let req = Request::post(url.clone())
                     .header("content-type", "application/cloudevents-batch+json")
                     .body(Full::new(body))

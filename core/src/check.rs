@@ -15,6 +15,7 @@ use crate::registry::Registry;
 pub enum Outcome {
     Valid {
         id: String,
+        source: String,
         event_type: String,
         key: String,
         payload: Bytes,
@@ -60,6 +61,7 @@ pub fn check_body(
                 };
                 out.push(Outcome::Valid {
                     id: checked.envelope.id.to_owned(),
+                    source: checked.envelope.source.to_owned(),
                     event_type: checked.schema.event_type.clone(),
                     key: checked.key.into_owned(),
                     payload,

@@ -63,6 +63,11 @@ pub struct IngestConfig {
     pub request_timeout_ms: u64,
     /// Connections served at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// An event whose (source, id) was accepted this recently is answered as a duplicate
+    /// and not appended again. 0 turns dedupe off.
+    pub dedupe_window_ms: u64,
+    /// Ids remembered for dedupe at most (~70 MB per million).
+    pub dedupe_max_ids: usize,
     /// `Retry-After` sent with 503 when the stream cannot take a batch.
     pub retry_after_secs: u64,
 }
@@ -78,6 +83,8 @@ impl Default for IngestConfig {
             body_timeout_ms: 30_000,
             request_timeout_ms: 60_000,
             max_connections: 10_000,
+            dedupe_window_ms: 600_000,
+            dedupe_max_ids: 2_000_000,
             retry_after_secs: 1,
         }
     }

@@ -158,6 +158,9 @@ pub enum StartPosition {
     At(SequenceNumber),
     /// The first record after this sequence number (resuming from a checkpoint).
     After(SequenceNumber),
+    /// The first record appended at or after this time (ms since the Unix epoch), like
+    /// Kinesis' `AT_TIMESTAMP`.
+    AtTimestamp(i64),
 }
 
 /// A record read back from a shard.

@@ -15,6 +15,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
+use crate::dedupe::Deduper;
 use crate::events;
 use crate::response::{self, Body};
 
@@ -28,6 +29,11 @@ pub struct Limits {
     pub body_timeout: Duration,
     /// Longest time from a request's headers to its answer.
     pub request_timeout: Duration,
+    /// Producer retries of an event accepted this recently are answered as duplicates;
+    /// 0 turns dedupe off.
+    pub dedupe_window_ms: u64,
+    /// At most this many ids are remembered for dedupe.
+    pub dedupe_max_ids: usize,
 }
 
 impl Limits {
@@ -38,6 +44,8 @@ impl Limits {
             retry_after_secs: cfg.retry_after_secs.max(1),
             body_timeout: Duration::from_millis(cfg.body_timeout_ms),
             request_timeout: Duration::from_millis(cfg.request_timeout_ms),
+            dedupe_window_ms: cfg.dedupe_window_ms,
+            dedupe_max_ids: cfg.dedupe_max_ids,
         }
     }
 }
@@ -47,6 +55,7 @@ pub(crate) struct Inner {
     pub stream: Arc<dyn StreamWriter>,
     /// Bookings state for the read API; `None` when this process serves no state.
     pub state: Option<Arc<dyn StateStore>>,
+    pub dedupe: Option<Arc<Deduper>>,
     pub limits: Limits,
     metrics: PrometheusHandle,
     schema_list: Bytes,
@@ -86,11 +95,19 @@ impl App {
                 registry,
                 stream,
                 state,
+                dedupe: (limits.dedupe_window_ms > 0).then(|| {
+                    Arc::new(Deduper::new(limits.dedupe_window_ms, limits.dedupe_max_ids))
+                }),
                 limits,
                 metrics,
                 schema_list,
             }),
         }
+    }
+
+    /// The dedupe memory, to rebuild from the log at start-up; `None` when dedupe is off.
+    pub fn deduper(&self) -> Option<&Deduper> {
+        self.inner.dedupe.as_deref()
     }
 
     /// Answers one request. Never panics on input; every error is a JSON body.

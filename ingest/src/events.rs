@@ -14,6 +14,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 
 use crate::app::Inner;
+use crate::dedupe::{self, Claim};
 use crate::encoding::{self, BinaryModeError, DecompressError, Encoding};
 use crate::response::{self, Body};
 
@@ -52,11 +53,33 @@ struct BatchResponse {
     results: Vec<EventResult>,
 }
 
+/// What the edge does with one valid event.
+enum Plan {
+    /// Append it as record `n` of the request's append.
+    Append(usize),
+    /// Accepted within the dedupe window: answer accepted, append nothing.
+    Duplicate,
+    /// Its first copy is being appended by another request: answer retry.
+    InFlight,
+    /// A second copy of event `n` of this request: answer as that one was answered.
+    SameAs(usize),
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 #[derive(Serialize)]
 struct EventResult {
     index: usize,
     id: Option<String>,
     status: &'static str,
+    /// `true` when the event was accepted before (same source and id) and not appended
+    /// again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duplicate: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     errors: Option<Vec<FieldError>>,
 }
@@ -196,54 +219,95 @@ where
     };
     metrics::histogram!("floodgate_ingest_batch_size_events").record(outcomes.len() as f64);
 
-    // Append the valid events, then answer in input order.
+    // Which valid events to append: not those accepted within the dedupe window, nor a
+    // second copy within this very request.
+    let now = now_ms();
+    let mut plans: Vec<Option<Plan>> = Vec::with_capacity(outcomes.len());
     let mut records = Vec::new();
-    for o in &outcomes {
-        if let Outcome::Valid { key, payload, .. } = o {
-            records.push(Record {
-                key: key.clone(),
-                payload: payload.clone(),
+    let mut claimed: Vec<(dedupe::Key, usize)> = Vec::new(); // (key, record index)
+    {
+        let mut first_in_batch: HashMap<dedupe::Key, usize> = HashMap::new();
+        let mut keys = Vec::new();
+        for (i, o) in outcomes.iter().enumerate() {
+            plans.push(None);
+            let Outcome::Valid { id, source, .. } = o else {
+                continue;
+            };
+            if app.dedupe.is_some() {
+                let k = dedupe::key(source, id);
+                if let Some(&j) = first_in_batch.get(&k) {
+                    plans[i] = Some(Plan::SameAs(j));
+                    continue;
+                }
+                first_in_batch.insert(k, i);
+                keys.push((i, k));
+            }
+        }
+        let claims = match &app.dedupe {
+            Some(d) => d.claim(&keys.iter().map(|(_, k)| *k).collect::<Vec<_>>(), now),
+            None => Vec::new(),
+        };
+        let mut claim_of: HashMap<usize, (dedupe::Key, Claim)> = HashMap::new();
+        for ((i, k), c) in keys.into_iter().zip(claims) {
+            claim_of.insert(i, (k, c));
+        }
+        for (i, o) in outcomes.iter().enumerate() {
+            let Outcome::Valid { key, payload, .. } = o else {
+                continue;
+            };
+            if plans[i].is_some() {
+                continue;
+            }
+            plans[i] = Some(match claim_of.get(&i) {
+                Some((_, Claim::Duplicate)) => Plan::Duplicate,
+                Some((_, Claim::InFlight)) => Plan::InFlight,
+                claim => {
+                    if let Some((k, _)) = claim {
+                        claimed.push((*k, records.len()));
+                    }
+                    records.push(Record {
+                        key: key.clone(),
+                        payload: payload.clone(),
+                    });
+                    Plan::Append(records.len() - 1)
+                }
             });
         }
     }
-    let mut appended = if records.is_empty() {
+    let appended = if records.is_empty() {
         Vec::new()
     } else {
         app.stream.append(records).await
+    };
+    if let Some(d) = &app.dedupe {
+        let settled: Vec<(dedupe::Key, bool)> = claimed
+            .iter()
+            .map(|(k, r)| (*k, appended[*r].is_ok()))
+            .collect();
+        d.settle(&settled, now_ms());
     }
-    .into_iter();
 
     let mut counts: HashMap<(String, &'static str), u64> = HashMap::new();
     let (mut accepted, mut rejected, mut retry) = (0, 0, 0);
     let mut retry_after_ms = 0u64;
-    let mut results = Vec::with_capacity(outcomes.len());
+    let mut results: Vec<EventResult> = Vec::with_capacity(outcomes.len());
     for (index, outcome) in outcomes.into_iter().enumerate() {
+        let mut duplicate = None;
         let (id, event_type, status, errors) = match outcome {
-            Outcome::Valid { id, event_type, .. } => match appended.next() {
-                Some(Ok(_)) => {
+            Outcome::Valid { id, event_type, .. } => match plans[index].take() {
+                Some(Plan::Duplicate) => {
+                    duplicate = Some(true);
                     accepted += 1;
                     (Some(id), event_type, "accepted", None)
                 }
-                // The stream will never take this record: a permanent fault of the event.
-                Some(Err(AppendError::Refused(message))) => {
-                    rejected += 1;
-                    (
-                        Some(id),
-                        event_type,
-                        "rejected",
-                        Some(vec![FieldError::new("", message)]),
-                    )
+                Some(Plan::SameAs(j)) if results[j].status == "accepted" => {
+                    duplicate = Some(true);
+                    accepted += 1;
+                    (Some(id), event_type, "accepted", None)
                 }
-                other => {
+                Some(Plan::InFlight) | Some(Plan::SameAs(_)) => {
                     retry += 1;
-                    let message = match other {
-                        Some(Err(AppendError::Busy { retry_after_ms: ms })) => {
-                            retry_after_ms = retry_after_ms.max(ms);
-                            format!("the stream is busy; retry after {ms} ms")
-                        }
-                        Some(Err(e)) => e.to_string(),
-                        _ => "not appended".to_owned(),
-                    };
+                    let message = "an event with this source and id is being appended; retry";
                     (
                         Some(id),
                         event_type,
@@ -251,6 +315,39 @@ where
                         Some(vec![FieldError::new("", message)]),
                     )
                 }
+                Some(Plan::Append(r)) => match &appended[r] {
+                    Ok(_) => {
+                        accepted += 1;
+                        (Some(id), event_type, "accepted", None)
+                    }
+                    // The stream will never take this record: a permanent fault of the event.
+                    Err(AppendError::Refused(message)) => {
+                        rejected += 1;
+                        (
+                            Some(id),
+                            event_type,
+                            "rejected",
+                            Some(vec![FieldError::new("", message.clone())]),
+                        )
+                    }
+                    Err(e) => {
+                        retry += 1;
+                        let message = match e {
+                            AppendError::Busy { retry_after_ms: ms } => {
+                                retry_after_ms = retry_after_ms.max(*ms);
+                                format!("the stream is busy; retry after {ms} ms")
+                            }
+                            e => e.to_string(),
+                        };
+                        (
+                            Some(id),
+                            event_type,
+                            "retry",
+                            Some(vec![FieldError::new("", message)]),
+                        )
+                    }
+                },
+                None => unreachable!("every valid event has a plan"),
             },
             Outcome::Rejected {
                 id,
@@ -266,11 +363,17 @@ where
                 )
             }
         };
-        *counts.entry((event_type, status)).or_default() += 1;
+        let outcome_label = if duplicate.is_some() {
+            "duplicate"
+        } else {
+            status
+        };
+        *counts.entry((event_type, outcome_label)).or_default() += 1;
         results.push(EventResult {
             index,
             id,
             status,
+            duplicate,
             errors,
         });
     }

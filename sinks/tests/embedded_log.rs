@@ -475,3 +475,55 @@ fn leases_are_exclusive_and_freed_when_the_holder_goes() {
         );
     });
 }
+
+#[test]
+fn reads_can_start_at_a_timestamp() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EmbeddedStreamConfig {
+        shards: 1,
+        segment_bytes: 4096,
+        compression: Compression::None,
+        ..cfg()
+    };
+    rt().block_on(async {
+        let log = EmbeddedLog::open(dir.path(), &config).unwrap();
+        let payload = "y".repeat(500);
+        for i in 0..20 {
+            assert!(
+                log.append(vec![rec("k", &format!("old-{i}-{payload}"))])
+                    .await[0]
+                    .is_ok()
+            );
+        }
+        // Distinct append times: the clock has to move past the old records.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        for i in 0..5 {
+            assert!(log.append(vec![rec("k", &format!("new-{i}"))]).await[0].is_ok());
+        }
+        let shard = ShardId("0".into());
+        let b = log
+            .read(&shard, &StartPosition::AtTimestamp(t), 100)
+            .await
+            .unwrap();
+        let got: Vec<String> = b
+            .records
+            .iter()
+            .map(|r| String::from_utf8(r.payload.to_vec()).unwrap())
+            .collect();
+        assert_eq!(got, ["new-0", "new-1", "new-2", "new-3", "new-4"]);
+        // A time after everything: nothing, and the position is the end.
+        let b = log
+            .read(&shard, &StartPosition::AtTimestamp(t + 3_600_000), 100)
+            .await
+            .unwrap();
+        assert!(b.records.is_empty());
+        let b = log.read(&shard, &b.next.unwrap(), 100).await.unwrap();
+        assert!(b.records.is_empty());
+        log.close().await.unwrap();
+    });
+}

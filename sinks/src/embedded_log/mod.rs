@@ -521,6 +521,13 @@ fn try_read_shard(
         StartPosition::TrimHorizon => first.base,
         StartPosition::At(s) => s.as_u64().unwrap_or(u64::MAX),
         StartPosition::After(s) => s.as_u64().map_or(u64::MAX, |s| s.saturating_add(1)),
+        StartPosition::AtTimestamp(ts) => {
+            match segment::first_sequence_at_or_after(&segments, *ts)? {
+                Some(seq) => seq,
+                // Everything is older: start after the last record.
+                None => bound.unwrap_or_else(|| last_sequence(&segments).unwrap_or(first.base)),
+            }
+        }
     }
     .max(first.base);
     let mut records = Vec::new();
@@ -567,6 +574,17 @@ fn try_read_shard(
         records_behind: bound.map_or(0, |b| b.saturating_sub(next)),
     };
     Ok((batch, hint))
+}
+
+/// The sequence after the last whole record of the newest segment (for read-only views).
+fn last_sequence(segments: &[Segment]) -> Option<u64> {
+    let seg = segments.last()?;
+    let mut reader = io::BufReader::new(File::open(&seg.path).ok()?);
+    let mut next = seg.base;
+    while let Ok(segment::FrameAt::Frame { header, .. }) = segment::read_frame(&mut reader, false) {
+        next = header.next_sequence();
+    }
+    Some(next)
 }
 
 /// A read-only view of a log that another process may be writing (e.g. a live

@@ -221,3 +221,43 @@ pub enum ScanEnd {
     /// The segment (or its durable part) is exhausted at this frame offset.
     EndOfData { offset: u64 },
 }
+
+/// The sequence of the first record appended at or after `ts_ms`, found by reading frame
+/// headers only: the newest segment that starts before `ts_ms`, then its frames in order.
+/// `None` when every record is older (the caller then starts at the end).
+pub fn first_sequence_at_or_after(segments: &[Segment], ts_ms: i64) -> io::Result<Option<u64>> {
+    let first_ts = |seg: &Segment| -> io::Result<Option<Header>> {
+        let mut f = File::open(&seg.path)?;
+        let mut hb = [0u8; HEADER_LEN];
+        Ok(if read_full(&mut f, &mut hb)? == HEADER_LEN {
+            Header::parse(&hb)
+        } else {
+            None
+        })
+    };
+    // Newest segment whose first frame is older than ts_ms; earlier ones hold nothing newer.
+    let mut start = 0;
+    for (i, seg) in segments.iter().enumerate().rev() {
+        if let Some(h) = first_ts(seg)?
+            && h.appended_at_ms < ts_ms
+        {
+            start = i;
+            break;
+        }
+    }
+    for seg in &segments[start..] {
+        let mut reader = io::BufReader::new(File::open(&seg.path)?);
+        loop {
+            let mut hb = [0u8; HEADER_LEN];
+            if read_full(&mut reader, &mut hb)? < HEADER_LEN {
+                break;
+            }
+            let Some(h) = Header::parse(&hb) else { break };
+            if h.appended_at_ms >= ts_ms {
+                return Ok(Some(h.base_sequence));
+            }
+            reader.seek_relative(i64::from(h.body_len))?;
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,179 @@
+//! Dedupe of producer retries: an event whose (`source`, `id`) was accepted within the
+//! window is answered `accepted` with `"duplicate": true` and not appended again.
+//!
+//! Memory is bounded: each remembered event costs one 128-bit hash (MD5 of source and id)
+//! in a hash map plus a time-ordered queue entry, about 60–80 bytes per id (≈ 70 MB per
+//! million ids), and `max_ids` caps the total; past it the oldest ids are forgotten early.
+//! After a restart the window is rebuilt from the log's tail ([`Deduper::remember`]).
+//!
+//! An id whose first copy is still being appended is answered `retry`: whether that first
+//! copy becomes durable is not known yet.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use md5::{Digest, Md5};
+
+/// The dedupe key of an event: MD5 of its source and id (NUL-separated).
+pub fn key(source: &str, id: &str) -> (u64, u64) {
+    let mut h = Md5::new();
+    h.update(source.as_bytes());
+    h.update([0u8]);
+    h.update(id.as_bytes());
+    let d: [u8; 16] = h.finalize().into();
+    (
+        u64::from_le_bytes(d[..8].try_into().expect("8 bytes")),
+        u64::from_le_bytes(d[8..].try_into().expect("8 bytes")),
+    )
+}
+
+pub type Key = (u64, u64);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Being appended now.
+    Pending,
+    /// Accepted at this time (ms).
+    Accepted(i64),
+}
+
+/// What a new copy of an event is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Not seen within the window: append it (and settle the claim afterwards).
+    New,
+    /// Accepted within the window: answer accepted, do not append.
+    Duplicate,
+    /// Its first copy is being appended: answer retry.
+    InFlight,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    slots: HashMap<Key, Slot>,
+    /// Accepted ids by acceptance time, oldest first.
+    order: VecDeque<(i64, Key)>,
+}
+
+#[derive(Debug)]
+pub struct Deduper {
+    window_ms: i64,
+    max_ids: usize,
+    state: Mutex<State>,
+}
+
+impl Deduper {
+    pub fn new(window_ms: u64, max_ids: usize) -> Self {
+        Self {
+            window_ms: window_ms as i64,
+            max_ids: max_ids.max(1),
+            state: Mutex::default(),
+        }
+    }
+
+    pub fn window_ms(&self) -> i64 {
+        self.window_ms
+    }
+
+    fn evict(&self, state: &mut State, now_ms: i64) {
+        let horizon = now_ms - self.window_ms;
+        while let Some(&(at, key)) = state.order.front() {
+            if at >= horizon && state.order.len() <= self.max_ids {
+                break;
+            }
+            state.order.pop_front();
+            if state.slots.get(&key) == Some(&Slot::Accepted(at)) {
+                state.slots.remove(&key);
+            }
+        }
+    }
+
+    /// Claims `keys` for a request at `now_ms`, in order.
+    pub fn claim(&self, keys: &[Key], now_ms: i64) -> Vec<Claim> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.evict(&mut state, now_ms);
+        let horizon = now_ms - self.window_ms;
+        keys.iter()
+            .map(|key| match state.slots.get(key) {
+                Some(Slot::Pending) => Claim::InFlight,
+                Some(Slot::Accepted(at)) if *at >= horizon => Claim::Duplicate,
+                _ => {
+                    state.slots.insert(*key, Slot::Pending);
+                    Claim::New
+                }
+            })
+            .collect()
+    }
+
+    /// Settles claimed keys after the append: accepted ones are remembered, the others
+    /// forgotten so that a retry is appended.
+    pub fn settle(&self, outcomes: &[(Key, bool)], now_ms: i64) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for &(key, accepted) in outcomes {
+            if accepted {
+                state.slots.insert(key, Slot::Accepted(now_ms));
+                state.order.push_back((now_ms, key));
+            } else if state.slots.get(&key) == Some(&Slot::Pending) {
+                state.slots.remove(&key);
+            }
+        }
+        self.evict(&mut state, now_ms);
+        metrics::gauge!("floodgate_ingest_dedupe_ids").set(state.slots.len() as f64);
+    }
+
+    /// Remembers an event accepted at `at_ms` (rebuilding the window from the log).
+    /// Calls must come in acceptance-time order per source of truth; out-of-order times
+    /// only make an id expire a little early or late.
+    pub fn remember(&self, key: Key, at_ms: i64) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.slots.insert(key, Slot::Accepted(at_ms));
+        state.order.push_back((at_ms, key));
+        if state.order.len() > self.max_ids {
+            let now = at_ms;
+            self.evict(&mut state, now);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .slots
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_settle_and_expire() {
+        let d = Deduper::new(1000, 100);
+        let (a, b) = (key("s", "a"), key("s", "b"));
+        assert_eq!(d.claim(&[a, b], 0), [Claim::New, Claim::New]);
+        assert_eq!(d.claim(&[a], 1), [Claim::InFlight]);
+        d.settle(&[(a, true), (b, false)], 2);
+        assert_eq!(d.claim(&[a, b], 3), [Claim::Duplicate, Claim::New]);
+        d.settle(&[(b, true)], 4);
+        // After the window both are forgotten.
+        assert_eq!(d.claim(&[a], 1003), [Claim::New]);
+        assert_eq!(d.claim(&[b], 1003), [Claim::Duplicate]);
+        assert_ne!(key("s", "ab"), key("sa", "b"));
+    }
+
+    #[test]
+    fn memory_is_capped() {
+        let d = Deduper::new(u64::MAX / 4, 10);
+        for i in 0..100 {
+            d.remember(key("s", &i.to_string()), i);
+        }
+        assert!(d.len() <= 11, "{}", d.len());
+        assert_eq!(d.claim(&[key("s", "99")], 100), [Claim::Duplicate]);
+        assert_eq!(d.claim(&[key("s", "0")], 100), [Claim::New]);
+    }
+}
