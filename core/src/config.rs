@@ -66,7 +66,7 @@ pub struct IngestConfig {
     /// An event whose (source, id) was accepted this recently is answered as a duplicate
     /// and not appended again. 0 turns dedupe off.
     pub dedupe_window_ms: u64,
-    /// Ids remembered for dedupe at most (~70 MB per million).
+    /// Ids remembered for dedupe at most (~105 MB per million).
     pub dedupe_max_ids: usize,
     /// `Retry-After` sent with 503 when the stream cannot take a batch.
     pub retry_after_secs: u64,

@@ -2,14 +2,16 @@
 //! window is answered `accepted` with `"duplicate": true` and not appended again.
 //!
 //! Memory is bounded: each remembered event costs one 128-bit hash (MD5 of source and id)
-//! in a hash map plus a time-ordered queue entry, about 60–80 bytes per id (≈ 70 MB per
-//! million ids), and `max_ids` caps the total; past it the oldest ids are forgotten early.
+//! with its time in a hash map plus a time-ordered queue entry: about 105 MB per million
+//! ids (measured: 2 M ids, RSS 231 MB against 21 MB at start), and `max_ids` caps the total; past it the oldest ids are forgotten
+//! early, so under sustained load the effective window is `max_ids / events per second`.
 //! After a restart the window is rebuilt from the log's tail ([`Deduper::remember`]).
 //!
 //! An id whose first copy is still being appended is answered `retry`: whether that first
 //! copy becomes durable is not known yet.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 
 use md5::{Digest, Md5};
@@ -29,12 +31,20 @@ pub fn key(source: &str, id: &str) -> (u64, u64) {
 
 pub type Key = (u64, u64);
 
+/// A slot's value: the acceptance time in ms, or [`PENDING`] while being appended.
+type Slot = i64;
+const PENDING: Slot = i64::MIN;
+
+/// A map key hashed as one word: the digest's halves folded together, then through the
+/// map's randomly seeded SipHash, which keeps a producer from aiming ids at one bucket
+/// while hashing 8 bytes instead of 16.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Slot {
-    /// Being appended now.
-    Pending,
-    /// Accepted at this time (ms).
-    Accepted(i64),
+struct MapKey(Key);
+
+impl Hash for MapKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0.0 ^ self.0.1.rotate_left(29));
+    }
 }
 
 /// What a new copy of an event is.
@@ -50,7 +60,7 @@ pub enum Claim {
 
 #[derive(Debug, Default)]
 struct State {
-    slots: HashMap<Key, Slot>,
+    slots: HashMap<MapKey, Slot>,
     /// Accepted ids by acceptance time, oldest first.
     order: VecDeque<(i64, Key)>,
 }
@@ -82,8 +92,8 @@ impl Deduper {
                 break;
             }
             state.order.pop_front();
-            if state.slots.get(&key) == Some(&Slot::Accepted(at)) {
-                state.slots.remove(&key);
+            if state.slots.get(&MapKey(key)) == Some(&at) {
+                state.slots.remove(&MapKey(key));
             }
         }
     }
@@ -94,11 +104,11 @@ impl Deduper {
         self.evict(&mut state, now_ms);
         let horizon = now_ms - self.window_ms;
         keys.iter()
-            .map(|key| match state.slots.get(key) {
-                Some(Slot::Pending) => Claim::InFlight,
-                Some(Slot::Accepted(at)) if *at >= horizon => Claim::Duplicate,
+            .map(|key| match state.slots.get(&MapKey(*key)) {
+                Some(&PENDING) => Claim::InFlight,
+                Some(at) if *at >= horizon => Claim::Duplicate,
                 _ => {
-                    state.slots.insert(*key, Slot::Pending);
+                    state.slots.insert(MapKey(*key), PENDING);
                     Claim::New
                 }
             })
@@ -111,10 +121,10 @@ impl Deduper {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         for &(key, accepted) in outcomes {
             if accepted {
-                state.slots.insert(key, Slot::Accepted(now_ms));
+                state.slots.insert(MapKey(key), now_ms);
                 state.order.push_back((now_ms, key));
-            } else if state.slots.get(&key) == Some(&Slot::Pending) {
-                state.slots.remove(&key);
+            } else if state.slots.get(&MapKey(key)) == Some(&PENDING) {
+                state.slots.remove(&MapKey(key));
             }
         }
         self.evict(&mut state, now_ms);
@@ -126,7 +136,7 @@ impl Deduper {
     /// only make an id expire a little early or late.
     pub fn remember(&self, key: Key, at_ms: i64) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.slots.insert(key, Slot::Accepted(at_ms));
+        state.slots.insert(MapKey(key), at_ms);
         state.order.push_back((at_ms, key));
         if state.order.len() > self.max_ids {
             let now = at_ms;
