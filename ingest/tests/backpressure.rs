@@ -1,0 +1,135 @@
+//! The edge's answers when the stream cannot take a batch: 503 with `Retry-After`, every
+//! valid event marked `retry`, and `/readyz` 503 while the stream is not writable. Driven
+//! through `App::handle` with a stream that refuses appends (our own role trait, not an
+//! SDK mock).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use floodgate_core::config::IngestConfig;
+use floodgate_core::registry::Registry;
+use floodgate_core::stream::{
+    AppendError, Appended, Record, SequenceNumber, ShardId, StreamError, StreamWriter,
+};
+use floodgate_ingest::App;
+use floodgate_ingest::app::Limits;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+
+/// A stream that is full (or healthy, when `full` is false).
+#[derive(Debug, Default)]
+struct FullStream {
+    full: AtomicBool,
+}
+
+#[async_trait]
+impl StreamWriter for FullStream {
+    async fn append(&self, records: Vec<Record>) -> Vec<Result<Appended, AppendError>> {
+        records
+            .iter()
+            .enumerate()
+            .map(|(i, _)| {
+                if self.full.load(Ordering::Relaxed) {
+                    Err(AppendError::Busy {
+                        retry_after_ms: 2500,
+                    })
+                } else {
+                    Ok(Appended {
+                        shard: ShardId("0".into()),
+                        sequence: SequenceNumber::from_u64(i as u64),
+                    })
+                }
+            })
+            .collect()
+    }
+    async fn check_writable(&self) -> Result<(), StreamError> {
+        if self.full.load(Ordering::Relaxed) {
+            Err(StreamError::Unavailable("append queue is full".into()))
+        } else {
+            Ok(())
+        }
+    }
+    async fn close(&self) -> Result<(), StreamError> {
+        Ok(())
+    }
+}
+
+fn event(id: &str, seats: i64) -> Value {
+    json!({"specversion":"1.0","id":id,"source":"/t","type":"booking.requested",
+           "data":{"bookingId":id,"eventId":"E","customerId":"c","seats":seats,"requestedAt":"2026-11-22T10:00:00Z"}})
+}
+
+async fn post(app: &App, events: &[Value]) -> (u16, Option<String>, Value) {
+    let req = hyper::Request::post("/v1/events")
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(events).unwrap())))
+        .unwrap();
+    let resp = app.handle(req).await;
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, retry_after, serde_json::from_slice(&body).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_stream_gets_503_with_retry_after_and_readyz_fails() {
+    let stream = Arc::new(FullStream::default());
+    let metrics = floodgate_ingest::telemetry::install();
+    let app = App::new(
+        Arc::new(Registry::builtin().unwrap()),
+        stream.clone(),
+        None,
+        Limits::from_config(&IngestConfig::default()),
+        metrics,
+    );
+    let (status, retry_after, _) = post(&app, &[event("a", 1)]).await;
+    assert_eq!((status, retry_after), (200, None));
+
+    stream.full.store(true, Ordering::Relaxed);
+    // Every valid event is "retry", the request 503, Retry-After in whole seconds (ceil).
+    let (status, retry_after, body) = post(&app, &[event("b", 1), event("c", 2)]).await;
+    assert_eq!(status, 503);
+    assert_eq!(retry_after.as_deref(), Some("3"));
+    assert_eq!(body["retry"], 2);
+    assert!(
+        body["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["status"] == "retry")
+    );
+    assert!(
+        body["results"][0]["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("busy")
+    );
+    // Invalid events are still rejected with their pointers; the rest retry.
+    let (status, retry_after, body) = post(&app, &[event("d", 0), event("e", 1)]).await;
+    assert_eq!(status, 503);
+    assert!(retry_after.is_some());
+    assert_eq!(body["results"][0]["status"], "rejected");
+    assert_eq!(body["results"][0]["errors"][0]["pointer"], "/data/seats");
+    assert_eq!(body["results"][1]["status"], "retry");
+
+    let req = hyper::Request::get("/readyz")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(app.handle(req).await.status(), 503);
+
+    // A retried event is appended once the stream has room (it was never remembered as
+    // accepted by the dedupe window).
+    stream.full.store(false, Ordering::Relaxed);
+    let (status, _, body) = post(&app, &[event("b", 1)]).await;
+    assert_eq!(status, 200);
+    assert!(body["results"][0].get("duplicate").is_none());
+    let req = hyper::Request::get("/readyz")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(app.handle(req).await.status(), 200);
+}
