@@ -55,7 +55,6 @@ fn the_connection_limit_holds_new_connections_back() {
     let idle: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(server.addr).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
     // The third connection is accepted by the kernel but not served while two are open.
     let mut third = TcpStream::connect(server.addr).unwrap();
     third

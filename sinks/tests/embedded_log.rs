@@ -165,7 +165,6 @@ fn a_second_writer_is_refused_and_shard_count_is_fixed() {
     let err = EmbeddedLog::open(dir.path(), &cfg()).unwrap_err();
     assert!(err.to_string().contains("another process"), "{err}");
     drop(log);
-    std::thread::sleep(std::time::Duration::from_millis(50));
     let err =
         EmbeddedLog::open(dir.path(), &EmbeddedStreamConfig { shards: 8, ..cfg() }).unwrap_err();
     assert!(err.to_string().contains("4 shards"), "{err}");
