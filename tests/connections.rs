@@ -6,11 +6,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Server, booking, read_response, stream_read, try_request};
+use common::{Server, booking, read_response, stream_read};
 
 fn start_with(dir: &std::path::Path, toml: &str) -> Server {
     let config = dir.join("floodgate.toml");
@@ -81,47 +80,21 @@ fn graceful_shutdown_under_load_loses_no_acked_event() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), &[]);
     let acked = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..6)
-        .map(|c| {
-            let (acked, stop, addr) = (acked.clone(), stop.clone(), server.addr);
-            std::thread::spawn(move || {
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let events: Vec<_> = (0..20)
-                        .map(|i| booking(&format!("g{c}-{n}-{i}"), "b", &format!("K{i}"), 1))
-                        .collect();
-                    n += 1;
-                    let body = serde_json::to_vec(&events).unwrap();
-                    let Ok(r) = try_request(
-                        addr,
-                        "POST",
-                        "/v1/events",
-                        &[("content-type", "application/cloudevents-batch+json")],
-                        Some(&body),
-                    ) else {
-                        break;
-                    };
-                    if r.status == 200 {
-                        acked
-                            .lock()
-                            .unwrap()
-                            .extend(events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
-                    }
-                }
-            })
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(700));
+    let posters = common::Posters::start(server.addr, 6, acked.clone(), |c, n| {
+        (0..20)
+            .map(|i| booking(&format!("g{c}-{n}-{i}"), "b", &format!("K{i}"), 1))
+            .collect()
+    });
+    // Shut down once the load is well under way.
+    common::wait_for(30, "load to build", || {
+        (posters.acked() >= 400).then_some(())
+    });
     assert_eq!(
         server.terminate(),
         Some(0),
         "SIGTERM under load did not exit 0"
     );
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        let _ = c.join();
-    }
+    posters.stop();
     let acked = acked.lock().unwrap();
     assert!(acked.len() > 100, "too little load: {}", acked.len());
     let ids: std::collections::HashSet<String> = stream_read(dir.path(), &[])

@@ -5,11 +5,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use common::{Server, booking, stream_read, try_request};
+use common::{Posters, Server, booking, stream_read, wait_for};
 
 const ROUNDS: usize = 5;
 const CLIENTS: usize = 4;
@@ -30,61 +28,27 @@ fn sigkill_under_load_loses_no_acked_event() {
         );
         acked.lock().unwrap().push(format!("probe-{round}"));
 
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut clients = Vec::new();
-        for c in 0..CLIENTS {
-            let (stop, acked, addr) = (stop.clone(), acked.clone(), server.addr);
-            clients.push(std::thread::spawn(move || {
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let events: Vec<_> = (0..25)
-                        .map(|i| {
-                            let id = format!("r{round}-c{c}-{n}-{i}");
-                            booking(
-                                &id,
-                                &format!("bk-{id}"),
-                                &format!("E{}", (c * 7 + i) % 13),
-                                1,
-                            )
-                        })
-                        .collect();
-                    n += 1;
-                    let body = serde_json::to_vec(&events).unwrap();
-                    // Connection errors are expected once the server is killed.
-                    let Ok(resp) = try_request(
-                        addr,
-                        "POST",
-                        "/v1/events",
-                        &[("content-type", "application/cloudevents-batch+json")],
-                        Some(&body),
-                    ) else {
-                        break;
-                    };
-                    if resp.status == 200 {
-                        acked
-                            .lock()
-                            .unwrap()
-                            .extend(events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
-                    } else {
-                        assert!(
-                            matches!(resp.status, 503 | 207),
-                            "unexpected status {}",
-                            resp.status
-                        );
-                    }
-                }
-            }));
-        }
-        // Let load build, then kill without warning at a varying moment.
-        let until = Instant::now() + Duration::from_millis(300 + 150 * round as u64);
-        while Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let posters = Posters::start(server.addr, CLIENTS, acked.clone(), move |c, n| {
+            (0..25)
+                .map(|i| {
+                    let id = format!("r{round}-c{c}-{n}-{i}");
+                    booking(
+                        &id,
+                        &format!("bk-{id}"),
+                        &format!("E{}", (c * 7 + i) % 13),
+                        1,
+                    )
+                })
+                .collect()
+        });
+        // Let load build, then kill without warning, at a later point each round.
+        let before = posters.acked();
+        let target = before + 1500 * (round + 1);
+        wait_for(60, "load to build", || {
+            (posters.acked() >= target).then_some(())
+        });
         server.kill9();
-        stop.store(true, Ordering::Relaxed);
-        for c in clients {
-            let _ = c.join();
-        }
+        posters.stop();
     }
     let server = Server::start(dir.path(), &[]);
     assert_eq!(

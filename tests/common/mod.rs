@@ -320,3 +320,73 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Clients that POST batches back to back until stopped or until the server goes away,
+/// recording the ids of every event answered 200.
+pub struct Posters {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Posters {
+    /// `clients` threads; client `c`'s `n`-th request carries `batch(c, n)`. Acked ids are
+    /// appended to `acked`. A status other than 200, 207 or 503 fails the test.
+    pub fn start(
+        addr: SocketAddr,
+        clients: usize,
+        acked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+        batch: impl Fn(usize, usize) -> Vec<Value> + Send + Sync + 'static,
+    ) -> Posters {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let batch = std::sync::Arc::new(batch);
+        let threads = (0..clients)
+            .map(|c| {
+                let (stop, acked, batch) = (stop.clone(), acked.clone(), batch.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let events = batch(c, n);
+                        n += 1;
+                        let body = serde_json::to_vec(&events).unwrap();
+                        // Connection errors are expected once the server is stopped.
+                        let Ok(resp) = try_request(
+                            addr,
+                            "POST",
+                            "/v1/events",
+                            &[("content-type", "application/cloudevents-batch+json")],
+                            Some(&body),
+                        ) else {
+                            break;
+                        };
+                        match resp.status {
+                            200 => acked.lock().unwrap().extend(
+                                events.iter().map(|e| e["id"].as_str().unwrap().to_owned()),
+                            ),
+                            207 | 503 => {}
+                            other => panic!("unexpected status {other}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Posters {
+            stop,
+            acked,
+            threads,
+        }
+    }
+
+    /// Events acked so far (by every poster sharing the `acked` list).
+    pub fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Stops the clients and waits for them; a client's failure fails the test.
+    pub fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("a poster failed");
+        }
+    }
+}
