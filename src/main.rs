@@ -17,10 +17,11 @@ use floodgate_core::decode::BodyFormat;
 use floodgate_core::registry::{Registry, SchemaSource};
 use floodgate_core::state::StateStore;
 use floodgate_core::stream::{
-    CheckpointStore, SequenceNumber, StartPosition, StreamReader, StreamWriter,
+    CheckpointStore, ConsumerLag, SequenceNumber, StartPosition, StreamReader, StreamWriter,
 };
 use floodgate_ingest::App;
 use floodgate_ingest::app::Limits;
+use floodgate_ingest::auth::Auth;
 use floodgate_processors::bookings::BookingsProcessor;
 use floodgate_processors::runtime::{RuntimeConfig, spawn_consumers};
 use floodgate_sinks::{
@@ -65,6 +66,29 @@ enum Command {
     /// Inspect and use the schema registry offline.
     #[command(subcommand)]
     Schemas(SchemasCommand),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Make a fresh API key: prints the secret once, and the TOML stanza that holds only its
+    /// SHA-256 (paste it into the config file).
+    New {
+        /// The key's name in logs and metrics
+        #[arg(long)]
+        name: String,
+        /// Event types the key may post, as globs (repeatable) [default: every type]
+        #[arg(long = "types", num_args = 1..)]
+        types: Vec<String>,
+        /// Events per second, sustained [default: no limit]
+        #[arg(long)]
+        rate_per_sec: Option<u32>,
+        /// Events above the sustained rate at once [default: 2 s worth]
+        #[arg(long, requires = "rate_per_sec")]
+        burst: Option<u32>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -84,6 +108,9 @@ struct ServeArgs {
     /// Number of stream shards (fixed once the log exists) [default: 4]
     #[arg(long, env = "FLOODGATE_SHARDS")]
     shards: Option<u32>,
+    /// Serve on a non-loopback address without requiring credentials
+    #[arg(long)]
+    insecure_no_auth: bool,
 }
 
 #[derive(Args, Debug)]
@@ -164,6 +191,12 @@ fn main() -> ExitCode {
         Command::Schemas(SchemasCommand::Check { file, schemas }) => {
             schemas_check(&file, schemas.as_deref())
         }
+        Command::Keys(KeysCommand::New {
+            name,
+            types,
+            rate_per_sec,
+            burst,
+        }) => keys_new(&name, &types, rate_per_sec, burst).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -220,6 +253,31 @@ fn load_registry(dir: Option<&Path>) -> Result<Registry> {
 }
 
 /// File, then environment and flags (clap folds the environment into the flags).
+/// Whether requests need credentials; refuses an edge open to the network without them.
+fn check_auth_posture(config: &Config, insecure_no_auth: bool) -> Result<bool> {
+    let listen = config.ingest.listen;
+    let auth = &config.ingest.auth;
+    let required = auth.is_required(&listen);
+    if required && !auth.has_credentials() {
+        if insecure_no_auth {
+            tracing::warn!(%listen, "--insecure-no-auth: anyone who can reach this address may post events");
+            return Ok(false);
+        }
+        bail!(
+            "refusing to serve on {listen}: auth is required on a non-loopback address (or with [ingest.auth] required = true), but no API key or JWT issuer is configured. Add one (`floodgate keys new --name NAME` prints a stanza), listen on 127.0.0.1, or pass --insecure-no-auth"
+        );
+    }
+    if !required && !listen.ip().is_loopback() {
+        if !insecure_no_auth {
+            bail!(
+                "refusing to serve on {listen} with [ingest.auth] required = false: anyone who can reach it could post. Require auth, listen on 127.0.0.1, or pass --insecure-no-auth"
+            );
+        }
+        tracing::warn!(%listen, "--insecure-no-auth: requests without a credential are accepted");
+    }
+    Ok(required)
+}
+
 fn effective_config(args: &ServeArgs) -> Result<Config> {
     let mut config = match &args.config {
         Some(path) => {
@@ -245,8 +303,59 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     Ok(config)
 }
 
+/// `floodgate keys new`: a 256-bit random secret, shown once, and the stanza holding its
+/// hash.
+fn keys_new(name: &str, types: &[String], rate: Option<u32>, burst: Option<u32>) -> Result<()> {
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let secret = format!(
+        "fg_{}",
+        raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    let entry = floodgate_core::config::ApiKeyConfig {
+        name: name.to_owned(),
+        key_sha256: floodgate_ingest::auth::sha256_hex(&secret),
+        allowed_types: if types.is_empty() {
+            vec!["*".to_owned()]
+        } else {
+            types.to_vec()
+        },
+        rate_per_sec: rate,
+        burst: burst.or(rate.map(|r| r.saturating_mul(2))),
+    };
+    let mut check = Config::default();
+    check.ingest.auth.api_keys.push(entry.clone());
+    check.validate()?;
+    #[derive(serde::Serialize)]
+    struct Stanza {
+        api_keys: Vec<floodgate_core::config::ApiKeyConfig>,
+    }
+    let toml = toml::to_string(&Stanza {
+        api_keys: vec![entry],
+    })?;
+    let mut out = io::stdout().lock();
+    writeln!(
+        out,
+        "# Secret for {name:?}; shown only now. Send it as `Authorization: Bearer <secret>` or `X-Api-Key: <secret>`:"
+    )?;
+    writeln!(out, "# {secret}")?;
+    writeln!(
+        out,
+        "# Add this to [ingest.auth] in the config file (it holds only the hash):"
+    )?;
+    // `[[api_keys]]` belongs under `[ingest.auth]`.
+    write!(
+        out,
+        "{}",
+        toml.replace("[[api_keys]]", "[[ingest.auth.api_keys]]")
+    )?;
+    Ok(())
+}
+
 /// The processors' side: bookings state, outbox and their consumer tasks.
 struct Processors {
+    /// The consumers' lag, for the edge's backpressure.
+    lag: Arc<ConsumerLag>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -265,7 +374,11 @@ impl Processors {
         let outbox = Arc::new(EmbeddedOutbox::open(&data_dir.join("outbox"))?);
         let (stop, stop_rx) = watch::channel(false);
         let processor = Arc::new(BookingsProcessor::new(state.clone()));
-        let config = RuntimeConfig::default();
+        let lag = Arc::new(ConsumerLag::default());
+        let config = RuntimeConfig {
+            lag: Some(lag.clone()),
+            ..RuntimeConfig::default()
+        };
         let owner = config.owner.clone();
         let mut tasks = spawn_consumers(
             reader,
@@ -282,7 +395,7 @@ impl Processors {
             owner,
             stop_rx,
         )));
-        Ok(Processors { stop, tasks })
+        Ok(Processors { lag, stop, tasks })
     }
 
     /// Lets every consumer finish its batch and the relay drain, then returns.
@@ -315,6 +428,7 @@ fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
         env!("CARGO_PKG_VERSION"),
         toml::to_string(&config).unwrap_or_default()
     );
+    let auth_required = check_auth_posture(&config, args.insecure_no_auth)?;
     let registry = Arc::new(load_registry(config.schemas_dir.as_deref())?);
     runtime()?.block_on(async move {
         let metrics = floodgate_ingest::telemetry::install();
@@ -331,7 +445,17 @@ fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
             None
         };
         let writer: Arc<dyn StreamWriter> = log.clone();
-        let app = App::new(registry, writer, Some(state), Limits::from_config(&config.ingest), metrics);
+        let auth = Arc::new(
+            Auth::from_config(&config.ingest.auth, auth_required)
+                .await
+                .context("cannot set up [ingest.auth]")?,
+        );
+        auth.spawn_refresh();
+        let mut app = App::new(registry, writer, Some(state), Limits::from_config(&config.ingest), metrics)
+            .with_auth(auth);
+        if let Some(p) = &processors {
+            app = app.with_consumer_lag(p.lag.clone());
+        }
         if let Some(deduper) = app.deduper() {
             rebuild_dedupe(&*log, deduper).await?;
         }
@@ -419,6 +543,7 @@ fn process(args: ProcessArgs) -> Result<()> {
         config: args.config,
         schemas: None,
         shards: None,
+        insecure_no_auth: false,
     };
     let config = effective_config(&config_args)?;
     runtime()?.block_on(async move {

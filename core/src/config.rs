@@ -70,6 +70,103 @@ pub struct IngestConfig {
     pub dedupe_max_ids: usize,
     /// `Retry-After` sent with 503 when the stream cannot take a batch.
     pub retry_after_secs: u64,
+    /// Request bodies held in memory at once, in bytes, across all connections. A request
+    /// that would pass it is answered 503 with `Retry-After` before its body is read.
+    pub max_inflight_body_bytes: u64,
+    /// When the processors in this process are more than this many records behind the
+    /// stream's head on any shard, new events are answered 503 with `Retry-After`.
+    /// 0: no bound.
+    pub max_consumer_lag_records: u64,
+    pub auth: AuthConfig,
+}
+
+/// `[ingest.auth]`: who may post, which types, how fast.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Whether every request to a protected route needs a credential. Unset: required
+    /// unless the edge listens on a loopback address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub required: Option<bool>,
+    /// API keys, by the SHA-256 of their secret (`floodgate keys new` makes one).
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// Bearer JWTs (Cognito-style), checked against a JWKS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtConfig>,
+}
+
+impl AuthConfig {
+    /// Whether credentials are required when listening on `listen`.
+    pub fn is_required(&self, listen: &SocketAddr) -> bool {
+        self.required.unwrap_or(!listen.ip().is_loopback())
+    }
+
+    /// Whether any credential is configured at all.
+    pub fn has_credentials(&self) -> bool {
+        !self.api_keys.is_empty() || self.jwt.is_some()
+    }
+}
+
+/// One `[[ingest.auth.api_keys]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Shown in metrics and logs instead of the key.
+    pub name: String,
+    /// Lowercase hex of SHA-256(secret). The secret itself is never stored.
+    pub key_sha256: String,
+    /// Event types this key may post, as globs (`booking.*`). Default: every type.
+    #[serde(default = "all_types")]
+    pub allowed_types: Vec<String>,
+    /// Events per second, sustained. Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_sec: Option<u32>,
+    /// Events that may arrive at once above the sustained rate. Default: 2 s worth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
+/// `[ingest.auth.jwt]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// A JWKS document (`{"keys":[…]}`), re-read when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<PathBuf>,
+    /// An `http://` JWKS address, fetched at start and refreshed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// How often the JWKS is re-read.
+    #[serde(default = "default_jwks_refresh_secs")]
+    pub jwks_refresh_secs: u64,
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud` (one of, when the token carries several).
+    pub audience: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway_secs")]
+    pub leeway_secs: u64,
+    /// Event types any token may post, as globs. Default: every type.
+    #[serde(default = "all_types")]
+    pub allowed_types: Vec<String>,
+    /// Events per second per subject (`sub`), sustained. Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_sec: Option<u32>,
+    /// Burst per subject. Default: 2 s worth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
+fn all_types() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+fn default_jwks_refresh_secs() -> u64 {
+    300
+}
+
+fn default_leeway_secs() -> u64 {
+    60
 }
 
 impl Default for IngestConfig {
@@ -86,6 +183,9 @@ impl Default for IngestConfig {
             dedupe_window_ms: 600_000,
             dedupe_max_ids: 2_000_000,
             retry_after_secs: 1,
+            max_inflight_body_bytes: 512 * MIB,
+            max_consumer_lag_records: 2_000_000,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -195,8 +295,69 @@ impl Config {
         if self.ingest.max_batch_events == 0 {
             return e("ingest.max_batch_events must be at least 1");
         }
+        if self.ingest.max_inflight_body_bytes < self.ingest.max_body_bytes {
+            return e("ingest.max_inflight_body_bytes must be at least ingest.max_body_bytes");
+        }
+        let auth = &self.ingest.auth;
+        let mut names = std::collections::HashSet::new();
+        for k in &auth.api_keys {
+            let where_ = format!("ingest.auth.api_keys[name = {:?}]", k.name);
+            if k.name.is_empty() || !names.insert(k.name.as_str()) {
+                return Err(ConfigError(format!(
+                    "{where_}: every API key needs a distinct, non-empty name"
+                )));
+            }
+            if k.key_sha256.len() != 64 || !k.key_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ConfigError(format!(
+                    "{where_}.key_sha256 must be 64 hex digits (the SHA-256 of the secret, not the secret)"
+                )));
+            }
+            check_rate(&where_, k.rate_per_sec, k.burst)?;
+            check_globs(&where_, &k.allowed_types)?;
+        }
+        if let Some(j) = &auth.jwt {
+            if j.jwks_file.is_some() == j.jwks_url.is_some() {
+                return e("ingest.auth.jwt needs exactly one of jwks_file and jwks_url");
+            }
+            if j.jwks_url
+                .as_deref()
+                .is_some_and(|u| !u.starts_with("http://"))
+            {
+                return e(
+                    "ingest.auth.jwt.jwks_url must be an http:// address (https is not built in; use jwks_file with a fetched copy)",
+                );
+            }
+            if j.issuer.is_empty() || j.audience.is_empty() {
+                return e("ingest.auth.jwt needs a non-empty issuer and audience");
+            }
+            check_rate("ingest.auth.jwt", j.rate_per_sec, j.burst)?;
+            check_globs("ingest.auth.jwt", &j.allowed_types)?;
+        }
         Ok(())
     }
+}
+
+fn check_rate(where_: &str, rate: Option<u32>, burst: Option<u32>) -> Result<(), ConfigError> {
+    if rate == Some(0) {
+        return Err(ConfigError(format!(
+            "{where_}.rate_per_sec must be at least 1 (leave it out for no limit)"
+        )));
+    }
+    if burst == Some(0) || (burst.is_some() && rate.is_none()) {
+        return Err(ConfigError(format!(
+            "{where_}.burst must be at least 1, and needs rate_per_sec"
+        )));
+    }
+    Ok(())
+}
+
+fn check_globs(where_: &str, globs: &[String]) -> Result<(), ConfigError> {
+    if globs.is_empty() {
+        return Err(ConfigError(format!(
+            "{where_}.allowed_types is empty: such a credential could post nothing"
+        )));
+    }
+    Ok(())
 }
 
 // Parsing text is not I/O; keeping the format beside the types keeps them honest.

@@ -267,3 +267,33 @@ mod tests {
         assert_eq!(SequenceNumber::from_u64(42).as_u64(), Some(42));
     }
 }
+
+/// How far this process's consumers are behind the stream's head, per shard, so the edge
+/// can refuse new events before the backlog grows without bound. Consumers write it, the
+/// edge reads [`ConsumerLag::max_records`] on every request: one atomic load.
+#[derive(Debug, Default)]
+pub struct ConsumerLag {
+    per_shard: std::sync::Mutex<std::collections::HashMap<ShardId, u64>>,
+    max: std::sync::atomic::AtomicU64,
+}
+
+impl ConsumerLag {
+    /// Records `shard` as `records` behind its head.
+    pub fn set(&self, shard: &ShardId, records: u64) {
+        let mut map = self.per_shard.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(shard) {
+            Some(v) if *v == records => return,
+            Some(v) => *v = records,
+            None => {
+                map.insert(shard.clone(), records);
+            }
+        }
+        let max = map.values().copied().max().unwrap_or(0);
+        self.max.store(max, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The largest lag over all shards, in records.
+    pub fn max_records(&self) -> u64 {
+        self.max.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

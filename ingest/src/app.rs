@@ -9,12 +9,13 @@ use bytes::Bytes;
 use floodgate_core::config::IngestConfig;
 use floodgate_core::registry::Registry;
 use floodgate_core::state::StateStore;
-use floodgate_core::stream::StreamWriter;
+use floodgate_core::stream::{ConsumerLag, StreamWriter};
 use hyper::header::{ALLOW, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
+use crate::auth::{Auth, Refusal};
 use crate::dedupe::Deduper;
 use crate::events;
 use crate::response::{self, Body};
@@ -34,6 +35,10 @@ pub struct Limits {
     pub dedupe_window_ms: u64,
     /// At most this many ids are remembered for dedupe.
     pub dedupe_max_ids: usize,
+    /// Request bodies held in memory at once, in bytes.
+    pub max_inflight_body_bytes: u64,
+    /// Consumers this many records behind on a shard make the edge answer 503; 0: no bound.
+    pub max_consumer_lag_records: u64,
 }
 
 impl Limits {
@@ -46,6 +51,8 @@ impl Limits {
             request_timeout: Duration::from_millis(cfg.request_timeout_ms),
             dedupe_window_ms: cfg.dedupe_window_ms,
             dedupe_max_ids: cfg.dedupe_max_ids,
+            max_inflight_body_bytes: cfg.max_inflight_body_bytes,
+            max_consumer_lag_records: cfg.max_consumer_lag_records,
         }
     }
 }
@@ -57,6 +64,11 @@ pub(crate) struct Inner {
     pub state: Option<Arc<dyn StateStore>>,
     pub dedupe: Option<Arc<Deduper>>,
     pub limits: Limits,
+    pub auth: Arc<Auth>,
+    /// The lag of this process's consumers, when it runs any.
+    pub lag: Option<Arc<ConsumerLag>>,
+    /// Bytes of request bodies in memory, in KiB permits.
+    pub inflight: Arc<tokio::sync::Semaphore>,
     metrics: PrometheusHandle,
     schema_list: Bytes,
 }
@@ -98,11 +110,33 @@ impl App {
                 dedupe: (limits.dedupe_window_ms > 0).then(|| {
                     Arc::new(Deduper::new(limits.dedupe_window_ms, limits.dedupe_max_ids))
                 }),
+                inflight: Arc::new(tokio::sync::Semaphore::new(
+                    limits.max_inflight_body_bytes.div_ceil(1024) as usize,
+                )),
                 limits,
+                auth: Arc::new(Auth::open()),
+                lag: None,
                 metrics,
                 schema_list,
             }),
         }
+    }
+
+    /// Puts `auth` in front of the protected routes. Call before the app is cloned.
+    pub fn with_auth(mut self, auth: Arc<Auth>) -> App {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_auth is called before the app is shared")
+            .auth = auth;
+        self
+    }
+
+    /// Lets the edge refuse new events while these consumers are too far behind
+    /// (`max_consumer_lag_records`). Call before the app is cloned.
+    pub fn with_consumer_lag(mut self, lag: Arc<ConsumerLag>) -> App {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_consumer_lag is called before the app is shared")
+            .lag = Some(lag);
+        self
     }
 
     /// The dedupe memory, to rebuild from the log at start-up; `None` when dedupe is off.
@@ -186,6 +220,9 @@ impl App {
                 if !get {
                     return ("/v1/inventory/{eventId}", not_allowed("GET, HEAD"));
                 }
+                if let Err(r) = inner.auth.authenticate(req.headers()) {
+                    return ("/v1/inventory/{eventId}", unauthorized(r));
+                }
                 (
                     "/v1/inventory/{eventId}",
                     crate::state::inventory(inner, &p["/v1/inventory/".len()..]).await,
@@ -194,6 +231,9 @@ impl App {
             p if p.starts_with("/v1/bookings/") => {
                 if !get {
                     return ("/v1/bookings/{bookingId}", not_allowed("GET, HEAD"));
+                }
+                if let Err(r) = inner.auth.authenticate(req.headers()) {
+                    return ("/v1/bookings/{bookingId}", unauthorized(r));
                 }
                 (
                     "/v1/bookings/{bookingId}",
@@ -253,6 +293,17 @@ impl App {
             None => not_found(),
         }
     }
+}
+
+/// 401 with a `WWW-Authenticate` challenge; counted by reason, never by credential.
+pub(crate) fn unauthorized(r: Refusal) -> Response<Body> {
+    metrics::counter!("floodgate_ingest_auth_failures_total", "reason" => r.code()).increment(1);
+    let mut resp = response::error(StatusCode::UNAUTHORIZED, r.code(), r.message());
+    resp.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"floodgate\""),
+    );
+    resp
 }
 
 fn not_allowed(allow: &'static str) -> Response<Body> {

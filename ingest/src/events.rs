@@ -14,6 +14,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 
 use crate::app::Inner;
+use crate::auth::{Caller, Charge, Principal, RateState};
 use crate::dedupe::{self, Claim};
 use crate::encoding::{self, BinaryModeError, DecompressError, Encoding};
 use crate::response::{self, Body};
@@ -84,12 +85,149 @@ struct EventResult {
     errors: Option<Vec<FieldError>>,
 }
 
+/// Rejects, with a `/type` pointer, the events `who` may not post. When none is allowed,
+/// returns the 403 to answer instead.
+fn apply_type_filter(who: &Principal, outcomes: &mut [Outcome]) -> Option<Response<Body>> {
+    let mut allowed = 0;
+    for o in outcomes.iter_mut() {
+        let t = match o {
+            Outcome::Valid { event_type, .. } => Some(event_type.as_str()),
+            Outcome::Rejected { event_type, .. } => event_type.as_deref(),
+        };
+        if who.allows(t) {
+            allowed += 1;
+            continue;
+        }
+        let error = FieldError::new(
+            "/type",
+            format!(
+                "credential {:?} may not post events of type {:?}",
+                who.name(),
+                t.unwrap_or("")
+            ),
+        );
+        *o = match std::mem::replace(
+            o,
+            Outcome::Rejected {
+                id: None,
+                event_type: None,
+                errors: Vec::new(),
+            },
+        ) {
+            Outcome::Valid { id, event_type, .. } => Outcome::Rejected {
+                id: Some(id),
+                event_type: Some(event_type),
+                errors: vec![error],
+            },
+            Outcome::Rejected { id, event_type, .. } => Outcome::Rejected {
+                id,
+                event_type,
+                errors: vec![error],
+            },
+        };
+    }
+    if allowed == 0 && !outcomes.is_empty() {
+        metrics::counter!("floodgate_ingest_forbidden_total", "credential" => who.name().to_owned())
+            .increment(1);
+        return Some(response::error(
+            StatusCode::FORBIDDEN,
+            "forbidden_type",
+            &format!(
+                "credential {:?} may post none of the event types in this request",
+                who.name()
+            ),
+        ));
+    }
+    None
+}
+
 pub(crate) async fn post<B>(app: &Inner, req: Request<B>) -> Response<Body>
 where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let caller = match app.auth.authenticate(req.headers()) {
+        Ok(c) => c,
+        Err(r) => return crate::app::unauthorized(r),
+    };
+    // Refuse before reading anything when the processors are too far behind.
+    if let Some(lag) = &app.lag {
+        let bound = app.limits.max_consumer_lag_records;
+        let behind = lag.max_records();
+        if bound > 0 && behind > bound {
+            return busy(
+                app,
+                "consumer_lag",
+                &format!("the processors are {behind} records behind (bound {bound}); retry"),
+            );
+        }
+    }
+    let mut rate = None;
+    let mut resp = post_as(app, req, &caller, &mut rate).await;
+    if let Some(state) = rate {
+        rate_headers(&mut resp, state);
+    }
+    resp
+}
+
+/// 503 with `Retry-After`: the edge cannot take more right now.
+fn busy(app: &Inner, reason: &'static str, message: &str) -> Response<Body> {
+    metrics::counter!("floodgate_ingest_backpressure_total", "reason" => reason).increment(1);
+    let mut resp = response::error(StatusCode::SERVICE_UNAVAILABLE, reason, message);
+    resp.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(app.limits.retry_after_secs));
+    resp
+}
+
+fn rate_headers(resp: &mut Response<Body>, s: RateState) {
+    let h = resp.headers_mut();
+    h.insert("ratelimit-limit", HeaderValue::from(s.limit));
+    h.insert("ratelimit-remaining", HeaderValue::from(s.remaining));
+    h.insert("ratelimit-reset", HeaderValue::from(s.reset_secs));
+}
+
+/// 429 for a credential over its rate.
+fn rate_limited(who: &Principal, s: RateState) -> Response<Body> {
+    metrics::counter!("floodgate_ingest_rate_limited_total", "credential" => who.name().to_owned())
+        .increment(1);
+    let mut resp = response::error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        &format!(
+            "over this credential's rate of {} events/s (burst {}); retry after {} s",
+            who.rate_per_sec(),
+            s.limit,
+            s.reset_secs
+        ),
+    );
+    resp.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(s.reset_secs));
+    resp
+}
+
+async fn post_as<B>(
+    app: &Inner,
+    req: Request<B>,
+    caller: &Caller,
+    rate: &mut Option<RateState>,
+) -> Response<Body>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let limits = &app.limits;
+    // An empty bucket is answered before the body is read: one event's worth is taken now,
+    // the rest once the events are counted.
+    if let Some(p) = caller.principal() {
+        match p.charge(1) {
+            Charge::Limited(s) => {
+                *rate = Some(s);
+                return rate_limited(p, s);
+            }
+            Charge::Allowed(s) => *rate = Some(s),
+            Charge::Unlimited | Charge::TooMany { .. } => {}
+        }
+    }
     let encoding = match encoding::content_encoding(req.headers()) {
         Ok(e) => e,
         Err(message) => {
@@ -135,6 +273,26 @@ where
     if declared.is_some_and(|n| n > limits.max_body_bytes) {
         return too_large();
     }
+    // Bodies in memory are bounded across all requests. A compressed body may inflate to
+    // the body limit, and one of unknown length may be that long.
+    let reserve = match (encoding, declared) {
+        (Encoding::Identity, Some(n)) => n,
+        _ => limits.max_body_bytes,
+    };
+    let _inflight = match app
+        .inflight
+        .clone()
+        .try_acquire_many_owned(reserve.div_ceil(1024).max(1) as u32)
+    {
+        Ok(permit) => permit,
+        Err(_) => {
+            return busy(
+                app,
+                "inflight_bytes",
+                "the edge holds as many request bodies as it may; retry",
+            );
+        }
+    };
     let limited = Limited::new(req.into_body(), limits.max_body_bytes as usize);
     let body = match tokio::time::timeout(limits.body_timeout, limited.collect()).await {
         Err(_) => {
@@ -217,7 +375,33 @@ where
             return response::error(StatusCode::BAD_REQUEST, code, &e.to_string());
         }
     };
+    let mut outcomes = outcomes;
     metrics::histogram!("floodgate_ingest_batch_size_events").record(outcomes.len() as f64);
+
+    if let Some(p) = caller.principal() {
+        if let Some(refused) = apply_type_filter(p, &mut outcomes) {
+            return refused;
+        }
+        // The first event was paid for before the body was read.
+        let n = u32::try_from(outcomes.len()).unwrap_or(u32::MAX);
+        match p.charge_rest_of(n) {
+            Charge::Unlimited => {}
+            Charge::Allowed(s) => *rate = Some(s),
+            Charge::Limited(s) => {
+                *rate = Some(s);
+                return rate_limited(p, s);
+            }
+            Charge::TooMany { burst } => {
+                return response::error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "batch_exceeds_burst",
+                    &format!(
+                        "{n} events in one request, but this credential's burst is {burst}; send smaller batches"
+                    ),
+                );
+            }
+        }
+    }
 
     // Which valid events to append: not those accepted within the dedupe window, nor a
     // second copy within this very request.

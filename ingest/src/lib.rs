@@ -21,6 +21,7 @@
 //! [`StateStore`]: floodgate_core::state::StateStore
 
 pub mod app;
+pub mod auth;
 pub mod dedupe;
 pub mod encoding;
 pub mod events;

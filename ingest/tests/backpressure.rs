@@ -11,7 +11,7 @@ use bytes::Bytes;
 use floodgate_core::config::IngestConfig;
 use floodgate_core::registry::Registry;
 use floodgate_core::stream::{
-    AppendError, Appended, Record, SequenceNumber, ShardId, StreamError, StreamWriter,
+    AppendError, Appended, ConsumerLag, Record, SequenceNumber, ShardId, StreamError, StreamWriter,
 };
 use floodgate_ingest::App;
 use floodgate_ingest::app::Limits;
@@ -132,4 +132,87 @@ async fn a_full_stream_gets_503_with_retry_after_and_readyz_fails() {
         .body(Full::new(Bytes::new()))
         .unwrap();
     assert_eq!(app.handle(req).await.status(), 200);
+}
+
+fn app_with(stream: Arc<FullStream>, cfg: IngestConfig) -> App {
+    App::new(
+        Arc::new(Registry::builtin().unwrap()),
+        stream,
+        None,
+        Limits::from_config(&cfg),
+        floodgate_ingest::telemetry::install(),
+    )
+}
+
+/// Processors too far behind: new events get 503 with `Retry-After` before their body is
+/// read, and are taken again once the consumers catch up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_lag_past_its_bound_gets_503() {
+    let lag = Arc::new(ConsumerLag::default());
+    let cfg = IngestConfig {
+        max_consumer_lag_records: 1000,
+        ..IngestConfig::default()
+    };
+    let app = app_with(Arc::new(FullStream::default()), cfg).with_consumer_lag(lag.clone());
+    lag.set(&ShardId("shard-0".into()), 1000);
+    assert_eq!(post(&app, &[event("l1", 1)]).await.0, 200, "at the bound");
+    lag.set(&ShardId("shard-1".into()), 1001);
+    let (status, retry_after, body) = post(&app, &[event("l2", 1)]).await;
+    assert_eq!((status, retry_after.as_deref()), (503, Some("1")));
+    assert_eq!(body["error"]["code"], "consumer_lag");
+    lag.set(&ShardId("shard-1".into()), 0);
+    assert_eq!(post(&app, &[event("l3", 1)]).await.0, 200, "caught up");
+}
+
+/// Bodies held in memory are bounded across requests: while one request holds the whole
+/// budget, the next is answered 503 at once instead of being read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inflight_body_bytes_are_bounded() {
+    let cfg = IngestConfig {
+        max_body_bytes: 64 * 1024,
+        max_inflight_body_bytes: 64 * 1024,
+        ..IngestConfig::default()
+    };
+    let app = app_with(Arc::new(FullStream::default()), cfg);
+    // A body of unknown length that sends one chunk and then waits.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let slow = ChannelBody(rx);
+    let req = hyper::Request::post("/v1/events")
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(slow)
+        .unwrap();
+    let holder = tokio::spawn({
+        let app = app.clone();
+        async move { app.handle(req).await.status().as_u16() }
+    });
+    // With room for one chunk in the channel, the second send returns only once the first
+    // chunk was taken: the first request is reading its body, and holds the budget.
+    tx.send(Bytes::from_static(b"[")).await.unwrap();
+    let rest = serde_json::to_vec(&event("i0", 1)).unwrap();
+    tx.send(Bytes::from(rest)).await.unwrap();
+    let (status, retry_after, body) = post(&app, &[event("i1", 1)]).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert_eq!(body["error"]["code"], "inflight_bytes");
+    // The first body ends; its bytes return to the budget.
+    tx.send(Bytes::from_static(b"]")).await.unwrap();
+    drop(tx);
+    assert_eq!(holder.await.unwrap(), 200);
+    assert_eq!(post(&app, &[event("i2", 1)]).await.0, 200);
+}
+
+/// A request body fed chunk by chunk from a channel; it ends when the sender is dropped.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use floodgate_core::state::StateError;
 use floodgate_core::stream::{
-    CheckpointStore, SequenceNumber, ShardId, StartPosition, StoredRecord, StreamError,
-    StreamReader,
+    CheckpointStore, ConsumerLag, SequenceNumber, ShardId, StartPosition, StoredRecord,
+    StreamError, StreamReader,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -54,6 +54,8 @@ pub struct RuntimeConfig {
     pub retry_delay: Duration,
     /// This worker's identity in leases.
     pub owner: String,
+    /// Where each shard's lag is published for the edge's backpressure, if anywhere.
+    pub lag: Option<Arc<ConsumerLag>>,
 }
 
 /// A worker identity unique to this process run.
@@ -72,6 +74,7 @@ impl Default for RuntimeConfig {
             idle_max: Duration::from_millis(50),
             retry_delay: Duration::from_millis(500),
             owner: default_owner(),
+            lag: None,
         }
     }
 }
@@ -152,6 +155,10 @@ async fn run_shard(
         &mut shutdown,
     )
     .await;
+    // This worker no longer holds the shard back.
+    if let Some(lag) = &config.lag {
+        lag.set(&shard, 0);
+    }
     if let Err(e) = checkpoints
         .release_lease(&consumer, &shard, &config.owner)
         .await
@@ -212,6 +219,9 @@ async fn consume(
         };
         metrics::gauge!("floodgate_processor_lag_records", &labels)
             .set(batch.records_behind as f64);
+        if let Some(lag) = &config.lag {
+            lag.set(&shard, batch.records_behind);
+        }
         let Some(last) = batch.records.last() else {
             metrics::gauge!("floodgate_processor_lag_milliseconds", &labels).set(0.0);
             if pause(idle, &mut shutdown).await {

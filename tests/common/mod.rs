@@ -24,13 +24,22 @@ impl Server {
     /// Starts `floodgate serve` on an ephemeral loopback port with `extra` arguments and
     /// waits until it listens.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        Self::start_logged(data_dir, extra, None)
+    }
+
+    /// As [`Server::start`]; with `log`, everything down to debug level goes to that file.
+    pub fn start_logged(data_dir: &Path, extra: &[&str], log: Option<&Path>) -> Server {
+        let (level, stderr) = match log {
+            Some(path) => ("debug", Stdio::from(std::fs::File::create(path).unwrap())),
+            None => ("warn", Stdio::null()),
+        };
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra)
-            .env("FLOODGATE_LOG", "warn")
+            .env("FLOODGATE_LOG", level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("floodgate starts");
         let stdout = child.stdout.take().unwrap();
