@@ -18,9 +18,9 @@ pub const SPEC_VERSION: &str = "1.0";
 /// 20 characters; we allow a little more but bound it so hostile names cannot grow maps.
 pub const MAX_EXTENSION_NAME_CHARS: usize = 64;
 
-/// The longest `partitionkey` we take, in bytes: Kinesis' limit (256), so an event the
-/// embedded stream takes is one Kinesis takes too.
-pub const MAX_PARTITION_KEY_BYTES: usize = 256;
+/// The longest `partitionkey` we take, in Unicode characters: Kinesis' limit, so an event
+/// the embedded stream takes is one Kinesis takes too.
+pub const MAX_PARTITION_KEY_CHARS: usize = 256;
 
 /// Attributes the spec or the JSON format define; anything else is an extension.
 const KNOWN: &[&str] = &[
@@ -141,10 +141,14 @@ pub fn check_envelope(event: &Value) -> Result<Envelope<'_>, Vec<FieldError>> {
             Value::String(s) if name == "partitionkey" => {
                 if s.is_empty() {
                     errors.push(FieldError::new(pointer, "partitionkey must not be empty"));
-                } else if s.len() > MAX_PARTITION_KEY_BYTES {
+                } else if s.len() > MAX_PARTITION_KEY_CHARS
+                    && s.chars().count() > MAX_PARTITION_KEY_CHARS
+                {
                     errors.push(FieldError::new(
                         pointer,
-                        format!("partitionkey must be at most {MAX_PARTITION_KEY_BYTES} bytes"),
+                        format!(
+                            "partitionkey must be at most {MAX_PARTITION_KEY_CHARS} characters"
+                        ),
                     ));
                 } else {
                     partitionkey = Some(s.as_str());
@@ -152,12 +156,13 @@ pub fn check_envelope(event: &Value) -> Result<Envelope<'_>, Vec<FieldError>> {
             }
             Value::Null | Value::String(_) | Value::Bool(_) if name != "partitionkey" => {}
             Value::Null => {}
-            Value::Number(n) if name != "partitionkey" && (n.is_i64() || n.is_u64()) => {}
+            // The spec's Integer is 32-bit signed; `4.0` is a whole number too.
+            Value::Number(n) if name != "partitionkey" && is_i32(n) => {}
             other if name == "partitionkey" => errors.push(wrong_type(name, "a string", other)),
             other => errors.push(FieldError::new(
                 pointer,
                 format!(
-                    "extension attributes must be a string, an integer or a boolean, not {}",
+                    "extension attributes must be a string, a 32-bit integer or a boolean, not {}",
                     kind(other)
                 ),
             )),
@@ -182,6 +187,15 @@ pub fn check_envelope(event: &Value) -> Result<Envelope<'_>, Vec<FieldError>> {
 }
 
 /// Whether `s` is an RFC 3339 `date-time` (e.g. `2026-11-22T10:00:00Z`).
+fn is_i32(n: &serde_json::Number) -> bool {
+    match n.as_i64() {
+        Some(v) => i32::try_from(v).is_ok(),
+        None => n.as_f64().is_some_and(|f| {
+            f.fract() == 0.0 && f >= f64::from(i32::MIN) && f <= f64::from(i32::MAX)
+        }),
+    }
+}
+
 pub fn is_rfc3339(s: &str) -> bool {
     time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).is_ok()
 }

@@ -71,6 +71,7 @@ pub(crate) struct Inner {
     pub inflight: Arc<tokio::sync::Semaphore>,
     metrics: PrometheusHandle,
     schema_list: Bytes,
+    openapi: Bytes,
 }
 
 /// The edge application. Cheap to clone.
@@ -102,8 +103,12 @@ impl App {
         let schema_list = Bytes::from(
             serde_json::to_vec(&json!({ "schemas": registry.summaries() })).expect("serializable"),
         );
+        let openapi = Bytes::from(
+            serde_json::to_vec(&crate::openapi::document(&registry)).expect("serializable"),
+        );
         App {
             inner: Arc::new(Inner {
+                openapi,
                 registry,
                 stream,
                 state,
@@ -213,7 +218,11 @@ impl App {
                 "/v1/schemas",
                 response::with_type(StatusCode::OK, response::JSON, inner.schema_list.clone()),
             ),
-            "/healthz" | "/readyz" | "/metrics" | "/v1/schemas" => {
+            "/openapi.json" if get => (
+                "/openapi.json",
+                response::with_type(StatusCode::OK, response::JSON, inner.openapi.clone()),
+            ),
+            "/healthz" | "/readyz" | "/metrics" | "/v1/schemas" | "/openapi.json" => {
                 ("unmatched", not_allowed("GET, HEAD"))
             }
             p if p.starts_with("/v1/inventory/") => {

@@ -25,6 +25,7 @@ pub mod auth;
 pub mod dedupe;
 pub mod encoding;
 pub mod events;
+pub mod openapi;
 mod response;
 pub mod server;
 mod state;
