@@ -16,6 +16,8 @@ use serde::de::{self, Deserializer as _, SeqAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::strict::{self, StrictError};
+
 use crate::FieldError;
 
 /// How the body is framed; the edge picks it from `Content-Type`.
@@ -102,10 +104,14 @@ pub fn decode(
                     "expected one event object; send a batch as application/cloudevents-batch+json",
                 ));
             }
-            let value: Value = serde_json::from_str(text).map_err(syntax)?;
+            let parsed = match strict::from_str(text) {
+                Ok(value) => Ok(value),
+                Err(StrictError::Syntax(e)) => return Err(syntax(e)),
+                Err(StrictError::Duplicate { pointer }) => Err(duplicate(pointer)),
+            };
             Ok(vec![Item {
                 raw: text.trim_matches([' ', '\t', '\r', '\n']),
-                parsed: Ok(value),
+                parsed,
             }])
         }
         BodyFormat::Batch | BodyFormat::Auto => decode_array(text, max_events),
@@ -127,10 +133,14 @@ fn decode_array(text: &str, max_events: usize) -> Result<Vec<Item<'_>>, DecodeEr
     de.end().map_err(syntax)?;
     let mut items = Vec::with_capacity(raws.len());
     for raw in raws {
-        match serde_json::from_str::<Value>(raw.get()) {
+        match strict::from_str(raw.get()) {
             Ok(value) => items.push(Item {
                 raw: raw.get(),
                 parsed: Ok(value),
+            }),
+            Err(StrictError::Duplicate { pointer }) => items.push(Item {
+                raw: raw.get(),
+                parsed: Err(duplicate(pointer)),
             }),
             // The array scan does not bound nesting; the full parse does. Report the
             // position in the whole body.
@@ -156,25 +166,39 @@ fn decode_ndjson(text: &str, max_events: usize) -> Result<Vec<Item<'_>>, DecodeE
         if items.len() == max_events {
             return Err(DecodeError::TooManyEvents { max: max_events });
         }
-        let parsed = serde_json::from_str::<Value>(line).map_err(|e| {
-            let err = DecodeError::Syntax {
-                line: n + 1,
-                column: e.column(),
-                message: e.to_string(),
-            };
-            let field = FieldError::new("", err.to_string());
-            first_error.get_or_insert(err);
-            field
+        let parsed = strict::from_str(line).map_err(|e| match e {
+            StrictError::Duplicate { pointer } => duplicate(pointer),
+            StrictError::Syntax(e) => {
+                let err = DecodeError::Syntax {
+                    line: n + 1,
+                    column: e.column(),
+                    message: e.to_string(),
+                };
+                let field = FieldError::new("", err.to_string());
+                first_error.get_or_insert(err);
+                field
+            }
         });
         items.push(Item { raw: line, parsed });
     }
     if items.is_empty() {
         return Err(DecodeError::Empty);
     }
-    if items.iter().all(|i| i.parsed.is_err()) {
-        return Err(first_error.expect("a failed line recorded its error"));
+    // Every line unreadable: the body as a whole is not NDJSON. (Lines that parsed but
+    // repeat a member name are judged as events.)
+    if let Some(err) = first_error
+        && items.iter().all(|i| i.parsed.is_err())
+    {
+        return Err(err);
     }
     Ok(items)
+}
+
+fn duplicate(pointer: String) -> FieldError {
+    FieldError::new(
+        pointer,
+        "this member name appears twice in one object; event JSON must use unique names (I-JSON)",
+    )
 }
 
 fn syntax(e: serde_json::Error) -> DecodeError {

@@ -82,11 +82,11 @@ pub fn check_envelope(event: &Value) -> Result<Envelope<'_>, Vec<FieldError>> {
     let id = required_string(obj, "id", &mut errors);
     let source = required_string(obj, "source", &mut errors);
     if let Some(s) = source
-        && s.chars().any(|c| c.is_whitespace() || c.is_control())
+        && s.chars().any(|c| c.is_whitespace() && !c.is_control())
     {
         errors.push(FieldError::new(
             "/source",
-            "source must be a URI-reference: no whitespace or control characters",
+            "source must be a URI-reference: no whitespace",
         ));
     }
     let event_type = required_string(obj, "type", &mut errors);
@@ -94,6 +94,18 @@ pub fn check_envelope(event: &Value) -> Result<Envelope<'_>, Vec<FieldError>> {
     let dataschema = optional_string(obj, "dataschema", &mut errors);
     let subject = optional_string(obj, "subject", &mut errors);
     let time = optional_string(obj, "time", &mut errors);
+    for (name, value) in [
+        ("id", id),
+        ("source", source),
+        ("type", event_type),
+        ("datacontenttype", datacontenttype),
+        ("dataschema", dataschema),
+        ("subject", subject),
+    ] {
+        if let Some(v) = value {
+            check_chars(name, v, &mut errors);
+        }
+    }
     if let Some(t) = time
         && !is_rfc3339(t)
     {
@@ -151,10 +163,12 @@ pub fn check_envelope(event: &Value) -> Result<Envelope<'_>, Vec<FieldError>> {
                         ),
                     ));
                 } else {
+                    check_chars(name, s, &mut errors);
                     partitionkey = Some(s.as_str());
                 }
             }
-            Value::Null | Value::String(_) | Value::Bool(_) if name != "partitionkey" => {}
+            Value::String(s) => check_chars(name, s, &mut errors),
+            Value::Null | Value::Bool(_) if name != "partitionkey" => {}
             Value::Null => {}
             // The spec's Integer is 32-bit signed; `4.0` is a whole number too.
             Value::Number(n) if name != "partitionkey" && is_i32(n) => {}
@@ -186,7 +200,24 @@ pub fn check_envelope(event: &Value) -> Result<Envelope<'_>, Vec<FieldError>> {
     })
 }
 
-/// Whether `s` is an RFC 3339 `date-time` (e.g. `2026-11-22T10:00:00Z`).
+/// The spec's String excludes control characters (U+0000–U+001F, U+007F–U+009F) and
+/// noncharacters (surrogates cannot occur in a Rust string).
+fn check_chars(name: &str, s: &str, errors: &mut Vec<FieldError>) {
+    let noncharacter = |c: char| {
+        let u = u32::from(c);
+        (0xFDD0..=0xFDEF).contains(&u) || u & 0xFFFE == 0xFFFE
+    };
+    if let Some(c) = s.chars().find(|&c| c.is_control() || noncharacter(c)) {
+        errors.push(FieldError::new(
+            format!("/{}", crate::escape_pointer_token(name)),
+            format!(
+                "{name} must not contain control characters or noncharacters (CloudEvents String); found U+{:04X}",
+                u32::from(c)
+            ),
+        ));
+    }
+}
+
 fn is_i32(n: &serde_json::Number) -> bool {
     match n.as_i64() {
         Some(v) => i32::try_from(v).is_ok(),
@@ -196,6 +227,7 @@ fn is_i32(n: &serde_json::Number) -> bool {
     }
 }
 
+/// Whether `s` is an RFC 3339 `date-time` (e.g. `2026-11-22T10:00:00Z`).
 pub fn is_rfc3339(s: &str) -> bool {
     time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).is_ok()
 }

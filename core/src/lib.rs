@@ -28,6 +28,7 @@ pub mod partition;
 pub mod registry;
 pub mod state;
 pub mod stream;
+pub mod strict;
 
 use serde::Serialize;
 

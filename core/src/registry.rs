@@ -269,7 +269,7 @@ impl Registry {
             .by_id
             .get(ds)
             .map(|(t, v)| (t.as_str(), *v))
-            .or_else(|| parse_dataschema_suffix(ds));
+            .or_else(|| parse_relative_dataschema(ds));
         match named {
             Some((t, v)) if t == event_type => versions.get(&v).map(|e| &**e).ok_or_else(|| {
                 FieldError::new(
@@ -284,7 +284,7 @@ impl Registry {
             None => Err(FieldError::new(
                 "/dataschema",
                 format!(
-                    "dataschema {ds:?} names no registered schema; use a schema $id or a URI ending in /{event_type}/v<N>.json"
+                    "dataschema {ds:?} names no registered schema; use a schema's $id exactly, or a relative reference ending in {event_type}/v<N>.json"
                 ),
             )),
         }
@@ -389,8 +389,12 @@ fn parse_relative_path(rel: &str) -> Result<(String, u32), String> {
     Ok((event_type.to_owned(), version))
 }
 
-/// `…/<type>/v<N>` or `…/<type>/v<N>.json` → (type, N).
-fn parse_dataschema_suffix(ds: &str) -> Option<(&str, u32)> {
+/// A relative reference `…/<type>/v<N>` or `…/<type>/v<N>.json` → (type, N). An absolute
+/// URI must be a registered `$id` exactly: a lookalike host must not select our schemas.
+fn parse_relative_dataschema(ds: &str) -> Option<(&str, u32)> {
+    if ds.contains(':') {
+        return None;
+    }
     let ds = ds.strip_suffix(".json").unwrap_or(ds);
     let (rest, version) = ds.rsplit_once('/')?;
     let version = version.strip_prefix('v')?.parse().ok()?;
@@ -558,11 +562,16 @@ mod tests {
         assert!(r.check(&ev(None)).is_err());
         let e = ev(Some("urn:t:1"));
         assert_eq!(r.check(&e).unwrap().schema.version, 1);
-        let e = ev(Some("https://example.com/schemas/t/v1.json"));
+        let e = ev(Some("/schemas/t/v1.json"));
         assert_eq!(r.check(&e).unwrap().schema.version, 1);
-        let e = ev(Some("https://example.com/schemas/t/v9.json"));
+        let e = ev(Some("t/v1"));
+        assert_eq!(r.check(&e).unwrap().schema.version, 1);
+        // An absolute URI selects only by exact `$id`: not a lookalike host.
+        let e = ev(Some("https://example.com/schemas/t/v1.json"));
         assert_eq!(r.check(&e).unwrap_err()[0].pointer, "/dataschema");
-        let e = ev(Some("https://example.com/schemas/other/v1.json"));
+        let e = ev(Some("schemas/t/v9.json"));
+        assert_eq!(r.check(&e).unwrap_err()[0].pointer, "/dataschema");
+        let e = ev(Some("schemas/other/v1.json"));
         assert_eq!(r.check(&e).unwrap_err()[0].pointer, "/dataschema");
     }
 

@@ -9,6 +9,7 @@
 use std::io::Read;
 
 use bytes::Bytes;
+use floodgate_core::strict::StrictError;
 use hyper::HeaderMap;
 use serde_json::{Map, Value};
 
@@ -27,7 +28,10 @@ pub fn content_encoding(headers: &HeaderMap) -> Result<Encoding, String> {
     let Some(value) = headers.get(hyper::header::CONTENT_ENCODING) else {
         return Ok(Encoding::Identity);
     };
-    let value = value.to_str().unwrap_or("").trim().to_ascii_lowercase();
+    let Ok(value) = value.to_str() else {
+        return Err("Content-Encoding is not ASCII; send gzip, zstd or identity".to_owned());
+    };
+    let value = value.trim().to_ascii_lowercase();
     match value.as_str() {
         "" | "identity" => Ok(Encoding::Identity),
         "gzip" | "x-gzip" => Ok(Encoding::Gzip),
@@ -105,7 +109,7 @@ pub enum BinaryModeError {
 /// header becomes the attribute it names, `Content-Type` becomes `datacontenttype`, and
 /// a JSON body becomes `data`. A body of another media type is kept out: the registry
 /// then rejects the event for lacking JSON data, naming `/datacontenttype`.
-pub fn binary_to_structured(headers: &HeaderMap, body: &[u8]) -> Result<Value, BinaryModeError> {
+pub fn binary_to_structured(headers: &HeaderMap, body: &[u8]) -> Result<Bytes, BinaryModeError> {
     let mut event = Map::new();
     for (name, value) in headers {
         let Some(attr) = name.as_str().strip_prefix("ce-") else {
@@ -128,15 +132,33 @@ pub fn binary_to_structured(headers: &HeaderMap, body: &[u8]) -> Result<Value, B
     if let Some(ct) = content_type {
         event.insert("datacontenttype".into(), Value::String(ct));
     }
-    if json_data && !body.iter().all(u8::is_ascii_whitespace) {
-        let data: Value = serde_json::from_slice(body).map_err(|e| BinaryModeError::Data {
-            line: e.line(),
-            column: e.column(),
-            message: e.to_string(),
+    let mut text = serde_json::to_vec(&Value::Object(event)).expect("a JSON value serializes");
+    let data = body.trim_ascii();
+    if json_data && !data.is_empty() {
+        let data_text = std::str::from_utf8(data).map_err(|_| BinaryModeError::Data {
+            line: 1,
+            column: 1,
+            message: "the data is not valid UTF-8".to_owned(),
         })?;
-        event.insert("data".into(), data);
+        // The data must be JSON; a duplicate member name is judged with the event (422
+        // with its pointer), like in structured mode.
+        if let Err(StrictError::Syntax(e)) = floodgate_core::strict::from_str(data_text) {
+            return Err(BinaryModeError::Data {
+                line: e.line(),
+                column: e.column(),
+                message: e.to_string(),
+            });
+        }
+        // The producer's data bytes, as sent, become the event's `data`.
+        text.pop(); // the closing brace
+        if text.len() > 1 {
+            text.push(b',');
+        }
+        text.extend_from_slice(b"\"data\":");
+        text.extend_from_slice(data);
+        text.push(b'}');
     }
-    Ok(Value::Object(event))
+    Ok(Bytes::from(text))
 }
 
 /// RFC 3986 percent-decoding into UTF-8, as the HTTP binding asks for header values.

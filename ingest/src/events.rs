@@ -320,10 +320,7 @@ where
         let body = encoding::decompress(encoding, &body, limit)?;
         let body = match &binary {
             None => body,
-            Some(headers) => {
-                let event = encoding::binary_to_structured(headers, &body)?;
-                Bytes::from(serde_json::to_vec(&event).expect("a JSON value serializes"))
-            }
+            Some(headers) => encoding::binary_to_structured(headers, &body)?,
         };
         Ok(check_body(registry, &body, format, max_events)?)
     };

@@ -10,6 +10,9 @@ use serde_json::{Value, json};
 /// `schemas/openapi.yaml` as JSON, exactly as written.
 pub const OPENAPI_JSON: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/openapi.json"));
 
+/// A CloudEvents String: no control characters, no (BMP) noncharacters.
+const STRING_PATTERN: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F\\uFDD0-\\uFDEF\\uFFFE\\uFFFF]*$";
+
 /// The served document for `registry`.
 pub fn document(registry: &Registry) -> Value {
     let mut doc: Value = serde_json::from_slice(OPENAPI_JSON).expect("checked at build time");
@@ -25,14 +28,14 @@ pub fn document(registry: &Registry) -> Value {
             }
             let mut properties = json!({
                 "specversion": {"const": "1.0"},
-                "id": {"type": "string", "minLength": 1},
+                "id": {"type": "string", "minLength": 1, "pattern": STRING_PATTERN},
                 "source": {"type": "string", "minLength": 1, "format": "uri-reference"},
                 "type": {"const": entry.event_type},
                 // Optional attributes may be null, which means absent.
                 "time": {"type": ["string", "null"], "format": "date-time"},
-                "subject": {"type": ["string", "null"], "minLength": 1},
+                "subject": {"type": ["string", "null"], "minLength": 1, "pattern": STRING_PATTERN},
                 "datacontenttype": {"enum": ["application/json", null]},
-                "partitionkey": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_PARTITION_KEY_CHARS},
+                "partitionkey": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_PARTITION_KEY_CHARS, "pattern": STRING_PATTERN},
                 "data": data,
             });
             if let Some(id) = &entry.id {
@@ -46,7 +49,8 @@ pub fn document(registry: &Registry) -> Value {
                 // Extension attributes: lower-case names, string, integer or boolean values.
                 "propertyNames": {"pattern": "^[a-z0-9]{1,20}$"},
                 "additionalProperties": {"anyOf": [
-                    {"type": ["string", "boolean", "null"]},
+                    {"type": "string", "pattern": STRING_PATTERN},
+                    {"type": ["boolean", "null"]},
                     {"type": "integer", "minimum": i32::MIN, "maximum": i32::MAX},
                 ]},
             })
