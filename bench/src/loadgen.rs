@@ -37,6 +37,23 @@ struct Args {
     /// Worker threads of the generator's runtime
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Send this API key (`X-Api-Key`)
+    #[arg(long, env = "FLOODGATE_API_KEY")]
+    api_key: Option<String>,
+    /// gzip every body (`Content-Encoding: gzip`, fast level), as producers on slow links do
+    #[arg(long)]
+    gzip: bool,
+    /// Prepare this many bodies before the run and cycle through them, so that the
+    /// generator's own work (gzip) does not take CPU from the edge. Repeated ids: run the
+    /// edge with dedupe off (`dedupe_window_ms = 0`). 0: a fresh body per request.
+    #[arg(long, default_value_t = 0)]
+    pool: usize,
+}
+
+fn gzip_fast(body: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut e, body).expect("writing to a Vec");
+    e.finish().expect("writing to a Vec")
 }
 
 fn main() -> Result<()> {
@@ -62,21 +79,43 @@ async fn run(args: Args) -> Result<()> {
         .build_http();
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
+    let pool: Arc<Vec<Bytes>> = Arc::new({
+        let mut bodies = floodgate_bench::UniqueBodies::new(args.batch, run_seed + 999_000_000);
+        (0..args.pool)
+            .map(|_| {
+                let b = bodies.next_body();
+                Bytes::from(if args.gzip { gzip_fast(&b) } else { b })
+            })
+            .collect()
+    });
     let mut tasks = Vec::new();
     for c in 0..args.concurrency {
         let (client, stop, measuring) = (client.clone(), stop.clone(), measuring.clone());
         let mut bodies =
             floodgate_bench::UniqueBodies::new(args.batch, run_seed + c as u64 * 10_000_000);
         let url: hyper::Uri = args.url.parse()?;
+        let (api_key, gzip, pool) = (args.api_key.clone(), args.gzip, pool.clone());
+        let mut next = c * 7919;
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let (mut ok, mut failed) = (0u64, 0u64);
             while !stop.load(Ordering::Relaxed) {
-                let body = Bytes::from(bodies.next_body());
-                let req = Request::post(url.clone())
-                    .header("content-type", "application/cloudevents-batch+json")
-                    .body(Full::new(body))
-                    .unwrap();
+                let body = if pool.is_empty() {
+                    let b = bodies.next_body();
+                    Bytes::from(if gzip { gzip_fast(&b) } else { b })
+                } else {
+                    next = (next + 1) % pool.len();
+                    pool[next].clone()
+                };
+                let mut req = Request::post(url.clone())
+                    .header("content-type", "application/cloudevents-batch+json");
+                if gzip {
+                    req = req.header("content-encoding", "gzip");
+                }
+                if let Some(key) = &api_key {
+                    req = req.header("x-api-key", key.as_str());
+                }
+                let req = req.body(Full::new(body)).unwrap();
                 let started = Instant::now();
                 let res = client.request(req).await;
                 let good = match res {
