@@ -24,6 +24,7 @@ pub mod check;
 pub mod config;
 pub mod decode;
 pub mod envelope;
+pub mod lake;
 pub mod partition;
 pub mod registry;
 pub mod state;
