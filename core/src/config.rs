@@ -32,6 +32,7 @@ pub struct Config {
     pub schemas_dir: Option<PathBuf>,
     pub ingest: IngestConfig,
     pub stream: StreamConfig,
+    pub lake: LakeConfig,
 }
 
 impl Default for Config {
@@ -41,6 +42,29 @@ impl Default for Config {
             schemas_dir: None,
             ingest: IngestConfig::default(),
             stream: StreamConfig::default(),
+            lake: LakeConfig::default(),
+        }
+    }
+}
+
+/// `[lake]`: the Parquet lake under `<data_dir>/lake/`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LakeConfig {
+    /// Whether the processors write the lake.
+    pub enabled: bool,
+    /// A shard's buffer becomes files once it holds this many bytes of events…
+    pub roll_bytes: u64,
+    /// …or is this old.
+    pub roll_age_ms: u64,
+}
+
+impl Default for LakeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            roll_bytes: 128 * MIB,
+            roll_age_ms: 60_000,
         }
     }
 }

@@ -38,6 +38,9 @@ pub const ENVELOPE_COLUMNS: [&str; 7] = [
     "sequence",
 ];
 
+/// Field metadata naming the JSON member a struct field comes from (names are snake_case).
+pub const MEMBER_KEY: &str = "floodgate.member";
+
 /// The table of events the edge rejected.
 pub const QUARANTINE_TABLE: &str = "quarantine";
 
@@ -308,10 +311,7 @@ impl Ctx<'_> {
             .as_object()
             .ok_or_else(|| self.err(pointer, "a property schema must be an object"))?;
         if let Some(k) = obj.keys().find(|k| !VALUE_KEYWORDS.contains(&k.as_str())) {
-            return Err(self.err(
-                pointer,
-                format!("the keyword {k:?} has no column mapping"),
-            ));
+            return Err(self.err(pointer, format!("the keyword {k:?} has no column mapping")));
         }
         let (ty, nullable) = match obj.get("type") {
             Some(Value::String(t)) => (t.as_str(), false),
@@ -324,10 +324,9 @@ impl Ctx<'_> {
                 match non_null.as_slice() {
                     [t] => (*t, ts.len() > non_null.len()),
                     _ => {
-                        return Err(self.err(
-                            pointer,
-                            "a column has one type (optionally with \"null\")",
-                        ));
+                        return Err(
+                            self.err(pointer, "a column has one type (optionally with \"null\")")
+                        );
                     }
                 }
             }
@@ -350,17 +349,25 @@ impl Ctx<'_> {
                         "an object with additionalProperties has no fixed columns",
                     ));
                 }
-                let (props, required) = object_parts(schema, pointer)
-                    .map_err(|(p, r)| self.err(&p, r))?;
+                let (props, required) =
+                    object_parts(schema, pointer).map_err(|(p, r)| self.err(&p, r))?;
                 let mut children = Vec::new();
                 for (member, child) in props {
-                    let p = format!("{pointer}/properties/{}", crate::escape_pointer_token(member));
+                    let p = format!(
+                        "{pointer}/properties/{}",
+                        crate::escape_pointer_token(member)
+                    );
                     let (t, n) = self.map(child, &p)?;
-                    children.push(Field::new(
-                        snake_case(member),
-                        t,
-                        n || !required.contains(&member.as_str()),
-                    ));
+                    children.push(
+                        Field::new(
+                            snake_case(member),
+                            t,
+                            n || !required.contains(&member.as_str()),
+                        )
+                        .with_metadata(std::collections::HashMap::from([
+                            (MEMBER_KEY.to_owned(), member.clone()),
+                        ])),
+                    );
                 }
                 DataType::Struct(Fields::from(children))
             }
@@ -432,24 +439,32 @@ pub fn athena_ddl(table: &str, schema: &Schema, location: &str) -> String {
         .map(|f| format!("  `{}` {}", f.name(), athena_type(f.data_type())))
         .collect::<Vec<_>>()
         .join(",\n");
+    let properties = [
+        ("parquet.compression", "ZSTD".to_owned()),
+        ("projection.enabled", "true".to_owned()),
+        ("projection.dt.type", "date".to_owned()),
+        ("projection.dt.format", "yyyy-MM-dd".to_owned()),
+        ("projection.dt.range", "2020-01-01,NOW".to_owned()),
+        ("projection.dt.interval", "1".to_owned()),
+        ("projection.dt.interval.unit", "DAYS".to_owned()),
+        ("projection.hour.type", "integer".to_owned()),
+        ("projection.hour.range", "0,23".to_owned()),
+        ("projection.hour.digits", "2".to_owned()),
+        (
+            "storage.location.template",
+            format!("{location}/{table}/dt=${{dt}}/hour=${{hour}}/"),
+        ),
+    ]
+    .iter()
+    .map(|(k, v)| format!("  '{k}' = '{v}'"))
+    .collect::<Vec<_>>()
+    .join(",\n");
     format!(
         "CREATE EXTERNAL TABLE IF NOT EXISTS `{table}` (\n{columns}\n)\n\
-PARTITIONED BY (`dt` string, `hour` int)\n\
-STORED AS PARQUET\n\
-LOCATION '{location}/{table}/'\n\
-TBLPROPERTIES (\n\
-  'parquet.compression' = 'ZSTD',\n\
-  'projection.enabled' = 'true',\n\
-  'projection.dt.type' = 'date',\n\
-  'projection.dt.format' = 'yyyy-MM-dd',\n\
-  'projection.dt.range' = '2020-01-01,NOW',\n\
-  'projection.dt.interval' = '1',\n\
-  'projection.dt.interval.unit' = 'DAYS',\n\
-  'projection.hour.type' = 'integer',\n\
-  'projection.hour.range' = '0,23',\n\
-  'projection.hour.digits' = '2',\n\
-  'storage.location.template' = '{location}/{table}/dt=${{dt}}/hour=${{hour}}/'\n\
-);\n"
+         PARTITIONED BY (`dt` string, `hour` int)\n\
+         STORED AS PARQUET\n\
+         LOCATION '{location}/{table}/'\n\
+         TBLPROPERTIES (\n{properties}\n);\n"
     )
 }
 
@@ -478,11 +493,23 @@ mod tests {
     fn shipped_schemas_map() {
         let registry = Registry::builtin().unwrap();
         let tables = tables(&registry).unwrap();
-        let t = tables.iter().find(|t| t.name == "booking_requested").unwrap();
+        let t = tables
+            .iter()
+            .find(|t| t.name == "booking_requested")
+            .unwrap();
         let s = &t.schema;
-        assert_eq!(s.field_with_name("seats").unwrap().data_type(), &DataType::Int8);
-        assert_eq!(s.field_with_name("requested_at").unwrap().data_type(), &timestamp());
-        assert_eq!(s.field_with_name("booking_id").unwrap().data_type(), &DataType::Utf8);
+        assert_eq!(
+            s.field_with_name("seats").unwrap().data_type(),
+            &DataType::Int8
+        );
+        assert_eq!(
+            s.field_with_name("requested_at").unwrap().data_type(),
+            &timestamp()
+        );
+        assert_eq!(
+            s.field_with_name("booking_id").unwrap().data_type(),
+            &DataType::Utf8
+        );
         assert!(!s.field_with_name("booking_id").unwrap().is_nullable());
         // `eventId` would collide with the CloudEvent id column.
         assert!(s.field_with_name("data_event_id").is_ok());
@@ -505,12 +532,30 @@ mod tests {
     #[test]
     fn unmappable_features_name_their_pointer() {
         for (schema, pointer) in [
-            (json!({"type":"object","properties":{"a":{"oneOf":[{"type":"string"}]}}}), "/properties/a"),
-            (json!({"type":"object","properties":{"a":{"type":["string","integer"]}}}), "/properties/a"),
-            (json!({"type":"object","properties":{"a":{"type":"object"}}}), "/properties/a"),
-            (json!({"type":"object","properties":{"a":{"type":"array"}}}), "/properties/a"),
-            (json!({"type":"object","properties":{"a":{"$ref":"#/x"}}}), "/properties/a"),
-            (json!({"type":"object","properties":{"o":{"type":"object","properties":{"x":{"anyOf":[]}}}}}), "/properties/o/properties/x"),
+            (
+                json!({"type":"object","properties":{"a":{"oneOf":[{"type":"string"}]}}}),
+                "/properties/a",
+            ),
+            (
+                json!({"type":"object","properties":{"a":{"type":["string","integer"]}}}),
+                "/properties/a",
+            ),
+            (
+                json!({"type":"object","properties":{"a":{"type":"object"}}}),
+                "/properties/a",
+            ),
+            (
+                json!({"type":"object","properties":{"a":{"type":"array"}}}),
+                "/properties/a",
+            ),
+            (
+                json!({"type":"object","properties":{"a":{"$ref":"#/x"}}}),
+                "/properties/a",
+            ),
+            (
+                json!({"type":"object","properties":{"o":{"type":"object","properties":{"x":{"anyOf":[]}}}}}),
+                "/properties/o/properties/x",
+            ),
         ] {
             let e = table_for("t", &[(1, &schema)]).unwrap_err();
             assert_eq!(e.pointer, pointer, "{schema}");
@@ -529,6 +574,9 @@ mod tests {
             athena_type(t.schema.field_with_name("s").unwrap().data_type()),
             "struct<n:double>"
         );
-        assert_eq!(t.schema.field_with_name("e").unwrap().data_type(), &dictionary());
+        assert_eq!(
+            t.schema.field_with_name("e").unwrap().data_type(),
+            &dictionary()
+        );
     }
 }

@@ -25,6 +25,7 @@ pub mod config;
 pub mod decode;
 pub mod envelope;
 pub mod lake;
+pub mod object_store;
 pub mod partition;
 pub mod registry;
 pub mod state;

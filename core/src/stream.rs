@@ -273,26 +273,27 @@ mod tests {
 /// edge reads [`ConsumerLag::max_records`] on every request: one atomic load.
 #[derive(Debug, Default)]
 pub struct ConsumerLag {
-    per_shard: std::sync::Mutex<std::collections::HashMap<ShardId, u64>>,
+    per_shard: std::sync::Mutex<std::collections::HashMap<(String, ShardId), u64>>,
     max: std::sync::atomic::AtomicU64,
 }
 
 impl ConsumerLag {
-    /// Records `shard` as `records` behind its head.
-    pub fn set(&self, shard: &ShardId, records: u64) {
+    /// Records `consumer` as `records` behind the head of `shard`.
+    pub fn set(&self, consumer: &str, shard: &ShardId, records: u64) {
         let mut map = self.per_shard.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get_mut(shard) {
+        let key = (consumer.to_owned(), shard.clone());
+        match map.get_mut(&key) {
             Some(v) if *v == records => return,
             Some(v) => *v = records,
             None => {
-                map.insert(shard.clone(), records);
+                map.insert(key, records);
             }
         }
         let max = map.values().copied().max().unwrap_or(0);
         self.max.store(max, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// The largest lag over all shards, in records.
+    /// The largest lag over all consumers and shards, in records.
     pub fn max_records(&self) -> u64 {
         self.max.load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -154,13 +154,13 @@ async fn consumer_lag_past_its_bound_gets_503() {
         ..IngestConfig::default()
     };
     let app = app_with(Arc::new(FullStream::default()), cfg).with_consumer_lag(lag.clone());
-    lag.set(&ShardId("shard-0".into()), 1000);
+    lag.set("bookings", &ShardId("shard-0".into()), 1000);
     assert_eq!(post(&app, &[event("l1", 1)]).await.0, 200, "at the bound");
-    lag.set(&ShardId("shard-1".into()), 1001);
+    lag.set("bookings", &ShardId("shard-1".into()), 1001);
     let (status, retry_after, body) = post(&app, &[event("l2", 1)]).await;
     assert_eq!((status, retry_after.as_deref()), (503, Some("1")));
     assert_eq!(body["error"]["code"], "consumer_lag");
-    lag.set(&ShardId("shard-1".into()), 0);
+    lag.set("bookings", &ShardId("shard-1".into()), 0);
     assert_eq!(post(&app, &[event("l3", 1)]).await.0, 200, "caught up");
 }
 

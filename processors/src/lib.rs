@@ -9,11 +9,15 @@
 //!   one [`StateChanges`] (each touched row once) through the [`StateStore`] role.
 //! - [`relay`] moves derived events from the state store's transactional outbox to the
 //!   [`Publisher`] role, exactly once.
+//! - [`lake`] writes accepted events as typed Parquet, one file per table, hour partition
+//!   and run of the shard, through the `ObjectStore` role; [`parquet`] encodes them.
 //!
 //! [`StateChanges`]: floodgate_core::state::StateChanges
 //! [`StateStore`]: floodgate_core::state::StateStore
 //! [`Publisher`]: floodgate_core::state::Publisher
 
 pub mod bookings;
+pub mod lake;
+pub mod parquet;
 pub mod relay;
 pub mod runtime;

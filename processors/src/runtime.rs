@@ -40,6 +40,28 @@ pub trait ShardProcessor: Send + Sync + std::fmt::Debug {
     /// Commits the effects of `records` (contiguous, in sequence order). Must be
     /// idempotent: after a crash the same records may come again.
     async fn process(&self, shard: &ShardId, records: &[StoredRecord]) -> Result<(), ProcessError>;
+
+    /// How far the checkpoint may move once `process` (or `tick`) returned. Processors
+    /// that buffer (the lake) answer their last durable record; the default is every
+    /// record processed.
+    fn progress(&self, _shard: &ShardId) -> Progress {
+        Progress::All
+    }
+
+    /// Time-based work: called when a read found nothing new, and with `last` once when
+    /// the consumer stops (flush what is buffered).
+    async fn tick(&self, _shard: &ShardId, _last: bool) -> Result<(), ProcessError> {
+        Ok(())
+    }
+}
+
+/// See [`ShardProcessor::progress`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// Through the last record given to `process`.
+    All,
+    /// Through this record (`None`: nothing yet).
+    Through(Option<SequenceNumber>),
 }
 
 /// Tuning of the consumer loop.
@@ -157,7 +179,7 @@ async fn run_shard(
     .await;
     // This worker no longer holds the shard back.
     if let Some(lag) = &config.lag {
-        lag.set(&shard, 0);
+        lag.set(&consumer, &shard, 0);
     }
     if let Err(e) = checkpoints
         .release_lease(&consumer, &shard, &config.owner)
@@ -202,6 +224,10 @@ async fn consume(
         }
     };
     tracing::info!(?position, "consumer started");
+    let mut committed = match &position {
+        StartPosition::After(seq) => Some(seq.clone()),
+        _ => None,
+    };
     let mut idle = config.idle_min;
     while !*shutdown.borrow() {
         let batch = match reader
@@ -220,10 +246,15 @@ async fn consume(
         metrics::gauge!("floodgate_processor_lag_records", &labels)
             .set(batch.records_behind as f64);
         if let Some(lag) = &config.lag {
-            lag.set(&shard, batch.records_behind);
+            lag.set(&consumer, &shard, batch.records_behind);
         }
         let Some(last) = batch.records.last() else {
             metrics::gauge!("floodgate_processor_lag_milliseconds", &labels).set(0.0);
+            if let Err(e) = processor.tick(&shard, false).await {
+                tracing::warn!(error = %e, "tick failed; retrying later");
+            } else if let Progress::Through(Some(seq)) = processor.progress(&shard) {
+                commit_if_newer(checkpoints, &consumer, &shard, &mut committed, seq).await;
+            }
             if pause(idle, &mut shutdown).await {
                 break;
             }
@@ -257,9 +288,14 @@ async fn consume(
             }
             continue;
         }
-        // Effects are committed; now the checkpoint may move.
-        if let Err(e) = checkpoints.commit(&consumer, &shard, &last.sequence).await {
-            tracing::warn!(error = %e, "checkpoint commit failed; effects are safe, will commit later");
+        // Effects are committed (or, for a buffering processor, those it reports); now
+        // the checkpoint may move.
+        let durable = match processor.progress(&shard) {
+            Progress::All => Some(last.sequence.clone()),
+            Progress::Through(seq) => seq,
+        };
+        if let Some(seq) = durable {
+            commit_if_newer(checkpoints, &consumer, &shard, &mut committed, seq).await;
         }
         metrics::counter!("floodgate_processor_records_total", &labels)
             .increment(batch.records.len() as u64);
@@ -268,5 +304,32 @@ async fn consume(
             .next
             .unwrap_or(StartPosition::After(last.sequence.clone()));
     }
+    // Stopping: let a buffering processor make the rest durable, then record it.
+    match processor.tick(&shard, true).await {
+        Ok(()) => {
+            if let Progress::Through(Some(seq)) = processor.progress(&shard) {
+                commit_if_newer(checkpoints, &consumer, &shard, &mut committed, seq).await;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "final flush failed; the records will be read again"),
+    }
     tracing::info!("consumer stopped");
+}
+
+async fn commit_if_newer(
+    checkpoints: &dyn CheckpointStore,
+    consumer: &str,
+    shard: &ShardId,
+    committed: &mut Option<SequenceNumber>,
+    seq: SequenceNumber,
+) {
+    if committed.as_ref().is_some_and(|c| *c >= seq) {
+        return;
+    }
+    match checkpoints.commit(consumer, shard, &seq).await {
+        Ok(()) => *committed = Some(seq),
+        Err(e) => {
+            tracing::warn!(error = %e, "checkpoint commit failed; effects are safe, will commit later")
+        }
+    }
 }

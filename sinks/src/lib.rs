@@ -9,6 +9,7 @@
 //! - [`SqliteStateStore`] — bookings and capacity state, one transaction per batch with
 //!   the shard position and the transactional outbox.
 //! - [`EmbeddedOutbox`] — the embedded publisher of derived events (an NDJSON log).
+//! - [`LocalDirStore`] — the lake's object store on a local directory.
 //!
 //! Later backends (Kinesis, DynamoDB, SQLite, S3, …) sit beside these and pass the same
 //! conformance suites.
@@ -18,10 +19,12 @@
 
 mod checkpoint;
 mod embedded_log;
+mod local_store;
 pub mod outbox;
 mod sqlite_state;
 
 pub use checkpoint::EmbeddedCheckpoints;
 pub use embedded_log::{EmbeddedLog, EmbeddedLogReader, LogMeta};
+pub use local_store::LocalDirStore;
 pub use outbox::EmbeddedOutbox;
 pub use sqlite_state::SqliteStateStore;

@@ -1,0 +1,380 @@
+//! The lake consumer: per shard, accepted events gathered into one Parquet file per table
+//! and hour partition, written through the [`ObjectStore`] role as
+//! `<table>/dt=YYYY-MM-DD/hour=HH/<shard>-<firstSeq>-<lastSeq>.parquet`.
+//!
+//! A flush covers a contiguous run of the shard's records, `firstSeq..=lastSeq`, and every
+//! file it writes carries that run in its name. The checkpoint moves only after all of a
+//! flush's files are durable (the store's `put` is atomic). Replays are therefore safe:
+//! - a file rewritten for the same run has the same name and the same rows, so it
+//!   replaces itself;
+//! - after a crash in the middle of a flush, the next start finds the files of the
+//!   unfinished run (their `firstSeq` is the first record after the checkpoint) and ends
+//!   its first flush exactly at their `lastSeq`, rewriting that run whole.
+//!
+//! The partition comes from the event's `time`, else the time the stream received it
+//! (UTC). A buffer rolls when it holds `roll_bytes` of events or is `roll_age` old, and on
+//! shutdown.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow_array::ArrayRef;
+use async_trait::async_trait;
+use floodgate_core::lake::{ENVELOPE_COLUMNS, Table};
+use floodgate_core::object_store::ObjectStore;
+use floodgate_core::stream::{SequenceNumber, ShardId, StoredRecord};
+use serde_json::Value;
+
+use crate::parquet;
+use crate::runtime::{ProcessError, Progress, ShardProcessor};
+
+/// When a buffer becomes a file.
+#[derive(Debug, Clone)]
+pub struct LakeConfig {
+    pub roll_bytes: u64,
+    pub roll_age: Duration,
+}
+
+impl Default for LakeConfig {
+    fn default() -> Self {
+        Self {
+            roll_bytes: 128 << 20,
+            roll_age: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One row waiting for its file.
+struct Row {
+    event: Value,
+    received_us: i64,
+    sequence: String,
+}
+
+#[derive(Default)]
+struct ShardBuffer {
+    /// (table, dt, hour) → rows, in stream order.
+    groups: BTreeMap<(String, String, u8), Vec<Row>>,
+    first: Option<SequenceNumber>,
+    last: Option<SequenceNumber>,
+    bytes: u64,
+    opened: Option<Instant>,
+    /// The end of an unfinished run found at start-up: flush exactly there.
+    boundary: Option<SequenceNumber>,
+    started: bool,
+    durable: Option<SequenceNumber>,
+}
+
+/// Writes the lake; see the module docs.
+pub struct LakeProcessor {
+    store: Arc<dyn ObjectStore>,
+    tables: HashMap<String, Table>,
+    config: LakeConfig,
+    shards: Mutex<HashMap<ShardId, ShardBuffer>>,
+}
+
+impl std::fmt::Debug for LakeProcessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LakeProcessor")
+            .field("tables", &self.tables.len())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `(first, last)` of a lake file name `<shard>-<first>-<last>.parquet` of `shard`.
+pub fn parse_file_name<'a>(name: &'a str, shard: &str) -> Option<(&'a str, &'a str)> {
+    let rest = name.strip_prefix(shard)?.strip_prefix('-')?;
+    let rest = rest.strip_suffix(".parquet")?;
+    let (first, last) = rest.split_once('-')?;
+    (first.bytes().all(|b| b.is_ascii_digit()) && last.bytes().all(|b| b.is_ascii_digit()))
+        .then_some((first, last))
+}
+
+/// `YYYY-MM-DD` and hour (UTC) of a time in microseconds.
+fn partition(micros: i64) -> (String, u8) {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    (
+        format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day()),
+        t.hour(),
+    )
+}
+
+impl LakeProcessor {
+    /// `tables`: every table this consumer writes, keyed by the event type it holds.
+    pub fn new(store: Arc<dyn ObjectStore>, tables: Vec<Table>, config: LakeConfig) -> Self {
+        Self {
+            store,
+            tables: tables
+                .into_iter()
+                .map(|t| (t.event_type.clone(), t))
+                .collect(),
+            config,
+            shards: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn columns(table: &Table, rows: &[Row], shard: &str) -> Result<Vec<ArrayRef>, ProcessError> {
+        let enc = |e: parquet::EncodeError| ProcessError::Other(e.to_string());
+        let fields = table.schema.fields();
+        let mut out = Vec::with_capacity(fields.len());
+        let shard_value = Value::String(shard.to_owned());
+        let received: Vec<Value> = rows.iter().map(|r| Value::from(r.received_us)).collect();
+        let sequences: Vec<Value> = rows
+            .iter()
+            .map(|r| Value::String(r.sequence.clone()))
+            .collect();
+        for (i, field) in fields.iter().enumerate() {
+            let values: Vec<Option<&Value>> = match ENVELOPE_COLUMNS.get(i) {
+                Some(&"event_id") => rows.iter().map(|r| r.event.get("id")).collect(),
+                Some(&"source") => rows.iter().map(|r| r.event.get("source")).collect(),
+                Some(&"type") => rows.iter().map(|r| r.event.get("type")).collect(),
+                Some(&"time") => rows.iter().map(|r| r.event.get("time")).collect(),
+                Some(&"received_at") => received.iter().map(Some).collect(),
+                Some(&"shard") => rows.iter().map(|_| Some(&shard_value)).collect(),
+                Some(&"sequence") => sequences.iter().map(Some).collect(),
+                Some(other) => unreachable!("envelope column {other}"),
+                None => {
+                    let member = &table.data_members[i - ENVELOPE_COLUMNS.len()];
+                    rows.iter()
+                        .map(|r| r.event.get("data").and_then(|d| d.get(member)))
+                        .collect()
+                }
+            };
+            out.push(parquet::column(field.data_type(), &values).map_err(enc)?);
+        }
+        Ok(out)
+    }
+
+    /// Writes every group of `shard`'s buffer, then marks the run durable.
+    async fn flush(&self, shard: &ShardId) -> Result<(), ProcessError> {
+        let (groups, first, last) = {
+            let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(buf) = shards.get_mut(shard) else {
+                return Ok(());
+            };
+            let (Some(first), Some(last)) = (buf.first.take(), buf.last.take()) else {
+                return Ok(());
+            };
+            buf.bytes = 0;
+            buf.opened = None;
+            (std::mem::take(&mut buf.groups), first, last)
+        };
+        let started = Instant::now();
+        let mut bytes_written = 0u64;
+        let mut rows_written = 0usize;
+        for ((table_name, dt, hour), rows) in &groups {
+            let table = self
+                .tables
+                .values()
+                .find(|t| &t.name == table_name)
+                .expect("groups are keyed by known tables");
+            let columns = Self::columns(table, rows, &shard.0)?;
+            let file = parquet::encode(&table.schema, columns)
+                .map_err(|e| ProcessError::Other(e.to_string()))?;
+            let key = format!(
+                "{table_name}/dt={dt}/hour={hour:02}/{}-{first}-{last}.parquet",
+                shard.0
+            );
+            bytes_written += file.len() as u64;
+            rows_written += rows.len();
+            if let Err(e) = self.store.put(&key, file).await {
+                // Put the rows back: the same run is written again on the next try.
+                let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+                let buf = shards.entry(shard.clone()).or_default();
+                buf.groups = groups;
+                buf.first = Some(first);
+                buf.last = Some(last);
+                buf.opened = Some(Instant::now());
+                return Err(ProcessError::Other(e.to_string()));
+            }
+        }
+        metrics::counter!("floodgate_lake_files_total").increment(groups.len() as u64);
+        metrics::counter!("floodgate_lake_rows_total").increment(rows_written as u64);
+        metrics::counter!("floodgate_lake_bytes_total").increment(bytes_written);
+        metrics::histogram!("floodgate_lake_flush_seconds").record(started.elapsed().as_secs_f64());
+        tracing::debug!(%shard, %first, %last, files = groups.len(), rows = rows_written, "lake flush");
+        let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+        let buf = shards.entry(shard.clone()).or_default();
+        buf.durable = Some(last);
+        Ok(())
+    }
+
+    /// At a shard's first batch: is there an unfinished run starting at `first`?
+    async fn find_boundary(
+        &self,
+        shard: &ShardId,
+        first: &SequenceNumber,
+    ) -> Result<Option<SequenceNumber>, ProcessError> {
+        let objects = self
+            .store
+            .list("")
+            .await
+            .map_err(|e| ProcessError::Other(e.to_string()))?;
+        let first = first.to_string();
+        let mut end: Option<SequenceNumber> = None;
+        for o in &objects {
+            let name = o.key.rsplit('/').next().unwrap_or("");
+            if let Some((f, l)) = parse_file_name(name, &shard.0)
+                && f == first
+            {
+                let l = SequenceNumber::new(l.to_owned());
+                if end.as_ref().is_none_or(|e| l > *e) {
+                    end = Some(l);
+                }
+            }
+        }
+        Ok(end)
+    }
+}
+
+#[async_trait]
+impl ShardProcessor for LakeProcessor {
+    fn consumer(&self) -> &str {
+        "lake"
+    }
+
+    async fn start_position(
+        &self,
+        _shard: &ShardId,
+    ) -> Result<Option<SequenceNumber>, ProcessError> {
+        Ok(None)
+    }
+
+    async fn process(&self, shard: &ShardId, records: &[StoredRecord]) -> Result<(), ProcessError> {
+        let Some(head) = records.first() else {
+            return Ok(());
+        };
+        let needs_start = {
+            let shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+            !shards.get(shard).is_some_and(|b| b.started)
+        };
+        if needs_start {
+            let boundary = self.find_boundary(shard, &head.sequence).await?;
+            if let Some(b) = &boundary {
+                tracing::info!(%shard, first = %head.sequence, last = %b, "rewriting an unfinished lake run");
+            }
+            let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+            let buf = shards.entry(shard.clone()).or_default();
+            buf.boundary = boundary;
+            buf.started = true;
+        }
+        let mut i = 0;
+        while i < records.len() {
+            let mut flush_now = false;
+            {
+                let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+                let buf = shards.entry(shard.clone()).or_default();
+                while i < records.len() {
+                    let r = &records[i];
+                    i += 1;
+                    if buf.first.is_none() {
+                        buf.first = Some(r.sequence.clone());
+                        buf.opened = Some(Instant::now());
+                    }
+                    buf.last = Some(r.sequence.clone());
+                    buf.bytes += r.payload.len() as u64;
+                    match serde_json::from_slice::<Value>(&r.payload) {
+                        Ok(event) => {
+                            let event_type =
+                                event.get("type").and_then(Value::as_str).unwrap_or("");
+                            match self.tables.get(event_type) {
+                                Some(table) => {
+                                    let received_us = r.appended_at_ms * 1000;
+                                    let at = event
+                                        .get("time")
+                                        .and_then(Value::as_str)
+                                        .and_then(parquet::rfc3339_micros)
+                                        .unwrap_or(received_us);
+                                    let (dt, hour) = partition(at);
+                                    buf.groups
+                                        .entry((table.name.clone(), dt, hour))
+                                        .or_default()
+                                        .push(Row {
+                                            event,
+                                            received_us,
+                                            sequence: r.sequence.to_string(),
+                                        });
+                                }
+                                None => {
+                                    metrics::counter!("floodgate_lake_skipped_total", "reason" => "unknown_type").increment(1);
+                                }
+                            }
+                        }
+                        Err(_) => {
+                            metrics::counter!("floodgate_lake_skipped_total", "reason" => "unparsable").increment(1);
+                        }
+                    }
+                    if buf.boundary.as_ref() == Some(&r.sequence) {
+                        buf.boundary = None;
+                        flush_now = true;
+                        break;
+                    }
+                    if buf.boundary.is_none() && buf.bytes >= self.config.roll_bytes {
+                        flush_now = true;
+                        break;
+                    }
+                }
+                if !flush_now
+                    && buf.boundary.is_none()
+                    && buf
+                        .opened
+                        .is_some_and(|o| o.elapsed() >= self.config.roll_age)
+                {
+                    flush_now = true;
+                }
+            }
+            if flush_now {
+                self.flush(shard).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn progress(&self, shard: &ShardId) -> Progress {
+        let shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+        Progress::Through(shards.get(shard).and_then(|b| b.durable.clone()))
+    }
+
+    async fn tick(&self, shard: &ShardId, last: bool) -> Result<(), ProcessError> {
+        let due = {
+            let shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+            shards.get(shard).is_some_and(|b| {
+                b.first.is_some()
+                    && (last
+                        || (b.boundary.is_none()
+                            && b.opened
+                                .is_some_and(|o| o.elapsed() >= self.config.roll_age)))
+            })
+        };
+        if due {
+            self.flush(shard).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_partitions() {
+        assert_eq!(
+            parse_file_name("shard-0001-10-20.parquet", "shard-0001"),
+            Some(("10", "20"))
+        );
+        assert_eq!(
+            parse_file_name("shard-0001-10-20.parquet", "shard-0002"),
+            None
+        );
+        assert_eq!(
+            parse_file_name("shard-0001-x-20.parquet", "shard-0001"),
+            None
+        );
+        let us = parquet::rfc3339_micros("2026-11-22T23:59:59.5+01:00").unwrap();
+        assert_eq!(partition(us), ("2026-11-22".to_owned(), 22));
+    }
+}

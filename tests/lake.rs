@@ -1,0 +1,127 @@
+//! The Parquet lake, read the way analysts read it: events of every type posted to the
+//! real binary, a clean shutdown (which flushes), then DuckDB, pyarrow and sqlglot (from
+//! the test venv that `scripts/test` makes) check rows, types, partitions and the DDL.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{BIN, Server, one_of_each};
+use serde_json::{Value, json};
+
+fn python() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "the test venv is missing: run scripts/venv (scripts/test does) to install duckdb, pyarrow and sqlglot"
+    );
+    p
+}
+
+fn table(event_type: &str) -> String {
+    event_type.replace('.', "_")
+}
+
+fn run_check(lake: &Path, expected: &BTreeMap<String, Vec<String>>, ddl: &Path) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let expected_path = dir.path().join("expected.json");
+    std::fs::write(&expected_path, serde_json::to_vec(expected).unwrap()).unwrap();
+    let out = Command::new(python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lake_check.py"))
+        .arg(lake)
+        .arg(&expected_path)
+        .arg(ddl)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn every_accepted_event_is_in_its_typed_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[]);
+    let mut expected: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // 40 rounds of one event of every type, across several hours and keys.
+    for round in 0..40 {
+        let mut batch = one_of_each(&format!("lk{round}"), &format!("E{}", round % 7));
+        for (i, e) in batch.iter_mut().enumerate() {
+            e["time"] = json!(format!(
+                "2026-11-{:02}T{:02}:{:02}:00Z",
+                20 + round % 3,
+                (round + i) % 24,
+                i
+            ));
+        }
+        // Events without `time` fall in the hour they were received.
+        if round % 10 == 0 {
+            batch[0].as_object_mut().unwrap().remove("time");
+        }
+        // And one invalid event, which must not reach the lake.
+        let mut bad = batch[2].clone();
+        bad["id"] = json!(format!("bad{round}"));
+        bad["data"]["seats"] = json!(0);
+        batch.push(bad);
+        let r = server.post_batch(&batch);
+        assert_eq!(r.status, 207, "{r:?}");
+        for e in &batch[..batch.len() - 1] {
+            expected
+                .entry(table(e["type"].as_str().unwrap()))
+                .or_default()
+                .push(e["id"].as_str().unwrap().to_owned());
+        }
+    }
+    let mut server = server;
+    assert_eq!(server.terminate(), Some(0));
+
+    let ddl = dir.path().join("lake.sql");
+    let out = Command::new(BIN)
+        .args(["lake", "ddl", "--location", "s3://bucket/prefix"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    std::fs::write(&ddl, &out.stdout).unwrap();
+    let figures = run_check(&data.join("lake"), &expected, &ddl);
+    eprintln!("{figures}");
+    assert_eq!(figures["rows"]["booking_requested"], 40);
+
+    // No temporary or partial file is left under a final name.
+    let mut stack = vec![data.join("lake")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                assert!(name.ends_with(".parquet"), "unexpected file {name}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_shipped_athena_ddl_is_current() {
+    let out = Command::new(BIN)
+        .args(["lake", "ddl", "--location", "s3://YOUR-BUCKET/floodgate"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/athena/lake.sql"),
+    )
+    .unwrap();
+    assert!(
+        String::from_utf8(out.stdout).unwrap() == shipped,
+        "deploy/athena/lake.sql is stale: regenerate it with \
+         `floodgate lake ddl --location s3://YOUR-BUCKET/floodgate > deploy/athena/lake.sql`"
+    );
+}

@@ -1,0 +1,87 @@
+"""Reads the lake the way analysts do, with DuckDB and pyarrow, and checks it against
+what the test posted. Called by tests/lake.rs with the venv's python:
+
+    lake_check.py LAKE_DIR EXPECTED_JSON DDL_FILE
+
+EXPECTED_JSON maps each table to its accepted event ids. Prints one JSON line of figures;
+exits non-zero with a message on the first mismatch.
+"""
+import json
+import re
+import sys
+
+import duckdb
+import pyarrow.dataset as ds
+import sqlglot
+
+lake, expected_path, ddl_path = sys.argv[1:4]
+expected = json.load(open(expected_path))
+con = duckdb.connect()
+figures = {}
+
+def fail(msg):
+    print(f"lake check failed: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+for table, ids in expected.items():
+    glob = f"{lake}/{table}/**/*.parquet"
+    rows = con.execute(
+        f"select event_id, dt, hour from read_parquet('{glob}', hive_partitioning = true, union_by_name = true)"
+    ).fetchall()
+    got = sorted(r[0] for r in rows)
+    if len(got) != len(set(got)):
+        fail(f"{table}: an event_id appears twice")
+    if got != sorted(ids):
+        fail(f"{table}: {len(got)} rows, expected {len(ids)}; missing {sorted(set(ids) - set(got))[:5]}, extra {sorted(set(got) - set(ids))[:5]}")
+    # dt and hour come from the path, and agree with the event time (UTC).
+    bad = con.execute(
+        f"""select count(*) from read_parquet('{glob}', hive_partitioning = true, union_by_name = true)
+            where strftime(coalesce("time", received_at), '%Y-%m-%d') <> cast(dt as varchar)
+               or hour(coalesce("time", received_at)) <> cast(hour as integer)"""
+    ).fetchone()[0]
+    if bad:
+        fail(f"{table}: {bad} rows in the wrong dt/hour partition")
+    figures[table] = len(got)
+
+# Column types as mapped, read by pyarrow.
+schema = ds.dataset(f"{lake}/booking_requested", format="parquet", partitioning="hive").schema
+types = {f.name: str(f.type) for f in schema}
+for column, want in [("seats", "int8"), ("requested_at", "timestamp[us, tz=UTC]"),
+                     ("booking_id", "string"), ("received_at", "timestamp[us, tz=UTC]")]:
+    if types.get(column) != want:
+        fail(f"booking_requested.{column} is {types.get(column)}, expected {want}")
+duck_types = dict(con.execute(
+    f"select column_name, column_type from (describe select * from read_parquet('{lake}/booking_requested/**/*.parquet', hive_partitioning = true))"
+).fetchall())
+if duck_types.get("seats") not in ("TINYINT",) or not duck_types.get("requested_at", "").startswith("TIMESTAMP"):
+    fail(f"duckdb sees {duck_types}")
+
+# The DDL parses as Athena SQL, and DuckDB can create the same tables from its columns
+# and read the files into them.
+text = open(ddl_path).read()
+statements = [s for s in sqlglot.parse(text, read="athena") if s is not None]
+creates = [s for s in statements if s.key == "create"]
+if len(creates) < len(expected):
+    fail(f"{len(creates)} CREATE statements for {len(expected)} tables")
+for block in re.findall(r"CREATE EXTERNAL TABLE IF NOT EXISTS `(\w+)` \((.*?)\n\)\nPARTITIONED", text, re.S):
+    name, cols = block
+    if name not in expected:
+        continue
+    columns = []
+    for line in cols.strip().splitlines():
+        m = re.match(r"\s*`(\w+)` (.+?),?$", line)
+        col, typ = m.group(1), m.group(2)
+        typ = {"string": "VARCHAR", "tinyint": "TINYINT", "smallint": "SMALLINT", "int": "INTEGER",
+               "bigint": "BIGINT", "double": "DOUBLE", "boolean": "BOOLEAN", "timestamp": "TIMESTAMPTZ",
+               "date": "DATE"}.get(typ, typ)
+        columns.append(f'"{col}" {typ}')
+    con.execute(f'create table "{name}" ({", ".join(columns)}, dt VARCHAR, hour INTEGER)')
+    con.execute(
+        f"""insert into "{name}" by name select * from read_parquet('{lake}/{name}/**/*.parquet', hive_partitioning = true, union_by_name = true)"""
+    )
+    n = con.execute(f'select count(*) from "{name}"').fetchone()[0]
+    if n != figures[name]:
+        fail(f"DDL table {name} holds {n} rows, expected {figures[name]}")
+
+files = con.execute(f"select count(*), sum(size) from (select file, 0 as size from glob('{lake}/**/*.parquet'))").fetchone()
+print(json.dumps({"rows": figures, "files": files[0], "ddl_statements": len(creates)}))
