@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use floodgate_core::check::{Outcome, check_body};
 use floodgate_core::config::Config;
 use floodgate_core::decode::BodyFormat;
+use floodgate_core::object_store::ObjectStore;
 use floodgate_core::registry::{Registry, SchemaSource};
 use floodgate_core::state::StateStore;
 use floodgate_core::stream::{
@@ -24,7 +25,7 @@ use floodgate_ingest::app::Limits;
 use floodgate_ingest::auth::Auth;
 use floodgate_processors::bookings::BookingsProcessor;
 use floodgate_processors::lake::{LakeConfig, LakeProcessor};
-use floodgate_processors::runtime::{RuntimeConfig, spawn_consumers};
+use floodgate_processors::runtime::{RuntimeConfig, ShardProcessor, spawn_consumers};
 use floodgate_sinks::{
     EmbeddedCheckpoints, EmbeddedLog, EmbeddedLogReader, EmbeddedOutbox, LocalDirStore,
     SqliteStateStore,
@@ -78,6 +79,15 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum LakeCommand {
+    /// Re-derive the lake from the stream: the same files (runs) with the same rows, plus
+    /// runs for records the lake did not hold yet. Run it with the server stopped.
+    Rebuild {
+        #[arg(long, env = "FLOODGATE_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+        /// TOML configuration file
+        #[arg(long, env = "FLOODGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Print an Athena `CREATE EXTERNAL TABLE` (Parquet, partition projection on dt and
     /// hour) for every lake table.
     Ddl {
@@ -215,6 +225,9 @@ fn main() -> ExitCode {
             rate_per_sec,
             burst,
         }) => keys_new(&name, &types, rate_per_sec, burst).map(|()| ExitCode::SUCCESS),
+        Command::Lake(LakeCommand::Rebuild { data_dir, config }) => {
+            lake_rebuild(data_dir, config).map(|()| ExitCode::SUCCESS)
+        }
         Command::Lake(LakeCommand::Ddl { location, schemas }) => {
             lake_ddl(&location, schemas.as_deref()).map(|()| ExitCode::SUCCESS)
         }
@@ -322,6 +335,112 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     }
     config.validate()?;
     Ok(config)
+}
+
+/// `floodgate lake rebuild`: replay every shard into a new lake beside the old one, with
+/// the old lake's run boundaries, then swap the directories.
+fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
+    let config = effective_config(&ServeArgs {
+        listen: None,
+        data_dir: Some(data_dir),
+        config: config_path,
+        schemas: None,
+        shards: None,
+        insecure_no_auth: false,
+    })?;
+    let registry = load_registry(config.schemas_dir.as_deref())?;
+    let tables = floodgate_core::lake::tables(&registry)?;
+    runtime()?.block_on(async move {
+        let stream_root = config.data_dir.join("stream");
+        // Opening the log for writing takes its lock: a running server makes this fail.
+        let log = EmbeddedLog::open(&stream_root, &config.stream.embedded).with_context(|| {
+            format!(
+                "cannot open the stream at {} (stop the server first)",
+                stream_root.display()
+            )
+        })?;
+        let shards: Vec<_> = log.shards().await?.into_iter().map(|s| s.id).collect();
+        let lake_dir = config.data_dir.join("lake");
+        let old = LocalDirStore::open(&lake_dir)?;
+        let runs = floodgate_processors::lake::runs_in(&old, &shards).await?;
+        let fresh_dir = config
+            .data_dir
+            .join(format!(".lake.rebuild-{}", std::process::id()));
+        if fresh_dir.exists() {
+            std::fs::remove_dir_all(&fresh_dir)?;
+        }
+        let fresh = Arc::new(LocalDirStore::open(&fresh_dir)?);
+        let lake = LakeProcessor::new(
+            fresh,
+            tables,
+            LakeConfig {
+                roll_bytes: config.lake.roll_bytes,
+                roll_age: std::time::Duration::MAX,
+            },
+        )
+        .with_runs(runs);
+        let mut records = 0u64;
+        let mut heads = std::collections::HashMap::new();
+        for shard in &shards {
+            let mut position = StartPosition::TrimHorizon;
+            loop {
+                let batch = log.read(shard, &position, 10_000).await?;
+                let Some(last) = batch.records.last() else {
+                    break;
+                };
+                heads
+                    .entry(shard.clone())
+                    .or_insert_with(|| batch.records[0].sequence.clone());
+                records += batch.records.len() as u64;
+                lake.process(shard, &batch.records).await?;
+                position = batch
+                    .next
+                    .unwrap_or(StartPosition::After(last.sequence.clone()));
+            }
+            lake.tick(shard, true).await?;
+        }
+        log.close().await?;
+        // Runs older than what retention left in the stream cannot be re-derived: keep them.
+        let fresh_store = LocalDirStore::open(&fresh_dir)?;
+        let mut kept = 0;
+        for object in old.list("").await? {
+            let name = object.key.rsplit('/').next().unwrap_or("");
+            let before_head = shards.iter().any(|shard| {
+                floodgate_processors::lake::parse_file_name(name, &shard.0).is_some_and(
+                    |(_, last)| {
+                        heads
+                            .get(shard)
+                            .is_none_or(|head| SequenceNumber::new(last) < *head)
+                    },
+                )
+            });
+            if before_head && let Some(bytes) = old.get(&object.key).await? {
+                fresh_store.put(&object.key, bytes).await?;
+                kept += 1;
+            }
+        }
+        if kept > 0 {
+            eprintln!("kept {kept} files older than the stream's retention");
+        }
+        // Swap: the old lake steps aside, the new one takes its name, the old one goes.
+        let aside = config
+            .data_dir
+            .join(format!(".lake.old-{}", std::process::id()));
+        if lake_dir.exists() {
+            std::fs::rename(&lake_dir, &aside)?;
+        }
+        std::fs::rename(&fresh_dir, &lake_dir)?;
+        std::fs::File::open(&config.data_dir)?.sync_all()?;
+        if aside.exists() {
+            std::fs::remove_dir_all(&aside)?;
+        }
+        eprintln!(
+            "rebuilt {} from {records} records in {} shards",
+            lake_dir.display(),
+            shards.len()
+        );
+        Ok(())
+    })
 }
 
 /// `floodgate lake ddl`: one statement per table, in table-name order.
@@ -522,13 +641,14 @@ fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", config.ingest.listen))?;
         let addr = listener.local_addr()?;
+        let shutdown = shutdown_signal();
         println!("floodgate listening on http://{addr}");
         io::stdout().flush()?;
         tracing::info!(%addr, data_dir = %config.data_dir.display(), processors = with_processors, "serving");
         floodgate_ingest::server::serve(
             listener,
             app,
-            shutdown_signal(),
+            shutdown,
             floodgate_ingest::server::ServerConfig::from_config(&config.ingest),
         )
         .await;
@@ -612,9 +732,10 @@ fn process(args: ProcessArgs) -> Result<()> {
         let state = open_state(&config.data_dir)?;
         let registry = load_registry(config.schemas_dir.as_deref())?;
         let processors = Processors::start(&config, &registry, reader, state).await?;
+        let shutdown = shutdown_signal();
         println!("floodgate processing {}", config.data_dir.display());
         io::stdout().flush()?;
-        shutdown_signal().await;
+        shutdown.await;
         processors.stop().await;
         Ok(())
     })
@@ -636,27 +757,26 @@ fn outbox_read(data_dir: &Path) -> Result<()> {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                    let _ = ctrl_c.await;
-                    return;
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called (not
+/// when first polled), so a signal that arrives right after start-up is not lost.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let int = signal(SignalKind::interrupt());
+    let term = signal(SignalKind::terminate());
+    async move {
+        match (int, term) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+                    _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => tracing::info!("SIGINT: shutting down"),
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            }
+            (int, term) => {
+                let e = int.err().or(term.err()).expect("one handler failed");
+                tracing::warn!(error = %e, "cannot install signal handlers; stop with SIGKILL");
+                std::future::pending::<()>().await;
+            }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
     }
 }
 

@@ -14,6 +14,27 @@ import duckdb
 import pyarrow.dataset as ds
 import sqlglot
 
+if sys.argv[1] == "dump":
+    # `lake_check.py dump LAKE_DIR`: the lake's files and a digest of all its rows.
+    import hashlib
+    import pathlib
+    lake = sys.argv[2]
+    root = pathlib.Path(lake)
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*.parquet"))
+    digest = hashlib.sha256()
+    con = duckdb.connect()
+    counts = {}
+    for table in sorted({f.split("/")[0] for f in files}):
+        rows = con.execute(
+            f"select cast(t as varchar) as r from read_parquet('{lake}/{table}/**/*.parquet', hive_partitioning = true, union_by_name = true) t order by r"
+        ).fetchall()
+        counts[table] = len(rows)
+        for (r,) in rows:
+            digest.update(r.encode())
+            digest.update(b"\n")
+    print(json.dumps({"files": files, "rows": counts, "digest": digest.hexdigest()}))
+    sys.exit(0)
+
 lake, expected_path, ddl_path = sys.argv[1:4]
 expected = json.load(open(expected_path))
 con = duckdb.connect()

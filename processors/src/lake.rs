@@ -60,8 +60,10 @@ struct ShardBuffer {
     last: Option<SequenceNumber>,
     bytes: u64,
     opened: Option<Instant>,
-    /// The end of an unfinished run found at start-up: flush exactly there.
-    boundary: Option<SequenceNumber>,
+    /// Run ends to reproduce, in order: the end of an unfinished run found at start-up, or
+    /// every run of the lake being rebuilt. While any is left, flushes happen exactly there
+    /// and nowhere else.
+    boundaries: std::collections::VecDeque<SequenceNumber>,
     started: bool,
     durable: Option<SequenceNumber>,
 }
@@ -72,6 +74,8 @@ pub struct LakeProcessor {
     tables: HashMap<String, Table>,
     config: LakeConfig,
     shards: Mutex<HashMap<ShardId, ShardBuffer>>,
+    /// Set for a rebuild: the runs to reproduce per shard (no discovery in the store).
+    planned: Option<HashMap<ShardId, Vec<SequenceNumber>>>,
 }
 
 impl std::fmt::Debug for LakeProcessor {
@@ -81,6 +85,32 @@ impl std::fmt::Debug for LakeProcessor {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
+}
+
+/// Every run of the lake in `store`, per shard: the `lastSeq` of each
+/// `<shard>-<first>-<last>.parquet`.
+pub async fn runs_in(
+    store: &dyn ObjectStore,
+    shards: &[ShardId],
+) -> Result<HashMap<ShardId, Vec<SequenceNumber>>, ProcessError> {
+    let objects = store
+        .list("")
+        .await
+        .map_err(|e| ProcessError::Other(e.to_string()))?;
+    let mut runs: HashMap<ShardId, Vec<SequenceNumber>> = HashMap::new();
+    for o in &objects {
+        let name = o.key.rsplit('/').next().unwrap_or("");
+        for shard in shards {
+            if let Some((_, last)) = parse_file_name(name, &shard.0) {
+                let last = SequenceNumber::new(last.to_owned());
+                let ends = runs.entry(shard.clone()).or_default();
+                if !ends.contains(&last) {
+                    ends.push(last);
+                }
+            }
+        }
+    }
+    Ok(runs)
 }
 
 /// `(first, last)` of a lake file name `<shard>-<first>-<last>.parquet` of `shard`.
@@ -113,7 +143,15 @@ impl LakeProcessor {
                 .collect(),
             config,
             shards: Mutex::new(HashMap::new()),
+            planned: None,
         }
+    }
+
+    /// For a rebuild: end runs exactly where `runs` (per shard, the `lastSeq` of each run
+    /// of the lake being replaced) say, so the rebuilt lake has the same files.
+    pub fn with_runs(mut self, runs: HashMap<ShardId, Vec<SequenceNumber>>) -> Self {
+        self.planned = Some(runs);
+        self
     }
 
     fn columns(table: &Table, rows: &[Row], shard: &str) -> Result<Vec<ArrayRef>, ProcessError> {
@@ -252,13 +290,23 @@ impl ShardProcessor for LakeProcessor {
             !shards.get(shard).is_some_and(|b| b.started)
         };
         if needs_start {
-            let boundary = self.find_boundary(shard, &head.sequence).await?;
-            if let Some(b) = &boundary {
-                tracing::info!(%shard, first = %head.sequence, last = %b, "rewriting an unfinished lake run");
-            }
+            let boundaries: std::collections::VecDeque<SequenceNumber> = match &self.planned {
+                Some(runs) => {
+                    let mut ends = runs.get(shard).cloned().unwrap_or_default();
+                    ends.sort();
+                    ends.into_iter().filter(|e| *e >= head.sequence).collect()
+                }
+                None => {
+                    let boundary = self.find_boundary(shard, &head.sequence).await?;
+                    if let Some(b) = &boundary {
+                        tracing::info!(%shard, first = %head.sequence, last = %b, "rewriting an unfinished lake run");
+                    }
+                    boundary.into_iter().collect()
+                }
+            };
             let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
             let buf = shards.entry(shard.clone()).or_default();
-            buf.boundary = boundary;
+            buf.boundaries = boundaries;
             buf.started = true;
         }
         let mut i = 0;
@@ -307,18 +355,18 @@ impl ShardProcessor for LakeProcessor {
                             metrics::counter!("floodgate_lake_skipped_total", "reason" => "unparsable").increment(1);
                         }
                     }
-                    if buf.boundary.as_ref() == Some(&r.sequence) {
-                        buf.boundary = None;
+                    if buf.boundaries.front() == Some(&r.sequence) {
+                        buf.boundaries.pop_front();
                         flush_now = true;
                         break;
                     }
-                    if buf.boundary.is_none() && buf.bytes >= self.config.roll_bytes {
+                    if buf.boundaries.is_empty() && buf.bytes >= self.config.roll_bytes {
                         flush_now = true;
                         break;
                     }
                 }
                 if !flush_now
-                    && buf.boundary.is_none()
+                    && buf.boundaries.is_empty()
                     && buf
                         .opened
                         .is_some_and(|o| o.elapsed() >= self.config.roll_age)
@@ -344,7 +392,7 @@ impl ShardProcessor for LakeProcessor {
             shards.get(shard).is_some_and(|b| {
                 b.first.is_some()
                     && (last
-                        || (b.boundary.is_none()
+                        || (b.boundaries.is_empty()
                             && b.opened
                                 .is_some_and(|o| o.elapsed() >= self.config.roll_age)))
             })

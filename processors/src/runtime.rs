@@ -78,6 +78,8 @@ pub struct RuntimeConfig {
     pub owner: String,
     /// Where each shard's lag is published for the edge's backpressure, if anywhere.
     pub lag: Option<Arc<ConsumerLag>>,
+    /// On shutdown, how long to keep processing what is already in the stream.
+    pub drain_limit: Duration,
 }
 
 /// A worker identity unique to this process run.
@@ -97,6 +99,7 @@ impl Default for RuntimeConfig {
             retry_delay: Duration::from_millis(500),
             owner: default_owner(),
             lag: None,
+            drain_limit: Duration::from_secs(10),
         }
     }
 }
@@ -229,7 +232,21 @@ async fn consume(
         _ => None,
     };
     let mut idle = config.idle_min;
-    while !*shutdown.borrow() {
+    // On shutdown the loop drains: it stops at the first read that finds nothing new, so
+    // everything the edge accepted before it stopped is processed (and, for the lake,
+    // flushed) before the process exits.
+    let mut drain_deadline: Option<std::time::Instant> = None;
+    loop {
+        let stopping = *shutdown.borrow();
+        if stopping {
+            // A writer that keeps writing (another process) must not hold the drain open.
+            let deadline = *drain_deadline
+                .get_or_insert_with(|| std::time::Instant::now() + config.drain_limit);
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!("drain limit reached; the rest is processed at the next start");
+                break;
+            }
+        }
         let batch = match reader
             .read(&shard, &position, config.max_batch_records)
             .await
@@ -237,7 +254,7 @@ async fn consume(
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "read failed; retrying");
-                if pause(config.retry_delay, &mut shutdown).await {
+                if stopping || pause(config.retry_delay, &mut shutdown).await {
                     break;
                 }
                 continue;
@@ -250,14 +267,16 @@ async fn consume(
         }
         let Some(last) = batch.records.last() else {
             metrics::gauge!("floodgate_processor_lag_milliseconds", &labels).set(0.0);
+            if stopping {
+                break;
+            }
             if let Err(e) = processor.tick(&shard, false).await {
                 tracing::warn!(error = %e, "tick failed; retrying later");
             } else if let Progress::Through(Some(seq)) = processor.progress(&shard) {
                 commit_if_newer(checkpoints, &consumer, &shard, &mut committed, seq).await;
             }
-            if pause(idle, &mut shutdown).await {
-                break;
-            }
+            // On shutdown, go round once more to drain.
+            pause(idle, &mut shutdown).await;
             idle = (idle * 2).min(config.idle_max);
             continue;
         };
