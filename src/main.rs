@@ -79,6 +79,24 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum LakeCommand {
+    /// Merge the small files of each partition of a table into one; interrupted runs are
+    /// finished (or undone) by the next one, and a later rebuild or replay never duplicates
+    /// their rows.
+    Compact {
+        #[arg(long, env = "FLOODGATE_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+        /// The table, e.g. booking_requested
+        #[arg(long)]
+        table: String,
+        /// Only this day's partitions (YYYY-MM-DD)
+        #[arg(long)]
+        dt: Option<String>,
+        /// Files smaller than this are merged [default: 64 MiB]
+        #[arg(long, default_value_t = 64 << 20)]
+        small_bytes: u64,
+        #[arg(long, env = "FLOODGATE_SCHEMAS")]
+        schemas: Option<PathBuf>,
+    },
     /// Re-derive the lake from the stream: the same files (runs) with the same rows, plus
     /// runs for records the lake did not hold yet. Run it with the server stopped.
     Rebuild {
@@ -225,6 +243,20 @@ fn main() -> ExitCode {
             rate_per_sec,
             burst,
         }) => keys_new(&name, &types, rate_per_sec, burst).map(|()| ExitCode::SUCCESS),
+        Command::Lake(LakeCommand::Compact {
+            data_dir,
+            table,
+            dt,
+            small_bytes,
+            schemas,
+        }) => lake_compact(
+            &data_dir,
+            &table,
+            dt.as_deref(),
+            small_bytes,
+            schemas.as_deref(),
+        )
+        .map(|()| ExitCode::SUCCESS),
         Command::Lake(LakeCommand::Rebuild { data_dir, config }) => {
             lake_rebuild(data_dir, config).map(|()| ExitCode::SUCCESS)
         }
@@ -337,6 +369,77 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     Ok(config)
 }
 
+/// `floodgate lake compact`.
+fn lake_compact(
+    data_dir: &Path,
+    table: &str,
+    dt: Option<&str>,
+    small_bytes: u64,
+    schemas: Option<&Path>,
+) -> Result<()> {
+    let registry = load_registry(schemas)?;
+    let tables = floodgate_core::lake::tables(&registry)?;
+    let Some(t) = tables.iter().find(|t| t.name == table) else {
+        bail!(
+            "no lake table {table:?}; tables: {}",
+            tables
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    };
+    let store = LocalDirStore::open(&data_dir.join("lake"))?;
+    let (parts, files) = runtime()?.block_on(floodgate_processors::compact::compact_table(
+        &store,
+        table,
+        dt,
+        &t.schema,
+        small_bytes,
+    ))?;
+    eprintln!("compacted {files} files in {parts} partitions of {table}");
+    Ok(())
+}
+
+/// Re-applies the old lake's finished compactions to the rebuilt one, in an order where
+/// every plan's inputs exist (a compacted file may itself have been compacted later).
+async fn reapply_compactions(
+    old: &LocalDirStore,
+    fresh: &LocalDirStore,
+    tables: &[floodgate_core::lake::Table],
+) -> Result<usize> {
+    use floodgate_processors::compact;
+    let mut applied = 0;
+    for t in tables {
+        for partition in compact::partitions(old, &t.name, None).await? {
+            let mut plans: Vec<compact::Plan> = compact::manifest(old, &partition)
+                .await?
+                .compacted
+                .into_values()
+                .filter(|p| p.done)
+                .collect();
+            while !plans.is_empty() {
+                let present: std::collections::HashSet<String> = fresh
+                    .list(&format!("{partition}/"))
+                    .await?
+                    .into_iter()
+                    .filter_map(|o| o.key.rsplit('/').next().map(str::to_owned))
+                    .collect();
+                let Some(i) = plans
+                    .iter()
+                    .position(|p| p.inputs.iter().all(|n| present.contains(n)))
+                else {
+                    bail!("{partition}: a recorded compaction's inputs were not rebuilt");
+                };
+                let plan = plans.swap_remove(i);
+                compact::apply(fresh, &partition, plan.inputs, &t.schema).await?;
+                applied += 1;
+            }
+        }
+    }
+    Ok(applied)
+}
+
 /// `floodgate lake rebuild`: replay every shard into a new lake beside the old one, with
 /// the old lake's run boundaries, then swap the directories.
 fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
@@ -372,7 +475,7 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
         let fresh = Arc::new(LocalDirStore::open(&fresh_dir)?);
         let lake = LakeProcessor::new(
             fresh,
-            tables,
+            tables.clone(),
             LakeConfig {
                 roll_bytes: config.lake.roll_bytes,
                 roll_age: std::time::Duration::MAX,
@@ -421,6 +524,10 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
         }
         if kept > 0 {
             eprintln!("kept {kept} files older than the stream's retention");
+        }
+        let compactions = reapply_compactions(&old, &fresh_store, &tables).await?;
+        if compactions > 0 {
+            eprintln!("re-applied {compactions} compactions");
         }
         // Swap: the old lake steps aside, the new one takes its name, the old one goes.
         let aside = config

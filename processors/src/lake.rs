@@ -87,30 +87,55 @@ impl std::fmt::Debug for LakeProcessor {
     }
 }
 
-/// Every run of the lake in `store`, per shard: the `lastSeq` of each
-/// `<shard>-<first>-<last>.parquet`.
-pub async fn runs_in(
+/// Every run the lake in `store` holds or held, per shard, as `(first, last)`: from the
+/// files' names, and from the inputs recorded by compactions (whose files are gone).
+pub async fn known_runs(
     store: &dyn ObjectStore,
     shards: &[ShardId],
-) -> Result<HashMap<ShardId, Vec<SequenceNumber>>, ProcessError> {
+) -> Result<HashMap<ShardId, Vec<(SequenceNumber, SequenceNumber)>>, ProcessError> {
     let objects = store
         .list("")
         .await
         .map_err(|e| ProcessError::Other(e.to_string()))?;
-    let mut runs: HashMap<ShardId, Vec<SequenceNumber>> = HashMap::new();
+    let mut names: Vec<String> = Vec::new();
     for o in &objects {
         let name = o.key.rsplit('/').next().unwrap_or("");
+        if name == crate::compact::MANIFEST {
+            let partition = o.key.rsplit_once('/').map_or("", |(d, _)| d);
+            let m = crate::compact::manifest(store, partition).await?;
+            names.extend(m.compacted.into_values().flat_map(|p| p.inputs));
+        } else {
+            names.push(name.to_owned());
+        }
+    }
+    let mut runs: HashMap<ShardId, Vec<(SequenceNumber, SequenceNumber)>> = HashMap::new();
+    for name in &names {
         for shard in shards {
-            if let Some((_, last)) = parse_file_name(name, &shard.0) {
-                let last = SequenceNumber::new(last.to_owned());
-                let ends = runs.entry(shard.clone()).or_default();
-                if !ends.contains(&last) {
-                    ends.push(last);
+            if let Some((first, last)) = parse_file_name(name, &shard.0) {
+                let run = (SequenceNumber::new(first), SequenceNumber::new(last));
+                let list = runs.entry(shard.clone()).or_default();
+                if !list.contains(&run) {
+                    list.push(run);
                 }
             }
         }
     }
+    for list in runs.values_mut() {
+        list.sort();
+    }
     Ok(runs)
+}
+
+/// The `lastSeq` of every run [`known_runs`] finds, per shard.
+pub async fn runs_in(
+    store: &dyn ObjectStore,
+    shards: &[ShardId],
+) -> Result<HashMap<ShardId, Vec<SequenceNumber>>, ProcessError> {
+    Ok(known_runs(store, shards)
+        .await?
+        .into_iter()
+        .map(|(shard, runs)| (shard, runs.into_iter().map(|(_, last)| last).collect()))
+        .collect())
 }
 
 /// `(first, last)` of a lake file name `<shard>-<first>-<last>.parquet` of `shard`.
@@ -203,7 +228,16 @@ impl LakeProcessor {
         let started = Instant::now();
         let mut bytes_written = 0u64;
         let mut rows_written = 0usize;
+        let file_name = format!("{}-{first}-{last}.parquet", shard.0);
         for ((table_name, dt, hour), rows) in &groups {
+            let partition = format!("{table_name}/dt={dt}/hour={hour:02}");
+            // A run that compaction already merged is not written again (a replay).
+            if crate::compact::manifest(&*self.store, &partition)
+                .await?
+                .covers(&file_name)
+            {
+                continue;
+            }
             let table = self
                 .tables
                 .values()
@@ -212,10 +246,7 @@ impl LakeProcessor {
             let columns = Self::columns(table, rows, &shard.0)?;
             let file = parquet::encode(&table.schema, columns)
                 .map_err(|e| ProcessError::Other(e.to_string()))?;
-            let key = format!(
-                "{table_name}/dt={dt}/hour={hour:02}/{}-{first}-{last}.parquet",
-                shard.0
-            );
+            let key = format!("{partition}/{file_name}");
             bytes_written += file.len() as u64;
             rows_written += rows.len();
             if let Err(e) = self.store.put(&key, file).await {
@@ -240,31 +271,23 @@ impl LakeProcessor {
         Ok(())
     }
 
-    /// At a shard's first batch: is there an unfinished run starting at `first`?
-    async fn find_boundary(
+    /// At a shard's first batch: the ends of the runs the lake holds (or held) from
+    /// `first` on. A restart after a crash finds the unfinished run; a replay from an
+    /// earlier position finds every run it must reproduce, so names (and compaction
+    /// records) match and no row is written twice.
+    async fn runs_from(
         &self,
         shard: &ShardId,
         first: &SequenceNumber,
-    ) -> Result<Option<SequenceNumber>, ProcessError> {
-        let objects = self
-            .store
-            .list("")
-            .await
-            .map_err(|e| ProcessError::Other(e.to_string()))?;
-        let first = first.to_string();
-        let mut end: Option<SequenceNumber> = None;
-        for o in &objects {
-            let name = o.key.rsplit('/').next().unwrap_or("");
-            if let Some((f, l)) = parse_file_name(name, &shard.0)
-                && f == first
-            {
-                let l = SequenceNumber::new(l.to_owned());
-                if end.as_ref().is_none_or(|e| l > *e) {
-                    end = Some(l);
-                }
-            }
-        }
-        Ok(end)
+    ) -> Result<Vec<SequenceNumber>, ProcessError> {
+        let runs = known_runs(&*self.store, std::slice::from_ref(shard)).await?;
+        Ok(runs
+            .get(shard)
+            .into_iter()
+            .flatten()
+            .filter(|(f, _)| f >= first)
+            .map(|(_, l)| l.clone())
+            .collect())
     }
 }
 
@@ -297,11 +320,11 @@ impl ShardProcessor for LakeProcessor {
                     ends.into_iter().filter(|e| *e >= head.sequence).collect()
                 }
                 None => {
-                    let boundary = self.find_boundary(shard, &head.sequence).await?;
-                    if let Some(b) = &boundary {
-                        tracing::info!(%shard, first = %head.sequence, last = %b, "rewriting an unfinished lake run");
+                    let ends = self.runs_from(shard, &head.sequence).await?;
+                    if let Some(last) = ends.last() {
+                        tracing::info!(%shard, first = %head.sequence, %last, runs = ends.len(), "reproducing the lake's runs");
                     }
-                    boundary.into_iter().collect()
+                    ends.into_iter().collect()
                 }
             };
             let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());

@@ -10,13 +10,15 @@
 //! - [`relay`] moves derived events from the state store's transactional outbox to the
 //!   [`Publisher`] role, exactly once.
 //! - [`lake`] writes accepted events as typed Parquet, one file per table, hour partition
-//!   and run of the shard, through the `ObjectStore` role; [`parquet`] encodes them.
+//!   and run of the shard, through the `ObjectStore` role; [`parquet`] encodes them, and
+//!   [`compact`] merges a partition's small files.
 //!
 //! [`StateChanges`]: floodgate_core::state::StateChanges
 //! [`StateStore`]: floodgate_core::state::StateStore
 //! [`Publisher`]: floodgate_core::state::Publisher
 
 pub mod bookings;
+pub mod compact;
 pub mod lake;
 pub mod parquet;
 pub mod relay;

@@ -1,0 +1,266 @@
+//! Compaction: the small files of one lake partition merged into one, through the
+//! `ObjectStore` role.
+//!
+//! Each partition keeps a manifest, `_compaction.json` (query engines skip `_` names):
+//! for every compacted file, the files it replaced, and whether the replacement finished.
+//! The steps, each atomic:
+//! 1. record the plan (`pending`) in the manifest;
+//! 2. write the compacted file;
+//! 3. delete the inputs;
+//! 4. mark the plan `done`.
+//!
+//! [`recover`] finishes an interrupted plan (its compacted file exists: delete the inputs)
+//! or forgets it (it does not: the inputs are intact), so after any interruption the next
+//! run leaves each row exactly once. The lake writer consults the manifest and never
+//! writes again a run that a compacted file holds, so a replay cannot duplicate rows, and
+//! `lake rebuild` re-applies the recorded plans to the replayed runs.
+
+use std::collections::BTreeMap;
+
+use arrow_array::{RecordBatch, new_null_array};
+use arrow_schema::SchemaRef;
+use bytes::Bytes;
+use floodgate_core::object_store::ObjectStore;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::parquet::writer_properties;
+use crate::runtime::ProcessError;
+
+/// The manifest's name inside a partition.
+pub const MANIFEST: &str = "_compaction.json";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    /// Compacted file name → its plan.
+    pub compacted: BTreeMap<String, Plan>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Plan {
+    /// The names (within the partition) of the files merged, in merge order.
+    pub inputs: Vec<String>,
+    pub done: bool,
+}
+
+impl Manifest {
+    /// Whether `name` is held by a finished compaction.
+    pub fn covers(&self, name: &str) -> bool {
+        self.compacted
+            .values()
+            .any(|p| p.done && p.inputs.iter().any(|i| i == name))
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> ProcessError {
+    ProcessError::Other(e.to_string())
+}
+
+/// The manifest of `partition` (`table/dt=…/hour=…`), empty when there is none.
+pub async fn manifest(store: &dyn ObjectStore, partition: &str) -> Result<Manifest, ProcessError> {
+    match store
+        .get(&format!("{partition}/{MANIFEST}"))
+        .await
+        .map_err(err)?
+    {
+        Some(bytes) => serde_json::from_slice(&bytes).map_err(err),
+        None => Ok(Manifest::default()),
+    }
+}
+
+async fn save(store: &dyn ObjectStore, partition: &str, m: &Manifest) -> Result<(), ProcessError> {
+    let bytes = serde_json::to_vec_pretty(m).map_err(err)?;
+    store
+        .put(&format!("{partition}/{MANIFEST}"), Bytes::from(bytes))
+        .await
+        .map_err(err)
+}
+
+/// Finishes or forgets interrupted plans of `partition`.
+pub async fn recover(store: &dyn ObjectStore, partition: &str) -> Result<(), ProcessError> {
+    let mut m = manifest(store, partition).await?;
+    let pending: Vec<(String, Plan)> = m
+        .compacted
+        .iter()
+        .filter(|(_, p)| !p.done)
+        .map(|(k, p)| (k.clone(), p.clone()))
+        .collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    for (name, plan) in pending {
+        let exists = store
+            .get(&format!("{partition}/{name}"))
+            .await
+            .map_err(err)?
+            .is_some();
+        if exists {
+            for input in &plan.inputs {
+                store
+                    .delete(&format!("{partition}/{input}"))
+                    .await
+                    .map_err(err)?;
+            }
+            if let Some(p) = m.compacted.get_mut(&name) {
+                p.done = true;
+            }
+        } else {
+            m.compacted.remove(&name);
+        }
+    }
+    save(store, partition, &m).await
+}
+
+/// Merges `inputs` (file names within `partition`, in this order) into one file under
+/// `schema`, filling columns an older file lacks with nulls. Returns the bytes.
+pub async fn merge(
+    store: &dyn ObjectStore,
+    partition: &str,
+    inputs: &[String],
+    schema: &SchemaRef,
+) -> Result<Bytes, ProcessError> {
+    let mut out = Vec::new();
+    let mut writer =
+        ArrowWriter::try_new(&mut out, schema.clone(), Some(writer_properties())).map_err(err)?;
+    for name in inputs {
+        let Some(bytes) = store
+            .get(&format!("{partition}/{name}"))
+            .await
+            .map_err(err)?
+        else {
+            return Err(err(format!(
+                "{partition}/{name} vanished during compaction"
+            )));
+        };
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .map_err(err)?
+            .build()
+            .map_err(err)?;
+        for batch in reader {
+            let batch = batch.map_err(err)?;
+            let columns = schema
+                .fields()
+                .iter()
+                .map(|f| match batch.column_by_name(f.name()) {
+                    Some(c) if c.data_type() == f.data_type() => c.clone(),
+                    _ => new_null_array(f.data_type(), batch.num_rows()),
+                })
+                .collect();
+            writer
+                .write(&RecordBatch::try_new(schema.clone(), columns).map_err(err)?)
+                .map_err(err)?;
+        }
+    }
+    writer.close().map_err(err)?;
+    Ok(Bytes::from(out))
+}
+
+/// The name of the file replacing `inputs`: their shard runs' smallest start and largest
+/// end, and how many there were. Deterministic, so a rebuild names it the same.
+pub fn compacted_name(inputs: &[String]) -> String {
+    let mut lo: Option<u128> = None;
+    let mut hi: Option<u128> = None;
+    for name in inputs {
+        let stem = name.trim_end_matches(".parquet");
+        let parts: Vec<&str> = stem.rsplitn(3, '-').collect();
+        if let [last, first, ..] = parts.as_slice()
+            && let (Ok(f), Ok(l)) = (first.parse::<u128>(), last.parse::<u128>())
+        {
+            lo = Some(lo.map_or(f, |x| x.min(f)));
+            hi = Some(hi.map_or(l, |x| x.max(l)));
+        }
+    }
+    format!(
+        "c-{}-{}-{}.parquet",
+        lo.unwrap_or(0),
+        hi.unwrap_or(0),
+        inputs.len()
+    )
+}
+
+/// Carries out one plan: the four steps of the module docs.
+pub async fn apply(
+    store: &dyn ObjectStore,
+    partition: &str,
+    inputs: Vec<String>,
+    schema: &SchemaRef,
+) -> Result<String, ProcessError> {
+    let name = compacted_name(&inputs);
+    let bytes = merge(store, partition, &inputs, schema).await?;
+    let mut m = manifest(store, partition).await?;
+    m.compacted.insert(
+        name.clone(),
+        Plan {
+            inputs: inputs.clone(),
+            done: false,
+        },
+    );
+    save(store, partition, &m).await?;
+    store
+        .put(&format!("{partition}/{name}"), bytes)
+        .await
+        .map_err(err)?;
+    for input in &inputs {
+        store
+            .delete(&format!("{partition}/{input}"))
+            .await
+            .map_err(err)?;
+    }
+    if let Some(p) = m.compacted.get_mut(&name) {
+        p.done = true;
+    }
+    save(store, partition, &m).await?;
+    Ok(name)
+}
+
+/// Every partition (`table/dt=…/hour=…`) of `table`, optionally of one day.
+pub async fn partitions(
+    store: &dyn ObjectStore,
+    table: &str,
+    dt: Option<&str>,
+) -> Result<Vec<String>, ProcessError> {
+    let prefix = match dt {
+        Some(d) => format!("{table}/dt={d}/"),
+        None => format!("{table}/"),
+    };
+    let mut out: Vec<String> = store
+        .list(&prefix)
+        .await
+        .map_err(err)?
+        .into_iter()
+        .filter_map(|o| o.key.rsplit_once('/').map(|(dir, _)| dir.to_owned()))
+        .collect();
+    out.dedup();
+    Ok(out)
+}
+
+/// Compacts each partition of `table` (of day `dt`, if given) holding more than one file
+/// smaller than `small_bytes`. Returns (partitions compacted, files merged).
+pub async fn compact_table(
+    store: &dyn ObjectStore,
+    table: &str,
+    dt: Option<&str>,
+    schema: &SchemaRef,
+    small_bytes: u64,
+) -> Result<(usize, usize), ProcessError> {
+    let (mut parts, mut files) = (0, 0);
+    for partition in partitions(store, table, dt).await? {
+        recover(store, &partition).await?;
+        let inputs: Vec<String> = store
+            .list(&format!("{partition}/"))
+            .await
+            .map_err(err)?
+            .into_iter()
+            .filter(|o| o.key.ends_with(".parquet") && o.size < small_bytes)
+            .filter_map(|o| o.key.rsplit('/').next().map(str::to_owned))
+            .collect();
+        if inputs.len() < 2 {
+            continue;
+        }
+        files += inputs.len();
+        parts += 1;
+        apply(store, &partition, inputs, schema).await?;
+    }
+    Ok((parts, files))
+}
