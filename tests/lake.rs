@@ -341,3 +341,88 @@ fn compaction_keeps_every_row_once_through_replay_and_rebuild() {
     );
     eprintln!("{small} small files compacted to 1; {} rows", after["rows"]);
 }
+
+/// A v2 that adds an optional field writes to the same table with the new column; older
+/// files lack it, and DuckDB reads both (nulls for the old rows).
+#[test]
+fn a_new_optional_field_becomes_a_column_old_files_lack() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let schemas = dir.path().join("schemas");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+    for ty in std::fs::read_dir(&shipped).unwrap() {
+        let ty = ty.unwrap();
+        if ty.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(schemas.join(ty.file_name())).unwrap();
+            for f in std::fs::read_dir(ty.path()).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), schemas.join(ty.file_name()).join(f.file_name())).unwrap();
+            }
+        }
+    }
+    let post = |server: &Server, from: usize, note: bool| {
+        let batch: Vec<Value> = (from..from + 10)
+            .map(|i| {
+                let mut e = common::booking(&format!("ev{i}"), &format!("B{i}"), "E1", 1);
+                if note {
+                    e["data"]["note"] = json!(format!("note {i}"));
+                }
+                e
+            })
+            .collect();
+        let r = server.post_batch(&batch);
+        assert_eq!(r.status, 200, "{r:?}");
+    };
+    let args = ["--schemas", schemas.to_str().unwrap()];
+    let mut server = Server::start(&data, &args);
+    post(&server, 0, false);
+    assert_eq!(server.terminate(), Some(0));
+
+    let v1: Value = serde_json::from_slice(
+        &std::fs::read(schemas.join("booking.requested/v1.json")).unwrap(),
+    )
+    .unwrap();
+    let mut v2 = v1.clone();
+    v2["$id"] = json!("https://schemas.floodgate.dev/booking.requested/v2.json");
+    v2["title"] = json!("booking.requested v2");
+    v2["properties"]["note"] = json!({"type": "string", "maxLength": 200});
+    std::fs::write(
+        schemas.join("booking.requested/v2.json"),
+        serde_json::to_vec_pretty(&v2).unwrap(),
+    )
+    .unwrap();
+    let mut server = Server::start(&data, &args);
+    post(&server, 10, true);
+    assert_eq!(server.terminate(), Some(0));
+
+    let script = r#"
+import duckdb, sys
+lake = sys.argv[1]
+con = duckdb.connect()
+q = f"from read_parquet('{lake}/booking_requested/**/*.parquet', hive_partitioning = true, union_by_name = true)"
+total, with_note = con.execute(f"select count(*), count(note) {q}").fetchone()
+assert (total, with_note) == (20, 10), (total, with_note)
+typ = dict(con.execute(f"select column_name, column_type from (describe select * {q})").fetchall())["note"]
+assert typ == "VARCHAR", typ
+old = con.execute(f"select count(*) {q} where note is null and cast(substr(event_id, 3) as integer) < 10").fetchone()[0]
+assert old == 10, old
+print("ok")
+"#;
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(data.join("lake"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The DDL names the new column too.
+    let ddl = Command::new(BIN)
+        .args(["lake", "ddl", "--location", "s3://b/p", "--schemas"])
+        .arg(&schemas)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&ddl.stdout).contains("`note` string"));
+}
