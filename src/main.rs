@@ -24,7 +24,7 @@ use floodgate_ingest::App;
 use floodgate_ingest::app::Limits;
 use floodgate_ingest::auth::Auth;
 use floodgate_processors::bookings::BookingsProcessor;
-use floodgate_processors::lake::{LakeConfig, LakeProcessor};
+use floodgate_processors::lake::{LakeConfig, LakeProcessor, Scope as LakeScope};
 use floodgate_processors::runtime::{RuntimeConfig, ShardProcessor, spawn_consumers};
 use floodgate_sinks::{
     EmbeddedCheckpoints, EmbeddedLog, EmbeddedLogReader, EmbeddedOutbox, LocalDirStore,
@@ -465,7 +465,7 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
         let shards: Vec<_> = log.shards().await?.into_iter().map(|s| s.id).collect();
         let lake_dir = config.data_dir.join("lake");
         let old = LocalDirStore::open(&lake_dir)?;
-        let runs = floodgate_processors::lake::runs_in(&old, &shards).await?;
+        let runs = floodgate_processors::lake::runs_in(&old, &shards, LakeScope::Events).await?;
         let fresh_dir = config
             .data_dir
             .join(format!(".lake.rebuild-{}", std::process::id()));
@@ -473,15 +473,12 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
             std::fs::remove_dir_all(&fresh_dir)?;
         }
         let fresh = Arc::new(LocalDirStore::open(&fresh_dir)?);
-        let lake = LakeProcessor::new(
-            fresh,
-            tables.clone(),
-            LakeConfig {
-                roll_bytes: config.lake.roll_bytes,
-                roll_age: std::time::Duration::MAX,
-            },
-        )
-        .with_runs(runs);
+        let replay_config = LakeConfig {
+            roll_bytes: config.lake.roll_bytes,
+            roll_age: std::time::Duration::MAX,
+        };
+        let lake = LakeProcessor::new(fresh.clone(), tables.clone(), replay_config.clone())
+            .with_runs(runs);
         let mut records = 0u64;
         let mut heads = std::collections::HashMap::new();
         for shard in &shards {
@@ -503,10 +500,39 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
             lake.tick(shard, true).await?;
         }
         log.close().await?;
+        // The quarantine table, from the quarantine log, the same way.
+        let quarantine = open_quarantine(&config)?;
+        let q_shards: Vec<_> = quarantine
+            .shards()
+            .await?
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        let q_runs =
+            floodgate_processors::lake::runs_in(&old, &q_shards, LakeScope::Quarantine).await?;
+        let held = LakeProcessor::quarantine(fresh, replay_config).with_runs(q_runs);
+        for shard in &q_shards {
+            let mut position = StartPosition::TrimHorizon;
+            loop {
+                let batch = quarantine.read(shard, &position, 10_000).await?;
+                let Some(last) = batch.records.last() else {
+                    break;
+                };
+                held.process(shard, &batch.records).await?;
+                position = batch
+                    .next
+                    .unwrap_or(StartPosition::After(last.sequence.clone()));
+            }
+            held.tick(shard, true).await?;
+        }
+        quarantine.close().await?;
         // Runs older than what retention left in the stream cannot be re-derived: keep them.
         let fresh_store = LocalDirStore::open(&fresh_dir)?;
         let mut kept = 0;
         for object in old.list("").await? {
+            if object.key.starts_with("quarantine/") {
+                continue;
+            }
             let name = object.key.rsplit('/').next().unwrap_or("");
             let before_head = shards.iter().any(|shard| {
                 floodgate_processors::lake::parse_file_name(name, &shard.0).is_some_and(
@@ -568,6 +594,19 @@ fn lake_ddl(location: &str, schemas: Option<&Path>) -> Result<()> {
             floodgate_core::lake::athena_ddl(&t.name, &t.schema, location)
         )?;
     }
+    writeln!(
+        out,
+        "\n-- every event the edge rejected: its raw bytes, the reasons, when it arrived"
+    )?;
+    write!(
+        out,
+        "{}",
+        floodgate_core::lake::athena_ddl(
+            floodgate_core::lake::QUARANTINE_TABLE,
+            &floodgate_core::lake::quarantine_schema(),
+            location
+        )
+    )?;
     Ok(())
 }
 
@@ -636,6 +675,7 @@ impl Processors {
         config_all: &Config,
         registry: &Registry,
         reader: Arc<dyn StreamReader>,
+        quarantine: Option<Arc<dyn StreamReader>>,
         state: Arc<dyn StateStore>,
     ) -> Result<Processors> {
         let data_dir = config_all.data_dir.as_path();
@@ -661,17 +701,33 @@ impl Processors {
         if config_all.lake.enabled {
             let tables = floodgate_core::lake::tables(registry)?;
             let store = Arc::new(LocalDirStore::open(&data_dir.join("lake"))?);
+            let lake_config = LakeConfig {
+                roll_bytes: config_all.lake.roll_bytes,
+                roll_age: std::time::Duration::from_millis(config_all.lake.roll_age_ms),
+            };
             let lake = Arc::new(LakeProcessor::new(
-                store,
+                store.clone(),
                 tables,
-                LakeConfig {
-                    roll_bytes: config_all.lake.roll_bytes,
-                    roll_age: std::time::Duration::from_millis(config_all.lake.roll_age_ms),
-                },
+                lake_config.clone(),
             ));
             tasks.extend(
-                spawn_consumers(reader, checkpoints.clone(), lake, config, stop_rx.clone()).await?,
+                spawn_consumers(
+                    reader,
+                    checkpoints.clone(),
+                    lake,
+                    config.clone(),
+                    stop_rx.clone(),
+                )
+                .await?,
             );
+            if let Some(q) = quarantine {
+                let q_checkpoints: Arc<dyn CheckpointStore> =
+                    Arc::new(EmbeddedCheckpoints::open(&data_dir.join("quarantine"))?);
+                let held = Arc::new(LakeProcessor::quarantine(store, lake_config));
+                tasks.extend(
+                    spawn_consumers(q, q_checkpoints, held, config, stop_rx.clone()).await?,
+                );
+            }
         }
         tasks.push(tokio::spawn(floodgate_processors::relay::run(
             state,
@@ -690,6 +746,15 @@ impl Processors {
             let _ = t.await;
         }
     }
+}
+
+/// The quarantine: a one-shard log of every event the edge rejected, beside the stream.
+fn open_quarantine(config: &Config) -> Result<EmbeddedLog> {
+    let root = config.data_dir.join("quarantine");
+    let mut c = config.stream.embedded.clone();
+    c.shards = 1;
+    EmbeddedLog::open(&root, &c)
+        .with_context(|| format!("cannot open the quarantine at {}", root.display()))
 }
 
 fn open_state(data_dir: &Path) -> Result<Arc<dyn StateStore>> {
@@ -723,9 +788,19 @@ fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
             EmbeddedLog::open(&stream_root, &config.stream.embedded)
                 .with_context(|| format!("cannot open the stream at {}", stream_root.display()))?,
         );
+        let quarantine = Arc::new(open_quarantine(&config)?);
         let state = open_state(&config.data_dir)?;
         let processors = if with_processors {
-            Some(Processors::start(&config, &registry, log.clone(), state.clone()).await?)
+            Some(
+                Processors::start(
+                    &config,
+                    &registry,
+                    log.clone(),
+                    Some(quarantine.clone()),
+                    state.clone(),
+                )
+                .await?,
+            )
         } else {
             None
         };
@@ -737,7 +812,8 @@ fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
         );
         auth.spawn_refresh();
         let mut app = App::new(registry, writer, Some(state), Limits::from_config(&config.ingest), metrics)
-            .with_auth(auth);
+            .with_auth(auth)
+            .with_quarantine(quarantine.clone());
         if let Some(p) = &processors {
             app = app.with_consumer_lag(p.lag.clone());
         }
@@ -764,6 +840,10 @@ fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
             tracing::info!("processors stopped");
         }
         log.close().await.context("cannot make the log durable at shutdown")?;
+        quarantine
+            .close()
+            .await
+            .context("cannot make the quarantine durable at shutdown")?;
         tracing::info!("log closed; every acknowledged event is on disk");
         Ok(())
     })
@@ -836,9 +916,17 @@ fn process(args: ProcessArgs) -> Result<()> {
         let metrics = floodgate_ingest::telemetry::install();
         floodgate_ingest::telemetry::spawn_upkeep(metrics);
         let reader = Arc::new(EmbeddedLogReader::open(&config.data_dir.join("stream"))?);
+        let quarantine: Option<Arc<dyn StreamReader>> =
+            match EmbeddedLogReader::open(&config.data_dir.join("quarantine")) {
+                Ok(r) => Some(Arc::new(r)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no quarantine log to read (yet); the quarantine table is not written");
+                    None
+                }
+            };
         let state = open_state(&config.data_dir)?;
         let registry = load_registry(config.schemas_dir.as_deref())?;
-        let processors = Processors::start(&config, &registry, reader, state).await?;
+        let processors = Processors::start(&config, &registry, reader, quarantine, state).await?;
         let shutdown = shutdown_signal();
         println!("floodgate processing {}", config.data_dir.display());
         io::stdout().flush()?;

@@ -72,6 +72,10 @@ fn every_accepted_event_is_in_its_typed_table() {
         batch.push(bad);
         let r = server.post_batch(&batch);
         assert_eq!(r.status, 207, "{r:?}");
+        expected
+            .entry("quarantine".to_owned())
+            .or_default()
+            .push(format!("bad{round}"));
         for e in &batch[..batch.len() - 1] {
             expected
                 .entry(table(e["type"].as_str().unwrap()))
@@ -92,6 +96,7 @@ fn every_accepted_event_is_in_its_typed_table() {
     let figures = run_check(&data.join("lake"), &expected, &ddl);
     eprintln!("{figures}");
     assert_eq!(figures["rows"]["booking_requested"], 40);
+    assert_eq!(figures["rows"]["quarantine"], 40);
 
     // No temporary or partial file is left under a final name.
     let mut stack = vec![data.join("lake")];
@@ -378,10 +383,9 @@ fn a_new_optional_field_becomes_a_column_old_files_lack() {
     post(&server, 0, false);
     assert_eq!(server.terminate(), Some(0));
 
-    let v1: Value = serde_json::from_slice(
-        &std::fs::read(schemas.join("booking.requested/v1.json")).unwrap(),
-    )
-    .unwrap();
+    let v1: Value =
+        serde_json::from_slice(&std::fs::read(schemas.join("booking.requested/v1.json")).unwrap())
+            .unwrap();
     let mut v2 = v1.clone();
     v2["$id"] = json!("https://schemas.floodgate.dev/booking.requested/v2.json");
     v2["title"] = json!("booking.requested v2");

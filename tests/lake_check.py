@@ -54,12 +54,21 @@ for table, ids in expected.items():
         fail(f"{table}: an event_id appears twice")
     if got != sorted(ids):
         fail(f"{table}: {len(got)} rows, expected {len(ids)}; missing {sorted(set(ids) - set(got))[:5]}, extra {sorted(set(got) - set(ids))[:5]}")
-    # dt and hour come from the path, and agree with the event time (UTC).
+    # dt and hour come from the path, and agree with the event time (UTC); the quarantine
+    # is partitioned by the time the edge received the event.
+    at = "received_at" if table == "quarantine" else 'coalesce("time", received_at)'
     bad = con.execute(
         f"""select count(*) from read_parquet('{glob}', hive_partitioning = true, union_by_name = true)
-            where strftime(coalesce("time", received_at), '%Y-%m-%d') <> cast(dt as varchar)
-               or hour(coalesce("time", received_at)) <> cast(hour as integer)"""
+            where strftime({at}, '%Y-%m-%d') <> cast(dt as varchar)
+               or hour({at}) <> cast(hour as integer)"""
     ).fetchone()[0]
+    if table == "quarantine":
+        empty = con.execute(
+            f"""select count(*) from read_parquet('{glob}', hive_partitioning = true)
+                where len(reasons) = 0 or raw = '' or reasons[1].pointer is null"""
+        ).fetchone()[0]
+        if empty:
+            fail(f"quarantine: {empty} rows without their reasons or raw bytes")
     if bad:
         fail(f"{table}: {bad} rows in the wrong dt/hour partition")
     figures[table] = len(got)
@@ -77,6 +86,27 @@ duck_types = dict(con.execute(
 if duck_types.get("seats") not in ("TINYINT",) or not duck_types.get("requested_at", "").startswith("TIMESTAMP"):
     fail(f"duckdb sees {duck_types}")
 
+SCALARS = {"string": "VARCHAR", "tinyint": "TINYINT", "smallint": "SMALLINT", "int": "INTEGER",
+           "bigint": "BIGINT", "double": "DOUBLE", "float": "FLOAT", "boolean": "BOOLEAN",
+           "timestamp": "TIMESTAMPTZ", "date": "DATE"}
+
+def duck_type(t):
+    """An Athena (Hive) column type as DuckDB writes it."""
+    t = t.strip()
+    if t.startswith("array<") and t.endswith(">"):
+        return duck_type(t[6:-1]) + "[]"
+    if t.startswith("struct<") and t.endswith(">"):
+        fields, depth, cur = [], 0, ""
+        for ch in t[7:-1]:
+            if ch == "," and depth == 0:
+                fields.append(cur); cur = ""; continue
+            depth += ch == "<"
+            depth -= ch == ">"
+            cur += ch
+        fields.append(cur)
+        return "STRUCT(" + ", ".join(f'"{f.split(":", 1)[0]}" {duck_type(f.split(":", 1)[1])}' for f in fields) + ")"
+    return SCALARS[t]
+
 # The DDL parses as Athena SQL, and DuckDB can create the same tables from its columns
 # and read the files into them.
 text = open(ddl_path).read()
@@ -91,10 +121,7 @@ for block in re.findall(r"CREATE EXTERNAL TABLE IF NOT EXISTS `(\w+)` \((.*?)\n\
     columns = []
     for line in cols.strip().splitlines():
         m = re.match(r"\s*`(\w+)` (.+?),?$", line)
-        col, typ = m.group(1), m.group(2)
-        typ = {"string": "VARCHAR", "tinyint": "TINYINT", "smallint": "SMALLINT", "int": "INTEGER",
-               "bigint": "BIGINT", "double": "DOUBLE", "boolean": "BOOLEAN", "timestamp": "TIMESTAMPTZ",
-               "date": "DATE"}.get(typ, typ)
+        col, typ = m.group(1), duck_type(m.group(2))
         columns.append(f'"{col}" {typ}')
     con.execute(f'create table "{name}" ({", ".join(columns)}, dt VARCHAR, hour INTEGER)')
     con.execute(

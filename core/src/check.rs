@@ -25,6 +25,8 @@ pub enum Outcome {
         /// The event's type when it is a registered one (a metric label).
         event_type: Option<String>,
         errors: Vec<FieldError>,
+        /// The event's bytes as sent, for the quarantine.
+        raw: Bytes,
     },
 }
 
@@ -45,6 +47,7 @@ pub fn check_body(
                     id: None,
                     event_type: None,
                     errors: vec![e],
+                    raw: body.slice_ref(item.raw.as_bytes()),
                 });
                 continue;
             }
@@ -77,6 +80,7 @@ pub fn check_body(
                     id: event_id(&value).map(str::to_owned),
                     event_type,
                     errors,
+                    raw: body.slice_ref(item.raw.as_bytes()),
                 });
             }
         }

@@ -216,3 +216,31 @@ TBLPROPERTIES (
   'projection.hour.digits' = '2',
   'storage.location.template' = 's3://YOUR-BUCKET/floodgate/payment_succeeded/dt=${dt}/hour=${hour}/'
 );
+
+-- every event the edge rejected: its raw bytes, the reasons, when it arrived
+CREATE EXTERNAL TABLE IF NOT EXISTS `quarantine` (
+  `received_at` timestamp,
+  `event_id` string,
+  `source` string,
+  `type` string,
+  `reasons` array<struct<pointer:string,message:string>>,
+  `raw` string,
+  `shard` string,
+  `sequence` string
+)
+PARTITIONED BY (`dt` string, `hour` int)
+STORED AS PARQUET
+LOCATION 's3://YOUR-BUCKET/floodgate/quarantine/'
+TBLPROPERTIES (
+  'parquet.compression' = 'ZSTD',
+  'projection.enabled' = 'true',
+  'projection.dt.type' = 'date',
+  'projection.dt.format' = 'yyyy-MM-dd',
+  'projection.dt.range' = '2020-01-01,NOW',
+  'projection.dt.interval' = '1',
+  'projection.dt.interval.unit' = 'DAYS',
+  'projection.hour.type' = 'integer',
+  'projection.hour.range' = '0,23',
+  'projection.hour.digits' = '2',
+  'storage.location.template' = 's3://YOUR-BUCKET/floodgate/quarantine/dt=${dt}/hour=${hour}/'
+);

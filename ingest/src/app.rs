@@ -67,6 +67,8 @@ pub(crate) struct Inner {
     pub auth: Arc<Auth>,
     /// The lag of this process's consumers, when it runs any.
     pub lag: Option<Arc<ConsumerLag>>,
+    /// Where rejected events are kept for audit, if anywhere.
+    pub quarantine: Option<Arc<dyn StreamWriter>>,
     /// Bytes of request bodies in memory, in KiB permits.
     pub inflight: Arc<tokio::sync::Semaphore>,
     metrics: PrometheusHandle,
@@ -121,6 +123,7 @@ impl App {
                 limits,
                 auth: Arc::new(Auth::open()),
                 lag: None,
+                quarantine: None,
                 metrics,
                 schema_list,
             }),
@@ -132,6 +135,15 @@ impl App {
         Arc::get_mut(&mut self.inner)
             .expect("with_auth is called before the app is shared")
             .auth = auth;
+        self
+    }
+
+    /// Keeps every rejected event (and unreadable body) in `quarantine` before answering.
+    /// Call before the app is cloned.
+    pub fn with_quarantine(mut self, quarantine: Arc<dyn StreamWriter>) -> App {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_quarantine is called before the app is shared")
+            .quarantine = Some(quarantine);
         self
     }
 

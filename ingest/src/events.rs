@@ -30,6 +30,9 @@ enum BodyError {
     Decode(#[from] DecodeError),
 }
 
+/// An unreadable body is kept in the quarantine up to this many bytes.
+const QUARANTINE_MAX_BODY: usize = 1 << 20;
+
 /// Bodies larger than this are decoded and validated on the blocking pool, so a big batch
 /// never holds an async worker for more than a fraction of a millisecond.
 const INLINE_CHECK_MAX_BYTES: usize = 64 * 1024;
@@ -85,6 +88,40 @@ struct EventResult {
     errors: Option<Vec<FieldError>>,
 }
 
+/// The quarantine's record of a rejected event (or unreadable body): its bytes as sent
+/// (lossy UTF-8) and why it was refused.
+fn quarantine_record(raw: &[u8], reasons: &[FieldError]) -> Record {
+    #[derive(Serialize)]
+    struct Held<'a> {
+        raw: std::borrow::Cow<'a, str>,
+        reasons: &'a [FieldError],
+    }
+    let payload = serde_json::to_vec(&Held {
+        raw: String::from_utf8_lossy(raw),
+        reasons,
+    })
+    .expect("serializable");
+    Record {
+        key: "quarantine".to_owned(),
+        payload: Bytes::from(payload),
+    }
+}
+
+async fn quarantine(q: &dyn floodgate_core::stream::StreamWriter, records: Vec<Record>) {
+    let n = records.len() as u64;
+    let failed = q
+        .append(records)
+        .await
+        .iter()
+        .filter(|r| r.is_err())
+        .count() as u64;
+    metrics::counter!("floodgate_ingest_quarantined_total").increment(n - failed);
+    if failed > 0 {
+        metrics::counter!("floodgate_ingest_quarantine_failures_total").increment(failed);
+        tracing::warn!(failed, "the quarantine did not take every rejected event");
+    }
+}
+
 /// Rejects, with a `/type` pointer, the events `who` may not post. When none is allowed,
 /// returns the 403 to answer instead.
 fn apply_type_filter(who: &Principal, outcomes: &mut [Outcome]) -> Option<Response<Body>> {
@@ -112,17 +149,30 @@ fn apply_type_filter(who: &Principal, outcomes: &mut [Outcome]) -> Option<Respon
                 id: None,
                 event_type: None,
                 errors: Vec::new(),
+                raw: Bytes::new(),
             },
         ) {
-            Outcome::Valid { id, event_type, .. } => Outcome::Rejected {
+            Outcome::Valid {
+                id,
+                event_type,
+                payload,
+                ..
+            } => Outcome::Rejected {
                 id: Some(id),
                 event_type: Some(event_type),
                 errors: vec![error],
+                raw: payload,
             },
-            Outcome::Rejected { id, event_type, .. } => Outcome::Rejected {
+            Outcome::Rejected {
+                id,
+                event_type,
+                raw,
+                ..
+            } => Outcome::Rejected {
                 id,
                 event_type,
                 errors: vec![error],
+                raw,
             },
         };
     }
@@ -313,6 +363,7 @@ where
         Ok(Ok(collected)) => collected.to_bytes(),
     };
     let body_len = body.len();
+    let body_for_quarantine = (encoding == Encoding::Identity).then(|| body.clone());
 
     let max_events = limits.max_batch_events;
     let limit = limits.max_body_bytes;
@@ -348,6 +399,13 @@ where
             return response::error(StatusCode::PAYLOAD_TOO_LARGE, e.code(), &e.to_string());
         }
         Err(BodyError::Decode(e)) => {
+            if let (Some(q), Some(body)) = (&app.quarantine, &body_for_quarantine)
+                && !matches!(e, DecodeError::Empty)
+            {
+                let reason = [FieldError::new("", e.to_string())];
+                let capped = &body[..body.len().min(QUARANTINE_MAX_BODY)];
+                quarantine(&**q, vec![quarantine_record(capped, &reason)]).await;
+            }
             return response::error(StatusCode::BAD_REQUEST, e.code(), &e.to_string());
         }
         Err(BodyError::Decompress(e @ DecompressError::TooLarge(_))) => {
@@ -460,6 +518,19 @@ where
     } else {
         app.stream.append(records).await
     };
+    // Rejected events are kept for audit before the producer hears about them.
+    if let Some(q) = &app.quarantine {
+        let held: Vec<Record> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Rejected { errors, raw, .. } => Some(quarantine_record(raw, errors)),
+                Outcome::Valid { .. } => None,
+            })
+            .collect();
+        if !held.is_empty() {
+            quarantine(&**q, held).await;
+        }
+    }
     if let Some(d) = &app.dedupe {
         let settled: Vec<(dedupe::Key, bool)> = claimed
             .iter()
@@ -534,6 +605,7 @@ where
                 id,
                 event_type,
                 errors,
+                ..
             } => {
                 rejected += 1;
                 (

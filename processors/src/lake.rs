@@ -68,8 +68,31 @@ struct ShardBuffer {
     durable: Option<SequenceNumber>,
 }
 
+/// Which records a [`LakeProcessor`] turns into rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Accepted events from the stream, one table per type.
+    Events,
+    /// The edge's quarantine log: every rejected event, in the `quarantine` table.
+    Quarantine,
+}
+
+impl Scope {
+    /// Whether an object key belongs to this scope's tables.
+    fn owns(self, key: &str) -> bool {
+        let quarantine = key.starts_with(QUARANTINE_PREFIX);
+        match self {
+            Scope::Events => !quarantine,
+            Scope::Quarantine => quarantine,
+        }
+    }
+}
+
+const QUARANTINE_PREFIX: &str = "quarantine/";
+
 /// Writes the lake; see the module docs.
 pub struct LakeProcessor {
+    scope: Scope,
     store: Arc<dyn ObjectStore>,
     tables: HashMap<String, Table>,
     config: LakeConfig,
@@ -92,13 +115,14 @@ impl std::fmt::Debug for LakeProcessor {
 pub async fn known_runs(
     store: &dyn ObjectStore,
     shards: &[ShardId],
+    scope: Scope,
 ) -> Result<HashMap<ShardId, Vec<(SequenceNumber, SequenceNumber)>>, ProcessError> {
     let objects = store
         .list("")
         .await
         .map_err(|e| ProcessError::Other(e.to_string()))?;
     let mut names: Vec<String> = Vec::new();
-    for o in &objects {
+    for o in objects.iter().filter(|o| scope.owns(&o.key)) {
         let name = o.key.rsplit('/').next().unwrap_or("");
         if name == crate::compact::MANIFEST {
             let partition = o.key.rsplit_once('/').map_or("", |(d, _)| d);
@@ -130,8 +154,9 @@ pub async fn known_runs(
 pub async fn runs_in(
     store: &dyn ObjectStore,
     shards: &[ShardId],
+    scope: Scope,
 ) -> Result<HashMap<ShardId, Vec<SequenceNumber>>, ProcessError> {
-    Ok(known_runs(store, shards)
+    Ok(known_runs(store, shards, scope)
         .await?
         .into_iter()
         .map(|(shard, runs)| (shard, runs.into_iter().map(|(_, last)| last).collect()))
@@ -145,6 +170,58 @@ pub fn parse_file_name<'a>(name: &'a str, shard: &str) -> Option<(&'a str, &'a s
     let (first, last) = rest.split_once('-')?;
     (first.bytes().all(|b| b.is_ascii_digit()) && last.bytes().all(|b| b.is_ascii_digit()))
         .then_some((first, last))
+}
+
+/// A quarantine record with the rejected event's id, source and type lifted out of its raw
+/// text, where it is readable.
+fn quarantine_row(mut held: Value) -> Value {
+    let raw: Option<Value> = held
+        .get("raw")
+        .and_then(Value::as_str)
+        .and_then(|r| serde_json::from_str(r).ok());
+    for name in ["id", "source", "type"] {
+        let v = raw
+            .as_ref()
+            .and_then(|e| e.get(name))
+            .and_then(Value::as_str)
+            .map(|s| Value::String(s.to_owned()));
+        if let (Some(v), Some(obj)) = (v, held.as_object_mut()) {
+            obj.insert(format!("event_{name}"), v);
+        }
+    }
+    held
+}
+
+fn quarantine_columns(
+    table: &Table,
+    rows: &[Row],
+    shard: &str,
+) -> Result<Vec<ArrayRef>, ProcessError> {
+    let shard_value = Value::String(shard.to_owned());
+    let received: Vec<Value> = rows.iter().map(|r| Value::from(r.received_us)).collect();
+    let sequences: Vec<Value> = rows
+        .iter()
+        .map(|r| Value::String(r.sequence.clone()))
+        .collect();
+    let mut out = Vec::new();
+    for (i, field) in table.schema.fields().iter().enumerate() {
+        let values: Vec<Option<&Value>> = match field.name().as_str() {
+            "received_at" => received.iter().map(Some).collect(),
+            "event_id" => rows.iter().map(|r| r.event.get("event_id")).collect(),
+            "source" => rows.iter().map(|r| r.event.get("event_source")).collect(),
+            "type" => rows.iter().map(|r| r.event.get("event_type")).collect(),
+            "reasons" => rows.iter().map(|r| r.event.get("reasons")).collect(),
+            "raw" => rows.iter().map(|r| r.event.get("raw")).collect(),
+            "shard" => rows.iter().map(|_| Some(&shard_value)).collect(),
+            "sequence" => sequences.iter().map(Some).collect(),
+            other => unreachable!("quarantine column {i} {other}"),
+        };
+        out.push(
+            parquet::column(field.data_type(), &values)
+                .map_err(|e| ProcessError::Other(e.to_string()))?,
+        );
+    }
+    Ok(out)
 }
 
 /// `YYYY-MM-DD` and hour (UTC) of a time in microseconds.
@@ -169,7 +246,21 @@ impl LakeProcessor {
             config,
             shards: Mutex::new(HashMap::new()),
             planned: None,
+            scope: Scope::Events,
         }
+    }
+
+    /// The consumer of the quarantine log: the `quarantine` table.
+    pub fn quarantine(store: Arc<dyn ObjectStore>, config: LakeConfig) -> Self {
+        let table = Table {
+            name: floodgate_core::lake::QUARANTINE_TABLE.to_owned(),
+            event_type: String::new(),
+            schema: floodgate_core::lake::quarantine_schema(),
+            data_members: Vec::new(),
+        };
+        let mut p = Self::new(store, vec![table], config);
+        p.scope = Scope::Quarantine;
+        p
     }
 
     /// For a rebuild: end runs exactly where `runs` (per shard, the `lastSeq` of each run
@@ -179,7 +270,15 @@ impl LakeProcessor {
         self
     }
 
-    fn columns(table: &Table, rows: &[Row], shard: &str) -> Result<Vec<ArrayRef>, ProcessError> {
+    fn columns(
+        &self,
+        table: &Table,
+        rows: &[Row],
+        shard: &str,
+    ) -> Result<Vec<ArrayRef>, ProcessError> {
+        if self.scope == Scope::Quarantine {
+            return quarantine_columns(table, rows, shard);
+        }
         let enc = |e: parquet::EncodeError| ProcessError::Other(e.to_string());
         let fields = table.schema.fields();
         let mut out = Vec::with_capacity(fields.len());
@@ -243,7 +342,7 @@ impl LakeProcessor {
                 .values()
                 .find(|t| &t.name == table_name)
                 .expect("groups are keyed by known tables");
-            let columns = Self::columns(table, rows, &shard.0)?;
+            let columns = self.columns(table, rows, &shard.0)?;
             let file = parquet::encode(&table.schema, columns)
                 .map_err(|e| ProcessError::Other(e.to_string()))?;
             let key = format!("{partition}/{file_name}");
@@ -280,7 +379,7 @@ impl LakeProcessor {
         shard: &ShardId,
         first: &SequenceNumber,
     ) -> Result<Vec<SequenceNumber>, ProcessError> {
-        let runs = known_runs(&*self.store, std::slice::from_ref(shard)).await?;
+        let runs = known_runs(&*self.store, std::slice::from_ref(shard), self.scope).await?;
         Ok(runs
             .get(shard)
             .into_iter()
@@ -294,7 +393,10 @@ impl LakeProcessor {
 #[async_trait]
 impl ShardProcessor for LakeProcessor {
     fn consumer(&self) -> &str {
-        "lake"
+        match self.scope {
+            Scope::Events => "lake",
+            Scope::Quarantine => "lake-quarantine",
+        }
     }
 
     async fn start_position(
@@ -354,11 +456,18 @@ impl ShardProcessor for LakeProcessor {
                             match self.tables.get(event_type) {
                                 Some(table) => {
                                     let received_us = r.appended_at_ms * 1000;
-                                    let at = event
-                                        .get("time")
-                                        .and_then(Value::as_str)
-                                        .and_then(parquet::rfc3339_micros)
-                                        .unwrap_or(received_us);
+                                    let at = match self.scope {
+                                        Scope::Events => event
+                                            .get("time")
+                                            .and_then(Value::as_str)
+                                            .and_then(parquet::rfc3339_micros)
+                                            .unwrap_or(received_us),
+                                        Scope::Quarantine => received_us,
+                                    };
+                                    let event = match self.scope {
+                                        Scope::Events => event,
+                                        Scope::Quarantine => quarantine_row(event),
+                                    };
                                     let (dt, hour) = partition(at);
                                     buf.groups
                                         .entry((table.name.clone(), dt, hour))
