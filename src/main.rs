@@ -24,11 +24,11 @@ use floodgate_ingest::App;
 use floodgate_ingest::app::Limits;
 use floodgate_ingest::auth::Auth;
 use floodgate_processors::bookings::BookingsProcessor;
-use floodgate_processors::lake::{LakeConfig, LakeProcessor, Scope as LakeScope};
+use floodgate_processors::lake::{LakeConfig, LakeProcessor};
 use floodgate_processors::runtime::{RuntimeConfig, ShardProcessor, spawn_consumers};
 use floodgate_sinks::{
     EmbeddedCheckpoints, EmbeddedLog, EmbeddedLogReader, EmbeddedOutbox, LocalDirStore,
-    SqliteStateStore,
+    OutboxReader, SqliteStateStore,
 };
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -369,6 +369,20 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     Ok(config)
 }
 
+/// The lake consumer of derived events: one table per derived type, from the outbox.
+fn derived_lake(
+    store: Arc<dyn ObjectStore>,
+    ingested: &[floodgate_core::lake::Table],
+    config: LakeConfig,
+) -> Result<LakeProcessor> {
+    let tables = floodgate_core::lake::derived_tables(
+        &floodgate_processors::bookings::DERIVED_TYPES,
+        &floodgate_processors::bookings::derived_data_schema(),
+        ingested,
+    )?;
+    Ok(LakeProcessor::new(store, tables, config).named("lake-derived"))
+}
+
 /// `floodgate lake compact`.
 fn lake_compact(
     data_dir: &Path,
@@ -465,7 +479,8 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
         let shards: Vec<_> = log.shards().await?.into_iter().map(|s| s.id).collect();
         let lake_dir = config.data_dir.join("lake");
         let old = LocalDirStore::open(&lake_dir)?;
-        let runs = floodgate_processors::lake::runs_in(&old, &shards, LakeScope::Events).await?;
+        let table_names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
+        let runs = floodgate_processors::lake::runs_in(&old, &shards, &table_names).await?;
         let fresh_dir = config
             .data_dir
             .join(format!(".lake.rebuild-{}", std::process::id()));
@@ -508,9 +523,14 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
             .into_iter()
             .map(|s| s.id)
             .collect();
-        let q_runs =
-            floodgate_processors::lake::runs_in(&old, &q_shards, LakeScope::Quarantine).await?;
-        let held = LakeProcessor::quarantine(fresh, replay_config).with_runs(q_runs);
+        let q_runs = floodgate_processors::lake::runs_in(
+            &old,
+            &q_shards,
+            &[floodgate_core::lake::QUARANTINE_TABLE.to_owned()],
+        )
+        .await?;
+        let held =
+            LakeProcessor::quarantine(fresh.clone(), replay_config.clone()).with_runs(q_runs);
         for shard in &q_shards {
             let mut position = StartPosition::TrimHorizon;
             loop {
@@ -526,11 +546,35 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
             held.tick(shard, true).await?;
         }
         quarantine.close().await?;
+        // The derived events' tables, from the published outbox.
+        let derived = derived_lake(fresh, &tables, replay_config)?;
+        let outbox = OutboxReader::new(&config.data_dir.join("outbox"));
+        let d_shards: Vec<_> = outbox.shards().await?.into_iter().map(|s| s.id).collect();
+        let d_runs =
+            floodgate_processors::lake::runs_in(&old, &d_shards, &derived.table_names()).await?;
+        let derived = derived.with_runs(d_runs);
+        for shard in &d_shards {
+            let mut position = StartPosition::TrimHorizon;
+            loop {
+                let batch = outbox.read(shard, &position, 10_000).await?;
+                let Some(last) = batch.records.last() else {
+                    break;
+                };
+                derived.process(shard, &batch.records).await?;
+                position = batch
+                    .next
+                    .unwrap_or(StartPosition::After(last.sequence.clone()));
+            }
+            derived.tick(shard, true).await?;
+        }
         // Runs older than what retention left in the stream cannot be re-derived: keep them.
         let fresh_store = LocalDirStore::open(&fresh_dir)?;
         let mut kept = 0;
         for object in old.list("").await? {
-            if object.key.starts_with("quarantine/") {
+            if !table_names
+                .iter()
+                .any(|t| object.key.starts_with(&format!("{t}/")))
+            {
                 continue;
             }
             let name = object.key.rsplit('/').next().unwrap_or("");
@@ -581,6 +625,12 @@ fn lake_ddl(location: &str, schemas: Option<&Path>) -> Result<()> {
     let registry = load_registry(schemas)?;
     let mut tables = floodgate_core::lake::tables(&registry)?;
     tables.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut derived = floodgate_core::lake::derived_tables(
+        &floodgate_processors::bookings::DERIVED_TYPES,
+        &floodgate_processors::bookings::derived_data_schema(),
+        &tables,
+    )?;
+    derived.sort_by(|a, b| a.name.cmp(&b.name));
     let mut out = io::stdout().lock();
     writeln!(
         out,
@@ -588,6 +638,18 @@ fn lake_ddl(location: &str, schemas: Option<&Path>) -> Result<()> {
     )?;
     for t in tables {
         writeln!(out, "\n-- {} events", t.event_type)?;
+        write!(
+            out,
+            "{}",
+            floodgate_core::lake::athena_ddl(&t.name, &t.schema, location)
+        )?;
+    }
+    for t in derived {
+        writeln!(
+            out,
+            "\n-- {} events, derived by the processors",
+            t.event_type
+        )?;
         write!(
             out,
             "{}",
@@ -663,8 +725,10 @@ fn keys_new(name: &str, types: &[String], rate: Option<u32>, burst: Option<u32>)
 struct Processors {
     /// The consumers' lag, for the edge's backpressure.
     lag: Arc<ConsumerLag>,
-    stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Stopped in order, each after the one before has drained: the stream's consumers
+    /// (which may add to the outbox), the relay (which publishes it), and the consumers of
+    /// what it published (the derived events' lake tables).
+    stages: Vec<(watch::Sender<bool>, Vec<tokio::task::JoinHandle<()>>)>,
 }
 
 impl Processors {
@@ -683,6 +747,8 @@ impl Processors {
             Arc::new(EmbeddedCheckpoints::open(&data_dir.join("stream"))?);
         let outbox = Arc::new(EmbeddedOutbox::open(&data_dir.join("outbox"))?);
         let (stop, stop_rx) = watch::channel(false);
+        let (stop_late, stop_late_rx) = watch::channel(false);
+        let mut late_tasks = Vec::new();
         let processor = Arc::new(BookingsProcessor::new(state.clone()));
         let lag = Arc::new(ConsumerLag::default());
         let config = RuntimeConfig {
@@ -705,6 +771,7 @@ impl Processors {
                 roll_bytes: config_all.lake.roll_bytes,
                 roll_age: std::time::Duration::from_millis(config_all.lake.roll_age_ms),
             };
+            let derived = Arc::new(derived_lake(store.clone(), &tables, lake_config.clone())?);
             let lake = Arc::new(LakeProcessor::new(
                 store.clone(),
                 tables,
@@ -720,6 +787,20 @@ impl Processors {
                 )
                 .await?,
             );
+            let outbox_reader: Arc<dyn StreamReader> =
+                Arc::new(OutboxReader::new(&data_dir.join("outbox")));
+            let d_checkpoints: Arc<dyn CheckpointStore> =
+                Arc::new(EmbeddedCheckpoints::open(&data_dir.join("outbox"))?);
+            late_tasks.extend(
+                spawn_consumers(
+                    outbox_reader,
+                    d_checkpoints,
+                    derived,
+                    config.clone(),
+                    stop_late_rx.clone(),
+                )
+                .await?,
+            );
             if let Some(q) = quarantine {
                 let q_checkpoints: Arc<dyn CheckpointStore> =
                     Arc::new(EmbeddedCheckpoints::open(&data_dir.join("quarantine"))?);
@@ -729,21 +810,31 @@ impl Processors {
                 );
             }
         }
-        tasks.push(tokio::spawn(floodgate_processors::relay::run(
+        let (stop_relay, stop_relay_rx) = watch::channel(false);
+        let relay = tokio::spawn(floodgate_processors::relay::run(
             state,
             outbox,
             checkpoints,
             owner,
-            stop_rx,
-        )));
-        Ok(Processors { lag, stop, tasks })
+            stop_relay_rx,
+        ));
+        Ok(Processors {
+            lag,
+            stages: vec![
+                (stop, tasks),
+                (stop_relay, vec![relay]),
+                (stop_late, late_tasks),
+            ],
+        })
     }
 
     /// Lets every consumer finish its batch and the relay drain, then returns.
     async fn stop(self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
+        for (stop, tasks) in self.stages {
+            let _ = stop.send(true);
+            for t in tasks {
+                let _ = t.await;
+            }
         }
     }
 }

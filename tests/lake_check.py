@@ -24,15 +24,19 @@ if sys.argv[1] == "dump":
     digest = hashlib.sha256()
     con = duckdb.connect()
     counts = {}
+    per_table = {}
     for table in sorted({f.split("/")[0] for f in files}):
         rows = con.execute(
             f"select cast(t as varchar) as r from read_parquet('{lake}/{table}/**/*.parquet', hive_partitioning = true, union_by_name = true) t order by r"
         ).fetchall()
         counts[table] = len(rows)
+        t = hashlib.sha256()
         for (r,) in rows:
             digest.update(r.encode())
             digest.update(b"\n")
-    print(json.dumps({"files": files, "rows": counts, "digest": digest.hexdigest()}))
+            t.update(r.encode())
+        per_table[table] = t.hexdigest()[:12]
+    print(json.dumps({"files": files, "rows": counts, "digest": digest.hexdigest(), "tables": per_table}))
     sys.exit(0)
 
 lake, expected_path, ddl_path = sys.argv[1:4]

@@ -166,6 +166,26 @@ pub fn tables(registry: &Registry) -> Result<Vec<Table>, MappingError> {
     Ok(out)
 }
 
+/// The tables of derived event types, all sharing one `data` schema. A derived type whose
+/// table name an ingested type already uses gets a `derived_` prefix
+/// (`booking.cancelled` → `derived_booking_cancelled`).
+pub fn derived_tables(
+    types: &[&str],
+    data_schema: &Value,
+    ingested: &[Table],
+) -> Result<Vec<Table>, MappingError> {
+    types
+        .iter()
+        .map(|t| {
+            let mut table = table_for(t, &[(1, data_schema)])?;
+            if ingested.iter().any(|i| i.name == table.name) {
+                table.name = format!("derived_{}", table.name);
+            }
+            Ok(table)
+        })
+        .collect()
+}
+
 /// The table of one event type from its schema versions, oldest first.
 pub fn table_for(event_type: &str, versions: &[(u32, &Value)]) -> Result<Table, MappingError> {
     let mut fields = envelope_fields();

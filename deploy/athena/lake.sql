@@ -217,6 +217,216 @@ TBLPROPERTIES (
   'storage.location.template' = 's3://YOUR-BUCKET/floodgate/payment_succeeded/dt=${dt}/hour=${hour}/'
 );
 
+-- booking.confirmed events, derived by the processors
+CREATE EXTERNAL TABLE IF NOT EXISTS `booking_confirmed` (
+  `event_id` string,
+  `source` string,
+  `type` string,
+  `time` timestamp,
+  `received_at` timestamp,
+  `shard` string,
+  `sequence` string,
+  `booking_id` string,
+  `capacity` int,
+  `cause` string,
+  `data_event_id` string,
+  `reason` string,
+  `remaining` int,
+  `reserved` int,
+  `seats` int
+)
+PARTITIONED BY (`dt` string, `hour` int)
+STORED AS PARQUET
+LOCATION 's3://YOUR-BUCKET/floodgate/booking_confirmed/'
+TBLPROPERTIES (
+  'parquet.compression' = 'ZSTD',
+  'projection.enabled' = 'true',
+  'projection.dt.type' = 'date',
+  'projection.dt.format' = 'yyyy-MM-dd',
+  'projection.dt.range' = '2020-01-01,NOW',
+  'projection.dt.interval' = '1',
+  'projection.dt.interval.unit' = 'DAYS',
+  'projection.hour.type' = 'integer',
+  'projection.hour.range' = '0,23',
+  'projection.hour.digits' = '2',
+  'storage.location.template' = 's3://YOUR-BUCKET/floodgate/booking_confirmed/dt=${dt}/hour=${hour}/'
+);
+
+-- booking.rejected events, derived by the processors
+CREATE EXTERNAL TABLE IF NOT EXISTS `booking_rejected` (
+  `event_id` string,
+  `source` string,
+  `type` string,
+  `time` timestamp,
+  `received_at` timestamp,
+  `shard` string,
+  `sequence` string,
+  `booking_id` string,
+  `capacity` int,
+  `cause` string,
+  `data_event_id` string,
+  `reason` string,
+  `remaining` int,
+  `reserved` int,
+  `seats` int
+)
+PARTITIONED BY (`dt` string, `hour` int)
+STORED AS PARQUET
+LOCATION 's3://YOUR-BUCKET/floodgate/booking_rejected/'
+TBLPROPERTIES (
+  'parquet.compression' = 'ZSTD',
+  'projection.enabled' = 'true',
+  'projection.dt.type' = 'date',
+  'projection.dt.format' = 'yyyy-MM-dd',
+  'projection.dt.range' = '2020-01-01,NOW',
+  'projection.dt.interval' = '1',
+  'projection.dt.interval.unit' = 'DAYS',
+  'projection.hour.type' = 'integer',
+  'projection.hour.range' = '0,23',
+  'projection.hour.digits' = '2',
+  'storage.location.template' = 's3://YOUR-BUCKET/floodgate/booking_rejected/dt=${dt}/hour=${hour}/'
+);
+
+-- capacity.change_rejected events, derived by the processors
+CREATE EXTERNAL TABLE IF NOT EXISTS `capacity_change_rejected` (
+  `event_id` string,
+  `source` string,
+  `type` string,
+  `time` timestamp,
+  `received_at` timestamp,
+  `shard` string,
+  `sequence` string,
+  `booking_id` string,
+  `capacity` int,
+  `cause` string,
+  `data_event_id` string,
+  `reason` string,
+  `remaining` int,
+  `reserved` int,
+  `seats` int
+)
+PARTITIONED BY (`dt` string, `hour` int)
+STORED AS PARQUET
+LOCATION 's3://YOUR-BUCKET/floodgate/capacity_change_rejected/'
+TBLPROPERTIES (
+  'parquet.compression' = 'ZSTD',
+  'projection.enabled' = 'true',
+  'projection.dt.type' = 'date',
+  'projection.dt.format' = 'yyyy-MM-dd',
+  'projection.dt.range' = '2020-01-01,NOW',
+  'projection.dt.interval' = '1',
+  'projection.dt.interval.unit' = 'DAYS',
+  'projection.hour.type' = 'integer',
+  'projection.hour.range' = '0,23',
+  'projection.hour.digits' = '2',
+  'storage.location.template' = 's3://YOUR-BUCKET/floodgate/capacity_change_rejected/dt=${dt}/hour=${hour}/'
+);
+
+-- capacity.low events, derived by the processors
+CREATE EXTERNAL TABLE IF NOT EXISTS `capacity_low` (
+  `event_id` string,
+  `source` string,
+  `type` string,
+  `time` timestamp,
+  `received_at` timestamp,
+  `shard` string,
+  `sequence` string,
+  `booking_id` string,
+  `capacity` int,
+  `cause` string,
+  `data_event_id` string,
+  `reason` string,
+  `remaining` int,
+  `reserved` int,
+  `seats` int
+)
+PARTITIONED BY (`dt` string, `hour` int)
+STORED AS PARQUET
+LOCATION 's3://YOUR-BUCKET/floodgate/capacity_low/'
+TBLPROPERTIES (
+  'parquet.compression' = 'ZSTD',
+  'projection.enabled' = 'true',
+  'projection.dt.type' = 'date',
+  'projection.dt.format' = 'yyyy-MM-dd',
+  'projection.dt.range' = '2020-01-01,NOW',
+  'projection.dt.interval' = '1',
+  'projection.dt.interval.unit' = 'DAYS',
+  'projection.hour.type' = 'integer',
+  'projection.hour.range' = '0,23',
+  'projection.hour.digits' = '2',
+  'storage.location.template' = 's3://YOUR-BUCKET/floodgate/capacity_low/dt=${dt}/hour=${hour}/'
+);
+
+-- capacity.sold_out events, derived by the processors
+CREATE EXTERNAL TABLE IF NOT EXISTS `capacity_sold_out` (
+  `event_id` string,
+  `source` string,
+  `type` string,
+  `time` timestamp,
+  `received_at` timestamp,
+  `shard` string,
+  `sequence` string,
+  `booking_id` string,
+  `capacity` int,
+  `cause` string,
+  `data_event_id` string,
+  `reason` string,
+  `remaining` int,
+  `reserved` int,
+  `seats` int
+)
+PARTITIONED BY (`dt` string, `hour` int)
+STORED AS PARQUET
+LOCATION 's3://YOUR-BUCKET/floodgate/capacity_sold_out/'
+TBLPROPERTIES (
+  'parquet.compression' = 'ZSTD',
+  'projection.enabled' = 'true',
+  'projection.dt.type' = 'date',
+  'projection.dt.format' = 'yyyy-MM-dd',
+  'projection.dt.range' = '2020-01-01,NOW',
+  'projection.dt.interval' = '1',
+  'projection.dt.interval.unit' = 'DAYS',
+  'projection.hour.type' = 'integer',
+  'projection.hour.range' = '0,23',
+  'projection.hour.digits' = '2',
+  'storage.location.template' = 's3://YOUR-BUCKET/floodgate/capacity_sold_out/dt=${dt}/hour=${hour}/'
+);
+
+-- booking.cancelled events, derived by the processors
+CREATE EXTERNAL TABLE IF NOT EXISTS `derived_booking_cancelled` (
+  `event_id` string,
+  `source` string,
+  `type` string,
+  `time` timestamp,
+  `received_at` timestamp,
+  `shard` string,
+  `sequence` string,
+  `booking_id` string,
+  `capacity` int,
+  `cause` string,
+  `data_event_id` string,
+  `reason` string,
+  `remaining` int,
+  `reserved` int,
+  `seats` int
+)
+PARTITIONED BY (`dt` string, `hour` int)
+STORED AS PARQUET
+LOCATION 's3://YOUR-BUCKET/floodgate/derived_booking_cancelled/'
+TBLPROPERTIES (
+  'parquet.compression' = 'ZSTD',
+  'projection.enabled' = 'true',
+  'projection.dt.type' = 'date',
+  'projection.dt.format' = 'yyyy-MM-dd',
+  'projection.dt.range' = '2020-01-01,NOW',
+  'projection.dt.interval' = '1',
+  'projection.dt.interval.unit' = 'DAYS',
+  'projection.hour.type' = 'integer',
+  'projection.hour.range' = '0,23',
+  'projection.hour.digits' = '2',
+  'storage.location.template' = 's3://YOUR-BUCKET/floodgate/derived_booking_cancelled/dt=${dt}/hour=${hour}/'
+);
+
 -- every event the edge rejected: its raw bytes, the reasons, when it arrived
 CREATE EXTERNAL TABLE IF NOT EXISTS `quarantine` (
   `received_at` timestamp,

@@ -99,6 +99,32 @@ struct Decider {
     time_cache: (i64, String),
 }
 
+/// Every derived event type, for the lake's tables.
+pub const DERIVED_TYPES: [&str; 6] = [
+    "booking.confirmed",
+    "booking.rejected",
+    "booking.cancelled",
+    "capacity.low",
+    "capacity.sold_out",
+    "capacity.change_rejected",
+];
+
+/// The JSON Schema of every derived event's `data` (each type fills the members that apply).
+pub fn derived_data_schema() -> serde_json::Value {
+    let id = serde_json::json!({"type": "string"});
+    let count = serde_json::json!({"type": "integer", "minimum": 0, "maximum": 2_147_483_647});
+    serde_json::json!({
+        "type": "object",
+        "required": ["eventId"],
+        "additionalProperties": false,
+        "properties": {
+            "eventId": id, "bookingId": id,
+            "seats": count, "capacity": count, "reserved": count, "remaining": count,
+            "reason": {"type": "string"}, "cause": {"type": "string"},
+        }
+    })
+}
+
 /// A derived event, as published.
 #[derive(Serialize)]
 struct DerivedEvent<'a> {

@@ -77,22 +77,16 @@ pub enum Scope {
     Quarantine,
 }
 
-impl Scope {
-    /// Whether an object key belongs to this scope's tables.
-    fn owns(self, key: &str) -> bool {
-        let quarantine = key.starts_with(QUARANTINE_PREFIX);
-        match self {
-            Scope::Events => !quarantine,
-            Scope::Quarantine => quarantine,
-        }
-    }
+/// Whether an object key lies in one of `tables`' directories.
+fn in_tables(key: &str, tables: &[String]) -> bool {
+    key.split_once('/')
+        .is_some_and(|(table, _)| tables.iter().any(|t| t == table))
 }
-
-const QUARANTINE_PREFIX: &str = "quarantine/";
 
 /// Writes the lake; see the module docs.
 pub struct LakeProcessor {
     scope: Scope,
+    consumer: &'static str,
     store: Arc<dyn ObjectStore>,
     tables: HashMap<String, Table>,
     config: LakeConfig,
@@ -115,14 +109,14 @@ impl std::fmt::Debug for LakeProcessor {
 pub async fn known_runs(
     store: &dyn ObjectStore,
     shards: &[ShardId],
-    scope: Scope,
+    tables: &[String],
 ) -> Result<HashMap<ShardId, Vec<(SequenceNumber, SequenceNumber)>>, ProcessError> {
     let objects = store
         .list("")
         .await
         .map_err(|e| ProcessError::Other(e.to_string()))?;
     let mut names: Vec<String> = Vec::new();
-    for o in objects.iter().filter(|o| scope.owns(&o.key)) {
+    for o in objects.iter().filter(|o| in_tables(&o.key, tables)) {
         let name = o.key.rsplit('/').next().unwrap_or("");
         if name == crate::compact::MANIFEST {
             let partition = o.key.rsplit_once('/').map_or("", |(d, _)| d);
@@ -154,9 +148,9 @@ pub async fn known_runs(
 pub async fn runs_in(
     store: &dyn ObjectStore,
     shards: &[ShardId],
-    scope: Scope,
+    tables: &[String],
 ) -> Result<HashMap<ShardId, Vec<SequenceNumber>>, ProcessError> {
-    Ok(known_runs(store, shards, scope)
+    Ok(known_runs(store, shards, tables)
         .await?
         .into_iter()
         .map(|(shard, runs)| (shard, runs.into_iter().map(|(_, last)| last).collect()))
@@ -247,7 +241,19 @@ impl LakeProcessor {
             shards: Mutex::new(HashMap::new()),
             planned: None,
             scope: Scope::Events,
+            consumer: "lake",
         }
+    }
+
+    /// The directories (table names) this processor writes.
+    pub fn table_names(&self) -> Vec<String> {
+        self.tables.values().map(|t| t.name.clone()).collect()
+    }
+
+    /// The consumer name: `lake` by default.
+    pub fn named(mut self, consumer: &'static str) -> Self {
+        self.consumer = consumer;
+        self
     }
 
     /// The consumer of the quarantine log: the `quarantine` table.
@@ -260,6 +266,7 @@ impl LakeProcessor {
         };
         let mut p = Self::new(store, vec![table], config);
         p.scope = Scope::Quarantine;
+        p.consumer = "lake-quarantine";
         p
     }
 
@@ -379,7 +386,12 @@ impl LakeProcessor {
         shard: &ShardId,
         first: &SequenceNumber,
     ) -> Result<Vec<SequenceNumber>, ProcessError> {
-        let runs = known_runs(&*self.store, std::slice::from_ref(shard), self.scope).await?;
+        let runs = known_runs(
+            &*self.store,
+            std::slice::from_ref(shard),
+            &self.table_names(),
+        )
+        .await?;
         Ok(runs
             .get(shard)
             .into_iter()
@@ -393,10 +405,7 @@ impl LakeProcessor {
 #[async_trait]
 impl ShardProcessor for LakeProcessor {
     fn consumer(&self) -> &str {
-        match self.scope {
-            Scope::Events => "lake",
-            Scope::Quarantine => "lake-quarantine",
-        }
+        self.consumer
     }
 
     async fn start_position(

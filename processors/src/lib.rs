@@ -19,6 +19,7 @@
 
 pub mod bookings;
 pub mod compact;
+pub mod derived_log;
 pub mod lake;
 pub mod parquet;
 pub mod relay;

@@ -26,5 +26,5 @@ mod sqlite_state;
 pub use checkpoint::EmbeddedCheckpoints;
 pub use embedded_log::{EmbeddedLog, EmbeddedLogReader, LogMeta};
 pub use local_store::LocalDirStore;
-pub use outbox::EmbeddedOutbox;
+pub use outbox::{EmbeddedOutbox, OutboxReader};
 pub use sqlite_state::SqliteStateStore;

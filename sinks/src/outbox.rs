@@ -154,3 +154,140 @@ impl Publisher for EmbeddedOutbox {
         Ok(())
     }
 }
+
+/// The published derived events as a one-shard stream (shard `outbox`), for consumers
+/// such as the lake. Record `i` of outbox entry `seq` has sequence number
+/// `seq × 1,000,000 + i` and key `seq`; its `appended_at_ms` is the event's `time`.
+/// Read-only and lock-free beside a live relay: torn last lines are not read.
+#[derive(Debug)]
+pub struct OutboxReader {
+    path: PathBuf,
+    /// (seq, byte offset, byte length) of every whole line seen so far.
+    index: Mutex<Vec<(u64, u64, usize)>>,
+}
+
+/// Events per outbox entry the sequence numbering leaves room for.
+pub const EVENTS_PER_ENTRY: u64 = 1_000_000;
+
+pub const OUTBOX_SHARD: &str = "outbox";
+
+impl OutboxReader {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            path: dir.join(FILE_NAME),
+            index: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Extends the index with the whole lines appended since the last look.
+    fn refresh(&self) -> io::Result<Vec<(u64, u64, usize)>> {
+        use std::io::{Seek, SeekFrom};
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        let end = index.last().map_or(0, |(_, off, len)| off + *len as u64);
+        let mut f = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(index.clone()),
+            Err(e) => return Err(e),
+        };
+        f.seek(SeekFrom::Start(end))?;
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes)?;
+        let mut off = end;
+        for line in bytes.split_inclusive(|b| *b == b'\n') {
+            if !line.ends_with(b"\n") {
+                break;
+            }
+            if let Ok(l) = serde_json::from_slice::<Line<'_>>(line) {
+                index.push((l.seq, off, line.len()));
+            }
+            off += line.len() as u64;
+        }
+        Ok(index.clone())
+    }
+
+    fn read_line(&self, off: u64, len: usize) -> io::Result<Vec<u8>> {
+        use std::io::{Seek, SeekFrom};
+        let mut f = File::open(&self.path)?;
+        f.seek(SeekFrom::Start(off))?;
+        let mut buf = vec![0; len];
+        f.read_exact(&mut buf)?;
+        Ok(buf)
+    }
+}
+
+#[async_trait]
+impl floodgate_core::stream::StreamReader for OutboxReader {
+    async fn shards(
+        &self,
+    ) -> Result<Vec<floodgate_core::stream::ShardInfo>, floodgate_core::stream::StreamError> {
+        Ok(vec![floodgate_core::stream::ShardInfo {
+            id: floodgate_core::stream::ShardId(OUTBOX_SHARD.to_owned()),
+            parent: None,
+            closed: false,
+        }])
+    }
+
+    async fn read(
+        &self,
+        _shard: &floodgate_core::stream::ShardId,
+        from: &floodgate_core::stream::StartPosition,
+        max_records: usize,
+    ) -> Result<floodgate_core::stream::ReadBatch, floodgate_core::stream::StreamError> {
+        use floodgate_core::stream::{ReadBatch, SequenceNumber, StartPosition, StoredRecord};
+        let io_err = floodgate_core::stream::StreamError::Io;
+        let index = self.refresh().map_err(io_err)?;
+        // The first record to return, as (seq, event index).
+        let (seq0, i0) = match from {
+            StartPosition::TrimHorizon | StartPosition::AtTimestamp(_) => (0, 0),
+            StartPosition::At(s) => {
+                let n = s.as_u64().unwrap_or(0);
+                (n / EVENTS_PER_ENTRY, n % EVENTS_PER_ENTRY)
+            }
+            StartPosition::After(s) => {
+                let n = s.as_u64().unwrap_or(0) + 1;
+                (n / EVENTS_PER_ENTRY, n % EVENTS_PER_ENTRY)
+            }
+        };
+        let start = index.partition_point(|(seq, _, _)| *seq < seq0);
+        let mut records = Vec::new();
+        let mut consumed_lines = start;
+        for &(seq, off, len) in &index[start..] {
+            let line = self.read_line(off, len).map_err(io_err)?;
+            let parsed: Line<'_> = serde_json::from_slice(&line)
+                .map_err(|e| floodgate_core::stream::StreamError::Io(io::Error::other(e)))?;
+            let skip = if seq == seq0 { i0 as usize } else { 0 };
+            for (i, event) in parsed.events.iter().enumerate().skip(skip) {
+                let time = serde_json::from_str::<serde_json::Value>(event.get())
+                    .ok()
+                    .and_then(|v| v.get("time").and_then(|t| t.as_str()).map(str::to_owned))
+                    .and_then(|t| {
+                        time::OffsetDateTime::parse(
+                            &t,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .ok()
+                    })
+                    .map_or(0, |t| (t.unix_timestamp_nanos() / 1_000_000) as i64);
+                records.push(StoredRecord {
+                    sequence: SequenceNumber::from_u64(seq * EVENTS_PER_ENTRY + i as u64),
+                    key: seq.to_string(),
+                    payload: bytes::Bytes::copy_from_slice(event.get().as_bytes()),
+                    appended_at_ms: time,
+                });
+            }
+            consumed_lines += 1;
+            if records.len() >= max_records {
+                break;
+            }
+        }
+        let next = match records.last() {
+            Some(r) => StartPosition::After(r.sequence.clone()),
+            None => from.clone(),
+        };
+        Ok(ReadBatch {
+            records,
+            next: Some(next),
+            records_behind: (index.len() - consumed_lines.min(index.len())) as u64,
+        })
+    }
+}
