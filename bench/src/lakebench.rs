@@ -1,0 +1,133 @@
+//! `floodgate-lakebench`: events/s (and MB/s of events) the lake consumer turns from the
+//! embedded log into Parquet files on local disk, and the files it makes. Fills a fresh
+//! log with N booking requests spread over a few hours, then starts the lake consumers
+//! and times how long they take to catch up, including the final flush.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use bytes::Bytes;
+use clap::Parser;
+use floodgate_core::config::EmbeddedStreamConfig;
+use floodgate_core::registry::Registry;
+use floodgate_core::stream::{CheckpointStore, Record, StreamWriter};
+use floodgate_processors::lake::{LakeConfig, LakeProcessor};
+use floodgate_processors::runtime::{RuntimeConfig, spawn_consumers};
+use floodgate_sinks::{EmbeddedCheckpoints, EmbeddedLog, LocalDirStore};
+use serde_json::json;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Booking requests to write to the lake
+    #[arg(long, default_value_t = 1_000_000)]
+    events: usize,
+    #[arg(long, default_value_t = 4)]
+    shards: u32,
+    /// Hours the events' times spread over (partitions per table)
+    #[arg(long, default_value_t = 4)]
+    hours: usize,
+    /// A shard's buffer becomes files at this many bytes
+    #[arg(long, default_value_t = 128 << 20)]
+    roll_bytes: u64,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = EmbeddedStreamConfig {
+        shards: args.shards,
+        ..Default::default()
+    };
+    let log = Arc::new(EmbeddedLog::open(&dir.path().join("stream"), &cfg)?);
+    let mut input_bytes = 0u64;
+    for chunk in 0..args.events.div_ceil(10_000) {
+        let records: Vec<Record> = (chunk * 10_000..((chunk + 1) * 10_000).min(args.events))
+            .map(|i| {
+                let mut e = floodgate_bench::sample_batch(1, i as u64).remove(0);
+                let k = i % 1000;
+                e["data"]["eventId"] = json!(format!("ev-{k}"));
+                e["time"] = json!(format!("2026-11-22T{:02}:17:00Z", i % args.hours));
+                let payload = Bytes::from(e.to_string());
+                input_bytes += payload.len() as u64;
+                Record {
+                    key: format!("ev-{k}"),
+                    payload,
+                }
+            })
+            .collect();
+        log.append(records).await;
+    }
+    let registry = Registry::builtin()?;
+    let tables = floodgate_core::lake::tables(&registry)?;
+    let lake_dir = dir.path().join("lake");
+    let store = Arc::new(LocalDirStore::open(&lake_dir)?);
+    let lake = Arc::new(LakeProcessor::new(
+        store,
+        tables,
+        LakeConfig {
+            roll_bytes: args.roll_bytes,
+            roll_age: Duration::from_secs(3600),
+        },
+    ));
+    let checkpoints: Arc<dyn CheckpointStore> =
+        Arc::new(EmbeddedCheckpoints::open(&dir.path().join("stream"))?);
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let started = Instant::now();
+    // Stop at once: consumers drain everything in the log before stopping, then flush.
+    let tasks = spawn_consumers(
+        log.clone(),
+        checkpoints,
+        lake,
+        RuntimeConfig {
+            drain_limit: Duration::from_secs(3600),
+            ..RuntimeConfig::default()
+        },
+        stop_rx,
+    )
+    .await?;
+    let _ = stop.send(true);
+    for t in tasks {
+        t.await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let mut files = Vec::new();
+    let mut stack = vec![lake_dir.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                stack.push(e.path());
+            } else if e.file_name().to_string_lossy().ends_with(".parquet") {
+                files.push(e.metadata()?.len());
+            }
+        }
+    }
+    files.sort_unstable();
+    let out_bytes: u64 = files.iter().sum();
+    println!(
+        "{}",
+        json!({
+            "events": args.events, "shards": args.shards, "seconds": secs,
+            "events_per_sec": (args.events as f64 / secs).round(),
+            "input_mb_per_sec": (input_bytes as f64 / secs / 1e6 * 10.0).round() / 10.0,
+            "files": files.len(),
+            "file_bytes_median": files.get(files.len() / 2).copied().unwrap_or(0),
+            "file_bytes_max": files.last().copied().unwrap_or(0),
+            "parquet_bytes_total": out_bytes,
+            "input_bytes_total": input_bytes,
+            "compression_ratio": (input_bytes as f64 / out_bytes.max(1) as f64 * 10.0).round() / 10.0,
+        })
+    );
+    Ok(())
+}
