@@ -276,47 +276,56 @@ impl LakeProcessor {
         self.planned = Some(runs);
         self
     }
+}
 
-    fn columns(
-        &self,
-        table: &Table,
-        rows: &[Row],
-        shard: &str,
-    ) -> Result<Vec<ArrayRef>, ProcessError> {
-        if self.scope == Scope::Quarantine {
-            return quarantine_columns(table, rows, shard);
-        }
-        let enc = |e: parquet::EncodeError| ProcessError::Other(e.to_string());
-        let fields = table.schema.fields();
-        let mut out = Vec::with_capacity(fields.len());
-        let shard_value = Value::String(shard.to_owned());
-        let received: Vec<Value> = rows.iter().map(|r| Value::from(r.received_us)).collect();
-        let sequences: Vec<Value> = rows
-            .iter()
-            .map(|r| Value::String(r.sequence.clone()))
-            .collect();
-        for (i, field) in fields.iter().enumerate() {
-            let values: Vec<Option<&Value>> = match ENVELOPE_COLUMNS.get(i) {
-                Some(&"event_id") => rows.iter().map(|r| r.event.get("id")).collect(),
-                Some(&"source") => rows.iter().map(|r| r.event.get("source")).collect(),
-                Some(&"type") => rows.iter().map(|r| r.event.get("type")).collect(),
-                Some(&"time") => rows.iter().map(|r| r.event.get("time")).collect(),
-                Some(&"received_at") => received.iter().map(Some).collect(),
-                Some(&"shard") => rows.iter().map(|_| Some(&shard_value)).collect(),
-                Some(&"sequence") => sequences.iter().map(Some).collect(),
-                Some(other) => unreachable!("envelope column {other}"),
-                None => {
-                    let member = &table.data_members[i - ENVELOPE_COLUMNS.len()];
-                    rows.iter()
-                        .map(|r| r.event.get("data").and_then(|d| d.get(member)))
-                        .collect()
-                }
-            };
-            out.push(parquet::column(field.data_type(), &values).map_err(enc)?);
-        }
-        Ok(out)
+/// The Arrow columns of one file's rows.
+fn columns_for(
+    scope: Scope,
+    table: &Table,
+    rows: &[Row],
+    shard: &str,
+) -> Result<Vec<ArrayRef>, ProcessError> {
+    if scope == Scope::Quarantine {
+        return quarantine_columns(table, rows, shard);
     }
+    let enc = |e: parquet::EncodeError| ProcessError::Other(e.to_string());
+    let fields = table.schema.fields();
+    let mut out = Vec::with_capacity(fields.len());
+    let shard_value = Value::String(shard.to_owned());
+    let received: Vec<Value> = rows.iter().map(|r| Value::from(r.received_us)).collect();
+    let sequences: Vec<Value> = rows
+        .iter()
+        .map(|r| Value::String(r.sequence.clone()))
+        .collect();
+    // Each row's `data` object, looked up once.
+    let datas: Vec<Option<&serde_json::Map<String, Value>>> = rows
+        .iter()
+        .map(|r| r.event.get("data").and_then(Value::as_object))
+        .collect();
+    for (i, field) in fields.iter().enumerate() {
+        let values: Vec<Option<&Value>> = match ENVELOPE_COLUMNS.get(i) {
+            Some(&"event_id") => rows.iter().map(|r| r.event.get("id")).collect(),
+            Some(&"source") => rows.iter().map(|r| r.event.get("source")).collect(),
+            Some(&"type") => rows.iter().map(|r| r.event.get("type")).collect(),
+            Some(&"time") => rows.iter().map(|r| r.event.get("time")).collect(),
+            Some(&"received_at") => received.iter().map(Some).collect(),
+            Some(&"shard") => rows.iter().map(|_| Some(&shard_value)).collect(),
+            Some(&"sequence") => sequences.iter().map(Some).collect(),
+            Some(other) => unreachable!("envelope column {other}"),
+            None => {
+                let member = &table.data_members[i - ENVELOPE_COLUMNS.len()];
+                datas
+                    .iter()
+                    .map(|d| d.and_then(|d| d.get(member)))
+                    .collect()
+            }
+        };
+        out.push(parquet::column(field.data_type(), &values).map_err(enc)?);
+    }
+    Ok(out)
+}
 
+impl LakeProcessor {
     /// Writes every group of `shard`'s buffer, then marks the run durable.
     async fn flush(&self, shard: &ShardId) -> Result<(), ProcessError> {
         let (groups, first, last) = {
@@ -335,26 +344,47 @@ impl LakeProcessor {
         let mut bytes_written = 0u64;
         let mut rows_written = 0usize;
         let file_name = format!("{}-{first}-{last}.parquet", shard.0);
-        for ((table_name, dt, hour), rows) in &groups {
+        // Which groups to write: not those whose run compaction already merged (a replay).
+        let mut wanted = Vec::new();
+        for (table_name, dt, hour) in groups.keys() {
             let partition = format!("{table_name}/dt={dt}/hour={hour:02}");
-            // A run that compaction already merged is not written again (a replay).
-            if crate::compact::manifest(&*self.store, &partition)
+            let covered = crate::compact::manifest(&*self.store, &partition)
                 .await?
-                .covers(&file_name)
-            {
-                continue;
+                .covers(&file_name);
+            wanted.push(!covered);
+        }
+        // Building columns and encoding Parquet is CPU work of up to a few hundred ms: off
+        // the async workers, so the edge's requests never wait behind it.
+        let tables: Vec<Table> = self.tables.values().cloned().collect();
+        let (scope, shard_name) = (self.scope, shard.0.clone());
+        let encoded = tokio::task::spawn_blocking(move || {
+            let mut files = Vec::new();
+            for (((table_name, dt, hour), rows), write) in groups.iter().zip(wanted) {
+                if !write {
+                    continue;
+                }
+                let table = tables
+                    .iter()
+                    .find(|t| &t.name == table_name)
+                    .expect("groups are keyed by known tables");
+                let columns = columns_for(scope, table, rows, &shard_name)?;
+                let file = parquet::encode(&table.schema, columns)
+                    .map_err(|e| ProcessError::Other(e.to_string()))?;
+                files.push((
+                    format!("{table_name}/dt={dt}/hour={hour:02}"),
+                    file,
+                    rows.len(),
+                ));
             }
-            let table = self
-                .tables
-                .values()
-                .find(|t| &t.name == table_name)
-                .expect("groups are keyed by known tables");
-            let columns = self.columns(table, rows, &shard.0)?;
-            let file = parquet::encode(&table.schema, columns)
-                .map_err(|e| ProcessError::Other(e.to_string()))?;
+            Ok::<_, ProcessError>((groups, files))
+        })
+        .await
+        .map_err(|e| ProcessError::Other(e.to_string()))?;
+        let (groups, files) = encoded?;
+        for (partition, file, rows) in files {
             let key = format!("{partition}/{file_name}");
             bytes_written += file.len() as u64;
-            rows_written += rows.len();
+            rows_written += rows;
             if let Err(e) = self.store.put(&key, file).await {
                 // Put the rows back: the same run is written again on the next try.
                 let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
