@@ -150,7 +150,7 @@ async fn interrupted_at(step: u8) {
     let t = table();
     let result = compact::compact_table(&*store, "t", None, &t.schema, u64::MAX).await;
     assert!(result.is_err(), "the fault was injected");
-    // Recovery (which every compaction and lake start runs first) settles it.
+    // Recovery (which every compaction runs first) settles it.
     compact::recover(&*store, PARTITION).await.unwrap();
     assert_eq!(
         rows(&*store).await,
