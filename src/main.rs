@@ -454,6 +454,39 @@ async fn reapply_compactions(
     Ok(applied)
 }
 
+/// Feeds every record of `shards` to `processor` from the oldest, then flushes. Returns the
+/// records read and each shard's first sequence number.
+async fn replay_all(
+    reader: &dyn StreamReader,
+    shards: &[floodgate_core::stream::ShardId],
+    processor: &LakeProcessor,
+) -> Result<(
+    u64,
+    std::collections::HashMap<floodgate_core::stream::ShardId, SequenceNumber>,
+)> {
+    let mut records = 0u64;
+    let mut heads = std::collections::HashMap::new();
+    for shard in shards {
+        let mut position = StartPosition::TrimHorizon;
+        loop {
+            let batch = reader.read(shard, &position, 10_000).await?;
+            let Some(last) = batch.records.last() else {
+                break;
+            };
+            heads
+                .entry(shard.clone())
+                .or_insert_with(|| batch.records[0].sequence.clone());
+            records += batch.records.len() as u64;
+            processor.process(shard, &batch.records).await?;
+            position = batch
+                .next
+                .unwrap_or(StartPosition::After(last.sequence.clone()));
+        }
+        processor.tick(shard, true).await?;
+    }
+    Ok((records, heads))
+}
+
 /// `floodgate lake rebuild`: replay every shard into a new lake beside the old one, with
 /// the old lake's run boundaries, then swap the directories.
 fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
@@ -494,26 +527,7 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
         };
         let lake = LakeProcessor::new(fresh.clone(), tables.clone(), replay_config.clone())
             .with_runs(runs);
-        let mut records = 0u64;
-        let mut heads = std::collections::HashMap::new();
-        for shard in &shards {
-            let mut position = StartPosition::TrimHorizon;
-            loop {
-                let batch = log.read(shard, &position, 10_000).await?;
-                let Some(last) = batch.records.last() else {
-                    break;
-                };
-                heads
-                    .entry(shard.clone())
-                    .or_insert_with(|| batch.records[0].sequence.clone());
-                records += batch.records.len() as u64;
-                lake.process(shard, &batch.records).await?;
-                position = batch
-                    .next
-                    .unwrap_or(StartPosition::After(last.sequence.clone()));
-            }
-            lake.tick(shard, true).await?;
-        }
+        let (records, heads) = replay_all(&log, &shards, &lake).await?;
         log.close().await?;
         // The quarantine table, from the quarantine log, the same way.
         let quarantine = open_quarantine(&config)?;
@@ -531,20 +545,7 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
         .await?;
         let held =
             LakeProcessor::quarantine(fresh.clone(), replay_config.clone()).with_runs(q_runs);
-        for shard in &q_shards {
-            let mut position = StartPosition::TrimHorizon;
-            loop {
-                let batch = quarantine.read(shard, &position, 10_000).await?;
-                let Some(last) = batch.records.last() else {
-                    break;
-                };
-                held.process(shard, &batch.records).await?;
-                position = batch
-                    .next
-                    .unwrap_or(StartPosition::After(last.sequence.clone()));
-            }
-            held.tick(shard, true).await?;
-        }
+        replay_all(&quarantine, &q_shards, &held).await?;
         quarantine.close().await?;
         // The derived events' tables, from the published outbox.
         let derived = derived_lake(fresh, &tables, replay_config)?;
@@ -553,20 +554,7 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
         let d_runs =
             floodgate_processors::lake::runs_in(&old, &d_shards, &derived.table_names()).await?;
         let derived = derived.with_runs(d_runs);
-        for shard in &d_shards {
-            let mut position = StartPosition::TrimHorizon;
-            loop {
-                let batch = outbox.read(shard, &position, 10_000).await?;
-                let Some(last) = batch.records.last() else {
-                    break;
-                };
-                derived.process(shard, &batch.records).await?;
-                position = batch
-                    .next
-                    .unwrap_or(StartPosition::After(last.sequence.clone()));
-            }
-            derived.tick(shard, true).await?;
-        }
+        replay_all(&outbox, &d_shards, &derived).await?;
         // Runs older than what retention left in the stream cannot be re-derived: keep them.
         let fresh_store = LocalDirStore::open(&fresh_dir)?;
         let mut kept = 0;
