@@ -55,7 +55,9 @@ struct Row {
 #[derive(Default)]
 struct ShardBuffer {
     /// (table, dt, hour) → rows, in stream order.
-    groups: BTreeMap<(String, String, u8), Vec<Row>>,
+    /// (table, hour since the Unix epoch) → rows, in stream order. Cheap keys: the
+    /// partition's strings are made once per flush, not per event.
+    groups: BTreeMap<(Arc<str>, i64), Vec<Row>>,
     first: Option<SequenceNumber>,
     last: Option<SequenceNumber>,
     bytes: u64,
@@ -89,6 +91,8 @@ pub struct LakeProcessor {
     consumer: &'static str,
     store: Arc<dyn ObjectStore>,
     tables: HashMap<String, Table>,
+    /// Each event type's table name, shared by the buffer keys.
+    names: HashMap<String, Arc<str>>,
     config: LakeConfig,
     shards: Mutex<HashMap<ShardId, ShardBuffer>>,
     /// Set for a rebuild: the runs to reproduce per shard (no discovery in the store).
@@ -218,14 +222,36 @@ fn quarantine_columns(
     Ok(out)
 }
 
-/// `YYYY-MM-DD` and hour (UTC) of a time in microseconds.
-fn partition(micros: i64) -> (String, u8) {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+const MICROS_PER_HOUR: i64 = 3_600_000_000;
+
+/// The hour (since the Unix epoch, UTC) of a time in microseconds.
+fn hour_of(micros: i64) -> i64 {
+    micros.div_euclid(MICROS_PER_HOUR)
+}
+
+/// `YYYY-MM-DD` and hour of day of an hour since the Unix epoch.
+fn partition(hour: i64) -> (String, u8) {
+    let day = hour.div_euclid(24);
+    // 2440588 is the Julian day of 1970-01-01.
+    let date = i32::try_from(day + 2_440_588)
+        .ok()
+        .and_then(|j| time::Date::from_julian_day(j).ok())
+        .unwrap_or(time::Date::MIN);
     (
-        format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day()),
-        t.hour(),
+        format!(
+            "{:04}-{:02}-{:02}",
+            date.year(),
+            u8::from(date.month()),
+            date.day()
+        ),
+        hour.rem_euclid(24) as u8,
     )
+}
+
+/// `table/dt=YYYY-MM-DD/hour=HH`.
+fn partition_key(table: &str, hour: i64) -> String {
+    let (dt, h) = partition(hour);
+    format!("{table}/dt={dt}/hour={h:02}")
 }
 
 impl LakeProcessor {
@@ -233,6 +259,10 @@ impl LakeProcessor {
     pub fn new(store: Arc<dyn ObjectStore>, tables: Vec<Table>, config: LakeConfig) -> Self {
         Self {
             store,
+            names: tables
+                .iter()
+                .map(|t| (t.event_type.clone(), Arc::from(t.name.as_str())))
+                .collect(),
             tables: tables
                 .into_iter()
                 .map(|t| (t.event_type.clone(), t))
@@ -346,8 +376,8 @@ impl LakeProcessor {
         let file_name = format!("{}-{first}-{last}.parquet", shard.0);
         // Which groups to write: not those whose run compaction already merged (a replay).
         let mut wanted = Vec::new();
-        for (table_name, dt, hour) in groups.keys() {
-            let partition = format!("{table_name}/dt={dt}/hour={hour:02}");
+        for (table_name, hour) in groups.keys() {
+            let partition = partition_key(table_name, *hour);
             let covered = crate::compact::manifest(&*self.store, &partition)
                 .await?
                 .covers(&file_name);
@@ -359,22 +389,18 @@ impl LakeProcessor {
         let (scope, shard_name) = (self.scope, shard.0.clone());
         let encoded = tokio::task::spawn_blocking(move || {
             let mut files = Vec::new();
-            for (((table_name, dt, hour), rows), write) in groups.iter().zip(wanted) {
+            for (((table_name, hour), rows), write) in groups.iter().zip(wanted) {
                 if !write {
                     continue;
                 }
                 let table = tables
                     .iter()
-                    .find(|t| &t.name == table_name)
+                    .find(|t| *t.name == **table_name)
                     .expect("groups are keyed by known tables");
                 let columns = columns_for(scope, table, rows, &shard_name)?;
                 let file = parquet::encode(&table.schema, columns)
                     .map_err(|e| ProcessError::Other(e.to_string()))?;
-                files.push((
-                    format!("{table_name}/dt={dt}/hour={hour:02}"),
-                    file,
-                    rows.len(),
-                ));
+                files.push((partition_key(table_name, *hour), file, rows.len()));
             }
             Ok::<_, ProcessError>((groups, files))
         })
@@ -493,7 +519,8 @@ impl ShardProcessor for LakeProcessor {
                             let event_type =
                                 event.get("type").and_then(Value::as_str).unwrap_or("");
                             match self.tables.get(event_type) {
-                                Some(table) => {
+                                Some(_) => {
+                                    let name = self.names[event_type].clone();
                                     let received_us = r.appended_at_ms * 1000;
                                     let at = match self.scope {
                                         Scope::Events => event
@@ -507,9 +534,8 @@ impl ShardProcessor for LakeProcessor {
                                         Scope::Events => event,
                                         Scope::Quarantine => quarantine_row(event),
                                     };
-                                    let (dt, hour) = partition(at);
                                     buf.groups
-                                        .entry((table.name.clone(), dt, hour))
+                                        .entry((name, hour_of(at)))
                                         .or_default()
                                         .push(Row {
                                             event,
@@ -594,6 +620,9 @@ mod tests {
             None
         );
         let us = parquet::rfc3339_micros("2026-11-22T23:59:59.5+01:00").unwrap();
-        assert_eq!(partition(us), ("2026-11-22".to_owned(), 22));
+        assert_eq!(partition(hour_of(us)), ("2026-11-22".to_owned(), 22));
+        let before_1970 = parquet::rfc3339_micros("1969-12-31T23:30:00Z").unwrap();
+        assert_eq!(partition(hour_of(before_1970)), ("1969-12-31".to_owned(), 23));
+        assert_eq!(partition_key("t", 0), "t/dt=1970-01-01/hour=00");
     }
 }

@@ -21,6 +21,7 @@ use floodgate_core::lake::MEMBER_KEY;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
 use serde_json::Value;
 
 /// Rows per row group at most.
@@ -184,6 +185,9 @@ pub fn writer_properties() -> WriterProperties {
             ZstdLevel::try_new(3).expect("a valid level"),
         ))
         .set_dictionary_enabled(true)
+        // Unique per row: a dictionary would only cost time before falling back to plain.
+        .set_column_dictionary_enabled(ColumnPath::from("event_id"), false)
+        .set_column_dictionary_enabled(ColumnPath::from("sequence"), false)
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
