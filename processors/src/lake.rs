@@ -47,9 +47,27 @@ impl Default for LakeConfig {
 
 /// One row waiting for its file.
 struct Row {
-    event: Value,
+    /// The CloudEvent's `id`, `source`, `type` (strings) and `time` (microseconds).
+    id: Option<Value>,
+    source: Option<Value>,
+    event_type: Option<Value>,
+    time: Option<Value>,
+    /// The event's `data` object (for the quarantine: `raw` and `reasons`).
+    data: Option<Value>,
     received_us: i64,
     sequence: String,
+}
+
+/// The parts of an event the lake keeps: parsed without building the rest (`serde`
+/// skips what a struct does not name).
+#[derive(serde::Deserialize)]
+struct EventParts {
+    id: Option<Value>,
+    source: Option<Value>,
+    #[serde(rename = "type")]
+    event_type: Option<Value>,
+    time: Option<String>,
+    data: Option<Value>,
 }
 
 #[derive(Default)]
@@ -170,24 +188,28 @@ pub fn parse_file_name<'a>(name: &'a str, shard: &str) -> Option<(&'a str, &'a s
         .then_some((first, last))
 }
 
-/// A quarantine record with the rejected event's id, source and type lifted out of its raw
-/// text, where it is readable.
-fn quarantine_row(mut held: Value) -> Value {
+/// A quarantine record as a row: the rejected event's id, source and type lifted out of its
+/// raw text, where it is readable.
+fn quarantine_row(held: Value, received_us: i64, sequence: String) -> Row {
     let raw: Option<Value> = held
         .get("raw")
         .and_then(Value::as_str)
         .and_then(|r| serde_json::from_str(r).ok());
-    for name in ["id", "source", "type"] {
-        let v = raw
-            .as_ref()
+    let lift = |name: &str| {
+        raw.as_ref()
             .and_then(|e| e.get(name))
-            .and_then(Value::as_str)
-            .map(|s| Value::String(s.to_owned()));
-        if let (Some(v), Some(obj)) = (v, held.as_object_mut()) {
-            obj.insert(format!("event_{name}"), v);
-        }
+            .filter(|v| v.is_string())
+            .cloned()
+    };
+    Row {
+        id: lift("id"),
+        source: lift("source"),
+        event_type: lift("type"),
+        time: None,
+        data: Some(held),
+        received_us,
+        sequence,
     }
-    held
 }
 
 fn quarantine_columns(
@@ -205,11 +227,17 @@ fn quarantine_columns(
     for (i, field) in table.schema.fields().iter().enumerate() {
         let values: Vec<Option<&Value>> = match field.name().as_str() {
             "received_at" => received.iter().map(Some).collect(),
-            "event_id" => rows.iter().map(|r| r.event.get("event_id")).collect(),
-            "source" => rows.iter().map(|r| r.event.get("event_source")).collect(),
-            "type" => rows.iter().map(|r| r.event.get("event_type")).collect(),
-            "reasons" => rows.iter().map(|r| r.event.get("reasons")).collect(),
-            "raw" => rows.iter().map(|r| r.event.get("raw")).collect(),
+            "event_id" => rows.iter().map(|r| r.id.as_ref()).collect(),
+            "source" => rows.iter().map(|r| r.source.as_ref()).collect(),
+            "type" => rows.iter().map(|r| r.event_type.as_ref()).collect(),
+            "reasons" => rows
+                .iter()
+                .map(|r| r.data.as_ref().and_then(|d| d.get("reasons")))
+                .collect(),
+            "raw" => rows
+                .iter()
+                .map(|r| r.data.as_ref().and_then(|d| d.get("raw")))
+                .collect(),
             "shard" => rows.iter().map(|_| Some(&shard_value)).collect(),
             "sequence" => sequences.iter().map(Some).collect(),
             other => unreachable!("quarantine column {i} {other}"),
@@ -330,14 +358,14 @@ fn columns_for(
     // Each row's `data` object, looked up once.
     let datas: Vec<Option<&serde_json::Map<String, Value>>> = rows
         .iter()
-        .map(|r| r.event.get("data").and_then(Value::as_object))
+        .map(|r| r.data.as_ref().and_then(Value::as_object))
         .collect();
     for (i, field) in fields.iter().enumerate() {
         let values: Vec<Option<&Value>> = match ENVELOPE_COLUMNS.get(i) {
-            Some(&"event_id") => rows.iter().map(|r| r.event.get("id")).collect(),
-            Some(&"source") => rows.iter().map(|r| r.event.get("source")).collect(),
-            Some(&"type") => rows.iter().map(|r| r.event.get("type")).collect(),
-            Some(&"time") => rows.iter().map(|r| r.event.get("time")).collect(),
+            Some(&"event_id") => rows.iter().map(|r| r.id.as_ref()).collect(),
+            Some(&"source") => rows.iter().map(|r| r.source.as_ref()).collect(),
+            Some(&"type") => rows.iter().map(|r| r.event_type.as_ref()).collect(),
+            Some(&"time") => rows.iter().map(|r| r.time.as_ref()).collect(),
             Some(&"received_at") => received.iter().map(Some).collect(),
             Some(&"shard") => rows.iter().map(|_| Some(&shard_value)).collect(),
             Some(&"sequence") => sequences.iter().map(Some).collect(),
@@ -514,41 +542,57 @@ impl ShardProcessor for LakeProcessor {
                     }
                     buf.last = Some(r.sequence.clone());
                     buf.bytes += r.payload.len() as u64;
-                    match serde_json::from_slice::<Value>(&r.payload) {
-                        Ok(event) => {
-                            let event_type =
-                                event.get("type").and_then(Value::as_str).unwrap_or("");
-                            match self.tables.get(event_type) {
-                                Some(_) => {
-                                    let name = self.names[event_type].clone();
-                                    let received_us = r.appended_at_ms * 1000;
-                                    let at = match self.scope {
-                                        Scope::Events => event
-                                            .get("time")
-                                            .and_then(Value::as_str)
-                                            .and_then(parquet::rfc3339_micros)
-                                            .unwrap_or(received_us),
-                                        Scope::Quarantine => received_us,
-                                    };
-                                    let event = match self.scope {
-                                        Scope::Events => event,
-                                        Scope::Quarantine => quarantine_row(event),
-                                    };
+                    let received_us = r.appended_at_ms * 1000;
+                    let row = match self.scope {
+                        Scope::Events => {
+                            serde_json::from_slice::<EventParts>(&r.payload)
+                                .ok()
+                                .map(|p| {
+                                    let time = p.time.as_deref().and_then(parquet::rfc3339_micros);
+                                    Row {
+                                        id: p.id,
+                                        source: p.source,
+                                        event_type: p.event_type,
+                                        time: time.map(Value::from),
+                                        data: p.data,
+                                        received_us,
+                                        sequence: r.sequence.to_string(),
+                                    }
+                                })
+                        }
+                        Scope::Quarantine => serde_json::from_slice::<Value>(&r.payload)
+                            .ok()
+                            .map(|held| quarantine_row(held, received_us, r.sequence.to_string())),
+                    };
+                    match row {
+                        Some(row) => {
+                            let key = match self.scope {
+                                Scope::Events => row
+                                    .event_type
+                                    .as_ref()
+                                    .and_then(Value::as_str)
+                                    .unwrap_or(""),
+                                Scope::Quarantine => "",
+                            };
+                            match self.names.get(key) {
+                                Some(name) => {
+                                    // The partition: the event's time, else when it arrived.
+                                    let at = row
+                                        .time
+                                        .as_ref()
+                                        .and_then(Value::as_i64)
+                                        .unwrap_or(received_us);
                                     buf.groups
-                                        .entry((name, hour_of(at)))
+                                        .entry((name.clone(), hour_of(at)))
                                         .or_default()
-                                        .push(Row {
-                                            event,
-                                            received_us,
-                                            sequence: r.sequence.to_string(),
-                                        });
+                                        .push(row);
                                 }
                                 None => {
                                     metrics::counter!("floodgate_lake_skipped_total", "reason" => "unknown_type").increment(1);
                                 }
                             }
                         }
-                        Err(_) => {
+                        None => {
                             metrics::counter!("floodgate_lake_skipped_total", "reason" => "unparsable").increment(1);
                         }
                     }
@@ -622,7 +666,10 @@ mod tests {
         let us = parquet::rfc3339_micros("2026-11-22T23:59:59.5+01:00").unwrap();
         assert_eq!(partition(hour_of(us)), ("2026-11-22".to_owned(), 22));
         let before_1970 = parquet::rfc3339_micros("1969-12-31T23:30:00Z").unwrap();
-        assert_eq!(partition(hour_of(before_1970)), ("1969-12-31".to_owned(), 23));
+        assert_eq!(
+            partition(hour_of(before_1970)),
+            ("1969-12-31".to_owned(), 23)
+        );
         assert_eq!(partition_key("t", 0), "t/dt=1970-01-01/hour=00");
     }
 }
