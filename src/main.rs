@@ -63,6 +63,9 @@ enum Command {
     /// Inspect the derived events the processors published.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Inspect the records the bookings processor could not apply (with their reasons).
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCommand),
     /// Inspect the stream.
     #[command(subcommand)]
     Stream(StreamCommand),
@@ -180,6 +183,16 @@ enum OutboxCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum DeadLettersCommand {
+    /// Print dead letters as NDJSON, one
+    /// {"shard","sequence","reason","detail","event"} per line. Safe beside a running server.
+    Read {
+        #[arg(long, env = "FLOODGATE_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum StreamCommand {
     /// Print records as NDJSON: {"shard":N,"sequence":"…","key":"…","event":{…}}. Safe
     /// beside a running server.
@@ -224,6 +237,9 @@ fn main() -> ExitCode {
         Command::Process(args) => process(args).map(|()| ExitCode::SUCCESS),
         Command::Outbox(OutboxCommand::Read { data_dir }) => {
             outbox_read(&data_dir).map(|()| ExitCode::SUCCESS)
+        }
+        Command::DeadLetters(DeadLettersCommand::Read { data_dir }) => {
+            dead_letters_read(&data_dir).map(|()| ExitCode::SUCCESS)
         }
         Command::Stream(StreamCommand::Read {
             data_dir,
@@ -1013,6 +1029,34 @@ fn process(args: ProcessArgs) -> Result<()> {
         processors.stop().await;
         Ok(())
     })
+}
+
+fn dead_letters_read(data_dir: &Path) -> Result<()> {
+    let state = open_state(data_dir)?;
+    let letters = runtime()?.block_on(state.dead_letters(usize::MAX))?;
+    let stdout = io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let result = (|| -> io::Result<()> {
+        for d in letters {
+            // The payload is the producer's JSON as stored; print it as is when it parses.
+            let event = serde_json::from_str::<Box<RawValue>>(&d.payload)
+                .map(|v| v.get().to_owned())
+                .unwrap_or_else(|_| json!(d.payload).to_string());
+            writeln!(
+                out,
+                r#"{{"shard":{},"sequence":"{}","reason":{},"detail":{},"event":{event}}}"#,
+                json!(d.shard.0),
+                d.sequence,
+                json!(d.reason),
+                json!(d.detail)
+            )?;
+        }
+        out.flush()
+    })();
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 fn outbox_read(data_dir: &Path) -> Result<()> {

@@ -83,8 +83,29 @@ pub struct StateChanges {
     pub inventories: Vec<Inventory>,
     /// Each touched booking once, in its final state for the batch.
     pub bookings: Vec<Booking>,
+    /// The ids of the bookings in `bookings` that this batch creates. A `bookingId` is
+    /// global across shards: the store creates each only if no booking with that id exists,
+    /// and otherwise fails the whole apply with [`StateError::Conflict`], so that the
+    /// processor decides the batch again against the booking that got there first.
+    pub created_bookings: Vec<String>,
     /// The batch's derived events (CloudEvents JSON), in decision order.
     pub derived: Vec<String>,
+    /// Records of the batch the rules could not apply, each with its reason. They are kept
+    /// (not skipped with a log line) in the same transaction as the batch's effects.
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+/// A stream record the bookings rules could not apply, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub shard: ShardId,
+    pub sequence: SequenceNumber,
+    /// Machine-readable: `undecodable`, `invalid_value`, …
+    pub reason: String,
+    /// Human-readable detail: which member, what value.
+    pub detail: String,
+    /// The record as stored (the producer's JSON).
+    pub payload: String,
 }
 
 /// One outbox entry: the derived events of one applied batch.
@@ -102,6 +123,10 @@ pub enum StateError {
     Unavailable(String),
     #[error("state store data is corrupt: {0}")]
     Corrupt(String),
+    /// A conditional write lost: e.g. a booking id another shard created first. Nothing of
+    /// the apply was written; decide again against fresh rows.
+    #[error("conflicting write: {0}")]
+    Conflict(String),
 }
 
 /// Where bookings and capacity live (SQLite embedded, DynamoDB on AWS).
@@ -117,9 +142,11 @@ pub trait StateStore: Send + Sync + fmt::Debug {
         booking_ids: Vec<String>,
     ) -> Result<(Vec<Inventory>, Vec<Booking>), StateError>;
 
-    /// Applies `changes` atomically: rows, the shard position, and one outbox entry for
-    /// the derived events. Returns `false`, changing nothing, when the shard position
-    /// already covers `changes.last_sequence` (a replay).
+    /// Applies `changes` atomically: rows, the shard position, one outbox entry for the
+    /// derived events, and the dead letters. Returns `false`, changing nothing, when the
+    /// shard position already covers `changes.last_sequence` (a replay). Fails with
+    /// [`StateError::Conflict`], changing nothing, when a booking of
+    /// `changes.created_bookings` already exists.
     async fn apply(&self, changes: StateChanges) -> Result<bool, StateError>;
 
     async fn inventory(&self, event_id: &str) -> Result<Option<Inventory>, StateError>;
@@ -131,6 +158,9 @@ pub trait StateStore: Send + Sync + fmt::Debug {
 
     /// Forgets outbox entries up to and including `seq`: they are published.
     async fn outbox_published(&self, seq: u64) -> Result<(), StateError>;
+
+    /// Dead letters in (shard, sequence) order, at most `max`.
+    async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, StateError>;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -7,12 +7,19 @@
 //! - `inventory.event.created`: creates the inventory (reserved 0); a repeat is ignored.
 //! - `inventory.capacity.changed`: sets capacity; below the seats already reserved (or for
 //!   an unknown event) it is refused with `capacity.change_rejected`.
-//! - `booking.requested`: unknown event → rejected `unknown_event`; a bookingId seen
-//!   before → nothing; seats ≤ remaining → confirmed; else rejected `insufficient_capacity`.
+//! - `booking.requested`: a bookingId held by a booking of another event → rejected
+//!   `duplicate_booking_id` (bookingIds are global: the store creates a booking only if its
+//!   id is free, across shards); held by this event's booking → nothing (a retry); unknown
+//!   event → rejected `unknown_event`; seats ≤ remaining → confirmed; else rejected
+//!   `insufficient_capacity`.
 //! - `booking.cancelled`, `payment.failed`: a confirmed or paid booking of the same event
 //!   becomes cancelled and its seats return; anything else → nothing.
 //! - `payment.succeeded`: a confirmed booking becomes paid.
 //! - `checkin.scanned`: nothing.
+//!
+//! Integers are read as JSON Schema defines them (`2`, `2.0` and `2e0` are the same
+//! integer), so whatever the edge accepts is applied; a record the rules cannot read is
+//! kept as a dead letter with its reason, in the batch's transaction, never skipped.
 //!
 //! `capacity.low` is derived on the first crossing below 10 % remaining (again after the
 //! inventory recovers to 10 % or more), `capacity.sold_out` when remaining reaches 0 (once
@@ -24,7 +31,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use floodgate_core::state::{
-    Booking, BookingStatus, Inventory, StateChanges, StateError, StateStore,
+    Booking, BookingStatus, DeadLetter, Inventory, StateChanges, StateError, StateStore,
 };
 use floodgate_core::stream::{SequenceNumber, ShardId, StoredRecord};
 use serde::{Deserialize, Serialize};
@@ -35,6 +42,8 @@ use crate::runtime::{ProcessError, ShardProcessor};
 pub const CONSUMER: &str = "bookings";
 /// The `source` of derived events.
 pub const DERIVED_SOURCE: &str = "floodgate";
+/// `booking.rejected` reason for a request whose `bookingId` another event's booking holds.
+pub const DUPLICATE_BOOKING_ID: &str = "duplicate_booking_id";
 
 /// The fields of a domain event the rules read. Unknown fields are ignored.
 #[derive(Debug, Deserialize)]
@@ -52,22 +61,47 @@ pub struct Data<'a> {
     event_id: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     booking_id: Option<Cow<'a, str>>,
+    /// Numbers as JSON wrote them: JSON Schema's `integer` is a mathematical integer, so
+    /// the edge accepts `2`, `2.0` and `2e0` alike, and so must the rules ([`integer`]).
     #[serde(default)]
-    seats: Option<i64>,
+    seats: Option<serde_json::Number>,
     #[serde(default)]
-    capacity: Option<i64>,
+    capacity: Option<serde_json::Number>,
 }
 
-/// Parses the records of a batch once; `None` for a record that is not a domain event.
-pub fn parse(records: &[StoredRecord]) -> Vec<Option<DomainEvent<'_>>> {
+/// The value of a JSON number that JSON Schema calls an integer, as an `i64`: `2`, `2.0`
+/// and `2e0` are all 2. `Err` names a number that is no integer or does not fit 64 bits;
+/// the shipped schemas bound every member the rules read well inside that range, so only
+/// a schema that lost its bounds can get there, and then the record is dead-lettered.
+pub fn integer(n: &serde_json::Number) -> Result<i64, String> {
+    if let Some(i) = n.as_i64() {
+        return Ok(i);
+    }
+    match n.as_f64() {
+        // 2^63 is exactly representable; everything below it converts without rounding
+        // surprises once it is known to be integral.
+        Some(f)
+            if f.fract() == 0.0
+                && f >= -9_223_372_036_854_775_808.0
+                && f < 9_223_372_036_854_775_808.0 =>
+        {
+            Ok(f as i64)
+        }
+        _ => Err(format!("{n} is not an integer that fits 64 bits")),
+    }
+}
+
+/// Parses the records of a batch once; `Err` (why) for a record that is not a domain
+/// event.
+pub fn parse(records: &[StoredRecord]) -> Vec<Result<DomainEvent<'_>, String>> {
     records
         .iter()
-        .map(|r| serde_json::from_slice::<DomainEvent<'_>>(&r.payload).ok())
+        .map(|r| serde_json::from_slice::<DomainEvent<'_>>(&r.payload).map_err(|e| e.to_string()))
         .collect()
 }
 
 /// The ids a batch touches, to load before deciding.
-pub fn touched_ids(events: &[Option<DomainEvent<'_>>]) -> (Vec<String>, Vec<String>) {
+pub fn touched_ids(events: &[Result<DomainEvent<'_>, String>]) -> (Vec<String>, Vec<String>) {
     let mut event_ids = HashSet::new();
     let mut booking_ids = HashSet::new();
     for e in events.iter().flatten() {
@@ -94,7 +128,10 @@ struct Decider {
     touched_inventory_set: HashSet<String>,
     touched_bookings: Vec<String>,
     touched_booking_set: HashSet<String>,
+    /// Bookings this batch creates (claims), in creation order.
+    created_bookings: Vec<String>,
     derived: Vec<String>,
+    dead_letters: Vec<DeadLetter>,
     /// The RFC 3339 rendering of the last append time seen.
     time_cache: (i64, String),
 }
@@ -268,21 +305,59 @@ impl Decider {
         }
     }
 
-    fn apply(&mut self, record: &StoredRecord, event: Option<&DomainEvent<'_>>) {
-        let Some(event) = event else {
-            metrics::counter!("floodgate_processor_undecodable_records_total", "consumer" => CONSUMER).increment(1);
-            tracing::warn!(shard = %self.shard, sequence = %record.sequence, "record is not a domain event; skipped");
-            return;
+    /// Keeps a record the rules cannot apply, with its reason, in the batch's changes.
+    fn dead_letter(&mut self, record: &StoredRecord, reason: &str, detail: String) {
+        metrics::counter!("floodgate_processor_dead_letters_total", "consumer" => CONSUMER, "reason" => reason.to_owned()).increment(1);
+        tracing::warn!(shard = %self.shard, sequence = %record.sequence, reason, %detail, "record dead-lettered");
+        self.dead_letters.push(DeadLetter {
+            shard: self.shard.clone(),
+            sequence: record.sequence.clone(),
+            reason: reason.to_owned(),
+            detail,
+            payload: String::from_utf8_lossy(&record.payload).into_owned(),
+        });
+    }
+
+    /// An integer member the rules read: absent → `Ok(None)`; a number that is not a
+    /// 64-bit integer dead-letters the record (`Err`).
+    fn int_member(
+        &mut self,
+        record: &StoredRecord,
+        name: &str,
+        n: Option<&serde_json::Number>,
+    ) -> Result<Option<i64>, ()> {
+        match n.map(integer).transpose() {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.dead_letter(record, "invalid_value", format!("/data/{name}: {e}"));
+                Err(())
+            }
+        }
+    }
+
+    fn apply(&mut self, record: &StoredRecord, event: Result<&DomainEvent<'_>, &String>) {
+        let event = match event {
+            Ok(e) => e,
+            Err(why) => {
+                self.dead_letter(record, "undecodable", why.clone());
+                return;
+            }
         };
         let now = record.appended_at_ms;
         let data = &event.data;
         let event_id = data.event_id.as_deref().unwrap_or_default();
+        let (Ok(seats), Ok(capacity)) = (
+            self.int_member(record, "seats", data.seats.as_ref()),
+            self.int_member(record, "capacity", data.capacity.as_ref()),
+        ) else {
+            return;
+        };
         match event.event_type.as_ref() {
             "inventory.event.created" => {
                 if event_id.is_empty() || self.inventories.contains_key(event_id) {
                     return;
                 }
-                let capacity = data.capacity.unwrap_or(0).max(0);
+                let capacity = capacity.unwrap_or(0).max(0);
                 self.inventories.insert(
                     event_id.to_owned(),
                     Inventory {
@@ -297,7 +372,7 @@ impl Decider {
                 self.touch_inventory(event_id);
             }
             "inventory.capacity.changed" => {
-                let capacity = data.capacity.unwrap_or(0);
+                let capacity = capacity.unwrap_or(0);
                 let reserved = match self.inventories.get(event_id) {
                     None => {
                         self.derive(
@@ -338,10 +413,26 @@ impl Decider {
                 let Some(booking_id) = data.booking_id.as_deref() else {
                     return;
                 };
-                if self.bookings.contains_key(booking_id) {
-                    return; // a bookingId seen before: no effect
+                let seats = seats.unwrap_or(0);
+                if let Some(first) = self.bookings.get(booking_id) {
+                    // A bookingId is global. The same booking asked again for the same
+                    // event is a producer's retry: no effect. For another event it is a
+                    // different booking reusing a claimed id: refused, and announced.
+                    if first.event_id != event_id {
+                        self.derive(
+                            record,
+                            "booking.rejected",
+                            booking_id,
+                            DerivedData {
+                                booking_id: Some(booking_id),
+                                seats: Some(seats),
+                                reason: Some(DUPLICATE_BOOKING_ID),
+                                ..DerivedData::new(event_id)
+                            },
+                        );
+                    }
+                    return;
                 }
-                let seats = data.seats.unwrap_or(0);
                 let (status, reason, remaining) = match self.inventories.get_mut(event_id) {
                     None => (BookingStatus::Rejected, Some("unknown_event"), None),
                     Some(inv) if seats > 0 && seats <= inv.remaining() => {
@@ -367,6 +458,7 @@ impl Decider {
                     },
                 );
                 self.touch_booking(booking_id);
+                self.created_bookings.push(booking_id.to_owned());
                 let payload = DerivedData {
                     booking_id: Some(booking_id),
                     seats: Some(seats),
@@ -441,7 +533,7 @@ impl Decider {
 pub fn decide(
     shard: &ShardId,
     records: &[StoredRecord],
-    events: &[Option<DomainEvent<'_>>],
+    events: &[Result<DomainEvent<'_>, String>],
     inventories: Vec<Inventory>,
     bookings: Vec<Booking>,
 ) -> StateChanges {
@@ -459,7 +551,9 @@ pub fn decide(
         touched_inventory_set: HashSet::new(),
         touched_bookings: Vec::new(),
         touched_booking_set: HashSet::new(),
+        created_bookings: Vec::new(),
         derived: Vec::new(),
+        dead_letters: Vec::new(),
         time_cache: (0, String::new()),
     };
     for (r, e) in records.iter().zip(events) {
@@ -484,9 +578,15 @@ pub fn decide(
         last_sequence,
         inventories,
         bookings,
+        created_bookings: d.created_bookings,
         derived: d.derived,
+        dead_letters: d.dead_letters,
     }
 }
+
+/// Decisions of one batch retried after conflicts before the batch fails (and the runtime
+/// retries it later).
+const MAX_CONFLICT_RETRIES: u32 = 64;
 
 /// The bookings processor: load, decide, apply — one state transaction per batch.
 #[derive(Debug)]
@@ -520,10 +620,28 @@ impl BookingsProcessor {
         };
         let events = parse(fresh);
         let (event_ids, booking_ids) = touched_ids(&events);
-        let (inventories, bookings) = self.store.load(event_ids, booking_ids).await?;
-        let changes = decide(shard, fresh, &events, inventories, bookings);
-        let inventory_writes = changes.inventories.len() as u64;
-        let applied = self.store.apply(changes).await?;
+        // Optimistic: decide against the rows as loaded; if another shard created one of
+        // this batch's bookings meanwhile, the store refuses the whole apply and the batch
+        // is decided again against the booking that got there first. Each conflict means
+        // another shard made progress, so this ends.
+        let mut conflicts = 0u32;
+        let (applied, inventory_writes) = loop {
+            let (inventories, bookings) = self
+                .store
+                .load(event_ids.clone(), booking_ids.clone())
+                .await?;
+            let changes = decide(shard, fresh, &events, inventories, bookings);
+            let inventory_writes = changes.inventories.len() as u64;
+            match self.store.apply(changes).await {
+                Ok(applied) => break (applied, inventory_writes),
+                Err(StateError::Conflict(what)) if conflicts < MAX_CONFLICT_RETRIES => {
+                    conflicts += 1;
+                    metrics::counter!("floodgate_processor_conflicts_total", "consumer" => CONSUMER).increment(1);
+                    tracing::debug!(%shard, %what, "booking id claimed by another shard; deciding again");
+                }
+                Err(e) => return Err(e),
+            }
+        };
         if applied {
             metrics::counter!("floodgate_processor_inventory_writes_total", "consumer" => CONSUMER)
                 .increment(inventory_writes);

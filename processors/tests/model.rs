@@ -78,6 +78,8 @@ fn event(op: &Op) -> Value {
 struct Model {
     inv: BTreeMap<u8, (i64, i64)>, // capacity, reserved
     bookings: BTreeMap<u8, (u8, i64, BookingStatus)>,
+    /// Requests refused because another event's booking holds their bookingId.
+    duplicate_ids: usize,
 }
 
 impl Model {
@@ -94,7 +96,10 @@ impl Model {
                 }
             }
             Op::Request(b, e, s) => {
-                if self.bookings.contains_key(&b) {
+                if let Some((be, _, _)) = self.bookings.get(&b) {
+                    if *be != e {
+                        self.duplicate_ids += 1;
+                    }
                     return;
                 }
                 let status = match self.inv.get_mut(&e) {
@@ -216,19 +221,131 @@ proptest! {
             // Each booking is announced decided exactly once.
             let events = floodgate_sinks::outbox::read_events(&dir.path().join("outbox")).unwrap();
             let mut decisions: HashMap<String, usize> = HashMap::new();
+            let mut duplicate_ids = 0;
             for e in &events {
                 let v: Value = serde_json::from_str(e).unwrap();
                 let ty = v["type"].as_str().unwrap();
-                if ty == "booking.confirmed" || ty == "booking.rejected" {
+                if ty == "booking.rejected" && v["data"]["reason"] == "duplicate_booking_id" {
+                    duplicate_ids += 1;
+                } else if ty == "booking.confirmed" || ty == "booking.rejected" {
                     *decisions.entry(v["data"]["bookingId"].as_str().unwrap().to_owned()).or_default() += 1;
                 }
             }
+            assert_eq!(duplicate_ids, model.duplicate_ids, "duplicate bookingId refusals");
             assert_eq!(decisions.len(), model.bookings.len());
             assert!(decisions.values().all(|&n| n == 1), "{decisions:?}");
             let mut ids: Vec<&str> = events.iter().map(|e| e.as_str()).collect();
             ids.sort();
             ids.dedup();
             assert_eq!(ids.len(), events.len(), "a derived event was published twice");
+        });
+    }
+}
+
+/// `seats` and `capacity` written as JSON Schema integers in every spelling the edge
+/// accepts (`2`, `2.0`, `2e0`, `20E-1`) are applied like `2`: nothing is skipped.
+#[test]
+fn integers_in_every_spelling_are_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Arc::new(SqliteStateStore::open(&dir.path().join("state.db")).unwrap());
+        let processor = BookingsProcessor::new(store.clone());
+        let shard = ShardId("0".into());
+        let raw = [
+            r#"{"type":"inventory.event.created","data":{"eventId":"E","name":"n","venue":"v","startsAt":"2026-12-01T20:00:00Z","capacity":100.0}}"#,
+            r#"{"type":"booking.requested","data":{"bookingId":"a","eventId":"E","customerId":"c","seats":2.0,"requestedAt":"2026-11-22T10:00:00Z"}}"#,
+            r#"{"type":"booking.requested","data":{"bookingId":"b","eventId":"E","customerId":"c","seats":1e0,"requestedAt":"2026-11-22T10:00:00Z"}}"#,
+            r#"{"type":"booking.requested","data":{"bookingId":"c","eventId":"E","customerId":"c","seats":30E-1,"requestedAt":"2026-11-22T10:00:00Z"}}"#,
+            r#"{"type":"inventory.capacity.changed","data":{"eventId":"E","capacity":1.2e2}}"#,
+            // Not an integer of 64 bits: kept as a dead letter, with the member named.
+            r#"{"type":"inventory.capacity.changed","data":{"eventId":"E","capacity":1e30}}"#,
+            r#"not json"#,
+        ];
+        let records: Vec<StoredRecord> = raw.iter().enumerate().map(|(i, p)| StoredRecord {
+            sequence: SequenceNumber::from_u64(i as u64),
+            key: "E".into(),
+            payload: Bytes::from(p.to_string()),
+            appended_at_ms: 1_700_000_000_000,
+        }).collect();
+        assert!(processor.apply_batch(&shard, &records).await.unwrap());
+        let inv = store.inventory("E").await.unwrap().expect("created from capacity 100.0");
+        assert_eq!((inv.capacity, inv.reserved), (120, 6));
+        for (id, seats) in [("a", 2), ("b", 1), ("c", 3)] {
+            let b = store.booking(id).await.unwrap().expect(id);
+            assert_eq!((b.seats, b.status), (seats, BookingStatus::Confirmed), "{id}");
+        }
+        let dead = store.dead_letters(100).await.unwrap();
+        let got: Vec<(String, String)> = dead.iter().map(|d| (d.sequence.to_string(), d.reason.clone())).collect();
+        assert_eq!(got, [("5".to_owned(), "invalid_value".to_owned()), ("6".to_owned(), "undecodable".to_owned())]);
+        assert!(dead[0].detail.starts_with("/data/capacity"), "{}", dead[0].detail);
+        assert_eq!(dead[1].payload, "not json");
+    });
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Two shards apply at the same time, as the runtime does, with bookingIds reused across
+    /// events on different shards. A bookingId is claimed once: each is confirmed at most
+    /// once, and every event's `reserved` is exactly the seats of its confirmed and paid
+    /// bookings.
+    #[test]
+    fn a_booking_id_is_claimed_once_across_shards(
+        requests in proptest::collection::vec((0u8..6, 0u8..4, 1i64..4), 1..80),
+        cuts in proptest::collection::vec(1usize..8, 1..20),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            let store = Arc::new(SqliteStateStore::open(&dir.path().join("state.db")).unwrap());
+            let processor = Arc::new(BookingsProcessor::new(store.clone()));
+            // Events E0..E3 on sale with room for everything; event e lives on shard e % 2.
+            let mut per_shard: [Vec<Value>; 2] = Default::default();
+            for e in 0u8..4 {
+                per_shard[usize::from(e % 2)].push(event(&Op::Create(e, 1000)));
+            }
+            for &(b, e, s) in &requests {
+                per_shard[usize::from(e % 2)].push(event(&Op::Request(b, e, s)));
+            }
+            let mut tasks = Vec::new();
+            for (i, events) in per_shard.into_iter().enumerate() {
+                let processor = processor.clone();
+                let cuts = cuts.clone();
+                tasks.push(tokio::spawn(async move {
+                    let shard = ShardId(i.to_string());
+                    let records: Vec<StoredRecord> = events.iter().enumerate().map(|(n, v)| StoredRecord {
+                        sequence: SequenceNumber::from_u64(n as u64),
+                        key: "k".into(),
+                        payload: Bytes::from(v.to_string()),
+                        appended_at_ms: 1_700_000_000_000,
+                    }).collect();
+                    let mut start = 0;
+                    let mut cut = cuts.iter().cycle();
+                    while start < records.len() {
+                        let end = (start + cut.next().unwrap()).min(records.len());
+                        processor.apply_batch(&shard, &records[start..end]).await.unwrap();
+                        start = end;
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let mut reserved_by_bookings: HashMap<String, i64> = HashMap::new();
+            for b in 0u8..6 {
+                let booking = store.booking(&format!("B{b}")).await.unwrap();
+                let requested = requests.iter().any(|&(rb, _, _)| rb == b);
+                assert_eq!(booking.is_some(), requested, "B{b}");
+                if let Some(booking) = booking
+                    && matches!(booking.status, BookingStatus::Confirmed | BookingStatus::Paid)
+                {
+                    *reserved_by_bookings.entry(booking.event_id.clone()).or_default() += booking.seats;
+                }
+            }
+            for e in 0u8..4 {
+                let inv = store.inventory(&format!("E{e}")).await.unwrap().unwrap();
+                let expected = reserved_by_bookings.get(&format!("E{e}")).copied().unwrap_or(0);
+                assert_eq!(inv.reserved, expected, "E{e}: reserved vs its confirmed bookings");
+            }
         });
     }
 }

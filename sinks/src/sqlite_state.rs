@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use floodgate_core::state::{
-    Booking, BookingStatus, Inventory, OutboxEntry, StateChanges, StateError, StateStore,
+    Booking, BookingStatus, DeadLetter, Inventory, OutboxEntry, StateChanges, StateError,
+    StateStore,
 };
 use floodgate_core::stream::{SequenceNumber, ShardId};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -44,6 +45,14 @@ CREATE TABLE IF NOT EXISTS outbox_meta (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     last_seq INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dead_letters (
+    shard TEXT NOT NULL,
+    sequence TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    PRIMARY KEY (shard, sequence)
+) WITHOUT ROWID;
 ";
 
 fn err(e: rusqlite::Error) -> StateError {
@@ -212,8 +221,44 @@ impl StateStore for SqliteStateStore {
                            status = excluded.status, reason = excluded.reason, updated_at_ms = excluded.updated_at_ms",
                     )
                     .map_err(err)?;
+                // A created booking claims its id: a plain INSERT, which fails on an id that
+                // another shard's batch created since this batch loaded its rows. Dropping
+                // the transaction then rolls everything back.
+                let mut claim = tx
+                    .prepare_cached(
+                        "INSERT INTO bookings (booking_id, event_id, seats, status, reason, updated_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )
+                    .map_err(err)?;
+                let created: std::collections::HashSet<&str> =
+                    changes.created_bookings.iter().map(String::as_str).collect();
                 for b in &changes.bookings {
-                    s.execute(params![b.booking_id, b.event_id, b.seats, b.status.as_str(), b.reason, b.updated_at_ms])
+                    let values = params![b.booking_id, b.event_id, b.seats, b.status.as_str(), b.reason, b.updated_at_ms];
+                    if created.contains(b.booking_id.as_str()) {
+                        match claim.execute(values) {
+                            Ok(_) => {}
+                            Err(rusqlite::Error::SqliteFailure(e, _))
+                                if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+                            {
+                                return Err(StateError::Conflict(format!(
+                                    "booking {:?} exists",
+                                    b.booking_id
+                                )));
+                            }
+                            Err(e) => return Err(err(e)),
+                        }
+                    } else {
+                        s.execute(values).map_err(err)?;
+                    }
+                }
+                let mut s = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO dead_letters (shard, sequence, reason, detail, payload)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .map_err(err)?;
+                for d in &changes.dead_letters {
+                    s.execute(params![d.shard.0, d.sequence.as_str(), d.reason, d.detail, d.payload])
                         .map_err(err)?;
                 }
                 tx.execute(
@@ -282,6 +327,30 @@ impl StateStore for SqliteStateStore {
                 });
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, StateError> {
+        Self::with(&self.reader, move |c| {
+            let mut s = c
+                .prepare_cached(
+                    "SELECT shard, sequence, reason, detail, payload FROM dead_letters
+                     ORDER BY shard, length(sequence), sequence LIMIT ?1",
+                )
+                .map_err(err)?;
+            let rows = s
+                .query_map([max as i64], |r| {
+                    Ok(DeadLetter {
+                        shard: floodgate_core::stream::ShardId(r.get(0)?),
+                        sequence: SequenceNumber::new(r.get::<_, String>(1)?),
+                        reason: r.get(2)?,
+                        detail: r.get(3)?,
+                        payload: r.get(4)?,
+                    })
+                })
+                .map_err(err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(err)
         })
         .await
     }
