@@ -382,3 +382,110 @@ fn ingest_and_process_run_apart_and_a_second_processor_takes_over() {
     let _ = second.kill();
     let _ = second.wait();
 }
+
+/// JSON Schema integers in any spelling (`100.0`, `2.0`, `1e0`) are accepted by the edge,
+/// so the bookings processor must apply them: the inventory exists and the bookings are
+/// confirmed with the seats they asked for.
+#[test]
+fn integers_written_as_2_0_or_1e0_are_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[]);
+    let body = br#"[
+      {"specversion":"1.0","id":"c","source":"/t","type":"inventory.event.created","data":{"eventId":"ev-float","name":"n","venue":"v","startsAt":"2026-12-01T20:00:00Z","capacity":100.0}},
+      {"specversion":"1.0","id":"r1","source":"/t","type":"booking.requested","data":{"bookingId":"bf-1","eventId":"ev-float","customerId":"c","seats":2.0,"requestedAt":"2026-11-22T10:00:00Z"}},
+      {"specversion":"1.0","id":"r2","source":"/t","type":"booking.requested","data":{"bookingId":"bf-2","eventId":"ev-float","customerId":"c","seats":1e0,"requestedAt":"2026-11-22T10:00:00Z"}}
+    ]"#;
+    let r = server.post(Some("application/cloudevents-batch+json"), body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let ids: HashSet<String> = ["bf-1", "bf-2"].iter().map(|s| s.to_string()).collect();
+    let got = statuses(&server, &ids);
+    assert_eq!(got["bf-1"]["status"], "confirmed");
+    assert_eq!(got["bf-1"]["seats"], 2);
+    assert_eq!(got["bf-2"]["seats"], 1);
+    let inv = server.get("/v1/inventory/ev-float").json();
+    assert_eq!(
+        (inv["capacity"].clone(), inv["reserved"].clone()),
+        (json!(100), json!(3))
+    );
+    server.terminate();
+}
+
+/// Two events on different shards each request the same bookingIds at the same moment.
+/// A bookingId is global: exactly one request per id is decided (confirmed), the other is
+/// rejected `duplicate_booking_id`, and every event's `reserved` is the seats of the
+/// confirmed bookings that are its own.
+#[test]
+fn a_booking_id_requested_on_two_shards_is_confirmed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--shards", "4"]);
+    // Two event ids on different shards.
+    let a = "dup-a".to_owned();
+    let b = (0..)
+        .map(|i| format!("dup-b{i}"))
+        .find(|b| {
+            floodgate_core::partition::shard_for_key(b, 4)
+                != floodgate_core::partition::shard_for_key(&a, 4)
+        })
+        .unwrap();
+    create_event(&server, &a, 100_000);
+    create_event(&server, &b, 100_000);
+    // Each request carries both requests of 250 ids, so that both shards read and decide
+    // them at the same moment.
+    let n = 1000;
+    for round in 0..n / 250 {
+        let mut events = Vec::new();
+        for i in round * 250..(round + 1) * 250 {
+            events.push(booking(&format!("a-{i}"), &format!("shared-{i}"), &a, 1));
+            events.push(booking(&format!("b-{i}"), &format!("shared-{i}"), &b, 2));
+        }
+        assert_eq!(server.post_batch(&events).status, 200);
+    }
+    let ids: HashSet<String> = (0..n).map(|i| format!("shared-{i}")).collect();
+    let got = statuses(&server, &ids);
+    let outbox = wait_for(60, "a decision for every request", || {
+        let outbox = outbox_read(&server.data_dir);
+        let decided = outbox
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e["type"].as_str(),
+                    Some("booking.confirmed" | "booking.rejected")
+                ) && e["data"]["bookingId"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("shared-"))
+            })
+            .count();
+        (decided >= 2 * n).then_some(outbox)
+    });
+    let mut confirmed: HashMap<String, usize> = HashMap::new();
+    let mut duplicates = 0;
+    for e in &outbox {
+        let Some(id) = e["data"]["bookingId"].as_str() else {
+            continue;
+        };
+        match e["type"].as_str() {
+            Some("booking.confirmed") => *confirmed.entry(id.to_owned()).or_default() += 1,
+            Some("booking.rejected") if e["data"]["reason"] == "duplicate_booking_id" => {
+                duplicates += 1
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(confirmed.len(), n, "every shared id confirmed once");
+    let twice: Vec<_> = confirmed.iter().filter(|(_, c)| **c != 1).take(5).collect();
+    assert!(twice.is_empty(), "confirmed more than once: {twice:?}");
+    assert_eq!(duplicates, n, "the other request of each id is refused");
+    for (event, seats) in [(&a, 1), (&b, 2)] {
+        let own: i64 = got
+            .values()
+            .filter(|v| v["eventId"] == **event && v["status"] == "confirmed")
+            .map(|_| seats)
+            .sum();
+        let inv = server.get(&format!("/v1/inventory/{event}")).json();
+        assert_eq!(
+            inv["reserved"], own,
+            "{event}: reserved vs its own bookings"
+        );
+    }
+    server.terminate();
+}
