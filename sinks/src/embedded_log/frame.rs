@@ -13,8 +13,10 @@
 //! ```
 //!
 //! A frame is written whole and fsynced before any of its records is acknowledged, so a
-//! crash can only leave a torn *last* frame, which recovery detects by length, CRC or
-//! sequence and truncates.
+//! crash can only leave torn frames past the shard's durable watermark, which recovery
+//! detects by length, CRC or sequence and truncates. A bad frame below the watermark is
+//! damage to acknowledged records: recovery refuses it and readers fail on it, naming the
+//! file and offset (see `segment.rs`).
 
 use bytes::Bytes;
 

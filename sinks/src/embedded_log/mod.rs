@@ -6,6 +6,7 @@
 //! meta.json                     shard count and format; fixed at creation
 //! LOCK                          held (flock) by the one process that writes
 //! shard-0000/00000000000000000000.seg   segments, named by their first sequence
+//! shard-0000/durable            the shard's published durable watermark
 //! checkpoints/<consumer>.json   consumers' checkpoints (see EmbeddedCheckpoints)
 //! ```
 //!
@@ -15,14 +16,23 @@
 //! and only then answers every append in the group. So concurrent requests share an
 //! fsync, and an acknowledged record is on disk.
 //!
-//! Reads never return a record beyond the shard's durable watermark (in this process) or
-//! a frame that fails its CRC (from another process, e.g. `floodgate stream read`).
+//! Reads never return a record beyond the shard's durable watermark: in this process the
+//! writer's in-memory watermark; in another process (`floodgate process`, `floodgate stream
+//! read`, [`EmbeddedLogReader`]) the watermark the writer publishes in `shard-NNNN/durable`
+//! after every fsync. A frame that is whole on disk but not yet fsynced may still be undone
+//! (a short write at a full disk is cut off, and its sequences are reused), so no reader
+//! may see it. A reader that meets a bad frame below the watermark fails naming the file
+//! and offset; it never skips records.
 //!
-//! Recovery at open scans the last segment of each shard and truncates a torn tail; every
-//! fsynced frame is whole, so nothing acknowledged is lost.
+//! Recovery at open checks the last segment of each shard and truncates a torn tail: only
+//! bytes past the published watermark, which were never acknowledged. Damage below it
+//! (or, for a log without a watermark, damage with valid frames after it) makes `open`
+//! refuse, naming the file and offset; [`verify::check`] lists every damaged frame, and
+//! [`verify::repair`] repairs with the operator's consent.
 
 mod frame;
 mod segment;
+pub mod verify;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -45,10 +55,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
 use crate::checkpoint;
-use segment::{ScanEnd, Segment};
+use segment::{Position, ScanEnd, Segment, Watermark};
 
 /// Version of the on-disk format written in `meta.json`.
 const FORMAT_VERSION: u32 = 1;
+/// How often a writer retries publishing its watermark after a failed publication.
+const PUBLISH_RETRY: Duration = Duration::from_secs(1);
 /// Frames are cut at about this many uncompressed bytes.
 const FRAME_TARGET_BYTES: usize = 1024 * 1024;
 /// The largest record (key + payload) the log takes; the Kinesis limit, so that anything
@@ -101,6 +113,20 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     fsync_dir(dir)
 }
 
+/// The error of an `open` that found damage to acknowledged records: what, where, and how
+/// an operator recovers.
+fn refuse_damaged(root: &Path, refusal: &segment::Refusal) -> StreamError {
+    let data_dir = root.parent().unwrap_or(Path::new("."));
+    StreamError::Corrupt(format!(
+        "damaged log, refusing to open it: {refusal}. Truncating there would silently drop \
+         acknowledged records, so nothing was changed. `floodgate stream verify --data-dir {dir}` \
+         lists every damaged frame; with the server stopped, `floodgate stream verify --data-dir \
+         {dir} --repair` moves the damaged bytes aside (the records from the damage on leave the \
+         stream; see the README, \"Damaged log\")",
+        dir = data_dir.display()
+    ))
+}
+
 /// State of one shard shared by its writer thread and readers.
 #[derive(Debug)]
 struct ShardShared {
@@ -129,7 +155,7 @@ struct AppendRequest {
 struct ReadHint {
     next: u64,
     segment_base: u64,
-    offset: u64,
+    at: Position,
 }
 
 /// The embedded stream. Implements [`StreamWriter`] and [`StreamReader`].
@@ -203,10 +229,19 @@ impl EmbeddedLog {
                 File::create(&path)?.sync_all()?;
                 fsync_dir(&dir)?;
                 fsync_dir(root)?;
-                segments.push(Segment { base: 0, path });
+                segments.push(Segment {
+                    base: 0,
+                    path,
+                    repaired: false,
+                });
             }
             let active = segments.last().expect("a shard has a segment").clone();
-            let recovered = segment::recover(&active)?;
+            let published = segment::read_watermark(&dir)?;
+            if published == Watermark::Damaged {
+                tracing::warn!(shard = index, dir = %dir.display(), "the durable watermark file is damaged; recovery goes by the frames alone and rewrites it");
+            }
+            let recovered = segment::recover(&active, published.known())?
+                .map_err(|refusal| refuse_damaged(root, &refusal))?;
             if recovered.truncated_bytes > 0 {
                 tracing::warn!(
                     shard = index,
@@ -218,6 +253,14 @@ impl EmbeddedLog {
                 metrics::counter!("floodgate_stream_recovery_truncated_bytes_total")
                     .increment(recovered.truncated_bytes);
             }
+            // Everything recovered is fsynced now: publish it for readers in other processes.
+            let durable_file =
+                segment::open_watermark(&dir, recovered.next_sequence).map_err(|e| {
+                    StreamError::Unavailable(format!(
+                        "cannot publish the durable watermark in {}: {e}",
+                        dir.join(segment::WATERMARK_FILE).display()
+                    ))
+                })?;
             let (durable_tx, _) = watch::channel(recovered.next_sequence);
             let shared = Arc::new(ShardShared {
                 dir: dir.clone(),
@@ -231,6 +274,8 @@ impl EmbeddedLog {
                 shared: shared.clone(),
                 root: root.to_owned(),
                 file,
+                durable_file,
+                publish_pending: false,
                 segment_len: recovered.valid_len,
                 next_seq: recovered.next_sequence,
                 segment_bytes: cfg.segment_bytes,
@@ -458,11 +503,10 @@ impl StreamReader for EmbeddedLog {
         let hint = self.hints.lock().unwrap().get(&index).copied();
         let dir = shared.dir.clone();
         let from = from.clone();
-        let (batch, hint) = tokio::task::spawn_blocking(move || {
-            read_shard(&dir, &from, max_records, Some(bound), hint)
-        })
-        .await
-        .map_err(|e| StreamError::Unavailable(format!("read task failed: {e}")))??;
+        let (batch, hint) =
+            tokio::task::spawn_blocking(move || read_shard(&dir, &from, max_records, bound, hint))
+                .await
+                .map_err(|e| StreamError::Unavailable(format!("read task failed: {e}")))??;
         let mut hints = self.hints.lock().unwrap();
         match hint {
             Some(h) => hints.insert(index, h),
@@ -482,12 +526,14 @@ fn shard_infos(n: u32) -> Vec<ShardInfo> {
         .collect()
 }
 
-/// Reads records of one shard directory. `bound` is the durable watermark when known.
+/// Reads records of one shard directory, none at or past `bound`, the shard's durable
+/// watermark (read before the directory is listed, so every record below it is in a listed
+/// segment). Damage below the bound is a [`StreamError::Corrupt`] naming file and offset.
 fn read_shard(
     dir: &Path,
     from: &StartPosition,
     max: usize,
-    bound: Option<u64>,
+    bound: u64,
     hint: Option<ReadHint>,
 ) -> Result<(ReadBatch, Option<ReadHint>), StreamError> {
     // A segment can be deleted by retention between listing and opening; list again.
@@ -495,6 +541,9 @@ fn read_shard(
     loop {
         match try_read_shard(dir, from, max, bound, hint) {
             Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return Err(StreamError::Corrupt(e.to_string()));
+            }
             other => return other.map_err(StreamError::from),
         }
     }
@@ -504,11 +553,10 @@ fn try_read_shard(
     dir: &Path,
     from: &StartPosition,
     max: usize,
-    bound: Option<u64>,
+    bound: u64,
     hint: Option<ReadHint>,
 ) -> io::Result<(ReadBatch, Option<ReadHint>)> {
     let segments = segment::list(dir)?;
-    let bound_or_max = bound.unwrap_or(u64::MAX);
     let Some(first) = segments.first() else {
         let batch = ReadBatch {
             records: Vec::new(),
@@ -521,44 +569,87 @@ fn try_read_shard(
         StartPosition::TrimHorizon => first.base,
         StartPosition::At(s) => s.as_u64().unwrap_or(u64::MAX),
         StartPosition::After(s) => s.as_u64().map_or(u64::MAX, |s| s.saturating_add(1)),
+        // Everything is older: start after the last durable record.
         StartPosition::AtTimestamp(ts) => {
-            match segment::first_sequence_at_or_after(&segments, *ts)? {
-                Some(seq) => seq,
-                // Everything is older: start after the last record.
-                None => bound.unwrap_or_else(|| last_sequence(&segments).unwrap_or(first.base)),
-            }
+            segment::first_sequence_at_or_after(&segments, *ts)?.map_or(bound, |seq| seq.min(bound))
         }
     }
     .max(first.base);
     let mut records = Vec::new();
     let mut new_hint = None;
-    if start < bound_or_max && max > 0 {
+    if start < bound && max > 0 {
         let idx = segments
             .partition_point(|s| s.base <= start)
             .saturating_sub(1);
-        let mut offset = match hint {
-            Some(h) if h.next == start && h.segment_base == segments[idx].base => h.offset,
-            _ => 0,
+        let mut at = match hint {
+            Some(h) if h.next == start && h.segment_base == segments[idx].base => h.at,
+            _ => Position {
+                offset: 0,
+                sequence: segments[idx].base,
+            },
         };
-        for seg in &segments[idx..] {
-            if seg.base >= bound_or_max {
+        for (i, seg) in segments.iter().enumerate().skip(idx) {
+            if seg.base >= bound {
                 break;
             }
-            match segment::read_records(seg, offset, start, bound_or_max, max, &mut records)? {
-                ScanEnd::Full { resume_offset } => {
-                    new_hint = Some((seg.base, resume_offset));
+            if i > idx {
+                at = Position {
+                    offset: 0,
+                    sequence: seg.base,
+                };
+            }
+            let later = segments.get(i + 1);
+            let scanned =
+                segment::read_records(seg, later.is_some(), at, start, bound, max, &mut records);
+            let scanned = match scanned {
+                // Deliver what precedes damage; the next read starts at it and fails.
+                Err(e) if e.kind() == io::ErrorKind::InvalidData && !records.is_empty() => {
+                    new_hint = None;
                     break;
                 }
-                ScanEnd::EndOfData { offset: end } => new_hint = Some((seg.base, end)),
+                other => other?,
+            };
+            match scanned {
+                ScanEnd::Full { resume } => {
+                    new_hint = Some((seg.base, resume));
+                    break;
+                }
+                ScanEnd::EndOfData { at: end } => {
+                    new_hint = Some((seg.base, end));
+                    let Some(later) = later else { break };
+                    if end.sequence >= bound {
+                        break;
+                    }
+                    // A sealed segment ends where the next begins, unless a repair moved
+                    // its damaged tail aside (an accepted gap). Anything else would skip
+                    // records without a word.
+                    let accepted_gap = seg.repaired && later.base > end.sequence;
+                    if later.base != end.sequence && !accepted_gap {
+                        if !records.is_empty() {
+                            new_hint = None;
+                            break;
+                        }
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "{} ends at sequence {} but the next segment {} starts at {}: \
+                                 records are missing (`floodgate stream verify` lists the damage)",
+                                seg.path.display(),
+                                end.sequence,
+                                later.path.display(),
+                                later.base
+                            ),
+                        ));
+                    }
+                }
             }
-            offset = 0;
         }
     }
     let next = records.last().map_or(start, |r| r.sequence + 1);
-    let hint = new_hint.map(|(segment_base, offset)| ReadHint {
+    let hint = new_hint.map(|(segment_base, at)| ReadHint {
         next,
         segment_base,
-        offset,
+        at,
     });
     let batch = ReadBatch {
         records: records
@@ -571,30 +662,26 @@ fn try_read_shard(
             })
             .collect(),
         next: Some(StartPosition::At(SequenceNumber::from_u64(next))),
-        records_behind: bound.map_or(0, |b| b.saturating_sub(next)),
+        records_behind: bound.saturating_sub(next),
     };
     Ok((batch, hint))
 }
 
-/// The sequence after the last whole record of the newest segment (for read-only views).
-fn last_sequence(segments: &[Segment]) -> Option<u64> {
-    let seg = segments.last()?;
-    let mut reader = io::BufReader::new(File::open(&seg.path).ok()?);
-    let mut next = seg.base;
-    while let Ok(segment::FrameAt::Frame { header, .. }) = segment::read_frame(&mut reader, false) {
-        next = header.next_sequence();
-    }
-    Some(next)
-}
-
 /// A read-only view of a log that another process may be writing (e.g. a live
-/// `floodgate serve`). Takes no lock and writes nothing. It sees records as soon as their
-/// frame is whole on disk, which can be a moment before that frame's fsync completes.
+/// `floodgate serve`). Takes no lock and writes nothing.
+///
+/// Every read is bounded by the shard's published durable watermark (`shard-NNNN/durable`,
+/// read on every call: it is 16 bytes), so a record is seen only once it is fsynced, never
+/// while its frame could still be undone. A shard without a watermark file (a log last
+/// written by a floodgate that did not publish one, or one whose writer is still opening)
+/// reads as empty until a writer publishes one: nothing there is known to be durable.
 #[derive(Debug)]
 pub struct EmbeddedLogReader {
     root: PathBuf,
     meta: LogMeta,
     hints: Mutex<HashMap<u32, ReadHint>>,
+    /// Shards already warned about for a missing or damaged watermark (one warning each).
+    warned: Mutex<Vec<u32>>,
 }
 
 impl EmbeddedLogReader {
@@ -609,11 +696,37 @@ impl EmbeddedLogReader {
             root: root.to_owned(),
             meta,
             hints: Mutex::new(HashMap::new()),
+            warned: Mutex::new(Vec::new()),
         })
     }
 
     pub fn meta(&self) -> LogMeta {
         self.meta
+    }
+
+    /// The sequence below which `shard`'s records are durable, as its writer published it.
+    fn durable_bound(&self, shard: u32, dir: &Path) -> Result<u64, StreamError> {
+        let published = segment::read_watermark(dir).map_err(|e| {
+            StreamError::Unavailable(format!(
+                "cannot read the durable watermark {}: {e}",
+                dir.join(segment::WATERMARK_FILE).display()
+            ))
+        })?;
+        if let Some(w) = published.known() {
+            return Ok(w);
+        }
+        let mut warned = self.warned.lock().unwrap();
+        if !warned.contains(&shard) {
+            warned.push(shard);
+            tracing::warn!(
+                shard,
+                file = %dir.join(segment::WATERMARK_FILE).display(),
+                state = ?published,
+                "no durable watermark for this shard; reading nothing from it until its writer \
+                 publishes one (start `floodgate serve` or `floodgate ingest` on this data directory)"
+            );
+        }
+        Ok(0)
     }
 
     /// Synchronous read, for command-line tools.
@@ -626,9 +739,11 @@ impl EmbeddedLogReader {
         if shard >= self.meta.shards {
             return Err(StreamError::UnknownShard(ShardId(shard.to_string())));
         }
+        let dir = shard_dir(&self.root, shard);
+        // The bound first, then the listing: every record below it is in a listed segment.
+        let bound = self.durable_bound(shard, &dir)?;
         let hint = self.hints.lock().unwrap().get(&shard).copied();
-        let (batch, hint) =
-            read_shard(&shard_dir(&self.root, shard), from, max_records, None, hint)?;
+        let (batch, hint) = read_shard(&dir, from, max_records, bound, hint)?;
         let mut hints = self.hints.lock().unwrap();
         match hint {
             Some(h) => hints.insert(shard, h),
@@ -664,6 +779,10 @@ struct ShardWriter {
     shared: Arc<ShardShared>,
     root: PathBuf,
     file: File,
+    /// `shard-NNNN/durable`: the watermark published to readers in other processes.
+    durable_file: File,
+    /// The last publication failed; retried until one succeeds.
+    publish_pending: bool,
     segment_len: u64,
     next_seq: u64,
     segment_bytes: u64,
@@ -677,7 +796,24 @@ struct ShardWriter {
 
 impl ShardWriter {
     fn run(mut self, rx: mpsc::Receiver<Command>) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            // While a publication of the watermark is owed, wake up now and then to retry
+            // it, so that an idle shard's records do not stay invisible to other processes.
+            let first = if self.publish_pending {
+                match rx.recv_timeout(PUBLISH_RETRY) {
+                    Ok(cmd) => cmd,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.publish(self.next_seq);
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(cmd) => cmd,
+                    Err(_) => break,
+                }
+            };
             let mut group = Vec::new();
             let mut group_bytes = 0u64;
             let mut close = None;
@@ -716,12 +852,40 @@ impl ShardWriter {
                 self.commit(group);
             }
             if let Some(ack) = close {
+                if self.publish_pending {
+                    self.publish(self.next_seq);
+                }
                 let _ = ack.send(self.file.sync_all());
                 return;
             }
         }
         // Channel closed without an explicit close (the log was dropped).
         let _ = self.file.sync_all();
+    }
+
+    /// Publishes `next` as the durable watermark for readers in other processes. A failure
+    /// leaves the old (lower) value in place, which is safe: those readers only lag until a
+    /// later publication succeeds. The records themselves are durable either way.
+    fn publish(&mut self, next: u64) {
+        match segment::write_watermark(&mut self.durable_file, next) {
+            Ok(()) => {
+                if self.publish_pending {
+                    tracing::info!(
+                        shard = self.index,
+                        next,
+                        "durable watermark published again"
+                    );
+                }
+                self.publish_pending = false;
+            }
+            Err(e) => {
+                metrics::counter!("floodgate_stream_watermark_errors_total").increment(1);
+                if !self.publish_pending {
+                    tracing::warn!(shard = self.index, error = %e, "cannot publish the durable watermark; readers in other processes lag until it succeeds");
+                }
+                self.publish_pending = true;
+            }
+        }
     }
 
     fn fail(&self, reason: String) {
@@ -836,7 +1000,9 @@ impl ShardWriter {
             self.buf = Vec::new();
         }
         // Publish the new watermark before acknowledging, so a reader that hears of an
-        // acknowledged record can always read it.
+        // acknowledged record can always read it: to other processes (the file), then to
+        // this one.
+        self.publish(seq);
         let base = std::mem::replace(&mut self.next_seq, seq);
         self.shared.durable_next.store(seq, Ordering::Release);
         self.shared.durable_tx.send_replace(seq);
