@@ -247,6 +247,11 @@ pub trait CheckpointStore: Send + Sync + fmt::Debug {
     /// Durably records that `consumer` has committed the effects of every record of `shard`
     /// up to and including `sequence`. Checkpoints never move backwards: committing an
     /// older sequence than the stored one is a no-op.
+    ///
+    /// Fenced by the lease: fails, changing nothing, unless this store holds the lease on
+    /// (`consumer`, `shard`), so a worker that lost or gave up a shard cannot move its
+    /// checkpoint. Workers in other processes that hold other shards of the same consumer
+    /// commit concurrently without losing each other's checkpoints.
     async fn commit(
         &self,
         consumer: &str,

@@ -1,6 +1,11 @@
 //! The outbox relay: moves derived events from the state store's transactional outbox to
 //! the publisher. The publisher skips entries it already holds, so a crash anywhere in
 //! the loop can neither lose nor duplicate an event.
+//!
+//! One worker relays at a time, under the relay lease. A standby process opened the
+//! publisher long before it takes the lease over, so the relay asks the publisher for its
+//! position only after taking the lease (the first round of [`relay_once`] with no known
+//! position), and the publisher answers from the destination as it is then.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,6 +80,8 @@ pub async fn relay_once(
     publisher: &dyn Publisher,
     last: &mut Option<u64>,
 ) -> Result<usize, String> {
+    // `last` is `None` on the first round after the lease was taken: ask the publisher,
+    // which reads it from the destination (what a relay before us published counts).
     let after = match *last {
         Some(l) => l,
         None => publisher

@@ -2,13 +2,28 @@
 //! at `<data-dir>/outbox/outbox.ndjson`.
 //!
 //! One line per published outbox entry, `{"seq":N,"events":[{…},…]}`, written whole and
-//! fsynced before `publish` returns. A line is the unit of atomicity: recovery drops a torn
-//! last line, and `last_published` is the seq of the last whole line, so a relay that
-//! crashed mid-publish republishes exactly what is missing. Readers ([`read_events`]) skip
-//! a torn last line, so they are safe beside a live writer.
+//! fsynced before `publish` returns. A line is the unit of atomicity, and the lines before
+//! a write are never touched by it: a write that fails is undone by cutting the file back
+//! to exactly its length before the write, and if that undo (or an fsync) fails the outbox
+//! refuses every later publish until it is opened again, so a torn line can never end up
+//! between good ones.
+//!
+//! Only the holder of the relay lease writes (see `floodgate_processors::relay`), but
+//! every process opens the outbox at start. So the writer's position is not fixed at
+//! open: `last_published` and `publish` first read whatever was appended since they last
+//! looked (by a relay that has since died), fsync it, and cut a torn tail that writer
+//! left, so that a standby that takes the lease over neither republishes nor appends after
+//! a torn line.
+//!
+//! Damage is told apart from a torn tail: only an incomplete last line, or bad lines with
+//! no valid line after them, are a tail (something a writer was still writing). A bad line
+//! with valid lines after it is damage to published events, whose outbox rows are already
+//! gone from the state store: opening the outbox, [`read_events`] and [`OutboxReader`] all
+//! fail then, naming the file and the byte offset, rather than cutting or skipping them.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -16,6 +31,9 @@ use async_trait::async_trait;
 use floodgate_core::state::{OutboxEntry, PublishError, Publisher};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+
+use crate::checkpoint::create_dir_durably;
+use crate::embedded_log::fsync_dir;
 
 pub const FILE_NAME: &str = "outbox.ndjson";
 
@@ -26,102 +44,235 @@ struct Line<'a> {
     events: Vec<&'a RawValue>,
 }
 
-/// Whole lines of an outbox file and the byte length they span.
-fn scan(bytes: &[u8]) -> (Vec<(u64, Vec<String>)>, usize) {
-    let mut out = Vec::new();
+/// The whole, valid lines of a stretch of an outbox file.
+struct Scan {
+    /// (seq, byte offset within the stretch, byte length) of each valid line, in order.
+    lines: Vec<(u64, usize, usize)>,
+    /// Bytes the valid lines span. What follows is a torn tail: an incomplete last line,
+    /// or bad lines with nothing valid after them.
+    valid: usize,
+}
+
+/// Scans `bytes` (a stretch of an outbox file starting at a line boundary). `Err` holds
+/// the offset (within `bytes`) of a bad line that has valid lines after it: damage, not a
+/// torn tail.
+fn scan(bytes: &[u8]) -> Result<Scan, usize> {
+    let mut lines = Vec::new();
     let mut valid = 0;
+    let mut first_bad = None;
+    let mut off = 0;
     for line in bytes.split_inclusive(|b| *b == b'\n') {
         if !line.ends_with(b"\n") {
-            break; // torn: still being written, or cut by a crash
+            break; // still being written, or cut by a crash
         }
         match serde_json::from_slice::<Line<'_>>(line) {
             Ok(l) => {
-                out.push((l.seq, l.events.iter().map(|e| e.get().to_owned()).collect()));
-                valid += line.len();
+                if let Some(bad) = first_bad {
+                    return Err(bad);
+                }
+                lines.push((l.seq, off, line.len()));
+                valid = off + line.len();
             }
-            Err(_) => break,
+            Err(_) => {
+                first_bad.get_or_insert(off);
+            }
         }
+        off += line.len();
     }
-    (out, valid)
+    Ok(Scan { lines, valid })
+}
+
+fn damaged(path: &Path, offset: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "{}: damaged outbox line at byte offset {offset}, with valid lines after it; \
+             the events after it are published and must not be cut (repair or remove that \
+             line by hand)",
+            path.display()
+        ),
+    )
+}
+
+/// `err` with the path it happened on in its message.
+fn at(path: &Path, err: io::Error) -> io::Error {
+    io::Error::new(err.kind(), format!("{}: {err}", path.display()))
 }
 
 /// Every derived event in the outbox at `dir`, in publish order. Safe beside a live
-/// server: a line still being written is not returned.
+/// server: a line still being written (a torn tail) is not returned. Damage in the middle
+/// of the file is an error naming the file and offset, never a silent stop.
 pub fn read_events(dir: &Path) -> io::Result<Vec<String>> {
+    let path = dir.join(FILE_NAME);
     let mut bytes = Vec::new();
-    match File::open(dir.join(FILE_NAME)) {
+    match File::open(&path) {
         Ok(mut f) => {
-            f.read_to_end(&mut bytes)?;
+            f.read_to_end(&mut bytes).map_err(|e| at(&path, e))?;
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
+        Err(e) => return Err(at(&path, e)),
     }
-    Ok(scan(&bytes)
-        .0
-        .into_iter()
-        .flat_map(|(_, events)| events)
-        .collect())
+    let found = scan(&bytes).map_err(|off| damaged(&path, off as u64))?;
+    let mut events = Vec::new();
+    for (_, off, len) in found.lines {
+        let line: Line<'_> =
+            serde_json::from_slice(&bytes[off..off + len]).map_err(io::Error::other)?;
+        events.extend(line.events.iter().map(|e| e.get().to_owned()));
+    }
+    Ok(events)
 }
 
 #[derive(Debug)]
-struct State {
+struct Writer {
+    /// Opened for appending: every write lands at the current end of the file.
     file: File,
+    /// Bytes of whole, valid lines seen so far; the next line goes here.
+    end: u64,
+    /// The highest seq among those lines.
     last: Option<u64>,
+    /// Set when the file may hold something other than whole lines after `end` (an undo
+    /// or an fsync failed): no more publishes until the outbox is opened again.
+    failed: Option<String>,
 }
 
+impl Writer {
+    /// Takes in the lines appended after `end` since the last look (by a relay that has
+    /// since stopped), making them durable: they count as published from now on. Returns
+    /// whether a torn tail follows them.
+    fn catch_up(&mut self, path: &Path) -> io::Result<bool> {
+        let len = self.file.metadata().map_err(|e| at(path, e))?.len();
+        if len < self.end {
+            return Err(io::Error::other(format!(
+                "{}: the file shrank to {len} bytes, below the {} bytes of whole lines \
+                 already seen",
+                path.display(),
+                self.end
+            )));
+        }
+        if len == self.end {
+            return Ok(false);
+        }
+        let mut bytes = vec![0; (len - self.end) as usize];
+        self.file
+            .read_exact_at(&mut bytes, self.end)
+            .map_err(|e| at(path, e))?;
+        let found = scan(&bytes).map_err(|off| damaged(path, self.end + off as u64))?;
+        if found.valid > 0 {
+            // The writer of these lines may have died before its fsync.
+            self.file.sync_data().map_err(|e| {
+                self.failed = Some(format!("fsync of lines another relay wrote failed: {e}"));
+                at(path, e)
+            })?;
+            for (seq, _, _) in &found.lines {
+                self.last = Some(self.last.map_or(*seq, |l| l.max(*seq)));
+            }
+            self.end += found.valid as u64;
+        }
+        Ok(found.valid < bytes.len())
+    }
+
+    /// Cuts the file back to `len`, durably. On failure the file's tail is unknown, so
+    /// the writer stops for good (until reopened).
+    fn cut_to(&mut self, len: u64, why: &str) -> Result<(), String> {
+        let result = self.file.set_len(len).and_then(|()| self.file.sync_data());
+        if let Err(e) = result {
+            let reason = format!("cannot cut the file back to {len} bytes after {why}: {e}");
+            self.failed = Some(reason.clone());
+            return Err(reason);
+        }
+        Ok(())
+    }
+}
+
+/// The embedded [`Publisher`] (see the module docs).
 #[derive(Debug)]
 pub struct EmbeddedOutbox {
     path: PathBuf,
-    state: Mutex<State>,
+    writer: Mutex<Writer>,
 }
 
 impl EmbeddedOutbox {
-    /// Opens the outbox in `dir`, truncating a torn last line.
+    /// Opens (or creates) the outbox in `dir`. Fails, naming the file and offset, when a
+    /// damaged line has valid lines after it. A torn tail is left alone here (its writer
+    /// may be alive in another process) and cut by the first `publish`, which only the
+    /// relay-lease holder calls.
     pub fn open(dir: &Path) -> io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        create_dir_durably(dir)?;
         let path = dir.join(FILE_NAME);
-        let mut file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(&path)?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        let (lines, valid) = scan(&bytes);
-        if valid < bytes.len() {
-            tracing::warn!(path = %path.display(), cut = bytes.len() - valid, "outbox: truncated a torn last line");
-            file.set_len(valid as u64)?;
-            file.sync_all()?;
+        let mut options = OpenOptions::new();
+        options.read(true).append(true);
+        let file = match options.open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let f = options.create(true).open(&path).map_err(|e| at(&path, e))?;
+                // The new file's name must survive a crash along with what it will hold.
+                fsync_dir(dir).map_err(|e| at(dir, e))?;
+                f
+            }
+            Err(e) => return Err(at(&path, e)),
+        };
+        let mut writer = Writer {
+            file,
+            end: 0,
+            last: None,
+            failed: None,
+        };
+        if writer.catch_up(&path)? {
+            tracing::info!(path = %path.display(), end = writer.end, "outbox: a torn last line follows; the relay cuts it before it next publishes");
         }
-        let last = lines.last().map(|(seq, _)| *seq);
         Ok(Self {
             path,
-            state: Mutex::new(State { file, last }),
+            writer: Mutex::new(writer),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    fn writer(&self) -> Result<std::sync::MutexGuard<'_, Writer>, PublishError> {
+        self.writer
+            .lock()
+            .map_err(|_| PublishError(format!("{}: outbox writer poisoned", self.path.display())))
+    }
+
+    fn error(&self, what: impl std::fmt::Display) -> PublishError {
+        PublishError(format!("{}: {what}", self.path.display()))
+    }
 }
 
 #[async_trait]
 impl Publisher for EmbeddedOutbox {
     async fn last_published(&self) -> Result<Option<u64>, PublishError> {
-        Ok(self
-            .state
-            .lock()
-            .map_err(|_| PublishError("poisoned".into()))?
-            .last)
+        let mut w = self.writer()?;
+        // Called when the relay lease is taken: what a relay that died meanwhile
+        // published is published.
+        w.catch_up(&self.path)
+            .map_err(|e| PublishError(e.to_string()))?;
+        Ok(w.last)
     }
 
     async fn publish(&self, entries: &[OutboxEntry]) -> Result<(), PublishError> {
-        let mut state = self
-            .state
-            .lock()
-            .map_err(|_| PublishError("poisoned".into()))?;
+        let mut w = self.writer()?;
+        if let Some(why) = &w.failed {
+            return Err(self.error(format_args!(
+                "outbox refuses to publish until reopened: {why}"
+            )));
+        }
+        // Only the relay-lease holder publishes, so whatever appeared since the last look
+        // was written by a relay that is gone: its whole lines are published (and skipped
+        // below), its torn tail is cut.
+        let torn = w
+            .catch_up(&self.path)
+            .map_err(|e| PublishError(e.to_string()))?;
+        if torn {
+            let end = w.end;
+            tracing::warn!(path = %self.path.display(), end, "outbox: cutting a torn last line");
+            w.cut_to(end, "a torn last line")
+                .map_err(|e| self.error(e))?;
+        }
         let mut buf = Vec::new();
-        let mut top = state.last;
+        let mut top = w.last;
         for e in entries {
             if top.is_some_and(|t| e.seq <= t) {
                 continue;
@@ -140,17 +291,25 @@ impl Publisher for EmbeddedOutbox {
             return Ok(());
         }
         // A small synchronous write and fsync; publish batches are rare next to appends.
-        let result = state
-            .file
-            .write_all(&buf)
-            .and_then(|()| state.file.sync_data());
-        if let Err(e) = result {
-            // Cut back to the last whole line so a retry appends cleanly.
-            let len = state.file.metadata().map(|m| m.len()).unwrap_or(0);
-            let _ = state.file.set_len(len.saturating_sub(buf.len() as u64));
-            return Err(PublishError(format!("{}: {e}", self.path.display())));
+        let start = w.end;
+        if let Err(e) = w.file.write_all(&buf) {
+            // Part of `buf` may be in the file (a short write at ENOSPC): cut back to
+            // exactly the length before this write, so the earlier lines stay whole and a
+            // retry appends cleanly.
+            w.cut_to(start, &format!("a failed write ({e})"))
+                .map_err(|u| self.error(u))?;
+            return Err(self.error(format_args!("write failed (undone): {e}")));
         }
-        state.last = top;
+        if let Err(e) = w.file.sync_data() {
+            // After a failed fsync the kernel may have dropped the pages: what the file
+            // holds past `start` is unknown. Take it back if we can, and stop either way;
+            // the next open scans the file afresh.
+            let _ = w.cut_to(start, "a failed fsync");
+            w.failed = Some(format!("fsync failed: {e}"));
+            return Err(self.error(format_args!("fsync failed: {e}")));
+        }
+        w.end = start + buf.len() as u64;
+        w.last = top;
         Ok(())
     }
 }
@@ -158,7 +317,9 @@ impl Publisher for EmbeddedOutbox {
 /// The published derived events as a one-shard stream (shard `outbox`), for consumers
 /// such as the lake. Record `i` of outbox entry `seq` has sequence number
 /// `seq × 1,000,000 + i` and key `seq`; its `appended_at_ms` is the event's `time`.
-/// Read-only and lock-free beside a live relay: torn last lines are not read.
+/// Read-only and lock-free beside a live relay: a torn tail is not read (it is read once
+/// it is whole, or after the relay cuts and rewrites it); damage in the middle is a read
+/// error naming the file and offset, never a skip.
 #[derive(Debug)]
 pub struct OutboxReader {
     path: PathBuf,
@@ -181,36 +342,41 @@ impl OutboxReader {
 
     /// Extends the index with the whole lines appended since the last look.
     fn refresh(&self) -> io::Result<Vec<(u64, u64, usize)>> {
-        use std::io::{Seek, SeekFrom};
         let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
         let end = index.last().map_or(0, |(_, off, len)| off + *len as u64);
-        let mut f = match File::open(&self.path) {
+        let f = match File::open(&self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(index.clone()),
-            Err(e) => return Err(e),
+            Err(e) => return Err(at(&self.path, e)),
         };
-        f.seek(SeekFrom::Start(end))?;
-        let mut bytes = Vec::new();
-        f.read_to_end(&mut bytes)?;
-        let mut off = end;
-        for line in bytes.split_inclusive(|b| *b == b'\n') {
-            if !line.ends_with(b"\n") {
-                break;
-            }
-            if let Ok(l) = serde_json::from_slice::<Line<'_>>(line) {
-                index.push((l.seq, off, line.len()));
-            }
-            off += line.len() as u64;
+        let len = f.metadata().map_err(|e| at(&self.path, e))?.len();
+        if len < end {
+            // Only a relay undoing a write it never confirmed cuts the file; it writes the
+            // same lines again (an entry's line is a function of the entry).
+            return Err(io::Error::other(format!(
+                "{}: the file shrank to {len} bytes, below the {end} bytes already read; \
+                 waiting for the relay to rewrite them",
+                self.path.display()
+            )));
         }
+        let mut bytes = vec![0; (len - end) as usize];
+        f.read_exact_at(&mut bytes, end)
+            .map_err(|e| at(&self.path, e))?;
+        let found = scan(&bytes).map_err(|off| damaged(&self.path, end + off as u64))?;
+        index.extend(
+            found
+                .lines
+                .into_iter()
+                .map(|(seq, off, len)| (seq, end + off as u64, len)),
+        );
         Ok(index.clone())
     }
 
     fn read_line(&self, off: u64, len: usize) -> io::Result<Vec<u8>> {
-        use std::io::{Seek, SeekFrom};
-        let mut f = File::open(&self.path)?;
-        f.seek(SeekFrom::Start(off))?;
+        let f = File::open(&self.path).map_err(|e| at(&self.path, e))?;
         let mut buf = vec![0; len];
-        f.read_exact(&mut buf)?;
+        f.read_exact_at(&mut buf, off)
+            .map_err(|e| at(&self.path, e))?;
         Ok(buf)
     }
 }
@@ -253,8 +419,12 @@ impl floodgate_core::stream::StreamReader for OutboxReader {
         let mut consumed_lines = start;
         for &(seq, off, len) in &index[start..] {
             let line = self.read_line(off, len).map_err(io_err)?;
-            let parsed: Line<'_> = serde_json::from_slice(&line)
-                .map_err(|e| floodgate_core::stream::StreamError::Io(io::Error::other(e)))?;
+            let parsed: Line<'_> = serde_json::from_slice(&line).map_err(|e| {
+                floodgate_core::stream::StreamError::Io(io::Error::other(format!(
+                    "{}: outbox line at byte offset {off} changed under the reader: {e}",
+                    self.path.display()
+                )))
+            })?;
             let skip = if seq == seq0 { i0 as usize } else { 0 };
             for (i, event) in parsed.events.iter().enumerate().skip(skip) {
                 let time = serde_json::from_str::<serde_json::Value>(event.get())
@@ -289,5 +459,61 @@ impl floodgate_core::stream::StreamReader for OutboxReader {
             next: Some(next),
             records_behind: (index.len() - consumed_lines.min(index.len())) as u64,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seq: u64) -> OutboxEntry {
+        OutboxEntry {
+            seq,
+            events: vec![format!(r#"{{"id":"e-{seq}"}}"#)],
+        }
+    }
+
+    #[test]
+    fn an_undo_that_fails_stops_the_outbox_until_it_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let outbox = EmbeddedOutbox::open(dir.path()).unwrap();
+            outbox.publish(&[entry(1)]).await.unwrap();
+            // A file that can be neither written nor cut: the write fails, and so does
+            // the undo, so what follows the last good line is unknown.
+            {
+                let mut w = outbox.writer.lock().unwrap();
+                w.file = File::open(outbox.path()).unwrap();
+            }
+            let err = outbox.publish(&[entry(2)]).await.unwrap_err();
+            assert!(
+                err.to_string().contains("cannot cut the file back"),
+                "{err}"
+            );
+            // Even once the file could be written again, this outbox refuses: a torn
+            // line must never end up between good ones.
+            {
+                let mut w = outbox.writer.lock().unwrap();
+                w.file = OpenOptions::new()
+                    .read(true)
+                    .append(true)
+                    .open(outbox.path())
+                    .unwrap();
+            }
+            let err = outbox.publish(&[entry(2)]).await.unwrap_err();
+            assert!(err.to_string().contains("refuses to publish"), "{err}");
+            drop(outbox);
+
+            let reopened = EmbeddedOutbox::open(dir.path()).unwrap();
+            assert_eq!(reopened.last_published().await.unwrap(), Some(1));
+            reopened.publish(&[entry(2)]).await.unwrap();
+            assert_eq!(
+                read_events(dir.path()).unwrap(),
+                vec![r#"{"id":"e-1"}"#, r#"{"id":"e-2"}"#]
+            );
+        });
     }
 }

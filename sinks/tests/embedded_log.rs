@@ -170,11 +170,40 @@ fn a_second_writer_is_refused_and_shard_count_is_fixed() {
     assert!(err.to_string().contains("4 shards"), "{err}");
 }
 
+/// The byte offsets of the frames of a segment, from their headers (`body_len` is the
+/// first four bytes, little-endian; the header is 32 bytes).
+fn frame_offsets(bytes: &[u8]) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    while pos + 32 <= bytes.len() {
+        out.push(pos as u64);
+        let body_len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        pos += 32 + body_len;
+    }
+    out
+}
+
+fn append_bytes(path: &Path, bytes: &[u8]) {
+    OpenOptions::new()
+        .append(true)
+        .open(path)
+        .unwrap()
+        .write_all(bytes)
+        .unwrap();
+}
+
+fn flip_byte(path: &Path, offset: u64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[offset as usize] ^= 0x5a;
+    std::fs::write(path, bytes).unwrap();
+}
+
 fn active_segment(root: &Path, shard: u32) -> std::path::PathBuf {
     let dir = root.join(format!("shard-{shard:04}"));
     let mut segs: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
         .collect();
     segs.sort();
     segs.pop().unwrap()
@@ -182,7 +211,8 @@ fn active_segment(root: &Path, shard: u32) -> std::path::PathBuf {
 
 #[test]
 fn torn_tail_is_truncated_and_complete_records_are_kept() {
-    // Several kinds of damage at the tail: garbage, a truncated frame, a half header.
+    // Kinds of tail a crash leaves past the durable watermark: garbage, zeros, a header
+    // copied and cut short, a frame cut short.
     for damage in 0..4 {
         let dir = tempfile::tempdir().unwrap();
         let config = EmbeddedStreamConfig { shards: 1, ..cfg() };
@@ -197,55 +227,27 @@ fn torn_tail_is_truncated_and_complete_records_are_kept() {
             log.close().await.unwrap();
         });
         let seg = active_segment(dir.path(), 0);
-        let len = std::fs::metadata(&seg).unwrap().len();
-        match damage {
-            0 => OpenOptions::new()
-                .append(true)
-                .open(&seg)
-                .unwrap()
-                .write_all(b"garbage\xff\x00 bytes")
-                .unwrap(),
-            1 => OpenOptions::new()
-                .append(true)
-                .open(&seg)
-                .unwrap()
-                .write_all(&[0u8; 5])
-                .unwrap(),
-            2 => {
-                // Append a copy of the first frame's header with a wrong sequence and
-                // cut it short: looks like a frame in progress.
-                let bytes = std::fs::read(&seg).unwrap();
-                OpenOptions::new()
-                    .append(true)
-                    .open(&seg)
-                    .unwrap()
-                    .write_all(&bytes[..40])
-                    .unwrap();
-            }
-            _ => {
-                // Cut the last frame in half: its records were never acknowledged in a
-                // real crash; here we only check recovery keeps the 9 whole frames.
-                OpenOptions::new()
-                    .write(true)
-                    .open(&seg)
-                    .unwrap()
-                    .set_len(len - 3)
-                    .unwrap();
-            }
-        }
+        let bytes = std::fs::read(&seg).unwrap();
+        let frames = frame_offsets(&bytes);
+        let tail: Vec<u8> = match damage {
+            0 => b"garbage\xff\x00 bytes".to_vec(),
+            1 => vec![0u8; 5],
+            // The first frame's header (a wrong sequence) and a little of its body.
+            2 => bytes[..40].to_vec(),
+            // A frame being written when the process died: the last frame again, cut
+            // three bytes short.
+            _ => bytes[frames[9] as usize..bytes.len() - 3].to_vec(),
+        };
+        append_bytes(&seg, &tail);
         rt().block_on(async {
             let log = EmbeddedLog::open(dir.path(), &config).unwrap();
             let all = read_all(&log).await;
-            let expected = if damage == 3 { 18 } else { 20 };
-            assert_eq!(all.len(), expected, "damage {damage}");
+            assert_eq!(all.len(), 20, "damage {damage}");
             for (i, r) in all.iter().enumerate() {
                 assert_eq!(r.1, i as u64);
             }
             let r = log.append(vec![rec("k", "after")]).await;
-            assert_eq!(
-                r[0].as_ref().unwrap().sequence.as_u64(),
-                Some(expected as u64)
-            );
+            assert_eq!(r[0].as_ref().unwrap().sequence.as_u64(), Some(20));
             let all = read_all(&log).await;
             assert_eq!(all.last().unwrap().3, "after");
             log.close().await.unwrap();
@@ -333,7 +335,14 @@ fn retention_never_deletes_what_a_consumer_still_needs() {
         // No consumer yet: nothing is deleted however large the shard grows.
         append_some(60).await;
         assert_eq!(read_all(&log).await.len(), 60);
-        // A consumer at sequence 9 pins everything after it.
+        // A consumer at sequence 9 pins everything after it. (Commits are fenced by the
+        // lease on the shard.)
+        assert!(
+            checkpoints
+                .acquire_lease("lake", &ShardId("0".into()), "worker")
+                .await
+                .unwrap()
+        );
         checkpoints
             .commit("lake", &ShardId("0".into()), &SequenceNumber::from_u64(9))
             .await
@@ -523,6 +532,328 @@ fn reads_can_start_at_a_timestamp() {
         assert!(b.records.is_empty());
         let b = log.read(&shard, &b.next.unwrap(), 100).await.unwrap();
         assert!(b.records.is_empty());
+        log.close().await.unwrap();
+    });
+}
+
+fn sequences(all: &[(String, u64, String, String)]) -> Vec<u64> {
+    all.iter().map(|r| r.1).collect()
+}
+
+/// A one-shard, uncompressed log holding records 0..n, one frame each, closed.
+fn log_of(dir: &Path, n: usize, config: &EmbeddedStreamConfig) {
+    rt().block_on(async {
+        let log = EmbeddedLog::open(dir, config).unwrap();
+        for i in 0..n {
+            assert!(log.append(vec![rec("k", &format!("record-{i}"))]).await[0].is_ok());
+        }
+        log.close().await.unwrap();
+    });
+}
+
+fn one_shard_plain() -> EmbeddedStreamConfig {
+    EmbeddedStreamConfig {
+        shards: 1,
+        compression: Compression::None,
+        ..cfg()
+    }
+}
+
+#[test]
+fn a_reader_in_another_process_never_reads_past_the_durable_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = one_shard_plain();
+    let watermark = dir.path().join("shard-0000").join("durable");
+    let published_at_5 = rt().block_on(async {
+        let log = EmbeddedLog::open(dir.path(), &config).unwrap();
+        for i in 0..5 {
+            assert!(log.append(vec![rec("k", &format!("{i}"))]).await[0].is_ok());
+        }
+        let published = std::fs::read(&watermark).expect("the writer publishes its watermark");
+        for i in 5..10 {
+            assert!(log.append(vec![rec("k", &format!("{i}"))]).await[0].is_ok());
+        }
+        log.close().await.unwrap();
+        published
+    });
+    // Frames 5..9 are whole and CRC-valid on disk, but the published watermark covers only
+    // 0..4: what a reader meets while the writer is between its write and its fsync. A short
+    // write at a full disk could still cut those frames off and give their sequences to
+    // other records, which a reader that had applied them would then skip.
+    std::fs::write(&watermark, &published_at_5).unwrap();
+    let reader = EmbeddedLogReader::open(dir.path()).unwrap();
+    assert_eq!(
+        sequences(&rt().block_on(read_all(&reader))),
+        [0, 1, 2, 3, 4]
+    );
+    // records_behind counts the durable records not read yet.
+    let b = reader
+        .read_blocking(0, &StartPosition::TrimHorizon, 2)
+        .unwrap();
+    assert_eq!((b.records.len(), b.records_behind), (2, 3));
+    let b = reader
+        .read_blocking(0, &StartPosition::AtTimestamp(i64::MAX), 10)
+        .unwrap();
+    assert!(b.records.is_empty());
+    assert_eq!(
+        b.next,
+        Some(StartPosition::At(SequenceNumber::from_u64(5))),
+        "a position at the end is the durable end"
+    );
+
+    // No watermark at all (a log an older floodgate wrote): nothing is known durable.
+    std::fs::remove_file(&watermark).unwrap();
+    let reader = EmbeddedLogReader::open(dir.path()).unwrap();
+    assert!(rt().block_on(read_all(&reader)).is_empty());
+
+    // The writer's next open keeps the whole frames, fsyncs them and publishes them.
+    rt().block_on(async {
+        let log = EmbeddedLog::open(dir.path(), &config).unwrap();
+        let reader = EmbeddedLogReader::open(dir.path()).unwrap();
+        assert_eq!(read_all(&reader).await.len(), 10);
+        let r = log.append(vec![rec("k", "10")]).await;
+        assert_eq!(r[0].as_ref().unwrap().sequence.as_u64(), Some(10));
+        let b = reader
+            .read_blocking(0, &StartPosition::At(SequenceNumber::from_u64(10)), 5)
+            .unwrap();
+        assert_eq!((b.records.len(), b.records_behind), (1, 0));
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn damage_before_the_end_of_the_active_segment_refuses_open_and_fails_reads() {
+    // A flipped byte in a frame's body, and one in its length (the next frame boundary is
+    // then unknown and has to be searched for).
+    for (what, delta) in [("body", 40u64), ("length", 1)] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = one_shard_plain();
+        log_of(dir.path(), 20, &config);
+        let seg = active_segment(dir.path(), 0);
+        let frames = frame_offsets(&std::fs::read(&seg).unwrap());
+        flip_byte(&seg, frames[3] + delta);
+        let before = std::fs::read(&seg).unwrap();
+
+        let err = EmbeddedLog::open(dir.path(), &config).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, floodgate_core::stream::StreamError::Corrupt(_)),
+            "{what}: {msg}"
+        );
+        assert!(msg.contains(&seg.display().to_string()), "{what}: {msg}");
+        assert!(
+            msg.contains(&format!("byte offset {}", frames[3])),
+            "{what}: {msg}"
+        );
+        assert!(msg.contains("stream verify"), "{what}: {msg}");
+        assert_eq!(
+            std::fs::read(&seg).unwrap(),
+            before,
+            "{what}: a refused open changes nothing"
+        );
+
+        // A reader in another process gets what precedes the damage, then fails at it; it
+        // does not end quietly before it.
+        let reader = EmbeddedLogReader::open(dir.path()).unwrap();
+        let b = reader
+            .read_blocking(0, &StartPosition::TrimHorizon, 100)
+            .unwrap();
+        assert_eq!(sequences_of(&b.records), [0, 1, 2], "{what}");
+        let err = reader
+            .read_blocking(0, &b.next.unwrap(), 100)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&seg.display().to_string())
+                && err.contains(&format!("byte offset {}", frames[3])),
+            "{what}: {err}"
+        );
+
+        let report = floodgate_sinks::log_verify::check(dir.path()).unwrap();
+        assert_eq!(report.problems.len(), 1, "{what}: {report:?}");
+        let p = &report.problems[0];
+        assert_eq!(
+            (&p.path, p.offset, p.first_sequence, p.end_sequence),
+            (&seg, frames[3], Some(3), Some(4)),
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn a_damaged_tail_is_truncated_only_when_it_was_never_acknowledged() {
+    let config = one_shard_plain();
+    // The last frame of a cleanly closed log was acknowledged: cutting it is refused.
+    let dir = tempfile::tempdir().unwrap();
+    log_of(dir.path(), 10, &config);
+    let seg = active_segment(dir.path(), 0);
+    let bytes = std::fs::read(&seg).unwrap();
+    let last = *frame_offsets(&bytes).last().unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(bytes.len() as u64 - 3)
+        .unwrap();
+    let err = EmbeddedLog::open(dir.path(), &config)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&format!("byte offset {last}")), "{err}");
+    assert!(
+        err.contains("records below sequence 10 were acknowledged"),
+        "{err}"
+    );
+
+    // A log without a watermark (an older floodgate's): a bad last frame with nothing
+    // valid after it is a torn tail and is cut; damage with valid frames after it is not.
+    let dir = tempfile::tempdir().unwrap();
+    log_of(dir.path(), 10, &config);
+    std::fs::remove_file(dir.path().join("shard-0000").join("durable")).unwrap();
+    let seg = active_segment(dir.path(), 0);
+    let frames = frame_offsets(&std::fs::read(&seg).unwrap());
+    flip_byte(&seg, frames[9] + 40);
+    rt().block_on(async {
+        let log = EmbeddedLog::open(dir.path(), &config).unwrap();
+        assert_eq!(read_all(&log).await.len(), 9);
+        log.close().await.unwrap();
+    });
+    std::fs::remove_file(dir.path().join("shard-0000").join("durable")).unwrap();
+    flip_byte(&seg, frames[2] + 40);
+    let err = EmbeddedLog::open(dir.path(), &config)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&format!("byte offset {}", frames[2])), "{err}");
+    assert!(err.contains("a valid frame follows"), "{err}");
+}
+
+#[test]
+fn damage_in_a_sealed_segment_fails_reads_and_a_repair_accepts_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    // About four records per segment.
+    let config = EmbeddedStreamConfig {
+        segment_bytes: 4096,
+        ..one_shard_plain()
+    };
+    let payload = "x".repeat(1000);
+    rt().block_on(async {
+        let log = EmbeddedLog::open(dir.path(), &config).unwrap();
+        for i in 0..20 {
+            assert!(log.append(vec![rec("k", &format!("{i}-{payload}"))]).await[0].is_ok());
+        }
+        log.close().await.unwrap();
+    });
+    let shard = dir.path().join("shard-0000");
+    let first = shard.join(format!("{:020}.seg", 0));
+    let frames = frame_offsets(&std::fs::read(&first).unwrap());
+    assert!(frames.len() >= 3, "{frames:?}");
+    flip_byte(&first, frames[1] + 100);
+
+    rt().block_on(async {
+        // Only the active segment is checked at open; the damage is found by the reader.
+        let log = EmbeddedLog::open(dir.path(), &config).unwrap();
+        let shard_id = ShardId("0".into());
+        let b = log
+            .read(&shard_id, &StartPosition::TrimHorizon, 100)
+            .await
+            .unwrap();
+        assert_eq!(sequences_of(&b.records), [0], "records before the damage");
+        let err = log
+            .read(&shard_id, &b.next.unwrap(), 100)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&first.display().to_string())
+                && err.contains(&format!("byte offset {}", frames[1])),
+            "the reader skipped the rest of a damaged segment: {err}"
+        );
+        let report = floodgate_sinks::log_verify::check(dir.path()).unwrap();
+        assert_eq!(report.problems.len(), 1, "{report:?}");
+        assert_eq!(report.problems[0].offset, frames[1]);
+        assert_eq!(report.problems[0].first_sequence, Some(1));
+        assert_eq!(report.problems[0].end_sequence, Some(2));
+        // A repair needs the writer stopped.
+        let err = floodgate_sinks::log_verify::repair(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("stop the server"), "{err}");
+        log.close().await.unwrap();
+    });
+
+    let (actions, after) = floodgate_sinks::log_verify::repair(dir.path()).unwrap();
+    assert!(after.is_clean(), "{after:?}");
+    assert_eq!(actions.len(), 1);
+    assert_eq!(actions[0].offset, frames[1]);
+    assert_eq!(
+        actions[0].moved_to,
+        shard.join(format!("{:020}.seg.damaged-{}", 0, frames[1]))
+    );
+    assert!(actions[0].new_segment.is_none());
+    assert_eq!(std::fs::metadata(&first).unwrap().len(), frames[1]);
+    rt().block_on(async {
+        let log = EmbeddedLog::open(dir.path(), &config).unwrap();
+        let all = read_all(&log).await;
+        let seqs = sequences(&all);
+        assert_eq!(seqs[0], 0);
+        // The segment's records after the damage left the stream; the rest reads on.
+        let next_segment = seqs[1];
+        assert_eq!(seqs[1..], (next_segment..20).collect::<Vec<_>>()[..]);
+        assert_eq!(
+            log.append(vec![rec("k", "new")]).await[0]
+                .as_ref()
+                .unwrap()
+                .sequence
+                .as_u64(),
+            Some(20)
+        );
+        log.close().await.unwrap();
+    });
+}
+
+fn sequences_of(records: &[floodgate_core::stream::StoredRecord]) -> Vec<u64> {
+    records
+        .iter()
+        .map(|r| r.sequence.as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_repair_of_the_active_segment_never_reuses_acknowledged_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = one_shard_plain();
+    log_of(dir.path(), 20, &config);
+    let seg = active_segment(dir.path(), 0);
+    let frames = frame_offsets(&std::fs::read(&seg).unwrap());
+    flip_byte(&seg, frames[3] + 40);
+    assert!(EmbeddedLog::open(dir.path(), &config).is_err());
+
+    let (actions, after) = floodgate_sinks::log_verify::repair(dir.path()).unwrap();
+    assert!(after.is_clean(), "{after:?}");
+    assert_eq!(actions.len(), 1);
+    assert_eq!(
+        actions[0].new_segment,
+        Some(
+            dir.path()
+                .join("shard-0000")
+                .join(format!("{:020}.seg", 20))
+        )
+    );
+    rt().block_on(async {
+        let log = EmbeddedLog::open(dir.path(), &config).unwrap();
+        // A consumer may have read up to 19 before the damage: new records start at 20.
+        let r = log.append(vec![rec("k", "after-repair")]).await;
+        assert_eq!(r[0].as_ref().unwrap().sequence.as_u64(), Some(20));
+        let all = read_all(&log).await;
+        assert_eq!(sequences(&all), [0, 1, 2, 20]);
+        let reader = EmbeddedLogReader::open(dir.path()).unwrap();
+        assert_eq!(sequences(&read_all(&reader).await), [0, 1, 2, 20]);
+
+        // Beside a live writer, bytes past the watermark are a write in progress, not damage.
+        append_bytes(&active_segment(dir.path(), 0), b"half a frame");
+        let report = floodgate_sinks::log_verify::check(dir.path()).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        assert!(
+            report.notes.iter().any(|n| n.contains("in progress")),
+            "{report:?}"
+        );
         log.close().await.unwrap();
     });
 }
