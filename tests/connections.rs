@@ -149,3 +149,158 @@ fn http2_cleartext_and_http1_keep_alive_are_both_served() {
     });
     assert_eq!(stream_read(dir.path(), &["--limit", "100"]).len(), 6);
 }
+
+/// The HTTP/2 connection preface, then an empty SETTINGS frame.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const H2_EMPTY_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+/// Idle connections are closed after `idle_timeout_ms`, so they cannot hold every
+/// connection slot: HTTP/2 connections that sent their preface and then nothing, and TCP
+/// connections that sent nothing at all, are closed and `/healthz` is answered. Clients
+/// sending requests back to back on one HTTP/1 keep-alive connection and on one HTTP/2
+/// connection are not cut, however long they go on.
+#[test]
+fn idle_connections_are_closed_and_busy_ones_kept() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(
+        dir.path(),
+        "[ingest]\nmax_connections = 8\nidle_timeout_ms = 1000\n",
+    );
+    let addr = server.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    // Two busy clients, one connection each, each counting its answered requests.
+    let busy: Vec<_> = [false, true]
+        .into_iter()
+        .map(|http2| {
+            let (stop, done) = (stop.clone(), Arc::new(AtomicUsize::new(0)));
+            let counter = done.clone();
+            let client = std::thread::spawn(move || busy_client(addr, http2, &stop, &counter));
+            (done, client)
+        })
+        .collect();
+    common::wait_for(30, "both busy clients to be served", || {
+        busy.iter()
+            .all(|(n, _)| n.load(Ordering::Relaxed) > 0)
+            .then_some(())
+    });
+
+    // More idle connections than there are slots left: h2 prefaces (some with their
+    // SETTINGS), and silent TCP connections.
+    let mut idle = Vec::new();
+    for i in 0..10 {
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        s.write_all(H2_PREFACE).unwrap();
+        if i % 2 == 0 {
+            s.write_all(H2_EMPTY_SETTINGS).unwrap();
+        }
+        idle.push(s);
+    }
+    for _ in 0..3 {
+        idle.push(TcpStream::connect(server.addr).unwrap());
+    }
+    let opened = Instant::now();
+    // /healthz waits in the accept queue behind them until they are closed.
+    let mut probe = TcpStream::connect(server.addr).unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let resp = read_response(&mut probe).expect("/healthz answered once idle connections close");
+    assert_eq!(resp.status, 200);
+    // The server closed them (after a GOAWAY, for HTTP/2); it did not just forget them.
+    for mut s in idle {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut sink = Vec::new();
+        if let Err(e) = s.read_to_end(&mut sink) {
+            // A reset is a close too; only a read timeout means the connection is open.
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset,
+                "an idle connection was not closed by the server: {e}"
+            );
+        }
+    }
+    // The busy clients outlived the idle timeout several times over before they stop.
+    common::wait_for(30, "the busy clients to run past 3 idle timeouts", || {
+        (opened.elapsed() > Duration::from_secs(3)).then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    for (done, client) in busy {
+        client
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("a busy client was cut off: {e}"));
+        assert!(done.load(Ordering::Relaxed) > 10);
+    }
+}
+
+/// Sends `GET /healthz` back to back on one connection (HTTP/2 or HTTP/1.1 keep-alive)
+/// until `stop`, counting answers in `done`; any failure, a closed connection among
+/// them, is an error.
+fn busy_client(
+    addr: std::net::SocketAddr,
+    http2: bool,
+    stop: &std::sync::atomic::AtomicBool,
+    done: &std::sync::atomic::AtomicUsize,
+) -> Result<(), String> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::sync::atomic::Ordering;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let io = TokioIo::new(tcp);
+        let mut send = if http2 {
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            Sender::H2(send)
+        } else {
+            let (send, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            Sender::H1(send)
+        };
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let req = hyper::Request::get(format!("http://{addr}/healthz"))
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let resp = match &mut send {
+                Sender::H1(s) => {
+                    s.ready().await.map_err(|e| format!("request {n}: {e}"))?;
+                    s.send_request(req).await
+                }
+                Sender::H2(s) => s.send_request(req).await,
+            }
+            .map_err(|e| format!("request {n}: {e}"))?;
+            if resp.status() != 200 {
+                return Err(format!("request {n}: status {}", resp.status()));
+            }
+            resp.into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("request {n}: {e}"))?;
+            n += 1;
+            done.store(n, Ordering::Relaxed);
+        }
+        Ok(())
+    })
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>),
+}

@@ -1,10 +1,14 @@
 //! Dedupe of producer retries on the real binary: an event whose (source, id) was
 //! accepted within the window is answered accepted with "duplicate": true and appended
-//! once, also after a SIGKILL and restart; outside the window it is appended again.
+//! once, also after a SIGKILL and restart; outside the window it is appended again; a
+//! request abandoned mid-append leaves no id waiting on it.
 
 mod common;
 
-use common::{Server, booking, stream_read};
+use std::io::Write;
+use std::net::TcpStream;
+
+use common::{Server, booking, metric, stream_read, wait_for};
 use serde_json::Value;
 
 fn copies(dir: &std::path::Path, id: &str) -> usize {
@@ -96,4 +100,83 @@ fn outside_the_window_an_event_is_appended_again() {
     let r = server.post_batch(&[e]);
     assert!(r.json()["results"][0].get("duplicate").is_none());
     assert_eq!(copies(&dir.path().join("data"), "w1"), 2);
+}
+
+/// A producer whose request is abandoned after its events were claimed in the dedupe
+/// window, but before their append returned (it hung up, or `request_timeout` cut the
+/// request), retries: the retry is answered, accepted as duplicates of what the first
+/// append stored, and nothing is stored twice. Not 503 `retry` forever.
+#[test]
+fn a_retry_after_an_abandoned_request_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("floodgate.toml");
+    // Appends wait 1 s for company before their fsync and requests give up after
+    // 500 ms: every append outlives both a client that hangs up early and its request.
+    std::fs::write(
+        &config,
+        "[ingest]\nrequest_timeout_ms = 500\n[stream.embedded]\ngroup_commit_max_delay_us = 1000000\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &["--config", config.to_str().unwrap()]);
+    let batch = |prefix: &str| -> Vec<Value> {
+        (0..500)
+            .map(|i| booking(&format!("{prefix}{i}"), &format!("b{prefix}{i}"), "E", 1))
+            .collect()
+    };
+
+    // 1. The client hangs up once its events are claimed. The claim is taken in the same
+    // step that counts the batch in /metrics, so once the count moves the claims exist
+    // and the append (held 1 s by the group commit) has not returned.
+    let hung_up = batch("hup-");
+    let counted = || metric(&server, "floodgate_ingest_batch_size_events_count", &[]);
+    let before = counted();
+    let body = serde_json::to_vec(&hung_up).unwrap();
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/cloudevents-batch+json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&body).unwrap();
+    wait_for(30, "the batch to be claimed", || {
+        (counted() > before).then_some(())
+    });
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    drop(s);
+    retried_until_answered(&server, &hung_up);
+
+    // 2. The request is cut by request_timeout while its append waits.
+    let timed_out = batch("late-");
+    let r = server.post_batch(&timed_out);
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["code"], "request_timeout");
+    retried_until_answered(&server, &timed_out);
+
+    let stored = stream_read(&data, &[]);
+    for e in hung_up.iter().chain(&timed_out) {
+        let id = e["id"].as_str().unwrap();
+        let n = stored.iter().filter(|r| r["event"]["id"] == id).count();
+        assert_eq!(n, 1, "{id} stored {n} times");
+    }
+}
+
+/// Retries `events` until they are answered 200 (503 meanwhile is fine: the first append
+/// may still be running), then checks that every one is a duplicate of the stored copy.
+fn retried_until_answered(server: &Server, events: &[Value]) {
+    let r = wait_for(30, "the retry to be answered 200, not 503", || {
+        let r = server.post_batch(events);
+        match r.status {
+            200 => Some(r),
+            503 => None,
+            other => panic!("unexpected {other}: {}", String::from_utf8_lossy(&r.body)),
+        }
+    });
+    let body = r.json();
+    assert_eq!(body["accepted"], events.len(), "{body}");
+    let results = body["results"].as_array().unwrap();
+    assert!(
+        results.iter().all(|e| e["duplicate"] == true),
+        "the first append stored them all: {body}"
+    );
 }

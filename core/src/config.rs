@@ -87,6 +87,10 @@ pub struct IngestConfig {
     pub request_timeout_ms: u64,
     /// Connections served at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// A connection with no request in flight and no bytes moving for this long is closed
+    /// (HTTP/1 keep-alive, HTTP/2, and a connection that never sends a request), so idle
+    /// connections cannot hold every one of `max_connections`.
+    pub idle_timeout_ms: u64,
     /// An event whose (source, id) was accepted this recently is answered as a duplicate
     /// and not appended again. 0 turns dedupe off.
     pub dedupe_window_ms: u64,
@@ -94,8 +98,9 @@ pub struct IngestConfig {
     pub dedupe_max_ids: usize,
     /// `Retry-After` sent with 503 when the stream cannot take a batch.
     pub retry_after_secs: u64,
-    /// Request bodies held in memory at once, in bytes, across all connections. A request
-    /// that would pass it is answered 503 with `Retry-After` before its body is read.
+    /// Request bodies held in memory at once, in bytes, across all connections, charged by
+    /// the bytes read so far (a compressed body also by its inflated size). A request that
+    /// would pass it is answered 503 with `Retry-After`.
     pub max_inflight_body_bytes: u64,
     /// When the processors in this process are more than this many records behind the
     /// stream's head on any shard, new events are answered 503 with `Retry-After`.
@@ -204,6 +209,7 @@ impl Default for IngestConfig {
             body_timeout_ms: 30_000,
             request_timeout_ms: 60_000,
             max_connections: 10_000,
+            idle_timeout_ms: 60_000,
             dedupe_window_ms: 600_000,
             dedupe_max_ids: 2_000_000,
             retry_after_secs: 1,
@@ -316,6 +322,9 @@ impl Config {
         {
             return e("ingest timeouts must be at least 1 ms");
         }
+        if self.ingest.idle_timeout_ms == 0 {
+            return e("ingest.idle_timeout_ms must be at least 1");
+        }
         if self.ingest.max_batch_events == 0 {
             return e("ingest.max_batch_events must be at least 1");
         }
@@ -402,6 +411,17 @@ mod tests {
         let c = Config::from_toml("[stream.embedded]\nshards = 8\ncompression = \"none\"").unwrap();
         assert_eq!(c.stream.embedded.shards, 8);
         assert_eq!(c.stream.embedded.compression, Compression::None);
+    }
+
+    #[test]
+    fn idle_timeout_is_read_and_checked() {
+        assert_eq!(Config::default().ingest.idle_timeout_ms, 60_000);
+        let c = Config::from_toml("[ingest]\nidle_timeout_ms = 1500").unwrap();
+        assert_eq!(c.ingest.idle_timeout_ms, 1500);
+        c.validate().unwrap();
+        let c = Config::from_toml("[ingest]\nidle_timeout_ms = 0").unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("idle_timeout_ms"), "{e}");
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! After a restart the window is rebuilt from the log's tail ([`Deduper::remember`]).
 //!
 //! An id whose first copy is still being appended is answered `retry`: whether that first
-//! copy becomes durable is not known yet.
+//! copy becomes durable is not known yet. Every claim ends settled ([`Deduper::settle`])
+//! or released ([`Deduper::release`]), also when the request that made it is abandoned,
+//! so pending claims are bounded by the requests being appended.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -131,6 +133,19 @@ impl Deduper {
         metrics::gauge!("floodgate_ingest_dedupe_ids").set(state.slots.len() as f64);
     }
 
+    /// Forgets claims whose append never reported back (it was cancelled, or failed in
+    /// a way that leaves its outcome unknown), so that a retry is appended again rather
+    /// than answered `retry` forever. Keys that are no longer pending are left alone.
+    pub fn release(&self, keys: &[Key]) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for key in keys {
+            if state.slots.get(&MapKey(*key)) == Some(&PENDING) {
+                state.slots.remove(&MapKey(*key));
+            }
+        }
+        metrics::gauge!("floodgate_ingest_dedupe_ids").set(state.slots.len() as f64);
+    }
+
     /// Remembers an event accepted at `at_ms` (rebuilding the window from the log).
     /// Calls must come in acceptance-time order per source of truth; out-of-order times
     /// only make an id expire a little early or late.
@@ -174,6 +189,18 @@ mod tests {
         assert_eq!(d.claim(&[a], 1003), [Claim::New]);
         assert_eq!(d.claim(&[b], 1003), [Claim::Duplicate]);
         assert_ne!(key("s", "ab"), key("sa", "b"));
+    }
+
+    #[test]
+    fn released_claims_are_claimed_again() {
+        let d = Deduper::new(1000, 100);
+        let (a, b) = (key("s", "a"), key("s", "b"));
+        assert_eq!(d.claim(&[a, b], 0), [Claim::New, Claim::New]);
+        d.settle(&[(b, true)], 1);
+        // Releasing touches only what is still pending: `b` stays accepted.
+        d.release(&[a, b]);
+        assert_eq!(d.claim(&[a, b], 2), [Claim::New, Claim::Duplicate]);
+        assert_eq!(d.len(), 2);
     }
 
     #[test]

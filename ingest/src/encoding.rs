@@ -48,30 +48,59 @@ pub enum DecompressError {
     TooLarge(u64),
     #[error("the body is not valid {0}: {1}")]
     Corrupt(&'static str, String),
+    /// The caller's budget for bodies in memory has no room for more inflated bytes.
+    #[error("no room in memory to decompress the body")]
+    OverBudget,
 }
+
+/// Inflated bytes are produced (and charged) in steps of this many.
+const INFLATE_STEP: u64 = 64 * 1024;
 
 /// Decompresses `body`, refusing output above `limit` bytes.
 pub fn decompress(encoding: Encoding, body: &Bytes, limit: u64) -> Result<Bytes, DecompressError> {
-    let mut out = Vec::new();
-    let read = match encoding {
+    decompress_charged(encoding, body, limit, &mut |_| true)
+}
+
+/// As [`decompress`], calling `charge` with the size of each step of output before
+/// going on, so that memory is paid for as it is taken; a `false` from `charge` stops
+/// with [`DecompressError::OverBudget`]. An identity body charges nothing (it is in
+/// memory already).
+pub fn decompress_charged(
+    encoding: Encoding,
+    body: &Bytes,
+    limit: u64,
+    charge: &mut dyn FnMut(u64) -> bool,
+) -> Result<Bytes, DecompressError> {
+    let zstd_error = |e: std::io::Error| DecompressError::Corrupt("zstd", e.to_string());
+    let (name, decoder): (&'static str, Box<dyn Read + '_>) = match encoding {
         Encoding::Identity => return Ok(body.clone()),
-        Encoding::Gzip => flate2::read::MultiGzDecoder::new(&body[..])
-            .take(limit + 1)
-            .read_to_end(&mut out)
-            .map_err(|e| DecompressError::Corrupt("gzip", e.to_string())),
+        Encoding::Gzip => (
+            "gzip",
+            Box::new(flate2::read::MultiGzDecoder::new(&body[..])),
+        ),
         Encoding::Zstd => {
-            let mut decoder = zstd::stream::read::Decoder::new(&body[..])
-                .map_err(|e| DecompressError::Corrupt("zstd", e.to_string()))?;
+            let mut decoder = zstd::stream::read::Decoder::new(&body[..]).map_err(zstd_error)?;
             decoder
                 .window_log_max(ZSTD_WINDOW_LOG_MAX)
-                .map_err(|e| DecompressError::Corrupt("zstd", e.to_string()))?;
-            decoder
-                .take(limit + 1)
-                .read_to_end(&mut out)
-                .map_err(|e| DecompressError::Corrupt("zstd", e.to_string()))
+                .map_err(zstd_error)?;
+            ("zstd", Box::new(decoder))
         }
     };
-    read?;
+    let corrupt = |e: std::io::Error| DecompressError::Corrupt(name, e.to_string());
+    let mut capped = decoder.take(limit + 1);
+    let mut out = Vec::new();
+    loop {
+        let n = (&mut capped)
+            .take(INFLATE_STEP)
+            .read_to_end(&mut out)
+            .map_err(corrupt)? as u64;
+        if n == 0 {
+            break;
+        }
+        if !charge(n) {
+            return Err(DecompressError::OverBudget);
+        }
+    }
     if out.len() as u64 > limit {
         return Err(DecompressError::TooLarge(limit));
     }
@@ -214,6 +243,30 @@ mod tests {
             decompress(Encoding::Gzip, &Bytes::from_static(b"not gzip"), 100),
             Err(DecompressError::Corrupt(..))
         ));
+    }
+
+    #[test]
+    fn decompression_is_charged_as_it_inflates() {
+        let plain = vec![b'a'; 300_000];
+        let zs = Bytes::from(zstd::bulk::compress(&plain, 1).unwrap());
+        let mut charged = 0;
+        let out = decompress_charged(Encoding::Zstd, &zs, 1 << 20, &mut |n| {
+            charged += n;
+            true
+        })
+        .unwrap();
+        assert_eq!((out.len(), charged), (300_000, 300_000));
+        // A budget with room for two steps stops the third.
+        let mut steps = 0;
+        let refused = decompress_charged(Encoding::Zstd, &zs, 1 << 20, &mut |_| {
+            steps += 1;
+            steps <= 2
+        });
+        assert!(
+            matches!(refused, Err(DecompressError::OverBudget)),
+            "{refused:?}"
+        );
+        assert_eq!(steps, 3);
     }
 
     #[test]

@@ -1,21 +1,23 @@
 //! `POST /v1/events`: body → events → checks → durable append → one result per event.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use floodgate_core::FieldError;
 use floodgate_core::check::{Outcome, check_body};
 use floodgate_core::decode::{BodyFormat, DecodeError};
 use floodgate_core::registry::Registry;
-use floodgate_core::stream::{AppendError, Record};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use floodgate_core::stream::{AppendError, Appended, Record, StreamWriter};
+use http_body_util::BodyExt;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::app::Inner;
 use crate::auth::{Caller, Charge, Principal, RateState};
-use crate::dedupe::{self, Claim};
+use crate::dedupe::{self, Claim, Deduper};
 use crate::encoding::{self, BinaryModeError, DecompressError, Encoding};
 use crate::response::{self, Body};
 
@@ -36,6 +38,168 @@ const QUARANTINE_MAX_BODY: usize = 1 << 20;
 /// Bodies larger than this are decoded and validated on the blocking pool, so a big batch
 /// never holds an async worker for more than a fraction of a millisecond.
 const INLINE_CHECK_MAX_BYTES: usize = 64 * 1024;
+
+/// One request's share of the budget for bodies in memory (`max_inflight_body_bytes`,
+/// as KiB permits of `Inner::inflight`). It grows with the bytes actually held, as the
+/// body's frames arrive and as a compressed body inflates, so a slow or chunked body
+/// costs what it has sent, not the largest body it might become.
+#[derive(Debug)]
+struct BodyCharge {
+    budget: Arc<Semaphore>,
+    held: Option<OwnedSemaphorePermit>,
+    bytes: u64,
+}
+
+impl BodyCharge {
+    fn new(budget: Arc<Semaphore>) -> Self {
+        Self {
+            budget,
+            held: None,
+            bytes: 0,
+        }
+    }
+
+    /// Charges `n` more bytes; `false`, charging nothing, when the budget has no room.
+    fn add(&mut self, n: u64) -> bool {
+        let want = self.bytes.saturating_add(n).div_ceil(1024);
+        let have = self.held.as_ref().map_or(0, |p| p.num_permits() as u64);
+        if want > have {
+            let Ok(more) = u32::try_from(want - have) else {
+                return false;
+            };
+            match self.budget.clone().try_acquire_many_owned(more) {
+                Ok(p) => match &mut self.held {
+                    Some(held) => held.merge(p),
+                    None => self.held = Some(p),
+                },
+                Err(_) => return false,
+            }
+        }
+        self.bytes += n;
+        true
+    }
+
+    /// Gives `n` bytes back (a compressed body once it has been inflated and dropped).
+    fn release(&mut self, n: u64) {
+        self.bytes = self.bytes.saturating_sub(n);
+        let want = self.bytes.div_ceil(1024) as usize;
+        if let Some(held) = &mut self.held {
+            let extra = held.num_permits().saturating_sub(want);
+            drop(held.split(extra));
+        }
+    }
+}
+
+/// Why a body could not be read.
+enum ReadError {
+    TooLarge,
+    /// The budget for bodies in memory is used up.
+    OverBudget,
+    Failed(String),
+}
+
+/// Reads a whole body of at most `max` bytes, charging `charge` for each frame as it
+/// arrives.
+async fn read_body<B>(body: B, max: u64, charge: &mut BodyCharge) -> Result<Bytes, ReadError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0u64;
+    while let Some(frame) = body.as_mut().frame().await {
+        let frame = frame.map_err(|e| ReadError::Failed(e.into().to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        total += data.len() as u64;
+        if total > max {
+            return Err(ReadError::TooLarge);
+        }
+        if !charge.add(data.len() as u64) {
+            return Err(ReadError::OverBudget);
+        }
+        chunks.push(data);
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().expect("one chunk"),
+        _ => {
+            let mut all = BytesMut::with_capacity(total as usize);
+            for c in chunks {
+                all.extend_from_slice(&c);
+            }
+            all.freeze()
+        }
+    })
+}
+
+/// A request's claims in the dedupe window, with the index of the record each claimed
+/// event is appended as. Dropped unsettled (the append was cancelled, or panicked), it
+/// releases them: otherwise every retry of those events would be answered `retry` for
+/// as long as the process runs.
+struct Claims {
+    dedupe: Option<Arc<Deduper>>,
+    keys: Vec<(dedupe::Key, usize)>,
+}
+
+impl Claims {
+    /// Remembers the appended events as accepted and forgets the others.
+    fn settle(mut self, appended: &[Result<Appended, AppendError>]) {
+        if let Some(d) = self.dedupe.take() {
+            let outcomes: Vec<(dedupe::Key, bool)> = self
+                .keys
+                .iter()
+                .map(|&(k, r)| (k, appended.get(r).is_some_and(Result::is_ok)))
+                .collect();
+            d.settle(&outcomes, now_ms());
+        }
+    }
+}
+
+impl Drop for Claims {
+    fn drop(&mut self) {
+        if let Some(d) = self.dedupe.take()
+            && !self.keys.is_empty()
+        {
+            // Whether the stream took these records is unknown: a retry appends them
+            // again, which at worst stores a second copy (the stream is at-least-once).
+            let keys: Vec<dedupe::Key> = self.keys.iter().map(|&(k, _)| k).collect();
+            d.release(&keys);
+            metrics::counter!("floodgate_ingest_dedupe_claims_released_total")
+                .increment(keys.len() as u64);
+        }
+    }
+}
+
+/// Appends a request's records, settles its dedupe claims and keeps its rejected events
+/// in the quarantine. Run as a task of its own, so that it completes even when the
+/// request is abandoned (the client hangs up, or `request_timeout` cuts it): the claims
+/// then settle as the append went, and a retry is answered as a duplicate. The body's
+/// charge is held until the records are out of memory, and handed back.
+async fn append_and_settle(
+    stream: Arc<dyn StreamWriter>,
+    quarantine_to: Option<Arc<dyn StreamWriter>>,
+    records: Vec<Record>,
+    claims: Claims,
+    held: Vec<Record>,
+    charge: BodyCharge,
+) -> (Vec<Result<Appended, AppendError>>, BodyCharge) {
+    let appended = if records.is_empty() {
+        Vec::new()
+    } else {
+        stream.append(records).await
+    };
+    claims.settle(&appended);
+    // Rejected events are kept for audit before the producer hears about them.
+    if let Some(q) = quarantine_to
+        && !held.is_empty()
+    {
+        quarantine(&*q, held).await;
+    }
+    (appended, charge)
+}
 
 /// The body format a `Content-Type` names, or `None` for a type we do not take.
 pub fn format_for(content_type: &str) -> Option<BodyFormat> {
@@ -323,28 +487,17 @@ where
     if declared.is_some_and(|n| n > limits.max_body_bytes) {
         return too_large();
     }
-    // Bodies in memory are bounded across all requests. A compressed body may inflate to
-    // the body limit, and one of unknown length may be that long.
-    let reserve = match (encoding, declared) {
-        (Encoding::Identity, Some(n)) => n,
-        _ => limits.max_body_bytes,
+    // Bodies in memory are bounded across all requests, by the bytes each one holds.
+    let mut charge = BodyCharge::new(app.inflight.clone());
+    let over_budget = || {
+        busy(
+            app,
+            "inflight_bytes",
+            "the edge holds as many request bodies as it may; retry",
+        )
     };
-    let _inflight = match app
-        .inflight
-        .clone()
-        .try_acquire_many_owned(reserve.div_ceil(1024).max(1) as u32)
-    {
-        Ok(permit) => permit,
-        Err(_) => {
-            return busy(
-                app,
-                "inflight_bytes",
-                "the edge holds as many request bodies as it may; retry",
-            );
-        }
-    };
-    let limited = Limited::new(req.into_body(), limits.max_body_bytes as usize);
-    let body = match tokio::time::timeout(limits.body_timeout, limited.collect()).await {
+    let read = read_body(req.into_body(), limits.max_body_bytes, &mut charge);
+    let body = match tokio::time::timeout(limits.body_timeout, read).await {
         Err(_) => {
             return response::error(
                 StatusCode::REQUEST_TIMEOUT,
@@ -352,36 +505,55 @@ where
                 "the body did not arrive in time",
             );
         }
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
-        Ok(Err(e)) => {
+        Ok(Err(ReadError::TooLarge)) => return too_large(),
+        Ok(Err(ReadError::OverBudget)) => return over_budget(),
+        Ok(Err(ReadError::Failed(e))) => {
             return response::error(
                 StatusCode::BAD_REQUEST,
                 "body_read_failed",
                 &format!("the body could not be read: {e}"),
             );
         }
-        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Ok(body)) => body,
     };
     let body_len = body.len();
     let body_for_quarantine = (encoding == Encoding::Identity).then(|| body.clone());
 
     let max_events = limits.max_batch_events;
     let limit = limits.max_body_bytes;
-    let work = move |registry: &Registry| -> Result<Vec<Outcome>, BodyError> {
-        let body = encoding::decompress(encoding, &body, limit)?;
-        let body = match &binary {
-            None => body,
-            Some(headers) => encoding::binary_to_structured(headers, &body)?,
+    let work =
+        move |registry: &Registry, charge: &mut BodyCharge| -> Result<Vec<Outcome>, BodyError> {
+            let body = if encoding == Encoding::Identity {
+                body
+            } else {
+                // The inflated body is charged as it grows; the compressed one is given back
+                // once it is dropped.
+                let inflated =
+                    encoding::decompress_charged(encoding, &body, limit, &mut |n| charge.add(n))?;
+                let raw_len = body.len() as u64;
+                drop(body);
+                charge.release(raw_len);
+                inflated
+            };
+            let body = match &binary {
+                None => body,
+                Some(headers) => encoding::binary_to_structured(headers, &body)?,
+            };
+            Ok(check_body(registry, &body, format, max_events)?)
         };
-        Ok(check_body(registry, &body, format, max_events)?)
-    };
     // Small plain bodies are checked right here; big or compressed ones (whose size is
     // unknown until inflated) on the blocking pool.
-    let checked = if encoding == Encoding::Identity && body_len <= INLINE_CHECK_MAX_BYTES {
-        work(&app.registry)
+    let (charge, checked) = if encoding == Encoding::Identity && body_len <= INLINE_CHECK_MAX_BYTES
+    {
+        let checked = work(&app.registry, &mut charge);
+        (charge, checked)
     } else {
         let registry = app.registry.clone();
-        match tokio::task::spawn_blocking(move || work(&registry)).await {
+        let task = tokio::task::spawn_blocking(move || {
+            let checked = work(&registry, &mut charge);
+            (charge, checked)
+        });
+        match task.await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "event check task failed");
@@ -415,6 +587,7 @@ where
                 &e.to_string(),
             );
         }
+        Err(BodyError::Decompress(DecompressError::OverBudget)) => return over_budget(),
         Err(BodyError::Decompress(e)) => {
             return response::error(
                 StatusCode::BAD_REQUEST,
@@ -463,7 +636,11 @@ where
     let now = now_ms();
     let mut plans: Vec<Option<Plan>> = Vec::with_capacity(outcomes.len());
     let mut records = Vec::new();
-    let mut claimed: Vec<(dedupe::Key, usize)> = Vec::new(); // (key, record index)
+    // Made before any claim is taken, so that no path leaves one unsettled.
+    let mut claimed = Claims {
+        dedupe: app.dedupe.clone(),
+        keys: Vec::new(),
+    };
     {
         let mut first_in_batch: HashMap<dedupe::Key, usize> = HashMap::new();
         let mut keys = Vec::new();
@@ -502,7 +679,7 @@ where
                 Some((_, Claim::InFlight)) => Plan::InFlight,
                 claim => {
                     if let Some((k, _)) = claim {
-                        claimed.push((*k, records.len()));
+                        claimed.keys.push((*k, records.len()));
                     }
                     records.push(Record {
                         key: key.clone(),
@@ -513,31 +690,40 @@ where
             });
         }
     }
-    let appended = if records.is_empty() {
-        Vec::new()
-    } else {
-        app.stream.append(records).await
-    };
-    // Rejected events are kept for audit before the producer hears about them.
-    if let Some(q) = &app.quarantine {
-        let held: Vec<Record> = outcomes
+    let held: Vec<Record> = if app.quarantine.is_some() {
+        outcomes
             .iter()
             .filter_map(|o| match o {
                 Outcome::Rejected { errors, raw, .. } => Some(quarantine_record(raw, errors)),
                 Outcome::Valid { .. } => None,
             })
-            .collect();
-        if !held.is_empty() {
-            quarantine(&**q, held).await;
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let task = tokio::spawn(append_and_settle(
+        app.stream.clone(),
+        app.quarantine.clone(),
+        records,
+        claimed,
+        held,
+        charge,
+    ));
+    let (appended, _charge) = match task.await {
+        Ok(done) => done,
+        Err(e) => {
+            // The claims were released as the task unwound; the records' fate is unknown.
+            tracing::error!(error = %e, "append task failed");
+            let mut resp = response::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "append_failed",
+                "the append failed unexpectedly; retry",
+            );
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(limits.retry_after_secs));
+            return resp;
         }
-    }
-    if let Some(d) = &app.dedupe {
-        let settled: Vec<(dedupe::Key, bool)> = claimed
-            .iter()
-            .map(|(k, r)| (*k, appended[*r].is_ok()))
-            .collect();
-        d.settle(&settled, now_ms());
-    }
+    };
 
     let mut counts: HashMap<(String, &'static str), u64> = HashMap::new();
     let (mut accepted, mut rejected, mut retry) = (0, 0, 0);

@@ -165,8 +165,10 @@ async fn consumer_lag_past_its_bound_gets_503() {
 }
 
 /// Bodies held in memory are bounded across requests: while one request holds the whole
-/// budget, the next is answered 503 at once instead of being read.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// budget with the bytes it has sent, the next is answered 503 with `Retry-After` instead
+/// of being read.
+// One thread: a request has charged a chunk by the time the test sees it taken.
+#[tokio::test]
 async fn inflight_body_bytes_are_bounded() {
     let cfg = IngestConfig {
         max_body_bytes: 64 * 1024,
@@ -174,31 +176,146 @@ async fn inflight_body_bytes_are_bounded() {
         ..IngestConfig::default()
     };
     let app = app_with(Arc::new(FullStream::default()), cfg);
-    // A body of unknown length that sends one chunk and then waits.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
-    let slow = ChannelBody(rx);
-    let req = hyper::Request::post("/v1/events")
-        .header("content-type", "application/cloudevents-batch+json")
-        .body(slow)
-        .unwrap();
-    let holder = tokio::spawn({
-        let app = app.clone();
-        async move { app.handle(req).await.status().as_u16() }
-    });
-    // With room for one chunk in the channel, the second send returns only once the first
-    // chunk was taken: the first request is reading its body, and holds the budget.
-    tx.send(Bytes::from_static(b"[")).await.unwrap();
-    let rest = serde_json::to_vec(&event("i0", 1)).unwrap();
-    tx.send(Bytes::from(rest)).await.unwrap();
+    // A body of unknown length that sends 63 KiB (JSON whitespace) and then waits.
+    let (tx, holder) = start_chunked(&app);
+    let mut head = b"[".to_vec();
+    head.resize(63 * 1024 + 1, b' ');
+    send_taken(&tx, Bytes::from(head)).await;
     let (status, retry_after, body) = post(&app, &[event("i1", 1)]).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(retry_after.as_deref(), Some("1"));
     assert_eq!(body["error"]["code"], "inflight_bytes");
     // The first body ends; its bytes return to the budget.
-    tx.send(Bytes::from_static(b"]")).await.unwrap();
+    let mut rest = serde_json::to_vec(&event("i0", 1)).unwrap();
+    rest.push(b']');
+    tx.send(Bytes::from(rest)).await.unwrap();
     drop(tx);
     assert_eq!(holder.await.unwrap(), 200);
     assert_eq!(post(&app, &[event("i2", 1)]).await.0, 200);
+}
+
+/// A slow body is charged the bytes it has sent, not the largest body it might become:
+/// a hundred chunked POSTs that have sent a byte or two do not keep a small POST out,
+/// although together they could grow past the budget.
+// One thread: a request has charged a chunk by the time the test sees it taken.
+#[tokio::test]
+async fn slow_bodies_are_charged_what_they_sent() {
+    let cfg = IngestConfig {
+        max_inflight_body_bytes: 16 * 1024 * 1024,
+        ..IngestConfig::default()
+    };
+    assert_eq!(cfg.max_body_bytes, 5 * 1024 * 1024);
+    let app = app_with(Arc::new(FullStream::default()), cfg);
+    let mut slow = Vec::new();
+    for _ in 0..100 {
+        let (tx, holder) = start_chunked(&app);
+        send_taken(&tx, Bytes::from_static(b"[")).await;
+        slow.push((tx, holder));
+    }
+    let (status, _, body) = post(&app, &[event("s0", 1)]).await;
+    assert_eq!(status, 200, "a small POST behind 100 slow ones: {body}");
+    for (i, (tx, holder)) in slow.into_iter().enumerate() {
+        let mut rest = serde_json::to_vec(&event(&format!("s{}", i + 1), 1)).unwrap();
+        rest.push(b']');
+        tx.send(Bytes::from(rest)).await.unwrap();
+        drop(tx);
+        assert_eq!(holder.await.unwrap(), 200);
+    }
+}
+
+/// A compressed body is charged what it inflates to as it inflates, not the body limit
+/// up front: it fits beside a request holding most of the budget while it is small, and
+/// is answered 503 when its inflated size does not fit.
+// One thread: a request has charged a chunk by the time the test sees it taken.
+#[tokio::test]
+async fn compressed_bodies_are_charged_as_they_inflate() {
+    let cfg = IngestConfig {
+        max_body_bytes: 1024 * 1024,
+        max_inflight_body_bytes: 1536 * 1024,
+        ..IngestConfig::default()
+    };
+    let app = app_with(Arc::new(FullStream::default()), cfg);
+    // Another request holds 960 KiB of the 1.5 MiB.
+    let (tx, holder) = start_chunked(&app);
+    let mut head = b"[".to_vec();
+    head.resize(960 * 1024, b' ');
+    send_taken(&tx, Bytes::from(head)).await;
+
+    let gzip = |plain: &[u8]| {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(plain).unwrap();
+        Bytes::from(gz.finish().unwrap())
+    };
+    let post_gzip = |body: Bytes| {
+        let app = app.clone();
+        async move {
+            let req = hyper::Request::post("/v1/events")
+                .header("content-type", "application/cloudevents-batch+json")
+                .header("content-encoding", "gzip")
+                .body(Full::new(body))
+                .unwrap();
+            let resp = app.handle(req).await;
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, serde_json::from_slice::<Value>(&body).unwrap())
+        }
+    };
+    // Small once inflated: it fits in the 576 KiB left.
+    let small = gzip(&serde_json::to_vec(&[event("z1", 1)]).unwrap());
+    let (status, body) = post_gzip(small).await;
+    assert_eq!(status, 200, "{body}");
+    // 900 KiB once inflated (within the body limit), a few bytes on the wire: no room.
+    let mut big = serde_json::to_vec(&[event("z2", 1)]).unwrap();
+    big.pop();
+    big.resize(900 * 1024, b' ');
+    big.push(b']');
+    let (status, body) = post_gzip(gzip(&big)).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "inflight_bytes");
+
+    let mut rest = serde_json::to_vec(&event("z0", 1)).unwrap();
+    rest.push(b']');
+    tx.send(Bytes::from(rest)).await.unwrap();
+    drop(tx);
+    assert_eq!(holder.await.unwrap(), 200);
+    // With the budget free again, the same big body is taken.
+    let (status, body) = post_gzip(gzip(&big)).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Starts a POST whose chunked body the test feeds through the returned sender.
+fn start_chunked(
+    app: &App,
+) -> (
+    tokio::sync::mpsc::Sender<Bytes>,
+    tokio::task::JoinHandle<u16>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let req = hyper::Request::post("/v1/events")
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(ChannelBody(rx))
+        .unwrap();
+    let holder = tokio::spawn({
+        let app = app.clone();
+        async move { app.handle(req).await.status().as_u16() }
+    });
+    (tx, holder)
+}
+
+/// Sends `chunk` and returns once the request has taken it from the channel. On a
+/// current-thread runtime the request has then also charged it: both happen in one poll
+/// of its task, which ends before the test's task runs again.
+async fn send_taken(tx: &tokio::sync::mpsc::Sender<Bytes>, chunk: Bytes) {
+    tx.send(chunk)
+        .await
+        .expect("the request is still reading its body");
+    // The channel holds one chunk: there is room again once the request took it.
+    let permit = tokio::time::timeout(std::time::Duration::from_secs(10), tx.reserve())
+        .await
+        .expect("the request took its chunk within 10 s")
+        .expect("the request is still reading its body");
+    drop(permit);
 }
 
 /// A request body fed chunk by chunk from a channel; it ends when the sender is dropped.
