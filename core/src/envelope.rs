@@ -227,9 +227,11 @@ fn is_i32(n: &serde_json::Number) -> bool {
     }
 }
 
-/// Whether `s` is an RFC 3339 `date-time` (e.g. `2026-11-22T10:00:00Z`).
+/// Whether `s` is an RFC 3339 `date-time` (e.g. `2026-11-22T10:00:00Z`). The same reading
+/// as every consumer's ([`crate::rfc3339`]): whatever `time` the edge accepts, the lake can
+/// partition by and store, leap seconds and lowercase `t`/`z` included.
 pub fn is_rfc3339(s: &str) -> bool {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).is_ok()
+    crate::rfc3339::date_time_micros(s).is_some()
 }
 
 /// Whether a `datacontenttype` denotes JSON data (absent means JSON in the JSON format).

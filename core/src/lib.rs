@@ -28,6 +28,7 @@ pub mod lake;
 pub mod object_store;
 pub mod partition;
 pub mod registry;
+pub mod rfc3339;
 pub mod state;
 pub mod stream;
 pub mod strict;
