@@ -20,6 +20,26 @@ fn python() -> PathBuf {
     p
 }
 
+/// The UTC date `days_ago` days before today, `YYYY-MM-DD`: event times inside the lake's
+/// 7-day window (an event's own `time` picks its partition only within it).
+fn day(days_ago: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // Howard Hinnant's civil_from_days.
+    let z = now.div_euclid(86_400) - days_ago + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
 fn table(event_type: &str) -> String {
     event_type.replace('.', "_")
 }
@@ -55,8 +75,8 @@ fn every_accepted_event_is_in_its_typed_table() {
         let mut batch = one_of_each(&format!("lk{round}"), &format!("E{}", round % 7));
         for (i, e) in batch.iter_mut().enumerate() {
             e["time"] = json!(format!(
-                "2026-11-{:02}T{:02}:{:02}:00Z",
-                20 + round % 3,
+                "{}T{:02}:{:02}:00Z",
+                day(1 + (round % 3) as i64),
                 (round + i) % 24,
                 i
             ));
@@ -64,6 +84,17 @@ fn every_accepted_event_is_in_its_typed_table() {
         // Events without `time` fall in the hour they were received.
         if round % 10 == 0 {
             batch[0].as_object_mut().unwrap().remove("time");
+        }
+        // So do events whose producer's clock is far off (item 12 of issue 9): their own
+        // time would put them where Athena's projection never reads.
+        let far = match round % 10 {
+            1 => Some("1900-01-01T00:00:00Z"),
+            2 => Some("0061-04-27T00:00:00Z"),
+            3 => Some("2999-01-01T00:00:00Z"),
+            _ => None,
+        };
+        if let Some(t) = far {
+            batch[1]["time"] = json!(t);
         }
         // And one invalid event, which must not reach the lake.
         let mut bad = batch[2].clone();
@@ -183,7 +214,7 @@ fn crashes_leave_a_complete_lake_and_rebuild_reproduces_it() {
                     let id = format!("r{round}-c{c}-n{n}-{i}");
                     let mut e =
                         common::booking(&id, &id.replace('-', "_"), &format!("E{}", i % 5), 1);
-                    e["time"] = json!(format!("2026-11-22T{:02}:00:00Z", (n + i) % 24));
+                    e["time"] = json!(format!("{}T{:02}:00:00Z", day(1), (n + i) % 24));
                     e
                 })
                 .collect()
@@ -255,7 +286,7 @@ fn crashes_leave_a_complete_lake_and_rebuild_reproduces_it() {
     );
 }
 
-/// 200+ small files of one partition become one, with the same multiset of rows; a replay
+/// 200+ small files of one partition become one per shard, with the same multiset of rows; a replay
 /// from the start of the stream and a rebuild then leave the rows exactly as they were.
 #[test]
 fn compaction_keeps_every_row_once_through_replay_and_rebuild() {
@@ -267,7 +298,8 @@ fn compaction_keeps_every_row_once_through_replay_and_rebuild() {
     let args = ["--config", config.to_str().unwrap()];
     let mut server = Server::start(&data, &args);
     let lake = data.join("lake");
-    let partition = lake.join("booking_requested/dt=2026-11-22/hour=10");
+    let yesterday = day(1);
+    let partition = lake.join(format!("booking_requested/dt={yesterday}/hour=10"));
     let count_files = || {
         std::fs::read_dir(&partition)
             .map(|d| {
@@ -288,7 +320,7 @@ fn compaction_keeps_every_row_once_through_replay_and_rebuild() {
             .map(|i| {
                 let id = format!("cp{n}-{i}");
                 let mut e = common::booking(&id, &id.replace('-', "_"), &format!("E{}", n % 4), 1);
-                e["time"] = json!("2026-11-22T10:30:00Z");
+                e["time"] = json!(format!("{yesterday}T10:30:00Z"));
                 e
             })
             .collect();
@@ -299,7 +331,27 @@ fn compaction_keeps_every_row_once_through_replay_and_rebuild() {
     }
     assert_eq!(server.terminate(), Some(0));
     let small = count_files();
+    // Compaction merges each shard's files on its own: one file per shard remains.
+    let shards: std::collections::BTreeSet<String> = std::fs::read_dir(&partition)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".parquet"))
+        .map(|n| n.split('-').next().unwrap().to_owned())
+        .collect();
+    assert!(shards.len() > 1, "several shards' files in one partition");
     let before = dump(&lake);
+    // A live server's in-progress temporary file (its writer, this test process, is alive)
+    // must survive a compaction; a dead writer's goes.
+    let live_tmp = partition.join(format!(".x.parquet.{}-0.tmp", std::process::id()));
+    let dead_pid = {
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    };
+    let dead_tmp = partition.join(format!(".y.parquet.{dead_pid}-0.tmp"));
+    std::fs::write(&live_tmp, b"being written").unwrap();
+    std::fs::write(&dead_tmp, b"abandoned").unwrap();
 
     let out = Command::new(BIN)
         .args([
@@ -308,7 +360,7 @@ fn compaction_keeps_every_row_once_through_replay_and_rebuild() {
             "--table",
             "booking_requested",
             "--dt",
-            "2026-11-22",
+            &yesterday,
             "--data-dir",
         ])
         .arg(&data)
@@ -319,8 +371,21 @@ fn compaction_keeps_every_row_once_through_replay_and_rebuild() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        live_tmp.exists(),
+        "compaction removed a live writer's temporary file"
+    );
+    assert!(
+        !dead_tmp.exists(),
+        "compaction kept an abandoned temporary file"
+    );
+    std::fs::remove_file(&live_tmp).unwrap();
     let after = dump(&lake);
-    assert_eq!(count_files(), 1, "{small} files became one");
+    assert_eq!(
+        count_files(),
+        shards.len(),
+        "{small} files became one per shard"
+    );
     assert_eq!(before["rows"], after["rows"]);
     assert_eq!(
         before["digest"], after["digest"],
@@ -344,7 +409,7 @@ fn compaction_keeps_every_row_once_through_replay_and_rebuild() {
         replayed["digest"], after["digest"],
         "a replay duplicated rows"
     );
-    assert_eq!(count_files(), 1);
+    assert_eq!(count_files(), shards.len());
 
     // A rebuild re-derives the runs and re-applies the compaction.
     let out = Command::new(BIN)
@@ -365,7 +430,11 @@ fn compaction_keeps_every_row_once_through_replay_and_rebuild() {
         rebuilt["digest"], after["digest"],
         "rebuild changed the rows"
     );
-    eprintln!("{small} small files compacted to 1; {} rows", after["rows"]);
+    eprintln!(
+        "{small} small files compacted to {}; {} rows",
+        shards.len(),
+        after["rows"]
+    );
 }
 
 /// A v2 that adds an optional field writes to the same table with the new column; older
@@ -450,4 +519,353 @@ print("ok")
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&ddl.stdout).contains("`note` string"));
+}
+
+/// Item 2 and item 12 of issue 9, through the binary: values the edge's validator accepts
+/// but the lake once could not store (a leap second, lowercase `t`/`z`, long fractions,
+/// `2.0`-style integers, integers past i64) and producer clocks far off (1900, 0061, 2999).
+/// The lake used to wedge on the first of them and retry forever; now each accepted event
+/// is in exactly one table, typed or `quarantine` (with the JSON pointer and why), and
+/// every partition lies within the range Athena's projection reads (2020-01-01..today).
+#[test]
+fn awkward_values_land_in_exactly_one_table_and_inside_the_projected_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("floodgate.toml");
+    // Files every 100 ms: the lake's checkpoint shows it moving on while the server runs.
+    std::fs::write(&config, "[lake]\nroll_age_ms = 100\n").unwrap();
+    let server = Server::start(&data, &["--config", config.to_str().unwrap()]);
+    let yesterday = day(1);
+    let booking = |id: &str, seats: &str, requested_at: &str, time: &str| {
+        format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"/tests","type":"booking.requested","time":"{time}","data":{{"bookingId":"bk_{id}","eventId":"E9","customerId":"c1","seats":{seats},"requestedAt":"{requested_at}"}}}}"#
+        )
+    };
+    let payment = |id: &str, amount: &str| {
+        format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"/tests","type":"payment.succeeded","time":"{yesterday}T10:00:00Z","data":{{"paymentId":"p_{id}","bookingId":"bk","eventId":"E9","amountMinor":{amount},"currency":"EUR"}}}}"#
+        )
+    };
+    let recent = format!("{yesterday}T10:00:00Z");
+    let typed_bookings = [
+        booking("aw-leap", "2", "2026-03-15T23:59:60Z", &recent),
+        booking("aw-lower", "2", "2026-03-15t10:00:00z", &recent),
+        booking(
+            "aw-fraction",
+            "2",
+            "2026-03-15T10:00:00.123456789123456789Z",
+            &recent,
+        ),
+        booking("aw-offset", "2", "0000-01-01T00:00:00+23:59", &recent),
+        booking(
+            "aw-unknown-offset",
+            "2",
+            "2026-03-15T10:00:00-00:00",
+            &recent,
+        ),
+        booking("aw-seats-2-0", "2.0", "2026-03-15T10:00:00Z", &recent),
+        booking("aw-seats-1e0", "1e0", "2026-03-15T10:00:00Z", &recent),
+        booking(
+            "aw-t1900",
+            "1",
+            "2026-03-15T10:00:00Z",
+            "1900-01-01T00:00:00Z",
+        ),
+        booking(
+            "aw-t0061",
+            "1",
+            "2026-03-15T10:00:00Z",
+            "0061-04-27T00:00:00Z",
+        ),
+        booking(
+            "aw-t2999",
+            "1",
+            "2026-03-15T10:00:00Z",
+            "2999-01-01T00:00:00Z",
+        ),
+        booking(
+            "aw-tlower",
+            "1",
+            "2026-03-15T10:00:00Z",
+            &format!("{yesterday}t10:00:00.5z"),
+        ),
+    ];
+    let typed_payments = [
+        payment("aw-max", "9223372036854775807"),
+        payment("aw-1500-0", "1500.0"),
+    ];
+    let diverted = [
+        payment("aw-1e30", "1e30"),
+        payment("aw-2e64", "18446744073709551616"),
+        payment("aw-2e63", "9223372036854775808"),
+    ];
+    let all: Vec<&String> = typed_bookings
+        .iter()
+        .chain(&typed_payments)
+        .chain(&diverted)
+        .collect();
+    let body = format!(
+        "[{}]",
+        all.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
+    );
+    let r = server.post(Some("application/cloudevents-batch+json"), body.as_bytes());
+    assert_eq!(r.status, 200, "the edge accepts every one: {r:?}");
+    // The lake moves past them: its checkpoint reaches the last record of every shard that
+    // holds one, without a restart.
+    let mut server = server;
+    common::wait_for(60, "the lake's checkpoint passes every record", || {
+        let stream = common::stream_read(&data, &[]);
+        let checkpoint: Value =
+            serde_json::from_slice(&std::fs::read(data.join("stream/checkpoints/lake.json")).ok()?)
+                .ok()?;
+        stream
+            .iter()
+            .all(|r| {
+                checkpoint_past(
+                    &checkpoint,
+                    &r["shard"].to_string(),
+                    r["sequence"].as_str().unwrap(),
+                )
+            })
+            .then_some(())
+    });
+    assert_eq!(server.terminate(), Some(0));
+
+    let ids = |events: &[String]| -> Vec<String> {
+        events
+            .iter()
+            .map(|e| {
+                serde_json::from_str::<Value>(e).unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let expected = BTreeMap::from([
+        ("booking_requested".to_owned(), ids(&typed_bookings)),
+        ("payment_succeeded".to_owned(), ids(&typed_payments)),
+        ("quarantine".to_owned(), ids(&diverted)),
+    ]);
+    let ddl = dir.path().join("lake.sql");
+    std::fs::write(
+        &ddl,
+        Command::new(BIN)
+            .args(["lake", "ddl", "--location", "s3://b/p"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    run_check(&data.join("lake"), &expected, &ddl);
+
+    // `lake rebuild` attributes the diverted rows' runs to the lake consumer and its shard
+    // (not to the quarantine log's consumer, whose one shard is also `0`): the same files.
+    let before = dump(&data.join("lake"));
+    assert!(
+        before["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f.as_str().unwrap().contains("/lake.")),
+        "{before}"
+    );
+    let out = Command::new(BIN)
+        .args(["lake", "rebuild", "--data-dir"])
+        .arg(&data)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = dump(&data.join("lake"));
+    assert_eq!(before["files"], after["files"], "rebuild wrote other files");
+    assert_eq!(
+        before["digest"], after["digest"],
+        "rebuild wrote other rows"
+    );
+
+    // What the quarantine says about them, and the values as typed.
+    let script = r#"
+import duckdb, sys
+lake = sys.argv[1]
+con = duckdb.connect()
+con.execute("set TimeZone = 'UTC'")
+q = f"read_parquet('{lake}/quarantine/**/*.parquet', hive_partitioning = true)"
+rows = con.execute(f"select event_id, reasons[1].pointer, reasons[1].message, shard from {q} order by event_id").fetchall()
+assert [r[0] for r in rows] == ["aw-1e30", "aw-2e63", "aw-2e64"], rows
+for r in rows:
+    assert r[1] == "/data/amountMinor", r
+    assert r[2].endswith("does not fit the lake's int64 column"), r
+    assert r[3].startswith("lake."), r
+b = f"read_parquet('{lake}/booking_requested/**/*.parquet', hive_partitioning = true)"
+got = dict(con.execute(f"select event_id, strftime(requested_at, '%Y-%m-%d %H:%M:%S.%f') from {b}").fetchall())
+assert got["aw-leap"] == "2026-03-15 23:59:59.999999", got["aw-leap"]
+assert got["aw-fraction"] == "2026-03-15 10:00:00.123456", got["aw-fraction"]
+seats = dict(con.execute(f"select event_id, seats from {b}").fetchall())
+assert (seats["aw-seats-2-0"], seats["aw-seats-1e0"]) == (2, 1), seats
+times = dict(con.execute(f"select event_id, cast(time as varchar) from {b}").fetchall())
+assert times["aw-t1900"].startswith("1900-01-01"), times["aw-t1900"]
+p = f"read_parquet('{lake}/payment_succeeded/**/*.parquet', hive_partitioning = true)"
+amounts = dict(con.execute(f"select event_id, amount_minor from {p}").fetchall())
+assert amounts == {"aw-max": 9223372036854775807, "aw-1500-0": 1500}, amounts
+print("ok")
+"#;
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(data.join("lake"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether `checkpoint` (the lake consumer's checkpoint file) holds shard `shard` at or
+/// past `seq`, whatever its layout: any number under the shard's key.
+fn checkpoint_past(checkpoint: &Value, shard: &str, seq: &str) -> bool {
+    let shard = shard.trim_matches('"');
+    let seq: u64 = seq.parse().unwrap();
+    let mut found = false;
+    let mut stack = vec![checkpoint];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    if k == shard {
+                        let n = x
+                            .as_str()
+                            .and_then(|s| s.parse::<u64>().ok())
+                            .or_else(|| x.as_u64())
+                            .or_else(|| {
+                                x.get("sequence")
+                                    .or_else(|| x.get("checkpoint"))
+                                    .and_then(|s| s.as_str().and_then(|s| s.parse().ok()))
+                            });
+                        found |= n.is_some_and(|n| n >= seq);
+                    }
+                    stack.push(x);
+                }
+            }
+            Value::Array(a) => stack.extend(a),
+            _ => {}
+        }
+    }
+    found
+}
+
+/// Item 9 of issue 9: `floodgate lake compact` ignored `--config`, so it compacted with
+/// the built-in schemas rather than the server's: a column the server's v2 schema adds was
+/// dropped from the compacted file. Now it takes the server's configuration (data_dir and
+/// schemas_dir) and every value survives.
+#[test]
+fn lake_compact_uses_the_servers_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let schemas = dir.path().join("schemas");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+    for ty in std::fs::read_dir(&shipped).unwrap() {
+        let ty = ty.unwrap();
+        if ty.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(schemas.join(ty.file_name())).unwrap();
+            for f in std::fs::read_dir(ty.path()).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), schemas.join(ty.file_name()).join(f.file_name())).unwrap();
+            }
+        }
+    }
+    let v1: Value =
+        serde_json::from_slice(&std::fs::read(schemas.join("booking.requested/v1.json")).unwrap())
+            .unwrap();
+    let mut v2 = v1.clone();
+    v2["$id"] = json!("https://schemas.floodgate.dev/booking.requested/v2.json");
+    v2["title"] = json!("booking.requested v2");
+    v2["properties"]["note"] = json!({"type": "string", "maxLength": 200});
+    std::fs::write(
+        schemas.join("booking.requested/v2.json"),
+        serde_json::to_vec_pretty(&v2).unwrap(),
+    )
+    .unwrap();
+    let config = dir.path().join("floodgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nschemas_dir = {:?}\n[lake]\nroll_age_ms = 10\nroll_bytes = 2048\n",
+            data.to_str().unwrap(),
+            schemas.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let yesterday = day(1);
+    let mut server = Server::start(&data, &["--config", config.to_str().unwrap()]);
+    for i in 0..20 {
+        let mut e = common::booking(&format!("cfg{i}"), &format!("B{i}"), "E1", 1);
+        e["time"] = json!(format!("{yesterday}T10:30:00Z"));
+        e["data"]["note"] = json!(format!("note {i}"));
+        let r = server.post_batch(&[e]);
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    assert_eq!(server.terminate(), Some(0));
+    let partition = data.join(format!("booking_requested/dt={yesterday}/hour=10"));
+    let lake_partition = data
+        .join("lake")
+        .join(partition.strip_prefix(&data).unwrap());
+    let files = || {
+        std::fs::read_dir(&lake_partition)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".parquet")
+            })
+            .count()
+    };
+    assert!(files() > 1, "several small files to compact");
+    // No --data-dir, no --schemas: both come from the configuration.
+    let out = Command::new(BIN)
+        .args([
+            "lake",
+            "compact",
+            "--table",
+            "booking_requested",
+            "--config",
+        ])
+        .arg(&config)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(files(), 1);
+    let script = r#"
+import duckdb, sys
+lake = sys.argv[1]
+con = duckdb.connect()
+q = f"from read_parquet('{lake}/booking_requested/**/*.parquet', hive_partitioning = true, union_by_name = true)"
+total, with_note = con.execute(f"select count(*), count(note) {q}").fetchone()
+assert (total, with_note) == (20, 20), (total, with_note)
+print("ok")
+"#;
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(data.join("lake"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

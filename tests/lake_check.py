@@ -42,7 +42,11 @@ if sys.argv[1] == "dump":
 lake, expected_path, ddl_path = sys.argv[1:4]
 expected = json.load(open(expected_path))
 con = duckdb.connect()
+con.execute("set TimeZone = 'UTC'")
 figures = {}
+# Athena's partition projection reads dt in 2020-01-01..NOW: every partition must lie there.
+import datetime
+today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
 
 def fail(msg):
     print(f"lake check failed: {msg}", file=sys.stderr)
@@ -58,9 +62,18 @@ for table, ids in expected.items():
         fail(f"{table}: an event_id appears twice")
     if got != sorted(ids):
         fail(f"{table}: {len(got)} rows, expected {len(ids)}; missing {sorted(set(ids) - set(got))[:5]}, extra {sorted(set(got) - set(ids))[:5]}")
-    # dt and hour come from the path, and agree with the event time (UTC); the quarantine
-    # is partitioned by the time the edge received the event.
-    at = "received_at" if table == "quarantine" else 'coalesce("time", received_at)'
+    # dt and hour come from the path (UTC): the event's own time when it lies within the 7
+    # days before the stream received it (not after), else the time received; the
+    # quarantine is partitioned by the time received.
+    at = "received_at" if table == "quarantine" else (
+        """(case when "time" <= received_at and "time" >= received_at - interval 7 day
+                 then "time" else received_at end)""")
+    outside = con.execute(
+        f"""select count(*) from read_parquet('{glob}', hive_partitioning = true, union_by_name = true)
+            where cast(dt as varchar) < '2020-01-01' or cast(dt as varchar) > '{today}'"""
+    ).fetchone()[0]
+    if outside:
+        fail(f"{table}: {outside} rows in partitions outside 2020-01-01..{today}")
     bad = con.execute(
         f"""select count(*) from read_parquet('{glob}', hive_partitioning = true, union_by_name = true)
             where strftime({at}, '%Y-%m-%d') <> cast(dt as varchar)

@@ -156,23 +156,58 @@ pub async fn merge(
     Ok(Bytes::from(out))
 }
 
-/// The name of the file replacing `inputs`: their shard runs' smallest start and largest
-/// end, and how many there were. Deterministic, so a rebuild names it the same.
+/// The run a lake file holds: `(stem, first, last)` of `<stem>-<first>-<last>.parquet`
+/// (the stem is the shard, or `<consumer>.<shard>` for rows a consumer diverted to the
+/// quarantine), and of a compacted `c-<stem>-<lo>-<hi>-<n>.parquet`. `None` for a name of
+/// neither form (a compacted file of an older version, `c-<lo>-<hi>-<n>`, has no stem).
+pub fn run_of(name: &str) -> Option<(&str, u128, u128)> {
+    let stem = name.strip_suffix(".parquet")?;
+    let number = |s: &str| {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u128>().ok())
+            .flatten()
+    };
+    if let Some(compacted) = stem.strip_prefix("c-") {
+        let mut parts = compacted.rsplitn(4, '-');
+        let (_n, hi, lo, stem) = (
+            number(parts.next()?)?,
+            number(parts.next()?)?,
+            number(parts.next()?)?,
+            parts.next()?,
+        );
+        return Some((stem, lo, hi));
+    }
+    let mut parts = stem.rsplitn(3, '-');
+    let (last, first, stem) = (
+        number(parts.next()?)?,
+        number(parts.next()?)?,
+        parts.next()?,
+    );
+    (!stem.is_empty()).then_some((stem, first, last))
+}
+
+/// The name of the file replacing `inputs`: `c-<stem>-<lo>-<hi>-<n>.parquet`, their
+/// shard's (stem's) smallest start, largest end, and how many there were. Deterministic, so
+/// a rebuild names it the same; and it names the shard, so two shards' compactions in one
+/// partition never take the same name. (Inputs of several stems, as plans recorded by an
+/// older version may hold, join theirs with `+`.)
 pub fn compacted_name(inputs: &[String]) -> String {
+    let mut stems: Vec<&str> = Vec::new();
     let mut lo: Option<u128> = None;
     let mut hi: Option<u128> = None;
     for name in inputs {
-        let stem = name.trim_end_matches(".parquet");
-        let parts: Vec<&str> = stem.rsplitn(3, '-').collect();
-        if let [last, first, ..] = parts.as_slice()
-            && let (Ok(f), Ok(l)) = (first.parse::<u128>(), last.parse::<u128>())
-        {
+        if let Some((stem, f, l)) = run_of(name) {
+            if !stems.contains(&stem) {
+                stems.push(stem);
+            }
             lo = Some(lo.map_or(f, |x| x.min(f)));
             hi = Some(hi.map_or(l, |x| x.max(l)));
         }
     }
+    stems.sort_unstable();
     format!(
-        "c-{}-{}-{}.parquet",
+        "c-{}-{}-{}-{}.parquet",
+        stems.join("+"),
         lo.unwrap_or(0),
         hi.unwrap_or(0),
         inputs.len()
@@ -235,8 +270,9 @@ pub async fn partitions(
     Ok(out)
 }
 
-/// Compacts each partition of `table` (of day `dt`, if given) holding more than one file
-/// smaller than `small_bytes`. Returns (partitions compacted, files merged).
+/// Compacts each partition of `table` (of day `dt`, if given): per shard, the files
+/// smaller than `small_bytes`, when there are at least two. Returns (partitions compacted,
+/// files merged).
 pub async fn compact_table(
     store: &dyn ObjectStore,
     table: &str,
@@ -247,20 +283,32 @@ pub async fn compact_table(
     let (mut parts, mut files) = (0, 0);
     for partition in partitions(store, table, dt).await? {
         recover(store, &partition).await?;
-        let inputs: Vec<String> = store
-            .list(&format!("{partition}/"))
-            .await
-            .map_err(err)?
-            .into_iter()
-            .filter(|o| o.key.ends_with(".parquet") && o.size < small_bytes)
-            .filter_map(|o| o.key.rsplit('/').next().map(str::to_owned))
-            .collect();
-        if inputs.len() < 2 {
-            continue;
+        // One plan per shard: a compacted file holds one shard's runs and is named by them.
+        let mut by_stem: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for o in store.list(&format!("{partition}/")).await.map_err(err)? {
+            if !o.key.ends_with(".parquet") || o.size >= small_bytes {
+                continue;
+            }
+            let Some(name) = o.key.rsplit('/').next() else {
+                continue;
+            };
+            if let Some((stem, _, _)) = run_of(name) {
+                by_stem
+                    .entry(stem.to_owned())
+                    .or_default()
+                    .push(name.to_owned());
+            }
         }
-        files += inputs.len();
-        parts += 1;
-        apply(store, &partition, inputs, schema).await?;
+        let mut merged = false;
+        for (_, inputs) in by_stem {
+            if inputs.len() < 2 {
+                continue;
+            }
+            files += inputs.len();
+            merged = true;
+            apply(store, &partition, inputs, schema).await?;
+        }
+        parts += usize::from(merged);
     }
     Ok((parts, files))
 }

@@ -9,24 +9,48 @@
 //!   replaces itself;
 //! - after a crash in the middle of a flush, the next start finds the files of the
 //!   unfinished run (their `firstSeq` is the first record after the checkpoint) and ends
-//!   its first flush exactly at their `lastSeq`, rewriting that run whole.
+//!   its first flush exactly at their `lastSeq`, rewriting that run whole;
+//! - a flush that fails leaves the buffer as it was and pins the run: the next attempt
+//!   writes exactly the same `firstSeq..=lastSeq` (so the same names) before anything more
+//!   is buffered, and a retried batch skips the records already buffered.
 //!
-//! The partition comes from the event's `time`, else the time the stream received it
-//! (UTC). A buffer rolls when it holds `roll_bytes` of events or is `roll_age` old, and on
-//! shutdown.
+//! Every event ends in exactly one table. Before a row is buffered it is checked against
+//! its table ([`crate::parquet::check`]): each value must convert to its column's type and
+//! every required column must have one. An event that does not fit (an `integer` past its
+//! column, a `time` the lake cannot read, a type without a table, an unreadable record) goes
+//! to the `quarantine` table with the JSON pointer and the reason, and the lake moves on;
+//! so does, as a last line of defence, every row of a table file that fails to encode. No
+//! value can hold the consumer up. Diverted rows are written in the run's quarantine file,
+//! named `<consumer>.<shard>-<firstSeq>-<lastSeq>.parquet` (`lake.0-…`, `lake-derived.outbox-…`),
+//! a name the quarantine log's own consumer (whose one shard is also `0`) never uses; their
+//! `shard` column holds the same `<consumer>.<shard>`.
+//!
+//! The partition of a typed row is the event's own `time` when it lies within
+//! [`LATE_WINDOW`] before the time the stream received it (and not after it); otherwise,
+//! and when the event has no `time`, it is the time received. So every partition lies
+//! between 7 days before an event's `received_at` and its `received_at`, never in the
+//! future and never before the deployment existed, whatever a producer's clock says.
+//! Quarantine rows are partitioned by the time received. All UTC. A buffer rolls when it
+//! holds `roll_bytes` of events or is `roll_age` old, and on shutdown.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arrow_array::ArrayRef;
+use arrow_array::builder::StringDictionaryBuilder;
+use arrow_array::types::Int32Type;
+use arrow_array::{ArrayRef, ListArray, StringArray, StructArray, TimestampMicrosecondArray};
+use arrow_buffer::OffsetBuffer;
+use arrow_schema::{DataType, SchemaRef};
 use async_trait::async_trait;
-use floodgate_core::lake::{ENVELOPE_COLUMNS, Table};
+use bytes::Bytes;
+use floodgate_core::FieldError;
+use floodgate_core::lake::{ENVELOPE_COLUMNS, QUARANTINE_TABLE, Table};
 use floodgate_core::object_store::ObjectStore;
 use floodgate_core::stream::{SequenceNumber, ShardId, StoredRecord};
 use serde_json::Value;
 
-use crate::parquet;
+use crate::parquet::{self, EncodeError};
 use crate::runtime::{ProcessError, Progress, ShardProcessor};
 
 /// When a buffer becomes a file.
@@ -45,17 +69,90 @@ impl Default for LakeConfig {
     }
 }
 
-/// One row waiting for its file.
-struct Row {
+/// How long before the stream received it an event's own `time` still picks its
+/// partition. Seven days covers producers that buffer while offline (mobile apps, edge
+/// devices) and retries over a long weekend, and it bounds where analysts look: a row's
+/// partition lies in `[received_at − 7 days, received_at]`.
+pub const LATE_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+const LATE_WINDOW_US: i64 = LATE_WINDOW.as_secs() as i64 * 1_000_000;
+
+/// The instant whose hour partitions a typed row: its `time` within [`LATE_WINDOW`]
+/// before `received_us` (not after it), else `received_us`. Microseconds, UTC.
+pub fn partition_micros(time_us: Option<i64>, received_us: i64) -> i64 {
+    match time_us {
+        Some(t) if t <= received_us && received_us - t <= LATE_WINDOW_US => t,
+        _ => received_us,
+    }
+}
+
+/// One typed row waiting for its file.
+#[derive(Clone)]
+struct EventRow {
     /// The CloudEvent's `id`, `source`, `type` (strings) and `time` (microseconds).
     id: Option<Value>,
     source: Option<Value>,
     event_type: Option<Value>,
     time: Option<Value>,
-    /// The event's `data` object (for the quarantine: `raw` and `reasons`).
+    /// The event's `data` object.
     data: Option<Value>,
     received_us: i64,
     sequence: String,
+}
+
+/// One row of the `quarantine` table waiting for its file.
+#[derive(Clone)]
+struct HeldRow {
+    received_us: i64,
+    event_id: Option<String>,
+    source: Option<String>,
+    event_type: Option<String>,
+    reasons: Vec<FieldError>,
+    raw: String,
+    sequence: String,
+}
+
+fn string_of(v: Option<&Value>) -> Option<String> {
+    v.and_then(Value::as_str).map(str::to_owned)
+}
+
+impl EventRow {
+    /// This row for the quarantine, with why; `raw`: the event's text.
+    fn held(&self, reasons: Vec<FieldError>, raw: String) -> HeldRow {
+        HeldRow {
+            received_us: self.received_us,
+            event_id: string_of(self.id.as_ref()),
+            source: string_of(self.source.as_ref()),
+            event_type: string_of(self.event_type.as_ref()),
+            reasons,
+            raw,
+            sequence: self.sequence.clone(),
+        }
+    }
+
+    /// The event as the lake kept it (id, source, type, time, data), as JSON: the `raw` of
+    /// a row whose file failed to encode. The record's own bytes are not kept in the buffer:
+    /// they would double its memory for a path only a bug takes.
+    fn kept_parts(&self) -> String {
+        let time = self
+            .time
+            .as_ref()
+            .and_then(Value::as_i64)
+            .and_then(|us| {
+                time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000).ok()
+            })
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            });
+        serde_json::json!({
+            "id": self.id,
+            "source": self.source,
+            "type": self.event_type,
+            "time": time,
+            "data": self.data,
+        })
+        .to_string()
+    }
 }
 
 /// The parts of an event the lake keeps: parsed without building the rest (`serde`
@@ -70,22 +167,39 @@ struct EventParts {
     data: Option<Value>,
 }
 
+/// A shard's buffered rows: the typed ones by (table, hour since the Unix epoch), the
+/// quarantined ones by hour, each in stream order. Cheap keys: the partition's strings are
+/// made once per flush, not per event.
+#[derive(Default, Clone)]
+struct Pending {
+    typed: BTreeMap<(Arc<str>, i64), Vec<EventRow>>,
+    held: BTreeMap<i64, Vec<HeldRow>>,
+}
+
 #[derive(Default)]
 struct ShardBuffer {
-    /// (table, dt, hour) → rows, in stream order.
-    /// (table, hour since the Unix epoch) → rows, in stream order. Cheap keys: the
-    /// partition's strings are made once per flush, not per event.
-    groups: BTreeMap<(Arc<str>, i64), Vec<Row>>,
+    /// Shared with a flush in progress, which encodes it off the async workers; only
+    /// emptied once the flush succeeded.
+    rows: Arc<Pending>,
     first: Option<SequenceNumber>,
     last: Option<SequenceNumber>,
+    /// The last record taken into the buffer (flushed or not): a batch retried after a
+    /// failure skips everything up to it.
+    taken: Option<SequenceNumber>,
     bytes: u64,
     opened: Option<Instant>,
     /// Run ends to reproduce, in order: the end of an unfinished run found at start-up, or
     /// every run of the lake being rebuilt. While any is left, flushes happen exactly there
     /// and nowhere else.
-    boundaries: std::collections::VecDeque<SequenceNumber>,
+    boundaries: VecDeque<SequenceNumber>,
     started: bool,
     durable: Option<SequenceNumber>,
+    /// A flush of `first..=last` failed: the next flush writes exactly this run before
+    /// anything more is buffered, so it rewrites the same names.
+    pinned: bool,
+    /// The run ends at a boundary the store already held: some of its files may have
+    /// existed before this flush.
+    reproducing: bool,
 }
 
 /// Which records a [`LakeProcessor`] turns into rows.
@@ -108,7 +222,10 @@ pub struct LakeProcessor {
     scope: Scope,
     consumer: &'static str,
     store: Arc<dyn ObjectStore>,
+    /// Each table by the event type it holds.
     tables: HashMap<String, Table>,
+    /// Each table by its name (the buffer keys), for the flush's blocking task.
+    by_name: Arc<HashMap<Arc<str>, Table>>,
     /// Each event type's table name, shared by the buffer keys.
     names: HashMap<String, Arc<str>>,
     config: LakeConfig,
@@ -120,38 +237,106 @@ pub struct LakeProcessor {
 impl std::fmt::Debug for LakeProcessor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LakeProcessor")
+            .field("consumer", &self.consumer)
             .field("tables", &self.tables.len())
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
+/// Which quarantine files a run discovery attributes to the consumer asking: those of
+/// rows a consumer of events diverted (`<consumer>.<shard>-<first>-<last>.parquet`).
+#[derive(Debug, Clone, Copy)]
+enum Diverted<'a> {
+    /// None: the consumer asking is the quarantine log's own.
+    Never,
+    /// Any consumer's (consumers of events read disjoint shards: the stream's, the
+    /// outbox's).
+    AnyConsumer,
+    /// Only this consumer's.
+    By(&'a str),
+}
+
+/// `(first, last)` of a diverted file name `<consumer>.<shard>-<first>-<last>.parquet`.
+fn parse_diverted_name<'a>(
+    name: &'a str,
+    shard: &str,
+    diverted: Diverted<'_>,
+) -> Option<(&'a str, &'a str)> {
+    let (consumer, rest) = name.split_once('.')?;
+    let ours = match diverted {
+        Diverted::Never => false,
+        Diverted::AnyConsumer => !consumer.is_empty(),
+        Diverted::By(c) => consumer == c,
+    };
+    if ours {
+        parse_file_name(rest, shard)
+    } else {
+        None
+    }
+}
+
 /// Every run the lake in `store` holds or held, per shard, as `(first, last)`: from the
-/// files' names, and from the inputs recorded by compactions (whose files are gone).
+/// files' names, and from the inputs recorded by compactions (whose files are gone). Asked
+/// for the tables of a consumer of events (not `quarantine`), it also counts the runs of
+/// the rows such a consumer diverted to the quarantine table.
 pub async fn known_runs(
     store: &dyn ObjectStore,
     shards: &[ShardId],
     tables: &[String],
 ) -> Result<HashMap<ShardId, Vec<(SequenceNumber, SequenceNumber)>>, ProcessError> {
+    let diverted = if tables.iter().any(|t| t == QUARANTINE_TABLE) {
+        Diverted::Never
+    } else {
+        Diverted::AnyConsumer
+    };
+    runs_of(store, shards, tables, diverted).await
+}
+
+async fn runs_of(
+    store: &dyn ObjectStore,
+    shards: &[ShardId],
+    tables: &[String],
+    diverted: Diverted<'_>,
+) -> Result<HashMap<ShardId, Vec<(SequenceNumber, SequenceNumber)>>, ProcessError> {
     let objects = store
         .list("")
         .await
         .map_err(|e| ProcessError::Other(e.to_string()))?;
-    let mut names: Vec<String> = Vec::new();
-    for o in objects.iter().filter(|o| in_tables(&o.key, tables)) {
+    let quarantine = [QUARANTINE_TABLE.to_owned()];
+    // (name, whether it is a diverted file in the quarantine table)
+    let mut names: Vec<(String, bool)> = Vec::new();
+    for o in &objects {
+        let held = if in_tables(&o.key, tables) {
+            false
+        } else if !matches!(diverted, Diverted::Never) && in_tables(&o.key, &quarantine) {
+            true
+        } else {
+            continue;
+        };
         let name = o.key.rsplit('/').next().unwrap_or("");
         if name == crate::compact::MANIFEST {
             let partition = o.key.rsplit_once('/').map_or("", |(d, _)| d);
             let m = crate::compact::manifest(store, partition).await?;
-            names.extend(m.compacted.into_values().flat_map(|p| p.inputs));
+            names.extend(
+                m.compacted
+                    .into_values()
+                    .flat_map(|p| p.inputs)
+                    .map(|n| (n, held)),
+            );
         } else {
-            names.push(name.to_owned());
+            names.push((name.to_owned(), held));
         }
     }
     let mut runs: HashMap<ShardId, Vec<(SequenceNumber, SequenceNumber)>> = HashMap::new();
-    for name in &names {
+    for (name, held) in &names {
         for shard in shards {
-            if let Some((first, last)) = parse_file_name(name, &shard.0) {
+            let parsed = if *held {
+                parse_diverted_name(name, &shard.0, diverted)
+            } else {
+                parse_file_name(name, &shard.0)
+            };
+            if let Some((first, last)) = parsed {
                 let run = (SequenceNumber::new(first), SequenceNumber::new(last));
                 let list = runs.entry(shard.clone()).or_default();
                 if !list.contains(&run) {
@@ -184,70 +369,121 @@ pub fn parse_file_name<'a>(name: &'a str, shard: &str) -> Option<(&'a str, &'a s
     let rest = name.strip_prefix(shard)?.strip_prefix('-')?;
     let rest = rest.strip_suffix(".parquet")?;
     let (first, last) = rest.split_once('-')?;
-    (first.bytes().all(|b| b.is_ascii_digit()) && last.bytes().all(|b| b.is_ascii_digit()))
-        .then_some((first, last))
+    (!first.is_empty()
+        && !last.is_empty()
+        && first.bytes().all(|b| b.is_ascii_digit())
+        && last.bytes().all(|b| b.is_ascii_digit()))
+    .then_some((first, last))
 }
 
-/// A quarantine record as a row: the rejected event's id, source and type lifted out of its
-/// raw text, where it is readable.
-fn quarantine_row(held: Value, received_us: i64, sequence: String) -> Row {
-    let raw: Option<Value> = held
-        .get("raw")
-        .and_then(Value::as_str)
-        .and_then(|r| serde_json::from_str(r).ok());
-    let lift = |name: &str| {
-        raw.as_ref()
-            .and_then(|e| e.get(name))
-            .filter(|v| v.is_string())
-            .cloned()
+/// A quarantine-log record as a row: the rejected event's id, source and type lifted out of
+/// its raw text, where it is readable. A record that is not what the edge writes still
+/// makes a row, with its bytes as `raw` and a reason saying so.
+fn quarantine_row(payload: &[u8], received_us: i64, sequence: String) -> HeldRow {
+    let held: Option<Value> = serde_json::from_slice(payload).ok();
+    let raw_text = held
+        .as_ref()
+        .and_then(|h| h.get("raw"))
+        .and_then(Value::as_str);
+    let reasons: Option<Vec<FieldError>> = held
+        .as_ref()
+        .and_then(|h| h.get("reasons"))
+        .and_then(Value::as_array)
+        .and_then(|list| {
+            list.iter()
+                .map(|r| {
+                    Some(FieldError {
+                        pointer: r.get("pointer")?.as_str()?.to_owned(),
+                        message: r.get("message")?.as_str()?.to_owned(),
+                    })
+                })
+                .collect()
+        });
+    let (raw, reasons) = match (raw_text, reasons) {
+        (Some(raw), Some(reasons)) => (raw.to_owned(), reasons),
+        _ => (
+            String::from_utf8_lossy(payload).into_owned(),
+            vec![FieldError::new(
+                "",
+                "the quarantine log's record is not {raw, reasons}; raw holds it whole",
+            )],
+        ),
     };
-    Row {
-        id: lift("id"),
+    let event: Option<Value> = serde_json::from_str(&raw).ok();
+    let lift = |name: &str| string_of(event.as_ref().and_then(|e| e.get(name)));
+    HeldRow {
+        received_us,
+        event_id: lift("id"),
         source: lift("source"),
         event_type: lift("type"),
-        time: None,
-        data: Some(held),
-        received_us,
+        reasons,
+        raw,
         sequence,
     }
 }
 
+/// The `quarantine` table's columns of `rows`, whose `shard` column says `shard`.
 fn quarantine_columns(
-    table: &Table,
-    rows: &[Row],
+    schema: &SchemaRef,
+    rows: &[&HeldRow],
     shard: &str,
-) -> Result<Vec<ArrayRef>, ProcessError> {
-    let shard_value = Value::String(shard.to_owned());
-    let received: Vec<Value> = rows.iter().map(|r| Value::from(r.received_us)).collect();
-    let sequences: Vec<Value> = rows
-        .iter()
-        .map(|r| Value::String(r.sequence.clone()))
-        .collect();
-    let mut out = Vec::new();
-    for (i, field) in table.schema.fields().iter().enumerate() {
-        let values: Vec<Option<&Value>> = match field.name().as_str() {
-            "received_at" => received.iter().map(Some).collect(),
-            "event_id" => rows.iter().map(|r| r.id.as_ref()).collect(),
-            "source" => rows.iter().map(|r| r.source.as_ref()).collect(),
-            "type" => rows.iter().map(|r| r.event_type.as_ref()).collect(),
-            "reasons" => rows
-                .iter()
-                .map(|r| r.data.as_ref().and_then(|d| d.get("reasons")))
-                .collect(),
-            "raw" => rows
-                .iter()
-                .map(|r| r.data.as_ref().and_then(|d| d.get("raw")))
-                .collect(),
-            "shard" => rows.iter().map(|_| Some(&shard_value)).collect(),
-            "sequence" => sequences.iter().map(Some).collect(),
-            other => unreachable!("quarantine column {i} {other}"),
+) -> Result<Vec<ArrayRef>, EncodeError> {
+    let strings = |f: &dyn Fn(&HeldRow) -> Option<&str>| -> ArrayRef {
+        Arc::new(StringArray::from_iter(rows.iter().map(|r| f(r))))
+    };
+    let mut out = Vec::with_capacity(schema.fields().len());
+    for field in schema.fields() {
+        let column: ArrayRef = match (field.name().as_str(), field.data_type()) {
+            ("received_at", DataType::Timestamp(_, tz)) => Arc::new(
+                TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.received_us))
+                    .with_timezone_opt(tz.clone()),
+            ),
+            ("event_id", _) => strings(&|r| r.event_id.as_deref()),
+            ("source", _) => strings(&|r| r.source.as_deref()),
+            ("type", _) => strings(&|r| r.event_type.as_deref()),
+            ("raw", _) => strings(&|r| Some(&r.raw)),
+            ("sequence", _) => strings(&|r| Some(&r.sequence)),
+            ("shard", _) => {
+                let mut b = StringDictionaryBuilder::<Int32Type>::new();
+                for _ in rows {
+                    b.append_value(shard);
+                }
+                Arc::new(b.finish())
+            }
+            ("reasons", DataType::List(item)) => {
+                let DataType::Struct(members) = item.data_type() else {
+                    return Err(not_quarantine(field.name()));
+                };
+                let all: Vec<&FieldError> = rows.iter().flat_map(|r| &r.reasons).collect();
+                let pointers = StringArray::from_iter_values(all.iter().map(|e| &e.pointer));
+                let messages = StringArray::from_iter_values(all.iter().map(|e| &e.message));
+                let reasons = StructArray::try_new(
+                    members.clone(),
+                    vec![Arc::new(pointers), Arc::new(messages)],
+                    None,
+                )?;
+                let offsets = OffsetBuffer::try_from_lengths(rows.iter().map(|r| r.reasons.len()))
+                    .map_err(|e| {
+                        EncodeError::Arrow(arrow_schema::ArrowError::ComputeError(e.to_string()))
+                    })?;
+                Arc::new(ListArray::try_new(
+                    item.clone(),
+                    offsets,
+                    Arc::new(reasons),
+                    None,
+                )?)
+            }
+            (name, _) => return Err(not_quarantine(name)),
         };
-        out.push(
-            parquet::column(field.data_type(), &values)
-                .map_err(|e| ProcessError::Other(e.to_string()))?,
-        );
+        out.push(column);
     }
     Ok(out)
+}
+
+fn not_quarantine(column: &str) -> EncodeError {
+    EncodeError::Arrow(arrow_schema::ArrowError::SchemaError(format!(
+        "the quarantine table has no column builder for {column:?}"
+    )))
 }
 
 const MICROS_PER_HOUR: i64 = 3_600_000_000;
@@ -291,6 +527,12 @@ impl LakeProcessor {
                 .iter()
                 .map(|t| (t.event_type.clone(), Arc::from(t.name.as_str())))
                 .collect(),
+            by_name: Arc::new(
+                tables
+                    .iter()
+                    .map(|t| (Arc::from(t.name.as_str()), t.clone()))
+                    .collect(),
+            ),
             tables: tables
                 .into_iter()
                 .map(|t| (t.event_type.clone(), t))
@@ -303,7 +545,8 @@ impl LakeProcessor {
         }
     }
 
-    /// The directories (table names) this processor writes.
+    /// The directories (table names) this processor writes, besides the rows it diverts to
+    /// `quarantine`.
     pub fn table_names(&self) -> Vec<String> {
         self.tables.values().map(|t| t.name.clone()).collect()
     }
@@ -317,7 +560,7 @@ impl LakeProcessor {
     /// The consumer of the quarantine log: the `quarantine` table.
     pub fn quarantine(store: Arc<dyn ObjectStore>, config: LakeConfig) -> Self {
         let table = Table {
-            name: floodgate_core::lake::QUARANTINE_TABLE.to_owned(),
+            name: QUARANTINE_TABLE.to_owned(),
             event_type: String::new(),
             schema: floodgate_core::lake::quarantine_schema(),
             data_members: Vec::new(),
@@ -334,19 +577,146 @@ impl LakeProcessor {
         self.planned = Some(runs);
         self
     }
+
+    /// The name stem of a run's quarantine file, and its `shard` column.
+    fn held_stem(&self, shard: &ShardId) -> String {
+        match self.scope {
+            Scope::Events => format!("{}.{}", self.consumer, shard.0),
+            Scope::Quarantine => shard.0.clone(),
+        }
+    }
+
+    /// Turns one record into a row of its table, or of the quarantine when it does not fit.
+    fn buffer_record(&self, rows: &mut Pending, r: &StoredRecord) {
+        let received_us = r.appended_at_ms.saturating_mul(1000);
+        let sequence = r.sequence.to_string();
+        if self.scope == Scope::Quarantine {
+            rows.held
+                .entry(hour_of(received_us))
+                .or_default()
+                .push(quarantine_row(&r.payload, received_us, sequence));
+            return;
+        }
+        let raw = || String::from_utf8_lossy(&r.payload).into_owned();
+        let divert = |rows: &mut Pending, row: HeldRow, reason: &'static str| {
+            metrics::counter!("floodgate_lake_quarantined_total", "reason" => reason).increment(1);
+            rows.held
+                .entry(hour_of(row.received_us))
+                .or_default()
+                .push(row);
+        };
+        let parts = match serde_json::from_slice::<EventParts>(&r.payload) {
+            Ok(p) => p,
+            Err(e) => {
+                let row = EventRow {
+                    id: None,
+                    source: None,
+                    event_type: None,
+                    time: None,
+                    data: None,
+                    received_us,
+                    sequence,
+                };
+                let reason = FieldError::new(
+                    "",
+                    format!("the lake cannot read this record as a CloudEvent: {e}"),
+                );
+                return divert(rows, row.held(vec![reason], raw()), "unreadable");
+            }
+        };
+        let time_us = parts.time.as_deref().map(parquet::rfc3339_micros);
+        let row = EventRow {
+            id: parts.id,
+            source: parts.source,
+            event_type: parts.event_type,
+            time: time_us.flatten().map(Value::from),
+            data: parts.data,
+            received_us,
+            sequence,
+        };
+        let event_type = row
+            .event_type
+            .as_ref()
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let (Some(name), Some(table)) = (self.names.get(event_type), self.tables.get(event_type))
+        else {
+            let reason = FieldError::new(
+                "/type",
+                format!("the lake has no table for event type {event_type:?}"),
+            );
+            return divert(rows, row.held(vec![reason], raw()), "unknown_type");
+        };
+        let mut misfits = Vec::new();
+        if let (Some(t), Some(None)) = (&parts.time, time_us) {
+            misfits.push(FieldError::new(
+                "/time",
+                format!("{t:?} is not an RFC 3339 date-time the lake can read"),
+            ));
+        }
+        misfits.extend(fit(table, &row));
+        if !misfits.is_empty() {
+            return divert(rows, row.held(misfits, raw()), "does_not_fit");
+        }
+        // The row keeps the producer's `time` as a column whatever its partition.
+        let at = partition_micros(row.time.as_ref().and_then(Value::as_i64), received_us);
+        rows.typed
+            .entry((name.clone(), hour_of(at)))
+            .or_default()
+            .push(row);
+    }
 }
 
-/// The Arrow columns of one file's rows.
-fn columns_for(
-    scope: Scope,
-    table: &Table,
-    rows: &[Row],
-    shard: &str,
-) -> Result<Vec<ArrayRef>, ProcessError> {
-    if scope == Scope::Quarantine {
-        return quarantine_columns(table, rows, shard);
+/// Why `row` does not fit `table`: one reason per column whose value does not convert, or
+/// that requires a value and has none. Empty when it fits.
+fn fit(table: &Table, row: &EventRow) -> Vec<FieldError> {
+    let data = row.data.as_ref().and_then(Value::as_object);
+    let mut out = Vec::new();
+    for (i, field) in table.schema.fields().iter().enumerate() {
+        // (envelope attribute, or `data` member; the value). Pointers are only spelled out
+        // for a misfit: this runs for every row.
+        let (attribute, member, value) = match ENVELOPE_COLUMNS.get(i) {
+            Some(&"event_id") => ("id", None, row.id.as_ref()),
+            Some(&"source") => ("source", None, row.source.as_ref()),
+            Some(&"type") => ("type", None, row.event_type.as_ref()),
+            Some(&"time") => ("time", None, row.time.as_ref()),
+            // Written by the lake itself.
+            Some(_) => continue,
+            None => {
+                let Some(member) = table.data_members.get(i - ENVELOPE_COLUMNS.len()) else {
+                    out.push(FieldError::new(
+                        "",
+                        format!(
+                            "the lake's table {} has no member for column {i}",
+                            table.name
+                        ),
+                    ));
+                    continue;
+                };
+                ("data", Some(member), data.and_then(|d| d.get(member)))
+            }
+        };
+        if let Err(m) = parquet::check(field.data_type(), field.is_nullable(), value) {
+            let pointer = match member {
+                Some(member) => format!(
+                    "/data/{}{}",
+                    floodgate_core::escape_pointer_token(member),
+                    m.pointer
+                ),
+                None => format!("/{attribute}{}", m.pointer),
+            };
+            out.push(FieldError::new(pointer, m.message));
+        }
     }
-    let enc = |e: parquet::EncodeError| ProcessError::Other(e.to_string());
+    out
+}
+
+/// The Arrow columns of one typed file's rows.
+fn columns_for(
+    table: &Table,
+    rows: &[EventRow],
+    shard: &str,
+) -> Result<Vec<ArrayRef>, EncodeError> {
     let fields = table.schema.fields();
     let mut out = Vec::with_capacity(fields.len());
     let shard_value = Value::String(shard.to_owned());
@@ -369,96 +739,202 @@ fn columns_for(
             Some(&"received_at") => received.iter().map(Some).collect(),
             Some(&"shard") => rows.iter().map(|_| Some(&shard_value)).collect(),
             Some(&"sequence") => sequences.iter().map(Some).collect(),
-            Some(other) => unreachable!("envelope column {other}"),
+            Some(other) => {
+                return Err(EncodeError::Arrow(arrow_schema::ArrowError::SchemaError(
+                    format!("unknown envelope column {other:?}"),
+                )));
+            }
             None => {
-                let member = &table.data_members[i - ENVELOPE_COLUMNS.len()];
+                let member = table
+                    .data_members
+                    .get(i - ENVELOPE_COLUMNS.len())
+                    .map_or("", String::as_str);
                 datas
                     .iter()
                     .map(|d| d.and_then(|d| d.get(member)))
                     .collect()
             }
         };
-        out.push(parquet::column(field.data_type(), &values).map_err(enc)?);
+        out.push(parquet::column(field.data_type(), &values)?);
     }
     Ok(out)
 }
 
+/// One file of a run, encoded.
+struct RunFile {
+    /// `table/dt=…/hour=…`.
+    partition: String,
+    name: String,
+    bytes: Bytes,
+    rows: usize,
+}
+
+/// The panic message of a caught panic, for a reason.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned())
+}
+
+/// Every file of one run: each typed group, then the quarantine's. A typed group that fails
+/// to encode (a bug the row check missed) goes to the quarantine whole, each row with the
+/// error as its reason: no value may hold the consumer up.
+fn encode_run(
+    rows: &Pending,
+    tables: &HashMap<Arc<str>, Table>,
+    (typed_stem, held_stem): (&str, &str),
+    run: &str,
+) -> Result<Vec<RunFile>, EncodeError> {
+    let mut files = Vec::new();
+    let mut failed: BTreeMap<i64, Vec<HeldRow>> = BTreeMap::new();
+    for ((table_name, hour), group) in &rows.typed {
+        let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let table = tables.get(table_name).ok_or_else(|| {
+                EncodeError::Arrow(arrow_schema::ArrowError::SchemaError(format!(
+                    "no table {table_name}"
+                )))
+            })?;
+            let columns = columns_for(table, group, typed_stem)?;
+            parquet::encode(&table.schema, columns)
+        }))
+        .unwrap_or_else(|p| {
+            Err(EncodeError::Arrow(arrow_schema::ArrowError::ComputeError(
+                panic_text(&*p),
+            )))
+        });
+        match encoded {
+            Ok(bytes) => files.push(RunFile {
+                partition: partition_key(table_name, *hour),
+                name: format!("{typed_stem}-{run}.parquet"),
+                bytes,
+                rows: group.len(),
+            }),
+            Err(e) => {
+                tracing::error!(table = %table_name, error = %e, rows = group.len(), "a lake file failed to encode; its rows go to the quarantine");
+                metrics::counter!("floodgate_lake_quarantined_total", "reason" => "encode")
+                    .increment(group.len() as u64);
+                for row in group {
+                    let reason = FieldError::new(
+                        "",
+                        format!("the lake could not write this event to {table_name}: {e}"),
+                    );
+                    failed
+                        .entry(hour_of(row.received_us))
+                        .or_default()
+                        .push(row.held(vec![reason], row.kept_parts()));
+                }
+            }
+        }
+    }
+    let hours: BTreeSet<i64> = rows.held.keys().chain(failed.keys()).copied().collect();
+    let schema = floodgate_core::lake::quarantine_schema();
+    for hour in hours {
+        let group: Vec<&HeldRow> = rows
+            .held
+            .get(&hour)
+            .into_iter()
+            .chain(failed.get(&hour))
+            .flatten()
+            .collect();
+        let columns = quarantine_columns(&schema, &group, held_stem)?;
+        files.push(RunFile {
+            partition: partition_key(QUARANTINE_TABLE, hour),
+            name: format!("{held_stem}-{run}.parquet"),
+            bytes: parquet::encode(&schema, columns)?,
+            rows: group.len(),
+        });
+    }
+    Ok(files)
+}
+
 impl LakeProcessor {
-    /// Writes every group of `shard`'s buffer, then marks the run durable.
+    /// Writes every group of `shard`'s buffer, then marks the run durable. On failure the
+    /// buffer is left as it was and the run pinned (see the module docs); the files this
+    /// attempt wrote are removed when none of them can have existed before.
     async fn flush(&self, shard: &ShardId) -> Result<(), ProcessError> {
-        let (groups, first, last) = {
+        let (rows, first, last, reproducing) = {
             let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
             let Some(buf) = shards.get_mut(shard) else {
                 return Ok(());
             };
-            let (Some(first), Some(last)) = (buf.first.take(), buf.last.take()) else {
+            let (Some(first), Some(last)) = (buf.first.clone(), buf.last.clone()) else {
                 return Ok(());
             };
-            buf.bytes = 0;
-            buf.opened = None;
-            (std::mem::take(&mut buf.groups), first, last)
+            buf.pinned = true;
+            (buf.rows.clone(), first, last, buf.reproducing)
         };
         let started = Instant::now();
-        let mut bytes_written = 0u64;
-        let mut rows_written = 0usize;
-        let file_name = format!("{}-{first}-{last}.parquet", shard.0);
-        // Which groups to write: not those whose run compaction already merged (a replay).
-        let mut wanted = Vec::new();
-        for (table_name, hour) in groups.keys() {
-            let partition = partition_key(table_name, *hour);
-            let covered = crate::compact::manifest(&*self.store, &partition)
-                .await?
-                .covers(&file_name);
-            wanted.push(!covered);
-        }
+        let run = format!("{first}-{last}");
         // Building columns and encoding Parquet is CPU work of up to a few hundred ms: off
         // the async workers, so the edge's requests never wait behind it.
-        let tables: Vec<Table> = self.tables.values().cloned().collect();
-        let (scope, shard_name) = (self.scope, shard.0.clone());
-        let encoded = tokio::task::spawn_blocking(move || {
-            let mut files = Vec::new();
-            for (((table_name, hour), rows), write) in groups.iter().zip(wanted) {
-                if !write {
-                    continue;
-                }
-                let table = tables
-                    .iter()
-                    .find(|t| *t.name == **table_name)
-                    .expect("groups are keyed by known tables");
-                let columns = columns_for(scope, table, rows, &shard_name)?;
-                let file = parquet::encode(&table.schema, columns)
-                    .map_err(|e| ProcessError::Other(e.to_string()))?;
-                files.push((partition_key(table_name, *hour), file, rows.len()));
-            }
-            Ok::<_, ProcessError>((groups, files))
+        let tables = self.by_name.clone();
+        let stems = (shard.0.clone(), self.held_stem(shard));
+        let run_name = run.clone();
+        let files = tokio::task::spawn_blocking(move || {
+            encode_run(&rows, &tables, (&stems.0, &stems.1), &run_name)
         })
         .await
-        .map_err(|e| ProcessError::Other(e.to_string()))?;
-        let (groups, files) = encoded?;
-        for (partition, file, rows) in files {
-            let key = format!("{partition}/{file_name}");
-            bytes_written += file.len() as u64;
-            rows_written += rows;
-            if let Err(e) = self.store.put(&key, file).await {
-                // Put the rows back: the same run is written again on the next try.
-                let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
-                let buf = shards.entry(shard.clone()).or_default();
-                buf.groups = groups;
-                buf.first = Some(first);
-                buf.last = Some(last);
-                buf.opened = Some(Instant::now());
-                return Err(ProcessError::Other(e.to_string()));
+        .map_err(|e| ProcessError::Other(format!("lake encoding of run {run}: {e}")))?
+        .map_err(|e| ProcessError::Other(format!("lake encoding of run {run}: {e}")))?;
+        let mut written: Vec<String> = Vec::new();
+        let (mut bytes_written, mut rows_written) = (0u64, 0usize);
+        for file in files {
+            // Not a run compaction already merged (a replay).
+            let covered = match crate::compact::manifest(&*self.store, &file.partition).await {
+                Ok(m) => m.covers(&file.name),
+                Err(e) => return Err(self.undo(&written, reproducing, e).await),
+            };
+            if covered {
+                continue;
             }
+            let key = format!("{}/{}", file.partition, file.name);
+            bytes_written += file.bytes.len() as u64;
+            rows_written += file.rows;
+            if let Err(e) = self.store.put(&key, file.bytes).await {
+                return Err(self
+                    .undo(&written, reproducing, ProcessError::Other(e.to_string()))
+                    .await);
+            }
+            written.push(key);
         }
-        metrics::counter!("floodgate_lake_files_total").increment(groups.len() as u64);
+        metrics::counter!("floodgate_lake_files_total").increment(written.len() as u64);
         metrics::counter!("floodgate_lake_rows_total").increment(rows_written as u64);
         metrics::counter!("floodgate_lake_bytes_total").increment(bytes_written);
         metrics::histogram!("floodgate_lake_flush_seconds").record(started.elapsed().as_secs_f64());
-        tracing::debug!(%shard, %first, %last, files = groups.len(), rows = rows_written, "lake flush");
+        tracing::debug!(%shard, %first, %last, files = written.len(), rows = rows_written, "lake flush");
         let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
         let buf = shards.entry(shard.clone()).or_default();
+        buf.rows = Arc::default();
+        buf.first = None;
+        buf.last = None;
+        buf.bytes = 0;
+        buf.opened = None;
+        buf.pinned = false;
+        buf.reproducing = false;
         buf.durable = Some(last);
         Ok(())
+    }
+
+    /// After a failed flush: removes the files it wrote, unless the run is one the store
+    /// held before (its files may have been there already; the pinned retry rewrites them).
+    /// Whatever is left is named by the pinned run, so the retry, or a restart's discovery,
+    /// overwrites it. Returns `error`.
+    async fn undo(
+        &self,
+        written: &[String],
+        reproducing: bool,
+        error: ProcessError,
+    ) -> ProcessError {
+        tracing::warn!(error = %error, files = written.len(), "lake flush failed; the run is kept for the retry");
+        if !reproducing {
+            for key in written {
+                if let Err(e) = self.store.delete(key).await {
+                    tracing::warn!(%key, error = %e, "cannot remove a failed flush's file; the retry overwrites it");
+                }
+            }
+        }
+        error
     }
 
     /// At a shard's first batch: the ends of the runs the lake holds (or held) from
@@ -470,10 +946,15 @@ impl LakeProcessor {
         shard: &ShardId,
         first: &SequenceNumber,
     ) -> Result<Vec<SequenceNumber>, ProcessError> {
-        let runs = known_runs(
+        let diverted = match self.scope {
+            Scope::Events => Diverted::By(self.consumer),
+            Scope::Quarantine => Diverted::Never,
+        };
+        let runs = runs_of(
             &*self.store,
             std::slice::from_ref(shard),
             &self.table_names(),
+            diverted,
         )
         .await?;
         Ok(runs
@@ -483,6 +964,11 @@ impl LakeProcessor {
             .filter(|(f, _)| f >= first)
             .map(|(_, l)| l.clone())
             .collect())
+    }
+
+    fn is_pinned(&self, shard: &ShardId) -> bool {
+        let shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+        shards.get(shard).is_some_and(|b| b.pinned)
     }
 }
 
@@ -508,7 +994,7 @@ impl ShardProcessor for LakeProcessor {
             !shards.get(shard).is_some_and(|b| b.started)
         };
         if needs_start {
-            let boundaries: std::collections::VecDeque<SequenceNumber> = match &self.planned {
+            let boundaries: VecDeque<SequenceNumber> = match &self.planned {
                 Some(runs) => {
                     let mut ends = runs.get(shard).cloned().unwrap_or_default();
                     ends.sort();
@@ -527,6 +1013,10 @@ impl ShardProcessor for LakeProcessor {
             buf.boundaries = boundaries;
             buf.started = true;
         }
+        // A run whose flush failed is written first, exactly as it was.
+        if self.is_pinned(shard) {
+            self.flush(shard).await?;
+        }
         let mut i = 0;
         while i < records.len() {
             let mut flush_now = false;
@@ -536,68 +1026,21 @@ impl ShardProcessor for LakeProcessor {
                 while i < records.len() {
                     let r = &records[i];
                     i += 1;
+                    // A batch retried after a failure: these are buffered or written already.
+                    if buf.taken.as_ref().is_some_and(|t| r.sequence <= *t) {
+                        continue;
+                    }
+                    buf.taken = Some(r.sequence.clone());
                     if buf.first.is_none() {
                         buf.first = Some(r.sequence.clone());
                         buf.opened = Some(Instant::now());
                     }
                     buf.last = Some(r.sequence.clone());
                     buf.bytes += r.payload.len() as u64;
-                    let received_us = r.appended_at_ms * 1000;
-                    let row = match self.scope {
-                        Scope::Events => {
-                            serde_json::from_slice::<EventParts>(&r.payload)
-                                .ok()
-                                .map(|p| {
-                                    let time = p.time.as_deref().and_then(parquet::rfc3339_micros);
-                                    Row {
-                                        id: p.id,
-                                        source: p.source,
-                                        event_type: p.event_type,
-                                        time: time.map(Value::from),
-                                        data: p.data,
-                                        received_us,
-                                        sequence: r.sequence.to_string(),
-                                    }
-                                })
-                        }
-                        Scope::Quarantine => serde_json::from_slice::<Value>(&r.payload)
-                            .ok()
-                            .map(|held| quarantine_row(held, received_us, r.sequence.to_string())),
-                    };
-                    match row {
-                        Some(row) => {
-                            let key = match self.scope {
-                                Scope::Events => row
-                                    .event_type
-                                    .as_ref()
-                                    .and_then(Value::as_str)
-                                    .unwrap_or(""),
-                                Scope::Quarantine => "",
-                            };
-                            match self.names.get(key) {
-                                Some(name) => {
-                                    // The partition: the event's time, else when it arrived.
-                                    let at = row
-                                        .time
-                                        .as_ref()
-                                        .and_then(Value::as_i64)
-                                        .unwrap_or(received_us);
-                                    buf.groups
-                                        .entry((name.clone(), hour_of(at)))
-                                        .or_default()
-                                        .push(row);
-                                }
-                                None => {
-                                    metrics::counter!("floodgate_lake_skipped_total", "reason" => "unknown_type").increment(1);
-                                }
-                            }
-                        }
-                        None => {
-                            metrics::counter!("floodgate_lake_skipped_total", "reason" => "unparsable").increment(1);
-                        }
-                    }
+                    self.buffer_record(Arc::make_mut(&mut buf.rows), r);
                     if buf.boundaries.front() == Some(&r.sequence) {
                         buf.boundaries.pop_front();
+                        buf.reproducing = true;
                         flush_now = true;
                         break;
                     }
@@ -631,11 +1074,19 @@ impl ShardProcessor for LakeProcessor {
         let due = {
             let shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
             shards.get(shard).is_some_and(|b| {
-                b.first.is_some()
-                    && (last
-                        || (b.boundaries.is_empty()
-                            && b.opened
-                                .is_some_and(|o| o.elapsed() >= self.config.roll_age)))
+                b.pinned
+                    || (b.first.is_some()
+                        && if last {
+                            // Stopping in the middle of a run the store holds would write a
+                            // shorter run beside its files: leave it to the next start,
+                            // which reads it again (the checkpoint is behind it). A rebuild
+                            // writes into an empty store and keeps every row.
+                            b.boundaries.is_empty() || self.planned.is_some()
+                        } else {
+                            b.boundaries.is_empty()
+                                && b.opened
+                                    .is_some_and(|o| o.elapsed() >= self.config.roll_age)
+                        })
             })
         };
         if due {
@@ -663,6 +1114,21 @@ mod tests {
             parse_file_name("shard-0001-x-20.parquet", "shard-0001"),
             None
         );
+        assert_eq!(parse_file_name("0--20.parquet", "0"), None);
+        // A diverted file is its consumer's, never the quarantine log's shard `0`.
+        assert_eq!(parse_file_name("lake.0-10-20.parquet", "0"), None);
+        for (d, want) in [
+            (Diverted::By("lake"), Some(("10", "20"))),
+            (Diverted::AnyConsumer, Some(("10", "20"))),
+            (Diverted::By("lake-derived"), None),
+            (Diverted::Never, None),
+        ] {
+            assert_eq!(parse_diverted_name("lake.0-10-20.parquet", "0", d), want);
+        }
+        assert_eq!(
+            parse_diverted_name("0-10-20.parquet", "0", Diverted::AnyConsumer),
+            None
+        );
         let us = parquet::rfc3339_micros("2026-11-22T23:59:59.5+01:00").unwrap();
         assert_eq!(partition(hour_of(us)), ("2026-11-22".to_owned(), 22));
         let before_1970 = parquet::rfc3339_micros("1969-12-31T23:30:00Z").unwrap();
@@ -671,5 +1137,64 @@ mod tests {
             ("1969-12-31".to_owned(), 23)
         );
         assert_eq!(partition_key("t", 0), "t/dt=1970-01-01/hour=00");
+    }
+
+    /// The last line of defence: a table file that fails to encode (here: a column type
+    /// the encoder lacks) sends its rows to the quarantine with the error, and the run
+    /// still writes.
+    #[test]
+    fn a_file_that_fails_to_encode_goes_to_the_quarantine() {
+        let mut fields = floodgate_core::lake::envelope_fields();
+        fields.push(arrow_schema::Field::new("x", DataType::Float32, true));
+        let table = Table {
+            name: "t".to_owned(),
+            event_type: "t".to_owned(),
+            schema: Arc::new(arrow_schema::Schema::new(fields)),
+            data_members: vec!["x".to_owned()],
+        };
+        let row = EventRow {
+            id: Some(Value::from("e1")),
+            source: Some(Value::from("/s")),
+            event_type: Some(Value::from("t")),
+            time: None,
+            data: Some(serde_json::json!({"x": 1.5})),
+            received_us: 0,
+            sequence: "7".to_owned(),
+        };
+        let mut rows = Pending::default();
+        rows.typed.insert((Arc::from("t"), 0), vec![row]);
+        let tables = HashMap::from([(Arc::from("t"), table)]);
+        let files = encode_run(&rows, &tables, ("0", "lake.0"), "7-7").unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].partition, "quarantine/dt=1970-01-01/hour=00");
+        assert_eq!(files[0].name, "lake.0-7-7.parquet");
+        assert_eq!(files[0].rows, 1);
+    }
+
+    #[test]
+    fn a_producers_clock_picks_the_partition_only_within_the_window() {
+        let received = parquet::rfc3339_micros("2026-12-01T15:00:00Z").unwrap();
+        let at = |t: &str| partition_micros(parquet::rfc3339_micros(t), received);
+        assert_eq!(at("2026-12-01T14:10:00Z"), at("2026-12-01T14:10:00Z"));
+        assert_eq!(
+            hour_of(at("2026-12-01T14:10:00Z")),
+            hour_of(received) - 1,
+            "a little late: its own hour"
+        );
+        assert_eq!(
+            at("2026-11-24T15:00:00Z"),
+            received - LATE_WINDOW_US,
+            "7 days late: still its own"
+        );
+        for far in [
+            "2026-11-24T14:59:59.999999Z",
+            "1900-01-01T00:00:00Z",
+            "0061-04-27T00:00:00Z",
+            "2999-01-01T00:00:00Z",
+            "2026-12-01T15:00:00.001Z",
+        ] {
+            assert_eq!(at(far), received, "{far}");
+        }
+        assert_eq!(partition_micros(None, received), received);
     }
 }

@@ -180,3 +180,154 @@ async fn a_compaction_cut_before_its_file_is_written_is_undone() {
 async fn a_compaction_cut_before_its_inputs_are_deleted_is_finished() {
     interrupted_at(DELETE).await;
 }
+
+/// Writes shard `shard`'s run `first..=last` as one file of `n` rows; returns their ids.
+async fn write_run(
+    store: &dyn ObjectStore,
+    shard: &str,
+    first: u64,
+    last: u64,
+    n: usize,
+) -> Vec<String> {
+    let t = table();
+    let ids: Vec<String> = (0..n).map(|i| format!("s{shard}-{first}-{i}")).collect();
+    let received = json!(0);
+    let shard_v = json!(shard);
+    let seq = json!(first.to_string());
+    let source = json!("/s");
+    let ty = json!("t");
+    let id_values: Vec<serde_json::Value> = ids.iter().map(|i| json!(i)).collect();
+    let ns: Vec<serde_json::Value> = (0..n).map(|i| json!(i)).collect();
+    let mut columns = Vec::new();
+    for (c, field) in t.schema.fields().iter().enumerate() {
+        let values: Vec<Option<&serde_json::Value>> = (0..n)
+            .map(|i| match c {
+                0 => Some(&id_values[i]),
+                1 => Some(&source),
+                2 => Some(&ty),
+                3 => None,
+                4 => Some(&received),
+                5 => Some(&shard_v),
+                6 => Some(&seq),
+                _ => Some(&ns[i]),
+            })
+            .collect();
+        columns.push(floodgate_processors::parquet::column(field.data_type(), &values).unwrap());
+    }
+    let bytes = floodgate_processors::parquet::encode(&t.schema, columns).unwrap();
+    store
+        .put(
+            &format!("{PARTITION}/{shard}-{first}-{last}.parquet"),
+            bytes,
+        )
+        .await
+        .unwrap();
+    ids
+}
+
+async fn sizes(store: &dyn ObjectStore) -> std::collections::BTreeMap<String, u64> {
+    store
+        .list(&format!("{PARTITION}/"))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.key.ends_with(".parquet"))
+        .map(|o| (o.key.rsplit('/').next().unwrap().to_owned(), o.size))
+        .collect()
+}
+
+/// Item 9 of issue 9: compacted names ignored the shard, so shard 1's runs compacted after
+/// shard 0's (whose compacted file had grown past `small_bytes`) took the same name
+/// `c-0-19-2` and replaced it: shard 0's rows were gone, and a replay would write them
+/// again beside nothing that records them.
+#[tokio::test]
+async fn two_shards_compactions_never_take_each_others_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalDirStore::open(dir.path()).unwrap();
+    let t = table();
+    let mut ids = write_run(&store, "0", 0, 9, 300).await;
+    ids.extend(write_run(&store, "0", 10, 19, 300).await);
+    compact::compact_table(&store, "t", None, &t.schema, u64::MAX)
+        .await
+        .unwrap();
+    ids.extend(write_run(&store, "1", 0, 9, 300).await);
+    ids.extend(write_run(&store, "1", 10, 19, 300).await);
+    let before = sizes(&store).await;
+    let small = before["1-0-9.parquet"].max(before["1-10-19.parquet"]) + 1;
+    let (big_name, big) = before.iter().find(|(n, _)| n.starts_with("c-")).unwrap();
+    assert!(
+        *big >= small,
+        "{big_name} ({big} bytes) must be past small_bytes ({small})"
+    );
+    compact::compact_table(&store, "t", None, &t.schema, small)
+        .await
+        .unwrap();
+    let after = sizes(&store).await;
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        ["c-0-0-19-2.parquet", "c-1-0-19-2.parquet"]
+    );
+    ids.sort();
+    assert_eq!(rows(&store).await, ids, "rows lost or duplicated");
+    // Every run is still attributed to its shard, from the manifest.
+    let shards = [
+        floodgate_core::stream::ShardId("0".to_owned()),
+        floodgate_core::stream::ShardId("1".to_owned()),
+    ];
+    let runs = floodgate_processors::lake::known_runs(&store, &shards, &["t".to_owned()])
+        .await
+        .unwrap();
+    for shard in &shards {
+        let got: Vec<(String, String)> = runs[shard]
+            .iter()
+            .map(|(f, l)| (f.to_string(), l.to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            [("0".into(), "9".into()), ("10".into(), "19".into())],
+            "{shard}"
+        );
+    }
+}
+
+/// One compaction over a partition holding several shards' files merges each shard's on
+/// its own, under names that say whose they are.
+#[tokio::test]
+async fn a_compaction_merges_each_shard_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalDirStore::open(dir.path()).unwrap();
+    let mut ids = Vec::new();
+    for shard in ["0", "1", "shardId-000000000002"] {
+        ids.extend(write_run(&store, shard, 5, 9, 3).await);
+        ids.extend(write_run(&store, shard, 10, 12, 3).await);
+    }
+    ids.extend(write_run(&store, "lake.3", 1, 4, 3).await);
+    let (parts, files) = compact::compact_table(&store, "t", None, &table().schema, u64::MAX)
+        .await
+        .unwrap();
+    assert_eq!((parts, files), (1, 6));
+    assert_eq!(
+        sizes(&store).await.into_keys().collect::<Vec<_>>(),
+        [
+            "c-0-5-12-2.parquet",
+            "c-1-5-12-2.parquet",
+            "c-shardId-000000000002-5-12-2.parquet",
+            "lake.3-1-4.parquet"
+        ]
+    );
+    ids.sort();
+    assert_eq!(rows(&store).await, ids);
+    assert_eq!(
+        compact::run_of("c-shardId-000000000002-5-12-2.parquet"),
+        Some(("shardId-000000000002", 5, 12))
+    );
+    assert_eq!(
+        compact::run_of("lake-derived.outbox-3-9.parquet"),
+        Some(("lake-derived.outbox", 3, 9))
+    );
+    assert_eq!(
+        compact::run_of("c-5-12-2.parquet"),
+        None,
+        "an older version's name"
+    );
+}

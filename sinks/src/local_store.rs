@@ -1,13 +1,19 @@
 //! [`ObjectStore`] on a local directory: the embedded deployment's lake.
 //!
-//! `put` writes `<dir>/.<name>.<pid>.tmp`, fsyncs it, renames it over the final name and
-//! fsyncs the directory: a reader sees the whole old object or the whole new one, and a
-//! crash leaves at most a hidden temporary file (never listed, removed by
-//! [`LocalDirStore::open`]). Query engines skip names starting with `.` or `_`.
+//! `put` writes `<dir>/.<name>.<pid>-<n>.tmp`, fsyncs it, renames it over the final name and
+//! fsyncs the directory: a reader sees the whole old object or the whole new one. A
+//! directory `put` creates is made durable too: each new directory's parent is fsynced, so
+//! a crash cannot lose a partition directory with the files renamed into it. A failed `put`
+//! removes its temporary file; a crash leaves at most a hidden one (never listed), which
+//! [`LocalDirStore::open`] removes once it is provably abandoned: its writer's process (the
+//! pid in its name) is gone. A live server's temporaries are never touched, so tools
+//! (`floodgate lake compact`) can open the store beside it. Query engines skip names
+//! starting with `.` or `_`.
 
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -19,9 +25,10 @@ pub struct LocalDirStore {
 }
 
 impl LocalDirStore {
-    /// Opens (creating) the store at `root` and removes temporaries a crash left behind.
+    /// Opens (creating) the store at `root` and removes the temporaries of writers that are
+    /// gone (a crash's leftovers); a live process's are left alone.
     pub fn open(root: &Path) -> std::io::Result<Self> {
-        fs::create_dir_all(root)?;
+        create_dirs_durably(root)?;
         let store = Self {
             root: root.to_owned(),
         };
@@ -40,8 +47,13 @@ impl LocalDirStore {
             let name = name.to_string_lossy();
             if entry.file_type()?.is_dir() {
                 self.sweep_temporaries(&entry.path())?;
-            } else if name.starts_with('.') && name.ends_with(".tmp") {
-                fs::remove_file(entry.path())?;
+            } else if abandoned_temporary(&name) {
+                match fs::remove_file(entry.path()) {
+                    Ok(()) => {}
+                    // Its writer finished or cleaned up meanwhile.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(())
@@ -63,20 +75,97 @@ fn io(key: &str, e: impl std::fmt::Display) -> ObjectError {
     }
 }
 
+/// Distinguishes temporaries of concurrent `put`s in one process.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Whether `name` is a `put`'s temporary file (`.<name>.<pid>-<n>.tmp`, or `.<name>.<pid>.tmp`
+/// from older versions) whose writer is provably gone: its pid names no live process. Our
+/// own pid counts as live (another handle on this store may be writing it); so does every
+/// pid when the system cannot say (no `/proc`).
+fn abandoned_temporary(name: &str) -> bool {
+    let Some(stem) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
+        return false;
+    };
+    let Some((_, tag)) = stem.rsplit_once('.') else {
+        return false;
+    };
+    let pid = tag.split_once('-').map_or(tag, |(pid, _)| pid);
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    pid != std::process::id() && !process_alive(pid)
+}
+
+/// Whether process `pid` exists (Linux: `/proc/<pid>`). Where that cannot be told, yes.
+fn process_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return true;
+    }
+    proc.join(pid.to_string()).exists()
+}
+
+/// Fsyncs directory `dir`. Every directory fsync of this module goes through here.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(test)]
+    tests::SYNCED_DIRS.with(|s| s.borrow_mut().push(dir.to_owned()));
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` and its missing ancestors, fsyncing the parent of each directory it
+/// creates (the new entry is only durable once its parent is). A directory another writer
+/// creates at the same moment is synced all the same.
+fn create_dirs_durably(dir: &Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.is_dir() {
+        missing.push(at);
+        match at.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+            _ => break,
+        }
+    }
+    for d in missing.into_iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => return Err(e),
+        }
+        // A relative path's first component lives in the working directory.
+        match d.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent)?,
+            Some(_) => sync_dir(Path::new("."))?,
+            None => {}
+        }
+    }
+    Ok(())
+}
+
 fn put_sync(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().expect("a key has a parent directory");
-    fs::create_dir_all(dir)?;
+    create_dirs_durably(dir)?;
     let name = path
         .file_name()
         .expect("a key has a name")
         .to_string_lossy();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+    let tmp = dir.join(format!(
+        ".{name}.{}-{}.tmp",
+        std::process::id(),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        // Leave the directory as it was: no temporary behind a failed put.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    sync_dir(dir)
 }
 
 fn list_sync(
@@ -170,6 +259,104 @@ impl ObjectStore for LocalDirStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// Every directory `sync_dir` fsynced on this thread.
+        pub(super) static SYNCED_DIRS: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A pid that names no process: a child that has exited and been reaped.
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(!process_alive(pid), "pid {pid} was reused at once");
+        pid
+    }
+
+    /// `floodgate lake compact` opens the store beside a live server: the server's
+    /// in-progress temporary files must survive that, and only a dead writer's go.
+    #[test]
+    fn open_removes_only_temporaries_whose_writer_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("t/dt=2026-11-22/hour=10");
+        fs::create_dir_all(&part).unwrap();
+        // A live writer: a child process that waits on its stdin until we close it.
+        let mut live = std::process::Command::new("cat")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let dead = dead_pid();
+        let own = std::process::id();
+        let names = [
+            format!(".a.parquet.{}-0.tmp", live.id()),
+            format!(".b.parquet.{own}-7.tmp"),
+            format!(".c.parquet.{dead}-3.tmp"),
+            format!(".d.parquet.{dead}.tmp"),
+            ".e.parquet.tmp".to_owned(),
+        ];
+        for n in &names {
+            fs::write(part.join(n), b"partial").unwrap();
+        }
+        LocalDirStore::open(dir.path()).unwrap();
+        let left: Vec<bool> = names.iter().map(|n| part.join(n).exists()).collect();
+        drop(live.stdin.take());
+        live.wait().unwrap();
+        assert_eq!(
+            left,
+            [true, true, false, false, true],
+            "live, own, dead, dead (old name), no pid"
+        );
+    }
+
+    /// Item 11 of issue 9: a new partition directory is durable only once its parent is
+    /// fsynced, and so on up to the first directory that existed.
+    #[test]
+    fn a_put_fsyncs_the_parent_of_every_directory_it_creates() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("lake");
+        SYNCED_DIRS.with(|s| s.borrow_mut().clear());
+        put_sync(&root.join("t/dt=2026-11-22/hour=10/a.parquet"), b"x").unwrap();
+        let synced = SYNCED_DIRS.with(|s| s.borrow().clone());
+        for d in [
+            dir.path().to_owned(),
+            root.clone(),
+            root.join("t"),
+            root.join("t/dt=2026-11-22"),
+            root.join("t/dt=2026-11-22/hour=10"),
+        ] {
+            assert!(
+                synced.contains(&d),
+                "{} not fsynced: {synced:?}",
+                d.display()
+            );
+        }
+        // A put into directories that exist syncs only the file's own directory.
+        SYNCED_DIRS.with(|s| s.borrow_mut().clear());
+        put_sync(&root.join("t/dt=2026-11-22/hour=10/b.parquet"), b"y").unwrap();
+        let synced = SYNCED_DIRS.with(|s| s.borrow().clone());
+        assert_eq!(synced, [root.join("t/dt=2026-11-22/hour=10")]);
+    }
+
+    /// A put that fails leaves no temporary file behind.
+    #[tokio::test]
+    async fn a_failed_put_removes_its_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalDirStore::open(dir.path()).unwrap();
+        // The key's name is taken by a non-empty directory: the rename fails.
+        fs::create_dir_all(dir.path().join("t/x.parquet/inner")).unwrap();
+        assert!(
+            s.put("t/x.parquet", Bytes::from_static(b"one"))
+                .await
+                .is_err()
+        );
+        let left: Vec<String> = fs::read_dir(dir.path().join("t"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["x.parquet"]);
+    }
 
     #[tokio::test]
     async fn put_get_list_delete() {
@@ -191,7 +378,8 @@ mod tests {
             .await
             .unwrap();
         // A crash's leftover is invisible and swept at open.
-        fs::write(dir.path().join("t/.junk.parquet.1.tmp"), b"partial").unwrap();
+        let junk = format!("t/.junk.parquet.{}-0.tmp", dead_pid());
+        fs::write(dir.path().join(&junk), b"partial").unwrap();
         let keys: Vec<String> = s
             .list("t/")
             .await
@@ -218,6 +406,6 @@ mod tests {
         assert!(s.get("u/c.parquet").await.unwrap().is_none());
         assert!(s.put("../escape", Bytes::new()).await.is_err());
         LocalDirStore::open(dir.path()).unwrap();
-        assert!(!dir.path().join("t/.junk.parquet.1.tmp").exists());
+        assert!(!dir.path().join(&junk).exists());
     }
 }
