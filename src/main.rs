@@ -86,8 +86,12 @@ enum LakeCommand {
     /// finished (or undone) by the next one, and a later rebuild or replay never duplicates
     /// their rows.
     Compact {
-        #[arg(long, env = "FLOODGATE_DATA_DIR", default_value = "./data")]
-        data_dir: PathBuf,
+        /// Directory of the embedded backends' files [default: the config's, else ./data]
+        #[arg(long, env = "FLOODGATE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// TOML configuration file (its data_dir and schemas_dir, as the server uses them)
+        #[arg(long, env = "FLOODGATE_CONFIG")]
+        config: Option<PathBuf>,
         /// The table, e.g. booking_requested
         #[arg(long)]
         table: String,
@@ -209,6 +213,18 @@ enum StreamCommand {
         #[arg(long)]
         limit: Option<u64>,
     },
+    /// Check every frame of the stream and of the quarantine log (CRC, decoding, contiguous
+    /// sequences, segment bases); prints one line per damaged frame, then a summary. Exit
+    /// status 0: clean, 1: damage found, 2: unreadable. Safe beside a running server.
+    Verify {
+        #[arg(long, env = "FLOODGATE_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+        /// With the server stopped: move each damaged segment's bytes from the damage on
+        /// into `<segment>.damaged-<offset>` and truncate it there. The records in those
+        /// bytes leave the stream.
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -247,6 +263,9 @@ fn main() -> ExitCode {
             from,
             limit,
         }) => stream_read(&data_dir, shard, from, limit).map(|()| ExitCode::SUCCESS),
+        Command::Stream(StreamCommand::Verify { data_dir, repair }) => {
+            stream_verify(&data_dir, repair)
+        }
         Command::Schemas(SchemasCommand::List { schemas }) => {
             schemas_list(schemas.as_deref()).map(|()| ExitCode::SUCCESS)
         }
@@ -261,16 +280,23 @@ fn main() -> ExitCode {
         }) => keys_new(&name, &types, rate_per_sec, burst).map(|()| ExitCode::SUCCESS),
         Command::Lake(LakeCommand::Compact {
             data_dir,
+            config,
             table,
             dt,
             small_bytes,
             schemas,
         }) => lake_compact(
-            &data_dir,
+            ServeArgs {
+                listen: None,
+                data_dir,
+                config,
+                schemas,
+                shards: None,
+                insecure_no_auth: false,
+            },
             &table,
             dt.as_deref(),
             small_bytes,
-            schemas.as_deref(),
         )
         .map(|()| ExitCode::SUCCESS),
         Command::Lake(LakeCommand::Rebuild { data_dir, config }) => {
@@ -399,15 +425,13 @@ fn derived_lake(
     Ok(LakeProcessor::new(store, tables, config).named("lake-derived"))
 }
 
-/// `floodgate lake compact`.
-fn lake_compact(
-    data_dir: &Path,
-    table: &str,
-    dt: Option<&str>,
-    small_bytes: u64,
-    schemas: Option<&Path>,
-) -> Result<()> {
-    let registry = load_registry(schemas)?;
+/// `floodgate lake compact`: with the schemas and data directory the configuration (and
+/// flags) give, as the server that wrote the lake used them; a compaction under other
+/// schemas would drop the columns they lack.
+fn lake_compact(args: ServeArgs, table: &str, dt: Option<&str>, small_bytes: u64) -> Result<()> {
+    let config = effective_config(&args)?;
+    let data_dir = config.data_dir.as_path();
+    let registry = load_registry(config.schemas_dir.as_deref())?;
     let tables = floodgate_core::lake::tables(&registry)?;
     let Some(t) = tables.iter().find(|t| t.name == table) else {
         bail!(
@@ -1096,6 +1120,42 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             }
         }
     }
+}
+
+/// `floodgate stream verify`: checks (or repairs) the stream and the quarantine log.
+fn stream_verify(data_dir: &Path, repair: bool) -> Result<ExitCode> {
+    let mut clean = true;
+    for (name, required) in [("stream", true), ("quarantine", false)] {
+        let root = data_dir.join(name);
+        if !required && !root.join("meta.json").exists() {
+            println!("{}: no log to check", root.display());
+            continue;
+        }
+        let report = if repair {
+            let (actions, report) = floodgate_sinks::log_verify::repair(&root)
+                .with_context(|| format!("cannot repair the log at {}", root.display()))?;
+            for action in &actions {
+                println!("{action}");
+            }
+            report
+        } else {
+            floodgate_sinks::log_verify::check(&root)
+                .with_context(|| format!("cannot check the log at {}", root.display()))?
+        };
+        for problem in &report.problems {
+            println!("{problem}");
+        }
+        for note in &report.notes {
+            println!("note: {note}");
+        }
+        println!("{}", report.summary());
+        clean &= report.is_clean();
+    }
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn stream_read(

@@ -170,10 +170,14 @@ pub struct PublishError(pub String);
 /// Where derived events go (a local outbox log, EventBridge).
 #[async_trait]
 pub trait Publisher: Send + Sync + fmt::Debug {
-    /// The highest outbox seq published durably; `None` if nothing was.
+    /// The highest outbox seq published durably; `None` if nothing was. Read from the
+    /// destination on each call, not remembered from start-up: a standby relay asks after
+    /// it takes the relay lease, and must see what the relay before it published.
     async fn last_published(&self) -> Result<Option<u64>, PublishError>;
 
-    /// Publishes entries in order, durably. Entries at or below `last_published` are
-    /// skipped, so publishing after a crash never duplicates.
+    /// Publishes entries in order, durably. Entries at or below `last_published` (as the
+    /// destination holds it now) are skipped, so publishing after a crash or a takeover
+    /// never duplicates. A failed publish leaves what was published before intact; the
+    /// caller retries the same entries. Only the relay-lease holder calls it.
     async fn publish(&self, entries: &[OutboxEntry]) -> Result<(), PublishError>;
 }
