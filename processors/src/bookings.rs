@@ -82,8 +82,7 @@ pub fn integer(n: &serde_json::Number) -> Result<i64, String> {
         // surprises once it is known to be integral.
         Some(f)
             if f.fract() == 0.0
-                && f >= -9_223_372_036_854_775_808.0
-                && f < 9_223_372_036_854_775_808.0 =>
+                && (-9_223_372_036_854_775_808.0..9_223_372_036_854_775_808.0).contains(&f) =>
         {
             Ok(f as i64)
         }
