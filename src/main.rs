@@ -585,35 +585,48 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
         .await?;
         let held =
             LakeProcessor::quarantine(fresh.clone(), replay_config.clone()).with_runs(q_runs);
-        replay_all(&quarantine, &q_shards, &held).await?;
+        let (_, q_heads) = replay_all(&quarantine, &q_shards, &held).await?;
         quarantine.close().await?;
         // The derived events' tables, from the published outbox.
         let derived = derived_lake(fresh, &tables, replay_config)?;
+        let derived_names = derived.table_names();
         let outbox = OutboxReader::new(&config.data_dir.join("outbox"));
         let d_shards: Vec<_> = outbox.shards().await?.into_iter().map(|s| s.id).collect();
-        let d_runs =
-            floodgate_processors::lake::runs_in(&old, &d_shards, &derived.table_names()).await?;
+        let d_runs = floodgate_processors::lake::runs_in(&old, &d_shards, &derived_names).await?;
         let derived = derived.with_runs(d_runs);
-        replay_all(&outbox, &d_shards, &derived).await?;
-        // Runs older than what retention left in the stream cannot be re-derived: keep them.
+        let (_, d_heads) = replay_all(&outbox, &d_shards, &derived).await?;
+        // Runs older than what retention left in their source cannot be re-derived: keep
+        // them. Each table directory holds the runs of known sources, told apart by the
+        // file name's prefix: the stream's shards in the typed tables, the outbox's in the
+        // derived tables; in `quarantine`, the quarantine log's shards and the rows the
+        // stream's and the outbox's consumers diverted there (`<consumer>.<shard>-…`).
+        let q_table = vec![floodgate_core::lake::QUARANTINE_TABLE.to_owned()];
+        let mut sources: Vec<(&[String], String, Option<&SequenceNumber>)> = Vec::new();
+        for shard in &shards {
+            let head = heads.get(shard);
+            sources.push((&table_names, shard.0.clone(), head));
+            sources.push((&q_table, format!("lake.{}", shard.0), head));
+        }
+        for shard in &q_shards {
+            sources.push((&q_table, shard.0.clone(), q_heads.get(shard)));
+        }
+        for shard in &d_shards {
+            let head = d_heads.get(shard);
+            sources.push((&derived_names, shard.0.clone(), head));
+            sources.push((&q_table, format!("lake-derived.{}", shard.0), head));
+        }
         let fresh_store = LocalDirStore::open(&fresh_dir)?;
         let mut kept = 0;
         for object in old.list("").await? {
-            if !table_names
-                .iter()
-                .any(|t| object.key.starts_with(&format!("{t}/")))
-            {
+            let Some((table, _)) = object.key.split_once('/') else {
                 continue;
-            }
+            };
             let name = object.key.rsplit('/').next().unwrap_or("");
-            let before_head = shards.iter().any(|shard| {
-                floodgate_processors::lake::parse_file_name(name, &shard.0).is_some_and(
-                    |(_, last)| {
-                        heads
-                            .get(shard)
-                            .is_none_or(|head| SequenceNumber::new(last) < *head)
-                    },
-                )
+            let before_head = sources.iter().any(|(tables, prefix, head)| {
+                tables.iter().any(|t| t == table)
+                    && floodgate_processors::lake::parse_file_name(name, prefix).is_some_and(
+                        |(_, last)| head.is_none_or(|head| SequenceNumber::new(last) < *head),
+                    )
             });
             if before_head && let Some(bytes) = old.get(&object.key).await? {
                 fresh_store.put(&object.key, bytes).await?;
@@ -621,7 +634,7 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
             }
         }
         if kept > 0 {
-            eprintln!("kept {kept} files older than the stream's retention");
+            eprintln!("kept {kept} files older than their source's retention");
         }
         let compactions = reapply_compactions(&old, &fresh_store, &tables).await?;
         if compactions > 0 {
