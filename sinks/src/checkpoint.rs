@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +32,7 @@ use floodgate_core::stream::{CheckpointStore, SequenceNumber, ShardId, StreamErr
 use serde::{Deserialize, Serialize};
 
 use crate::embedded_log::fsync_dir;
+use crate::failpoint;
 
 pub(crate) const DIR: &str = "checkpoints";
 
@@ -104,8 +105,8 @@ fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
             .create_new(true)
             .open(&tmp)
             .map_err(|e| at(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| at(&tmp, e))?;
-        f.sync_all().map_err(|e| at(&tmp, e))?;
+        failpoint::write_all(&mut f, bytes, &tmp).map_err(|e| at(&tmp, e))?;
+        failpoint::sync_all(&f, &tmp).map_err(|e| at(&tmp, e))?;
         fs::rename(&tmp, path).map_err(|e| at(path, e))?;
         fsync_dir(dir).map_err(|e| at(dir, e))
     })();

@@ -10,6 +10,7 @@
 //!   the shard position and the transactional outbox.
 //! - [`EmbeddedOutbox`] — the embedded publisher of derived events (an NDJSON log).
 //! - [`LocalDirStore`] — the lake's object store on a local directory.
+//! - [`failpoint`] — test-only fault injection on the durability path (feature `failpoints`).
 //!
 //! Later backends (Kinesis, DynamoDB, SQLite, S3, …) sit beside these and pass the same
 //! conformance suites.
@@ -19,6 +20,7 @@
 
 mod checkpoint;
 mod embedded_log;
+pub mod failpoint;
 mod local_store;
 pub mod outbox;
 mod sqlite_state;

@@ -22,7 +22,7 @@
 //! fail then, naming the file and the byte offset, rather than cutting or skipping them.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -34,6 +34,7 @@ use serde_json::value::RawValue;
 
 use crate::checkpoint::create_dir_durably;
 use crate::embedded_log::fsync_dir;
+use crate::failpoint;
 
 pub const FILE_NAME: &str = "outbox.ndjson";
 
@@ -46,8 +47,9 @@ struct Line<'a> {
 
 /// The whole, valid lines of a stretch of an outbox file.
 struct Scan {
-    /// (seq, byte offset within the stretch, byte length) of each valid line, in order.
-    lines: Vec<(u64, usize, usize)>,
+    /// (seq, byte offset within the stretch, byte length, number of events) of each valid
+    /// line, in order.
+    lines: Vec<(u64, usize, usize, usize)>,
     /// Bytes the valid lines span. What follows is a torn tail: an incomplete last line,
     /// or bad lines with nothing valid after them.
     valid: usize,
@@ -70,7 +72,7 @@ fn scan(bytes: &[u8]) -> Result<Scan, usize> {
                 if let Some(bad) = first_bad {
                     return Err(bad);
                 }
-                lines.push((l.seq, off, line.len()));
+                lines.push((l.seq, off, line.len(), l.events.len()));
                 valid = off + line.len();
             }
             Err(_) => {
@@ -114,7 +116,7 @@ pub fn read_events(dir: &Path) -> io::Result<Vec<String>> {
     }
     let found = scan(&bytes).map_err(|off| damaged(&path, off as u64))?;
     let mut events = Vec::new();
-    for (_, off, len) in found.lines {
+    for (_, off, len, _) in found.lines {
         let line: Line<'_> =
             serde_json::from_slice(&bytes[off..off + len]).map_err(io::Error::other)?;
         events.extend(line.events.iter().map(|e| e.get().to_owned()));
@@ -159,11 +161,11 @@ impl Writer {
         let found = scan(&bytes).map_err(|off| damaged(path, self.end + off as u64))?;
         if found.valid > 0 {
             // The writer of these lines may have died before its fsync.
-            self.file.sync_data().map_err(|e| {
+            failpoint::sync_data(&self.file, path).map_err(|e| {
                 self.failed = Some(format!("fsync of lines another relay wrote failed: {e}"));
                 at(path, e)
             })?;
-            for (seq, _, _) in &found.lines {
+            for (seq, _, _, _) in &found.lines {
                 self.last = Some(self.last.map_or(*seq, |l| l.max(*seq)));
             }
             self.end += found.valid as u64;
@@ -173,8 +175,9 @@ impl Writer {
 
     /// Cuts the file back to `len`, durably. On failure the file's tail is unknown, so
     /// the writer stops for good (until reopened).
-    fn cut_to(&mut self, len: u64, why: &str) -> Result<(), String> {
-        let result = self.file.set_len(len).and_then(|()| self.file.sync_data());
+    fn cut_to(&mut self, path: &Path, len: u64, why: &str) -> Result<(), String> {
+        let result = failpoint::set_len(&self.file, len, path)
+            .and_then(|()| failpoint::sync_data(&self.file, path));
         if let Err(e) = result {
             let reason = format!("cannot cut the file back to {len} bytes after {why}: {e}");
             self.failed = Some(reason.clone());
@@ -268,7 +271,7 @@ impl Publisher for EmbeddedOutbox {
         if torn {
             let end = w.end;
             tracing::warn!(path = %self.path.display(), end, "outbox: cutting a torn last line");
-            w.cut_to(end, "a torn last line")
+            w.cut_to(&self.path, end, "a torn last line")
                 .map_err(|e| self.error(e))?;
         }
         let mut buf = Vec::new();
@@ -292,19 +295,19 @@ impl Publisher for EmbeddedOutbox {
         }
         // A small synchronous write and fsync; publish batches are rare next to appends.
         let start = w.end;
-        if let Err(e) = w.file.write_all(&buf) {
+        if let Err(e) = failpoint::write_all(&mut w.file, &buf, &self.path) {
             // Part of `buf` may be in the file (a short write at ENOSPC): cut back to
             // exactly the length before this write, so the earlier lines stay whole and a
             // retry appends cleanly.
-            w.cut_to(start, &format!("a failed write ({e})"))
+            w.cut_to(&self.path, start, &format!("a failed write ({e})"))
                 .map_err(|u| self.error(u))?;
             return Err(self.error(format_args!("write failed (undone): {e}")));
         }
-        if let Err(e) = w.file.sync_data() {
+        if let Err(e) = failpoint::sync_data(&w.file, &self.path) {
             // After a failed fsync the kernel may have dropped the pages: what the file
             // holds past `start` is unknown. Take it back if we can, and stop either way;
             // the next open scans the file afresh.
-            let _ = w.cut_to(start, "a failed fsync");
+            let _ = w.cut_to(&self.path, start, "a failed fsync");
             w.failed = Some(format!("fsync failed: {e}"));
             return Err(self.error(format_args!("fsync failed: {e}")));
         }
@@ -316,21 +319,51 @@ impl Publisher for EmbeddedOutbox {
 
 /// The published derived events as a one-shard stream (shard `outbox`), for consumers
 /// such as the lake. Record `i` of outbox entry `seq` has sequence number
-/// `seq × 1,000,000 + i` and key `seq`; its `appended_at_ms` is the event's `time`.
+/// `seq × 1,000,000 + i` and key `seq`; its `appended_at_ms` is the event's `time`, and
+/// `AtTimestamp(t)` starts at the first event whose `time` is at or after `t`.
 /// Read-only and lock-free beside a live relay: a torn tail is not read (it is read once
 /// it is whole, or after the relay cuts and rewrites it); damage in the middle is a read
 /// error naming the file and offset, never a skip.
 #[derive(Debug)]
 pub struct OutboxReader {
     path: PathBuf,
-    /// (seq, byte offset, byte length) of every whole line seen so far.
-    index: Mutex<Vec<(u64, u64, usize)>>,
+    /// Every whole line seen so far, in file order.
+    index: Mutex<Vec<IndexedLine>>,
+}
+
+/// A whole line of the outbox file, as the reader indexed it.
+#[derive(Debug, Clone, Copy)]
+struct IndexedLine {
+    seq: u64,
+    /// Byte offset and length in the file.
+    off: u64,
+    len: usize,
+    /// Events the line holds, and events in all the lines before it: so that
+    /// `records_behind` counts records, not lines, without reading the lines again.
+    events: u64,
+    events_before: u64,
 }
 
 /// Events per outbox entry the sequence numbering leaves room for.
 pub const EVENTS_PER_ENTRY: u64 = 1_000_000;
 
 pub const OUTBOX_SHARD: &str = "outbox";
+
+/// A record's sequence number as (outbox entry seq, event index).
+fn split_sequence(n: u64) -> (u64, u64) {
+    (n / EVENTS_PER_ENTRY, n % EVENTS_PER_ENTRY)
+}
+
+/// An event's `time` in milliseconds since the Unix epoch; 0 when it has none that parses.
+fn event_time_ms(event: &str) -> i64 {
+    serde_json::from_str::<serde_json::Value>(event)
+        .ok()
+        .and_then(|v| v.get("time").and_then(|t| t.as_str()).map(str::to_owned))
+        .and_then(|t| {
+            time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .map_or(0, |t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
 
 impl OutboxReader {
     pub fn new(dir: &Path) -> Self {
@@ -341,9 +374,9 @@ impl OutboxReader {
     }
 
     /// Extends the index with the whole lines appended since the last look.
-    fn refresh(&self) -> io::Result<Vec<(u64, u64, usize)>> {
+    fn refresh(&self) -> io::Result<Vec<IndexedLine>> {
         let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        let end = index.last().map_or(0, |(_, off, len)| off + *len as u64);
+        let end = index.last().map_or(0, |l| l.off + l.len as u64);
         let f = match File::open(&self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(index.clone()),
@@ -363,12 +396,17 @@ impl OutboxReader {
         f.read_exact_at(&mut bytes, end)
             .map_err(|e| at(&self.path, e))?;
         let found = scan(&bytes).map_err(|off| damaged(&self.path, end + off as u64))?;
-        index.extend(
-            found
-                .lines
-                .into_iter()
-                .map(|(seq, off, len)| (seq, end + off as u64, len)),
-        );
+        let mut events_before = index.last().map_or(0, |l| l.events_before + l.events);
+        for (seq, off, len, events) in found.lines {
+            index.push(IndexedLine {
+                seq,
+                off: end + off as u64,
+                len,
+                events: events as u64,
+                events_before,
+            });
+            events_before += events as u64;
+        }
         Ok(index.clone())
     }
 
@@ -395,69 +433,91 @@ impl floodgate_core::stream::StreamReader for OutboxReader {
 
     async fn read(
         &self,
-        _shard: &floodgate_core::stream::ShardId,
+        shard: &floodgate_core::stream::ShardId,
         from: &floodgate_core::stream::StartPosition,
         max_records: usize,
     ) -> Result<floodgate_core::stream::ReadBatch, floodgate_core::stream::StreamError> {
-        use floodgate_core::stream::{ReadBatch, SequenceNumber, StartPosition, StoredRecord};
-        let io_err = floodgate_core::stream::StreamError::Io;
-        let index = self.refresh().map_err(io_err)?;
-        // The first record to return, as (seq, event index).
-        let (seq0, i0) = match from {
-            StartPosition::TrimHorizon | StartPosition::AtTimestamp(_) => (0, 0),
-            StartPosition::At(s) => {
-                let n = s.as_u64().unwrap_or(0);
-                (n / EVENTS_PER_ENTRY, n % EVENTS_PER_ENTRY)
-            }
-            StartPosition::After(s) => {
-                let n = s.as_u64().unwrap_or(0) + 1;
-                (n / EVENTS_PER_ENTRY, n % EVENTS_PER_ENTRY)
-            }
+        use floodgate_core::stream::{
+            ReadBatch, SequenceNumber, StartPosition, StoredRecord, StreamError,
         };
-        let start = index.partition_point(|(seq, _, _)| *seq < seq0);
+        if shard.0 != OUTBOX_SHARD {
+            return Err(StreamError::UnknownShard(shard.clone()));
+        }
+        let io_err = StreamError::Io;
+        let index = self.refresh().map_err(io_err)?;
+        // The first record to return, as (seq, event index), and for `AtTimestamp` the
+        // time before which records are passed over. A position too large for a u64 is
+        // past every record, never back at the start.
+        let ((seq0, i0), not_before) = match from {
+            StartPosition::TrimHorizon => ((0, 0), None),
+            StartPosition::AtTimestamp(ts) => ((0, 0), Some(*ts)),
+            StartPosition::At(s) => (split_sequence(s.as_u64().unwrap_or(u64::MAX)), None),
+            StartPosition::After(s) => (
+                split_sequence(s.as_u64().map_or(u64::MAX, |n| n.saturating_add(1))),
+                None,
+            ),
+        };
+        let start = index.partition_point(|l| l.seq < seq0);
         let mut records = Vec::new();
-        let mut consumed_lines = start;
-        for &(seq, off, len) in &index[start..] {
-            let line = self.read_line(off, len).map_err(io_err)?;
+        // The last record returned, or passed over for being older than `not_before`:
+        // where the next read continues.
+        let mut last: Option<u64> = None;
+        'lines: for l in &index[start..] {
+            if records.len() >= max_records {
+                break;
+            }
+            let line = self.read_line(l.off, l.len).map_err(io_err)?;
             let parsed: Line<'_> = serde_json::from_slice(&line).map_err(|e| {
-                floodgate_core::stream::StreamError::Io(io::Error::other(format!(
-                    "{}: outbox line at byte offset {off} changed under the reader: {e}",
-                    self.path.display()
+                StreamError::Io(io::Error::other(format!(
+                    "{}: outbox line at byte offset {} changed under the reader: {e}",
+                    self.path.display(),
+                    l.off
                 )))
             })?;
-            let skip = if seq == seq0 { i0 as usize } else { 0 };
-            for (i, event) in parsed.events.iter().enumerate().skip(skip) {
-                let time = serde_json::from_str::<serde_json::Value>(event.get())
-                    .ok()
-                    .and_then(|v| v.get("time").and_then(|t| t.as_str()).map(str::to_owned))
-                    .and_then(|t| {
-                        time::OffsetDateTime::parse(
-                            &t,
-                            &time::format_description::well_known::Rfc3339,
-                        )
-                        .ok()
-                    })
-                    .map_or(0, |t| (t.unix_timestamp_nanos() / 1_000_000) as i64);
+            let skip = if l.seq == seq0 { i0 } else { 0 };
+            for (i, event) in parsed.events.iter().enumerate() {
+                let i = i as u64;
+                if i < skip {
+                    continue;
+                }
+                // Stop within a line too: an entry can hold more events than asked for.
+                if records.len() >= max_records {
+                    break 'lines;
+                }
+                let sequence = l.seq * EVENTS_PER_ENTRY + i;
+                let time = event_time_ms(event.get());
+                last = Some(sequence);
+                if records.is_empty() && not_before.is_some_and(|ts| time < ts) {
+                    continue;
+                }
                 records.push(StoredRecord {
-                    sequence: SequenceNumber::from_u64(seq * EVENTS_PER_ENTRY + i as u64),
-                    key: seq.to_string(),
+                    sequence: SequenceNumber::from_u64(sequence),
+                    key: l.seq.to_string(),
                     payload: bytes::Bytes::copy_from_slice(event.get().as_bytes()),
                     appended_at_ms: time,
                 });
             }
-            consumed_lines += 1;
-            if records.len() >= max_records {
-                break;
-            }
         }
-        let next = match records.last() {
-            Some(r) => StartPosition::After(r.sequence.clone()),
-            None => from.clone(),
+        // Records after the next read's start: the lines after its line, and what its line
+        // holds from its event on.
+        let (next, (seq_n, i_n)) = match last {
+            Some(s) => (
+                StartPosition::After(SequenceNumber::from_u64(s)),
+                split_sequence(s + 1),
+            ),
+            None => (from.clone(), (seq0, i0)),
+        };
+        let total = index.last().map_or(0, |l| l.events_before + l.events);
+        let k = index.partition_point(|l| l.seq < seq_n);
+        let records_behind = match index.get(k) {
+            Some(l) if l.seq == seq_n => total - l.events_before - i_n.min(l.events),
+            Some(l) => total - l.events_before,
+            None => 0,
         };
         Ok(ReadBatch {
             records,
             next: Some(next),
-            records_behind: (index.len() - consumed_lines.min(index.len())) as u64,
+            records_behind,
         })
     }
 }

@@ -55,6 +55,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
 use crate::checkpoint;
+use crate::failpoint;
 use segment::{Position, ScanEnd, Segment, Watermark};
 
 /// Version of the on-disk format written in `meta.json`.
@@ -136,6 +137,10 @@ struct ShardShared {
     durable_tx: watch::Sender<u64>,
     /// Set when the shard can no longer guarantee durability (an fsync failed).
     failed: Mutex<Option<String>>,
+    /// Set while the shard's last write failed (and was undone), e.g. on a full disk: the
+    /// shard still takes appends, but one issued now would likely fail too, so it is not
+    /// ready. Cleared by the next write that succeeds.
+    write_error: Mutex<Option<String>>,
 }
 
 enum Command {
@@ -267,6 +272,7 @@ impl EmbeddedLog {
                 durable_next: AtomicU64::new(recovered.next_sequence),
                 durable_tx,
                 failed: Mutex::new(None),
+                write_error: Mutex::new(None),
             });
             let file = OpenOptions::new().append(true).open(&active.path)?;
             let writer = ShardWriter {
@@ -449,6 +455,11 @@ impl StreamWriter for EmbeddedLog {
         for (i, shard) in self.shards.iter().enumerate() {
             if let Some(reason) = shard.failed.lock().unwrap().clone() {
                 return Err(StreamError::Unavailable(format!("shard {i}: {reason}")));
+            }
+            if let Some(reason) = shard.write_error.lock().unwrap().clone() {
+                return Err(StreamError::Unavailable(format!(
+                    "shard {i}: its last write failed ({reason}); ready again once a write succeeds"
+                )));
             }
         }
         if self.queued_bytes.load(Ordering::Acquire) >= self.max_queued_bytes {
@@ -855,12 +866,12 @@ impl ShardWriter {
                 if self.publish_pending {
                     self.publish(self.next_seq);
                 }
-                let _ = ack.send(self.file.sync_all());
+                let _ = ack.send(failpoint::sync_all(&self.file, &self.shared.dir));
                 return;
             }
         }
         // Channel closed without an explicit close (the log was dropped).
-        let _ = self.file.sync_all();
+        let _ = failpoint::sync_all(&self.file, &self.shared.dir);
     }
 
     /// Publishes `next` as the durable watermark for readers in other processes. A failure
@@ -967,12 +978,13 @@ impl ShardWriter {
             });
             return;
         }
-        if let Err(e) = self.file.write_all(&self.buf) {
+        if let Err(e) = failpoint::write_all(&mut self.file, &self.buf, &self.shared.dir) {
             // Undo a partial write so the next group starts on a frame boundary.
-            let undo = self.file.set_len(self.segment_len);
+            let undo = failpoint::set_len(&self.file, self.segment_len, &self.shared.dir);
             if let Err(u) = undo {
                 self.fail(format!("write failed ({e}) and could not be undone ({u})"));
             }
+            *self.shared.write_error.lock().unwrap() = Some(e.to_string());
             metrics::counter!("floodgate_stream_write_errors_total").increment(1);
             self.reply_all(group, 0, |_| {
                 Err(AppendError::Unavailable(format!("write failed: {e}")))
@@ -980,7 +992,7 @@ impl ShardWriter {
             return;
         }
         let fsync_started = Instant::now();
-        if let Err(e) = self.file.sync_data() {
+        if let Err(e) = failpoint::sync_data(&self.file, &self.shared.dir) {
             // After a failed fsync the kernel may have dropped the dirty pages; nothing
             // written since the last good fsync can be trusted. Stop this shard.
             self.fail(format!("fsync failed: {e}"));
@@ -991,6 +1003,12 @@ impl ShardWriter {
         }
         metrics::histogram!("floodgate_stream_fsync_duration_seconds")
             .record(fsync_started.elapsed().as_secs_f64());
+        {
+            let mut write_error = self.shared.write_error.lock().unwrap();
+            if write_error.take().is_some() {
+                tracing::info!(shard = self.index, "writes succeed again");
+            }
+        }
         metrics::histogram!("floodgate_stream_group_commit_records").record(record_count as f64);
         metrics::histogram!("floodgate_stream_group_commit_bytes").record(self.buf.len() as f64);
         metrics::counter!("floodgate_stream_appended_records_total").increment(record_count);
@@ -1010,7 +1028,7 @@ impl ShardWriter {
     }
 
     fn roll(&mut self) -> io::Result<()> {
-        self.file.sync_all()?;
+        failpoint::sync_all(&self.file, &self.shared.dir)?;
         let path = segment::segment_path(&self.shared.dir, self.next_seq);
         let file = OpenOptions::new()
             .create_new(true)

@@ -1,0 +1,474 @@
+//! The durability path under injected faults (feature `failpoints`, which this crate's
+//! dev-dependency on itself turns on): failed fsyncs, failed and short writes, failed
+//! undos, and a simulated power cut that drops everything no fsync covered.
+//!
+//! The crash tests kill with SIGKILL, which keeps the page cache: a writer that never
+//! fsynced passes them. These tests catch that. For the log, the outbox and checkpoints:
+//! - a failed write or fsync is never acknowledged, and a failed write is undone to the
+//!   byte, so that what follows it starts on a frame (or line) boundary;
+//! - a failed fsync (or a failed undo) stops the writer until it is opened again;
+//! - after a power cut ([`Watch::lose_unsynced`]) and a reopen, everything that was
+//!   acknowledged is there exactly once.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use floodgate_core::config::EmbeddedStreamConfig;
+use floodgate_core::state::{OutboxEntry, Publisher};
+use floodgate_core::stream::{
+    AppendError, Appended, CheckpointStore, Record, SequenceNumber, ShardId, StartPosition,
+    StreamReader, StreamWriter,
+};
+use floodgate_sinks::failpoint::{self, Fault, Op, Watch};
+use floodgate_sinks::outbox::{FILE_NAME, read_events};
+use floodgate_sinks::{EmbeddedCheckpoints, EmbeddedLog, EmbeddedOutbox};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// One shard, so that every append of a test meets the fault armed for it; a short
+/// group-commit delay, so that concurrent appends share a write and an fsync.
+fn cfg() -> EmbeddedStreamConfig {
+    EmbeddedStreamConfig {
+        shards: 1,
+        group_commit_max_delay_us: 2_000,
+        ..EmbeddedStreamConfig::default()
+    }
+}
+
+type Outcomes = Vec<(String, Result<Appended, AppendError>)>;
+
+/// Appends records with payloads `{tag}-{task}-{i}` from `tasks` concurrent callers,
+/// `per_task` records each; returns every payload with its outcome.
+async fn append_concurrently(
+    log: &Arc<EmbeddedLog>,
+    tag: &str,
+    tasks: usize,
+    per_task: usize,
+) -> Outcomes {
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let log = log.clone();
+            let payloads: Vec<String> = (0..per_task).map(|i| format!("{tag}-{t}-{i}")).collect();
+            tokio::spawn(async move {
+                let records = payloads
+                    .iter()
+                    .map(|p| Record {
+                        key: format!("key-{}", p.len() % 7),
+                        payload: Bytes::from(p.clone()),
+                    })
+                    .collect();
+                let results = log.append(records).await;
+                payloads.into_iter().zip(results).collect::<Outcomes>()
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.extend(h.await.unwrap());
+    }
+    out
+}
+
+fn acked(outcomes: &Outcomes) -> Vec<String> {
+    outcomes
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(p, _)| p.clone())
+        .collect()
+}
+
+fn assert_all_unavailable(outcomes: &Outcomes, what: &str) {
+    for (payload, result) in outcomes {
+        assert!(
+            matches!(result, Err(AppendError::Unavailable(_))),
+            "{what}: {payload} was answered {result:?}, not Unavailable"
+        );
+    }
+}
+
+/// How many times each payload is in the log at `root`, read through a fresh open (which
+/// runs recovery, as a restart would).
+async fn payload_counts(root: &Path) -> HashMap<String, usize> {
+    let log = EmbeddedLog::open(root, &cfg()).expect("the log reopens");
+    let mut counts = HashMap::new();
+    for shard in log.shards().await.unwrap() {
+        let mut pos = StartPosition::TrimHorizon;
+        loop {
+            let batch = log.read(&shard.id, &pos, 1_000).await.unwrap();
+            if batch.records.is_empty() {
+                break;
+            }
+            for r in &batch.records {
+                let payload = String::from_utf8(r.payload.to_vec()).unwrap();
+                *counts.entry(payload).or_default() += 1;
+            }
+            pos = batch.next.unwrap();
+        }
+    }
+    log.close().await.unwrap();
+    counts
+}
+
+fn assert_exactly_once(counts: &HashMap<String, usize>, acked: &[String]) {
+    assert!(
+        !acked.is_empty(),
+        "nothing was acknowledged: the test proves nothing"
+    );
+    for p in acked {
+        assert_eq!(
+            counts.get(p).copied().unwrap_or(0),
+            1,
+            "acknowledged record {p} is in the log {:?} times",
+            counts.get(p)
+        );
+    }
+}
+
+/// The bytes of the shard's segment files.
+fn segment_bytes(root: &Path) -> u64 {
+    std::fs::read_dir(root.join("shard-0000"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum()
+}
+
+/// Simulates a power cut under `watch` and says how much it took.
+fn power_cut(watch: &Watch) -> u64 {
+    let lost = watch.lose_unsynced().expect("the power cut is simulated");
+    eprintln!("power cut: {lost} unsynced bytes lost");
+    lost
+}
+
+#[test]
+fn a_failed_log_fsync_is_never_acknowledged_and_stops_the_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("stream");
+    let watch = failpoint::watch(dir.path());
+    rt().block_on(async {
+        let log = Arc::new(EmbeddedLog::open(&root, &cfg()).unwrap());
+        let before = append_concurrently(&log, "before", 4, 10).await;
+        let mut acked = acked(&before);
+        assert_eq!(acked.len(), 40, "{before:?}");
+
+        let fsync = failpoint::arm(Op::Sync, &root, Fault::Eio);
+        let failed = append_concurrently(&log, "during", 8, 5).await;
+        assert!(fsync.hits() >= 1, "the fsync fault never fired");
+        assert_all_unavailable(&failed, "appends whose fsync failed");
+        let err = log.check_writable().await.unwrap_err();
+        assert!(err.to_string().contains("fsync failed"), "{err}");
+
+        // The disk is healthy again, but pages written before the failed fsync may be
+        // gone: the shard refuses until it is reopened.
+        drop(fsync);
+        let after = append_concurrently(&log, "after", 2, 3).await;
+        assert_all_unavailable(&after, "appends after a failed fsync");
+        assert!(log.check_writable().await.is_err());
+
+        // A power cut now loses what the failed fsync did not cover (the failed groups).
+        power_cut(&watch);
+        let _ = log.close().await;
+        drop(log);
+        let counts = payload_counts(&root).await;
+        assert_exactly_once(&counts, &acked);
+        for (p, _) in failed.iter().chain(&after) {
+            assert!(!counts.contains_key(p), "{p} was refused but is in the log");
+        }
+
+        // Reopened, the shard takes appends again.
+        let log = Arc::new(EmbeddedLog::open(&root, &cfg()).unwrap());
+        log.check_writable().await.unwrap();
+        let again = append_concurrently(&log, "again", 2, 3).await;
+        acked.extend(self::acked(&again));
+        assert_eq!(acked.len(), 46, "{again:?}");
+        log.close().await.unwrap();
+        drop(log);
+        assert_exactly_once(&payload_counts(&root).await, &acked);
+    });
+}
+
+#[test]
+fn a_failed_log_write_is_undone_to_the_frame_boundary_and_the_shard_goes_on() {
+    let faults = [
+        ("eio", Fault::Eio),
+        ("enospc", Fault::Enospc),
+        ("short-enospc", Fault::ShortWrite),
+    ];
+    for (name, fault) in faults {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("stream");
+        let watch = failpoint::watch(dir.path());
+        rt().block_on(async {
+            let log = Arc::new(EmbeddedLog::open(&root, &cfg()).unwrap());
+            let mut acked = acked(&append_concurrently(&log, "before", 4, 10).await);
+            assert_eq!(acked.len(), 40);
+            let boundary = segment_bytes(&root);
+
+            // Every write fails while armed: concurrent appends, in however many groups.
+            let write = failpoint::arm(Op::Write, &root, fault);
+            let failed = append_concurrently(&log, "during", 8, 5).await;
+            assert!(write.hits() >= 1, "{name}: the write fault never fired");
+            assert_all_unavailable(&failed, name);
+            assert_eq!(
+                segment_bytes(&root),
+                boundary,
+                "{name}: the failed write was not undone to the last frame boundary"
+            );
+            // Not ready while the last write failed (a full disk)...
+            let err = log.check_writable().await.unwrap_err();
+            assert!(
+                err.to_string().contains("last write failed"),
+                "{name}: {err}"
+            );
+            drop(write);
+
+            // ...and ready again once a write succeeds: the shard was never stopped.
+            let after = append_concurrently(&log, "after", 4, 5).await;
+            assert_eq!(self::acked(&after).len(), 20, "{name}: {after:?}");
+            acked.extend(self::acked(&after));
+            log.check_writable().await.unwrap();
+
+            assert_eq!(
+                power_cut(&watch),
+                0,
+                "{name}: an acknowledged write was not fsynced"
+            );
+            log.close().await.unwrap();
+            drop(log);
+            let counts = payload_counts(&root).await;
+            assert_exactly_once(&counts, &acked);
+            for (p, _) in &failed {
+                assert!(
+                    !counts.contains_key(p),
+                    "{name}: {p} was refused but is in the log"
+                );
+            }
+        });
+    }
+}
+
+#[test]
+fn a_failed_log_write_whose_undo_fails_stops_the_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("stream");
+    rt().block_on(async {
+        let log = Arc::new(EmbeddedLog::open(&root, &cfg()).unwrap());
+        let acked = acked(&append_concurrently(&log, "before", 2, 10).await);
+        let write = failpoint::arm_times(Op::Write, &root, Fault::ShortWrite, 1);
+        let undo = failpoint::arm_times(Op::SetLen, &root, Fault::Eio, 1);
+        let failed = append_concurrently(&log, "during", 1, 5).await;
+        assert_eq!((write.hits(), undo.hits()), (1, 1));
+        assert_all_unavailable(&failed, "a write that could not be undone");
+        // A torn frame now ends the segment: nothing may be appended after it.
+        let after = append_concurrently(&log, "after", 1, 5).await;
+        assert_all_unavailable(&after, "appends after a failed undo");
+        let err = log.check_writable().await.unwrap_err();
+        assert!(err.to_string().contains("could not be undone"), "{err}");
+        let _ = log.close().await;
+        drop(log);
+        // Recovery cuts the torn frame: it lies past the published watermark.
+        let counts = payload_counts(&root).await;
+        assert_exactly_once(&counts, &acked);
+        assert_eq!(counts.len(), acked.len(), "{counts:?}");
+    });
+}
+
+#[test]
+fn every_acknowledged_record_survives_a_power_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("stream");
+    let watch = failpoint::watch(dir.path());
+    // Small segments: the power cut also meets rolled ones.
+    let cfg = EmbeddedStreamConfig {
+        segment_bytes: 4096,
+        ..cfg()
+    };
+    rt().block_on(async {
+        let log = Arc::new(EmbeddedLog::open(&root, &cfg).unwrap());
+        let mut acked = Vec::new();
+        for round in 0..10 {
+            let outcomes = append_concurrently(&log, &format!("r{round}"), 4, 20).await;
+            acked.extend(self::acked(&outcomes));
+        }
+        assert_eq!(acked.len(), 800);
+        // The writer is idle: every acknowledged byte must already be fsynced.
+        assert_eq!(
+            power_cut(&watch),
+            0,
+            "acknowledged records were not fsynced"
+        );
+        log.close().await.unwrap();
+        drop(log);
+        assert_exactly_once(&payload_counts(&root).await, &acked);
+    });
+}
+
+fn entry(seq: u64) -> OutboxEntry {
+    OutboxEntry {
+        seq,
+        events: vec![
+            format!(r#"{{"id":"e-{seq}-a","time":"2026-01-01T00:00:00Z"}}"#),
+            format!(r#"{{"id":"e-{seq}-b","time":"2026-01-01T00:00:00Z"}}"#),
+        ],
+    }
+}
+
+fn entries(seqs: std::ops::RangeInclusive<u64>) -> Vec<OutboxEntry> {
+    seqs.map(entry).collect()
+}
+
+/// Asserts that the outbox at `dir` holds the events of entries `1..=last`, each once, in order.
+fn assert_outbox_holds(dir: &Path, last: u64) {
+    let want: Vec<String> = entries(1..=last)
+        .into_iter()
+        .flat_map(|e| e.events)
+        .collect();
+    assert_eq!(read_events(dir).unwrap(), want);
+}
+
+#[test]
+fn a_failed_outbox_write_is_undone_exactly() {
+    for (name, fault) in [("eio", Fault::Eio), ("short-enospc", Fault::ShortWrite)] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let watch = failpoint::watch(dir.path());
+        rt().block_on(async {
+            let outbox = EmbeddedOutbox::open(dir.path()).unwrap();
+            outbox.publish(&entries(1..=3)).await.unwrap();
+            let before = std::fs::read(&path).unwrap();
+
+            let write = failpoint::arm_times(Op::Write, &path, fault, 1);
+            let err = outbox.publish(&entries(4..=6)).await.unwrap_err();
+            assert_eq!(write.hits(), 1, "{name}");
+            assert!(
+                err.to_string().contains("write failed (undone)"),
+                "{name}: {err}"
+            );
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                before,
+                "{name}: the failed write was not undone to the byte"
+            );
+            // The undo succeeded, so the outbox goes on: the retry appends cleanly.
+            outbox.publish(&entries(4..=6)).await.unwrap();
+            assert_eq!(
+                power_cut(&watch),
+                0,
+                "{name}: a published line was not fsynced"
+            );
+            drop(outbox);
+
+            let reopened = EmbeddedOutbox::open(dir.path()).unwrap();
+            assert_eq!(reopened.last_published().await.unwrap(), Some(6), "{name}");
+            assert_outbox_holds(dir.path(), 6);
+        });
+    }
+}
+
+#[test]
+fn a_failed_outbox_fsync_refuses_until_reopened_and_loses_nothing_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(FILE_NAME);
+    let watch = failpoint::watch(dir.path());
+    rt().block_on(async {
+        let outbox = EmbeddedOutbox::open(dir.path()).unwrap();
+        outbox.publish(&entries(1..=2)).await.unwrap();
+        outbox.publish(&entries(3..=4)).await.unwrap();
+
+        // One failed fsync; the undo after it (a cut and an fsync) succeeds.
+        let fsync = failpoint::arm_times(Op::Sync, &path, Fault::Eio, 1);
+        let err = outbox.publish(&entries(5..=6)).await.unwrap_err();
+        assert_eq!(fsync.hits(), 1, "the fsync fault never fired");
+        assert!(err.to_string().contains("fsync failed"), "{err}");
+        drop(fsync);
+        // The disk works again, but what the failed fsync covered is unknown.
+        let err = outbox.publish(&entries(5..=6)).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("refuses to publish until reopened: fsync failed"),
+            "{err}"
+        );
+        power_cut(&watch);
+        drop(outbox);
+
+        let reopened = EmbeddedOutbox::open(dir.path()).unwrap();
+        assert_eq!(reopened.last_published().await.unwrap(), Some(4));
+        reopened.publish(&entries(5..=6)).await.unwrap();
+        assert_eq!(power_cut(&watch), 0, "a published line was not fsynced");
+        drop(reopened);
+        let reopened = EmbeddedOutbox::open(dir.path()).unwrap();
+        assert_eq!(reopened.last_published().await.unwrap(), Some(6));
+        assert_outbox_holds(dir.path(), 6);
+    });
+}
+
+#[test]
+fn a_standby_makes_the_lines_it_takes_over_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(FILE_NAME);
+    let watch = failpoint::watch(dir.path());
+    rt().block_on(async {
+        let relay = EmbeddedOutbox::open(dir.path()).unwrap();
+        relay.publish(&entries(1..=2)).await.unwrap();
+        // The relay writes entry 3's line and dies before its fsync.
+        let e = entry(3);
+        let line = format!("{{\"seq\":3,\"events\":[{}]}}\n", e.events.join(","));
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut file, line.as_bytes()).unwrap();
+        drop((file, relay));
+
+        // A standby takes the line over as published, so it must make it durable first.
+        let standby = EmbeddedOutbox::open(dir.path()).unwrap();
+        assert_eq!(standby.last_published().await.unwrap(), Some(3));
+        assert_eq!(power_cut(&watch), 0, "a line taken over was not fsynced");
+        drop(standby);
+        let reopened = EmbeddedOutbox::open(dir.path()).unwrap();
+        assert_eq!(reopened.last_published().await.unwrap(), Some(3));
+        assert_outbox_holds(dir.path(), 3);
+    });
+}
+
+#[test]
+fn a_checkpoint_is_committed_only_once_fsynced() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("stream");
+    let watch = failpoint::watch(dir.path());
+    let shard = ShardId("0".into());
+    let seq = SequenceNumber::from_u64;
+    rt().block_on(async {
+        let store = EmbeddedCheckpoints::open(&root).unwrap();
+        assert!(store.acquire_lease("lake", &shard, "w").await.unwrap());
+        store.commit("lake", &shard, &seq(5)).await.unwrap();
+        for op in [Op::Write, Op::Sync] {
+            let fault = failpoint::arm(op, &root, Fault::Eio);
+            let err = store.commit("lake", &shard, &seq(9)).await.unwrap_err();
+            assert!(fault.hits() >= 1, "{op:?}: the fault never fired ({err})");
+            assert_eq!(
+                store.checkpoint("lake", &shard).await.unwrap(),
+                Some(seq(5)),
+                "{op:?}: a commit that failed replaced the checkpoint"
+            );
+        }
+        store.commit("lake", &shard, &seq(7)).await.unwrap();
+        power_cut(&watch);
+        drop(store);
+        let reopened = EmbeddedCheckpoints::open(&root).unwrap();
+        assert_eq!(
+            reopened.checkpoint("lake", &shard).await.unwrap(),
+            Some(seq(7)),
+            "a committed checkpoint did not survive a power cut"
+        );
+    });
+}
