@@ -494,28 +494,34 @@ async fn reapply_compactions(
     Ok(applied)
 }
 
-/// Feeds every record of `shards` to `processor` from the oldest, then flushes. Returns the
-/// records read and each shard's first sequence number.
+/// The sequence of the oldest record `reader` still holds in `shard`, if any.
+async fn head_of(
+    reader: &dyn StreamReader,
+    shard: &floodgate_core::stream::ShardId,
+) -> Result<Option<SequenceNumber>> {
+    let batch = reader.read(shard, &StartPosition::TrimHorizon, 1).await?;
+    Ok(batch.records.first().map(|r| r.sequence.clone()))
+}
+
+/// Feeds every record of `shards` after `skip` (per shard) to `processor` from the oldest,
+/// then flushes. Returns the records fed.
 async fn replay_all(
     reader: &dyn StreamReader,
     shards: &[floodgate_core::stream::ShardId],
+    skip: &std::collections::HashMap<floodgate_core::stream::ShardId, SequenceNumber>,
     processor: &LakeProcessor,
-) -> Result<(
-    u64,
-    std::collections::HashMap<floodgate_core::stream::ShardId, SequenceNumber>,
-)> {
+) -> Result<u64> {
     let mut records = 0u64;
-    let mut heads = std::collections::HashMap::new();
     for shard in shards {
-        let mut position = StartPosition::TrimHorizon;
+        let mut position = match skip.get(shard) {
+            Some(s) => StartPosition::After(s.clone()),
+            None => StartPosition::TrimHorizon,
+        };
         loop {
             let batch = reader.read(shard, &position, 10_000).await?;
             let Some(last) = batch.records.last() else {
                 break;
             };
-            heads
-                .entry(shard.clone())
-                .or_insert_with(|| batch.records[0].sequence.clone());
             records += batch.records.len() as u64;
             processor.process(shard, &batch.records).await?;
             position = batch
@@ -524,12 +530,28 @@ async fn replay_all(
         }
         processor.tick(shard, true).await?;
     }
-    Ok((records, heads))
+    Ok(records)
+}
+
+/// Where the runs of one source (a shard of the stream, the quarantine log or the outbox)
+/// live in the lake: the tables, and the file-name prefix of its runs there.
+struct RunSource<'a> {
+    tables: &'a [String],
+    prefix: String,
+    /// Which replay the shard belongs to (0 stream, 1 quarantine, 2 outbox) and the shard.
+    log: usize,
+    shard: floodgate_core::stream::ShardId,
 }
 
 /// `floodgate lake rebuild`: replay every shard into a new lake beside the old one, with
 /// the old lake's run boundaries, then swap the directories.
+///
+/// Retention may have deleted the start of a source: a run that begins before the oldest
+/// record still held (whole, or cut by retention) cannot be re-derived, so its file is kept
+/// as it is and the replay of that shard starts after the run's end. Every other run is
+/// written again from the log, with the same name and rows.
 fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
+    use std::collections::HashMap;
     let config = effective_config(&ServeArgs {
         listen: None,
         data_dir: Some(data_dir),
@@ -549,11 +571,10 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
                 stream_root.display()
             )
         })?;
-        let shards: Vec<_> = log.shards().await?.into_iter().map(|s| s.id).collect();
+        let quarantine = open_quarantine(&config)?;
+        let outbox = OutboxReader::new(&config.data_dir.join("outbox"));
         let lake_dir = config.data_dir.join("lake");
         let old = LocalDirStore::open(&lake_dir)?;
-        let table_names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
-        let runs = floodgate_processors::lake::runs_in(&old, &shards, &table_names).await?;
         let fresh_dir = config
             .data_dir
             .join(format!(".lake.rebuild-{}", std::process::id()));
@@ -565,77 +586,117 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
             roll_bytes: config.lake.roll_bytes,
             roll_age: std::time::Duration::MAX,
         };
-        let lake = LakeProcessor::new(fresh.clone(), tables.clone(), replay_config.clone())
-            .with_runs(runs);
-        let (records, heads) = replay_all(&log, &shards, &lake).await?;
-        log.close().await?;
-        // The quarantine table, from the quarantine log, the same way.
-        let quarantine = open_quarantine(&config)?;
-        let q_shards: Vec<_> = quarantine
-            .shards()
-            .await?
-            .into_iter()
-            .map(|s| s.id)
-            .collect();
-        let q_runs = floodgate_processors::lake::runs_in(
-            &old,
-            &q_shards,
-            &[floodgate_core::lake::QUARANTINE_TABLE.to_owned()],
-        )
-        .await?;
-        let held =
-            LakeProcessor::quarantine(fresh.clone(), replay_config.clone()).with_runs(q_runs);
-        let (_, q_heads) = replay_all(&quarantine, &q_shards, &held).await?;
-        quarantine.close().await?;
-        // The derived events' tables, from the published outbox.
+        let lake = LakeProcessor::new(fresh.clone(), tables.clone(), replay_config.clone());
+        let held = LakeProcessor::quarantine(fresh.clone(), replay_config.clone());
         let derived = derived_lake(fresh, &tables, replay_config)?;
+        let table_names = lake.table_names();
         let derived_names = derived.table_names();
-        let outbox = OutboxReader::new(&config.data_dir.join("outbox"));
-        let d_shards: Vec<_> = outbox.shards().await?.into_iter().map(|s| s.id).collect();
-        let d_runs = floodgate_processors::lake::runs_in(&old, &d_shards, &derived_names).await?;
-        let derived = derived.with_runs(d_runs);
-        let (_, d_heads) = replay_all(&outbox, &d_shards, &derived).await?;
-        // Runs older than what retention left in their source cannot be re-derived: keep
-        // them. Each table directory holds the runs of known sources, told apart by the
-        // file name's prefix: the stream's shards in the typed tables, the outbox's in the
+        let q_table = vec![floodgate_core::lake::QUARANTINE_TABLE.to_owned()];
+        let readers: [&dyn StreamReader; 3] = [&log, &quarantine, &outbox];
+        let mut shards: [Vec<floodgate_core::stream::ShardId>; 3] = Default::default();
+        for (i, reader) in readers.iter().enumerate() {
+            shards[i] = reader.shards().await?.into_iter().map(|s| s.id).collect();
+        }
+        // Each table directory holds the runs of known sources, told apart by the file
+        // name's prefix: the stream's shards in the typed tables, the outbox's in the
         // derived tables; in `quarantine`, the quarantine log's shards and the rows the
         // stream's and the outbox's consumers diverted there (`<consumer>.<shard>-…`).
-        let q_table = vec![floodgate_core::lake::QUARANTINE_TABLE.to_owned()];
-        let mut sources: Vec<(&[String], String, Option<&SequenceNumber>)> = Vec::new();
-        for shard in &shards {
-            let head = heads.get(shard);
-            sources.push((&table_names, shard.0.clone(), head));
-            sources.push((&q_table, format!("lake.{}", shard.0), head));
+        let mut sources = Vec::new();
+        for shard in &shards[0] {
+            sources.push(RunSource {
+                tables: &table_names,
+                prefix: shard.0.clone(),
+                log: 0,
+                shard: shard.clone(),
+            });
+            sources.push(RunSource {
+                tables: &q_table,
+                prefix: format!("lake.{}", shard.0),
+                log: 0,
+                shard: shard.clone(),
+            });
         }
-        for shard in &q_shards {
-            sources.push((&q_table, shard.0.clone(), q_heads.get(shard)));
+        for shard in &shards[1] {
+            sources.push(RunSource {
+                tables: &q_table,
+                prefix: shard.0.clone(),
+                log: 1,
+                shard: shard.clone(),
+            });
         }
-        for shard in &d_shards {
-            let head = d_heads.get(shard);
-            sources.push((&derived_names, shard.0.clone(), head));
-            sources.push((&q_table, format!("lake-derived.{}", shard.0), head));
+        for shard in &shards[2] {
+            sources.push(RunSource {
+                tables: &derived_names,
+                prefix: shard.0.clone(),
+                log: 2,
+                shard: shard.clone(),
+            });
+            sources.push(RunSource {
+                tables: &q_table,
+                prefix: format!("lake-derived.{}", shard.0),
+                log: 2,
+                shard: shard.clone(),
+            });
         }
+        let mut heads: HashMap<(usize, floodgate_core::stream::ShardId), Option<SequenceNumber>> =
+            HashMap::new();
+        for (i, reader) in readers.iter().enumerate() {
+            for shard in &shards[i] {
+                heads.insert((i, shard.clone()), head_of(*reader, shard).await?);
+            }
+        }
+        // Keep the runs that start before their source's head; replay after their end.
         let fresh_store = LocalDirStore::open(&fresh_dir)?;
+        let mut skip: [HashMap<floodgate_core::stream::ShardId, SequenceNumber>; 3] =
+            Default::default();
         let mut kept = 0;
         for object in old.list("").await? {
             let Some((table, _)) = object.key.split_once('/') else {
                 continue;
             };
             let name = object.key.rsplit('/').next().unwrap_or("");
-            let before_head = sources.iter().any(|(tables, prefix, head)| {
-                tables.iter().any(|t| t == table)
-                    && floodgate_processors::lake::parse_file_name(name, prefix).is_some_and(
-                        |(_, last)| head.is_none_or(|head| SequenceNumber::new(last) < *head),
-                    )
-            });
-            if before_head && let Some(bytes) = old.get(&object.key).await? {
-                fresh_store.put(&object.key, bytes).await?;
-                kept += 1;
+            for src in &sources {
+                if !src.tables.iter().any(|t| t == table) {
+                    continue;
+                }
+                let Some((first, last)) =
+                    floodgate_processors::lake::parse_file_name(name, &src.prefix)
+                else {
+                    continue;
+                };
+                let head = heads.get(&(src.log, src.shard.clone())).cloned().flatten();
+                if head.is_some_and(|h| SequenceNumber::new(first) >= h) {
+                    continue; // the log still holds the whole run: it is written again
+                }
+                if let Some(bytes) = old.get(&object.key).await? {
+                    fresh_store.put(&object.key, bytes).await?;
+                    kept += 1;
+                }
+                let last = SequenceNumber::new(last);
+                let s = skip[src.log]
+                    .entry(src.shard.clone())
+                    .or_insert_with(|| last.clone());
+                if *s < last {
+                    *s = last;
+                }
             }
         }
         if kept > 0 {
-            eprintln!("kept {kept} files older than their source's retention");
+            eprintln!("kept {kept} files whose runs start before what their source still holds");
         }
+        // Replay each source into the fresh lake, ending runs where the old lake's did.
+        let lake = lake
+            .with_runs(floodgate_processors::lake::runs_in(&old, &shards[0], &table_names).await?);
+        let held =
+            held.with_runs(floodgate_processors::lake::runs_in(&old, &shards[1], &q_table).await?);
+        let derived = derived.with_runs(
+            floodgate_processors::lake::runs_in(&old, &shards[2], &derived_names).await?,
+        );
+        let records = replay_all(&log, &shards[0], &skip[0], &lake).await?;
+        log.close().await?;
+        replay_all(&quarantine, &shards[1], &skip[1], &held).await?;
+        quarantine.close().await?;
+        replay_all(&outbox, &shards[2], &skip[2], &derived).await?;
         let compactions = reapply_compactions(&old, &fresh_store, &tables).await?;
         if compactions > 0 {
             eprintln!("re-applied {compactions} compactions");
@@ -655,7 +716,7 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
         eprintln!(
             "rebuilt {} from {records} records in {} shards",
             lake_dir.display(),
-            shards.len()
+            shards[0].len()
         );
         Ok(())
     })
@@ -808,8 +869,11 @@ impl Processors {
         if config_all.lake.enabled {
             let tables = floodgate_core::lake::tables(registry)?;
             let store = Arc::new(LocalDirStore::open(&data_dir.join("lake"))?);
+            // Each buffer rolls at its share of the memory budget (never past roll_bytes).
+            let share =
+                floodgate_core::budget::MemoryBudget::from_config(config_all).lake_buffer_share;
             let lake_config = LakeConfig {
-                roll_bytes: config_all.lake.roll_bytes,
+                roll_bytes: share,
                 roll_age: std::time::Duration::from_millis(config_all.lake.roll_age_ms),
             };
             let derived = Arc::new(derived_lake(store.clone(), &tables, lake_config.clone())?);
@@ -889,11 +953,16 @@ fn open_quarantine(config: &Config) -> Result<EmbeddedLog> {
         .with_context(|| format!("cannot open the quarantine at {}", root.display()))
 }
 
-fn open_state(data_dir: &Path) -> Result<Arc<dyn StateStore>> {
+/// The state store, its page cache and memory map sized by `[state]` (the memory budget's).
+fn open_state(
+    data_dir: &Path,
+    memory: &floodgate_core::config::StateConfig,
+) -> Result<Arc<dyn StateStore>> {
     let path = data_dir.join("state").join("state.db");
-    Ok(Arc::new(SqliteStateStore::open(&path).with_context(
-        || format!("cannot open the state store at {}", path.display()),
-    )?))
+    Ok(Arc::new(
+        SqliteStateStore::open_with(&path, memory)
+            .with_context(|| format!("cannot open the state store at {}", path.display()))?,
+    ))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -910,6 +979,15 @@ fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
         env!("CARGO_PKG_VERSION"),
         toml::to_string(&config).unwrap_or_default()
     );
+    let role = if with_processors {
+        floodgate_core::budget::Role::Serve
+    } else {
+        floodgate_core::budget::Role::Ingest
+    };
+    eprint!(
+        "{}",
+        floodgate_core::budget::MemoryBudget::for_role(&config, role)
+    );
     let auth_required = check_auth_posture(&config, args.insecure_no_auth)?;
     let registry = Arc::new(load_registry(config.schemas_dir.as_deref())?);
     runtime()?.block_on(async move {
@@ -921,7 +999,7 @@ fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
                 .with_context(|| format!("cannot open the stream at {}", stream_root.display()))?,
         );
         let quarantine = Arc::new(open_quarantine(&config)?);
-        let state = open_state(&config.data_dir)?;
+        let state = open_state(&config.data_dir, &config.state)?;
         let processors = if with_processors {
             Some(
                 Processors::start(
@@ -1044,6 +1122,18 @@ fn process(args: ProcessArgs) -> Result<()> {
         insecure_no_auth: false,
     };
     let config = effective_config(&config_args)?;
+    eprintln!(
+        "floodgate {}: effective configuration\n{}",
+        env!("CARGO_PKG_VERSION"),
+        toml::to_string(&config).unwrap_or_default()
+    );
+    eprint!(
+        "{}",
+        floodgate_core::budget::MemoryBudget::for_role(
+            &config,
+            floodgate_core::budget::Role::Process
+        )
+    );
     runtime()?.block_on(async move {
         let metrics = floodgate_ingest::telemetry::install();
         floodgate_ingest::telemetry::spawn_upkeep(metrics);
@@ -1056,7 +1146,7 @@ fn process(args: ProcessArgs) -> Result<()> {
                     None
                 }
             };
-        let state = open_state(&config.data_dir)?;
+        let state = open_state(&config.data_dir, &config.state)?;
         let registry = load_registry(config.schemas_dir.as_deref())?;
         let processors = Processors::start(&config, &registry, reader, quarantine, state).await?;
         let shutdown = shutdown_signal();
@@ -1069,7 +1159,7 @@ fn process(args: ProcessArgs) -> Result<()> {
 }
 
 fn dead_letters_read(data_dir: &Path) -> Result<()> {
-    let state = open_state(data_dir)?;
+    let state = open_state(data_dir, &floodgate_core::config::StateConfig::default())?;
     let letters = runtime()?.block_on(state.dead_letters(usize::MAX))?;
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
