@@ -1,6 +1,6 @@
 //! Connection hygiene on the real binary: slow headers and slow bodies are cut off, the
-//! connection limit holds new connections back instead of serving them all, and a
-//! graceful shutdown under load loses no acked event.
+//! connection limit holds new connections back in the accept queue instead of serving
+//! them all, and a graceful shutdown under load loses no acked event.
 
 mod common;
 
@@ -47,32 +47,119 @@ fn slow_headers_and_slow_bodies_are_cut_off() {
     assert_eq!(server.get("/healthz").status, 200);
 }
 
+/// `max_connections` holds further connections back in the kernel's accept queue instead
+/// of serving them. Decided by conditions, not by a read timeout: with both slots taken
+/// (the open-connection gauge, read on one of them, says 2), a third connection is in the
+/// listening socket's accept queue (`/proc/net/tcp`), so the server has not accepted it;
+/// it stays there, unanswered, across a request the server serves on the probe; and once
+/// a slot frees it is accepted and answered.
 #[test]
 fn the_connection_limit_holds_new_connections_back() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_with(dir.path(), "[ingest]\nmax_connections = 2\n");
-    let idle: Vec<TcpStream> = (0..2)
-        .map(|_| TcpStream::connect(server.addr).unwrap())
-        .collect();
-    // The third connection is accepted by the kernel but not served while two are open.
-    let mut third = TcpStream::connect(server.addr).unwrap();
-    third
-        .set_read_timeout(Some(Duration::from_millis(700)))
+    // Timeouts far longer than the test, so that only the test closes its connections.
+    let server = start_with(
+        dir.path(),
+        "[ingest]\nmax_connections = 2\nidle_timeout_ms = 600000\nheader_read_timeout_ms = 600000\n",
+    );
+    let port = server.addr.port();
+    // Slot 1: a keep-alive connection that reads /metrics. Slot 2: a silent connection.
+    let mut probe = TcpStream::connect(server.addr).unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
+    let silent = TcpStream::connect(server.addr).unwrap();
+    common::wait_for(30, "both connections to be served", || {
+        (open_connections(&mut probe) == 2).then_some(())
+    });
+
+    let mut third = TcpStream::connect(server.addr).unwrap();
     third
         .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         .unwrap();
-    let mut buf = [0u8; 64];
-    assert!(
-        third.read(&mut buf).is_err(),
-        "served beyond the connection limit"
+    third.set_nonblocking(true).unwrap();
+    let unanswered = |third: &mut TcpStream| {
+        let mut buf = [0u8; 64];
+        match third.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("served beyond the connection limit: {other:?}"),
+        }
+    };
+    common::wait_for(
+        30,
+        "the third connection to wait in the accept queue",
+        || {
+            unanswered(&mut third);
+            let open = open_connections(&mut probe);
+            assert!(open <= 2, "{open} connections served; the limit is 2");
+            (accept_queue(port) == 1).then_some(())
+        },
     );
-    drop(idle);
+    // Still waiting after the server has answered the probe again: the limit, not a
+    // slow accept, holds it.
+    assert_eq!(open_connections(&mut probe), 2);
+    assert_eq!(accept_queue(port), 1, "the third connection left the queue");
+    unanswered(&mut third);
+    third.set_nonblocking(false).unwrap();
+
+    // A slot frees: the third connection is accepted and answered.
+    drop(silent);
     third
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     let resp = read_response(&mut third).unwrap();
     assert_eq!(resp.status, 200);
+    assert_eq!(accept_queue(port), 0);
+}
+
+/// `floodgate_ingest_open_connections` from /metrics, asked on the keep-alive `probe`.
+fn open_connections(probe: &mut TcpStream) -> u64 {
+    probe
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    let head_end = loop {
+        if let Some(p) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let n = probe.read(&mut buf).expect("the probe connection reads");
+        assert!(n > 0, "the server closed the probe connection");
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("/metrics has a content-length");
+    while raw.len() < head_end + length {
+        let n = probe.read(&mut buf).expect("the probe connection reads");
+        assert!(n > 0, "the server closed the probe connection");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&raw[head_end..head_end + length]);
+    text.lines()
+        .find_map(|l| l.strip_prefix("floodgate_ingest_open_connections "))
+        .map_or(0, |v| v.trim().parse::<f64>().expect("a number") as u64)
+}
+
+/// Connections waiting in the accept queue of the socket listening on `port`: for a
+/// listening socket, `/proc/net/tcp` shows that queue's length as `rx_queue`.
+fn accept_queue(port: u16) -> u64 {
+    let port = format!(":{port:04X}");
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address, state (0A: LISTEN), tx_queue:rx_queue.
+            if f.len() > 4 && f[1].ends_with(&port) && f[3] == "0A" {
+                let rx = f[4].split(':').nth(1).expect("tx_queue:rx_queue");
+                return u64::from_str_radix(rx, 16).expect("hex");
+            }
+        }
+    }
+    panic!("no socket listens on port{port}")
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Dedupe of producer retries on the real binary: an event whose (source, id) was
 //! accepted within the window is answered accepted with "duplicate": true and appended
-//! once, also after a SIGKILL and restart; outside the window it is appended again; a
-//! request abandoned mid-append leaves no id waiting on it.
+//! once, also after a SIGKILL and restart; once forgotten (past `dedupe_max_ids`) it is
+//! appended again; a request abandoned mid-append leaves no id waiting on it. The window's
+//! expiry in time is tested with an injected clock in `ingest/src/dedupe.rs`.
 
 mod common;
 
@@ -80,26 +81,65 @@ fn retries_are_answered_as_duplicates_and_appended_once() {
     assert_eq!(copies(dir.path(), "twin"), 1);
 }
 
+/// Past `dedupe_max_ids` the oldest ids are forgotten first, and their next copy is
+/// appended again. The window is the default 10 minutes, so what expires here is decided
+/// by the count alone, not by the clock (the window's edge is tested with an injected
+/// clock beside `Deduper`).
 #[test]
-fn outside_the_window_an_event_is_appended_again() {
+fn past_dedupe_max_ids_the_oldest_ids_are_appended_again() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("floodgate.toml");
-    std::fs::write(&config, "[ingest]\ndedupe_window_ms = 300\n").unwrap();
-    let server = Server::start(
-        &dir.path().join("data"),
-        &["--config", config.to_str().unwrap()],
-    );
-    let e = booking("w1", "bw", "E", 1);
-    assert_eq!(server.post_batch(std::slice::from_ref(&e)).status, 200);
-    assert_eq!(
-        server.post_batch(std::slice::from_ref(&e)).json()["results"][0]["duplicate"],
-        true
-    );
-    // Let the window pass (time itself is what is under test here).
-    std::thread::sleep(std::time::Duration::from_millis(400));
-    let r = server.post_batch(&[e]);
-    assert!(r.json()["results"][0].get("duplicate").is_none());
-    assert_eq!(copies(&dir.path().join("data"), "w1"), 2);
+    std::fs::write(&config, "[ingest]\ndedupe_max_ids = 3\n").unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &["--config", config.to_str().unwrap()]);
+    let e: Vec<Value> = (0..4)
+        .map(|i| booking(&format!("m{i}"), &format!("bm{i}"), "E", 1))
+        .collect();
+    let duplicate = |event: &Value| {
+        let r = server.post_batch(std::slice::from_ref(event));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["results"][0]["duplicate"] == true
+    };
+    assert!(!duplicate(&e[0]));
+    assert!(duplicate(&e[0]), "m0 is remembered");
+    // Three more ids: four accepted, one over the cap, so m0 (the oldest) goes.
+    for event in &e[1..] {
+        assert!(!duplicate(event));
+    }
+    assert!(duplicate(&e[3]), "m3, the newest, is remembered");
+    assert!(!duplicate(&e[0]), "m0 was forgotten and is appended again");
+    // m0's new acceptance is the newest now; m1 became the oldest and went.
+    assert!(duplicate(&e[0]));
+    assert!(!duplicate(&e[1]), "m1 was forgotten in turn");
+    assert_eq!(copies(&data, "m0"), 2);
+    assert_eq!(copies(&data, "m1"), 2);
+    assert_eq!(copies(&data, "m3"), 1);
+}
+
+/// `dedupe_window_ms = 0` turns dedupe off: every copy is appended and none is answered
+/// as a duplicate.
+#[test]
+fn a_window_of_zero_turns_dedupe_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("floodgate.toml");
+    std::fs::write(&config, "[ingest]\ndedupe_window_ms = 0\n").unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &["--config", config.to_str().unwrap()]);
+    let e = booking("off", "boff", "E", 1);
+    for _ in 0..2 {
+        let r = server.post_batch(&[e.clone(), e.clone()]);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let body = r.json();
+        assert!(
+            body["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["status"] == "accepted" && r.get("duplicate").is_none()),
+            "{body}"
+        );
+    }
+    assert_eq!(copies(&data, "off"), 4);
 }
 
 /// A producer whose request is abandoned after its events were claimed in the dedupe

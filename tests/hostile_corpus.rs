@@ -148,23 +148,58 @@ fn judge(expect: &Expect, answer: &Answer) -> Option<String> {
             }
             None
         }
-        Expect::Rejected(pointer) => {
+        Expect::Rejected(want) => {
             if status != 422 {
                 return Some(format!("status {status}, expected 422: {}", shown()));
             }
-            let v = json()?;
-            let results = v["results"].as_array().cloned().unwrap_or_default();
-            if results.is_empty() || results.iter().any(|r| r["status"] != "rejected") {
-                return Some(format!("not every event rejected: {}", shown()));
+            if content_type.as_deref() != Some("application/json") {
+                return Some(format!("content type {content_type:?}: {}", shown()));
             }
-            let pointers: Vec<&str> = results[0]["errors"]
-                .as_array()
-                .map(|e| e.iter().filter_map(|e| e["pointer"].as_str()).collect())
-                .unwrap_or_default();
-            if !pointers.iter().any(|p| p.starts_with(pointer.as_str())) {
-                return Some(format!(
-                    "pointers {pointers:?}, expected one starting with {pointer:?}"
-                ));
+            // A 422 whose body is not a batch result tells the producer nothing.
+            let Some(v) = json() else {
+                return Some(format!("the 422 body is not JSON: {}", shown()));
+            };
+            let Some(results) = v["results"].as_array().filter(|r| !r.is_empty()) else {
+                return Some(format!("no per-event results: {}", shown()));
+            };
+            let counts = (&v["accepted"], &v["rejected"], &v["retry"]);
+            if counts
+                != (
+                    &Value::from(0),
+                    &Value::from(results.len()),
+                    &Value::from(0),
+                )
+            {
+                return Some(format!("counts {counts:?}: {}", shown()));
+            }
+            for (i, r) in results.iter().enumerate() {
+                if r["index"] != i || r["status"] != "rejected" {
+                    return Some(format!("result {i} is not a rejection: {r}"));
+                }
+                let Some(errors) = r["errors"].as_array() else {
+                    return Some(format!("result {i} has no errors: {r}"));
+                };
+                let mut pointers = Vec::new();
+                for e in errors {
+                    let (Some(p), Some(m)) = (e["pointer"].as_str(), e["message"].as_str()) else {
+                        return Some(format!(
+                            "result {i}: an error without pointer and message: {e}"
+                        ));
+                    };
+                    if m.is_empty() {
+                        return Some(format!("result {i}: an empty message at {p:?}"));
+                    }
+                    pointers.push(p.to_owned());
+                }
+                pointers.sort();
+                pointers.dedup();
+                if &pointers != want {
+                    return Some(format!(
+                        "result {i}: pointers {}, expected exactly {}",
+                        clipped(&pointers),
+                        clipped(want)
+                    ));
+                }
             }
             None
         }
@@ -174,6 +209,19 @@ fn judge(expect: &Expect, answer: &Answer) -> Option<String> {
         Expect::ClosedOr(allowed) => (!allowed.contains(&status))
             .then(|| format!("status {status}, expected one of {allowed:?} or a close")),
     }
+}
+
+/// Pointers for a failure message, each cut to 80 characters (a case may name a member
+/// 1 MiB long).
+fn clipped(pointers: &[String]) -> String {
+    let shown: Vec<String> = pointers
+        .iter()
+        .map(|p| match p.char_indices().nth(80) {
+            Some((at, _)) => format!("{}… ({} bytes)", &p[..at], p.len()),
+            None => p.clone(),
+        })
+        .collect();
+    format!("{shown:?}")
 }
 
 /// The server's resident memory now and at its peak, in MiB, from /proc.

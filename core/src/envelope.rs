@@ -18,9 +18,35 @@ pub const SPEC_VERSION: &str = "1.0";
 /// 20 characters; we allow a little more but bound it so hostile names cannot grow maps.
 pub const MAX_EXTENSION_NAME_CHARS: usize = 64;
 
-/// The longest `partitionkey` we take, in Unicode characters: Kinesis' limit, so an event
-/// the embedded stream takes is one Kinesis takes too.
-pub const MAX_PARTITION_KEY_CHARS: usize = 256;
+/// The longest partition key, in bytes of UTF-8: one rule for every key an event is
+/// appended under (the `partitionkey` attribute, a schema's key in `data`, or the event
+/// `id`), checked at the edge so that an over-long key is rejected there with its pointer,
+/// never refused by the stream after the event was checked. Kinesis documents 256
+/// characters (<https://docs.aws.amazon.com/kinesis/latest/APIReference/API_PutRecordsRequestEntry.html>)
+/// and the embedded log refuses keys over 256 bytes; a key within 256 bytes is within
+/// both, however its characters are counted.
+pub const MAX_PARTITION_KEY_BYTES: usize = 256;
+
+/// The most characters a partition key can have (an ASCII key of
+/// [`MAX_PARTITION_KEY_BYTES`]): all that JSON Schema's `maxLength`, which counts
+/// characters, can say of the byte rule.
+pub const MAX_PARTITION_KEY_CHARS: usize = MAX_PARTITION_KEY_BYTES;
+
+/// Why `key` cannot be a partition key, if it cannot (Kinesis takes 1 to 256), as the
+/// rest of a sentence whose subject names the key: "must not be empty", "may be at
+/// most …".
+pub fn partition_key_fault(key: &str) -> Option<String> {
+    if key.is_empty() {
+        return Some("must not be empty".to_owned());
+    }
+    (key.len() > MAX_PARTITION_KEY_BYTES).then(|| {
+        format!(
+            "may be at most {MAX_PARTITION_KEY_BYTES} bytes of UTF-8, not {} bytes ({} characters)",
+            key.len(),
+            key.chars().count()
+        )
+    })
+}
 
 /// Attributes the spec or the JSON format define; anything else is an extension.
 const KNOWN: &[&str] = &[
@@ -151,17 +177,10 @@ pub fn check_envelope(event: &Value) -> Result<Envelope<'_>, Vec<FieldError>> {
         }
         match value {
             Value::String(s) if name == "partitionkey" => {
-                if s.is_empty() {
-                    errors.push(FieldError::new(pointer, "partitionkey must not be empty"));
-                } else if s.len() > MAX_PARTITION_KEY_CHARS
-                    && s.chars().count() > MAX_PARTITION_KEY_CHARS
-                {
-                    errors.push(FieldError::new(
-                        pointer,
-                        format!(
-                            "partitionkey must be at most {MAX_PARTITION_KEY_CHARS} characters"
-                        ),
-                    ));
+                // The attribute is held to the key rule whether or not the type's schema
+                // names another key: one rule for the attribute, whatever the type.
+                if let Some(fault) = partition_key_fault(s) {
+                    errors.push(FieldError::new(pointer, format!("partitionkey {fault}")));
                 } else {
                     check_chars(name, s, &mut errors);
                     partitionkey = Some(s.as_str());
@@ -369,6 +388,9 @@ mod tests {
         v["partitionkey"] = json!("k".repeat(257));
         assert_eq!(pointers(v), ["/partitionkey"]);
         let mut v = ok();
+        v["partitionkey"] = json!("");
+        assert_eq!(pointers(v), ["/partitionkey"]);
+        let mut v = ok();
         v["data_base64"] = json!("AAAA");
         assert_eq!(pointers(v), ["/data_base64"]);
         assert_eq!(pointers(json!([1])), [""]);
@@ -376,6 +398,38 @@ mod tests {
             pointers(json!({})),
             ["/specversion", "/id", "/source", "/type"]
         );
+    }
+
+    /// The key rule counts bytes of UTF-8, as the log does, not characters: 256 two-byte
+    /// characters are 512 bytes, and rejected.
+    #[test]
+    fn partitionkey_is_bounded_in_bytes() {
+        let with_key = |k: String| {
+            let mut v = ok();
+            v["partitionkey"] = json!(k);
+            v
+        };
+        for fits in ["k".repeat(256), "é".repeat(128), "😀".repeat(64)] {
+            assert_eq!(fits.len(), 256);
+            let v = with_key(fits);
+            assert!(check_envelope(&v).is_ok(), "{v}");
+        }
+        for (too_long, chars) in [
+            ("k".repeat(257), 257),
+            ("é".repeat(129), 129),
+            ("é".repeat(256), 256),
+            (format!("{}k", "😀".repeat(64)), 65),
+        ] {
+            let v = with_key(too_long);
+            let errors = check_envelope(&v).unwrap_err();
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert_eq!(errors[0].pointer, "/partitionkey");
+            assert!(
+                errors[0].message.contains(&format!("({chars} characters)")),
+                "{}",
+                errors[0].message
+            );
+        }
     }
 
     #[test]

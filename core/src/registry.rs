@@ -353,10 +353,36 @@ impl Registry {
             errors.truncate(MAX_ERRORS_PER_EVENT);
             return Err(errors);
         }
+        let key = key.filter(|_| schema.partition_key.is_some());
+        let from_data = key.is_some();
         let key = key
-            .filter(|_| schema.partition_key.is_some())
             .or_else(|| envelope.partitionkey.map(Cow::Borrowed))
             .unwrap_or(Cow::Borrowed(envelope.id));
+        // The stream takes only keys within the rule; a key it would refuse is the event's
+        // fault, named here by where the key came from. (The `partitionkey` attribute was
+        // held to the rule with the envelope.)
+        if let Some(fault) = envelope::partition_key_fault(&key) {
+            let (pointer, message) = match (from_data, &schema.partition_key) {
+                (true, Some(p)) => (
+                    format!("/data{p}"),
+                    format!(
+                        "the partition key ({p} in data, as {} declares) {fault}",
+                        schema.event_type
+                    ),
+                ),
+                _ if envelope.partitionkey.is_some() => {
+                    ("/partitionkey".to_owned(), format!("partitionkey {fault}"))
+                }
+                _ => (
+                    "/id".to_owned(),
+                    format!(
+                        "the event id is the partition key ({} declares none and no partitionkey is given), and {fault}",
+                        schema.event_type
+                    ),
+                ),
+            };
+            return Err(vec![FieldError::new(pointer, message)]);
+        }
         Ok(CheckedEvent {
             envelope,
             schema,
@@ -573,6 +599,63 @@ mod tests {
         assert_eq!(r.check(&e).unwrap_err()[0].pointer, "/dataschema");
         let e = ev(Some("schemas/other/v1.json"));
         assert_eq!(r.check(&e).unwrap_err()[0].pointer, "/dataschema");
+    }
+
+    /// Whichever source the key comes from, it is held to one rule (1 to 256 bytes of
+    /// UTF-8, the log's), and an event breaking it is rejected with the pointer of that
+    /// source, never checked valid and then refused by the stream.
+    #[test]
+    fn every_key_is_bounded_in_bytes_at_its_own_pointer() {
+        let r = Registry::from_sources([
+            src("free/v1.json", json!({"type":"object"})),
+            src(
+                "keyed/v1.json",
+                json!({"type":"object","x-floodgate-partition-key":"/k"}),
+            ),
+        ])
+        .unwrap();
+        let event = |ty: &str, extra: Value| {
+            let mut e = json!({"specversion":"1.0","id":"1","source":"s","type":ty,"data":{}});
+            for (k, v) in extra.as_object().unwrap() {
+                if k == "k" {
+                    e["data"]["k"] = v.clone();
+                } else {
+                    e[k] = v.clone();
+                }
+            }
+            e
+        };
+        let fits = "é".repeat(128);
+        let long = "é".repeat(129);
+        let fault = |e: &Value| {
+            let errors = r.check(e).unwrap_err();
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            (errors[0].pointer.clone(), errors[0].message.clone())
+        };
+
+        // The event id, when it is the key.
+        assert_eq!(
+            r.check(&event("free", json!({"id": fits}))).unwrap().key,
+            fits
+        );
+        let (pointer, message) = fault(&event("free", json!({"id": long})));
+        assert_eq!(pointer, "/id");
+        assert!(message.contains("258 bytes (129 characters)"), "{message}");
+        // The partitionkey attribute.
+        let e = event("free", json!({"id": long, "partitionkey": fits}));
+        assert_eq!(r.check(&e).unwrap().key, fits);
+        let e = event("free", json!({"partitionkey": long}));
+        assert_eq!(fault(&e).0, "/partitionkey");
+        // The schema's key in data, however long the id or partitionkey that it overrides.
+        let e = event("keyed", json!({"k": fits, "id": long}));
+        assert_eq!(r.check(&e).unwrap().key, fits);
+        let (pointer, message) = fault(&event("keyed", json!({"k": long})));
+        assert_eq!(pointer, "/data/k");
+        assert!(message.contains("keyed"), "{message}");
+        assert_eq!(fault(&event("keyed", json!({"k": ""}))).0, "/data/k");
+        // A number is its decimal text.
+        let e = event("keyed", json!({"k": 12}));
+        assert_eq!(r.check(&e).unwrap().key, "12");
     }
 
     #[test]

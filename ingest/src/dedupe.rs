@@ -203,6 +203,79 @@ mod tests {
         assert_eq!(d.len(), 2);
     }
 
+    /// The clock is the caller's (`now_ms`), so the window's edge is exact here: an id
+    /// accepted at `t` is a duplicate up to and including `t + window`, and new after.
+    #[test]
+    fn expiry_is_exact_at_the_window_edge() {
+        let d = Deduper::new(1000, 100);
+        let a = key("s", "a");
+        assert_eq!(d.claim(&[a], 5_000), [Claim::New]);
+        d.settle(&[(a, true)], 5_000);
+        assert_eq!(d.claim(&[a], 5_999), [Claim::Duplicate]);
+        assert_eq!(d.claim(&[a], 6_000), [Claim::Duplicate]);
+        assert_eq!(d.claim(&[a], 6_001), [Claim::New]);
+        // Accepted again, it has a fresh window from its new acceptance.
+        d.settle(&[(a, true)], 6_001);
+        assert_eq!(d.claim(&[a], 7_001), [Claim::Duplicate]);
+        assert_eq!(d.claim(&[a], 7_002), [Claim::New]);
+        d.release(&[a]);
+        // Ids rebuilt from the log expire by the same rule, from their append time.
+        let b = key("s", "b");
+        d.remember(b, 10_000);
+        assert_eq!(d.claim(&[b], 11_000), [Claim::Duplicate]);
+        assert_eq!(d.claim(&[b], 11_001), [Claim::New]);
+    }
+
+    /// A claim whose append has not reported back is never expired by time: its outcome
+    /// is unknown, so a copy meanwhile must be answered `retry`, not appended again.
+    #[test]
+    fn pending_claims_do_not_expire() {
+        let d = Deduper::new(1000, 100);
+        let a = key("s", "a");
+        assert_eq!(d.claim(&[a], 0), [Claim::New]);
+        assert_eq!(d.claim(&[a], 1_000_000), [Claim::InFlight]);
+        d.settle(&[(a, true)], 1_000_001);
+        assert_eq!(d.claim(&[a], 1_000_002), [Claim::Duplicate]);
+    }
+
+    /// An id remembered twice (rebuilt from the log, then accepted again) keeps its newer
+    /// acceptance when the older one's time runs out.
+    #[test]
+    fn an_older_acceptance_expiring_keeps_the_newer_one() {
+        let d = Deduper::new(1000, 100);
+        let a = key("s", "a");
+        d.remember(a, 0);
+        // The claim's outcome was unknown (released), and the retry was accepted at 500.
+        d.settle(&[(a, true)], 500);
+        // At 1200 the acceptance at 0 is past the window; the one at 500 is not.
+        assert_eq!(d.claim(&[a], 1_200), [Claim::Duplicate]);
+        assert_eq!(d.claim(&[a], 1_501), [Claim::New]);
+    }
+
+    /// Past `max_ids` the oldest acceptances go first, whatever the window: the count, not
+    /// the clock, decides.
+    #[test]
+    fn past_max_ids_the_oldest_go_first() {
+        let d = Deduper::new(u64::MAX / 4, 3);
+        let k: Vec<Key> = (0..5).map(|i| key("s", &i.to_string())).collect();
+        for (i, &key) in k.iter().enumerate() {
+            assert_eq!(d.claim(&[key], i as i64), [Claim::New]);
+            d.settle(&[(key, true)], i as i64);
+        }
+        assert_eq!(d.len(), 3);
+        let now = 10;
+        assert_eq!(
+            d.claim(&k, now),
+            [
+                Claim::New,
+                Claim::New,
+                Claim::Duplicate,
+                Claim::Duplicate,
+                Claim::Duplicate
+            ]
+        );
+    }
+
     #[test]
     fn memory_is_capped() {
         let d = Deduper::new(u64::MAX / 4, 10);

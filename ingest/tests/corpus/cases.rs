@@ -7,8 +7,10 @@
 //! Expectations follow the documented rules, not observed behaviour:
 //! - a body that is not JSON, not UTF-8, or nested deeper than 128 → 400 (`invalid_json`,
 //!   `invalid_utf8`); an empty one → 400 `empty_body`
-//! - a JSON body whose events break the envelope or their schema → 422, each event
-//!   `rejected` with the pointer of its fault (duplicate member names included)
+//! - a JSON body whose events break the envelope or their schema → 422 with a JSON body
+//!   (`application/json`), each event `rejected` with the pointer of every fault: a case
+//!   names the exact set of pointers, so a missing or an extra one fails it (duplicate
+//!   member names included)
 //! - too big (bytes after decompression, or events) → 413; unknown media type or
 //!   encoding → 415; a body that never finishes → 408
 //! - HTTP-level faults (header floods, bad framing, NUL in a header) are refused by the
@@ -23,8 +25,9 @@ use serde_json::{Value, json};
 pub enum Expect {
     /// A whole-request error: this status and `error.code`.
     Error(u16, &'static str),
-    /// 422; every event rejected, the first with an error whose pointer starts with this.
-    Rejected(String),
+    /// 422 with a JSON body; every event rejected, with errors whose pointers are exactly
+    /// this set (sorted, no repeats; `""` is the whole event).
+    Rejected(Vec<String>),
     /// Refused by the HTTP layer: this status (no JSON body required).
     Protocol(u16),
     /// The HTTP layer closes the connection, or answers with one of these statuses.
@@ -78,8 +81,17 @@ fn case(name: impl Into<String>, wire: Wire, expect: Expect) -> Case {
     }
 }
 
+/// 422; the event's one fault is at `pointer`.
 fn rejected(pointer: &str) -> Expect {
-    Expect::Rejected(pointer.to_owned())
+    rejected_at(&[pointer])
+}
+
+/// 422; the event's faults are at exactly these pointers.
+fn rejected_at(pointers: &[&str]) -> Expect {
+    let mut all: Vec<String> = pointers.iter().map(|p| (*p).to_owned()).collect();
+    all.sort();
+    all.dedup();
+    Expect::Rejected(all)
 }
 
 /// A valid `booking.requested`; every case breaks it (or its framing) somehow.
@@ -390,7 +402,8 @@ fn huge_values(c: &mut Vec<Case>) {
                 &format!("\"{}\":1,\"time\"", "a".repeat(1 << 20)),
             ),
         ),
-        rejected("/aaaa"),
+        // RFC 6901 names the member whole, so the pointer is as long as the name.
+        rejected(&format!("/{}", "a".repeat(1 << 20))),
     ));
 }
 
@@ -761,6 +774,7 @@ fn lookalikes(c: &mut Vec<Case>) {
 }
 
 fn envelope_faults(c: &mut Vec<Case>) {
+    let long_name = format!("/{}", "a".repeat(65));
     let cases: Vec<(&str, Value, &str)> = vec![
         ("no specversion", without("/specversion"), "/specversion"),
         (
@@ -836,8 +850,8 @@ fn envelope_faults(c: &mut Vec<Case>) {
         ),
         (
             "65-character extension name",
-            with(&format!("/{}", "a".repeat(65)), json!("x")),
-            "/aaaa",
+            with(&long_name, json!("x")),
+            &long_name,
         ),
         ("object extension", with("/ext", json!({"a": 1})), "/ext"),
         ("array extension", with("/ext", json!([1])), "/ext"),
@@ -849,6 +863,17 @@ fn envelope_faults(c: &mut Vec<Case>) {
         (
             "257-character partitionkey",
             with("/partitionkey", json!("k".repeat(257))),
+            "/partitionkey",
+        ),
+        // The key rule counts bytes of UTF-8 (the log's), not characters.
+        (
+            "partitionkey of 129 two-byte characters (258 bytes)",
+            with("/partitionkey", json!("é".repeat(129))),
+            "/partitionkey",
+        ),
+        (
+            "partitionkey of 256 two-byte characters",
+            with("/partitionkey", json!("é".repeat(256))),
             "/partitionkey",
         ),
         (
@@ -934,16 +959,17 @@ fn schema_faults(c: &mut Vec<Case>) {
         c.push(case(
             format!("{ty}: an unknown field"),
             post(SINGLE, one(&e)),
-            rejected("/data"),
+            rejected("/data/unexpected"),
         ));
         let mut e = good();
         e["type"] = json!(ty);
         e["data"] = data.clone();
         e["data"].as_object_mut().unwrap().remove("eventId");
+        // A missing member is named by the pointer it would have.
         c.push(case(
             format!("{ty}: no eventId"),
             post(SINGLE, one(&e)),
-            rejected("/data"),
+            rejected("/data/eventId"),
         ));
     }
 }
@@ -994,7 +1020,12 @@ fn shapes_and_sizes(c: &mut Vec<Case>) {
             rejected(""),
         ));
     }
-    c.push(case("{} as the event", post(SINGLE, "{}"), rejected("/")));
+    // Every required attribute is missing; `data` is not named, as no type says it is due.
+    c.push(case(
+        "{} as the event",
+        post(SINGLE, "{}"),
+        rejected_at(&["/id", "/source", "/specversion", "/type"]),
+    ));
     let bad = serde_json::to_string(&with("/data/seats", json!(0))).unwrap();
     let many = format!("[{}]", vec![bad.as_str(); 501].join(","));
     c.push(case(
