@@ -5,9 +5,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::time::{Duration, Instant};
 
-use common::{BIN, Resp, Server, booking, envelope, request};
+use common::{Resp, Server, booking, envelope, floodgate, request};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
@@ -20,7 +20,7 @@ fn fixtures() -> PathBuf {
 
 /// Runs `floodgate keys new`; returns (secret, TOML stanza).
 fn keys_new(args: &[&str]) -> (String, String) {
-    let out = Command::new(BIN)
+    let out = floodgate()
         .args(["keys", "new"])
         .args(args)
         .output()
@@ -158,14 +158,27 @@ fn credentials_are_required_and_checked() {
     // The state read API is protected too; health, metrics and schemas are not.
     let r = request(s.server.addr, "GET", "/v1/inventory/E1", &[], None);
     assert_eq!(r.status, 401);
-    let r = request(
-        s.server.addr,
-        "GET",
-        "/v1/bookings/B-ok",
-        &[("x-api-key", &s.ops)],
-        None,
-    );
-    assert_ne!(r.status, 401);
+    // With the key, the exact answer: 404 until the processors apply the booking, then 200
+    // with it (anything else, a 500 included, fails).
+    let booking_ok = common::wait_for(30, "B-ok to be applied", || {
+        let r = request(
+            s.server.addr,
+            "GET",
+            "/v1/bookings/B-ok",
+            &[("x-api-key", &s.ops)],
+            None,
+        );
+        match r.status {
+            200 => Some(r.json()),
+            404 => {
+                assert_eq!(r.json()["error"]["code"], "booking_not_found", "{r:?}");
+                None
+            }
+            _ => panic!("GET /v1/bookings/B-ok with a valid key: {r:?}"),
+        }
+    });
+    assert_eq!(booking_ok["bookingId"], "B-ok", "{booking_ok}");
+    assert_eq!(booking_ok["eventId"], "E1", "{booking_ok}");
     for open in ["/healthz", "/metrics", "/v1/schemas"] {
         assert_eq!(s.server.get(open).status, 200, "{open}");
     }
@@ -202,40 +215,65 @@ fn allowed_types_give_403_or_per_event_rejections() {
 fn rate_limits_count_events_and_answer_429_with_headers() {
     let s = setup();
     let key = [("x-api-key", s.web.as_str())];
-    // Burst 10: ten events pass at once…
-    let batch: Vec<Value> = (0..10)
-        .map(|i| booking(&format!("r{i}"), &format!("B-r{i}"), "E1", 1))
-        .collect();
-    let r = post_with(&s.server, &key, &batch);
+    let batch = |from: usize, n: usize| -> Vec<Value> {
+        (from..from + n)
+            .map(|i| booking(&format!("r{i}"), &format!("B-r{i}"), "E1", 1))
+            .collect()
+    };
+    // Burst 10 at 5 events/s: ten events pass at once and empty the bucket. (It gets one
+    // back every 200 ms; only a request that took longer than that may see it.)
+    let sent = Instant::now();
+    let r = post_with(&s.server, &key, &batch(0, 10));
+    let took = sent.elapsed();
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.header("ratelimit-limit"), Some("10"));
     let remaining: u32 = r.header("ratelimit-remaining").unwrap().parse().unwrap();
-    assert!(remaining <= 1, "{remaining}");
-    assert!(r.header("ratelimit-reset").is_some());
+    let refilled = (took.as_secs_f64() * 5.0) as u32;
+    assert!(
+        remaining <= refilled,
+        "{remaining} left after 10 of 10 in {took:?}"
+    );
+    // Full again once the missing events are back, in whole seconds.
+    let reset = (10 - remaining).div_ceil(5).to_string();
+    assert_eq!(r.header("ratelimit-reset"), Some(reset.as_str()), "{r:?}");
 
-    // …and the next ten do not, at 5 events/s.
-    let batch: Vec<Value> = (10..20)
-        .map(|i| booking(&format!("r{i}"), &format!("B-r{i}"), "E1", 1))
-        .collect();
-    let r = post_with(&s.server, &key, &batch);
+    // The next ten do not pass…
+    let r = post_with(&s.server, &key, &batch(10, 10));
+    let refused = Instant::now();
     assert_eq!(r.status, 429, "{r:?}");
     assert_eq!(r.json()["error"]["code"], "rate_limited");
     let retry_after: u64 = r.header("retry-after").unwrap().parse().unwrap();
-    assert!((1..=3).contains(&retry_after), "{retry_after}");
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
     assert_eq!(r.header("ratelimit-remaining"), Some("0"));
     assert_eq!(r.header("ratelimit-limit"), Some("10"));
+    assert_eq!(
+        r.header("ratelimit-reset"),
+        Some(retry_after.to_string().as_str())
+    );
 
-    // A batch larger than the burst can never pass: 413, split it.
-    let batch: Vec<Value> = (0..11)
+    // …until `Retry-After` has passed: then the same request does, the first time. (The
+    // wait is the one the server asked for, which is the contract under test.)
+    std::thread::sleep(Duration::from_secs(retry_after).saturating_sub(refused.elapsed()));
+    let r = post_with(&s.server, &key, &batch(10, 10));
+    assert_eq!(
+        r.status, 200,
+        "refused after Retry-After {retry_after} s: {r:?}"
+    );
+    let reset: u64 = r.header("ratelimit-reset").unwrap().parse().unwrap();
+    let emptied = Instant::now();
+
+    // A batch larger than the burst can never pass: 413 (split it), not 429, even from a
+    // full bucket. Wait until `RateLimit-Reset` says it is full again.
+    std::thread::sleep(Duration::from_secs(reset).saturating_sub(emptied.elapsed()));
+    let big: Vec<Value> = (0..11)
         .map(|i| booking(&format!("big{i}"), &format!("B-big{i}"), "E1", 1))
         .collect();
-    std::thread::sleep(std::time::Duration::from_millis(2100)); // the bucket refills
-    let r = post_with(&s.server, &key, &batch);
+    let r = post_with(&s.server, &key, &big);
     assert_eq!(r.status, 413, "{r:?}");
     assert_eq!(r.json()["error"]["code"], "batch_exceeds_burst");
 
     // Another key has its own bucket (and no limit).
-    let r = post_with(&s.server, &[("x-api-key", &s.ops)], &batch);
+    let r = post_with(&s.server, &[("x-api-key", &s.ops)], &big);
     assert_eq!(r.status, 200, "{r:?}");
 
     let limited = common::metric(
@@ -244,6 +282,16 @@ fn rate_limits_count_events_and_answer_429_with_headers() {
         &["credential=\"web\""],
     );
     assert_eq!(limited, 1.0);
+    let appended: Vec<String> = common::stream_read(&s.server.data_dir, &[])
+        .iter()
+        .map(|r| r["event"]["id"].as_str().unwrap().to_owned())
+        .filter(|id| id.starts_with('r'))
+        .collect();
+    assert_eq!(
+        appended.len(),
+        20,
+        "every event answered 200 is appended once"
+    );
 }
 
 #[test]
@@ -399,10 +447,95 @@ fn jwts_are_verified() {
     }
 }
 
+/// Writes `text` to `path` as a key rotation should: whole, by a rename, so that the server
+/// never reads half a file.
+fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The fixture JWKS with its two keys under other `kid`s.
+fn jwks_with_kids(rsa: &str, ec: &str) -> String {
+    let mut set: Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("jwks.json")).unwrap()).unwrap();
+    set["keys"][0]["kid"] = json!(rsa);
+    set["keys"][1]["kid"] = json!(ec);
+    set.to_string()
+}
+
+#[test]
+fn a_jwks_refresh_swaps_the_keys_and_a_corrupt_jwks_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    replace_file(&jwks, &jwks_with_kids("test-rsa", "test-ec"));
+    let config = dir.path().join("floodgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ingest.auth]\nrequired = true\n[ingest.auth.jwt]\njwks_file = {:?}\njwks_refresh_secs = 1\nissuer = {ISSUER:?}\naudience = {AUDIENCE:?}\n",
+            jwks.display().to_string()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("server.log");
+    let server = Server::start_logged(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+        Some(&log),
+    );
+    // The status of a one-event post with a token signed by the fixture EC key under `kid`.
+    let mut sent = 0;
+    let mut post = |kid: &str| -> u16 {
+        sent += 1;
+        let auth = format!(
+            "Bearer {}",
+            token(Algorithm::ES256, kid, "es256.pem", &claims("rotor"))
+        );
+        let ev = booking(&format!("k{sent}"), &format!("B-k{sent}"), "E1", 1);
+        post_with(&server, &[("authorization", &auth)], &[ev]).status
+    };
+    assert_eq!(post("test-ec"), 200);
+    assert_eq!(post("rotated-ec"), 401, "an unknown kid");
+
+    // Rotation: the new set holds the key as `rotated-ec`, and `test-ec` no longer.
+    replace_file(&jwks, &jwks_with_kids("rotated-rsa", "rotated-ec"));
+    common::wait_for(60, "the new kid to be accepted", || {
+        match post("rotated-ec") {
+            200 => Some(()),
+            401 => None,
+            other => panic!("a token under the new kid: {other}"),
+        }
+    });
+    assert_eq!(
+        post("test-ec"),
+        401,
+        "a kid dropped from the set is refused"
+    );
+
+    // A corrupt set, then one without a usable key: the refresh fails (and says so), and
+    // the keys in use stay.
+    let failed_refreshes = || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .matches("cannot refresh the JWKS")
+            .count()
+    };
+    for bad in ["{\"keys\": [{\"kty\": \"EC\"", "{\"keys\": []}"] {
+        let before = failed_refreshes();
+        replace_file(&jwks, bad);
+        common::wait_for(60, "a refresh of the bad JWKS", || {
+            (failed_refreshes() > before).then_some(())
+        });
+        assert_eq!(post("rotated-ec"), 200, "after {bad:?}");
+        assert_eq!(post("test-ec"), 401, "after {bad:?}");
+    }
+}
+
 #[test]
 fn an_open_edge_on_a_public_address_needs_a_flag() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
+    let out = floodgate()
         .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
         .arg(dir.path())
         .output()

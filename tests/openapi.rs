@@ -71,14 +71,43 @@ fn conforms(doc: &Value, path: &str, method: &str, resp: &Resp) {
             "{method} {path} {status}: the body breaks the document: {errors:?}\n{body}"
         );
     }
-    for (name, _) in documented["headers"].as_object().into_iter().flatten() {
+    for (name, header) in documented["headers"].as_object().into_iter().flatten() {
+        let value = resp.header(&name.to_ascii_lowercase());
         if name.eq_ignore_ascii_case("retry-after") || name.eq_ignore_ascii_case("www-authenticate")
         {
             assert!(
-                resp.header(&name.to_ascii_lowercase()).is_some(),
+                value.is_some(),
                 "{method} {path} {status}: header {name} is missing"
             );
         }
+        // A header that is sent must hold what the document says it holds.
+        let Some(value) = value else { continue };
+        let schema_at = match header["$ref"].as_str() {
+            Some(r) => format!("{r}/schema"),
+            None => format!("{base}/headers/{}/schema", pointer_token(name)),
+        };
+        let schema = doc.pointer(&schema_at[1..]).unwrap_or(&Value::Null);
+        let instance = match schema["type"].as_str() {
+            Some("integer") => match value.parse::<i64>() {
+                Ok(n) => json!(n),
+                Err(_) => {
+                    panic!("{method} {path} {status}: header {name}: {value:?} is not an integer")
+                }
+            },
+            _ => json!(value),
+        };
+        let mut root = doc.clone();
+        root["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
+        root["$ref"] = json!(schema_at);
+        let validator = jsonschema::validator_for(&root).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&instance)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{method} {path} {status}: header {name}: {value:?} breaks the document: {errors:?}"
+        );
     }
 }
 
@@ -209,4 +238,117 @@ fn every_documented_operation_answers_as_documented() {
         })
         .collect();
     assert_eq!(driven, documented, "every documented operation is driven");
+}
+
+/// The answers a credential, its allowed types and rate, and a full edge give: 401, 403, 429
+/// and 503, each as documented (status, content type, headers and their values, body).
+#[test]
+fn refusals_answer_as_documented() {
+    use floodgate_ingest::auth::sha256_hex;
+    const LIMITED: &str = "fg_openapi_limited";
+    const OPS: &str = "fg_openapi_ops";
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("floodgate.toml");
+    // Bodies in memory are bounded by one largest body, so that a compressed body (held
+    // while it inflates) over half that size finds no room: 503.
+    std::fs::write(
+        &config,
+        format!(
+            "[ingest]\nmax_body_bytes = 65536\nmax_inflight_body_bytes = 65536\n\
+             [ingest.auth]\nrequired = true\n\
+             [[ingest.auth.api_keys]]\nname = \"limited\"\nkey_sha256 = \"{}\"\n\
+             allowed_types = [\"booking.*\"]\nrate_per_sec = 1\nburst = 2\n\
+             [[ingest.auth.api_keys]]\nname = \"ops\"\nkey_sha256 = \"{}\"\n",
+            sha256_hex(LIMITED),
+            sha256_hex(OPS)
+        ),
+    )
+    .unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let doc = written_doc();
+    let addr = server.addr;
+    let batch = |events: &[Value], headers: &[(&str, &str)]| {
+        common::post(
+            addr,
+            "/v1/events",
+            Some("application/cloudevents-batch+json"),
+            &serde_json::to_vec(events).unwrap(),
+            headers,
+        )
+    };
+    let limited = [("x-api-key", LIMITED)];
+    let ops = [("x-api-key", OPS)];
+
+    // 401: no credential, or one that is not known; on the state API too.
+    for headers in [
+        &[][..],
+        &[("x-api-key", "fg_nope")],
+        &[("authorization", "Bearer fg_nope")],
+    ] {
+        let r = batch(&[booking("u1", "U-B1", "U1", 1)], headers);
+        assert_eq!(r.status, 401, "{headers:?}: {r:?}");
+        conforms(&doc, "/v1/events", "post", &r);
+    }
+    for (path, template) in [
+        ("/v1/inventory/U1", "/v1/inventory/{eventId}"),
+        ("/v1/bookings/U-B1", "/v1/bookings/{bookingId}"),
+    ] {
+        let r = request(addr, "GET", path, &[], None);
+        assert_eq!(r.status, 401, "{path}: {r:?}");
+        conforms(&doc, template, "get", &r);
+    }
+
+    // 403: a type the key may not post.
+    let checkin = envelope(
+        "f1",
+        "checkin.scanned",
+        json!({"bookingId":"U-B1","eventId":"U1","gate":"A","scannedAt":"2026-11-22T10:00:00Z"}),
+    );
+    let r = batch(&[checkin], &limited);
+    assert_eq!(r.status, 403, "{r:?}");
+    conforms(&doc, "/v1/events", "post", &r);
+
+    // 429: over the key's rate (1 event/s, burst 2). Two events at a time empty the
+    // bucket; whatever passes on the way is checked too.
+    let mut sent = 0;
+    wait_for(30, "a 429", || {
+        sent += 1;
+        let r = batch(
+            &[
+                booking(&format!("l{sent}a"), &format!("L-{sent}a"), "U1", 1),
+                booking(&format!("l{sent}b"), &format!("L-{sent}b"), "U1", 1),
+            ],
+            &limited,
+        );
+        assert!(matches!(r.status, 200 | 429), "{r:?}");
+        conforms(&doc, "/v1/events", "post", &r);
+        (r.status == 429).then_some(())
+    });
+
+    // 503: a gzip body of incompressible bytes, held while it inflates, passes the budget
+    // for bodies in memory.
+    let mut noise = Vec::with_capacity(48 * 1024);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    while noise.len() < 48 * 1024 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        noise.extend_from_slice(&x.to_le_bytes());
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, &noise).unwrap();
+    let body = gz.finish().unwrap();
+    let r = common::post(
+        addr,
+        "/v1/events",
+        Some("application/cloudevents-batch+json"),
+        &body,
+        &[ops[0], ("content-encoding", "gzip")],
+    );
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.json()["error"]["code"], "inflight_bytes", "{r:?}");
+    conforms(&doc, "/v1/events", "post", &r);
 }

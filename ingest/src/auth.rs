@@ -67,7 +67,39 @@ impl Refusal {
     }
 }
 
-type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+/// A token bucket over whichever clock it was built with: the real one in production, a
+/// fake one in tests, so that refill is checked without waiting for it.
+trait Bucket: Send + Sync {
+    /// Takes `n` events, all or none.
+    fn take(&self, n: NonZeroU32) -> Take;
+}
+
+enum Take {
+    /// Taken; `remaining` events may still be taken right now.
+    Taken { remaining: u32 },
+    /// Not taken: `n` events fit in `wait` from now.
+    NotYet { wait: Duration },
+    /// Not taken: `n` is more than the bucket ever holds.
+    Never,
+}
+
+impl<C> Bucket for RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>
+where
+    C: Clock + Send + Sync,
+    C::Instant: Send + Sync,
+{
+    fn take(&self, n: NonZeroU32) -> Take {
+        match self.check_n(n) {
+            Ok(Ok(snapshot)) => Take::Taken {
+                remaining: snapshot.remaining_burst_capacity(),
+            },
+            Ok(Err(not_until)) => Take::NotYet {
+                wait: not_until.wait_time_from(self.clock().now()),
+            },
+            Err(_) => Take::Never,
+        }
+    }
+}
 
 /// The event types a credential may post.
 #[derive(Debug)]
@@ -99,7 +131,7 @@ pub struct Principal {
     /// The configured key name, or `jwt`; safe for logs and metric labels.
     name: Arc<str>,
     types: Arc<TypeFilter>,
-    limiter: Option<Limiter>,
+    limiter: Option<Box<dyn Bucket>>,
     /// Sustained events per second, for `RateLimit-Limit`.
     rate_per_sec: u32,
     burst: u32,
@@ -120,8 +152,8 @@ pub struct RateState {
     pub limit: u32,
     /// Events that may be sent right now.
     pub remaining: u32,
-    /// Seconds until the bucket is full again (or, when limited, until the request could
-    /// pass).
+    /// Seconds until the bucket is full again, rounded up; when limited, also the
+    /// `Retry-After` (see [`Principal::charge`]).
     pub reset_secs: u64,
 }
 
@@ -141,6 +173,21 @@ pub enum Charge {
 
 impl Principal {
     fn new(name: Arc<str>, types: Arc<TypeFilter>, rate: Option<u32>, burst: Option<u32>) -> Self {
+        Self::with_clock(name, types, rate, burst, DefaultClock::default())
+    }
+
+    /// As [`Principal::new`], with the bucket on `clock`.
+    fn with_clock<C>(
+        name: Arc<str>,
+        types: Arc<TypeFilter>,
+        rate: Option<u32>,
+        burst: Option<u32>,
+        clock: C,
+    ) -> Self
+    where
+        C: Clock + Send + Sync + 'static,
+        C::Instant: Send + Sync,
+    {
         let (limiter, rate_per_sec, burst) = match rate.and_then(NonZeroU32::new) {
             None => (None, 0, 0),
             Some(r) => {
@@ -149,13 +196,11 @@ impl Principal {
                     .and_then(NonZeroU32::new)
                     .unwrap_or_else(|| r.saturating_add(r.get()));
                 let quota = Quota::per_second(r).allow_burst(b);
-                (
-                    Some(
-                        RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>(),
-                    ),
-                    r.get(),
-                    b.get(),
-                )
+                let bucket: Box<dyn Bucket> = Box::new(
+                    RateLimiter::direct_with_clock(quota, clock)
+                        .with_middleware::<StateInformationMiddleware>(),
+                );
+                (Some(bucket), r.get(), b.get())
             }
         };
         Self {
@@ -178,6 +223,13 @@ impl Principal {
     }
 
     /// Takes `n` events from the bucket, all or none.
+    ///
+    /// When they do not fit, the answer's `reset_secs` (sent as `Retry-After`) is the time
+    /// until the bucket is full again, not until `n` events fit: the edge charges a
+    /// request's first event before it knows how many the request holds, so only a wait
+    /// for the full bucket lets the same request (at most `burst` events) pass when it is
+    /// retried then. A shorter answer has a client that follows it pay one event per
+    /// retry and be refused again, for ever when its batch is near the burst.
     pub fn charge(&self, n: u32) -> Charge {
         let Some(limiter) = &self.limiter else {
             return Charge::Unlimited;
@@ -185,26 +237,26 @@ impl Principal {
         let Some(n) = NonZeroU32::new(n) else {
             return Charge::Unlimited;
         };
-        let per_event = Duration::from_secs_f64(1.0 / f64::from(self.rate_per_sec));
-        match limiter.check_n(n) {
-            Ok(Ok(snapshot)) => {
-                let remaining = snapshot.remaining_burst_capacity();
+        let per_event = Duration::from_secs(1) / self.rate_per_sec;
+        match limiter.take(n) {
+            Take::Taken { remaining } => {
                 let missing = self.burst.saturating_sub(remaining);
                 Charge::Allowed(RateState {
                     limit: self.burst,
                     remaining,
-                    reset_secs: (per_event * missing).as_secs_f64().ceil() as u64,
+                    reset_secs: whole_secs(per_event * missing),
                 })
             }
-            Ok(Err(not_until)) => {
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
+            Take::NotYet { wait } => {
+                // `n` events fit after `wait`; the other `burst - n` refill one by one.
+                let until_full = wait + per_event * self.burst.saturating_sub(n.get());
                 Charge::Limited(RateState {
                     limit: self.burst,
                     remaining: 0,
-                    reset_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+                    reset_secs: whole_secs(until_full).max(1),
                 })
             }
-            Err(_) => Charge::TooMany { burst: self.burst },
+            Take::Never => Charge::TooMany { burst: self.burst },
         }
     }
 
@@ -311,6 +363,17 @@ impl Auth {
         Ok(caller)
     }
 
+    /// Re-reads the JWKS (file or address) now and, when it parses, verifies tokens with
+    /// its keys alone from then on: a key dropped from the set stops working. When it
+    /// cannot be read or parsed, the keys in use stay, and the error says why. `Ok` without
+    /// doing anything when no JWT is configured.
+    pub async fn refresh_jwks(&self) -> Result<(), AuthSetupError> {
+        let Some(jwt) = &self.jwt else { return Ok(()) };
+        let keys = load_jwks(&jwt.config).await?;
+        *jwt.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        Ok(())
+    }
+
     /// Re-reads the JWKS every `jwks_refresh_secs`, until the process ends.
     pub fn spawn_refresh(self: &Arc<Self>) {
         let Some(jwt) = &self.jwt else { return };
@@ -320,14 +383,8 @@ impl Auth {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(auth) = this.upgrade() else { return };
-                let Some(jwt) = &auth.jwt else { return };
-                match load_jwks(&jwt.config).await {
-                    Ok(keys) => {
-                        *jwt.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot refresh the JWKS; keeping the old keys")
-                    }
+                if let Err(e) = auth.refresh_jwks().await {
+                    tracing::warn!(error = %e, "cannot refresh the JWKS; keeping the old keys");
                 }
             }
         });
@@ -362,6 +419,11 @@ pub fn sha256_hex(secret: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// A duration in whole seconds, rounded up: what `Retry-After` and `RateLimit-Reset` carry.
+fn whole_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 /// Subjects whose buckets are remembered; past this the memory starts over.
@@ -547,6 +609,7 @@ fn parse_jwks(text: &[u8]) -> Result<Keys, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use governor::clock::FakeRelativeClock;
 
     fn principal(rate: u32, burst: u32) -> Principal {
         Principal::new(
@@ -586,6 +649,169 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(p.charge(21), Charge::TooMany { burst: 20 });
+    }
+
+    fn on_fake_clock(rate: u32, burst: u32) -> (Principal, FakeRelativeClock) {
+        let clock = FakeRelativeClock::default();
+        let p = Principal::with_clock(
+            Arc::from("t"),
+            Arc::new(TypeFilter::new(&["*".to_owned()]).unwrap()),
+            Some(rate),
+            Some(burst),
+            clock.clone(),
+        );
+        (p, clock)
+    }
+
+    fn state(remaining: u32, reset_secs: u64) -> RateState {
+        RateState {
+            limit: 10,
+            remaining,
+            reset_secs,
+        }
+    }
+
+    #[test]
+    fn buckets_refill_at_their_rate_and_no_faster() {
+        // 5 events/s, burst 10: one event comes back every 200 ms.
+        let (p, clock) = on_fake_clock(5, 10);
+        assert_eq!(p.charge(10), Charge::Allowed(state(0, 2)));
+        assert_eq!(p.charge(1), Charge::Limited(state(0, 2)));
+
+        clock.advance(Duration::from_secs(1));
+        // One second brings back five events, not six (full again in one more second); a
+        // refused charge takes none…
+        assert_eq!(p.charge(6), Charge::Limited(state(0, 1)));
+        // …so five pass, and leave none.
+        assert_eq!(p.charge(5), Charge::Allowed(state(0, 2)));
+        assert_eq!(p.charge(1), Charge::Limited(state(0, 2)));
+
+        clock.advance(Duration::from_millis(199));
+        assert!(matches!(p.charge(1), Charge::Limited(_)));
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(p.charge(1), Charge::Allowed(state(0, 2)));
+
+        // An idle bucket fills up to its burst and no further.
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(p.charge(4), Charge::Allowed(state(6, 1)));
+        assert_eq!(p.charge(6), Charge::Allowed(state(0, 2)));
+        assert!(matches!(p.charge(1), Charge::Limited(_)));
+    }
+
+    /// One request of `n` events as the edge charges it (`events.rs`): its first event
+    /// before the body is read, the rest once they are counted. `Err` holds `Retry-After`.
+    fn post(p: &Principal, n: u32) -> Result<(), u64> {
+        for charge in [p.charge(1), p.charge_rest_of(n)] {
+            match charge {
+                Charge::Limited(s) => return Err(s.reset_secs),
+                Charge::TooMany { burst } => panic!("{n} events fit a burst of {burst}"),
+                Charge::Allowed(_) | Charge::Unlimited => {}
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_request_retried_after_retry_after_passes() {
+        for (rate, burst) in [(1, 1), (1, 2), (1, 10), (3, 7), (5, 10), (50, 120)] {
+            let per_event = Duration::from_secs(1) / rate;
+            for n in 1..=burst {
+                for refilled in 0..=burst {
+                    for extra in [Duration::ZERO, per_event / 2] {
+                        let (p, clock) = on_fake_clock(rate, burst);
+                        assert!(matches!(p.charge(burst), Charge::Allowed(_)));
+                        clock.advance(per_event * refilled + extra);
+                        let Err(retry_after) = post(&p, n) else {
+                            continue;
+                        };
+                        let case = format!(
+                            "{rate}/s, burst {burst}, {n} events, {refilled} refilled + {extra:?}"
+                        );
+                        assert!(
+                            (1..=whole_secs(per_event * burst)).contains(&retry_after),
+                            "{case}: Retry-After {retry_after}"
+                        );
+                        clock.advance(Duration::from_secs(retry_after));
+                        assert_eq!(
+                            post(&p, n),
+                            Ok(()),
+                            "{case}: refused again after Retry-After {retry_after} s"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn jwks(kids: &[&str]) -> String {
+        // One P-256 public key (tests/fixtures/jwt) under each `kid`.
+        let keys: Vec<serde_json::Value> = kids
+            .iter()
+            .map(|kid| {
+                serde_json::json!({
+                    "kty": "EC", "kid": kid, "use": "sig", "alg": "ES256", "crv": "P-256",
+                    "x": "JqrUfh_YRwXlkVxtQAxT9cuEwpJBCO-GsSytxaX0Uhs",
+                    "y": "eNryAEyPSEkFcz34M8c7JSXiDXKL5875AqDD2Z-Nsww"
+                })
+            })
+            .collect();
+        serde_json::json!({ "keys": keys }).to_string()
+    }
+
+    fn kids(auth: &Auth) -> Vec<String> {
+        let jwt = auth.jwt.as_ref().unwrap();
+        let keys = jwt.keys.read().unwrap().clone();
+        let mut kids: Vec<String> = keys.by_kid.keys().cloned().collect();
+        kids.sort();
+        kids
+    }
+
+    #[test]
+    fn a_jwks_refresh_swaps_the_keys_and_a_bad_one_keeps_them() {
+        let dir = std::env::temp_dir().join(format!("fg-jwks-refresh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("jwks.json");
+        std::fs::write(&path, jwks(&["old-1", "old-2"])).unwrap();
+        let cfg = AuthConfig {
+            required: Some(true),
+            api_keys: vec![],
+            jwt: Some(JwtConfig {
+                jwks_file: Some(path.clone()),
+                jwks_url: None,
+                jwks_refresh_secs: 300,
+                issuer: "https://issuer.test".into(),
+                audience: "floodgate".into(),
+                leeway_secs: 0,
+                allowed_types: vec!["*".into()],
+                rate_per_sec: None,
+                burst: None,
+            }),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let auth = rt.block_on(Auth::from_config(&cfg, true)).unwrap();
+        assert_eq!(kids(&auth), ["old-1", "old-2"]);
+
+        // The new set replaces the old one: a key dropped from it stops working.
+        std::fs::write(&path, jwks(&["new", "old-2"])).unwrap();
+        rt.block_on(auth.refresh_jwks()).unwrap();
+        assert_eq!(kids(&auth), ["new", "old-2"]);
+
+        for bad in ["{\"keys\": [", "{\"keys\": []}", "", "[]"] {
+            std::fs::write(&path, bad).unwrap();
+            let e = rt.block_on(auth.refresh_jwks()).unwrap_err();
+            assert!(e.to_string().contains("jwks.json"), "{bad:?}: {e}");
+            assert_eq!(kids(&auth), ["new", "old-2"], "{bad:?} kept the keys");
+        }
+        std::fs::remove_file(&path).unwrap();
+        assert!(rt.block_on(auth.refresh_jwks()).is_err());
+        assert_eq!(
+            kids(&auth),
+            ["new", "old-2"],
+            "a missing file kept the keys"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

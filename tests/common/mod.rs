@@ -13,6 +13,25 @@ use serde_json::{Value, json};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_floodgate");
 
+/// `floodgate` as a child process, without the `FLOODGATE_*` variables of the environment
+/// the tests run in: an exported `FLOODGATE_SHARDS` or `FLOODGATE_CONFIG` would otherwise
+/// override what each test sets up (the environment beats the configuration file).
+pub fn floodgate() -> Command {
+    let mut command = Command::new(BIN);
+    without_floodgate_env(&mut command);
+    command
+}
+
+/// Removes every `FLOODGATE_*` variable of this process from `command`'s environment.
+pub fn without_floodgate_env(command: &mut Command) -> &mut Command {
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FLOODGATE_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 /// A running `floodgate serve` child process.
 pub struct Server {
     pub child: Child,
@@ -33,7 +52,7 @@ impl Server {
             Some(path) => ("debug", Stdio::from(std::fs::File::create(path).unwrap())),
             None => ("warn", Stdio::null()),
         };
-        let mut child = Command::new(BIN)
+        let child = floodgate()
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra)
@@ -42,6 +61,33 @@ impl Server {
             .stderr(stderr)
             .spawn()
             .expect("floodgate starts");
+        Self::wait_listening(child, data_dir)
+    }
+
+    /// As [`Server::start`], with the binary run through `wrapper`: a program and its
+    /// arguments, to which the binary's path and arguments are appended. E.g. `["sh", "-c",
+    /// "ulimit -f 512; exec \"$@\"", "sh"]` runs it under a resource limit. The test's own
+    /// `FLOODGATE_*` variables are not passed on.
+    pub fn start_wrapped(data_dir: &Path, extra: &[&str], wrapper: &[&str]) -> Server {
+        let (program, wrapper_args) = wrapper.split_first().expect("a wrapper program");
+        let mut command = Command::new(program);
+        command
+            .args(wrapper_args)
+            .arg(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra);
+        let child = without_floodgate_env(&mut command)
+            .env("FLOODGATE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the wrapper starts");
+        Self::wait_listening(child, data_dir)
+    }
+
+    /// Waits for a starting `floodgate serve` to print the address it listens on.
+    fn wait_listening(mut child: Child, data_dir: &Path) -> Server {
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let line = lines
@@ -219,7 +265,7 @@ pub fn read_response(s: &mut impl Read) -> std::io::Result<Resp> {
 
 /// Every record in the log, via `floodgate stream read`.
 pub fn stream_read(data_dir: &Path, extra: &[&str]) -> Vec<Value> {
-    let out = Command::new(BIN)
+    let out = floodgate()
         .args(["stream", "read", "--data-dir"])
         .arg(data_dir)
         .args(extra)
@@ -288,7 +334,7 @@ pub fn one_of_each(prefix: &str, event_id: &str) -> Vec<Value> {
 
 /// Every derived event in the outbox, via `floodgate outbox read`.
 pub fn outbox_read(data_dir: &Path) -> Vec<Value> {
-    let out = Command::new(BIN)
+    let out = floodgate()
         .args(["outbox", "read", "--data-dir"])
         .arg(data_dir)
         .output()
