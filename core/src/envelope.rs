@@ -27,10 +27,11 @@ pub const MAX_EXTENSION_NAME_CHARS: usize = 64;
 /// both, however its characters are counted.
 pub const MAX_PARTITION_KEY_BYTES: usize = 256;
 
-/// The most characters a partition key can have (an ASCII key of
-/// [`MAX_PARTITION_KEY_BYTES`]): all that JSON Schema's `maxLength`, which counts
-/// characters, can say of the byte rule.
-pub const MAX_PARTITION_KEY_CHARS: usize = MAX_PARTITION_KEY_BYTES;
+/// The most characters a partition key may have whatever its characters (at most 4 bytes
+/// of UTF-8 each): what the served OpenAPI document promises with `maxLength`, which counts
+/// characters. Every key the document allows is accepted; longer ASCII keys are accepted
+/// too, up to [`MAX_PARTITION_KEY_BYTES`].
+pub const MAX_PARTITION_KEY_CHARS: usize = MAX_PARTITION_KEY_BYTES / 4;
 
 /// Why `key` cannot be a partition key, if it cannot (Kinesis takes 1 to 256), as the
 /// rest of a sentence whose subject names the key: "must not be empty", "may be at
