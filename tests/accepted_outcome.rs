@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{BIN, Server, outbox_read, stream_read, try_request, wait_for};
+use common::{Server, outbox_read, stream_read, try_request, wait_for};
 use serde_json::{Value, json};
 
 /// A small, seedable generator (xorshift64*): the run is reproducible from its seed.
@@ -430,7 +430,7 @@ print(json.dumps(out))
 }
 
 fn dead_letters(data_dir: &Path) -> Vec<Value> {
-    let out = Command::new(BIN)
+    let out = common::floodgate()
         .args(["dead-letters", "read", "--data-dir"])
         .arg(data_dir)
         .output()

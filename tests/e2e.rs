@@ -4,9 +4,8 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
 
-use common::{BIN, Server, booking, envelope, one_of_each, stream_read};
+use common::{Server, booking, envelope, one_of_each, stream_read};
 use floodgate_core::partition::shard_for_key;
 use serde_json::{Value, json};
 
@@ -361,7 +360,7 @@ fn stream_read_flags() {
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));
     // A different shard count on restart is refused.
     drop(server);
-    let out = Command::new(BIN)
+    let out = common::floodgate()
         .args([
             "serve",
             "--listen",
@@ -379,7 +378,7 @@ fn stream_read_flags() {
 
 #[test]
 fn schemas_cli_and_bad_schema_dir() {
-    let out = Command::new(BIN)
+    let out = common::floodgate()
         .args(["schemas", "list"])
         .output()
         .unwrap();
@@ -398,7 +397,7 @@ fn schemas_cli_and_bad_schema_dir() {
     let mut bad = booking("c2", "b2", "E", 1);
     bad["data"]["seats"] = json!(0);
     std::fs::write(&file, format!("{}\n{}\n", booking("c1", "b1", "E", 1), bad)).unwrap();
-    let out = Command::new(BIN)
+    let out = common::floodgate()
         .args(["schemas", "check"])
         .arg(&file)
         .output()
@@ -415,7 +414,7 @@ fn schemas_cli_and_bad_schema_dir() {
     assert_eq!(lines[1]["errors"][0]["pointer"], "/data/seats");
     let good = dir.path().join("good.json");
     std::fs::write(&good, serde_json::to_vec(&one_of_each("g", "E")).unwrap()).unwrap();
-    let out = Command::new(BIN)
+    let out = common::floodgate()
         .args(["schemas", "check"])
         .arg(&good)
         .output()
@@ -436,7 +435,7 @@ fn schemas_cli_and_bad_schema_dir() {
         r#"{"type":"object","properties":{"a":{"type":"strnig"}}}"#,
     )
     .unwrap();
-    let out = Command::new(BIN)
+    let out = common::floodgate()
         .args(["serve", "--listen", "127.0.0.1:0", "--schemas"])
         .arg(&schemas)
         .arg("--data-dir")

@@ -10,12 +10,12 @@ mod common;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Server, booking, stream_read};
+use common::{Server, booking, stream_read};
 
 /// Posts `batches` batches of 50 bookings spread over many keys (so over every shard), each
 /// in its own request (so each request is its own frame in each shard); returns the ids,
@@ -101,7 +101,7 @@ fn busiest_active_segment(data_dir: &Path) -> (PathBuf, Vec<u64>) {
 /// Starts `floodgate serve` on a data directory expected to be refused, and returns its
 /// output once it exits. Fails the test if it starts listening instead.
 fn serve_expecting_refusal(data_dir: &Path) -> Output {
-    let mut child = Command::new(BIN)
+    let mut child = common::floodgate()
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .env("FLOODGATE_LOG", "warn")
@@ -149,7 +149,7 @@ fn serve_expecting_refusal(data_dir: &Path) -> Output {
 }
 
 fn run(args: &[&str], data_dir: &Path) -> Output {
-    Command::new(BIN)
+    common::floodgate()
         .args(args)
         .arg("--data-dir")
         .arg(data_dir)
