@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{BIN, Server, one_of_each};
+use common::{Server, one_of_each};
 use serde_json::{Value, json};
 
 fn python() -> PathBuf {
@@ -134,7 +134,7 @@ fn every_accepted_event_is_in_its_typed_table() {
     assert!(derived > 0, "no derived events");
 
     let ddl = dir.path().join("lake.sql");
-    let out = Command::new(BIN)
+    let out = common::floodgate()
         .args(["lake", "ddl", "--location", "s3://bucket/prefix"])
         .output()
         .unwrap();
@@ -162,7 +162,7 @@ fn every_accepted_event_is_in_its_typed_table() {
 
 #[test]
 fn the_shipped_athena_ddl_is_current() {
-    let out = Command::new(BIN)
+    let out = common::floodgate()
         .args(["lake", "ddl", "--location", "s3://YOUR-BUCKET/floodgate"])
         .output()
         .unwrap();
@@ -250,7 +250,7 @@ fn crashes_leave_a_complete_lake_and_rebuild_reproduces_it() {
     let ddl = dir.path().join("lake.sql");
     std::fs::write(
         &ddl,
-        Command::new(BIN)
+        common::floodgate()
             .args(["lake", "ddl", "--location", "s3://b/p"])
             .output()
             .unwrap()
@@ -260,7 +260,7 @@ fn crashes_leave_a_complete_lake_and_rebuild_reproduces_it() {
     run_check(&data.join("lake"), &expected, &ddl);
 
     let before = dump(&data.join("lake"));
-    let out = Command::new(BIN)
+    let out = common::floodgate()
         .args(["lake", "rebuild", "--data-dir"])
         .arg(&data)
         .arg("--config")
@@ -353,7 +353,7 @@ fn compaction_keeps_every_row_once_through_replay_and_rebuild() {
     std::fs::write(&live_tmp, b"being written").unwrap();
     std::fs::write(&dead_tmp, b"abandoned").unwrap();
 
-    let out = Command::new(BIN)
+    let out = common::floodgate()
         .args([
             "lake",
             "compact",
@@ -393,11 +393,13 @@ fn compaction_keeps_every_row_once_through_replay_and_rebuild() {
     );
 
     // Replay the whole stream into the lake: the lake consumer forgets its checkpoint.
+    // Checked only once the replay has read every record from the start of the stream and
+    // its checkpoint has reached the end of every shard: a replay cut short (or one that
+    // never ran) rewrites nothing, and would leave the lake looking untouched.
+    let stream = common::stream_read(&data, &[]);
     std::fs::remove_file(data.join("stream/checkpoints/lake.json")).unwrap();
     let mut server = Server::start(&data, &args);
-    common::wait_for(30, "the lake consumer replays", || {
-        std::fs::metadata(data.join("stream/checkpoints/lake.json")).ok()
-    });
+    wait_for_lake_to_reach_the_end(&server, &stream);
     assert_eq!(server.terminate(), Some(0));
     let replayed = dump(&lake);
     assert_eq!(
@@ -412,7 +414,7 @@ fn compaction_keeps_every_row_once_through_replay_and_rebuild() {
     assert_eq!(count_files(), shards.len());
 
     // A rebuild re-derives the runs and re-applies the compaction.
-    let out = Command::new(BIN)
+    let out = common::floodgate()
         .args(["lake", "rebuild", "--data-dir"])
         .arg(&data)
         .arg("--config")
@@ -513,7 +515,7 @@ print("ok")
         String::from_utf8_lossy(&out.stderr)
     );
     // The DDL names the new column too.
-    let ddl = Command::new(BIN)
+    let ddl = common::floodgate()
         .args(["lake", "ddl", "--location", "s3://b/p", "--schemas"])
         .arg(&schemas)
         .output()
@@ -650,7 +652,7 @@ fn awkward_values_land_in_exactly_one_table_and_inside_the_projected_range() {
     let ddl = dir.path().join("lake.sql");
     std::fs::write(
         &ddl,
-        Command::new(BIN)
+        common::floodgate()
             .args(["lake", "ddl", "--location", "s3://b/p"])
             .output()
             .unwrap()
@@ -670,7 +672,7 @@ fn awkward_values_land_in_exactly_one_table_and_inside_the_projected_range() {
             .any(|f| f.as_str().unwrap().contains("/lake.")),
         "{before}"
     );
-    let out = Command::new(BIN)
+    let out = common::floodgate()
         .args(["lake", "rebuild", "--data-dir"])
         .arg(&data)
         .arg("--config")
@@ -725,6 +727,41 @@ print("ok")
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits until the lake consumer of `server` (started with no checkpoint: on a new data
+/// directory, or after its checkpoint was deleted to replay) has gone through `stream`
+/// (every record of the stream, as `floodgate stream read` printed them) to its end: in
+/// this process it has processed at least as many records as the stream holds (so it read
+/// from the start, not from a checkpoint kept elsewhere), and its checkpoint has reached
+/// the last record of every shard (so every run it wrote or reproduced is durable).
+fn wait_for_lake_to_reach_the_end(server: &Server, stream: &[Value]) {
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    for r in stream {
+        let seq: u64 = r["sequence"].as_str().unwrap().parse().unwrap();
+        let at = last.entry(r["shard"].to_string()).or_default();
+        *at = (*at).max(seq);
+    }
+    let checkpoint_file = server.data_dir.join("stream/checkpoints/lake.json");
+    common::wait_for(
+        120,
+        "the lake consumer to reach the end of the stream",
+        || {
+            let processed = common::metric(
+                server,
+                "floodgate_processor_records_total",
+                &["consumer=\"lake\""],
+            );
+            if processed < stream.len() as f64 {
+                return None;
+            }
+            let checkpoint: Value =
+                serde_json::from_slice(&std::fs::read(&checkpoint_file).ok()?).ok()?;
+            last.iter()
+                .all(|(shard, seq)| checkpoint_past(&checkpoint, shard, &seq.to_string()))
+                .then_some(())
+        },
     );
 }
 
@@ -831,7 +868,7 @@ fn lake_compact_uses_the_servers_configuration() {
     };
     assert!(files() > 1, "several small files to compact");
     // No --data-dir, no --schemas: both come from the configuration.
-    let out = Command::new(BIN)
+    let out = common::floodgate()
         .args([
             "lake",
             "compact",
@@ -936,7 +973,7 @@ fn rebuild_keeps_every_tables_runs_that_retention_took_from_their_source() {
         before["rows"]["quarantine"].as_u64().unwrap() > 0,
         "{before}"
     );
-    let out = Command::new(BIN)
+    let out = common::floodgate()
         .args(["lake", "rebuild", "--data-dir"])
         .arg(&data)
         .arg("--config")
@@ -952,4 +989,212 @@ fn rebuild_keeps_every_tables_runs_that_retention_took_from_their_source() {
     assert_eq!(before["rows"], after["rows"], "rebuild lost or added rows");
     assert_eq!(before["tables"], after["tables"], "rebuild changed rows");
     assert_eq!(before["files"], after["files"], "rebuild wrote other files");
+}
+
+/// Every file of the lake directory `lake` that is neither a Parquet file nor a manifest:
+/// a temporary file left behind, or anything else a reader would trip on.
+fn stray_files(lake: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![lake.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else if name.starts_with('.')
+                || !(name.ends_with(".parquet") || name == "_compaction.json")
+            {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// `floodgate lake compact` of one table, as an operator runs it; returns how many files
+/// it merged (from its last line, `compacted N files in P partitions of T`).
+fn lake_compact(data: &Path, config: &Path, table: &str) -> u64 {
+    let out = common::floodgate()
+        .args(["lake", "compact", "--table", table, "--data-dir"])
+        .arg(data)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "lake compact failed: {stderr}");
+    stderr
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("compacted ")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .next_back()
+        .unwrap_or_else(|| panic!("lake compact says nothing of what it merged: {stderr}"))
+}
+
+/// Issue 15, hole 7: `lake compact` in a loop beside a running `serve` under load. The
+/// server keeps writing small files (a run every 50 ms) into the very partition being
+/// compacted, while the compactions merge what they find (and, from the second on, the
+/// compacted file of the one before). Afterwards every record of the stream, so every acked
+/// event, is in the table exactly once; no file is a leftover or unreadable; every plan is
+/// finished; and `lake rebuild` re-derives the same files with the same rows.
+#[test]
+fn lake_compact_in_a_loop_beside_a_live_server_keeps_every_row_once() {
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let lake = data.join("lake");
+    let config = dir.path().join("floodgate.toml");
+    std::fs::write(&config, "[lake]\nroll_age_ms = 50\n").unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let mut server = Server::start(&data, &args);
+    // Every event in one partition: the one the compactions work on.
+    let yesterday = day(1);
+    let partition = lake.join(format!("booking_requested/dt={yesterday}/hour=10"));
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let time = format!("{yesterday}T10:30:00Z");
+    let posters = common::Posters::start(server.addr, 2, acked.clone(), move |c, n| {
+        (0..5)
+            .map(|i| {
+                let id = format!("live-c{c}-n{n}-{i}");
+                let mut e = common::booking(&id, &id.replace('-', "_"), &format!("E{}", i % 3), 1);
+                e["time"] = json!(time);
+                e
+            })
+            .collect()
+    });
+    // The shards of the files the server wrote there and has not had compacted, by file.
+    let uncompacted = || -> Vec<String> {
+        std::fs::read_dir(&partition)
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".parquet") && !n.starts_with("c-"))
+                    .filter_map(|n| n.split('-').next().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut merged = Vec::new();
+    for round in 0..10 {
+        // New runs to merge: some shard has written two since the last compaction.
+        common::wait_for(60, "the server to write new small files", || {
+            let shards = uncompacted();
+            shards
+                .iter()
+                .any(|s| shards.iter().filter(|t| *t == s).count() >= 2)
+                .then_some(())
+        });
+        let files = lake_compact(&data, &config, "booking_requested");
+        assert!(files >= 2, "round {round}: merged {files} files");
+        merged.push(files);
+    }
+    // And the server goes on writing beside what the compactions left.
+    common::wait_for(60, "the server to write after the compactions", || {
+        (!uncompacted().is_empty()).then_some(())
+    });
+    posters.stop();
+    let stream = common::stream_read(&data, &[]);
+    wait_for_lake_to_reach_the_end(&server, &stream);
+    assert_eq!(server.terminate(), Some(0));
+    lake_compact(&data, &config, "booking_requested");
+
+    // Every record once, read file by file.
+    let out = Command::new(python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lake_check.py"))
+        .args(["ids"])
+        .arg(&lake)
+        .arg("booking_requested")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    for id in got["ids"].as_array().unwrap() {
+        *count.entry(id.as_str().unwrap()).or_default() += 1;
+    }
+    let twice: Vec<_> = count.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(twice.is_empty(), "rows held twice: {twice:?}");
+    let records: std::collections::BTreeSet<&str> = stream
+        .iter()
+        .map(|r| r["event"]["id"].as_str().unwrap())
+        .collect();
+    let missing: Vec<_> = records
+        .iter()
+        .filter(|id| !count.contains_key(**id))
+        .take(5)
+        .collect();
+    assert!(missing.is_empty(), "records the lake lost: {missing:?}");
+    let extra: Vec<_> = count
+        .keys()
+        .filter(|id| !records.contains(**id))
+        .take(5)
+        .collect();
+    assert!(extra.is_empty(), "rows of no record: {extra:?}");
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.iter().all(|id| records.contains(id.as_str())),
+        "an acked event is not in the stream"
+    );
+    assert_eq!(
+        stray_files(&lake),
+        Vec::<PathBuf>::new(),
+        "files left behind"
+    );
+    let manifest_path = partition.join("_compaction.json");
+    let manifest = std::fs::read(&manifest_path);
+    // A rebuild re-derives the runs and re-applies every plan: the same files, the same rows.
+    let before = dump(&lake);
+    let out = common::floodgate()
+        .args(["lake", "rebuild", "--data-dir"])
+        .arg(&data)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = dump(&lake);
+    assert_eq!(before["files"], after["files"], "rebuild wrote other files");
+    assert_eq!(before["rows"], after["rows"], "rebuild lost or added rows");
+    assert_eq!(
+        before["digest"], after["digest"],
+        "rebuild wrote other rows"
+    );
+    // Every plan finished, none of its inputs left (the rebuild re-applied the same ones);
+    // and a compaction merged an earlier one's file.
+    let manifest =
+        manifest.unwrap_or_else(|e| panic!("no manifest in {}: {e}", partition.display()));
+    let rebuilt: Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let manifest: Value = serde_json::from_slice(&manifest).unwrap();
+    assert_eq!(manifest, rebuilt, "rebuild recorded other plans");
+    let mut remerged = false;
+    for (name, plan) in manifest["compacted"].as_object().unwrap() {
+        assert_eq!(plan["done"], true, "plan {name} is unfinished");
+        for input in plan["inputs"].as_array().unwrap() {
+            let input = input.as_str().unwrap();
+            assert!(
+                !partition.join(input).exists(),
+                "{input} is still there beside {name}"
+            );
+            remerged |= input.starts_with("c-");
+        }
+    }
+    assert!(remerged, "no compaction merged an earlier one's file");
+    eprintln!(
+        "{} records, {} acked; files merged per round: {merged:?}",
+        records.len(),
+        acked.len()
+    );
 }

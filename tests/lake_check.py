@@ -2,6 +2,8 @@
 what the test posted. Called by tests/lake.rs with the venv's python:
 
     lake_check.py LAKE_DIR EXPECTED_JSON DDL_FILE
+    lake_check.py dump LAKE_DIR
+    lake_check.py ids LAKE_DIR TABLE
 
 EXPECTED_JSON maps each table to its accepted event ids. Prints one JSON line of figures;
 exits non-zero with a message on the first mismatch.
@@ -37,6 +39,22 @@ if sys.argv[1] == "dump":
             t.update(r.encode())
         per_table[table] = t.hexdigest()[:12]
     print(json.dumps({"files": files, "rows": counts, "digest": digest.hexdigest(), "tables": per_table}))
+    sys.exit(0)
+
+if sys.argv[1] == "ids":
+    # `lake_check.py ids LAKE_DIR TABLE`: every event_id of TABLE (repeats kept) and its
+    # number of files, each file read on its own so that an unreadable one is named.
+    import pathlib
+    con = duckdb.connect()
+    ids, files = [], 0
+    for path in sorted((pathlib.Path(sys.argv[2]) / sys.argv[3]).rglob("*.parquet")):
+        try:
+            ids += [r[0] for r in con.execute(f"select event_id from read_parquet('{path}')").fetchall()]
+        except Exception as e:
+            print(f"unreadable lake file {path}: {e}", file=sys.stderr)
+            sys.exit(1)
+        files += 1
+    print(json.dumps({"ids": ids, "files": files}))
     sys.exit(0)
 
 lake, expected_path, ddl_path = sys.argv[1:4]
