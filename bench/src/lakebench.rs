@@ -68,6 +68,11 @@ async fn run(args: Args) -> Result<()> {
             .collect();
         log.append(records).await;
     }
+    let me = std::process::id();
+    // The peak from here on only (Linux: "5" resets VmHWM to the current RSS), so the
+    // log's writes above do not count as the lake's.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let rss_before = floodgate_bench::proc_status_bytes(me, "VmRSS").unwrap_or(0);
     let registry = Registry::builtin()?;
     let tables = floodgate_core::lake::tables(&registry)?;
     let lake_dir = dir.path().join("lake");
@@ -88,7 +93,7 @@ async fn run(args: Args) -> Result<()> {
     let tasks = spawn_consumers(
         log.clone(),
         checkpoints,
-        lake,
+        lake.clone(),
         RuntimeConfig {
             drain_limit: Duration::from_secs(3600),
             ..RuntimeConfig::default()
@@ -101,6 +106,9 @@ async fn run(args: Args) -> Result<()> {
         t.await?;
     }
     let secs = started.elapsed().as_secs_f64();
+    // What the lake added to the process at its peak: its buffers and their encoding (the
+    // log's writes before are behind `rss_before`; the peak cannot be below it).
+    let peak = floodgate_bench::proc_status_bytes(me, "VmHWM").unwrap_or(0);
     let mut files = Vec::new();
     let mut stack = vec![lake_dir.clone()];
     while let Some(d) = stack.pop() {
@@ -127,6 +135,10 @@ async fn run(args: Args) -> Result<()> {
             "parquet_bytes_total": out_bytes,
             "input_bytes_total": input_bytes,
             "compression_ratio": (input_bytes as f64 / out_bytes.max(1) as f64 * 10.0).round() / 10.0,
+            "rss_mb_before_lake": rss_before / 1_000_000,
+            "peak_rss_mb": peak / 1_000_000,
+            "lake_peak_buffer_mb": lake.peak_buffer_bytes() / 1_000_000,
+            "peak_over_input": ((peak.saturating_sub(rss_before)) as f64 / input_bytes.max(1) as f64 * 100.0).round() / 100.0,
         })
     );
     Ok(())

@@ -1,4 +1,5 @@
-//! Shared pieces of Floodgate's benches and load generator: realistic sample events.
+//! Shared pieces of Floodgate's benches, load generator and soak run: realistic sample
+//! events, request bodies with fresh ids, and a process's memory as Linux reports it.
 
 use serde_json::{Value, json};
 
@@ -73,5 +74,123 @@ impl UniqueBodies {
             body[o..o + MARK.len()].copy_from_slice(digits.as_bytes());
         }
         body
+    }
+}
+
+/// A field of `/proc/<pid>/status` given in kB (`VmRSS`, `VmHWM`), in bytes; `None` where
+/// there is no such process or field (or no `/proc`).
+pub fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+        let kb: u64 = rest.trim().strip_suffix("kB")?.trim().parse().ok()?;
+        Some(kb * 1024)
+    })
+}
+
+/// Bodies of `booking.requested` events for a soak run: every event carries a fresh `id`
+/// and a fresh `bookingId` (so the state store grows as it would in production, one booking
+/// per request), and books one seat of one of a few events, round robin by position.
+#[derive(Debug, Clone)]
+pub struct BookingBodies {
+    template: Vec<u8>,
+    offsets: Vec<usize>,
+    counter: u64,
+}
+
+impl BookingBodies {
+    /// A template of `n` events over `event_ids`; `start` seeds the counter.
+    pub fn new(n: usize, event_ids: &[String], start: u64) -> Self {
+        let mark = std::str::from_utf8(MARK).expect("ascii");
+        let mut events = sample_batch(n, 0);
+        for (i, e) in events.iter_mut().enumerate() {
+            e["id"] = json!(format!("soak-{i}-{mark}"));
+            e["data"]["bookingId"] = json!(format!("sk-{i}-{mark}"));
+            e["data"]["seats"] = json!(1);
+            if !event_ids.is_empty() {
+                e["data"]["eventId"] = json!(event_ids[i % event_ids.len()]);
+            }
+        }
+        let template = serde_json::to_vec(&events).expect("serializable");
+        let offsets = template
+            .windows(MARK.len())
+            .enumerate()
+            .filter(|(_, w)| *w == MARK)
+            .map(|(i, _)| i)
+            .collect();
+        Self {
+            template,
+            offsets,
+            counter: start,
+        }
+    }
+
+    /// The next body, with ids no earlier body of this generator used.
+    pub fn next_body(&mut self) -> Vec<u8> {
+        self.counter += 1;
+        let digits = format!("{:012}", self.counter % 1_000_000_000_000);
+        let mut body = self.template.clone();
+        for &o in &self.offsets {
+            body[o..o + MARK.len()].copy_from_slice(digits.as_bytes());
+        }
+        body
+    }
+}
+
+/// `inventory.event.created` events putting each of `event_ids` on sale with `capacity`
+/// seats.
+pub fn inventory_batch(event_ids: &[String], capacity: u64) -> Vec<Value> {
+    event_ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            json!({
+                "specversion": "1.0",
+                "id": format!("inv-{id}-{i}"),
+                "source": "https://ops.example.com/soak",
+                "type": "inventory.event.created",
+                "time": "2026-11-22T09:00:00Z",
+                "datacontenttype": "application/json",
+                "data": {
+                    "eventId": id,
+                    "name": format!("Soak {id}"),
+                    "venue": "Loopback Arena",
+                    "startsAt": "2027-06-01T19:30:00Z",
+                    "capacity": capacity
+                }
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn booking_bodies_are_fresh_and_spread_over_the_events() {
+        let ids: Vec<String> = (0..3).map(|i| format!("E{i}")).collect();
+        let mut bodies = BookingBodies::new(6, &ids, 0);
+        let a: Vec<Value> = serde_json::from_slice(&bodies.next_body()).unwrap();
+        let b: Vec<Value> = serde_json::from_slice(&bodies.next_body()).unwrap();
+        assert_eq!(a.len(), 6);
+        let mut seen = std::collections::HashSet::new();
+        for e in a.iter().chain(&b) {
+            assert!(seen.insert(e["id"].as_str().unwrap().to_owned()));
+            assert!(seen.insert(e["data"]["bookingId"].as_str().unwrap().to_owned()));
+        }
+        let events: Vec<&str> = a
+            .iter()
+            .map(|e| e["data"]["eventId"].as_str().unwrap())
+            .collect();
+        assert_eq!(events, ["E0", "E1", "E2", "E0", "E1", "E2"]);
+        assert_eq!(inventory_batch(&ids, 10)[2]["data"]["eventId"], "E2");
+    }
+
+    #[test]
+    fn proc_status_reads_this_process() {
+        let rss = proc_status_bytes(std::process::id(), "VmRSS").unwrap();
+        assert!(rss > 0);
+        assert_eq!(proc_status_bytes(std::process::id(), "NoSuchField"), None);
     }
 }

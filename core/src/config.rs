@@ -33,6 +33,7 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub stream: StreamConfig,
     pub lake: LakeConfig,
+    pub state: StateConfig,
 }
 
 impl Default for Config {
@@ -43,6 +44,28 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             stream: StreamConfig::default(),
             lake: LakeConfig::default(),
+            state: StateConfig::default(),
+        }
+    }
+}
+
+/// `[state]`: the bookings state store (SQLite under `<data_dir>/state/`). Its memory is
+/// part of the budget ([`crate::budget`]); each of its connections gets these.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// Page cache of each connection (SQLite `cache_size`), in bytes.
+    pub cache_bytes: u64,
+    /// Memory map of each connection (SQLite `mmap_size`), in bytes: pages of the database
+    /// file read without a copy, counted in the process's RSS. 0: no map.
+    pub mmap_bytes: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 32 * MIB,
+            mmap_bytes: 64 * MIB,
         }
     }
 }
@@ -53,10 +76,15 @@ impl Default for Config {
 pub struct LakeConfig {
     /// Whether the processors write the lake.
     pub enabled: bool,
-    /// A shard's buffer becomes files once it holds this many bytes of events…
+    /// A shard's buffer becomes files once it holds this many bytes (the events' text
+    /// and the lake's bookkeeping, as held in memory)…
     pub roll_bytes: u64,
     /// …or is this old.
     pub roll_age_ms: u64,
+    /// Memory all lake buffers may hold together, split evenly over the buffers (one per
+    /// stream shard, one for the quarantine, one for derived events): a buffer rolls early
+    /// when it reaches its share. See [`crate::budget`].
+    pub max_buffer_bytes: u64,
 }
 
 impl Default for LakeConfig {
@@ -65,6 +93,7 @@ impl Default for LakeConfig {
             enabled: true,
             roll_bytes: 128 * MIB,
             roll_age_ms: 60_000,
+            max_buffer_bytes: 128 * MIB,
         }
     }
 }
@@ -327,6 +356,9 @@ impl Config {
         }
         if self.ingest.max_batch_events == 0 {
             return e("ingest.max_batch_events must be at least 1");
+        }
+        if self.lake.max_buffer_bytes < MIB {
+            return e("lake.max_buffer_bytes must be at least 1048576");
         }
         if self.ingest.max_inflight_body_bytes < self.ingest.max_body_bytes {
             return e("ingest.max_inflight_body_bytes must be at least ingest.max_body_bytes");

@@ -15,11 +15,13 @@
 //!    [`stream::CheckpointStore`]); `floodgate-sinks` implements them.
 //!
 //! [`check::check_body`] runs steps 1–2 over a whole body.
-//! [`config`] holds the typed configuration of the whole binary.
+//! [`config`] holds the typed configuration of the whole binary; [`budget`] the memory it
+//! allows each buffer.
 //!
 //! Invariants: this crate does no I/O (schemas arrive as strings, files are read by the
 //! caller), knows no backend and no HTTP stack, and never panics on input.
 
+pub mod budget;
 pub mod check;
 pub mod config;
 pub mod decode;

@@ -30,8 +30,17 @@
 //! and when the event has no `time`, it is the time received. So every partition lies
 //! between 7 days before an event's `received_at` and its `received_at`, never in the
 //! future and never before the deployment existed, whatever a producer's clock says.
-//! Quarantine rows are partitioned by the time received. All UTC. A buffer rolls when it
-//! holds `roll_bytes` of events or is `roll_age` old, and on shutdown.
+//! Quarantine rows are partitioned by the time received. All UTC.
+//!
+//! Memory is bounded by bytes, not by events. A buffer holds its typed rows as the events'
+//! text in an arena (parsed again, a slice of rows at a time, when its files are encoded),
+//! and counts what it holds by what it allocated ([`LakeProcessor::buffered_bytes`]). It
+//! rolls before a row would take it past `roll_bytes` (the binary sets that to the buffer's
+//! share of the memory budget, `[lake] max_buffer_bytes`), when it is `roll_age` old, and
+//! on shutdown. Only while it reproduces a run the store already holds does a buffer wait
+//! for that run's end whatever it holds: the run was written under the limit of its day.
+//! Encoding is CPU work on the blocking pool; at most [`default_encoders`] files are encoded
+//! at once across the process, so a burst of rolls leaves cores to the edge.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -56,8 +65,31 @@ use crate::runtime::{ProcessError, Progress, ShardProcessor};
 /// When a buffer becomes a file.
 #[derive(Debug, Clone)]
 pub struct LakeConfig {
+    /// A shard's buffer rolls before a row would take the memory it holds past this (see
+    /// [`LakeProcessor::buffered_bytes`]).
     pub roll_bytes: u64,
     pub roll_age: Duration,
+}
+
+/// Rows parsed at once while a file is encoded (see [`floodgate_core::budget`]).
+const ENCODE_CHUNK_ROWS: usize = floodgate_core::budget::LAKE_ENCODE_CHUNK_ROWS as usize;
+
+/// Records buffered between two yields to the async runtime: checking a row (parsing its
+/// JSON) takes microseconds, so a batch of 10,000 would hold a worker thread, and the edge's
+/// requests queued on it, for tens of milliseconds.
+const YIELD_EVERY_RECORDS: usize = 128;
+
+/// Files the lake encodes at once by default, across every lake consumer of the process:
+/// half the cores (at least one), so that however many buffers roll together the edge
+/// keeps the other half.
+pub fn default_encoders() -> Arc<tokio::sync::Semaphore> {
+    static ENCODERS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    ENCODERS
+        .get_or_init(|| {
+            let cores = std::thread::available_parallelism().map_or(1, usize::from);
+            Arc::new(tokio::sync::Semaphore::new((cores / 2).max(1)))
+        })
+        .clone()
 }
 
 impl Default for LakeConfig {
@@ -85,18 +117,19 @@ pub fn partition_micros(time_us: Option<i64>, received_us: i64) -> i64 {
     }
 }
 
-/// One typed row waiting for its file.
-#[derive(Clone)]
+/// One typed row waiting for its file: where its event's text and sequence lie in the
+/// buffer's [`Arena`], and when the stream received it. The row's values are read again
+/// from the text when its file is encoded. Rows used to be held parsed, as
+/// `serde_json::Value` trees: those take four to five times the event's text (bench:
+/// `floodgate-lakebench`, `peak_over_input`), so a buffer's memory followed the shape of
+/// the events rather than their bytes, and a 128 MiB roll held gigabytes.
+#[derive(Debug, Clone, Copy)]
 struct EventRow {
-    /// The CloudEvent's `id`, `source`, `type` (strings) and `time` (microseconds).
-    id: Option<Value>,
-    source: Option<Value>,
-    event_type: Option<Value>,
-    time: Option<Value>,
-    /// The event's `data` object.
-    data: Option<Value>,
     received_us: i64,
-    sequence: String,
+    payload_len: usize,
+    chunk: u32,
+    start: u32,
+    sequence_len: u32,
 }
 
 /// One row of the `quarantine` table waiting for its file.
@@ -111,11 +144,70 @@ struct HeldRow {
     sequence: String,
 }
 
+impl HeldRow {
+    /// The heap this row holds, by capacity (its place in a `Vec` is counted there).
+    fn heap_bytes(&self) -> u64 {
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
+        let reasons: usize = self
+            .reasons
+            .iter()
+            .map(|r| r.pointer.capacity() + r.message.capacity())
+            .sum();
+        (opt(&self.event_id)
+            + opt(&self.source)
+            + opt(&self.event_type)
+            + self.raw.capacity()
+            + self.sequence.capacity()
+            + self.reasons.capacity() * std::mem::size_of::<FieldError>()
+            + reasons) as u64
+    }
+}
+
 fn string_of(v: Option<&Value>) -> Option<String> {
     v.and_then(Value::as_str).map(str::to_owned)
 }
 
-impl EventRow {
+/// An event's parts as the lake reads them: parsed from its text when it is buffered (to
+/// check it against its table) and again, a slice of rows at a time, when its file is
+/// encoded.
+struct ParsedRow {
+    /// The CloudEvent's `id`, `source`, `type` (strings) and `time` (microseconds).
+    id: Option<Value>,
+    source: Option<Value>,
+    event_type: Option<Value>,
+    time: Option<Value>,
+    /// The event's `data` object.
+    data: Option<Value>,
+    received_us: i64,
+    sequence: String,
+}
+
+impl ParsedRow {
+    /// Reads an event's text; also returns its `time` when that is text the lake cannot
+    /// read as a time.
+    fn parse(
+        payload: &[u8],
+        received_us: i64,
+        sequence: String,
+    ) -> Result<(Self, Option<String>), serde_json::Error> {
+        let parts: EventParts = serde_json::from_slice(payload)?;
+        let time_us = parts.time.as_deref().map(parquet::rfc3339_micros);
+        let unreadable_time = match (parts.time, time_us) {
+            (Some(t), Some(None)) => Some(t),
+            _ => None,
+        };
+        let row = Self {
+            id: parts.id,
+            source: parts.source,
+            event_type: parts.event_type,
+            time: time_us.flatten().map(Value::from),
+            data: parts.data,
+            received_us,
+            sequence,
+        };
+        Ok((row, unreadable_time))
+    }
+
     /// This row for the quarantine, with why; `raw`: the event's text.
     fn held(&self, reasons: Vec<FieldError>, raw: String) -> HeldRow {
         HeldRow {
@@ -127,31 +219,6 @@ impl EventRow {
             raw,
             sequence: self.sequence.clone(),
         }
-    }
-
-    /// The event as the lake kept it (id, source, type, time, data), as JSON: the `raw` of
-    /// a row whose file failed to encode. The record's own bytes are not kept in the buffer:
-    /// they would double its memory for a path only a bug takes.
-    fn kept_parts(&self) -> String {
-        let time = self
-            .time
-            .as_ref()
-            .and_then(Value::as_i64)
-            .and_then(|us| {
-                time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000).ok()
-            })
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            });
-        serde_json::json!({
-            "id": self.id,
-            "source": self.source,
-            "type": self.event_type,
-            "time": time,
-            "data": self.data,
-        })
-        .to_string()
     }
 }
 
@@ -167,6 +234,118 @@ struct EventParts {
     data: Option<Value>,
 }
 
+/// The text of a shard's buffered events and their sequences, in chunks that fill up and
+/// never move: each event is copied once, memory is counted by the chunks' capacity (what
+/// was allocated, not what is used), and a flushed buffer is freed in a few calls rather
+/// than one per value.
+#[derive(Debug, Default)]
+struct Arena {
+    chunks: Vec<Vec<u8>>,
+}
+
+/// A copy keeps each chunk's capacity, so the copy's accounting holds for it too.
+impl Clone for Arena {
+    fn clone(&self) -> Self {
+        let chunks = self
+            .chunks
+            .iter()
+            .map(|c| {
+                let mut copy = Vec::with_capacity(c.capacity());
+                copy.extend_from_slice(c);
+                copy
+            })
+            .collect();
+        Self { chunks }
+    }
+}
+
+impl Arena {
+    /// What appending `n` bytes adds to the arena: nothing while the last chunk has room,
+    /// else a new chunk of `chunk_bytes` (or of `n`, for an event larger than that).
+    fn growth(&self, n: usize, chunk_bytes: usize) -> u64 {
+        match self.chunks.last() {
+            Some(c) if c.capacity() - c.len() >= n => 0,
+            _ => n.max(chunk_bytes) as u64,
+        }
+    }
+
+    /// Appends `parts` back to back; returns their chunk and offset.
+    fn push(&mut self, parts: [&[u8]; 2], chunk_bytes: usize) -> (u32, u32) {
+        let n = parts[0].len() + parts[1].len();
+        if self.growth(n, chunk_bytes) > 0 {
+            self.chunks.push(Vec::with_capacity(n.max(chunk_bytes)));
+        }
+        let index = self.chunks.len() - 1;
+        let chunk = &mut self.chunks[index];
+        // A new chunk is at most `chunk_bytes` (≤ 1 MiB) unless it holds one event alone
+        // (offset 0), so offsets fit in 32 bits.
+        let start = chunk.len() as u32;
+        chunk.extend_from_slice(parts[0]);
+        chunk.extend_from_slice(parts[1]);
+        (index as u32, start)
+    }
+
+    fn get(&self, chunk: u32, start: u32, len: usize) -> &[u8] {
+        let start = start as usize;
+        self.chunks
+            .get(chunk as usize)
+            .and_then(|c| c.get(start..start + len))
+            .unwrap_or(&[])
+    }
+
+    fn payload(&self, row: &EventRow) -> &[u8] {
+        self.get(row.chunk, row.start, row.payload_len)
+    }
+
+    fn sequence(&self, row: &EventRow) -> String {
+        let bytes = self.get(
+            row.chunk,
+            row.start + row.payload_len as u32,
+            row.sequence_len as usize,
+        );
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+}
+
+/// What a new group (a table and hour of a buffer) costs besides its rows: its entry in the
+/// buffer's map, an estimate.
+const GROUP_BYTES: u64 = 64;
+
+/// Rows a group's list grows by when it is full: a quarter of what it holds (at least one),
+/// so a small buffer is not charged for rows it does not have. Grown by this exact step
+/// (not doubled), so what the next row costs is known before it is added.
+fn growth_step(capacity: usize) -> usize {
+    (capacity / 4).max(1)
+}
+
+/// What adding one row to `list` (absent: a new group) costs in its list and map.
+fn list_growth<T>(list: Option<&Vec<T>>) -> u64 {
+    let size = std::mem::size_of::<T>() as u64;
+    match list {
+        Some(v) if v.len() < v.capacity() => 0,
+        Some(v) => growth_step(v.capacity()) as u64 * size,
+        None => GROUP_BYTES + growth_step(0) as u64 * size,
+    }
+}
+
+fn push_row<T>(list: &mut Vec<T>, row: T) {
+    if list.len() == list.capacity() {
+        list.reserve_exact(growth_step(list.capacity()));
+    }
+    list.push(row);
+}
+
+/// A row on its way into a buffer: a typed row's group and text, or a quarantine row.
+enum Row<'a> {
+    Typed {
+        group: (Arc<str>, i64),
+        payload: &'a [u8],
+        sequence: &'a str,
+        received_us: i64,
+    },
+    Held(HeldRow),
+}
+
 /// A shard's buffered rows: the typed ones by (table, hour since the Unix epoch), the
 /// quarantined ones by hour, each in stream order. Cheap keys: the partition's strings are
 /// made once per flush, not per event.
@@ -174,6 +353,75 @@ struct EventParts {
 struct Pending {
     typed: BTreeMap<(Arc<str>, i64), Vec<EventRow>>,
     held: BTreeMap<i64, Vec<HeldRow>>,
+    arena: Arena,
+    /// The memory all of the above holds: the arena's chunks and the row lists by
+    /// capacity, each quarantine row's strings, and [`GROUP_BYTES`] a group. This is what
+    /// a buffer's roll and the lake's budget count.
+    bytes: u64,
+}
+
+impl Pending {
+    /// What adding `row` would add to [`Pending::bytes`].
+    fn growth(&self, row: &Row<'_>, chunk_bytes: usize) -> u64 {
+        match row {
+            Row::Typed {
+                group,
+                payload,
+                sequence,
+                ..
+            } => {
+                self.arena
+                    .growth(payload.len() + sequence.len(), chunk_bytes)
+                    + list_growth(self.typed.get(group))
+            }
+            Row::Held(h) => h.heap_bytes() + list_growth(self.held.get(&hour_of(h.received_us))),
+        }
+    }
+
+    /// Adds `row`, counting it in [`Pending::bytes`].
+    fn push(&mut self, row: Row<'_>, chunk_bytes: usize) {
+        self.bytes += self.growth(&row, chunk_bytes);
+        match row {
+            Row::Typed {
+                group,
+                payload,
+                sequence,
+                received_us,
+            } => {
+                let (chunk, start) = self.arena.push([payload, sequence.as_bytes()], chunk_bytes);
+                let row = EventRow {
+                    received_us,
+                    payload_len: payload.len(),
+                    chunk,
+                    start,
+                    sequence_len: sequence.len() as u32,
+                };
+                push_row(self.typed.entry(group).or_default(), row);
+            }
+            Row::Held(h) => push_row(self.held.entry(hour_of(h.received_us)).or_default(), h),
+        }
+    }
+
+    /// [`Pending::bytes`] counted again from what the buffer holds.
+    #[cfg(test)]
+    fn recount(&self) -> u64 {
+        let chunks: usize = self.arena.chunks.iter().map(Vec::capacity).sum();
+        let typed: u64 = self
+            .typed
+            .values()
+            .map(|v| GROUP_BYTES + (v.capacity() * std::mem::size_of::<EventRow>()) as u64)
+            .sum();
+        let held: u64 = self
+            .held
+            .values()
+            .map(|v| {
+                GROUP_BYTES
+                    + (v.capacity() * std::mem::size_of::<HeldRow>()) as u64
+                    + v.iter().map(HeldRow::heap_bytes).sum::<u64>()
+            })
+            .sum();
+        chunks as u64 + typed + held
+    }
 }
 
 #[derive(Default)]
@@ -186,7 +434,6 @@ struct ShardBuffer {
     /// The last record taken into the buffer (flushed or not): a batch retried after a
     /// failure skips everything up to it.
     taken: Option<SequenceNumber>,
-    bytes: u64,
     opened: Option<Instant>,
     /// Run ends to reproduce, in order: the end of an unfinished run found at start-up, or
     /// every run of the lake being rebuilt. While any is left, flushes happen exactly there
@@ -229,7 +476,14 @@ pub struct LakeProcessor {
     /// Each event type's table name, shared by the buffer keys.
     names: HashMap<String, Arc<str>>,
     config: LakeConfig,
+    /// The size of a buffer's arena chunks: small beside `roll_bytes`, so the chunk being
+    /// filled wastes little of it.
+    chunk_bytes: usize,
+    /// Permits to encode a file; see [`default_encoders`].
+    encoders: Arc<tokio::sync::Semaphore>,
     shards: Mutex<HashMap<ShardId, ShardBuffer>>,
+    /// The most any one of its buffers has held (see [`LakeProcessor::peak_buffer_bytes`]).
+    peak: std::sync::atomic::AtomicU64,
     /// Set for a rebuild: the runs to reproduce per shard (no discovery in the store).
     planned: Option<HashMap<ShardId, Vec<SequenceNumber>>>,
 }
@@ -537,12 +791,38 @@ impl LakeProcessor {
                 .into_iter()
                 .map(|t| (t.event_type.clone(), t))
                 .collect(),
+            chunk_bytes: (config.roll_bytes / 16).clamp(256, 1 << 20) as usize,
             config,
+            encoders: default_encoders(),
             shards: Mutex::new(HashMap::new()),
+            peak: std::sync::atomic::AtomicU64::new(0),
             planned: None,
             scope: Scope::Events,
             consumer: "lake",
         }
+    }
+
+    /// Encodes at most as many files at once as `encoders` has permits, shared with whoever
+    /// else holds it (instead of [`default_encoders`]).
+    pub fn with_encoders(mut self, encoders: Arc<tokio::sync::Semaphore>) -> Self {
+        self.encoders = encoders;
+        self
+    }
+
+    /// The memory every shard's buffer of this consumer holds now, as its rolls count it:
+    /// the events' text and sequences (by the capacity of the arena's chunks), the row
+    /// lists, and the quarantine rows' strings. A buffer being flushed counts until its
+    /// files are written.
+    pub fn buffered_bytes(&self) -> u64 {
+        let shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+        shards.values().map(|b| b.rows.bytes).sum()
+    }
+
+    /// The most memory any one buffer of this consumer has held since it started, as its
+    /// rolls count it: at most `roll_bytes`, except while reproducing a run or for a single
+    /// event larger than that.
+    pub fn peak_buffer_bytes(&self) -> u64 {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The directories (table names) this processor writes, besides the rows it diverts to
@@ -587,53 +867,36 @@ impl LakeProcessor {
     }
 
     /// Turns one record into a row of its table, or of the quarantine when it does not fit.
-    fn buffer_record(&self, rows: &mut Pending, r: &StoredRecord) {
+    fn row_of<'a>(&self, r: &'a StoredRecord) -> Row<'a> {
         let received_us = r.appended_at_ms.saturating_mul(1000);
-        let sequence = r.sequence.to_string();
         if self.scope == Scope::Quarantine {
-            rows.held
-                .entry(hour_of(received_us))
-                .or_default()
-                .push(quarantine_row(&r.payload, received_us, sequence));
-            return;
+            let sequence = r.sequence.to_string();
+            return Row::Held(quarantine_row(&r.payload, received_us, sequence));
         }
         let raw = || String::from_utf8_lossy(&r.payload).into_owned();
-        let divert = |rows: &mut Pending, row: HeldRow, reason: &'static str| {
+        let divert = |row: HeldRow, reason: &'static str| {
             metrics::counter!("floodgate_lake_quarantined_total", "reason" => reason).increment(1);
-            rows.held
-                .entry(hour_of(row.received_us))
-                .or_default()
-                .push(row);
+            Row::Held(row)
         };
-        let parts = match serde_json::from_slice::<EventParts>(&r.payload) {
-            Ok(p) => p,
-            Err(e) => {
-                let row = EventRow {
-                    id: None,
-                    source: None,
-                    event_type: None,
-                    time: None,
-                    data: None,
-                    received_us,
-                    sequence,
-                };
-                let reason = FieldError::new(
-                    "",
-                    format!("the lake cannot read this record as a CloudEvent: {e}"),
-                );
-                return divert(rows, row.held(vec![reason], raw()), "unreadable");
-            }
-        };
-        let time_us = parts.time.as_deref().map(parquet::rfc3339_micros);
-        let row = EventRow {
-            id: parts.id,
-            source: parts.source,
-            event_type: parts.event_type,
-            time: time_us.flatten().map(Value::from),
-            data: parts.data,
-            received_us,
-            sequence,
-        };
+        let (row, unreadable_time) =
+            match ParsedRow::parse(&r.payload, received_us, r.sequence.to_string()) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    let row = HeldRow {
+                        received_us,
+                        event_id: None,
+                        source: None,
+                        event_type: None,
+                        reasons: vec![FieldError::new(
+                            "",
+                            format!("the lake cannot read this record as a CloudEvent: {e}"),
+                        )],
+                        raw: raw(),
+                        sequence: r.sequence.to_string(),
+                    };
+                    return divert(row, "unreadable");
+                }
+            };
         let event_type = row
             .event_type
             .as_ref()
@@ -645,10 +908,10 @@ impl LakeProcessor {
                 "/type",
                 format!("the lake has no table for event type {event_type:?}"),
             );
-            return divert(rows, row.held(vec![reason], raw()), "unknown_type");
+            return divert(row.held(vec![reason], raw()), "unknown_type");
         };
         let mut misfits = Vec::new();
-        if let (Some(t), Some(None)) = (&parts.time, time_us) {
+        if let Some(t) = unreadable_time {
             misfits.push(FieldError::new(
                 "/time",
                 format!("{t:?} is not an RFC 3339 date-time the lake can read"),
@@ -656,20 +919,22 @@ impl LakeProcessor {
         }
         misfits.extend(fit(table, &row));
         if !misfits.is_empty() {
-            return divert(rows, row.held(misfits, raw()), "does_not_fit");
+            return divert(row.held(misfits, raw()), "does_not_fit");
         }
         // The row keeps the producer's `time` as a column whatever its partition.
         let at = partition_micros(row.time.as_ref().and_then(Value::as_i64), received_us);
-        rows.typed
-            .entry((name.clone(), hour_of(at)))
-            .or_default()
-            .push(row);
+        Row::Typed {
+            group: (name.clone(), hour_of(at)),
+            payload: &r.payload,
+            sequence: r.sequence.as_str(),
+            received_us,
+        }
     }
 }
 
 /// Why `row` does not fit `table`: one reason per column whose value does not convert, or
 /// that requires a value and has none. Empty when it fits.
-fn fit(table: &Table, row: &EventRow) -> Vec<FieldError> {
+fn fit(table: &Table, row: &ParsedRow) -> Vec<FieldError> {
     let data = row.data.as_ref().and_then(Value::as_object);
     let mut out = Vec::new();
     for (i, field) in table.schema.fields().iter().enumerate() {
@@ -714,7 +979,7 @@ fn fit(table: &Table, row: &EventRow) -> Vec<FieldError> {
 /// The Arrow columns of one typed file's rows.
 fn columns_for(
     table: &Table,
-    rows: &[EventRow],
+    rows: &[ParsedRow],
     shard: &str,
 ) -> Result<Vec<ArrayRef>, EncodeError> {
     let fields = table.schema.fields();
@@ -760,6 +1025,50 @@ fn columns_for(
     Ok(out)
 }
 
+/// One typed file: its rows read back from the arena and converted to columns a slice of
+/// [`ENCODE_CHUNK_ROWS`] at a time, so the parsed rows and their Arrow arrays never cost
+/// more than one slice's worth beside the encoded file.
+fn encode_group(
+    table: &Table,
+    group: &[EventRow],
+    arena: &Arena,
+    shard: &str,
+) -> Result<Bytes, EncodeError> {
+    let mut file = parquet::FileEncoder::new(&table.schema)?;
+    for slice in group.chunks(ENCODE_CHUNK_ROWS) {
+        let parsed = slice
+            .iter()
+            .map(|row| {
+                ParsedRow::parse(arena.payload(row), row.received_us, arena.sequence(row))
+                    .map(|(parsed, _)| parsed)
+                    .map_err(|e| EncodeError::Row(format!("a buffered event no longer reads: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        file.write(columns_for(table, &parsed, shard)?)?;
+    }
+    file.finish()
+}
+
+/// The quarantine row of a typed row whose file failed to encode: the event's own text
+/// as `raw`, with `reason`.
+fn held_from_arena(row: &EventRow, arena: &Arena, reason: FieldError) -> HeldRow {
+    let payload = arena.payload(row);
+    let sequence = arena.sequence(row);
+    let raw = String::from_utf8_lossy(payload).into_owned();
+    match ParsedRow::parse(payload, row.received_us, sequence.clone()) {
+        Ok((parsed, _)) => parsed.held(vec![reason], raw),
+        Err(_) => HeldRow {
+            received_us: row.received_us,
+            event_id: None,
+            source: None,
+            event_type: None,
+            reasons: vec![reason],
+            raw,
+            sequence,
+        },
+    }
+}
+
 /// One file of a run, encoded.
 struct RunFile {
     /// `table/dt=…/hour=…`.
@@ -795,8 +1104,7 @@ fn encode_run(
                     "no table {table_name}"
                 )))
             })?;
-            let columns = columns_for(table, group, typed_stem)?;
-            parquet::encode(&table.schema, columns)
+            encode_group(table, group, &rows.arena, typed_stem)
         }))
         .unwrap_or_else(|p| {
             Err(EncodeError::Arrow(arrow_schema::ArrowError::ComputeError(
@@ -822,7 +1130,7 @@ fn encode_run(
                     failed
                         .entry(hour_of(row.received_us))
                         .or_default()
-                        .push(row.held(vec![reason], row.kept_parts()));
+                        .push(held_from_arena(row, &rows.arena, reason));
                 }
             }
         }
@@ -871,12 +1179,23 @@ impl LakeProcessor {
         let tables = self.by_name.clone();
         let stems = (shard.0.clone(), self.held_stem(shard));
         let run_name = run.clone();
+        // One permit per file being encoded across the process (see `default_encoders`).
+        let permit = self
+            .encoders
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| ProcessError::Other(format!("lake encoding of run {run}: {e}")))?;
+        let waited = started.elapsed();
         let files = tokio::task::spawn_blocking(move || {
-            encode_run(&rows, &tables, (&stems.0, &stems.1), &run_name)
+            let files = encode_run(&rows, &tables, (&stems.0, &stems.1), &run_name);
+            drop(permit);
+            files
         })
         .await
         .map_err(|e| ProcessError::Other(format!("lake encoding of run {run}: {e}")))?
         .map_err(|e| ProcessError::Other(format!("lake encoding of run {run}: {e}")))?;
+        metrics::histogram!("floodgate_lake_encode_wait_seconds").record(waited.as_secs_f64());
         let mut written: Vec<String> = Vec::new();
         let (mut bytes_written, mut rows_written) = (0u64, 0usize);
         for file in files {
@@ -908,7 +1227,6 @@ impl LakeProcessor {
         buf.rows = Arc::default();
         buf.first = None;
         buf.last = None;
-        buf.bytes = 0;
         buf.opened = None;
         buf.pinned = false;
         buf.reproducing = false;
@@ -1017,51 +1335,76 @@ impl ShardProcessor for LakeProcessor {
         if self.is_pinned(shard) {
             self.flush(shard).await?;
         }
-        let mut i = 0;
-        while i < records.len() {
-            let mut flush_now = false;
-            {
-                let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
-                let buf = shards.entry(shard.clone()).or_default();
-                while i < records.len() {
-                    let r = &records[i];
-                    i += 1;
-                    // A batch retried after a failure: these are buffered or written already.
-                    if buf.taken.as_ref().is_some_and(|t| r.sequence <= *t) {
-                        continue;
+        let mut since_yield = 0;
+        for r in records {
+            // A batch retried after a failure: these are buffered or written already.
+            let taken = {
+                let shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+                shards
+                    .get(shard)
+                    .and_then(|b| b.taken.as_ref())
+                    .is_some_and(|t| r.sequence <= *t)
+            };
+            if taken {
+                continue;
+            }
+            let mut row = Some(self.row_of(r));
+            while let Some(next) = row.take() {
+                let flush_now = {
+                    let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+                    let buf = shards.entry(shard.clone()).or_default();
+                    // Reproducing a run, the buffer ends exactly where the run did.
+                    let free = buf.boundaries.is_empty();
+                    let limit = self.config.roll_bytes;
+                    if free
+                        && buf.first.is_some()
+                        && buf.rows.bytes + buf.rows.growth(&next, self.chunk_bytes) > limit
+                    {
+                        // Full: what is buffered goes first, then this row starts the next run.
+                        row = Some(next);
+                        true
+                    } else {
+                        buf.taken = Some(r.sequence.clone());
+                        if buf.first.is_none() {
+                            buf.first = Some(r.sequence.clone());
+                            buf.opened = Some(Instant::now());
+                        }
+                        buf.last = Some(r.sequence.clone());
+                        Arc::make_mut(&mut buf.rows).push(next, self.chunk_bytes);
+                        self.peak
+                            .fetch_max(buf.rows.bytes, std::sync::atomic::Ordering::Relaxed);
+                        if buf.boundaries.front() == Some(&r.sequence) {
+                            buf.boundaries.pop_front();
+                            buf.reproducing = true;
+                            true
+                        } else {
+                            free && buf.rows.bytes >= limit
+                        }
                     }
-                    buf.taken = Some(r.sequence.clone());
-                    if buf.first.is_none() {
-                        buf.first = Some(r.sequence.clone());
-                        buf.opened = Some(Instant::now());
-                    }
-                    buf.last = Some(r.sequence.clone());
-                    buf.bytes += r.payload.len() as u64;
-                    self.buffer_record(Arc::make_mut(&mut buf.rows), r);
-                    if buf.boundaries.front() == Some(&r.sequence) {
-                        buf.boundaries.pop_front();
-                        buf.reproducing = true;
-                        flush_now = true;
-                        break;
-                    }
-                    if buf.boundaries.is_empty() && buf.bytes >= self.config.roll_bytes {
-                        flush_now = true;
-                        break;
-                    }
-                }
-                if !flush_now
-                    && buf.boundaries.is_empty()
-                    && buf
-                        .opened
-                        .is_some_and(|o| o.elapsed() >= self.config.roll_age)
-                {
-                    flush_now = true;
+                };
+                if flush_now {
+                    self.flush(shard).await?;
                 }
             }
-            if flush_now {
-                self.flush(shard).await?;
+            since_yield += 1;
+            if since_yield == YIELD_EVERY_RECORDS {
+                since_yield = 0;
+                tokio::task::yield_now().await;
             }
         }
+        let aged = {
+            let shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+            shards.get(shard).is_some_and(|b| {
+                b.boundaries.is_empty()
+                    && b.opened
+                        .is_some_and(|o| o.elapsed() >= self.config.roll_age)
+            })
+        };
+        if aged {
+            self.flush(shard).await?;
+        }
+        metrics::gauge!("floodgate_lake_buffered_bytes", "consumer" => self.consumer)
+            .set(self.buffered_bytes() as f64);
         Ok(())
     }
 
@@ -1152,23 +1495,94 @@ mod tests {
             schema: Arc::new(arrow_schema::Schema::new(fields)),
             data_members: vec!["x".to_owned()],
         };
-        let row = EventRow {
-            id: Some(Value::from("e1")),
-            source: Some(Value::from("/s")),
-            event_type: Some(Value::from("t")),
-            time: None,
-            data: Some(serde_json::json!({"x": 1.5})),
-            received_us: 0,
-            sequence: "7".to_owned(),
-        };
+        let payload = br#"{"id":"e1","source":"/s","type":"t","data":{"x":1.5}}"#;
         let mut rows = Pending::default();
-        rows.typed.insert((Arc::from("t"), 0), vec![row]);
+        let row = Row::Typed {
+            group: (Arc::from("t"), 0),
+            payload,
+            sequence: "7",
+            received_us: 0,
+        };
+        rows.push(row, 256);
         let tables = HashMap::from([(Arc::from("t"), table)]);
         let files = encode_run(&rows, &tables, ("0", "lake.0"), "7-7").unwrap();
         assert_eq!(files.len(), 1);
         assert_eq!(files[0].partition, "quarantine/dt=1970-01-01/hour=00");
         assert_eq!(files[0].name, "lake.0-7-7.parquet");
         assert_eq!(files[0].rows, 1);
+        // The row keeps the event's own text and ids.
+        let held = held_from_arena(
+            &rows.typed[&(Arc::from("t"), 0)][0],
+            &rows.arena,
+            FieldError::new("", "x"),
+        );
+        assert_eq!(held.raw.as_bytes(), payload);
+        assert_eq!(held.event_id.as_deref(), Some("e1"));
+        assert_eq!(held.sequence, "7");
+    }
+
+    /// A buffer's count of its memory is what it allocated, row after row, whatever the
+    /// mix of typed rows (small and larger than a chunk), groups and quarantine rows; and
+    /// every row reads back as it came.
+    #[test]
+    fn a_buffer_counts_exactly_what_it_allocated() {
+        let mut rows = Pending::default();
+        let chunk = 1024;
+        let mut texts = Vec::new();
+        for i in 0..3000usize {
+            let text = format!(
+                r#"{{"id":"e{i}","pad":"{}"}}"#,
+                "x".repeat(if i % 97 == 0 { 3000 } else { i % 300 })
+            );
+            texts.push(text);
+        }
+        let sequences: Vec<String> = (0..3000u64).map(|i| (1_000_000 + i).to_string()).collect();
+        for (i, text) in texts.iter().enumerate() {
+            let row = if i % 50 == 7 {
+                Row::Held(HeldRow {
+                    received_us: (i as i64 % 3) * MICROS_PER_HOUR,
+                    event_id: Some(format!("e{i}")),
+                    source: None,
+                    event_type: Some("t".to_owned()),
+                    reasons: vec![FieldError::new("/data/x", "does not fit")],
+                    raw: text.clone(),
+                    sequence: sequences[i].clone(),
+                })
+            } else {
+                Row::Typed {
+                    group: (Arc::from(if i % 2 == 0 { "a" } else { "b" }), i as i64 % 5),
+                    payload: text.as_bytes(),
+                    sequence: &sequences[i],
+                    received_us: 0,
+                }
+            };
+            let before = rows.bytes;
+            let growth = rows.growth(&row, chunk);
+            rows.push(row, chunk);
+            assert_eq!(rows.bytes, before + growth);
+            assert_eq!(rows.bytes, rows.recount(), "after row {i}");
+        }
+        let payload_bytes: usize = texts.iter().map(String::len).sum();
+        // The text, its sequences, 32 bytes a row, and a chunk's slack: nothing like a tree
+        // of parsed values.
+        assert!(
+            (rows.bytes as usize) < payload_bytes * 3 / 2,
+            "{} bytes for {payload_bytes} of text",
+            rows.bytes
+        );
+        let mut read = 0;
+        for group in rows.typed.values() {
+            for row in group {
+                let seq = rows.arena.sequence(row);
+                let i: usize = seq.parse::<usize>().unwrap() - 1_000_000;
+                assert_eq!(rows.arena.payload(row), texts[i].as_bytes());
+                read += 1;
+            }
+        }
+        assert_eq!(read, 3000 - 60);
+        // A copy (made when a cancelled flush still holds the buffer) holds no more than
+        // the count it inherits: the count stays a bound.
+        assert!(rows.clone().recount() <= rows.bytes);
     }
 
     #[test]

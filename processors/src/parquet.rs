@@ -38,6 +38,9 @@ pub enum EncodeError {
     Arrow(#[from] arrow_schema::ArrowError),
     #[error("parquet: {0}")]
     Parquet(#[from] parquet::errors::ParquetError),
+    /// A buffered row that cannot be read back (the lake checked it when it buffered it).
+    #[error("row: {0}")]
+    Row(String),
 }
 
 /// Builds one column from the values of its rows (`None`: absent). A value that does not
@@ -334,12 +337,42 @@ pub fn writer_properties() -> WriterProperties {
 
 /// Encodes `columns` (in `schema` order) as one Parquet file.
 pub fn encode(schema: &SchemaRef, columns: Vec<ArrayRef>) -> Result<Bytes, EncodeError> {
-    let batch = RecordBatch::try_new(schema.clone(), columns)?;
-    let mut out = Vec::with_capacity(batch.get_array_memory_size() / 4 + 1024);
-    let mut writer = ArrowWriter::try_new(&mut out, schema.clone(), Some(writer_properties()))?;
-    writer.write(&batch)?;
-    writer.close()?;
-    Ok(Bytes::from(out))
+    let mut file = FileEncoder::new(schema)?;
+    file.write(columns)?;
+    file.finish()
+}
+
+/// One Parquet file written a slice of rows at a time: the caller converts a few thousand
+/// rows to columns, hands them over, and drops them before the next slice, so encoding a
+/// large buffer never holds all its rows as Arrow arrays (or parsed JSON) at once. The
+/// writer keeps a row group in its encoded form until it is full; the file is the same as
+/// one [`encode`] of every row.
+#[derive(Debug)]
+pub struct FileEncoder {
+    schema: SchemaRef,
+    writer: ArrowWriter<Vec<u8>>,
+}
+
+impl FileEncoder {
+    pub fn new(schema: &SchemaRef) -> Result<Self, EncodeError> {
+        let writer = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(writer_properties()))?;
+        Ok(Self {
+            schema: schema.clone(),
+            writer,
+        })
+    }
+
+    /// Appends rows given as `columns` (in the schema's order).
+    pub fn write(&mut self, columns: Vec<ArrayRef>) -> Result<(), EncodeError> {
+        let batch = RecordBatch::try_new(self.schema.clone(), columns)?;
+        self.writer.write(&batch)?;
+        Ok(())
+    }
+
+    /// Closes the file (its footer) and returns its bytes.
+    pub fn finish(self) -> Result<Bytes, EncodeError> {
+        Ok(Bytes::from(self.writer.into_inner()?))
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use floodgate_core::config::StateConfig;
 use floodgate_core::state::{
     Booking, BookingStatus, DeadLetter, Inventory, OutboxEntry, StateChanges, StateError,
     StateStore,
@@ -69,27 +70,38 @@ pub struct SqliteStateStore {
     reader: Arc<Mutex<Connection>>,
 }
 
-fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
+fn open_conn(path: &Path, memory: &StateConfig) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
-    // Batches touch rows all over the booking index; keep it in memory rather than
-    // re-reading pages from the OS on every batch (negative = KiB).
-    conn.pragma_update(None, "cache_size", -65536)?;
-    conn.pragma_update(None, "mmap_size", 268_435_456)?;
+    // Batches touch rows all over the booking index; keep its hot pages in memory rather
+    // than re-reading them from the OS on every batch. Both sizes are the memory budget's
+    // (`[state]`): a page cache beyond them would grow with the database, not with the load.
+    // A negative cache_size is in KiB.
+    let cache_kib = i64::try_from(memory.cache_bytes / 1024).unwrap_or(i64::MAX);
+    conn.pragma_update(None, "cache_size", -cache_kib.max(1))?;
+    let mmap = i64::try_from(memory.mmap_bytes).unwrap_or(i64::MAX);
+    conn.pragma_update(None, "mmap_size", mmap)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(conn)
 }
 
 impl SqliteStateStore {
-    /// Opens (creating) the database at `path`.
+    /// Opens (creating) the database at `path`, each connection with the default `[state]`
+    /// page cache and memory map.
     pub fn open(path: &Path) -> Result<Self, StateError> {
+        Self::open_with(path, &StateConfig::default())
+    }
+
+    /// Opens (creating) the database at `path`; each of its three connections gets the page
+    /// cache and memory map `memory` allows.
+    pub fn open_with(path: &Path, memory: &StateConfig) -> Result<Self, StateError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StateError::Unavailable(format!("{}: {e}", dir.display())))?;
         }
-        let writer = open_conn(path).map_err(err)?;
+        let writer = open_conn(path, memory).map_err(err)?;
         writer.execute_batch(SCHEMA).map_err(err)?;
         writer
             .execute(
@@ -97,8 +109,8 @@ impl SqliteStateStore {
                 [],
             )
             .map_err(err)?;
-        let loader = open_conn(path).map_err(err)?;
-        let reader = open_conn(path).map_err(err)?;
+        let loader = open_conn(path, memory).map_err(err)?;
+        let reader = open_conn(path, memory).map_err(err)?;
         Ok(Self {
             writer: Arc::new(Mutex::new(writer)),
             loader: Arc::new(Mutex::new(loader)),

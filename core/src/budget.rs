@@ -1,0 +1,383 @@
+//! The memory budget: what every buffer of a running `floodgate` may hold at most, computed
+//! from its [`Config`] alone, one named line per component and a total.
+//!
+//! The binary prints it at start beside the effective configuration, so an operator sees
+//! what a setting costs before the process holds it, and the pieces that hold memory take
+//! their limits from the same numbers: the lake rolls a shard's buffer when it reaches
+//! [`MemoryBudget::lake_buffer_share`], the state store sizes its page cache and memory map
+//! from `[state]`. Past a line's bound a component sheds (the edge answers 503) or flushes
+//! early (the lake); none of them grows.
+//!
+//! Each line is a bound, not a forecast: under steady load most buffers sit far below it.
+//! Two lines rest on a stated assumption rather than on a setting, because what they hold
+//! depends on the events themselves: the processors' read batches (counted at
+//! [`ASSUMED_RECORD_BYTES`] a record) and the baseline (code, runtime, schemas), measured.
+
+use std::fmt;
+
+use crate::config::Config;
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+
+/// Bytes one remembered id costs the edge's dedupe window: a 128-bit hash and its time in a
+/// hash map plus a time-ordered queue entry (measured: 2 M ids, 210 MB above the start).
+pub const DEDUPE_BYTES_PER_ID: u64 = 105;
+
+/// Records per read of a shard consumer (`RuntimeConfig::max_batch_records` in the
+/// processors; a test there keeps the two equal).
+pub const READ_BATCH_RECORDS: u64 = 10_000;
+
+/// Bytes a record read from a stream is counted at, with its key, sequence and bookkeeping.
+/// The sample `booking.requested` is about 440 bytes; an average of 1 KiB leaves room for
+/// larger events.
+pub const ASSUMED_RECORD_BYTES: u64 = KIB;
+
+/// Memory of the process before any buffer fills: code, the async runtime and its threads,
+/// the compiled schemas, metrics (measured at start: about 35 MB; rounded up).
+pub const BASELINE_BYTES: u64 = 48 * MIB;
+
+/// Connections the SQLite state store opens: a writer, a loader and a reader.
+pub const STATE_CONNECTIONS: u64 = 3;
+
+/// Rows parsed at once while a lake file is encoded, and what they cost at most: a
+/// `serde_json::Value` tree takes several times its text (measured: about 5×), so a chunk
+/// of 2,048 rows of a few hundred bytes stays within a few MiB.
+pub const LAKE_ENCODE_CHUNK_ROWS: u64 = 2_048;
+const LAKE_ENCODE_CHUNK_BYTES: u64 = 8 * MIB;
+
+/// A lake file is held encoded, before it is written, beside the buffer it came from; zstd
+/// Parquet of these events is 5–10× smaller than the rows (bench: `floodgate-lakebench`),
+/// so a quarter of the buffers bounds it.
+pub const LAKE_ENCODED_FRACTION: u64 = 4;
+
+/// Which parts of the pipeline a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `floodgate serve`: the edge and the processors.
+    Serve,
+    /// `floodgate ingest`: the edge alone (it still opens the state store for reads).
+    Ingest,
+    /// `floodgate process`: the processors alone.
+    Process,
+}
+
+impl Role {
+    fn edge(self) -> bool {
+        matches!(self, Role::Serve | Role::Ingest)
+    }
+
+    fn processors(self) -> bool {
+        matches!(self, Role::Serve | Role::Process)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Role::Serve => "serve",
+            Role::Ingest => "ingest",
+            Role::Process => "process",
+        }
+    }
+}
+
+/// One component's bound: its name, its bytes, and the settings that set it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetLine {
+    pub name: &'static str,
+    pub bytes: u64,
+    /// How the configuration arrives at `bytes`, e.g. `ingest.dedupe_max_ids × 105 B`.
+    pub from: String,
+}
+
+/// Every component's bound for one process; see the module docs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryBudget {
+    pub role: Role,
+    /// Every component, in the order data moves through them (zero-byte lines are left out).
+    pub lines: Vec<BudgetLine>,
+    /// What one lake buffer (a consumer's shard) may hold before it rolls: the lake's total
+    /// split evenly over every buffer, and never more than `lake.roll_bytes`. 0 when this
+    /// process writes no lake.
+    pub lake_buffer_share: u64,
+    /// Page cache of each of the state store's connections.
+    pub state_cache_bytes: u64,
+    /// Memory map of each of the state store's connections.
+    pub state_mmap_bytes: u64,
+}
+
+impl MemoryBudget {
+    /// The budget of `floodgate serve` (the edge and the processors) under `config`.
+    pub fn from_config(config: &Config) -> Self {
+        Self::for_role(config, Role::Serve)
+    }
+
+    /// The budget of a process running `role` under `config`.
+    pub fn for_role(config: &Config, role: Role) -> Self {
+        let mut lines = Vec::new();
+        let mut line = |name: &'static str, bytes: u64, from: String| {
+            if bytes > 0 {
+                lines.push(BudgetLine { name, bytes, from });
+            }
+        };
+        line(
+            "baseline",
+            BASELINE_BYTES,
+            "code, runtime, schemas (measured)".to_owned(),
+        );
+        let ingest = &config.ingest;
+        let stream = &config.stream.embedded;
+        if role.edge() {
+            let ids = if ingest.dedupe_window_ms == 0 {
+                0
+            } else {
+                ingest.dedupe_max_ids as u64
+            };
+            line(
+                "dedupe window",
+                ids.saturating_mul(DEDUPE_BYTES_PER_ID),
+                format!(
+                    "ingest.dedupe_max_ids × {DEDUPE_BYTES_PER_ID} B (0 when dedupe_window_ms = 0)"
+                ),
+            );
+            line(
+                "in-flight bodies",
+                ingest.max_inflight_body_bytes,
+                "ingest.max_inflight_body_bytes".to_owned(),
+            );
+            // Events waiting for their fsync, in the stream and in the quarantine (a one-shard
+            // log opened with the stream's settings). They are copies of the events of bodies
+            // still in flight (a request's charge is held until its records are written), so
+            // never more than those either.
+            line(
+                "append queues",
+                (2 * stream.max_queued_bytes).min(ingest.max_inflight_body_bytes),
+                "2 logs × stream.embedded.max_queued_bytes, at most ingest.max_inflight_body_bytes"
+                    .to_owned(),
+            );
+        }
+        let shards = u64::from(stream.shards);
+        let mut lake_buffer_share = 0;
+        if role.processors() {
+            // Bookings and lake per stream shard; the quarantine's and the derived events'
+            // lake consumers, one shard each.
+            let readers = 2 * shards + 2;
+            line(
+                "processor read batches",
+                readers * READ_BATCH_RECORDS * ASSUMED_RECORD_BYTES,
+                format!(
+                    "(2 × stream.embedded.shards + 2) consumers × {READ_BATCH_RECORDS} records × {ASSUMED_RECORD_BYTES} B"
+                ),
+            );
+            if config.lake.enabled {
+                let buffers = shards + 2;
+                lake_buffer_share =
+                    (config.lake.max_buffer_bytes / buffers).min(config.lake.roll_bytes);
+                let held = lake_buffer_share * buffers;
+                line(
+                    "lake buffers",
+                    held,
+                    format!(
+                        "lake.max_buffer_bytes over (stream.embedded.shards + 2) buffers, each at most lake.roll_bytes: {buffers} × {}",
+                        Human(lake_buffer_share)
+                    ),
+                );
+                line(
+                    "lake encoding",
+                    held / LAKE_ENCODED_FRACTION + LAKE_ENCODE_CHUNK_BYTES,
+                    format!(
+                        "encoded files (1/{LAKE_ENCODED_FRACTION} of the buffers) + {LAKE_ENCODE_CHUNK_ROWS} rows parsed at a time"
+                    ),
+                );
+            }
+        }
+        let state = &config.state;
+        line(
+            "state page cache",
+            STATE_CONNECTIONS * state.cache_bytes,
+            format!("{STATE_CONNECTIONS} connections × state.cache_bytes"),
+        );
+        line(
+            "state memory map",
+            STATE_CONNECTIONS * state.mmap_bytes,
+            format!(
+                "{STATE_CONNECTIONS} connections × state.mmap_bytes (file pages, counted in RSS)"
+            ),
+        );
+        Self {
+            role,
+            lines,
+            lake_buffer_share,
+            state_cache_bytes: state.cache_bytes,
+            state_mmap_bytes: state.mmap_bytes,
+        }
+    }
+
+    /// The sum of every line.
+    pub fn total(&self) -> u64 {
+        self.lines.iter().map(|l| l.bytes).sum()
+    }
+
+    /// The line named `name`, in bytes (0 when there is none).
+    pub fn line(&self, name: &str) -> u64 {
+        self.lines
+            .iter()
+            .find(|l| l.name == name)
+            .map_or(0, |l| l.bytes)
+    }
+}
+
+/// The first line starts `memory budget (<role>): <total>`; tools (the soak run) read it.
+impl fmt::Display for MemoryBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let total = self.total();
+        writeln!(
+            f,
+            "memory budget ({}): {} ({total} bytes)",
+            self.role.name(),
+            Human(total)
+        )?;
+        for l in &self.lines {
+            writeln!(
+                f,
+                "  {:<24} {:>10}  {}",
+                l.name,
+                Human(l.bytes).to_string(),
+                l.from
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Bytes in binary units with one decimal: `1.5 GiB`, `64.0 MiB`, `512 B`.
+#[derive(Debug, Clone, Copy)]
+pub struct Human(pub u64);
+
+impl fmt::Display for Human {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0 as f64;
+        if self.0 >= 1024 * MIB {
+            write!(f, "{:.1} GiB", b / (1024 * MIB) as f64)
+        } else if self.0 >= MIB {
+            write!(f, "{:.1} MiB", b / MIB as f64)
+        } else if self.0 >= KIB {
+            write!(f, "{:.1} KiB", b / KIB as f64)
+        } else {
+            write!(f, "{} B", self.0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_line_follows_its_settings() {
+        let mut c = Config::default();
+        c.stream.embedded.shards = 4;
+        c.ingest.dedupe_max_ids = 1_000_000;
+        c.ingest.max_inflight_body_bytes = 100 * MIB;
+        c.stream.embedded.max_queued_bytes = 50 * MIB;
+        c.lake.max_buffer_bytes = 60 * MIB;
+        c.lake.roll_bytes = 128 * MIB;
+        c.state.cache_bytes = 8 * MIB;
+        c.state.mmap_bytes = 16 * MIB;
+        let b = MemoryBudget::from_config(&c);
+        assert_eq!(b.line("dedupe window"), 105_000_000);
+        assert_eq!(b.line("in-flight bodies"), 100 * MIB);
+        assert_eq!(b.line("append queues"), 100 * MIB);
+        assert_eq!(b.line("processor read batches"), 10 * 10_000 * 1024);
+        // 6 buffers: 4 stream shards, the quarantine's, the derived events'.
+        assert_eq!(b.lake_buffer_share, 10 * MIB);
+        assert_eq!(b.line("lake buffers"), 60 * MIB);
+        assert_eq!(b.line("lake encoding"), 15 * MIB + 8 * MIB);
+        assert_eq!(b.line("state page cache"), 24 * MIB);
+        assert_eq!(b.line("state memory map"), 48 * MIB);
+        assert_eq!(b.state_cache_bytes, 8 * MIB);
+        let sum = BASELINE_BYTES
+            + 105_000_000
+            + 100 * MIB
+            + 100 * MIB
+            + 10 * 10_000 * 1024
+            + 60 * MIB
+            + 23 * MIB
+            + 72 * MIB;
+        assert_eq!(b.total(), sum);
+        // Each setting moves its line and the total by what it adds.
+        let mut more = c.clone();
+        more.ingest.dedupe_max_ids = 2_000_000;
+        assert_eq!(MemoryBudget::from_config(&more).total(), sum + 105_000_000);
+        // Queued events are copies of in-flight ones: the smaller bound holds.
+        let mut less = c.clone();
+        less.ingest.max_inflight_body_bytes = 60 * MIB;
+        assert_eq!(
+            MemoryBudget::from_config(&less).line("append queues"),
+            60 * MIB
+        );
+        let mut more = c.clone();
+        more.stream.embedded.shards = 8;
+        let b8 = MemoryBudget::from_config(&more);
+        assert_eq!(b8.line("processor read batches"), 18 * 10_000 * 1024);
+        assert_eq!(b8.lake_buffer_share, 6 * MIB);
+        assert_eq!(b8.line("lake buffers"), 60 * MIB);
+    }
+
+    #[test]
+    fn roll_bytes_caps_a_share_and_what_is_off_costs_nothing() {
+        let mut c = Config::default();
+        c.stream.embedded.shards = 2;
+        c.lake.max_buffer_bytes = 400 * MIB;
+        c.lake.roll_bytes = 10 * MIB;
+        let b = MemoryBudget::from_config(&c);
+        assert_eq!(b.lake_buffer_share, 10 * MIB);
+        assert_eq!(b.line("lake buffers"), 40 * MIB, "4 buffers of 10 MiB");
+        c.lake.enabled = false;
+        c.ingest.dedupe_window_ms = 0;
+        c.state.mmap_bytes = 0;
+        let b = MemoryBudget::from_config(&c);
+        assert_eq!(b.lake_buffer_share, 0);
+        for gone in [
+            "lake buffers",
+            "lake encoding",
+            "dedupe window",
+            "state memory map",
+        ] {
+            assert!(b.lines.iter().all(|l| l.name != gone), "{gone}: {b}");
+        }
+    }
+
+    #[test]
+    fn each_role_counts_only_what_it_runs() {
+        let c = Config::default();
+        let serve = MemoryBudget::for_role(&c, Role::Serve);
+        let ingest = MemoryBudget::for_role(&c, Role::Ingest);
+        let process = MemoryBudget::for_role(&c, Role::Process);
+        assert_eq!(ingest.line("lake buffers"), 0);
+        assert_eq!(ingest.line("processor read batches"), 0);
+        assert_eq!(process.line("dedupe window"), 0);
+        assert_eq!(process.line("in-flight bodies"), 0);
+        // Baseline and state are in all three; everything else in exactly one of the two.
+        let shared =
+            BASELINE_BYTES + serve.line("state page cache") + serve.line("state memory map");
+        assert_eq!(ingest.total() + process.total(), serve.total() + shared);
+        assert_eq!(process.lake_buffer_share, serve.lake_buffer_share);
+    }
+
+    #[test]
+    fn the_printed_budget_names_its_total_and_every_line() {
+        let b = MemoryBudget::from_config(&Config::default());
+        let text = b.to_string();
+        let first = text.lines().next().unwrap();
+        assert!(first.starts_with("memory budget (serve): "), "{first}");
+        assert!(
+            first.ends_with(&format!("({} bytes)", b.total())),
+            "{first}"
+        );
+        assert_eq!(text.lines().count(), 1 + b.lines.len());
+        assert_eq!(Human(512).to_string(), "512 B");
+        assert_eq!(Human(1536).to_string(), "1.5 KiB");
+        assert_eq!(Human(64 * MIB).to_string(), "64.0 MiB");
+        assert_eq!(Human(3 * 512 * MIB).to_string(), "1.5 GiB");
+    }
+}
