@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Server, outbox_read, stream_read, try_request, wait_for};
+use common::{Server, outbox_read, try_request, wait_for};
 use serde_json::{Value, json};
 
 /// A small, seedable generator (xorshift64*): the run is reproducible from its seed.
@@ -527,20 +527,7 @@ fn every_accepted_event_ends_in_exactly_one_outcome_across_kill_9() {
             requested.insert(v["data"]["bookingId"].as_str().unwrap().to_owned());
         }
     }
-    let mut bookings: HashMap<String, Value> = HashMap::new();
-    wait_for(180, "every accepted booking request to be decided", || {
-        for id in &requested {
-            if bookings.contains_key(id) {
-                continue;
-            }
-            let r = server.get(&format!("/v1/bookings/{id}"));
-            if r.status != 200 {
-                return None;
-            }
-            bookings.insert(id.clone(), r.json());
-        }
-        Some(())
-    });
+    let bookings = common::bookings_decided(&server, &requested, 180);
     let mut reserved: HashMap<String, i64> = HashMap::new();
     for b in bookings.values() {
         if matches!(b["status"].as_str(), Some("confirmed" | "paid")) {
@@ -565,12 +552,7 @@ fn every_accepted_event_ends_in_exactly_one_outcome_across_kill_9() {
     assert_eq!(server.terminate(), Some(0), "a clean stop");
 
     // The stream holds every accepted event exactly once.
-    let mut in_stream: HashMap<String, usize> = HashMap::new();
-    for r in stream_read(&data, &[]) {
-        *in_stream
-            .entry(r["event"]["id"].as_str().unwrap().to_owned())
-            .or_default() += 1;
-    }
+    let in_stream = common::stream_id_counts(&data);
     for g in &generated {
         assert_eq!(
             in_stream.get(&g.id),

@@ -84,21 +84,7 @@ fn rush(addr: SocketAddr, requests: Vec<Value>) -> HashSet<String> {
 
 /// Waits until every booking in `ids` has a status; returns them by id.
 fn statuses(server: &Server, ids: &HashSet<String>) -> HashMap<String, Value> {
-    let mut out = HashMap::new();
-    wait_for(120, "every acked booking to be decided", || {
-        for id in ids {
-            if out.contains_key(id) {
-                continue;
-            }
-            let r = server.get(&format!("/v1/bookings/{id}"));
-            if r.status != 200 {
-                return None;
-            }
-            out.insert(id.clone(), r.json());
-        }
-        Some(())
-    });
-    out
+    common::bookings_decided(server, ids, 120)
 }
 
 /// The checks shared by the rush and the crash: nothing oversold, reserved equals the

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Posters, Server, booking, envelope, outbox_read, stream_read, wait_for};
+use common::{Posters, Server, booking, envelope, outbox_read, wait_for};
 use serde_json::{Value, json};
 
 /// A tmpfs mounted for the test; unmounted on drop (lazily, so a failing test cannot
@@ -151,20 +151,7 @@ fn a_full_disk_then_room_again_loses_and_duplicates_nothing() {
     );
 
     // Every acked booking is decided.
-    let mut decided: HashMap<String, Value> = HashMap::new();
-    wait_for(180, "every acked booking to be decided", || {
-        for id in &acked_ids {
-            if decided.contains_key(id) {
-                continue;
-            }
-            let r = server.get(&format!("/v1/bookings/{id}"));
-            if r.status != 200 {
-                return None;
-            }
-            decided.insert(id.clone(), r.json());
-        }
-        Some(())
-    });
+    let decided = common::bookings_decided(&server, &acked_ids, 180);
     // Every decision's derived event is published, once.
     let outbox = wait_for(120, "every decision to be published", || {
         let outbox = outbox_read(&server.data_dir);
@@ -205,12 +192,7 @@ fn a_full_disk_then_room_again_loses_and_duplicates_nothing() {
         );
     }
     // The stream holds each acked event once.
-    let mut in_stream: HashMap<String, usize> = HashMap::new();
-    for r in stream_read(&data, &[]) {
-        *in_stream
-            .entry(r["event"]["id"].as_str().unwrap().to_owned())
-            .or_default() += 1;
-    }
+    let in_stream = common::stream_id_counts(&data);
     for id in &acked_ids {
         assert_eq!(in_stream.get(id), Some(&1), "{id} in the stream");
     }

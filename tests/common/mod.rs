@@ -445,3 +445,38 @@ impl Posters {
         }
     }
 }
+
+/// Polls `GET /v1/bookings/{id}` until every id in `ids` has a booking (or panics after
+/// `secs`); returns them by id.
+pub fn bookings_decided<'a>(
+    server: &Server,
+    ids: impl IntoIterator<Item = &'a String> + Clone,
+    secs: u64,
+) -> std::collections::HashMap<String, Value> {
+    let mut out = std::collections::HashMap::new();
+    wait_for(secs, "every booking to be decided", || {
+        for id in ids.clone() {
+            if out.contains_key(id) {
+                continue;
+            }
+            let r = server.get(&format!("/v1/bookings/{id}"));
+            if r.status != 200 {
+                return None;
+            }
+            out.insert(id.clone(), r.json());
+        }
+        Some(())
+    });
+    out
+}
+
+/// How many times each event id is in the log, via `floodgate stream read`.
+pub fn stream_id_counts(data_dir: &Path) -> std::collections::HashMap<String, usize> {
+    let mut counts = std::collections::HashMap::new();
+    for r in stream_read(data_dir, &[]) {
+        *counts
+            .entry(r["event"]["id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    counts
+}
