@@ -163,6 +163,31 @@ struct ReadHint {
     at: Position,
 }
 
+/// The last few places reads of one shard left off, newest first. Several consumers read
+/// each shard (the bookings processor, the lake), each at its own position, and a consumer
+/// that has caught up reads nothing again and again until the next append: each keeps its
+/// place, so no read rescans the active segment from its start (at 128 MiB segments such
+/// rescans took half the CPU under steady load).
+#[derive(Debug, Clone, Default)]
+struct Hints(Vec<ReadHint>);
+
+impl Hints {
+    const KEEP: usize = 8;
+
+    fn find(&self, next: u64, segment_base: u64) -> Option<ReadHint> {
+        self.0
+            .iter()
+            .find(|h| h.next == next && h.segment_base == segment_base)
+            .copied()
+    }
+
+    fn keep(&mut self, hint: ReadHint) {
+        self.0.retain(|h| h.next != hint.next);
+        self.0.insert(0, hint);
+        self.0.truncate(Self::KEEP);
+    }
+}
+
 /// The embedded stream. Implements [`StreamWriter`] and [`StreamReader`].
 #[derive(Debug)]
 pub struct EmbeddedLog {
@@ -173,7 +198,7 @@ pub struct EmbeddedLog {
     max_queued_bytes: u64,
     closed: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    hints: Mutex<HashMap<u32, ReadHint>>,
+    hints: Mutex<HashMap<u32, Hints>>,
     _lock: File,
 }
 
@@ -511,18 +536,17 @@ impl StreamReader for EmbeddedLog {
         let index = self.parse_shard(shard)?;
         let shared = &self.shards[index as usize];
         let bound = shared.durable_next.load(Ordering::Acquire);
-        let hint = self.hints.lock().unwrap().get(&index).copied();
+        let hints = self.hints.lock().unwrap().get(&index).cloned();
         let dir = shared.dir.clone();
         let from = from.clone();
-        let (batch, hint) =
-            tokio::task::spawn_blocking(move || read_shard(&dir, &from, max_records, bound, hint))
-                .await
-                .map_err(|e| StreamError::Unavailable(format!("read task failed: {e}")))??;
-        let mut hints = self.hints.lock().unwrap();
-        match hint {
-            Some(h) => hints.insert(index, h),
-            None => hints.remove(&index),
-        };
+        let (batch, hint) = tokio::task::spawn_blocking(move || {
+            read_shard(&dir, &from, max_records, bound, hints.unwrap_or_default())
+        })
+        .await
+        .map_err(|e| StreamError::Unavailable(format!("read task failed: {e}")))??;
+        if let Some(h) = hint {
+            self.hints.lock().unwrap().entry(index).or_default().keep(h);
+        }
         Ok(batch)
     }
 }
@@ -545,12 +569,12 @@ fn read_shard(
     from: &StartPosition,
     max: usize,
     bound: u64,
-    hint: Option<ReadHint>,
+    hints: Hints,
 ) -> Result<(ReadBatch, Option<ReadHint>), StreamError> {
     // A segment can be deleted by retention between listing and opening; list again.
     let mut attempts = 0;
     loop {
-        match try_read_shard(dir, from, max, bound, hint) {
+        match try_read_shard(dir, from, max, bound, &hints) {
             Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 return Err(StreamError::Corrupt(e.to_string()));
@@ -565,7 +589,7 @@ fn try_read_shard(
     from: &StartPosition,
     max: usize,
     bound: u64,
-    hint: Option<ReadHint>,
+    hints: &Hints,
 ) -> io::Result<(ReadBatch, Option<ReadHint>)> {
     let segments = segment::list(dir)?;
     let Some(first) = segments.first() else {
@@ -592,9 +616,9 @@ fn try_read_shard(
         let idx = segments
             .partition_point(|s| s.base <= start)
             .saturating_sub(1);
-        let mut at = match hint {
-            Some(h) if h.next == start && h.segment_base == segments[idx].base => h.at,
-            _ => Position {
+        let mut at = match hints.find(start, segments[idx].base) {
+            Some(h) => h.at,
+            None => Position {
                 offset: 0,
                 sequence: segments[idx].base,
             },
@@ -690,7 +714,7 @@ fn try_read_shard(
 pub struct EmbeddedLogReader {
     root: PathBuf,
     meta: LogMeta,
-    hints: Mutex<HashMap<u32, ReadHint>>,
+    hints: Mutex<HashMap<u32, Hints>>,
     /// Shards already warned about for a missing or damaged watermark (one warning each).
     warned: Mutex<Vec<u32>>,
 }
@@ -753,13 +777,11 @@ impl EmbeddedLogReader {
         let dir = shard_dir(&self.root, shard);
         // The bound first, then the listing: every record below it is in a listed segment.
         let bound = self.durable_bound(shard, &dir)?;
-        let hint = self.hints.lock().unwrap().get(&shard).copied();
-        let (batch, hint) = read_shard(&dir, from, max_records, bound, hint)?;
-        let mut hints = self.hints.lock().unwrap();
-        match hint {
-            Some(h) => hints.insert(shard, h),
-            None => hints.remove(&shard),
-        };
+        let hints = self.hints.lock().unwrap().get(&shard).cloned();
+        let (batch, hint) = read_shard(&dir, from, max_records, bound, hints.unwrap_or_default())?;
+        if let Some(h) = hint {
+            self.hints.lock().unwrap().entry(shard).or_default().keep(h);
+        }
         Ok(batch)
     }
 }
@@ -1079,5 +1101,63 @@ impl ShardWriter {
             tracing::info!(shard = self.index, deleted, "retention deleted segments");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two consumers of one shard, one of them caught up and polling: each read resumes
+    /// from where that consumer left off instead of scanning the segment from its start.
+    #[test]
+    fn each_consumer_keeps_its_place_even_when_a_read_finds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedStreamConfig {
+            shards: 1,
+            ..EmbeddedStreamConfig::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let log = EmbeddedLog::open(dir.path(), &cfg).unwrap();
+            let shard = ShardId("0".into());
+            for i in 0..50 {
+                let r = log
+                    .append(vec![Record {
+                        key: "k".into(),
+                        payload: format!("r{i}").into_bytes().into(),
+                    }])
+                    .await;
+                r[0].as_ref().unwrap();
+            }
+            let at = |n: u64| StartPosition::At(SequenceNumber::from_u64(n));
+            let hinted = |next: u64| {
+                let hints = log.hints.lock().unwrap();
+                hints.get(&0).and_then(|h| h.find(next, 0)).is_some()
+            };
+            // The bookings processor reads everything; the lake is behind, at 20.
+            log.read(&shard, &at(0), 100).await.unwrap();
+            log.read(&shard, &at(0), 20).await.unwrap();
+            assert!(hinted(50) && hinted(20));
+            // Caught up, the first polls again and again and finds nothing new.
+            for _ in 0..3 {
+                assert!(
+                    log.read(&shard, &at(50), 100)
+                        .await
+                        .unwrap()
+                        .records
+                        .is_empty()
+                );
+            }
+            assert!(
+                hinted(50),
+                "a read that found nothing dropped the consumer's place"
+            );
+            assert!(hinted(20), "one consumer's read took the other's place");
+            log.close().await.unwrap();
+        });
     }
 }
