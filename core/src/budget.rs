@@ -20,9 +20,11 @@ use crate::config::Config;
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
-/// Bytes one remembered id costs the edge's dedupe window: a 128-bit hash and its time in a
-/// hash map plus a time-ordered queue entry (measured: 2 M ids, 210 MB above the start).
-pub const DEDUPE_BYTES_PER_ID: u64 = 105;
+/// Bytes one remembered id costs the edge's dedupe window: a 128-bit hash and its time
+/// (24 B) in a hash map allocated at start with room for twice the cap (so that it never
+/// grows under its lock; its bucket count rounds up to a power of two: 100–105 B an id),
+/// plus a time-ordered queue entry (24 B).
+pub const DEDUPE_BYTES_PER_ID: u64 = 130;
 
 /// Records per read of a shard consumer (`RuntimeConfig::max_batch_records` in the
 /// processors; a test there keeps the two equal).
@@ -85,7 +87,7 @@ impl Role {
 pub struct BudgetLine {
     pub name: &'static str,
     pub bytes: u64,
-    /// How the configuration arrives at `bytes`, e.g. `ingest.dedupe_max_ids × 105 B`.
+    /// How the configuration arrives at `bytes`, e.g. `ingest.dedupe_max_ids × 130 B`.
     pub from: String,
 }
 
@@ -284,7 +286,7 @@ mod tests {
         c.state.cache_bytes = 8 * MIB;
         c.state.mmap_bytes = 16 * MIB;
         let b = MemoryBudget::from_config(&c);
-        assert_eq!(b.line("dedupe window"), 105_000_000);
+        assert_eq!(b.line("dedupe window"), 130_000_000);
         assert_eq!(b.line("in-flight bodies"), 100 * MIB);
         assert_eq!(b.line("append queues"), 100 * MIB);
         assert_eq!(b.line("processor read batches"), 10 * 10_000 * 1024);
@@ -296,7 +298,7 @@ mod tests {
         assert_eq!(b.line("state memory map"), 48 * MIB);
         assert_eq!(b.state_cache_bytes, 8 * MIB);
         let sum = BASELINE_BYTES
-            + 105_000_000
+            + 130_000_000
             + 100 * MIB
             + 100 * MIB
             + 10 * 10_000 * 1024
@@ -307,7 +309,7 @@ mod tests {
         // Each setting moves its line and the total by what it adds.
         let mut more = c.clone();
         more.ingest.dedupe_max_ids = 2_000_000;
-        assert_eq!(MemoryBudget::from_config(&more).total(), sum + 105_000_000);
+        assert_eq!(MemoryBudget::from_config(&more).total(), sum + 130_000_000);
         // Queued events are copies of in-flight ones: the smaller bound holds.
         let mut less = c.clone();
         less.ingest.max_inflight_body_bytes = 60 * MIB;
