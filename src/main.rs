@@ -28,7 +28,7 @@ use floodgate_processors::lake::{LakeConfig, LakeProcessor};
 use floodgate_processors::runtime::{RuntimeConfig, ShardProcessor, spawn_consumers};
 use floodgate_sinks::{
     EmbeddedCheckpoints, EmbeddedLog, EmbeddedLogReader, EmbeddedOutbox, LocalDirStore,
-    OutboxReader, SqliteStateStore,
+    SqliteStateStore,
 };
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -572,7 +572,9 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
             )
         })?;
         let quarantine = open_quarantine(&config)?;
-        let outbox = OutboxReader::new(&config.data_dir.join("outbox"));
+        let outbox_dir = config.data_dir.join("outbox");
+        floodgate_sinks::outbox::ensure_log(&outbox_dir, &config.publish.outbox)?;
+        let outbox = EmbeddedLogReader::open(&floodgate_sinks::outbox::log_root(&outbox_dir))?;
         let lake_dir = config.data_dir.join("lake");
         let old = LocalDirStore::open(&lake_dir)?;
         let fresh_dir = config
@@ -685,13 +687,15 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
             eprintln!("kept {kept} files whose runs start before what their source still holds");
         }
         // Replay each source into the fresh lake, ending runs where the old lake's did.
-        let lake = lake
-            .with_runs(floodgate_processors::lake::runs_in(&old, &shards[0], &table_names).await?);
-        let held =
-            held.with_runs(floodgate_processors::lake::runs_in(&old, &shards[1], &q_table).await?);
-        let derived = derived.with_runs(
-            floodgate_processors::lake::runs_in(&old, &shards[2], &derived_names).await?,
-        );
+        // (The stream's and the derived-event log's shards are both named `0`: each
+        // consumer's runs are told apart by the tables and by its name on diverted rows.)
+        use floodgate_processors::lake::{runs_in, runs_of_consumer};
+        let name = lake.consumer_name();
+        let lake = lake.with_runs(runs_of_consumer(&old, &shards[0], &table_names, name).await?);
+        let held = held.with_runs(runs_in(&old, &shards[1], &q_table).await?);
+        let name = derived.consumer_name();
+        let derived =
+            derived.with_runs(runs_of_consumer(&old, &shards[2], &derived_names, name).await?);
         let records = replay_all(&log, &shards[0], &skip[0], &lake).await?;
         log.close().await?;
         replay_all(&quarantine, &shards[1], &skip[1], &held).await?;
@@ -847,7 +851,15 @@ impl Processors {
         let data_dir = config_all.data_dir.as_path();
         let checkpoints: Arc<dyn CheckpointStore> =
             Arc::new(EmbeddedCheckpoints::open(&data_dir.join("stream"))?);
-        let outbox = Arc::new(EmbeddedOutbox::open(&data_dir.join("outbox"))?);
+        let outbox_dir = data_dir.join("outbox");
+        // The log exists (created, or migrated from an older outbox) before anyone reads it;
+        // the relay opens it for writing only once it holds the relay lease.
+        floodgate_sinks::outbox::ensure_log(&outbox_dir, &config_all.publish.outbox)?;
+        let outbox = Arc::new(EmbeddedOutbox::open_with(
+            &outbox_dir,
+            &config_all.publish.outbox,
+        )?);
+        let outbox_log = floodgate_sinks::outbox::log_root(&outbox_dir);
         let (stop, stop_rx) = watch::channel(false);
         let (stop_late, stop_late_rx) = watch::channel(false);
         let mut late_tasks = Vec::new();
@@ -893,9 +905,9 @@ impl Processors {
                 .await?,
             );
             let outbox_reader: Arc<dyn StreamReader> =
-                Arc::new(OutboxReader::new(&data_dir.join("outbox")));
+                Arc::new(EmbeddedLogReader::open(&outbox_log)?);
             let d_checkpoints: Arc<dyn CheckpointStore> =
-                Arc::new(EmbeddedCheckpoints::open(&data_dir.join("outbox"))?);
+                Arc::new(EmbeddedCheckpoints::open(&outbox_log)?);
             late_tasks.extend(
                 spawn_consumers(
                     outbox_reader,
@@ -1187,15 +1199,14 @@ fn dead_letters_read(data_dir: &Path) -> Result<()> {
 }
 
 fn outbox_read(data_dir: &Path) -> Result<()> {
-    let events = floodgate_sinks::outbox::read_events(&data_dir.join("outbox"))?;
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
-    let result = (|| -> io::Result<()> {
-        for e in events {
-            writeln!(out, r#"{{"event":{e}}}"#)?;
-        }
-        out.flush()
-    })();
+    let result = floodgate_sinks::outbox::for_each_event(&data_dir.join("outbox"), |e| {
+        out.write_all(b"{\"event\":")?;
+        out.write_all(e)?;
+        out.write_all(b"}\n")
+    })
+    .and_then(|()| out.flush());
     match result {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => Ok(other?),

@@ -34,6 +34,7 @@ pub struct Config {
     pub stream: StreamConfig,
     pub lake: LakeConfig,
     pub state: StateConfig,
+    pub publish: PublishConfig,
 }
 
 impl Default for Config {
@@ -45,6 +46,37 @@ impl Default for Config {
             stream: StreamConfig::default(),
             lake: LakeConfig::default(),
             state: StateConfig::default(),
+            publish: PublishConfig::default(),
+        }
+    }
+}
+
+/// `[publish]`: where the relay publishes derived events.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishConfig {
+    pub outbox: OutboxConfig,
+}
+
+/// `[publish.outbox]`: the embedded derived-event log under `<data_dir>/outbox/log/`, a
+/// one-shard log like the stream (segmented, zstd-compressed, fsynced before the relay
+/// moves on).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// The active segment rolls to a new file past this size.
+    pub segment_bytes: u64,
+    /// Size above which the oldest segments are deleted, but only segments every consumer
+    /// of the log (the derived events' lake tables) has checkpointed past. With no
+    /// consumer (the lake off) nothing is deleted. 0 keeps everything.
+    pub retention_bytes: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 8 * MIB,
+            retention_bytes: 64 * MIB,
         }
     }
 }
@@ -123,7 +155,7 @@ pub struct IngestConfig {
     /// An event whose (source, id) was accepted this recently is answered as a duplicate
     /// and not appended again. 0 turns dedupe off.
     pub dedupe_window_ms: u64,
-    /// Ids remembered for dedupe at most (~105 MB per million).
+    /// Ids remembered for dedupe at most (~130 MB per million, allocated at start).
     pub dedupe_max_ids: usize,
     /// `Retry-After` sent with 503 when the stream cannot take a batch.
     pub retry_after_secs: u64,
@@ -333,11 +365,18 @@ impl Config {
         if s.segment_bytes < 4096 {
             return e("stream.embedded.segment_bytes must be at least 4096");
         }
+        if self.publish.outbox.segment_bytes < 4096 {
+            return e("publish.outbox.segment_bytes must be at least 4096");
+        }
         if s.group_commit_max_bytes < 64 * 1024 {
             return e("stream.embedded.group_commit_max_bytes must be at least 65536");
         }
         if s.max_queued_bytes < self.ingest.max_body_bytes {
             return e("stream.embedded.max_queued_bytes must be at least ingest.max_body_bytes");
+        }
+        if self.ingest.dedupe_max_ids > 1_000_000_000 {
+            // Its map is allocated for the cap at start (~130 B an id).
+            return e("ingest.dedupe_max_ids must be at most 1000000000");
         }
         if self.ingest.max_body_bytes < 1024 {
             return e("ingest.max_body_bytes must be at least 1024");

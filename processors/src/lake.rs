@@ -21,7 +21,7 @@
 //! to the `quarantine` table with the JSON pointer and the reason, and the lake moves on;
 //! so does, as a last line of defence, every row of a table file that fails to encode. No
 //! value can hold the consumer up. Diverted rows are written in the run's quarantine file,
-//! named `<consumer>.<shard>-<firstSeq>-<lastSeq>.parquet` (`lake.0-…`, `lake-derived.outbox-…`),
+//! named `<consumer>.<shard>-<firstSeq>-<lastSeq>.parquet` (`lake.0-…`, `lake-derived.0-…`),
 //! a name the quarantine log's own consumer (whose one shard is also `0`) never uses; their
 //! `shard` column holds the same `<consumer>.<shard>`.
 //!
@@ -618,6 +618,23 @@ pub async fn runs_in(
         .collect())
 }
 
+/// The `lastSeq` of every run of the events consumer `consumer` (`lake`, `lake-derived`)
+/// per shard: its files in `tables`, and the rows it diverted to the quarantine table.
+/// Unlike [`runs_in`], another consumer's diverted rows never count, even where both read
+/// shards of the same name (the stream's and the derived-event log's shard `0`).
+pub async fn runs_of_consumer(
+    store: &dyn ObjectStore,
+    shards: &[ShardId],
+    tables: &[String],
+    consumer: &str,
+) -> Result<HashMap<ShardId, Vec<SequenceNumber>>, ProcessError> {
+    Ok(runs_of(store, shards, tables, Diverted::By(consumer))
+        .await?
+        .into_iter()
+        .map(|(shard, runs)| (shard, runs.into_iter().map(|(_, last)| last).collect()))
+        .collect())
+}
+
 /// `(first, last)` of a lake file name `<shard>-<first>-<last>.parquet` of `shard`.
 pub fn parse_file_name<'a>(name: &'a str, shard: &str) -> Option<(&'a str, &'a str)> {
     let rest = name.strip_prefix(shard)?.strip_prefix('-')?;
@@ -829,6 +846,11 @@ impl LakeProcessor {
     /// `quarantine`.
     pub fn table_names(&self) -> Vec<String> {
         self.tables.values().map(|t| t.name.clone()).collect()
+    }
+
+    /// The consumer name its checkpoints and diverted files go by.
+    pub fn consumer_name(&self) -> &'static str {
+        self.consumer
     }
 
     /// The consumer name: `lake` by default.

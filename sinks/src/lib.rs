@@ -8,7 +8,8 @@
 //!
 //! - [`SqliteStateStore`] — bookings and capacity state, one transaction per batch with
 //!   the shard position and the transactional outbox.
-//! - [`EmbeddedOutbox`] — the embedded publisher of derived events (an NDJSON log).
+//! - [`EmbeddedOutbox`] — the embedded publisher of derived events: a one-shard log in the
+//!   stream's format, with retention bounded by its consumers' checkpoints.
 //! - [`LocalDirStore`] — the lake's object store on a local directory.
 //! - [`failpoint`] — test-only fault injection on the durability path (feature `failpoints`).
 //!
@@ -29,5 +30,5 @@ pub use checkpoint::EmbeddedCheckpoints;
 pub use embedded_log::verify as log_verify;
 pub use embedded_log::{EmbeddedLog, EmbeddedLogReader, LogMeta};
 pub use local_store::LocalDirStore;
-pub use outbox::{EmbeddedOutbox, OutboxReader};
+pub use outbox::EmbeddedOutbox;
 pub use sqlite_state::SqliteStateStore;

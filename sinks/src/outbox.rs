@@ -1,579 +1,542 @@
-//! `EmbeddedOutbox`: the embedded publisher of derived events, an append-only NDJSON log
-//! at `<data-dir>/outbox/outbox.ndjson`.
+//! `EmbeddedOutbox`: the embedded publisher of derived events, a one-shard log under
+//! `<data-dir>/outbox/log/`: the stream's own format ([`EmbeddedLog`]: segments, zstd
+//! record batches, CRCs, a durable watermark), so it is as compact as the stream, is read
+//! the same way, and keeps only what its consumers still need.
 //!
-//! One line per published outbox entry, `{"seq":N,"events":[{…},…]}`, written whole and
-//! fsynced before `publish` returns. A line is the unit of atomicity, and the lines before
-//! a write are never touched by it: a write that fails is undone by cutting the file back
-//! to exactly its length before the write, and if that undo (or an fsync) fails the outbox
-//! refuses every later publish until it is opened again, so a torn line can never end up
-//! between good ones.
+//! ```text
+//! outbox/log/meta.json, LOCK, shard-0000/…    the log (see `embedded_log`)
+//! outbox/log/checkpoints/<consumer>.json      its consumers' checkpoints (the lake's
+//!                                             `lake-derived`), which bound retention
+//! outbox/MIGRATE.lock                         serialises creating the log
+//! ```
 //!
-//! Only the holder of the relay lease writes (see `floodgate_processors::relay`), but
-//! every process opens the outbox at start. So the writer's position is not fixed at
-//! open: `last_published` and `publish` first read whatever was appended since they last
-//! looked (by a relay that has since died), fsync it, and cut a torn tail that writer
-//! left, so that a standby that takes the lease over neither republishes nor appends after
-//! a torn line.
+//! One record per derived event, in publish order. Its key is `<seq>:<i>/<n>`: event `i`
+//! of the `n` of outbox entry `seq`. An entry's events are appended and fsynced together
+//! before `publish` returns; should only some of them be on disk after a crash (a group
+//! that straddles two frames), the key of the last one says so, and the next relay appends
+//! the rest of that entry and nothing twice.
 //!
-//! Damage is told apart from a torn tail: only an incomplete last line, or bad lines with
-//! no valid line after them, are a tail (something a writer was still writing). A bad line
-//! with valid lines after it is damage to published events, whose outbox rows are already
-//! gone from the state store: opening the outbox, [`read_events`] and [`OutboxReader`] all
-//! fail then, naming the file and the byte offset, rather than cutting or skipping them.
+//! Only the holder of the relay lease writes (see `floodgate_processors::relay`), and the
+//! log's `LOCK` admits one writer process. So the log is opened lazily, by the first
+//! `last_published` or `publish`, which the relay calls only once it holds the lease: a
+//! standby process opens nothing until it takes over, and then finds its position from the
+//! log's last record. A write or fsync that fails closes the log; the next call reopens it,
+//! which recovers the tail exactly as the stream does, and finds the position again.
+//!
+//! Retention (`[publish.outbox] retention_bytes`) deletes the oldest segments once the log
+//! is larger, but only segments every consumer has checkpointed past.
+//! [`for_each_event`] (`floodgate outbox read`) reads what is retained, from any process.
+//!
+//! A data directory written by an older floodgate holds `outbox/outbox.ndjson` (one line
+//! `{"seq":N,"events":[…]}` per entry). [`ensure_log`] migrates it once: it copies every
+//! event into a new log built beside it, with its consumers' checkpoints translated to the
+//! new sequence numbers, renames the new log into place (the commit point), then removes
+//! the old file. A crash at any step leaves either the old outbox whole or the new log
+//! whole, and the next start finishes the job.
 
-use std::fs::{File, OpenOptions};
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-
-use async_trait::async_trait;
-use floodgate_core::state::{OutboxEntry, PublishError, Publisher};
-use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use crate::checkpoint::create_dir_durably;
-use crate::embedded_log::fsync_dir;
-use crate::failpoint;
+use crate::embedded_log::{EmbeddedLog, EmbeddedLogReader, fsync_dir};
+use async_trait::async_trait;
+use bytes::Bytes;
+use floodgate_core::config::{Compression, EmbeddedStreamConfig, OutboxConfig};
+use floodgate_core::state::{OutboxEntry, PublishError, Publisher};
+use floodgate_core::stream::{
+    Record, SequenceNumber, ShardId, StartPosition, StoredRecord, StreamError, StreamReader,
+    StreamWriter,
+};
 
+/// The file an older floodgate kept derived events in (migrated by [`ensure_log`]).
 pub const FILE_NAME: &str = "outbox.ndjson";
+/// The log's directory under the outbox directory.
+pub const LOG_DIR: &str = "log";
+/// The log's one shard, as its readers name it.
+pub const SHARD: &str = "0";
 
-#[derive(Deserialize)]
-struct Line<'a> {
-    seq: u64,
-    #[serde(borrow)]
-    events: Vec<&'a RawValue>,
+/// The log under the outbox directory `dir`.
+pub fn log_root(dir: &Path) -> PathBuf {
+    dir.join(LOG_DIR)
 }
 
-/// The whole, valid lines of a stretch of an outbox file.
-struct Scan {
-    /// (seq, byte offset within the stretch, byte length, number of events) of each valid
-    /// line, in order.
-    lines: Vec<(u64, usize, usize, usize)>,
-    /// Bytes the valid lines span. What follows is a torn tail: an incomplete last line,
-    /// or bad lines with nothing valid after them.
-    valid: usize,
-}
-
-/// Scans `bytes` (a stretch of an outbox file starting at a line boundary). `Err` holds
-/// the offset (within `bytes`) of a bad line that has valid lines after it: damage, not a
-/// torn tail.
-fn scan(bytes: &[u8]) -> Result<Scan, usize> {
-    let mut lines = Vec::new();
-    let mut valid = 0;
-    let mut first_bad = None;
-    let mut off = 0;
-    for line in bytes.split_inclusive(|b| *b == b'\n') {
-        if !line.ends_with(b"\n") {
-            break; // still being written, or cut by a crash
-        }
-        match serde_json::from_slice::<Line<'_>>(line) {
-            Ok(l) => {
-                if let Some(bad) = first_bad {
-                    return Err(bad);
-                }
-                lines.push((l.seq, off, line.len(), l.events.len()));
-                valid = off + line.len();
-            }
-            Err(_) => {
-                first_bad.get_or_insert(off);
-            }
-        }
-        off += line.len();
+/// The log's configuration: one shard, zstd, written at once (the relay is its only
+/// writer and waits for each publish).
+pub fn log_config(cfg: &OutboxConfig) -> EmbeddedStreamConfig {
+    EmbeddedStreamConfig {
+        shards: 1,
+        segment_bytes: cfg.segment_bytes,
+        retention_bytes: cfg.retention_bytes,
+        group_commit_max_delay_us: 0,
+        group_commit_max_bytes: 16 * 1024 * 1024,
+        compression: Compression::Zstd,
+        max_queued_bytes: 64 * 1024 * 1024,
     }
-    Ok(Scan { lines, valid })
 }
 
-fn damaged(path: &Path, offset: u64) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!(
-            "{}: damaged outbox line at byte offset {offset}, with valid lines after it; \
-             the events after it are published and must not be cut (repair or remove that \
-             line by hand)",
-            path.display()
-        ),
-    )
+/// A record's key: event `i` of the `n` events of outbox entry `seq`.
+fn key(seq: u64, i: usize, n: usize) -> String {
+    format!("{seq}:{i}/{n}")
 }
 
-/// `err` with the path it happened on in its message.
+/// `(seq, i, n)` from a record's key.
+fn parse_key(key: &str) -> Option<(u64, usize, usize)> {
+    let (seq, rest) = key.split_once(':')?;
+    let (i, n) = rest.split_once('/')?;
+    let (seq, i, n) = (seq.parse().ok()?, i.parse().ok()?, n.parse().ok()?);
+    (i < n).then_some((seq, i, n))
+}
+
+fn shard() -> ShardId {
+    ShardId(SHARD.to_owned())
+}
+
 fn at(path: &Path, err: io::Error) -> io::Error {
     io::Error::new(err.kind(), format!("{}: {err}", path.display()))
 }
 
-/// Every derived event in the outbox at `dir`, in publish order. Safe beside a live
-/// server: a line still being written (a torn tail) is not returned. Damage in the middle
-/// of the file is an error naming the file and offset, never a silent stop.
-pub fn read_events(dir: &Path) -> io::Result<Vec<String>> {
-    let path = dir.join(FILE_NAME);
-    let mut bytes = Vec::new();
-    match File::open(&path) {
-        Ok(mut f) => {
-            f.read_to_end(&mut bytes).map_err(|e| at(&path, e))?;
+/// How far the log holds the outbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Position {
+    /// The last entry whose events are all in the log.
+    complete: Option<u64>,
+    /// An entry after it of which only the first `.1` events are.
+    partial: Option<(u64, usize)>,
+}
+
+impl Position {
+    /// From the log's last record.
+    fn after(last: Option<&StoredRecord>) -> Result<Position, String> {
+        let Some(r) = last else {
+            return Ok(Position::default());
+        };
+        let (seq, i, n) = parse_key(&r.key).ok_or_else(|| {
+            format!(
+                "the derived-event log's last record (sequence {}) has key {:?}, not \
+                 `<seq>:<i>/<n>`",
+                r.sequence.as_str(),
+                r.key
+            )
+        })?;
+        Ok(if i + 1 == n {
+            Position {
+                complete: Some(seq),
+                partial: None,
+            }
+        } else {
+            Position {
+                complete: seq.checked_sub(1),
+                partial: Some((seq, i + 1)),
+            }
+        })
+    }
+
+    /// The records of `entries` the log does not hold yet, in order, and the position
+    /// once they are appended.
+    fn records(self, entries: &[OutboxEntry]) -> (Vec<Record>, Position) {
+        let mut records = Vec::new();
+        let mut after = self;
+        for e in entries {
+            if self.complete.is_some_and(|c| e.seq <= c) {
+                continue;
+            }
+            let from = match self.partial {
+                Some((s, k)) if s == e.seq => k,
+                Some((s, _)) if e.seq < s => continue,
+                _ => 0,
+            };
+            let n = e.events.len();
+            for (i, ev) in e.events.iter().enumerate().skip(from) {
+                records.push(Record {
+                    key: key(e.seq, i, n),
+                    payload: Bytes::copy_from_slice(ev.as_bytes()),
+                });
+            }
+            after = Position {
+                complete: Some(after.complete.map_or(e.seq, |c| c.max(e.seq))),
+                partial: None,
+            };
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(at(&path, e)),
+        (records, after)
     }
-    let found = scan(&bytes).map_err(|off| damaged(&path, off as u64))?;
-    let mut events = Vec::new();
-    for (_, off, len, _) in found.lines {
-        let line: Line<'_> =
-            serde_json::from_slice(&bytes[off..off + len]).map_err(io::Error::other)?;
-        events.extend(line.events.iter().map(|e| e.get().to_owned()));
+}
+
+/// The last record of a one-shard log, if any.
+async fn last_record(log: &dyn StreamReader) -> Result<Option<StoredRecord>, StreamError> {
+    let first = log.read(&shard(), &StartPosition::TrimHorizon, 1).await?;
+    let Some(r) = first.records.first() else {
+        return Ok(None);
+    };
+    if first.records_behind == 0 {
+        return Ok(first.records.into_iter().next());
     }
-    Ok(events)
+    let seq = r.sequence.as_u64().unwrap_or(0) + first.records_behind;
+    let at = StartPosition::At(SequenceNumber::from_u64(seq));
+    Ok(log.read(&shard(), &at, 1).await?.records.into_iter().next())
 }
 
 #[derive(Debug)]
 struct Writer {
-    /// Opened for appending: every write lands at the current end of the file.
-    file: File,
-    /// Bytes of whole, valid lines seen so far; the next line goes here.
-    end: u64,
-    /// The highest seq among those lines.
-    last: Option<u64>,
-    /// Set when the file may hold something other than whole lines after `end` (an undo
-    /// or an fsync failed): no more publishes until the outbox is opened again.
-    failed: Option<String>,
-}
-
-impl Writer {
-    /// Takes in the lines appended after `end` since the last look (by a relay that has
-    /// since stopped), making them durable: they count as published from now on. Returns
-    /// whether a torn tail follows them.
-    fn catch_up(&mut self, path: &Path) -> io::Result<bool> {
-        let len = self.file.metadata().map_err(|e| at(path, e))?.len();
-        if len < self.end {
-            return Err(io::Error::other(format!(
-                "{}: the file shrank to {len} bytes, below the {} bytes of whole lines \
-                 already seen",
-                path.display(),
-                self.end
-            )));
-        }
-        if len == self.end {
-            return Ok(false);
-        }
-        let mut bytes = vec![0; (len - self.end) as usize];
-        self.file
-            .read_exact_at(&mut bytes, self.end)
-            .map_err(|e| at(path, e))?;
-        let found = scan(&bytes).map_err(|off| damaged(path, self.end + off as u64))?;
-        if found.valid > 0 {
-            // The writer of these lines may have died before its fsync.
-            failpoint::sync_data(&self.file, path).map_err(|e| {
-                self.failed = Some(format!("fsync of lines another relay wrote failed: {e}"));
-                at(path, e)
-            })?;
-            for (seq, _, _, _) in &found.lines {
-                self.last = Some(self.last.map_or(*seq, |l| l.max(*seq)));
-            }
-            self.end += found.valid as u64;
-        }
-        Ok(found.valid < bytes.len())
-    }
-
-    /// Cuts the file back to `len`, durably. On failure the file's tail is unknown, so
-    /// the writer stops for good (until reopened).
-    fn cut_to(&mut self, path: &Path, len: u64, why: &str) -> Result<(), String> {
-        let result = failpoint::set_len(&self.file, len, path)
-            .and_then(|()| failpoint::sync_data(&self.file, path));
-        if let Err(e) = result {
-            let reason = format!("cannot cut the file back to {len} bytes after {why}: {e}");
-            self.failed = Some(reason.clone());
-            return Err(reason);
-        }
-        Ok(())
-    }
+    log: EmbeddedLog,
+    position: Position,
 }
 
 /// The embedded [`Publisher`] (see the module docs).
 #[derive(Debug)]
 pub struct EmbeddedOutbox {
-    path: PathBuf,
-    writer: Mutex<Writer>,
+    dir: PathBuf,
+    cfg: OutboxConfig,
+    writer: tokio::sync::Mutex<Option<Writer>>,
 }
 
 impl EmbeddedOutbox {
-    /// Opens (or creates) the outbox in `dir`. Fails, naming the file and offset, when a
-    /// damaged line has valid lines after it. A torn tail is left alone here (its writer
-    /// may be alive in another process) and cut by the first `publish`, which only the
-    /// relay-lease holder calls.
+    /// The outbox in `dir` with the default configuration. Opens nothing yet (see the
+    /// module docs).
     pub fn open(dir: &Path) -> io::Result<Self> {
+        Self::open_with(dir, &OutboxConfig::default())
+    }
+
+    pub fn open_with(dir: &Path, cfg: &OutboxConfig) -> io::Result<Self> {
         create_dir_durably(dir)?;
-        let path = dir.join(FILE_NAME);
-        let mut options = OpenOptions::new();
-        options.read(true).append(true);
-        let file = match options.open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let f = options.create(true).open(&path).map_err(|e| at(&path, e))?;
-                // The new file's name must survive a crash along with what it will hold.
-                fsync_dir(dir).map_err(|e| at(dir, e))?;
-                f
-            }
-            Err(e) => return Err(at(&path, e)),
-        };
-        let mut writer = Writer {
-            file,
-            end: 0,
-            last: None,
-            failed: None,
-        };
-        if writer.catch_up(&path)? {
-            tracing::info!(path = %path.display(), end = writer.end, "outbox: a torn last line follows; the relay cuts it before it next publishes");
-        }
         Ok(Self {
-            path,
-            writer: Mutex::new(writer),
+            dir: dir.to_owned(),
+            cfg: cfg.clone(),
+            writer: tokio::sync::Mutex::new(None),
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn writer(&self) -> Result<std::sync::MutexGuard<'_, Writer>, PublishError> {
-        self.writer
-            .lock()
-            .map_err(|_| PublishError(format!("{}: outbox writer poisoned", self.path.display())))
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn error(&self, what: impl std::fmt::Display) -> PublishError {
-        PublishError(format!("{}: {what}", self.path.display()))
+        PublishError(format!(
+            "derived-event log {}: {what}",
+            log_root(&self.dir).display()
+        ))
+    }
+
+    /// The open log, opening it (and finding the position) if needed.
+    async fn writer<'a>(
+        &self,
+        slot: &'a mut Option<Writer>,
+    ) -> Result<&'a mut Writer, PublishError> {
+        if slot.is_none() {
+            let (dir, cfg) = (self.dir.clone(), self.cfg.clone());
+            tokio::task::spawn_blocking(move || ensure_log(&dir, &cfg))
+                .await
+                .map_err(|e| self.error(e))?
+                .map_err(|e| self.error(e))?;
+            let log = EmbeddedLog::open(&log_root(&self.dir), &log_config(&self.cfg))
+                .map_err(|e| self.error(e))?;
+            let last = last_record(&log).await.map_err(|e| self.error(e))?;
+            let position = Position::after(last.as_ref()).map_err(|e| self.error(e))?;
+            *slot = Some(Writer { log, position });
+        }
+        Ok(slot.as_mut().expect("opened above"))
     }
 }
 
 #[async_trait]
 impl Publisher for EmbeddedOutbox {
     async fn last_published(&self) -> Result<Option<u64>, PublishError> {
-        let mut w = self.writer()?;
-        // Called when the relay lease is taken: what a relay that died meanwhile
-        // published is published.
-        w.catch_up(&self.path)
-            .map_err(|e| PublishError(e.to_string()))?;
-        Ok(w.last)
+        let mut slot = self.writer.lock().await;
+        let w = self.writer(&mut slot).await?;
+        Ok(w.position.complete)
     }
 
     async fn publish(&self, entries: &[OutboxEntry]) -> Result<(), PublishError> {
-        let mut w = self.writer()?;
-        if let Some(why) = &w.failed {
-            return Err(self.error(format_args!(
-                "outbox refuses to publish until reopened: {why}"
-            )));
-        }
-        // Only the relay-lease holder publishes, so whatever appeared since the last look
-        // was written by a relay that is gone: its whole lines are published (and skipped
-        // below), its torn tail is cut.
-        let torn = w
-            .catch_up(&self.path)
-            .map_err(|e| PublishError(e.to_string()))?;
-        if torn {
-            let end = w.end;
-            tracing::warn!(path = %self.path.display(), end, "outbox: cutting a torn last line");
-            w.cut_to(&self.path, end, "a torn last line")
-                .map_err(|e| self.error(e))?;
-        }
-        let mut buf = Vec::new();
-        let mut top = w.last;
-        for e in entries {
-            if top.is_some_and(|t| e.seq <= t) {
-                continue;
-            }
-            buf.extend_from_slice(format!("{{\"seq\":{},\"events\":[", e.seq).as_bytes());
-            for (i, ev) in e.events.iter().enumerate() {
-                if i > 0 {
-                    buf.push(b',');
+        let mut slot = self.writer.lock().await;
+        let w = self.writer(&mut slot).await?;
+        let (records, after) = w.position.records(entries);
+        if !records.is_empty() {
+            let failed = w
+                .log
+                .append(records)
+                .await
+                .into_iter()
+                .find_map(Result::err);
+            if let Some(e) = failed {
+                // What reached the disk is unknown here: close the log and let the next
+                // call reopen it, recover its tail and read the position from it.
+                if let Some(w) = slot.take() {
+                    let _ = w.log.close().await;
                 }
-                buf.extend_from_slice(ev.as_bytes());
+                return Err(self.error(format_args!("append failed: {e}")));
             }
-            buf.extend_from_slice(b"]}\n");
-            top = Some(e.seq);
         }
-        if buf.is_empty() {
-            return Ok(());
-        }
-        // A small synchronous write and fsync; publish batches are rare next to appends.
-        let start = w.end;
-        if let Err(e) = failpoint::write_all(&mut w.file, &buf, &self.path) {
-            // Part of `buf` may be in the file (a short write at ENOSPC): cut back to
-            // exactly the length before this write, so the earlier lines stay whole and a
-            // retry appends cleanly.
-            w.cut_to(&self.path, start, &format!("a failed write ({e})"))
-                .map_err(|u| self.error(u))?;
-            return Err(self.error(format_args!("write failed (undone): {e}")));
-        }
-        if let Err(e) = failpoint::sync_data(&w.file, &self.path) {
-            // After a failed fsync the kernel may have dropped the pages: what the file
-            // holds past `start` is unknown. Take it back if we can, and stop either way;
-            // the next open scans the file afresh.
-            let _ = w.cut_to(&self.path, start, "a failed fsync");
-            w.failed = Some(format!("fsync failed: {e}"));
-            return Err(self.error(format_args!("fsync failed: {e}")));
-        }
-        w.end = start + buf.len() as u64;
-        w.last = top;
+        w.position = after;
         Ok(())
     }
 }
 
-/// The published derived events as a one-shard stream (shard `outbox`), for consumers
-/// such as the lake. Record `i` of outbox entry `seq` has sequence number
-/// `seq × 1,000,000 + i` and key `seq`; its `appended_at_ms` is the event's `time`, and
-/// `AtTimestamp(t)` starts at the first event whose `time` is at or after `t`.
-/// Read-only and lock-free beside a live relay: a torn tail is not read (it is read once
-/// it is whole, or after the relay cuts and rewrites it); damage in the middle is a read
-/// error naming the file and offset, never a skip.
-#[derive(Debug)]
-pub struct OutboxReader {
-    path: PathBuf,
-    /// Every whole line seen so far, in file order.
-    index: Mutex<Vec<IndexedLine>>,
+/// Makes sure the derived-event log exists under `dir`, migrating an older floodgate's
+/// `outbox.ndjson` into it first (see the module docs). Safe to call from several
+/// processes at once, and beside a process that has the log open.
+pub fn ensure_log(dir: &Path, cfg: &OutboxConfig) -> io::Result<()> {
+    let root = log_root(dir);
+    let legacy = dir.join(FILE_NAME);
+    if root.join("meta.json").exists() && !legacy.exists() {
+        return Ok(());
+    }
+    create_dir_durably(dir)?;
+    let lock_path = dir.join("MIGRATE.lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| at(&lock_path, e))?;
+    lock.lock().map_err(|e| at(&lock_path, e))?;
+    if root.join("meta.json").exists() {
+        if legacy.exists() {
+            // Migrated (the new log is in place); the old outbox is left over.
+            remove_legacy(dir)?;
+        }
+        return Ok(());
+    }
+    if legacy.exists() {
+        return migrate(dir, cfg);
+    }
+    match EmbeddedLog::open(&root, &log_config(cfg)) {
+        Ok(log) => drop(log),
+        // Another process created it and holds it.
+        Err(StreamError::Unavailable(_)) if root.join("meta.json").exists() => {}
+        Err(e) => return Err(io::Error::other(e.to_string())),
+    }
+    Ok(())
 }
 
-/// A whole line of the outbox file, as the reader indexed it.
-#[derive(Debug, Clone, Copy)]
-struct IndexedLine {
-    seq: u64,
-    /// Byte offset and length in the file.
-    off: u64,
-    len: usize,
-    /// Events the line holds, and events in all the lines before it: so that
-    /// `records_behind` counts records, not lines, without reading the lines again.
-    events: u64,
-    events_before: u64,
-}
-
-/// Events per outbox entry the sequence numbering leaves room for.
-pub const EVENTS_PER_ENTRY: u64 = 1_000_000;
-
-pub const OUTBOX_SHARD: &str = "outbox";
-
-/// A record's sequence number as (outbox entry seq, event index).
-fn split_sequence(n: u64) -> (u64, u64) {
-    (n / EVENTS_PER_ENTRY, n % EVENTS_PER_ENTRY)
-}
-
-/// An event's `time` in milliseconds since the Unix epoch; 0 when it has none that parses.
-fn event_time_ms(event: &str) -> i64 {
-    serde_json::from_str::<serde_json::Value>(event)
-        .ok()
-        .and_then(|v| v.get("time").and_then(|t| t.as_str()).map(str::to_owned))
-        .and_then(|t| {
-            time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339).ok()
-        })
-        .map_or(0, |t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
-}
-
-impl OutboxReader {
-    pub fn new(dir: &Path) -> Self {
-        Self {
-            path: dir.join(FILE_NAME),
-            index: Mutex::new(Vec::new()),
+/// Copies the events of `outbox.ndjson` into a new log beside it, translates the
+/// consumers' checkpoints, renames the new log into place and removes the old outbox.
+fn migrate(dir: &Path, cfg: &OutboxConfig) -> io::Result<()> {
+    let legacy = dir.join(FILE_NAME);
+    let staging = dir.join("log.migrating");
+    if staging.exists() {
+        fs::remove_dir_all(&staging).map_err(|e| at(&staging, e))?;
+    }
+    let bytes = fs::read(&legacy).map_err(|e| at(&legacy, e))?;
+    let found = legacy::scan(&bytes).map_err(|off| legacy::damaged(&legacy, off as u64))?;
+    // Old checkpoints name (seq × 1,000,000 + i) on shard `outbox`: the event they name,
+    // per consumer.
+    let old_checkpoints = dir.join("checkpoints");
+    let mut wanted: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    if old_checkpoints.is_dir() {
+        for entry in fs::read_dir(&old_checkpoints).map_err(|e| at(&old_checkpoints, e))? {
+            let path = entry?.path();
+            let Some(consumer) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            let file: legacy::ConsumerFile =
+                serde_json::from_slice(&fs::read(&path).map_err(|e| at(&path, e))?)
+                    .map_err(|e| at(&path, io::Error::new(io::ErrorKind::InvalidData, e)))?;
+            if let Some(seq) = file.shards.get(legacy::SHARD).and_then(|s| s.parse().ok()) {
+                wanted.insert(consumer.to_owned(), legacy::split_sequence(seq));
+            }
         }
     }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(io::Error::other)?;
+    let translated = rt.block_on(async {
+        let log = EmbeddedLog::open(&staging, &log_config(cfg))
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let mut translated = BTreeMap::new();
+        for (seq, off, len, _) in &found.lines {
+            let line: legacy::Line<'_> =
+                serde_json::from_slice(&bytes[*off..*off + *len]).map_err(io::Error::other)?;
+            let n = line.events.len();
+            let records = line
+                .events
+                .iter()
+                .enumerate()
+                .map(|(i, ev)| Record {
+                    key: key(*seq, i, n),
+                    payload: Bytes::copy_from_slice(ev.get().as_bytes()),
+                })
+                .collect();
+            let appended = log.append(records).await;
+            for (i, a) in appended.into_iter().enumerate() {
+                let a = a.map_err(|e| io::Error::other(e.to_string()))?;
+                for (consumer, at) in &wanted {
+                    if *at == (*seq, i as u64) {
+                        translated.insert(consumer.clone(), a.sequence.clone());
+                    }
+                }
+            }
+        }
+        log.close()
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok::<_, io::Error>(translated)
+    })?;
+    // A consumer whose checkpoint names no event of the file (there is none) starts
+    // afresh; one that had read everything resumes after the last event.
+    let staged_checkpoints = staging.join("checkpoints");
+    create_dir_durably(&staged_checkpoints)?;
+    for (consumer, seq) in &translated {
+        let mut shards = BTreeMap::new();
+        shards.insert(SHARD.to_owned(), seq.clone());
+        let body = serde_json::to_vec(&serde_json::json!({ "shards": shards }))?;
+        let path = staged_checkpoints.join(format!("{consumer}.json"));
+        crate::embedded_log::write_atomically(&path, &body)?;
+    }
+    fsync_dir(&staging)?;
+    fs::rename(&staging, log_root(dir)).map_err(|e| at(&staging, e))?;
+    fsync_dir(dir)?;
+    tracing::info!(
+        from = %legacy.display(),
+        to = %log_root(dir).display(),
+        entries = found.lines.len(),
+        "migrated the derived events to a segmented log"
+    );
+    remove_legacy(dir)
+}
 
-    /// Extends the index with the whole lines appended since the last look.
-    fn refresh(&self) -> io::Result<Vec<IndexedLine>> {
-        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        let end = index.last().map_or(0, |l| l.off + l.len as u64);
-        let f = match File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(index.clone()),
-            Err(e) => return Err(at(&self.path, e)),
+/// Removes what an older floodgate's outbox left once its events are in the log.
+fn remove_legacy(dir: &Path) -> io::Result<()> {
+    let legacy = dir.join(FILE_NAME);
+    fs::remove_file(&legacy).map_err(|e| at(&legacy, e))?;
+    let old = dir.join("checkpoints");
+    if old.is_dir() {
+        fs::remove_dir_all(&old).map_err(|e| at(&old, e))?;
+    }
+    fsync_dir(dir)
+}
+
+/// Calls `each` with every derived event the outbox at `dir` holds, in publish order:
+/// what retention has kept of the log (or, in a data directory an older floodgate wrote
+/// and no newer one has opened, its `outbox.ndjson`). Safe beside a live server: only
+/// events already durable are read. Damage is an error naming the file and offset.
+pub fn for_each_event(dir: &Path, mut each: impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
+    let root = log_root(dir);
+    if !root.join("meta.json").exists() {
+        let path = dir.join(FILE_NAME);
+        let mut bytes = Vec::new();
+        match File::open(&path) {
+            Ok(mut f) => {
+                f.read_to_end(&mut bytes).map_err(|e| at(&path, e))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(at(&path, e)),
+        }
+        let found = legacy::scan(&bytes).map_err(|off| legacy::damaged(&path, off as u64))?;
+        for (_, off, len, _) in found.lines {
+            let line: legacy::Line<'_> =
+                serde_json::from_slice(&bytes[off..off + len]).map_err(io::Error::other)?;
+            for e in line.events {
+                each(e.get().as_bytes())?;
+            }
+        }
+        return Ok(());
+    }
+    let reader = EmbeddedLogReader::open(&root).map_err(|e| io::Error::other(e.to_string()))?;
+    let mut from = StartPosition::TrimHorizon;
+    loop {
+        let batch = reader
+            .read_blocking(0, &from, 10_000)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let Some(last) = batch.records.last() else {
+            return Ok(());
         };
-        let len = f.metadata().map_err(|e| at(&self.path, e))?.len();
-        if len < end {
-            // Only a relay undoing a write it never confirmed cuts the file; it writes the
-            // same lines again (an entry's line is a function of the entry).
-            return Err(io::Error::other(format!(
-                "{}: the file shrank to {len} bytes, below the {end} bytes already read; \
-                 waiting for the relay to rewrite them",
-                self.path.display()
-            )));
+        from = StartPosition::After(last.sequence.clone());
+        for r in &batch.records {
+            each(&r.payload)?;
         }
-        let mut bytes = vec![0; (len - end) as usize];
-        f.read_exact_at(&mut bytes, end)
-            .map_err(|e| at(&self.path, e))?;
-        let found = scan(&bytes).map_err(|off| damaged(&self.path, end + off as u64))?;
-        let mut events_before = index.last().map_or(0, |l| l.events_before + l.events);
-        for (seq, off, len, events) in found.lines {
-            index.push(IndexedLine {
-                seq,
-                off: end + off as u64,
-                len,
-                events: events as u64,
-                events_before,
-            });
-            events_before += events as u64;
-        }
-        Ok(index.clone())
-    }
-
-    fn read_line(&self, off: u64, len: usize) -> io::Result<Vec<u8>> {
-        let f = File::open(&self.path).map_err(|e| at(&self.path, e))?;
-        let mut buf = vec![0; len];
-        f.read_exact_at(&mut buf, off)
-            .map_err(|e| at(&self.path, e))?;
-        Ok(buf)
     }
 }
 
-#[async_trait]
-impl floodgate_core::stream::StreamReader for OutboxReader {
-    async fn shards(
-        &self,
-    ) -> Result<Vec<floodgate_core::stream::ShardInfo>, floodgate_core::stream::StreamError> {
-        Ok(vec![floodgate_core::stream::ShardInfo {
-            id: floodgate_core::stream::ShardId(OUTBOX_SHARD.to_owned()),
-            parent: None,
-            closed: false,
-        }])
+/// Every derived event the outbox at `dir` holds (see [`for_each_event`]).
+pub fn read_events(dir: &Path) -> io::Result<Vec<String>> {
+    let mut events = Vec::new();
+    for_each_event(dir, |e| {
+        events.push(String::from_utf8_lossy(e).into_owned());
+        Ok(())
+    })?;
+    Ok(events)
+}
+
+/// The NDJSON outbox of older floodgates, read only to migrate it.
+mod legacy {
+    use std::collections::BTreeMap;
+    use std::io;
+    use std::path::Path;
+
+    use serde::Deserialize;
+    use serde_json::value::RawValue;
+
+    /// The shard its reader named, and the room it left per entry in sequence numbers.
+    pub const SHARD: &str = "outbox";
+    const EVENTS_PER_ENTRY: u64 = 1_000_000;
+
+    pub fn split_sequence(n: u64) -> (u64, u64) {
+        (n / EVENTS_PER_ENTRY, n % EVENTS_PER_ENTRY)
     }
 
-    async fn read(
-        &self,
-        shard: &floodgate_core::stream::ShardId,
-        from: &floodgate_core::stream::StartPosition,
-        max_records: usize,
-    ) -> Result<floodgate_core::stream::ReadBatch, floodgate_core::stream::StreamError> {
-        use floodgate_core::stream::{
-            ReadBatch, SequenceNumber, StartPosition, StoredRecord, StreamError,
-        };
-        if shard.0 != OUTBOX_SHARD {
-            return Err(StreamError::UnknownShard(shard.clone()));
+    /// A consumer's checkpoint file, as `checkpoint` writes it.
+    #[derive(Deserialize)]
+    pub struct ConsumerFile {
+        pub shards: BTreeMap<String, String>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Line<'a> {
+        pub seq: u64,
+        #[serde(borrow)]
+        pub events: Vec<&'a RawValue>,
+    }
+
+    /// The whole, valid lines of a stretch of an outbox file.
+    pub struct Scan {
+        /// (seq, byte offset within the stretch, byte length, number of events) of each valid
+        /// line, in order.
+        /// What follows the last is a torn tail (an incomplete last line, or bad lines
+        /// with nothing valid after them), which was never published: not migrated.
+        pub lines: Vec<(u64, usize, usize, usize)>,
+    }
+
+    /// Scans `bytes` (a stretch of an outbox file starting at a line boundary). `Err` holds
+    /// the offset (within `bytes`) of a bad line that has valid lines after it: damage, not a
+    /// torn tail.
+    pub fn scan(bytes: &[u8]) -> Result<Scan, usize> {
+        let mut lines = Vec::new();
+        let mut first_bad = None;
+        let mut off = 0;
+        for line in bytes.split_inclusive(|b| *b == b'\n') {
+            if !line.ends_with(b"\n") {
+                break; // still being written, or cut by a crash
+            }
+            match serde_json::from_slice::<Line<'_>>(line) {
+                Ok(l) => {
+                    if let Some(bad) = first_bad {
+                        return Err(bad);
+                    }
+                    lines.push((l.seq, off, line.len(), l.events.len()));
+                }
+                Err(_) => {
+                    first_bad.get_or_insert(off);
+                }
+            }
+            off += line.len();
         }
-        let io_err = StreamError::Io;
-        let index = self.refresh().map_err(io_err)?;
-        // The first record to return, as (seq, event index), and for `AtTimestamp` the
-        // time before which records are passed over. A position too large for a u64 is
-        // past every record, never back at the start.
-        let ((seq0, i0), not_before) = match from {
-            StartPosition::TrimHorizon => ((0, 0), None),
-            StartPosition::AtTimestamp(ts) => ((0, 0), Some(*ts)),
-            StartPosition::At(s) => (split_sequence(s.as_u64().unwrap_or(u64::MAX)), None),
-            StartPosition::After(s) => (
-                split_sequence(s.as_u64().map_or(u64::MAX, |n| n.saturating_add(1))),
-                None,
+        Ok(Scan { lines })
+    }
+
+    pub fn damaged(path: &Path, offset: u64) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{}: damaged outbox line at byte offset {offset}, with valid lines after it; \
+                 the events after it are published and must not be cut (repair or remove \
+                 that line by hand)",
+                path.display()
             ),
-        };
-        let start = index.partition_point(|l| l.seq < seq0);
-        let mut records = Vec::new();
-        // The last record returned, or passed over for being older than `not_before`:
-        // where the next read continues.
-        let mut last: Option<u64> = None;
-        'lines: for l in &index[start..] {
-            if records.len() >= max_records {
-                break;
-            }
-            let line = self.read_line(l.off, l.len).map_err(io_err)?;
-            let parsed: Line<'_> = serde_json::from_slice(&line).map_err(|e| {
-                StreamError::Io(io::Error::other(format!(
-                    "{}: outbox line at byte offset {} changed under the reader: {e}",
-                    self.path.display(),
-                    l.off
-                )))
-            })?;
-            let skip = if l.seq == seq0 { i0 } else { 0 };
-            for (i, event) in parsed.events.iter().enumerate() {
-                let i = i as u64;
-                if i < skip {
-                    continue;
-                }
-                // Stop within a line too: an entry can hold more events than asked for.
-                if records.len() >= max_records {
-                    break 'lines;
-                }
-                let sequence = l.seq * EVENTS_PER_ENTRY + i;
-                let time = event_time_ms(event.get());
-                last = Some(sequence);
-                if records.is_empty() && not_before.is_some_and(|ts| time < ts) {
-                    continue;
-                }
-                records.push(StoredRecord {
-                    sequence: SequenceNumber::from_u64(sequence),
-                    key: l.seq.to_string(),
-                    payload: bytes::Bytes::copy_from_slice(event.get().as_bytes()),
-                    appended_at_ms: time,
-                });
-            }
-        }
-        // Records after the next read's start: the lines after its line, and what its line
-        // holds from its event on.
-        let (next, (seq_n, i_n)) = match last {
-            Some(s) => (
-                StartPosition::After(SequenceNumber::from_u64(s)),
-                split_sequence(s + 1),
-            ),
-            None => (from.clone(), (seq0, i0)),
-        };
-        let total = index.last().map_or(0, |l| l.events_before + l.events);
-        let k = index.partition_point(|l| l.seq < seq_n);
-        let records_behind = match index.get(k) {
-            Some(l) if l.seq == seq_n => total - l.events_before - i_n.min(l.events),
-            Some(l) => total - l.events_before,
-            None => 0,
-        };
-        Ok(ReadBatch {
-            records,
-            next: Some(next),
-            records_behind,
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(seq: u64) -> OutboxEntry {
-        OutboxEntry {
-            seq,
-            events: vec![format!(r#"{{"id":"e-{seq}"}}"#)],
-        }
-    }
-
-    #[test]
-    fn an_undo_that_fails_stops_the_outbox_until_it_is_reopened() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let outbox = EmbeddedOutbox::open(dir.path()).unwrap();
-            outbox.publish(&[entry(1)]).await.unwrap();
-            // A file that can be neither written nor cut: the write fails, and so does
-            // the undo, so what follows the last good line is unknown.
-            {
-                let mut w = outbox.writer.lock().unwrap();
-                w.file = File::open(outbox.path()).unwrap();
-            }
-            let err = outbox.publish(&[entry(2)]).await.unwrap_err();
-            assert!(
-                err.to_string().contains("cannot cut the file back"),
-                "{err}"
-            );
-            // Even once the file could be written again, this outbox refuses: a torn
-            // line must never end up between good ones.
-            {
-                let mut w = outbox.writer.lock().unwrap();
-                w.file = OpenOptions::new()
-                    .read(true)
-                    .append(true)
-                    .open(outbox.path())
-                    .unwrap();
-            }
-            let err = outbox.publish(&[entry(2)]).await.unwrap_err();
-            assert!(err.to_string().contains("refuses to publish"), "{err}");
-            drop(outbox);
-
-            let reopened = EmbeddedOutbox::open(dir.path()).unwrap();
-            assert_eq!(reopened.last_published().await.unwrap(), Some(1));
-            reopened.publish(&[entry(2)]).await.unwrap();
-            assert_eq!(
-                read_events(dir.path()).unwrap(),
-                vec![r#"{"id":"e-1"}"#, r#"{"id":"e-2"}"#]
-            );
-        });
+        )
     }
 }

@@ -1,17 +1,20 @@
-//! The embedded outbox against its contract: a failed write (a full disk) never damages
-//! what was published before; only a torn tail is ever cut, damage in the middle is an
-//! error naming the file and offset; a standby that takes the relay over continues from
-//! what the file holds, not from what it saw when it opened.
+//! The embedded outbox (the derived-event log) against its contract: every entry's events
+//! in publish order, each once, across a full disk, a crash that left part of an entry, a
+//! standby taking the relay over, segment rolls and retention; `read_events` works across
+//! segments and after retention, and an older floodgate's `outbox.ndjson` is migrated with
+//! its consumers' checkpoints.
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use floodgate_core::config::OutboxConfig;
 use floodgate_core::state::{OutboxEntry, Publisher};
-use floodgate_core::stream::{ShardId, StartPosition, StreamReader};
-use floodgate_sinks::outbox::{FILE_NAME, read_events};
-use floodgate_sinks::{EmbeddedOutbox, OutboxReader};
+use floodgate_core::stream::{
+    CheckpointStore, Record, SequenceNumber, ShardId, StartPosition, StreamReader, StreamWriter,
+};
+use floodgate_sinks::outbox::{FILE_NAME, ensure_log, log_config, log_root, read_events};
+use floodgate_sinks::{EmbeddedCheckpoints, EmbeddedLog, EmbeddedLogReader, EmbeddedOutbox};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -20,13 +23,26 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// `len` bytes that zstd cannot shrink much (so that sizes on disk mean something).
+fn noise(seed: u64, len: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
 /// The derived events of outbox entry `seq`: two events, `pad` bytes of padding each.
 fn events_of(seq: u64, pad: usize) -> Vec<String> {
     (0..2)
         .map(|i| {
             format!(
                 r#"{{"id":"e-{seq}-{i}","type":"booking.confirmed","time":"2026-01-01T00:00:00Z","pad":"{}"}}"#,
-                "p".repeat(pad)
+                noise(seq * 2 + i, pad)
             )
         })
         .collect()
@@ -44,49 +60,14 @@ fn all_events(seqs: std::ops::RangeInclusive<u64>, pad: usize) -> Vec<String> {
     seqs.flat_map(|seq| events_of(seq, pad)).collect()
 }
 
-/// The seq of every line of the outbox file, in file order.
-fn seqs_in_file(dir: &Path) -> Vec<u64> {
-    let bytes = std::fs::read(dir.join(FILE_NAME)).unwrap();
-    bytes
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            serde_json::from_slice::<serde_json::Value>(l).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect()
-}
-
-fn append_raw(dir: &Path, bytes: &[u8]) {
-    let mut f = OpenOptions::new()
-        .append(true)
-        .open(dir.join(FILE_NAME))
-        .unwrap();
-    f.write_all(bytes).unwrap();
-}
-
-/// Every event the outbox reader returns, read from the start in small batches.
-async fn read_all(reader: &OutboxReader) -> Result<Vec<String>, String> {
-    let shard = ShardId("outbox".into());
-    let mut from = StartPosition::TrimHorizon;
-    let mut out = Vec::new();
-    loop {
-        let batch = reader
-            .read(&shard, &from, 3)
-            .await
-            .map_err(|e| e.to_string())?;
-        if batch.records.is_empty() {
-            return Ok(out);
-        }
-        out.extend(
-            batch
-                .records
-                .iter()
-                .map(|r| String::from_utf8(r.payload.to_vec()).unwrap()),
-        );
-        from = batch.next.unwrap();
-    }
+/// Bytes of the log's segments.
+fn log_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(log_root(dir).join("shard-0000"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
 }
 
 /// A small tmpfs mounted for one test, unmounted when dropped (we run as root).
@@ -153,16 +134,15 @@ fn fill_leaving(dir: &Path, free: u64) {
 }
 
 #[test]
-fn a_failed_write_on_a_full_disk_never_damages_earlier_lines() {
+fn a_failed_write_on_a_full_disk_loses_and_repeats_nothing() {
     let fs = Tmpfs::mount("1M");
     let dir = fs.path().join("outbox");
-    let pad = 500; // about 1 KiB a line
+    let pad = 500; // about 1 KiB an event
     rt().block_on(async {
         let outbox = EmbeddedOutbox::open(&dir).unwrap();
         outbox.publish(&entries(1..=40, pad)).await.unwrap();
-        let before = std::fs::metadata(dir.join(FILE_NAME)).unwrap().len();
 
-        // Room for about 12 of the next 40 lines: the write is cut short, then fails.
+        // Room for about 12 of the next 80 events: the write is cut short, then fails.
         fill_leaving(&fs.path(), 12 * 1024);
         let err = outbox
             .publish(&entries(41..=80, pad))
@@ -170,28 +150,18 @@ fn a_failed_write_on_a_full_disk_never_damages_earlier_lines() {
             .expect_err("a publish larger than the free space must fail");
         assert!(
             err.to_string()
-                .contains(&dir.join(FILE_NAME).display().to_string()),
+                .contains(&log_root(&dir).display().to_string()),
             "{err}"
-        );
-        // The undo cut exactly the failed write: every earlier line is whole and there.
-        assert_eq!(
-            std::fs::metadata(dir.join(FILE_NAME)).unwrap().len(),
-            before,
-            "the undo did not restore the length before the write"
         );
         assert_eq!(read_events(&dir).unwrap(), all_events(1..=40, pad));
 
-        // Room again: the relay's retry publishes the rest, each entry once.
+        // Room again: the relay's retry publishes the rest, each entry once, however much
+        // of the failed write the log kept.
         fs.resize("8M");
         outbox.publish(&entries(41..=80, pad)).await.unwrap();
         outbox.publish(&entries(1..=80, pad)).await.unwrap();
         assert_eq!(outbox.last_published().await.unwrap(), Some(80));
-        assert_eq!(seqs_in_file(&dir), (1..=80).collect::<Vec<_>>());
         assert_eq!(read_events(&dir).unwrap(), all_events(1..=80, pad));
-        assert_eq!(
-            read_all(&OutboxReader::new(&dir)).await.unwrap(),
-            all_events(1..=80, pad)
-        );
         drop(outbox);
 
         let reopened = EmbeddedOutbox::open(&dir).unwrap();
@@ -200,124 +170,206 @@ fn a_failed_write_on_a_full_disk_never_damages_earlier_lines() {
 }
 
 #[test]
-fn damage_in_the_middle_refuses_to_open_and_to_read() {
+fn an_entry_left_half_written_is_finished_not_repeated() {
     let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
+    let dir = dir.path().join("outbox");
+    let pad = 20;
     rt().block_on(async {
-        let outbox = EmbeddedOutbox::open(dir).unwrap();
-        outbox.publish(&entries(1..=5, 10)).await.unwrap();
+        let outbox = EmbeddedOutbox::open(&dir).unwrap();
+        outbox.publish(&entries(1..=3, pad)).await.unwrap();
         drop(outbox);
-        // Flip the first byte of the second line.
-        let path = dir.join(FILE_NAME);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let second = bytes.iter().position(|b| *b == b'\n').unwrap() + 1;
-        bytes[second] = b'#';
-        std::fs::write(&path, &bytes).unwrap();
-
-        let expect_named = |msg: String| {
-            assert!(msg.contains(&path.display().to_string()), "{msg}");
-            assert!(msg.contains(&format!("byte offset {second}")), "{msg}");
-        };
-        expect_named(EmbeddedOutbox::open(dir).unwrap_err().to_string());
-        expect_named(read_events(dir).unwrap_err().to_string());
-        expect_named(read_all(&OutboxReader::new(dir)).await.unwrap_err());
-        // Nothing was cut.
-        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        // A relay died after the first of entry 4's two events reached the log.
+        {
+            let log =
+                EmbeddedLog::open(&log_root(&dir), &log_config(&OutboxConfig::default())).unwrap();
+            let first = events_of(4, pad).remove(0);
+            let appended = log
+                .append(vec![Record {
+                    key: "4:0/2".into(),
+                    payload: first.into_bytes().into(),
+                }])
+                .await;
+            appended[0].as_ref().unwrap();
+            log.close().await.unwrap();
+        }
+        let standby = EmbeddedOutbox::open(&dir).unwrap();
+        // Entry 4 is not published yet: the relay must send it again.
+        assert_eq!(standby.last_published().await.unwrap(), Some(3));
+        standby.publish(&entries(4..=6, pad)).await.unwrap();
+        assert_eq!(read_events(&dir).unwrap(), all_events(1..=6, pad));
     });
 }
 
 #[test]
-fn damage_after_what_a_reader_has_seen_is_an_error_not_a_skip() {
+fn a_standby_that_takes_the_relay_over_continues_where_the_log_ends() {
     let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
+    let dir = dir.path().join("outbox");
     rt().block_on(async {
-        let outbox = EmbeddedOutbox::open(dir).unwrap();
-        outbox.publish(&entries(1..=3, 10)).await.unwrap();
-        let reader = OutboxReader::new(dir);
-        assert_eq!(read_all(&reader).await.unwrap(), all_events(1..=3, 10));
-        // A bad line, then valid ones: the reader must not step over it.
-        append_raw(dir, b"{\"seq\":4,\"events\":[{\"x\"\n");
-        append_raw(dir, b"{\"seq\":5,\"events\":[{\"id\":\"e-5\"}]}\n");
-        let shard = ShardId("outbox".into());
-        let from = StartPosition::After(floodgate_core::stream::SequenceNumber::from_u64(
-            3 * floodgate_sinks::outbox::EVENTS_PER_ENTRY + 1,
-        ));
-        let err = reader.read(&shard, &from, 10).await.unwrap_err();
-        assert!(err.to_string().contains("damaged outbox line"), "{err}");
-    });
-}
-
-#[test]
-fn a_torn_tail_is_cut_silently_and_never_read() {
-    for tail in [
-        &b"{\"seq\":4,\"events\":[{\"id\""[..],
-        &b"{\"seq\":4,\"ev\n"[..],
-        &b"garbage\n{\"seq\":4,\"ev"[..],
-    ] {
-        let dir = tempfile::tempdir().unwrap();
-        let dir = dir.path();
-        rt().block_on(async {
-            let outbox = EmbeddedOutbox::open(dir).unwrap();
-            outbox.publish(&entries(1..=3, 10)).await.unwrap();
-            drop(outbox);
-            append_raw(dir, tail);
-
-            assert_eq!(read_events(dir).unwrap(), all_events(1..=3, 10));
-            assert_eq!(
-                read_all(&OutboxReader::new(dir)).await.unwrap(),
-                all_events(1..=3, 10)
-            );
-            let outbox = EmbeddedOutbox::open(dir).unwrap();
-            assert_eq!(outbox.last_published().await.unwrap(), Some(3));
-            outbox.publish(&entries(1..=5, 10)).await.unwrap();
-            assert_eq!(seqs_in_file(dir), vec![1, 2, 3, 4, 5]);
-            assert_eq!(read_events(dir).unwrap(), all_events(1..=5, 10));
-        });
-    }
-}
-
-#[test]
-fn a_standby_that_takes_the_relay_over_does_not_republish() {
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    rt().block_on(async {
-        // Two processes open the outbox at start; only the relay-lease holder publishes.
-        let standby = EmbeddedOutbox::open(dir).unwrap();
-        let active = EmbeddedOutbox::open(dir).unwrap();
+        // Both open at start; only the one holding the relay lease publishes.
+        let standby = EmbeddedOutbox::open(&dir).unwrap();
+        let active = EmbeddedOutbox::open(&dir).unwrap();
         active.publish(&entries(1..=5, 10)).await.unwrap();
-        // The active relay dies (kill -9) before the state store forgets entries 1..=5,
-        // and in the middle of writing entry 6.
+        // One writer at a time: the log is the active relay's while it lives.
+        let err = standby.last_published().await.unwrap_err();
+        assert!(err.to_string().contains("another process holds"), "{err}");
         drop(active);
-        append_raw(dir, b"{\"seq\":6,\"events\":[");
-
-        // The standby takes the lease: its position comes from the file as it is now.
         assert_eq!(standby.last_published().await.unwrap(), Some(5));
         standby.publish(&entries(1..=7, 10)).await.unwrap();
-        assert_eq!(seqs_in_file(dir), (1..=7).collect::<Vec<_>>());
-        assert_eq!(read_events(dir).unwrap(), all_events(1..=7, 10));
+        assert_eq!(read_events(&dir).unwrap(), all_events(1..=7, 10));
     });
 }
 
 #[test]
-fn publish_resyncs_even_without_asking_for_the_position_first() {
+fn the_log_rolls_and_retention_keeps_what_a_consumer_has_not_read() {
     let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
+    let dir = dir.path().join("outbox");
+    let cfg = OutboxConfig {
+        segment_bytes: 8 * 1024,
+        retention_bytes: 32 * 1024,
+    };
+    let pad = 400;
     rt().block_on(async {
-        let standby = EmbeddedOutbox::open(dir).unwrap();
-        let active = EmbeddedOutbox::open(dir).unwrap();
-        active.publish(&entries(1..=5, 10)).await.unwrap();
-        drop(active);
-        standby.publish(&entries(3..=6, 10)).await.unwrap();
-        assert_eq!(seqs_in_file(dir), (1..=6).collect::<Vec<_>>());
+        ensure_log(&dir, &cfg).unwrap();
+        // The derived events' lake: a consumer of the log that has read nothing yet.
+        let checkpoints = EmbeddedCheckpoints::open(&log_root(&dir)).unwrap();
+        let shard = ShardId("0".into());
+        assert!(
+            checkpoints
+                .acquire_lease("lake-derived", &shard, "me")
+                .await
+                .unwrap()
+        );
+        let outbox = EmbeddedOutbox::open_with(&dir, &cfg).unwrap();
+        for k in 0..20 {
+            outbox
+                .publish(&entries(k * 10 + 1..=k * 10 + 10, pad))
+                .await
+                .unwrap();
+        }
+        // Nothing read, nothing deleted: about 160 KiB of events, all there.
+        assert!(log_bytes(&dir) > 100 * 1024, "{}", log_bytes(&dir));
+        assert_eq!(read_events(&dir).unwrap(), all_events(1..=200, pad));
+
+        // The consumer reads up to entry 150; later rolls delete what it has read, down to
+        // the retention size, and never past its checkpoint.
+        let reader = EmbeddedLogReader::open(&log_root(&dir)).unwrap();
+        let batch = reader
+            .read(&shard, &StartPosition::TrimHorizon, 300)
+            .await
+            .unwrap();
+        let last = batch.records.last().unwrap().sequence.clone();
+        assert_eq!(last, SequenceNumber::from_u64(299));
+        checkpoints
+            .commit("lake-derived", &shard, &last)
+            .await
+            .unwrap();
+        for k in 20..30 {
+            outbox
+                .publish(&entries(k * 10 + 1..=k * 10 + 10, pad))
+                .await
+                .unwrap();
+        }
+        let kept = read_events(&dir).unwrap();
+        let all = all_events(1..=300, pad);
+        assert!(
+            kept.len() < all.len(),
+            "retention deleted nothing: {} bytes",
+            log_bytes(&dir)
+        );
+        // What is kept is a suffix of what was published, and holds all the consumer
+        // has not read (events 300 on, entries 151 on).
+        assert_eq!(kept[..], all[all.len() - kept.len()..]);
+        assert!(kept.len() >= all.len() - 300, "{} kept", kept.len());
+
+        // Once the consumer has read everything, the log shrinks to the retention size
+        // (plus the active segment and the one being filled when it rolls).
+        let batch = reader
+            .read(&shard, &StartPosition::After(last), 10_000)
+            .await
+            .unwrap();
+        let last = batch.records.last().unwrap().sequence.clone();
+        checkpoints
+            .commit("lake-derived", &shard, &last)
+            .await
+            .unwrap();
+        outbox.publish(&entries(301..=320, pad)).await.unwrap();
+        assert!(
+            log_bytes(&dir) <= cfg.retention_bytes + 2 * cfg.segment_bytes,
+            "{} bytes kept",
+            log_bytes(&dir)
+        );
+        let kept = read_events(&dir).unwrap();
+        let all = all_events(1..=320, pad);
+        assert_eq!(kept[..], all[all.len() - kept.len()..]);
+        // The position survives retention: a restarted relay goes on after entry 300.
+        drop(outbox);
+        let reopened = EmbeddedOutbox::open_with(&dir, &cfg).unwrap();
+        assert_eq!(reopened.last_published().await.unwrap(), Some(320));
     });
 }
 
 #[test]
-fn the_outbox_directory_and_file_are_created_on_open() {
-    let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("data/outbox");
-    let outbox = EmbeddedOutbox::open(&dir).unwrap();
-    assert!(dir.join(FILE_NAME).is_file());
-    assert_eq!(rt().block_on(outbox.last_published()).unwrap(), None);
-    assert!(read_events(&dir).unwrap().is_empty());
+fn an_older_ndjson_outbox_is_migrated_with_its_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().join("outbox");
+    std::fs::create_dir_all(dir.join("checkpoints")).unwrap();
+    let pad = 30;
+    let mut ndjson = String::new();
+    for seq in [1, 2, 5] {
+        let events = events_of(seq, pad).join(",");
+        ndjson.push_str(&format!("{{\"seq\":{seq},\"events\":[{events}]}}\n"));
+    }
+    // A torn tail: never published, so never migrated (the relay sends it again).
+    ndjson.push_str("{\"seq\":6,\"events\":[{\"id\"");
+    std::fs::write(dir.join(FILE_NAME), &ndjson).unwrap();
+    // The derived lake had committed event 0 of entry 2 (seq × 1,000,000 + index).
+    std::fs::write(
+        dir.join("checkpoints/lake-derived.json"),
+        r#"{"shards":{"outbox":"2000000"}}"#,
+    )
+    .unwrap();
+    // A migration that died half way left its staging directory.
+    std::fs::create_dir_all(dir.join("log.migrating/shard-0000")).unwrap();
+    std::fs::write(dir.join("log.migrating/meta.json"), "{").unwrap();
+
+    let before = read_events(&dir).unwrap();
+    let mut expected = all_events(1..=2, pad);
+    expected.extend(events_of(5, pad));
+    assert_eq!(before, expected, "an unmigrated outbox reads as before");
+
+    ensure_log(&dir, &OutboxConfig::default()).unwrap();
+    assert!(!dir.join(FILE_NAME).exists());
+    assert!(!dir.join("log.migrating").exists());
+    assert_eq!(read_events(&dir).unwrap(), expected);
+    // Event 0 of entry 2 is the log's third record (sequence 2).
+    let cp: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(log_root(&dir).join("checkpoints/lake-derived.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cp["shards"]["0"], "2", "{cp}");
+    rt().block_on(async {
+        let outbox = EmbeddedOutbox::open(&dir).unwrap();
+        assert_eq!(outbox.last_published().await.unwrap(), Some(5));
+        outbox.publish(&entries(5..=6, pad)).await.unwrap();
+    });
+    expected.extend(events_of(6, pad));
+    assert_eq!(read_events(&dir).unwrap(), expected);
+    // Once is enough: a second call changes nothing.
+    ensure_log(&dir, &OutboxConfig::default()).unwrap();
+    assert_eq!(read_events(&dir).unwrap(), expected);
+}
+
+#[test]
+fn damage_in_an_older_outbox_stops_the_migration_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().join("outbox");
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = |seq: u64| format!("{{\"seq\":{seq},\"events\":[{{\"id\":\"{seq}\"}}]}}\n");
+    let text = format!("{}not json\n{}", good(1), good(2));
+    std::fs::write(dir.join(FILE_NAME), &text).unwrap();
+    let err = ensure_log(&dir, &OutboxConfig::default()).unwrap_err();
+    assert!(err.to_string().contains("byte offset"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.join(FILE_NAME)).unwrap(), text);
+    assert!(!log_root(&dir).exists());
+    let _ = std::io::stdout().flush();
 }

@@ -4,8 +4,8 @@
 //!   watermark);
 //! - [`EmbeddedLogReader`], the view of another process (`floodgate process`, `stream
 //!   read`) of a log an [`EmbeddedLog`] writes (bounded by the published `durable` file);
-//! - [`OutboxReader`], the published derived events as a one-shard stream, fed through
-//!   [`EmbeddedOutbox::publish`].
+//! - the derived-event log (an [`EmbeddedLog`] of one shard) as its consumers read it,
+//!   fed through [`EmbeddedOutbox::publish`].
 //!
 //! Each backend is a small fixture: how to append records with keys, the reader, and how
 //! to show the state "written, not yet durable" to the reader.
@@ -19,13 +19,13 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use conformance::{Capabilities, StreamFixture};
-use floodgate_core::config::{Compression, EmbeddedStreamConfig};
+use floodgate_core::config::{Compression, EmbeddedStreamConfig, OutboxConfig};
 use floodgate_core::state::{OutboxEntry, Publisher};
 use floodgate_core::stream::{
     Appended, Record, SequenceNumber, ShardId, StreamReader, StreamWriter,
 };
-use floodgate_sinks::outbox::{EVENTS_PER_ENTRY, FILE_NAME, OUTBOX_SHARD};
-use floodgate_sinks::{EmbeddedLog, EmbeddedLogReader, EmbeddedOutbox, OutboxReader};
+use floodgate_sinks::outbox::{ensure_log, log_root};
+use floodgate_sinks::{EmbeddedLog, EmbeddedLogReader, EmbeddedOutbox};
 use proptest::prelude::*;
 
 fn rt() -> tokio::runtime::Runtime {
@@ -252,13 +252,15 @@ impl StreamFixture for OtherProcessView {
     }
 }
 
-/// The outbox as a stream: records are published as outbox entries of up to three events
-/// (so that entries hold several records and sequence numbers jump between entries).
+/// The derived-event log as its consumers read it: records are published through
+/// [`EmbeddedOutbox::publish`] as outbox entries of up to three events (so that an entry
+/// spans several records), and read with an [`EmbeddedLogReader`].
 struct Outbox {
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
     outbox: EmbeddedOutbox,
-    reader: Arc<OutboxReader>,
-    next_seq: Mutex<u64>,
+    reader: Arc<EmbeddedLogReader>,
+    /// The next outbox entry seq, and the next record's sequence in the log.
+    next: Mutex<(u64, u64)>,
 }
 
 const EVENTS_PER_TEST_ENTRY: usize = 3;
@@ -266,30 +268,36 @@ const EVENTS_PER_TEST_ENTRY: usize = 3;
 impl Outbox {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = EmbeddedOutbox::open(dir.path()).unwrap();
-        let reader = Arc::new(OutboxReader::new(dir.path()));
+        let cfg = OutboxConfig {
+            segment_bytes: 4096,
+            ..OutboxConfig::default()
+        };
+        ensure_log(dir.path(), &cfg).unwrap();
+        let outbox = EmbeddedOutbox::open_with(dir.path(), &cfg).unwrap();
+        let reader = Arc::new(EmbeddedLogReader::open(&log_root(dir.path())).unwrap());
         Self {
-            dir,
+            _dir: dir,
             outbox,
             reader,
-            next_seq: Mutex::new(1),
+            next: Mutex::new((1, 0)),
         }
     }
 
     /// Groups `records` into entries of up to `per_entry` events with the next outbox
     /// seqs, and says where each record lands.
     fn entries(&self, records: &[Record], per_entry: usize) -> (Vec<OutboxEntry>, Vec<Appended>) {
-        let mut next = self.next_seq.lock().unwrap();
+        let mut next = self.next.lock().unwrap();
         let mut entries = Vec::new();
         let mut appended = Vec::new();
         for chunk in records.chunks(per_entry) {
-            let seq = *next;
-            *next += 1;
-            for i in 0..chunk.len() {
+            let seq = next.0;
+            next.0 += 1;
+            for _ in chunk {
                 appended.push(Appended {
-                    shard: ShardId(OUTBOX_SHARD.into()),
-                    sequence: SequenceNumber::from_u64(seq * EVENTS_PER_ENTRY + i as u64),
+                    shard: ShardId("0".into()),
+                    sequence: SequenceNumber::from_u64(next.1),
                 });
+                next.1 += 1;
             }
             entries.push(OutboxEntry {
                 seq,
@@ -306,7 +314,7 @@ impl Outbox {
 #[async_trait]
 impl StreamFixture for Outbox {
     fn name(&self) -> String {
-        "OutboxReader".into()
+        "derived-event log".into()
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -325,38 +333,6 @@ impl StreamFixture for Outbox {
         let (entries, appended) = self.entries(&records, EVENTS_PER_TEST_ENTRY);
         self.outbox.publish(&entries).await.unwrap();
         appended
-    }
-
-    /// Writes one entry's line without its final newline: a relay's write still in
-    /// progress, or cut short by a crash. (A line is the outbox's unit: a whole line is
-    /// read even before the relay's fsync returns, because a relay that has to undo it
-    /// writes the very same line again.)
-    async fn write_without_durability(&self, records: Vec<Record>) -> bool {
-        let (entries, _) = self.entries(&records, records.len());
-        let [entry] = &entries[..] else {
-            panic!("one entry, one line");
-        };
-        let line = format!(
-            "{{\"seq\":{},\"events\":[{}]}}",
-            entry.seq,
-            entry.events.join(",")
-        );
-        OpenOptions::new()
-            .append(true)
-            .open(self.dir.path().join(FILE_NAME))
-            .unwrap()
-            .write_all(line.as_bytes())
-            .unwrap();
-        true
-    }
-
-    async fn make_durable(&self) {
-        OpenOptions::new()
-            .append(true)
-            .open(self.dir.path().join(FILE_NAME))
-            .unwrap()
-            .write_all(b"\n")
-            .unwrap();
     }
 }
 
