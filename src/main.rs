@@ -573,7 +573,7 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
         })?;
         let quarantine = open_quarantine(&config)?;
         let outbox_dir = config.data_dir.join("outbox");
-        floodgate_sinks::outbox::ensure_log(&outbox_dir, &config.publish.outbox)?;
+        floodgate_sinks::outbox::ensure_log(&outbox_dir, &config.publish.outbox).await?;
         let outbox = EmbeddedLogReader::open(&floodgate_sinks::outbox::log_root(&outbox_dir))?;
         let lake_dir = config.data_dir.join("lake");
         let old = LocalDirStore::open(&lake_dir)?;
@@ -640,6 +640,13 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
                 shard: shard.clone(),
             });
         }
+        // Runs an older floodgate wrote from its NDJSON outbox (shard `outbox`, sequences
+        // seq × 1,000,000 + i) have no source any more: their events were migrated into
+        // the derived-event log under new sequence numbers. They are kept as they are.
+        let legacy = [
+            (&derived_names, "outbox".to_owned()),
+            (&q_table, "lake-derived.outbox".to_owned()),
+        ];
         let mut heads: HashMap<(usize, floodgate_core::stream::ShardId), Option<SequenceNumber>> =
             HashMap::new();
         for (i, reader) in readers.iter().enumerate() {
@@ -657,6 +664,17 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
                 continue;
             };
             let name = object.key.rsplit('/').next().unwrap_or("");
+            let is_legacy = legacy.iter().any(|(tables, prefix)| {
+                tables.iter().any(|t| t == table)
+                    && floodgate_processors::lake::parse_file_name(name, prefix).is_some()
+            });
+            if is_legacy {
+                if let Some(bytes) = old.get(&object.key).await? {
+                    fresh_store.put(&object.key, bytes).await?;
+                    kept += 1;
+                }
+                continue;
+            }
             for src in &sources {
                 if !src.tables.iter().any(|t| t == table) {
                     continue;
@@ -854,7 +872,7 @@ impl Processors {
         let outbox_dir = data_dir.join("outbox");
         // The log exists (created, or migrated from an older outbox) before anyone reads it;
         // the relay opens it for writing only once it holds the relay lease.
-        floodgate_sinks::outbox::ensure_log(&outbox_dir, &config_all.publish.outbox)?;
+        floodgate_sinks::outbox::ensure_log(&outbox_dir, &config_all.publish.outbox).await?;
         let outbox = Arc::new(EmbeddedOutbox::open_with(
             &outbox_dir,
             &config_all.publish.outbox,

@@ -596,6 +596,33 @@ fn summary(rows: &[Row], budget: Option<u64>) -> Value {
     let max_rss = rows.iter().filter_map(|r| r.rss_bytes).max();
     let last_disk = rows.last().map(|r| r.disk.clone()).unwrap_or_default();
     let disk = |name: &str| last_disk.iter().find(|(d, _)| *d == name).map(|(_, b)| *b);
+    // Flat after the warm-up: RSS at the end of minute 2 against the most it reached later.
+    let warm = rows.iter().find(|r| r.minute >= 2.0 - 1e-6);
+    let rss_at_2 = warm.and_then(|r| r.rss_bytes);
+    let rss_after_2 = warm.and_then(|w| {
+        rows.iter()
+            .filter(|r| r.minute > w.minute)
+            .filter_map(|r| r.rss_bytes)
+            .max()
+    });
+    let disk_growth: serde_json::Map<String, Value> = match (rows.first(), rows.last()) {
+        (Some(first), Some(last)) => last
+            .disk
+            .iter()
+            .map(|(d, b)| {
+                let before = first
+                    .disk
+                    .iter()
+                    .find(|(n, _)| n == d)
+                    .map_or(0, |(_, b)| *b);
+                (
+                    (*d).to_owned(),
+                    json!(((*b as f64 - before as f64) / 1e6).round()),
+                )
+            })
+            .collect(),
+        _ => serde_json::Map::new(),
+    };
     json!({
         "summary": true,
         "rows": rows.len(),
@@ -603,6 +630,9 @@ fn summary(rows: &[Row], budget: Option<u64>) -> Value {
         "max_rss_mb": max_rss.map(|b| b / 1_000_000),
         "budget_mb": budget.map(|b| b / 1_000_000),
         "rss_within_budget": max_rss.zip(budget).map(|(r, b)| r <= b),
+        "rss_mb_at_minute_2": rss_at_2.map(|b| b / 1_000_000),
+        "max_rss_mb_after_minute_2": rss_after_2.map(|b| b / 1_000_000),
+        "disk_growth_mb_since_first_row": disk_growth,
         "p99_ms_rows_2_to_6": early,
         "p99_ms_last_5_rows": late,
         "p99_ratio": early.zip(late).map(|(e, l)| (l / e.max(1e-3) * 100.0).round() / 100.0),

@@ -36,11 +36,11 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::create_dir_durably;
-use crate::embedded_log::{EmbeddedLog, EmbeddedLogReader, fsync_dir};
+use crate::embedded_log::{EmbeddedLog, EmbeddedLogReader, MAX_RECORD_BYTES, fsync_dir};
 use async_trait::async_trait;
 use bytes::Bytes;
 use floodgate_core::config::{Compression, EmbeddedStreamConfig, OutboxConfig};
@@ -177,11 +177,35 @@ async fn last_record(log: &dyn StreamReader) -> Result<Option<StoredRecord>, Str
     Ok(log.read(&shard(), &at, 1).await?.records.into_iter().next())
 }
 
+/// Opens the log for writing. Its lock can be held for a moment after its last holder
+/// let it go (a child process forked just then shares the descriptor until it execs), so
+/// a held lock is tried again for up to a second before it counts as another writer's.
+async fn open_log(root: &Path, cfg: &EmbeddedStreamConfig) -> Result<EmbeddedLog, StreamError> {
+    let mut attempts = 0;
+    loop {
+        match EmbeddedLog::open(root, cfg) {
+            Err(StreamError::Unavailable(_)) if attempts < 20 => {
+                attempts += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Writer {
     log: EmbeddedLog,
     position: Position,
+    /// Set once an fsync failed: what the log holds past its last fsync is unknown (the
+    /// kernel may have dropped the pages), so this process publishes nothing more. A new
+    /// process recovers the log's tail as the stream does.
+    failed: Option<String>,
 }
+
+/// Bytes of records per append: a relay catching up on a backlog publishes many entries at
+/// once, and the log refuses a single append larger than its queue.
+const APPEND_CHUNK_BYTES: usize = 4 * 1024 * 1024;
 
 /// The embedded [`Publisher`] (see the module docs).
 #[derive(Debug)]
@@ -224,18 +248,27 @@ impl EmbeddedOutbox {
         slot: &'a mut Option<Writer>,
     ) -> Result<&'a mut Writer, PublishError> {
         if slot.is_none() {
-            let (dir, cfg) = (self.dir.clone(), self.cfg.clone());
-            tokio::task::spawn_blocking(move || ensure_log(&dir, &cfg))
+            ensure_log(&self.dir, &self.cfg)
                 .await
-                .map_err(|e| self.error(e))?
                 .map_err(|e| self.error(e))?;
-            let log = EmbeddedLog::open(&log_root(&self.dir), &log_config(&self.cfg))
+            let log = open_log(&log_root(&self.dir), &log_config(&self.cfg))
+                .await
                 .map_err(|e| self.error(e))?;
             let last = last_record(&log).await.map_err(|e| self.error(e))?;
             let position = Position::after(last.as_ref()).map_err(|e| self.error(e))?;
-            *slot = Some(Writer { log, position });
+            *slot = Some(Writer {
+                log,
+                position,
+                failed: None,
+            });
         }
-        Ok(slot.as_mut().expect("opened above"))
+        let w = slot.as_mut().expect("opened above");
+        if let Some(why) = &w.failed {
+            return Err(self.error(format_args!(
+                "refuses to publish until the process restarts: {why}"
+            )));
+        }
+        Ok(w)
     }
 }
 
@@ -251,21 +284,39 @@ impl Publisher for EmbeddedOutbox {
         let mut slot = self.writer.lock().await;
         let w = self.writer(&mut slot).await?;
         let (records, after) = w.position.records(entries);
-        if !records.is_empty() {
-            let failed = w
-                .log
-                .append(records)
-                .await
-                .into_iter()
-                .find_map(Result::err);
-            if let Some(e) = failed {
-                // What reached the disk is unknown here: close the log and let the next
-                // call reopen it, recover its tail and read the position from it.
-                if let Some(w) = slot.take() {
-                    let _ = w.log.close().await;
-                }
-                return Err(self.error(format_args!("append failed: {e}")));
+        // The log refuses a record this large and appends the others: a hole. Derived
+        // events are small; one this large is a bug, and stops the relay, loudly.
+        if let Some(r) = records
+            .iter()
+            .find(|r| r.key.len() + r.payload.len() > MAX_RECORD_BYTES)
+        {
+            return Err(self.error(format_args!(
+                "derived event {} is larger than the log's {MAX_RECORD_BYTES}-byte record limit",
+                r.key
+            )));
+        }
+        let mut records = records.into_iter().peekable();
+        while records.peek().is_some() {
+            let mut chunk = Vec::new();
+            let mut bytes = 0;
+            while let Some(r) = records.next_if(|_| chunk.is_empty() || bytes < APPEND_CHUNK_BYTES)
+            {
+                bytes += r.key.len() + r.payload.len();
+                chunk.push(r);
             }
+            let failed = w.log.append(chunk).await.into_iter().find_map(Result::err);
+            let Some(e) = failed else { continue };
+            if let Some(why) = w.log.failed() {
+                w.failed = Some(why.clone());
+                return Err(self.error(format_args!(
+                    "append failed ({e}); refuses to publish until the process restarts: {why}"
+                )));
+            }
+            // The write failed and the log undid it (a full disk): it holds exactly what
+            // it held before this chunk. The next publish goes on from there.
+            let last = last_record(&w.log).await.map_err(|e| self.error(e))?;
+            w.position = Position::after(last.as_ref()).map_err(|e| self.error(e))?;
+            return Err(self.error(format_args!("append failed: {e}")));
         }
         w.position = after;
         Ok(())
@@ -275,33 +326,47 @@ impl Publisher for EmbeddedOutbox {
 /// Makes sure the derived-event log exists under `dir`, migrating an older floodgate's
 /// `outbox.ndjson` into it first (see the module docs). Safe to call from several
 /// processes at once, and beside a process that has the log open.
-pub fn ensure_log(dir: &Path, cfg: &OutboxConfig) -> io::Result<()> {
+///
+/// An older floodgate must not be running on `dir` meanwhile: it would go on appending to
+/// `outbox.ndjson`. The migration notices a file that changed under it and stops.
+pub async fn ensure_log(dir: &Path, cfg: &OutboxConfig) -> io::Result<()> {
     let root = log_root(dir);
     let legacy = dir.join(FILE_NAME);
-    if root.join("meta.json").exists() && !legacy.exists() {
+    let old_checkpoints = dir.join("checkpoints");
+    if root.join("meta.json").exists() && !legacy.exists() && !old_checkpoints.exists() {
         return Ok(());
     }
     create_dir_durably(dir)?;
     let lock_path = dir.join("MIGRATE.lock");
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| at(&lock_path, e))?;
-    lock.lock().map_err(|e| at(&lock_path, e))?;
+    // Held until this function returns (another process may be migrating: wait for it).
+    let _lock = tokio::task::spawn_blocking(move || {
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| at(&lock_path, e))?;
+        lock.lock().map_err(|e| at(&lock_path, e))?;
+        Ok::<_, io::Error>(lock)
+    })
+    .await
+    .map_err(io::Error::other)??;
     if root.join("meta.json").exists() {
-        if legacy.exists() {
-            // Migrated (the new log is in place); the old outbox is left over.
-            remove_legacy(dir)?;
-        }
-        return Ok(());
+        // Migrated (the new log is in place); what the old outbox left goes.
+        return remove_legacy(dir);
     }
     if legacy.exists() {
-        return migrate(dir, cfg);
+        if root.exists() {
+            // A log directory without meta.json holds nothing: its creation was cut short.
+            fs::remove_dir_all(&root).map_err(|e| at(&root, e))?;
+        }
+        return migrate(dir, cfg).await;
     }
     match EmbeddedLog::open(&root, &log_config(cfg)) {
-        Ok(log) => drop(log),
+        Ok(log) => log
+            .close()
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?,
         // Another process created it and holds it.
         Err(StreamError::Unavailable(_)) if root.join("meta.json").exists() => {}
         Err(e) => return Err(io::Error::other(e.to_string())),
@@ -311,18 +376,18 @@ pub fn ensure_log(dir: &Path, cfg: &OutboxConfig) -> io::Result<()> {
 
 /// Copies the events of `outbox.ndjson` into a new log beside it, translates the
 /// consumers' checkpoints, renames the new log into place and removes the old outbox.
-fn migrate(dir: &Path, cfg: &OutboxConfig) -> io::Result<()> {
+/// Reads the file line by line and appends in large batches (one fsync each), so a file
+/// of gigabytes migrates in about the time it takes to read it.
+async fn migrate(dir: &Path, cfg: &OutboxConfig) -> io::Result<()> {
     let legacy = dir.join(FILE_NAME);
     let staging = dir.join("log.migrating");
     if staging.exists() {
         fs::remove_dir_all(&staging).map_err(|e| at(&staging, e))?;
     }
-    let bytes = fs::read(&legacy).map_err(|e| at(&legacy, e))?;
-    let found = legacy::scan(&bytes).map_err(|off| legacy::damaged(&legacy, off as u64))?;
     // Old checkpoints name (seq × 1,000,000 + i) on shard `outbox`: the event they name,
     // per consumer.
     let old_checkpoints = dir.join("checkpoints");
-    let mut wanted: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut wanted: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
     if old_checkpoints.is_dir() {
         for entry in fs::read_dir(&old_checkpoints).map_err(|e| at(&old_checkpoints, e))? {
             let path = entry?.path();
@@ -337,47 +402,66 @@ fn migrate(dir: &Path, cfg: &OutboxConfig) -> io::Result<()> {
                 serde_json::from_slice(&fs::read(&path).map_err(|e| at(&path, e))?)
                     .map_err(|e| at(&path, io::Error::new(io::ErrorKind::InvalidData, e)))?;
             if let Some(seq) = file.shards.get(legacy::SHARD).and_then(|s| s.parse().ok()) {
-                wanted.insert(consumer.to_owned(), legacy::split_sequence(seq));
+                wanted
+                    .entry(legacy::split_sequence(seq))
+                    .or_default()
+                    .push(consumer.to_owned());
             }
         }
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(io::Error::other)?;
-    let translated = rt.block_on(async {
-        let log = EmbeddedLog::open(&staging, &log_config(cfg))
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        let mut translated = BTreeMap::new();
-        for (seq, off, len, _) in &found.lines {
-            let line: legacy::Line<'_> =
-                serde_json::from_slice(&bytes[*off..*off + *len]).map_err(io::Error::other)?;
+    let file = File::open(&legacy).map_err(|e| at(&legacy, e))?;
+    let length = file.metadata().map_err(|e| at(&legacy, e))?.len();
+    let mut lines = legacy::Lines::new(io::BufReader::with_capacity(1 << 20, file), &legacy);
+    let log = EmbeddedLog::open(&staging, &log_config(cfg))
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let mut translated: BTreeMap<String, SequenceNumber> = BTreeMap::new();
+    let mut entries = 0u64;
+    loop {
+        // A batch of records, each with the (seq, index) it came from.
+        let mut batch: Vec<(Record, (u64, u64))> = Vec::new();
+        let mut bytes = 0;
+        while bytes < APPEND_CHUNK_BYTES {
+            let Some(line) = lines.next_line()? else {
+                break;
+            };
+            entries += 1;
             let n = line.events.len();
-            let records = line
-                .events
-                .iter()
-                .enumerate()
-                .map(|(i, ev)| Record {
-                    key: key(*seq, i, n),
-                    payload: Bytes::copy_from_slice(ev.get().as_bytes()),
-                })
-                .collect();
-            let appended = log.append(records).await;
-            for (i, a) in appended.into_iter().enumerate() {
-                let a = a.map_err(|e| io::Error::other(e.to_string()))?;
-                for (consumer, at) in &wanted {
-                    if *at == (*seq, i as u64) {
-                        translated.insert(consumer.clone(), a.sequence.clone());
-                    }
-                }
+            for (i, ev) in line.events.into_iter().enumerate() {
+                bytes += ev.len();
+                let record = Record {
+                    key: key(line.seq, i, n),
+                    payload: Bytes::from(ev),
+                };
+                batch.push((record, (line.seq, i as u64)));
             }
         }
-        log.close()
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        Ok::<_, io::Error>(translated)
-    })?;
+        if batch.is_empty() {
+            break;
+        }
+        let (records, tags): (Vec<Record>, Vec<(u64, u64)>) = batch.into_iter().unzip();
+        for (a, tag) in log.append(records).await.into_iter().zip(tags) {
+            let a = a.map_err(|e| io::Error::other(e.to_string()))?;
+            for consumer in wanted.get(&tag).into_iter().flatten() {
+                translated.insert(consumer.clone(), a.sequence.clone());
+            }
+        }
+    }
+    log.close()
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    drop(log);
+    let now = fs::metadata(&legacy).map_err(|e| at(&legacy, e))?.len();
+    if now != length || lines.consumed() != length {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(io::Error::other(format!(
+            "{} changed during its migration ({length} bytes, then {now}): an older floodgate \
+             is still publishing to it. Stop every older floodgate on this data directory, \
+             then start again",
+            legacy.display()
+        )));
+    }
     // A consumer whose checkpoint names no event of the file (there is none) starts
-    // afresh; one that had read everything resumes after the last event.
+    // afresh.
     let staged_checkpoints = staging.join("checkpoints");
     create_dir_durably(&staged_checkpoints)?;
     for (consumer, seq) in &translated {
@@ -393,7 +477,7 @@ fn migrate(dir: &Path, cfg: &OutboxConfig) -> io::Result<()> {
     tracing::info!(
         from = %legacy.display(),
         to = %log_root(dir).display(),
-        entries = found.lines.len(),
+        entries,
         "migrated the derived events to a segmented log"
     );
     remove_legacy(dir)
@@ -402,7 +486,11 @@ fn migrate(dir: &Path, cfg: &OutboxConfig) -> io::Result<()> {
 /// Removes what an older floodgate's outbox left once its events are in the log.
 fn remove_legacy(dir: &Path) -> io::Result<()> {
     let legacy = dir.join(FILE_NAME);
-    fs::remove_file(&legacy).map_err(|e| at(&legacy, e))?;
+    match fs::remove_file(&legacy) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(at(&legacy, e)),
+    }
     let old = dir.join("checkpoints");
     if old.is_dir() {
         fs::remove_dir_all(&old).map_err(|e| at(&old, e))?;
@@ -418,20 +506,15 @@ pub fn for_each_event(dir: &Path, mut each: impl FnMut(&[u8]) -> io::Result<()>)
     let root = log_root(dir);
     if !root.join("meta.json").exists() {
         let path = dir.join(FILE_NAME);
-        let mut bytes = Vec::new();
-        match File::open(&path) {
-            Ok(mut f) => {
-                f.read_to_end(&mut bytes).map_err(|e| at(&path, e))?;
-            }
+        let file = match File::open(&path) {
+            Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(at(&path, e)),
-        }
-        let found = legacy::scan(&bytes).map_err(|off| legacy::damaged(&path, off as u64))?;
-        for (_, off, len, _) in found.lines {
-            let line: legacy::Line<'_> =
-                serde_json::from_slice(&bytes[off..off + len]).map_err(io::Error::other)?;
-            for e in line.events {
-                each(e.get().as_bytes())?;
+        };
+        let mut lines = legacy::Lines::new(io::BufReader::new(file), &path);
+        while let Some(line) = lines.next_line()? {
+            for e in &line.events {
+                each(e)?;
             }
         }
         return Ok(());
@@ -465,8 +548,8 @@ pub fn read_events(dir: &Path) -> io::Result<Vec<String>> {
 /// The NDJSON outbox of older floodgates, read only to migrate it.
 mod legacy {
     use std::collections::BTreeMap;
-    use std::io;
-    use std::path::Path;
+    use std::io::{self, BufRead};
+    use std::path::{Path, PathBuf};
 
     use serde::Deserialize;
     use serde_json::value::RawValue;
@@ -486,49 +569,82 @@ mod legacy {
     }
 
     #[derive(Deserialize)]
-    pub struct Line<'a> {
-        pub seq: u64,
+    struct Line<'a> {
+        seq: u64,
         #[serde(borrow)]
-        pub events: Vec<&'a RawValue>,
+        events: Vec<&'a RawValue>,
     }
 
-    /// The whole, valid lines of a stretch of an outbox file.
-    pub struct Scan {
-        /// (seq, byte offset within the stretch, byte length, number of events) of each valid
-        /// line, in order.
-        /// What follows the last is a torn tail (an incomplete last line, or bad lines
-        /// with nothing valid after them), which was never published: not migrated.
-        pub lines: Vec<(u64, usize, usize, usize)>,
+    /// One line of the file: an outbox entry's seq and its events' JSON text.
+    pub struct Entry {
+        pub seq: u64,
+        pub events: Vec<Vec<u8>>,
     }
 
-    /// Scans `bytes` (a stretch of an outbox file starting at a line boundary). `Err` holds
-    /// the offset (within `bytes`) of a bad line that has valid lines after it: damage, not a
-    /// torn tail.
-    pub fn scan(bytes: &[u8]) -> Result<Scan, usize> {
-        let mut lines = Vec::new();
-        let mut first_bad = None;
-        let mut off = 0;
-        for line in bytes.split_inclusive(|b| *b == b'\n') {
-            if !line.ends_with(b"\n") {
-                break; // still being written, or cut by a crash
+    /// The whole, valid lines of an outbox file, in order. What follows the last of them
+    /// (an incomplete last line, or bad lines with nothing valid after them) is a torn
+    /// tail, never published, and not returned. A bad line with valid lines after it is
+    /// damage: an error naming the file and offset.
+    pub struct Lines<R> {
+        reader: R,
+        path: PathBuf,
+        buf: Vec<u8>,
+        /// Bytes read so far, and the offset of the first bad line not yet followed by a
+        /// good one.
+        consumed: u64,
+        first_bad: Option<u64>,
+    }
+
+    impl<R: BufRead> Lines<R> {
+        pub fn new(reader: R, path: &Path) -> Self {
+            Self {
+                reader,
+                path: path.to_owned(),
+                buf: Vec::new(),
+                consumed: 0,
+                first_bad: None,
             }
-            match serde_json::from_slice::<Line<'_>>(line) {
-                Ok(l) => {
-                    if let Some(bad) = first_bad {
-                        return Err(bad);
-                    }
-                    lines.push((l.seq, off, line.len(), l.events.len()));
-                }
-                Err(_) => {
-                    first_bad.get_or_insert(off);
-                }
-            }
-            off += line.len();
         }
-        Ok(Scan { lines })
+
+        /// Bytes of the file read so far (all of it, once `next_line` returned `None`).
+        pub fn consumed(&self) -> u64 {
+            self.consumed
+        }
+
+        pub fn next_line(&mut self) -> io::Result<Option<Entry>> {
+            loop {
+                self.buf.clear();
+                let offset = self.consumed;
+                let n = self.reader.read_until(b'\n', &mut self.buf).map_err(|e| {
+                    io::Error::new(e.kind(), format!("{}: {e}", self.path.display()))
+                })?;
+                self.consumed += n as u64;
+                if n == 0 || !self.buf.ends_with(b"\n") {
+                    return Ok(None); // the end, or a line still being written
+                }
+                match serde_json::from_slice::<Line<'_>>(&self.buf) {
+                    Ok(line) => {
+                        if let Some(bad) = self.first_bad {
+                            return Err(damaged(&self.path, bad));
+                        }
+                        return Ok(Some(Entry {
+                            seq: line.seq,
+                            events: line
+                                .events
+                                .iter()
+                                .map(|e| e.get().as_bytes().to_vec())
+                                .collect(),
+                        }));
+                    }
+                    Err(_) => {
+                        self.first_bad.get_or_insert(offset);
+                    }
+                }
+            }
+        }
     }
 
-    pub fn damaged(path: &Path, offset: u64) -> io::Error {
+    fn damaged(path: &Path, offset: u64) -> io::Error {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!(

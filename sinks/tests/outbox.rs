@@ -229,7 +229,7 @@ fn the_log_rolls_and_retention_keeps_what_a_consumer_has_not_read() {
     };
     let pad = 400;
     rt().block_on(async {
-        ensure_log(&dir, &cfg).unwrap();
+        ensure_log(&dir, &cfg).await.unwrap();
         // The derived events' lake: a consumer of the log that has read nothing yet.
         let checkpoints = EmbeddedCheckpoints::open(&log_root(&dir)).unwrap();
         let shard = ShardId("0".into());
@@ -337,7 +337,8 @@ fn an_older_ndjson_outbox_is_migrated_with_its_checkpoints() {
     expected.extend(events_of(5, pad));
     assert_eq!(before, expected, "an unmigrated outbox reads as before");
 
-    ensure_log(&dir, &OutboxConfig::default()).unwrap();
+    rt().block_on(ensure_log(&dir, &OutboxConfig::default()))
+        .unwrap();
     assert!(!dir.join(FILE_NAME).exists());
     assert!(!dir.join("log.migrating").exists());
     assert_eq!(read_events(&dir).unwrap(), expected);
@@ -355,7 +356,8 @@ fn an_older_ndjson_outbox_is_migrated_with_its_checkpoints() {
     expected.extend(events_of(6, pad));
     assert_eq!(read_events(&dir).unwrap(), expected);
     // Once is enough: a second call changes nothing.
-    ensure_log(&dir, &OutboxConfig::default()).unwrap();
+    rt().block_on(ensure_log(&dir, &OutboxConfig::default()))
+        .unwrap();
     assert_eq!(read_events(&dir).unwrap(), expected);
 }
 
@@ -367,9 +369,46 @@ fn damage_in_an_older_outbox_stops_the_migration_and_changes_nothing() {
     let good = |seq: u64| format!("{{\"seq\":{seq},\"events\":[{{\"id\":\"{seq}\"}}]}}\n");
     let text = format!("{}not json\n{}", good(1), good(2));
     std::fs::write(dir.join(FILE_NAME), &text).unwrap();
-    let err = ensure_log(&dir, &OutboxConfig::default()).unwrap_err();
+    let err = rt()
+        .block_on(ensure_log(&dir, &OutboxConfig::default()))
+        .unwrap_err();
     assert!(err.to_string().contains("byte offset"), "{err}");
     assert_eq!(std::fs::read_to_string(dir.join(FILE_NAME)).unwrap(), text);
     assert!(!log_root(&dir).exists());
     let _ = std::io::stdout().flush();
+}
+
+#[test]
+fn a_backlog_larger_than_the_logs_append_queue_is_published_in_one_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().join("outbox");
+    // A relay catching up: 14 entries of 10,000 events (a full bookings batch each),
+    // about 70 MB together, past the log's 64 MiB append queue.
+    let entries: Vec<OutboxEntry> = (1..=14)
+        .map(|seq| OutboxEntry {
+            seq,
+            events: (0..10_000)
+                .map(|i| {
+                    format!(
+                        r#"{{"id":"e-{seq}-{i}","pad":"{}"}}"#,
+                        noise(seq * 10_000 + i, 480)
+                    )
+                })
+                .collect(),
+        })
+        .collect();
+    rt().block_on(async {
+        let outbox = EmbeddedOutbox::open(&dir).unwrap();
+        outbox.publish(&entries).await.unwrap();
+        assert_eq!(outbox.last_published().await.unwrap(), Some(14));
+    });
+    let events = read_events(&dir).unwrap();
+    assert_eq!(events.len(), 140_000);
+    assert!(
+        events
+            .iter()
+            .zip(entries.iter().flat_map(|e| &e.events))
+            .all(|(a, b)| a == b),
+        "events out of order or changed"
+    );
 }

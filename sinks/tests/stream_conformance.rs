@@ -272,7 +272,7 @@ impl Outbox {
             segment_bytes: 4096,
             ..OutboxConfig::default()
         };
-        ensure_log(dir.path(), &cfg).unwrap();
+        rt().block_on(ensure_log(dir.path(), &cfg)).unwrap();
         let outbox = EmbeddedOutbox::open_with(dir.path(), &cfg).unwrap();
         let reader = Arc::new(EmbeddedLogReader::open(&log_root(dir.path())).unwrap());
         Self {

@@ -355,6 +355,14 @@ impl EmbeddedLog {
 
     /// A receiver that changes whenever `shard`'s durable watermark (the sequence after
     /// the last durable record) moves; lets a consumer wait for new records without polling.
+    /// Why the log can no longer guarantee durability (an fsync failed, or a failed write
+    /// could not be undone), if it cannot: it refuses every append until it is opened again.
+    pub fn failed(&self) -> Option<String> {
+        self.shards
+            .iter()
+            .find_map(|s| s.failed.lock().unwrap().clone())
+    }
+
     pub fn watch_durable(&self, shard: u32) -> Option<watch::Receiver<u64>> {
         self.shards
             .get(shard as usize)
@@ -1082,7 +1090,10 @@ impl ShardWriter {
             return Ok(());
         };
         let mut deleted = 0;
-        for i in 0..segments.len().saturating_sub(1) {
+        // The newest sealed segment stays as well as the active one: right after a roll the
+        // active segment is empty, and the shard's last record must still be readable (the
+        // derived-event log's writer finds its position from it).
+        for i in 0..segments.len().saturating_sub(2) {
             if total <= self.retention_bytes {
                 break;
             }
