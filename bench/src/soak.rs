@@ -438,8 +438,13 @@ async fn run(args: Args) -> Result<()> {
             (Some(server), base, Some(pid), Some(data_dir), budget)
         }
     };
+    // Idle connections are dropped well before the server's idle timeout (60 s by
+    // default): reusing one at the moment the server closes it fails the request, a
+    // client-side race (RFC 9112 §9.3.1) that says nothing about the server.
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(1024)
+        .pool_idle_timeout(Duration::from_secs(20))
+        .pool_timer(hyper_util::rt::TokioTimer::new())
         .build_http();
     let event_ids: Vec<String> = (0..args.event_ids).map(|i| format!("soak-{i}")).collect();
     create_inventory(&client, &base, args.api_key.as_deref(), &event_ids).await?;

@@ -35,6 +35,11 @@ pub const READ_BATCH_RECORDS: u64 = 10_000;
 /// larger events.
 pub const ASSUMED_RECORD_BYTES: u64 = KIB;
 
+/// Outbox entries the relay reads and publishes per round (`floodgate_processors::relay`).
+/// An entry holds the derived events of one bookings batch: after an outage, up to about
+/// one per record of a full read batch.
+pub const RELAY_BATCH_ENTRIES: u64 = 8;
+
 /// Memory of the process before any buffer fills: code, the async runtime and its threads,
 /// the compiled schemas, metrics (measured at start: about 35 MB; rounded up).
 pub const BASELINE_BYTES: u64 = 48 * MIB;
@@ -170,6 +175,13 @@ impl MemoryBudget {
                     "(2 × stream.embedded.shards + 2) consumers × {READ_BATCH_RECORDS} records × {ASSUMED_RECORD_BYTES} B"
                 ),
             );
+            line(
+                "relay batch",
+                RELAY_BATCH_ENTRIES * READ_BATCH_RECORDS * ASSUMED_RECORD_BYTES,
+                format!(
+                    "{RELAY_BATCH_ENTRIES} outbox entries × {READ_BATCH_RECORDS} derived events × {ASSUMED_RECORD_BYTES} B"
+                ),
+            );
             if config.lake.enabled {
                 let buffers = shards + 2;
                 lake_buffer_share =
@@ -290,6 +302,7 @@ mod tests {
         assert_eq!(b.line("in-flight bodies"), 100 * MIB);
         assert_eq!(b.line("append queues"), 100 * MIB);
         assert_eq!(b.line("processor read batches"), 10 * 10_000 * 1024);
+        assert_eq!(b.line("relay batch"), 8 * 10_000 * 1024);
         // 6 buffers: 4 stream shards, the quarantine's, the derived events'.
         assert_eq!(b.lake_buffer_share, 10 * MIB);
         assert_eq!(b.line("lake buffers"), 60 * MIB);
@@ -302,6 +315,7 @@ mod tests {
             + 100 * MIB
             + 100 * MIB
             + 10 * 10_000 * 1024
+            + 8 * 10_000 * 1024
             + 60 * MIB
             + 23 * MIB
             + 72 * MIB;

@@ -91,7 +91,9 @@ pub async fn relay_once(
             .unwrap_or(0),
     };
     let entries = store
-        .outbox_after(after, 256)
+        // A few entries a round: one can hold the derived events of a whole read batch,
+        // and the round's entries are all in memory at once (the memory budget's line).
+        .outbox_after(after, floodgate_core::budget::RELAY_BATCH_ENTRIES as usize)
         .await
         .map_err(|e| e.to_string())?;
     let Some(top) = entries.last().map(|e| e.seq) else {
