@@ -14,7 +14,6 @@ use clap::{Args, Parser, Subcommand};
 use floodgate_core::check::{Outcome, check_body};
 use floodgate_core::config::Config;
 use floodgate_core::decode::BodyFormat;
-use floodgate_core::object_store::ObjectStore;
 use floodgate_core::registry::{Registry, SchemaSource};
 use floodgate_core::state::StateStore;
 use floodgate_core::stream::{
@@ -25,7 +24,7 @@ use floodgate_ingest::app::Limits;
 use floodgate_ingest::auth::Auth;
 use floodgate_processors::bookings::BookingsProcessor;
 use floodgate_processors::lake::{LakeConfig, LakeProcessor};
-use floodgate_processors::runtime::{RuntimeConfig, ShardProcessor, spawn_consumers};
+use floodgate_processors::runtime::{RuntimeConfig, spawn_consumers};
 use floodgate_sinks::{
     EmbeddedCheckpoints, EmbeddedLog, EmbeddedLogReader, EmbeddedOutbox, LocalDirStore,
     SqliteStateStore,
@@ -411,20 +410,6 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     Ok(config)
 }
 
-/// The lake consumer of derived events: one table per derived type, from the outbox.
-fn derived_lake(
-    store: Arc<dyn ObjectStore>,
-    ingested: &[floodgate_core::lake::Table],
-    config: LakeConfig,
-) -> Result<LakeProcessor> {
-    let tables = floodgate_core::lake::derived_tables(
-        &floodgate_processors::bookings::DERIVED_TYPES,
-        &floodgate_processors::bookings::derived_data_schema(),
-        ingested,
-    )?;
-    Ok(LakeProcessor::new(store, tables, config).named("lake-derived"))
-}
-
 /// `floodgate lake compact`: with the schemas and data directory the configuration (and
 /// flags) give, as the server that wrote the lake used them; a compaction under other
 /// schemas would drop the columns they lack.
@@ -455,94 +440,6 @@ fn lake_compact(args: ServeArgs, table: &str, dt: Option<&str>, small_bytes: u64
     Ok(())
 }
 
-/// Re-applies the old lake's finished compactions to the rebuilt one, in an order where
-/// every plan's inputs exist (a compacted file may itself have been compacted later).
-async fn reapply_compactions(
-    old: &LocalDirStore,
-    fresh: &LocalDirStore,
-    tables: &[floodgate_core::lake::Table],
-) -> Result<usize> {
-    use floodgate_processors::compact;
-    let mut applied = 0;
-    for t in tables {
-        for partition in compact::partitions(old, &t.name, None).await? {
-            let mut plans: Vec<compact::Plan> = compact::manifest(old, &partition)
-                .await?
-                .compacted
-                .into_values()
-                .filter(|p| p.done)
-                .collect();
-            while !plans.is_empty() {
-                let present: std::collections::HashSet<String> = fresh
-                    .list(&format!("{partition}/"))
-                    .await?
-                    .into_iter()
-                    .filter_map(|o| o.key.rsplit('/').next().map(str::to_owned))
-                    .collect();
-                let Some(i) = plans
-                    .iter()
-                    .position(|p| p.inputs.iter().all(|n| present.contains(n)))
-                else {
-                    bail!("{partition}: a recorded compaction's inputs were not rebuilt");
-                };
-                let plan = plans.swap_remove(i);
-                compact::apply(fresh, &partition, plan.inputs, &t.schema).await?;
-                applied += 1;
-            }
-        }
-    }
-    Ok(applied)
-}
-
-/// The sequence of the oldest record `reader` still holds in `shard`, if any.
-async fn head_of(
-    reader: &dyn StreamReader,
-    shard: &floodgate_core::stream::ShardId,
-) -> Result<Option<SequenceNumber>> {
-    let batch = reader.read(shard, &StartPosition::TrimHorizon, 1).await?;
-    Ok(batch.records.first().map(|r| r.sequence.clone()))
-}
-
-/// Feeds every record of `shards` after `skip` (per shard) to `processor` from the oldest,
-/// then flushes. Returns the records fed.
-async fn replay_all(
-    reader: &dyn StreamReader,
-    shards: &[floodgate_core::stream::ShardId],
-    skip: &std::collections::HashMap<floodgate_core::stream::ShardId, SequenceNumber>,
-    processor: &LakeProcessor,
-) -> Result<u64> {
-    let mut records = 0u64;
-    for shard in shards {
-        let mut position = match skip.get(shard) {
-            Some(s) => StartPosition::After(s.clone()),
-            None => StartPosition::TrimHorizon,
-        };
-        loop {
-            let batch = reader.read(shard, &position, 10_000).await?;
-            let Some(last) = batch.records.last() else {
-                break;
-            };
-            records += batch.records.len() as u64;
-            processor.process(shard, &batch.records).await?;
-            position = batch
-                .next
-                .unwrap_or(StartPosition::After(last.sequence.clone()));
-        }
-        processor.tick(shard, true).await?;
-    }
-    Ok(records)
-}
-
-/// Where the runs of one source (a shard of the stream, the quarantine log or the outbox)
-/// live in the lake: the tables, and the file-name prefix of its runs there.
-struct RunSource<'a> {
-    tables: &'a [String],
-    prefix: String,
-    /// Which replay the shard belongs to (0 stream, 1 quarantine, 2 outbox) and the shard.
-    log: usize,
-    shard: floodgate_core::stream::ShardId,
-}
-
 /// `floodgate lake rebuild`: replay every shard into a new lake beside the old one, with
 /// the old lake's run boundaries, then swap the directories.
 ///
@@ -551,7 +448,6 @@ struct RunSource<'a> {
 /// as it is and the replay of that shard starts after the run's end. Every other run is
 /// written again from the log, with the same name and rows.
 fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
-    use std::collections::HashMap;
     let config = effective_config(&ServeArgs {
         listen: None,
         data_dir: Some(data_dir),
@@ -584,144 +480,29 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
             std::fs::remove_dir_all(&fresh_dir)?;
         }
         let fresh = Arc::new(LocalDirStore::open(&fresh_dir)?);
-        let replay_config = LakeConfig {
-            roll_bytes: config.lake.roll_bytes,
-            roll_age: std::time::Duration::MAX,
+        let sources = floodgate_processors::rebuild::Sources {
+            stream: &log,
+            quarantine: &quarantine,
+            derived: &outbox,
         };
-        let lake = LakeProcessor::new(fresh.clone(), tables.clone(), replay_config.clone());
-        let held = LakeProcessor::quarantine(fresh.clone(), replay_config.clone());
-        let derived = derived_lake(fresh, &tables, replay_config)?;
-        let table_names = lake.table_names();
-        let derived_names = derived.table_names();
-        let q_table = vec![floodgate_core::lake::QUARANTINE_TABLE.to_owned()];
-        let readers: [&dyn StreamReader; 3] = [&log, &quarantine, &outbox];
-        let mut shards: [Vec<floodgate_core::stream::ShardId>; 3] = Default::default();
-        for (i, reader) in readers.iter().enumerate() {
-            shards[i] = reader.shards().await?.into_iter().map(|s| s.id).collect();
-        }
-        // Each table directory holds the runs of known sources, told apart by the file
-        // name's prefix: the stream's shards in the typed tables, the outbox's in the
-        // derived tables; in `quarantine`, the quarantine log's shards and the rows the
-        // stream's and the outbox's consumers diverted there (`<consumer>.<shard>-…`).
-        let mut sources = Vec::new();
-        for shard in &shards[0] {
-            sources.push(RunSource {
-                tables: &table_names,
-                prefix: shard.0.clone(),
-                log: 0,
-                shard: shard.clone(),
-            });
-            sources.push(RunSource {
-                tables: &q_table,
-                prefix: format!("lake.{}", shard.0),
-                log: 0,
-                shard: shard.clone(),
-            });
-        }
-        for shard in &shards[1] {
-            sources.push(RunSource {
-                tables: &q_table,
-                prefix: shard.0.clone(),
-                log: 1,
-                shard: shard.clone(),
-            });
-        }
-        for shard in &shards[2] {
-            sources.push(RunSource {
-                tables: &derived_names,
-                prefix: shard.0.clone(),
-                log: 2,
-                shard: shard.clone(),
-            });
-            sources.push(RunSource {
-                tables: &q_table,
-                prefix: format!("lake-derived.{}", shard.0),
-                log: 2,
-                shard: shard.clone(),
-            });
-        }
-        // Runs an older floodgate wrote from its NDJSON outbox (shard `outbox`, sequences
-        // seq × 1,000,000 + i) have no source any more: their events were migrated into
-        // the derived-event log under new sequence numbers. They are kept as they are.
-        let legacy = [
-            (&derived_names, "outbox".to_owned()),
-            (&q_table, "lake-derived.outbox".to_owned()),
-        ];
-        let mut heads: HashMap<(usize, floodgate_core::stream::ShardId), Option<SequenceNumber>> =
-            HashMap::new();
-        for (i, reader) in readers.iter().enumerate() {
-            for shard in &shards[i] {
-                heads.insert((i, shard.clone()), head_of(*reader, shard).await?);
-            }
-        }
-        // Keep the runs that start before their source's head; replay after their end.
-        let fresh_store = LocalDirStore::open(&fresh_dir)?;
-        let mut skip: [HashMap<floodgate_core::stream::ShardId, SequenceNumber>; 3] =
-            Default::default();
-        let mut kept = 0;
-        for object in old.list("").await? {
-            let Some((table, _)) = object.key.split_once('/') else {
-                continue;
-            };
-            let name = object.key.rsplit('/').next().unwrap_or("");
-            let is_legacy = legacy.iter().any(|(tables, prefix)| {
-                tables.iter().any(|t| t == table)
-                    && floodgate_processors::lake::parse_file_name(name, prefix).is_some()
-            });
-            if is_legacy {
-                if let Some(bytes) = old.get(&object.key).await? {
-                    fresh_store.put(&object.key, bytes).await?;
-                    kept += 1;
-                }
-                continue;
-            }
-            for src in &sources {
-                if !src.tables.iter().any(|t| t == table) {
-                    continue;
-                }
-                let Some((first, last)) =
-                    floodgate_processors::lake::parse_file_name(name, &src.prefix)
-                else {
-                    continue;
-                };
-                let head = heads.get(&(src.log, src.shard.clone())).cloned().flatten();
-                if head.is_some_and(|h| SequenceNumber::new(first) >= h) {
-                    continue; // the log still holds the whole run: it is written again
-                }
-                if let Some(bytes) = old.get(&object.key).await? {
-                    fresh_store.put(&object.key, bytes).await?;
-                    kept += 1;
-                }
-                let last = SequenceNumber::new(last);
-                let s = skip[src.log]
-                    .entry(src.shard.clone())
-                    .or_insert_with(|| last.clone());
-                if *s < last {
-                    *s = last;
-                }
-            }
-        }
-        if kept > 0 {
-            eprintln!("kept {kept} files whose runs start before what their source still holds");
-        }
-        // Replay each source into the fresh lake, ending runs where the old lake's did.
-        // (The stream's and the derived-event log's shards are both named `0`: each
-        // consumer's runs are told apart by the tables and by its name on diverted rows.)
-        use floodgate_processors::lake::{runs_in, runs_of_consumer};
-        let name = lake.consumer_name();
-        let lake = lake.with_runs(runs_of_consumer(&old, &shards[0], &table_names, name).await?);
-        let held = held.with_runs(runs_in(&old, &shards[1], &q_table).await?);
-        let name = derived.consumer_name();
-        let derived =
-            derived.with_runs(runs_of_consumer(&old, &shards[2], &derived_names, name).await?);
-        let records = replay_all(&log, &shards[0], &skip[0], &lake).await?;
+        let rebuilt = floodgate_processors::rebuild::rebuild(
+            sources,
+            &old,
+            fresh,
+            &tables,
+            config.lake.roll_bytes,
+        )
+        .await?;
         log.close().await?;
-        replay_all(&quarantine, &shards[1], &skip[1], &held).await?;
         quarantine.close().await?;
-        replay_all(&outbox, &shards[2], &skip[2], &derived).await?;
-        let compactions = reapply_compactions(&old, &fresh_store, &tables).await?;
-        if compactions > 0 {
-            eprintln!("re-applied {compactions} compactions");
+        if rebuilt.kept > 0 {
+            eprintln!(
+                "kept {} files whose runs start before what their source still holds",
+                rebuilt.kept
+            );
+        }
+        if rebuilt.compactions > 0 {
+            eprintln!("re-applied {} compactions", rebuilt.compactions);
         }
         // Swap: the old lake steps aside, the new one takes its name, the old one goes.
         let aside = config
@@ -736,9 +517,10 @@ fn lake_rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
             std::fs::remove_dir_all(&aside)?;
         }
         eprintln!(
-            "rebuilt {} from {records} records in {} shards",
+            "rebuilt {} from {} records in {} shards",
             lake_dir.display(),
-            shards[0].len()
+            rebuilt.records,
+            rebuilt.stream_shards
         );
         Ok(())
     })
@@ -906,7 +688,11 @@ impl Processors {
                 roll_bytes: share,
                 roll_age: std::time::Duration::from_millis(config_all.lake.roll_age_ms),
             };
-            let derived = Arc::new(derived_lake(store.clone(), &tables, lake_config.clone())?);
+            let derived = Arc::new(floodgate_processors::rebuild::derived_processor(
+                store.clone(),
+                &tables,
+                lake_config.clone(),
+            )?);
             let lake = Arc::new(LakeProcessor::new(
                 store.clone(),
                 tables,

@@ -22,5 +22,6 @@ pub mod compact;
 pub mod derived_log;
 pub mod lake;
 pub mod parquet;
+pub mod rebuild;
 pub mod relay;
 pub mod runtime;

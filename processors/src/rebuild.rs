@@ -1,0 +1,290 @@
+//! The replay behind `floodgate lake rebuild`, over any stream readers and object stores:
+//! every source (the stream, the quarantine log, the derived-event log) is replayed into a
+//! fresh lake with the old lake's run boundaries, so that files come out with the same
+//! names and rows. Swapping the fresh lake in is the caller's (a directory rename for the
+//! local lake).
+//!
+//! Retention may have deleted the start of a source: a run that begins before the oldest
+//! record still held (whole, or cut by retention) cannot be re-derived, so its file is kept
+//! as it is and the replay of that shard starts after the run's end.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use floodgate_core::lake::{QUARANTINE_TABLE, Table};
+use floodgate_core::object_store::ObjectStore;
+use floodgate_core::stream::{SequenceNumber, ShardId, StartPosition, StreamReader};
+
+use crate::compact;
+use crate::lake::{LakeConfig, LakeProcessor, parse_file_name, runs_in, runs_of_consumer};
+use crate::runtime::{ProcessError, ShardProcessor};
+
+fn store_err(e: impl std::fmt::Display) -> ProcessError {
+    ProcessError::Other(e.to_string())
+}
+
+/// The logs a lake is derived from.
+#[derive(Debug, Clone, Copy)]
+pub struct Sources<'a> {
+    pub stream: &'a dyn StreamReader,
+    pub quarantine: &'a dyn StreamReader,
+    pub derived: &'a dyn StreamReader,
+}
+
+/// What a rebuild did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// Records of the stream replayed.
+    pub records: u64,
+    pub stream_shards: usize,
+    /// Files kept as they were (their runs start before what their source still holds).
+    pub kept: usize,
+    /// The old lake's compactions applied again.
+    pub compactions: usize,
+}
+
+/// The lake consumer of derived events: one table per derived type.
+pub fn derived_processor(
+    store: Arc<dyn ObjectStore>,
+    ingested: &[Table],
+    config: LakeConfig,
+) -> Result<LakeProcessor, ProcessError> {
+    let tables = floodgate_core::lake::derived_tables(
+        &crate::bookings::DERIVED_TYPES,
+        &crate::bookings::derived_data_schema(),
+        ingested,
+    )
+    .map_err(store_err)?;
+    Ok(LakeProcessor::new(store, tables, config).named("lake-derived"))
+}
+
+/// Replays `sources` into `fresh` (empty), keeping the runs of `old` that cannot be
+/// re-derived, and re-applies `old`'s compactions. `tables` are the typed tables;
+/// `roll_bytes` bounds a buffer, as the server's `lake.roll_bytes` did.
+pub async fn rebuild(
+    sources: Sources<'_>,
+    old: &dyn ObjectStore,
+    fresh: Arc<dyn ObjectStore>,
+    tables: &[Table],
+    roll_bytes: u64,
+) -> Result<Rebuilt, ProcessError> {
+    let replay_config = LakeConfig {
+        roll_bytes,
+        roll_age: std::time::Duration::MAX,
+    };
+    let lake = LakeProcessor::new(fresh.clone(), tables.to_vec(), replay_config.clone());
+    let held = LakeProcessor::quarantine(fresh.clone(), replay_config.clone());
+    let derived = derived_processor(fresh.clone(), tables, replay_config)?;
+    let table_names = lake.table_names();
+    let derived_names = derived.table_names();
+    let q_table = vec![QUARANTINE_TABLE.to_owned()];
+    let readers: [&dyn StreamReader; 3] = [sources.stream, sources.quarantine, sources.derived];
+    let mut shards: [Vec<ShardId>; 3] = Default::default();
+    for (i, reader) in readers.iter().enumerate() {
+        shards[i] = reader.shards().await?.into_iter().map(|s| s.id).collect();
+    }
+    // Each table directory holds the runs of known sources, told apart by the file
+    // name's prefix: the stream's shards in the typed tables, the outbox's in the
+    // derived tables; in `quarantine`, the quarantine log's shards and the rows the
+    // stream's and the outbox's consumers diverted there (`<consumer>.<shard>-…`).
+    let mut runs_of = Vec::new();
+    for shard in &shards[0] {
+        runs_of.push(RunSource {
+            tables: &table_names,
+            prefix: shard.0.clone(),
+            log: 0,
+            shard: shard.clone(),
+        });
+        runs_of.push(RunSource {
+            tables: &q_table,
+            prefix: format!("lake.{}", shard.0),
+            log: 0,
+            shard: shard.clone(),
+        });
+    }
+    for shard in &shards[1] {
+        runs_of.push(RunSource {
+            tables: &q_table,
+            prefix: shard.0.clone(),
+            log: 1,
+            shard: shard.clone(),
+        });
+    }
+    for shard in &shards[2] {
+        runs_of.push(RunSource {
+            tables: &derived_names,
+            prefix: shard.0.clone(),
+            log: 2,
+            shard: shard.clone(),
+        });
+        runs_of.push(RunSource {
+            tables: &q_table,
+            prefix: format!("lake-derived.{}", shard.0),
+            log: 2,
+            shard: shard.clone(),
+        });
+    }
+    // Runs an older floodgate wrote from its NDJSON outbox (shard `outbox`, sequences
+    // seq × 1,000,000 + i) have no source any more: their events were migrated into
+    // the derived-event log under new sequence numbers. They are kept as they are.
+    let legacy = [
+        (&derived_names, "outbox".to_owned()),
+        (&q_table, "lake-derived.outbox".to_owned()),
+    ];
+    let mut heads: HashMap<(usize, ShardId), Option<SequenceNumber>> = HashMap::new();
+    for (i, reader) in readers.iter().enumerate() {
+        for shard in &shards[i] {
+            heads.insert((i, shard.clone()), head_of(*reader, shard).await?);
+        }
+    }
+    // Keep the runs that start before their source's head; replay after their end.
+    let mut skip: [HashMap<ShardId, SequenceNumber>; 3] = Default::default();
+    let mut kept = 0;
+    for object in old.list("").await.map_err(store_err)? {
+        let Some((table, _)) = object.key.split_once('/') else {
+            continue;
+        };
+        let name = object.key.rsplit('/').next().unwrap_or("");
+        let is_legacy = legacy.iter().any(|(tables, prefix)| {
+            tables.iter().any(|t| t == table) && parse_file_name(name, prefix).is_some()
+        });
+        if is_legacy {
+            if let Some(bytes) = old.get(&object.key).await.map_err(store_err)? {
+                fresh.put(&object.key, bytes).await.map_err(store_err)?;
+                kept += 1;
+            }
+            continue;
+        }
+        for src in &runs_of {
+            if !src.tables.iter().any(|t| t == table) {
+                continue;
+            }
+            let Some((first, last)) = parse_file_name(name, &src.prefix) else {
+                continue;
+            };
+            let head = heads.get(&(src.log, src.shard.clone())).cloned().flatten();
+            if head.is_some_and(|h| SequenceNumber::new(first) >= h) {
+                continue; // the log still holds the whole run: it is written again
+            }
+            if let Some(bytes) = old.get(&object.key).await.map_err(store_err)? {
+                fresh.put(&object.key, bytes).await.map_err(store_err)?;
+                kept += 1;
+            }
+            let last = SequenceNumber::new(last);
+            let s = skip[src.log]
+                .entry(src.shard.clone())
+                .or_insert_with(|| last.clone());
+            if *s < last {
+                *s = last;
+            }
+        }
+    }
+    // Replay each source into the fresh lake, ending runs where the old lake's did.
+    // (The stream's and the derived-event log's shards are both named `0`: each
+    // consumer's runs are told apart by the tables and by its name on diverted rows.)
+    let name = lake.consumer_name();
+    let lake = lake.with_runs(runs_of_consumer(old, &shards[0], &table_names, name).await?);
+    let held = held.with_runs(runs_in(old, &shards[1], &q_table).await?);
+    let name = derived.consumer_name();
+    let derived = derived.with_runs(runs_of_consumer(old, &shards[2], &derived_names, name).await?);
+    let records = replay_all(sources.stream, &shards[0], &skip[0], &lake).await?;
+    replay_all(sources.quarantine, &shards[1], &skip[1], &held).await?;
+    replay_all(sources.derived, &shards[2], &skip[2], &derived).await?;
+    let compactions = reapply_compactions(old, &*fresh, tables).await?;
+    Ok(Rebuilt {
+        records,
+        stream_shards: shards[0].len(),
+        kept,
+        compactions,
+    })
+}
+
+/// Re-applies the old lake's finished compactions to the rebuilt one, in an order where
+/// every plan's inputs exist (a compacted file may itself have been compacted later).
+async fn reapply_compactions(
+    old: &dyn ObjectStore,
+    fresh: &dyn ObjectStore,
+    tables: &[Table],
+) -> Result<usize, ProcessError> {
+    let mut applied = 0;
+    for t in tables {
+        for partition in compact::partitions(old, &t.name, None).await? {
+            let mut plans: Vec<compact::Plan> = compact::manifest(old, &partition)
+                .await?
+                .compacted
+                .into_values()
+                .filter(|p| p.done)
+                .collect();
+            while !plans.is_empty() {
+                let present: HashSet<String> = fresh
+                    .list(&format!("{partition}/"))
+                    .await
+                    .map_err(store_err)?
+                    .into_iter()
+                    .filter_map(|o| o.key.rsplit('/').next().map(str::to_owned))
+                    .collect();
+                let Some(i) = plans
+                    .iter()
+                    .position(|p| p.inputs.iter().all(|n| present.contains(n)))
+                else {
+                    return Err(ProcessError::Other(format!(
+                        "{partition}: a recorded compaction's inputs were not rebuilt"
+                    )));
+                };
+                let plan = plans.swap_remove(i);
+                compact::apply(fresh, &partition, plan.inputs, &t.schema).await?;
+                applied += 1;
+            }
+        }
+    }
+    Ok(applied)
+}
+
+/// The sequence of the oldest record `reader` still holds in `shard`, if any.
+async fn head_of(
+    reader: &dyn StreamReader,
+    shard: &ShardId,
+) -> Result<Option<SequenceNumber>, ProcessError> {
+    let batch = reader.read(shard, &StartPosition::TrimHorizon, 1).await?;
+    Ok(batch.records.first().map(|r| r.sequence.clone()))
+}
+
+/// Feeds every record of `shards` after `skip` (per shard) to `processor` from the oldest,
+/// then flushes. Returns the records fed.
+async fn replay_all(
+    reader: &dyn StreamReader,
+    shards: &[ShardId],
+    skip: &HashMap<ShardId, SequenceNumber>,
+    processor: &LakeProcessor,
+) -> Result<u64, ProcessError> {
+    let mut records = 0u64;
+    for shard in shards {
+        let mut position = match skip.get(shard) {
+            Some(s) => StartPosition::After(s.clone()),
+            None => StartPosition::TrimHorizon,
+        };
+        loop {
+            let batch = reader.read(shard, &position, 10_000).await?;
+            let Some(last) = batch.records.last() else {
+                break;
+            };
+            records += batch.records.len() as u64;
+            processor.process(shard, &batch.records).await?;
+            position = batch
+                .next
+                .unwrap_or(StartPosition::After(last.sequence.clone()));
+        }
+        processor.tick(shard, true).await?;
+    }
+    Ok(records)
+}
+
+/// Where the runs of one source (a shard of the stream, the quarantine log or the outbox)
+/// live in the lake: the tables, and the file-name prefix of its runs there.
+struct RunSource<'a> {
+    tables: &'a [String],
+    prefix: String,
+    /// Which replay the shard belongs to (0 stream, 1 quarantine, 2 outbox) and the shard.
+    log: usize,
+    shard: ShardId,
+}
