@@ -80,6 +80,20 @@ pub(crate) fn create_dir_durably(dir: &Path) -> io::Result<()> {
     fsync_dir(parent).map_err(|e| at(parent, e))
 }
 
+/// Opens (creating if needed) the lock file `path` and takes an exclusive flock on it,
+/// waiting for another holder; released when the returned file is dropped (or its
+/// process dies).
+pub(crate) fn lock_exclusive(path: &Path) -> io::Result<File> {
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| at(path, e))?;
+    lock.lock().map_err(|e| at(path, e))?;
+    Ok(lock)
+}
+
 /// Replaces `path` with `bytes` atomically (temporary file, fsync, rename, fsync of the
 /// directory). The temporary file's name is unique to this process and call, so that two
 /// writers never share one, and starts with `<file name>.` and ends with `.tmp` so that a
@@ -357,13 +371,7 @@ impl CheckpointStore for EmbeddedCheckpoints {
             // Other processes commit other shards of this consumer to the same file: the
             // read-modify-write happens under an exclusive flock, released when `lock`
             // is dropped (or its process dies).
-            let lock = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&lock_path)
-                .map_err(|e| at(&lock_path, e))?;
-            lock.lock().map_err(|e| at(&lock_path, e))?;
+            let lock = lock_exclusive(&lock_path)?;
             let swept_before = swept.lock().map_or(true, |s| s.contains(&consumer));
             if !swept_before {
                 sweep_temporaries(&dir, &consumer)?;

@@ -35,11 +35,11 @@
 //! whole, and the next start finishes the job.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::create_dir_durably;
+use crate::checkpoint::{create_dir_durably, lock_exclusive};
 use crate::embedded_log::{EmbeddedLog, EmbeddedLogReader, MAX_RECORD_BYTES, fsync_dir};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -339,18 +339,9 @@ pub async fn ensure_log(dir: &Path, cfg: &OutboxConfig) -> io::Result<()> {
     create_dir_durably(dir)?;
     let lock_path = dir.join("MIGRATE.lock");
     // Held until this function returns (another process may be migrating: wait for it).
-    let _lock = tokio::task::spawn_blocking(move || {
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| at(&lock_path, e))?;
-        lock.lock().map_err(|e| at(&lock_path, e))?;
-        Ok::<_, io::Error>(lock)
-    })
-    .await
-    .map_err(io::Error::other)??;
+    let _lock = tokio::task::spawn_blocking(move || lock_exclusive(&lock_path))
+        .await
+        .map_err(io::Error::other)??;
     if root.join("meta.json").exists() {
         // Migrated (the new log is in place); what the old outbox left goes.
         return remove_legacy(dir);
