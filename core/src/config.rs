@@ -35,6 +35,10 @@ pub struct Config {
     pub lake: LakeConfig,
     pub state: StateConfig,
     pub publish: PublishConfig,
+    /// `[aws]`: shared by every AWS client; only read when a section names an AWS backend.
+    pub aws: AwsConfig,
+    /// `[coordination]`: where consumers keep their leases and checkpoints.
+    pub coordination: CoordinationConfig,
 }
 
 impl Default for Config {
@@ -47,6 +51,57 @@ impl Default for Config {
             lake: LakeConfig::default(),
             state: StateConfig::default(),
             publish: PublishConfig::default(),
+            aws: AwsConfig::default(),
+            coordination: CoordinationConfig::default(),
+        }
+    }
+}
+
+/// `[aws]`: the region and (for emulators) the endpoint of every AWS client. Credentials
+/// come from the standard chain (environment, profile, instance or task role).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsConfig {
+    /// `None`: the standard chain's region (`AWS_REGION`, the profile), else `us-east-1`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Every AWS client's endpoint (an emulator); `None` is real AWS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CoordinationBackend {
+    /// Lease and checkpoint files (with flock) beside the embedded log.
+    #[default]
+    Embedded,
+    /// A DynamoDB lease table with KCL 2.x attribute names.
+    Dynamodb,
+}
+
+/// `[coordination]`: consumers' leases and checkpoints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinationConfig {
+    pub backend: CoordinationBackend,
+    /// The DynamoDB lease table (one per application; consumers share it by key prefix).
+    pub table_name: String,
+    /// Overrides `[aws].endpoint_url` for DynamoDB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+    /// A lease not renewed for this long is taken by another worker; held leases are
+    /// renewed every third of it.
+    pub lease_duration_ms: u64,
+}
+
+impl Default for CoordinationConfig {
+    fn default() -> Self {
+        Self {
+            backend: CoordinationBackend::Embedded,
+            table_name: "floodgate-leases".to_owned(),
+            endpoint_url: None,
+            lease_duration_ms: 10_000,
         }
     }
 }
@@ -287,6 +342,8 @@ pub enum StreamBackend {
     /// The on-disk sharded log under `<data_dir>/stream/`.
     #[default]
     Embedded,
+    /// Kinesis Data Streams (`[stream.kinesis]`).
+    Kinesis,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -294,6 +351,32 @@ pub enum StreamBackend {
 pub struct StreamConfig {
     pub backend: StreamBackend,
     pub embedded: EmbeddedStreamConfig,
+    pub kinesis: KinesisStreamConfig,
+}
+
+/// `[stream.kinesis]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KinesisStreamConfig {
+    pub stream_name: String,
+    /// Overrides `[aws].endpoint_url` for Kinesis.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+    /// Shards of the stream `floodgate aws init` creates (an existing stream keeps its own).
+    pub shards: u32,
+    /// KPL-format aggregation of many events into one Kinesis record.
+    pub aggregation: bool,
+}
+
+impl Default for KinesisStreamConfig {
+    fn default() -> Self {
+        Self {
+            stream_name: "floodgate-events".to_owned(),
+            endpoint_url: None,
+            shards: 4,
+            aggregation: true,
+        }
+    }
 }
 
 /// Compression of the log's record batches. zstd is the default: at the edge's load it
@@ -361,6 +444,23 @@ impl Config {
         let s = &self.stream.embedded;
         if !(1..=1024).contains(&s.shards) {
             return e("stream.embedded.shards must be between 1 and 1024");
+        }
+        if self.stream.backend == StreamBackend::Kinesis {
+            let k = &self.stream.kinesis;
+            if k.stream_name.is_empty() {
+                return e("stream.kinesis.stream_name must not be empty");
+            }
+            if !(1..=10_000).contains(&k.shards) {
+                return e("stream.kinesis.shards must be between 1 and 10000");
+            }
+        }
+        if self.coordination.backend == CoordinationBackend::Dynamodb {
+            if self.coordination.table_name.is_empty() {
+                return e("coordination.table_name must not be empty");
+            }
+            if self.coordination.lease_duration_ms < 1000 {
+                return e("coordination.lease_duration_ms must be at least 1000");
+            }
         }
         if s.segment_bytes < 4096 {
             return e("stream.embedded.segment_bytes must be at least 4096");

@@ -182,6 +182,9 @@ pub struct ReadBatch {
     /// Durable records in the shard after this batch (an estimate where the backend only
     /// knows time lag).
     pub records_behind: u64,
+    /// How far the batch's end is behind the shard's head in time, where the backend
+    /// reports it (Kinesis' `MillisBehindLatest`); `None` for the embedded log.
+    pub millis_behind: Option<u64>,
 }
 
 /// The processors' side of the stream.
@@ -258,6 +261,52 @@ pub trait CheckpointStore: Send + Sync + fmt::Debug {
         shard: &ShardId,
         sequence: &SequenceNumber,
     ) -> Result<(), StreamError>;
+
+    /// Every lease of `consumer` this store knows, for balancing shards across workers.
+    /// A store that cannot see other workers' leases (the embedded one: a flock is only
+    /// visible by trying it) answers an empty list, and workers then take what is free.
+    async fn leases(&self, _consumer: &str) -> Result<Vec<LeaseInfo>, StreamError> {
+        Ok(Vec::new())
+    }
+
+    /// Takes a lease that another live worker holds, to balance the load: that worker
+    /// finds its lease gone at its next renewal or commit, and stops. Returns `false`
+    /// when the lease changed hands meanwhile. Stores that cannot steal answer `false`.
+    async fn steal_lease(
+        &self,
+        _consumer: &str,
+        _shard: &ShardId,
+        _owner: &str,
+    ) -> Result<bool, StreamError> {
+        Ok(false)
+    }
+
+    /// Records that `consumer` has processed `shard` to its end (a closed shard: split or
+    /// merged away), so its children may start. Fenced by the lease, like `commit`.
+    /// Stores whose shards never close (the embedded log) refuse it.
+    async fn finish_shard(&self, _consumer: &str, shard: &ShardId) -> Result<(), StreamError> {
+        Err(StreamError::Unavailable(format!(
+            "shard {shard} cannot end: this checkpoint store has no SHARD_END"
+        )))
+    }
+
+    /// Whether `finish_shard` was recorded for (`consumer`, `shard`).
+    async fn shard_finished(&self, _consumer: &str, _shard: &ShardId) -> Result<bool, StreamError> {
+        Ok(false)
+    }
+}
+
+/// One lease as [`CheckpointStore::leases`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseInfo {
+    pub shard: ShardId,
+    /// The worker holding it, if any.
+    pub owner: Option<String>,
+    /// Renewed within the lease duration, as far as this store has observed; a lease
+    /// that is not live may be taken with `acquire_lease`.
+    pub live: bool,
+    /// The consumer finished the (closed) shard.
+    pub finished: bool,
 }
 
 #[cfg(test)]

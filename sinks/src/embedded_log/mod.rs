@@ -605,6 +605,7 @@ fn try_read_shard(
             records: Vec::new(),
             next: Some(from.clone()),
             records_behind: 0,
+            millis_behind: None,
         };
         return Ok((batch, None));
     };
@@ -706,6 +707,7 @@ fn try_read_shard(
             .collect(),
         next: Some(StartPosition::At(SequenceNumber::from_u64(next))),
         records_behind: bound.saturating_sub(next),
+        millis_behind: None,
     };
     Ok((batch, hint))
 }

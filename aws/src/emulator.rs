@@ -1,0 +1,128 @@
+//! Local AWS emulators for tests: kinesalite (Kinesis, which reshards as Kinesis does) and
+//! moto server (DynamoDB and the rest), each started on a free port of 127.0.0.1 and
+//! stopped when dropped. `scripts/emulators` (run by `scripts/test`) installs the pinned
+//! versions; a test that finds them missing fails and says how to install them.
+//!
+//! Emulators accept any credentials; [`Emulator::env`] gives a client dummy ones.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running emulator; killed on drop.
+#[derive(Debug)]
+pub struct Emulator {
+    child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    pub addr: SocketAddr,
+}
+
+impl Emulator {
+    /// Environment variables that give an AWS client dummy credentials and a region.
+    pub fn env() -> [(&'static str, &'static str); 3] {
+        [
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ]
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The workspace root (this crate's parent directory).
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn installed(path: PathBuf) -> io::Result<PathBuf> {
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "{} is not installed; run scripts/emulators (scripts/test does)",
+                path.display()
+            ),
+        ))
+    }
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts `command` (which is told `port`) and waits until the port accepts connections.
+fn start(mut command: Command, port: u16, what: &str) -> io::Result<Emulator> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot start {what}: {e}")))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(Emulator {
+                child,
+                endpoint: format!("http://{addr}"),
+                addr,
+            });
+        }
+        if let Some(status) = child.try_wait()? {
+            return Err(io::Error::other(format!(
+                "{what} exited before listening: {status}"
+            )));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(io::Error::other(format!(
+                "{what} did not listen on {addr} within 60 s"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Starts kinesalite in memory. Streams become ACTIVE (and reshards finish) after
+/// `transition_ms`, so code that must wait for ACTIVE is exercised.
+pub fn kinesalite(transition_ms: u64) -> io::Result<Emulator> {
+    let bin = installed(workspace().join("tools/emulators/node_modules/.bin/kinesalite"))?;
+    let port = free_port()?;
+    let ms = transition_ms.to_string();
+    let mut command = Command::new(bin);
+    command.args([
+        "--port",
+        &port.to_string(),
+        "--createStreamMs",
+        &ms,
+        "--deleteStreamMs",
+        &ms,
+        "--updateStreamMs",
+        &ms,
+        "--shardLimit",
+        "200",
+    ]);
+    start(command, port, "kinesalite")
+}
+
+/// Starts moto server (DynamoDB, S3, EventBridge, SQS, Firehose, CloudFormation).
+pub fn moto() -> io::Result<Emulator> {
+    let bin = installed(workspace().join(".venv/bin/moto_server"))?;
+    let port = free_port()?;
+    let mut command = Command::new(bin);
+    command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+    start(command, port, "moto server")
+}

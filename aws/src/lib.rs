@@ -1,0 +1,7 @@
+//! Floodgate's AWS backends, behind the same role traits as the embedded ones
+//! (`floodgate_core::stream`): Kinesis Data Streams for the stream, DynamoDB for the
+//! consumers' leases and checkpoints.
+
+pub mod client;
+pub mod emulator;
+pub mod seq;
