@@ -143,8 +143,9 @@ pub trait StreamWriter: Send + Sync + fmt::Debug {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ShardInfo {
     pub id: ShardId,
-    /// The shard this one was split or merged from; read the parent to its end first.
-    pub parent: Option<ShardId>,
+    /// The shards this one was split (one parent) or merged (two) from; each is read to
+    /// its end before this one starts, so a key's records stay in order across a reshard.
+    pub parents: Vec<ShardId>,
     /// No more records will be appended; once read to its end the shard is done.
     pub closed: bool,
 }
@@ -288,6 +289,17 @@ pub trait CheckpointStore: Send + Sync + fmt::Debug {
         Err(StreamError::Unavailable(format!(
             "shard {shard} cannot end: this checkpoint store has no SHARD_END"
         )))
+    }
+
+    /// Makes sure a lease exists for each of `shards` (recording its parents, as KCL's
+    /// `parentShardId`), so that `leases` lists shards no worker has taken yet. Stores
+    /// whose leases exist implicitly (the embedded one) need do nothing.
+    async fn ensure_leases(
+        &self,
+        _consumer: &str,
+        _shards: &[ShardInfo],
+    ) -> Result<(), StreamError> {
+        Ok(())
     }
 
     /// Whether `finish_shard` was recorded for (`consumer`, `shard`).

@@ -563,7 +563,7 @@ fn shard_infos(n: u32) -> Vec<ShardInfo> {
     (0..n)
         .map(|i| ShardInfo {
             id: ShardId(i.to_string()),
-            parent: None,
+            parents: Vec::new(),
             closed: false,
         })
         .collect()
