@@ -17,6 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 
+use floodgate_core::stream::{StartPosition, StreamError, StreamReader};
 use md5::{Digest, Md5};
 
 /// The dedupe key of an event: MD5 of its source and id (NUL-separated).
@@ -190,6 +191,56 @@ impl Deduper {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Refills the dedupe memory with the events the log accepted within the window, so that
+/// a producer's retry after a restart is still recognised.
+pub async fn rebuild_from_stream(
+    reader: &dyn StreamReader,
+    deduper: &Deduper,
+) -> Result<(), StreamError> {
+    #[derive(serde::Deserialize)]
+    struct Ids<'a> {
+        #[serde(borrow)]
+        source: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        id: std::borrow::Cow<'a, str>,
+    }
+    let started = std::time::Instant::now();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let mut seen = Vec::new();
+    for shard in reader.shards().await? {
+        let mut pos = StartPosition::AtTimestamp(now - deduper.window_ms());
+        loop {
+            let batch = reader.read(&shard.id, &pos, 10_000).await?;
+            if batch.records.is_empty() {
+                break;
+            }
+            for r in &batch.records {
+                if let Ok(ids) = serde_json::from_slice::<Ids<'_>>(&r.payload) {
+                    seen.push((r.appended_at_ms, key(&ids.source, &ids.id)));
+                }
+            }
+            match batch.next {
+                Some(next) => pos = next,
+                None => break,
+            }
+        }
+    }
+    // Oldest first, so the memory's expiry order holds across shards.
+    seen.sort_unstable_by_key(|(at, _)| *at);
+    let n = seen.len();
+    for (at, key) in seen {
+        deduper.remember(key, at);
+    }
+    tracing::info!(
+        events = n,
+        ms = started.elapsed().as_millis() as u64,
+        "dedupe window rebuilt from the log"
+    );
+    Ok(())
 }
 
 #[cfg(test)]

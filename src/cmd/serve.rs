@@ -1,0 +1,288 @@
+//! `floodgate serve`, `ingest` and `process`: the edge and the processors, over the
+//! backends the configuration names (`crate::backends`).
+
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use floodgate_core::config::Config;
+use floodgate_core::registry::Registry;
+use floodgate_core::state::StateStore;
+use floodgate_core::stream::{ConsumerLag, StreamReader, StreamWriter};
+use floodgate_ingest::App;
+use floodgate_ingest::app::Limits;
+use floodgate_ingest::auth::Auth;
+use floodgate_processors::bookings::BookingsProcessor;
+use floodgate_processors::lake::{LakeConfig, LakeProcessor};
+use floodgate_processors::runtime::{RuntimeConfig, spawn_consumers};
+use floodgate_sinks::{EmbeddedLogReader, EmbeddedOutbox};
+use tokio::sync::watch;
+
+use crate::backends::{
+    Coordination, Stream, lake_store, local_checkpoints, open_quarantine, open_state,
+};
+use crate::setup::{check_auth_posture, effective_config, load_registry, runtime, shutdown_signal};
+use crate::{ProcessArgs, ServeArgs};
+
+/// The processors' side: bookings state, outbox and their consumer tasks.
+struct Processors {
+    /// The consumers' lag, for the edge's backpressure.
+    lag: Arc<ConsumerLag>,
+    /// Stopped in order, each after the one before has drained: the stream's consumers
+    /// (which may add to the outbox), the relay (which publishes it), and the consumers of
+    /// what it published (the derived events' lake tables).
+    stages: Vec<(watch::Sender<bool>, Vec<tokio::task::JoinHandle<()>>)>,
+}
+
+impl Processors {
+    /// Starts the bookings consumers and the outbox relay over `reader`. Each shard, and
+    /// the relay, is taken under a lease, so a second process (`floodgate process`) waits
+    /// and takes over the moment this one dies.
+    async fn start(
+        config_all: &Config,
+        registry: &Registry,
+        reader: Arc<dyn StreamReader>,
+        quarantine: Option<Arc<dyn StreamReader>>,
+        state: Arc<dyn StateStore>,
+    ) -> Result<Processors> {
+        let data_dir = config_all.data_dir.as_path();
+        let checkpoints = Coordination::open(config_all).await?.store();
+        let outbox_dir = data_dir.join("outbox");
+        // The log exists (created, or migrated from an older outbox) before anyone reads it;
+        // the relay opens it for writing only once it holds the relay lease.
+        floodgate_sinks::outbox::ensure_log(&outbox_dir, &config_all.publish.outbox).await?;
+        let outbox = Arc::new(EmbeddedOutbox::open_with(
+            &outbox_dir,
+            &config_all.publish.outbox,
+        )?);
+        let outbox_log = floodgate_sinks::outbox::log_root(&outbox_dir);
+        let (stop, stop_rx) = watch::channel(false);
+        let (stop_late, stop_late_rx) = watch::channel(false);
+        let mut late_tasks = Vec::new();
+        let processor = Arc::new(BookingsProcessor::new(state.clone()));
+        let lag = Arc::new(ConsumerLag::default());
+        let config = RuntimeConfig {
+            lag: Some(lag.clone()),
+            ..RuntimeConfig::default()
+        };
+        let owner = config.owner.clone();
+        let mut tasks = spawn_consumers(
+            reader.clone(),
+            checkpoints.clone(),
+            processor,
+            config.clone(),
+            stop_rx.clone(),
+        )
+        .await?;
+        if config_all.lake.enabled {
+            let tables = floodgate_core::lake::tables(registry)?;
+            let store = lake_store(config_all)?;
+            // Each buffer rolls at its share of the memory budget (never past roll_bytes).
+            let share =
+                floodgate_core::budget::MemoryBudget::from_config(config_all).lake_buffer_share;
+            let lake_config = LakeConfig {
+                roll_bytes: share,
+                roll_age: std::time::Duration::from_millis(config_all.lake.roll_age_ms),
+            };
+            let derived = Arc::new(floodgate_processors::rebuild::derived_processor(
+                store.clone(),
+                &tables,
+                lake_config.clone(),
+            )?);
+            let lake = Arc::new(LakeProcessor::new(
+                store.clone(),
+                tables,
+                lake_config.clone(),
+            ));
+            tasks.extend(
+                spawn_consumers(
+                    reader,
+                    checkpoints.clone(),
+                    lake,
+                    config.clone(),
+                    stop_rx.clone(),
+                )
+                .await?,
+            );
+            let outbox_reader: Arc<dyn StreamReader> =
+                Arc::new(EmbeddedLogReader::open(&outbox_log)?);
+            let d_checkpoints = local_checkpoints(&outbox_log)?;
+            late_tasks.extend(
+                spawn_consumers(
+                    outbox_reader,
+                    d_checkpoints,
+                    derived,
+                    config.clone(),
+                    stop_late_rx.clone(),
+                )
+                .await?,
+            );
+            if let Some(q) = quarantine {
+                let q_checkpoints = local_checkpoints(&data_dir.join("quarantine"))?;
+                let held = Arc::new(LakeProcessor::quarantine(store, lake_config));
+                tasks.extend(
+                    spawn_consumers(q, q_checkpoints, held, config, stop_rx.clone()).await?,
+                );
+            }
+        }
+        let (stop_relay, stop_relay_rx) = watch::channel(false);
+        let relay = tokio::spawn(floodgate_processors::relay::run(
+            state,
+            outbox,
+            checkpoints,
+            owner,
+            stop_relay_rx,
+        ));
+        Ok(Processors {
+            lag,
+            stages: vec![
+                (stop, tasks),
+                (stop_relay, vec![relay]),
+                (stop_late, late_tasks),
+            ],
+        })
+    }
+
+    /// Lets every consumer finish its batch and the relay drain, then returns.
+    async fn stop(self) {
+        for (stop, tasks) in self.stages {
+            let _ = stop.send(true);
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+    }
+}
+
+pub(crate) fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
+    let config = effective_config(&args)?;
+    eprintln!(
+        "floodgate {}: effective configuration\n{}",
+        env!("CARGO_PKG_VERSION"),
+        toml::to_string(&config).unwrap_or_default()
+    );
+    let role = if with_processors {
+        floodgate_core::budget::Role::Serve
+    } else {
+        floodgate_core::budget::Role::Ingest
+    };
+    eprint!(
+        "{}",
+        floodgate_core::budget::MemoryBudget::for_role(&config, role)
+    );
+    let auth_required = check_auth_posture(&config, args.insecure_no_auth)?;
+    let registry = Arc::new(load_registry(config.schemas_dir.as_deref())?);
+    runtime()?.block_on(async move {
+        let metrics = floodgate_ingest::telemetry::install();
+        floodgate_ingest::telemetry::spawn_upkeep(metrics.clone());
+        let stream = Stream::for_edge(&config).await?;
+        let quarantine = Arc::new(open_quarantine(&config)?);
+        let state = open_state(&config.data_dir, &config.state)?;
+        let processors = if with_processors {
+            Some(
+                Processors::start(
+                    &config,
+                    &registry,
+                    stream.reader(),
+                    Some(quarantine.clone()),
+                    state.clone(),
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        let writer = stream
+            .writer()
+            .context("the edge's stream has no writer")?;
+        let auth = Arc::new(
+            Auth::from_config(&config.ingest.auth, auth_required)
+                .await
+                .context("cannot set up [ingest.auth]")?,
+        );
+        auth.spawn_refresh();
+        let mut app = App::new(registry, writer, Some(state), Limits::from_config(&config.ingest), metrics)
+            .with_auth(auth)
+            .with_quarantine(quarantine.clone());
+        if let Some(p) = &processors {
+            app = app.with_consumer_lag(p.lag.clone());
+        }
+        if let Some(deduper) = app.deduper()
+            && stream.refills_dedupe()
+        {
+            floodgate_ingest::dedupe::rebuild_from_stream(&*stream.reader(), deduper).await?;
+        }
+        let listener = tokio::net::TcpListener::bind(config.ingest.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.ingest.listen))?;
+        let addr = listener.local_addr()?;
+        let shutdown = shutdown_signal();
+        println!("floodgate listening on http://{addr}");
+        io::stdout().flush()?;
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), processors = with_processors, "serving");
+        floodgate_ingest::server::serve(
+            listener,
+            app,
+            shutdown,
+            floodgate_ingest::server::ServerConfig::from_config(&config.ingest),
+        )
+        .await;
+        if let Some(p) = processors {
+            p.stop().await;
+            tracing::info!("processors stopped");
+        }
+        stream.close().await?;
+        quarantine
+            .close()
+            .await
+            .context("cannot make the quarantine durable at shutdown")?;
+        tracing::info!("log closed; every acknowledged event is on disk");
+        Ok(())
+    })
+}
+
+pub(crate) fn process(args: ProcessArgs) -> Result<()> {
+    let config_args = ServeArgs {
+        listen: None,
+        data_dir: args.data_dir,
+        config: args.config,
+        schemas: None,
+        shards: None,
+        insecure_no_auth: false,
+    };
+    let config = effective_config(&config_args)?;
+    eprintln!(
+        "floodgate {}: effective configuration\n{}",
+        env!("CARGO_PKG_VERSION"),
+        toml::to_string(&config).unwrap_or_default()
+    );
+    eprint!(
+        "{}",
+        floodgate_core::budget::MemoryBudget::for_role(
+            &config,
+            floodgate_core::budget::Role::Process
+        )
+    );
+    runtime()?.block_on(async move {
+        let metrics = floodgate_ingest::telemetry::install();
+        floodgate_ingest::telemetry::spawn_upkeep(metrics);
+        let stream = Stream::for_workers(&config).await?;
+        let quarantine: Option<Arc<dyn StreamReader>> =
+            match EmbeddedLogReader::open(&config.data_dir.join("quarantine")) {
+                Ok(r) => Some(Arc::new(r)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no quarantine log to read (yet); the quarantine table is not written");
+                    None
+                }
+            };
+        let state = open_state(&config.data_dir, &config.state)?;
+        let registry = load_registry(config.schemas_dir.as_deref())?;
+        let processors = Processors::start(&config, &registry, stream.reader(), quarantine, state).await?;
+        let shutdown = shutdown_signal();
+        println!("floodgate processing {}", config.data_dir.display());
+        io::stdout().flush()?;
+        shutdown.await;
+        processors.stop().await;
+        Ok(())
+    })
+}
