@@ -21,6 +21,7 @@ use arrow_array::{RecordBatch, new_null_array};
 use arrow_schema::SchemaRef;
 use bytes::Bytes;
 use floodgate_core::object_store::ObjectStore;
+use floodgate_core::stream::SequenceNumber;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
@@ -160,12 +161,14 @@ pub async fn merge(
 /// (the stem is the shard, or `<consumer>.<shard>` for rows a consumer diverted to the
 /// quarantine), and of a compacted `c-<stem>-<lo>-<hi>-<n>.parquet`. `None` for a name of
 /// neither form (a compacted file of an older version, `c-<lo>-<hi>-<n>`, has no stem).
-pub fn run_of(name: &str) -> Option<(&str, u128, u128)> {
+///
+/// `first` and `last` are the stream's sequence numbers, opaque decimals of any length
+/// (Kinesis': about 56 digits, and 62 with the subsequence Floodgate appends), compared
+/// as [`SequenceNumber`]s: never parsed into a fixed-width integer.
+pub fn run_of(name: &str) -> Option<(&str, SequenceNumber, SequenceNumber)> {
     let stem = name.strip_suffix(".parquet")?;
     let number = |s: &str| {
-        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| s.parse::<u128>().ok())
-            .flatten()
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| SequenceNumber::new(s))
     };
     if let Some(compacted) = stem.strip_prefix("c-") {
         let mut parts = compacted.rsplitn(4, '-');
@@ -193,23 +196,24 @@ pub fn run_of(name: &str) -> Option<(&str, u128, u128)> {
 /// older version may hold, join theirs with `+`.)
 pub fn compacted_name(inputs: &[String]) -> String {
     let mut stems: Vec<&str> = Vec::new();
-    let mut lo: Option<u128> = None;
-    let mut hi: Option<u128> = None;
+    let mut lo: Option<SequenceNumber> = None;
+    let mut hi: Option<SequenceNumber> = None;
     for name in inputs {
         if let Some((stem, f, l)) = run_of(name) {
             if !stems.contains(&stem) {
                 stems.push(stem);
             }
-            lo = Some(lo.map_or(f, |x| x.min(f)));
-            hi = Some(hi.map_or(l, |x| x.max(l)));
+            lo = Some(lo.map_or_else(|| f.clone(), |x| x.min(f.clone())));
+            hi = Some(hi.map_or_else(|| l.clone(), |x| x.max(l.clone())));
         }
     }
     stems.sort_unstable();
+    let zero = SequenceNumber::from_u64(0);
     format!(
         "c-{}-{}-{}-{}.parquet",
         stems.join("+"),
-        lo.unwrap_or(0),
-        hi.unwrap_or(0),
+        lo.as_ref().unwrap_or(&zero),
+        hi.as_ref().unwrap_or(&zero),
         inputs.len()
     )
 }

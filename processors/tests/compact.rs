@@ -327,17 +327,35 @@ async fn a_compaction_merges_each_shard_apart() {
     assert_eq!(rows(&store).await, ids);
     assert_eq!(
         compact::run_of("c-shardId-000000000002-5-12-2.parquet"),
-        Some(("shardId-000000000002", 5, 12))
+        Some(("shardId-000000000002", seq("5"), seq("12")))
     );
     assert_eq!(
         compact::run_of("lake-derived.outbox-3-9.parquet"),
-        Some(("lake-derived.outbox", 3, 9))
+        Some(("lake-derived.outbox", seq("3"), seq("9")))
+    );
+    // Kinesis sequence numbers (with Floodgate's subsequence) are far wider than u128:
+    // the name keeps them whole, ordered numerically, so two runs never collide.
+    let a = "49590338271490256608559692538361571095921575989136588898000000";
+    let b = "49590338271490256608559692538361571095921575989136588898000007";
+    let c = "9"; // shorter is smaller, whatever its digits
+    let name = compact::compacted_name(&[
+        format!("shardId-000000000001-{a}-{b}.parquet"),
+        format!("shardId-000000000001-{c}-{c}.parquet"),
+    ]);
+    assert_eq!(name, format!("c-shardId-000000000001-{c}-{b}-2.parquet"));
+    assert_eq!(
+        compact::run_of(&name),
+        Some(("shardId-000000000001", seq(c), seq(b)))
     );
     assert_eq!(
         compact::run_of("c-5-12-2.parquet"),
         None,
         "an older version's name"
     );
+}
+
+fn seq(s: &str) -> floodgate_core::stream::SequenceNumber {
+    floodgate_core::stream::SequenceNumber::new(s)
 }
 
 // The k-th object-store operation of a compaction fails, for every k.
