@@ -18,39 +18,88 @@ use tokio::sync::watch;
 pub const LEASE_CONSUMER: &str = "relay";
 pub const LEASE_SHARD: &str = "outbox";
 
+/// How often the relay renews its lease (a third of the shortest lease time-to-live).
+pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+
 /// Takes the relay lease (waiting while another worker holds it), then relays until
-/// shutdown, draining what is left once.
+/// shutdown, draining what is left once. The lease is renewed on a timer; if it is lost
+/// (another worker took it after this one stalled), the relay stops publishing at once
+/// and goes back to waiting for the lease.
 pub async fn run(
     store: Arc<dyn StateStore>,
     publisher: Arc<dyn Publisher>,
     leases: Arc<dyn CheckpointStore>,
     owner: String,
+    shutdown: watch::Receiver<bool>,
+) {
+    run_with(store, publisher, leases, owner, RENEW_EVERY, shutdown).await;
+}
+
+/// [`run`], renewing the lease every `renew_every`.
+pub async fn run_with(
+    store: Arc<dyn StateStore>,
+    publisher: Arc<dyn Publisher>,
+    leases: Arc<dyn CheckpointStore>,
+    owner: String,
+    renew_every: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let shard = ShardId(LEASE_SHARD.to_owned());
     loop {
-        match leases.acquire_lease(LEASE_CONSUMER, &shard, &owner).await {
-            Ok(true) => break,
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot take the relay lease; retrying"),
+        loop {
+            match leases.acquire_lease(LEASE_CONSUMER, &shard, &owner).await {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot take the relay lease; retrying"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown.changed() => return,
+            }
         }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = shutdown.changed() => return,
+        let (lost_tx, mut lost) = watch::channel(false);
+        let renewer = {
+            let (leases, shard, owner) = (leases.clone(), shard.clone(), owner.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(renew_every).await;
+                    match leases.renew_lease(LEASE_CONSUMER, &shard, &owner).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!("relay lease lost; the relay stops publishing");
+                            let _ = lost_tx.send(true);
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot renew the relay lease; retrying")
+                        }
+                    }
+                }
+            })
+        };
+        let lease_lost = relay_loop(&*store, &*publisher, &mut shutdown, &mut lost).await;
+        renewer.abort();
+        if !lease_lost {
+            let _ = leases.release_lease(LEASE_CONSUMER, &shard, &owner).await;
+            return;
         }
     }
-    relay_loop(&*store, &*publisher, &mut shutdown).await;
-    let _ = leases.release_lease(LEASE_CONSUMER, &shard, &owner).await;
 }
 
+/// Relays until shutdown (then drains) or until `lost` turns true; returns whether the
+/// lease was lost.
 async fn relay_loop(
     store: &dyn StateStore,
     publisher: &dyn Publisher,
     shutdown: &mut watch::Receiver<bool>,
-) {
+    lost: &mut watch::Receiver<bool>,
+) -> bool {
     let mut idle = Duration::from_millis(1);
     let mut last: Option<u64> = None;
     loop {
+        if *lost.borrow() {
+            return true;
+        }
         let stopping = *shutdown.borrow();
         match relay_once(store, publisher, &mut last).await {
             Ok(0) if stopping => break,
@@ -58,6 +107,7 @@ async fn relay_loop(
                 tokio::select! {
                     () = tokio::time::sleep(idle) => {}
                     _ = shutdown.changed() => {}
+                    _ = lost.changed() => {}
                 }
                 idle = (idle * 2).min(Duration::from_millis(50));
             }
@@ -71,6 +121,7 @@ async fn relay_loop(
             }
         }
     }
+    false
 }
 
 /// One round: publish what the outbox holds beyond the publisher's position. Returns how

@@ -1,15 +1,35 @@
-//! The consumer runtime: one task per shard, reading from the shard's position, handing
-//! batches to a [`ShardProcessor`], and committing the checkpoint only after the
-//! processor has committed the batch's effects.
+//! The consumer runtime: per consumer, a coordinator that keeps the shard list in sync
+//! with the stream and decides which shards this worker consumes; per shard held, a task
+//! reading from the shard's position, handing batches to a [`ShardProcessor`], and
+//! committing the checkpoint only after the processor has committed the batch's effects.
+//!
+//! What it guarantees, on any backend:
+//! - **One worker per (consumer, shard)**, by the checkpoint store's lease. A held lease is
+//!   renewed on a timer, whether or not the shard has records (an idle shard keeps its
+//!   lease). A worker that finds its lease gone stops the shard before committing anything
+//!   more, and its coordinator may take the shard again later.
+//! - **Parents before children.** A shard born of a split or merge starts only once every
+//!   parent the stream still lists is finished (read to its end, its effects committed,
+//!   `SHARD_END` recorded), so a key's records are applied in order across a reshard.
+//! - **Balance.** Where the store lists leases (DynamoDB), each worker aims at its share
+//!   (shards / live workers, rounded up): it takes expired or free leases first, then steals
+//!   one at a time from the busiest worker while that one holds more than its share. Where
+//!   it cannot (the embedded store's flocks), every worker waits on every shard and the
+//!   first takes it, as a standby does.
+//! - **Hand-off.** On shutdown each shard drains what is already in the stream (bounded by
+//!   `drain_limit`), flushes, checkpoints, and releases its lease, so another worker
+//!   continues exactly there.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use floodgate_core::state::StateError;
 use floodgate_core::stream::{
-    CheckpointStore, ConsumerLag, SequenceNumber, ShardId, StartPosition, StoredRecord,
-    StreamError, StreamReader,
+    CheckpointStore, ConsumerLag, LeaseInfo, SequenceNumber, ShardId, ShardInfo, StartPosition,
+    StoredRecord, StreamError, StreamReader,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -80,6 +100,26 @@ pub struct RuntimeConfig {
     pub lag: Option<Arc<ConsumerLag>>,
     /// On shutdown, how long to keep processing what is already in the stream.
     pub drain_limit: Duration,
+    /// How often a held lease is renewed (a third of the lease's time-to-live).
+    pub renew_interval: Duration,
+    /// How often the coordinator lists the shards and the leases, and rebalances.
+    pub sync_interval: Duration,
+}
+
+impl RuntimeConfig {
+    /// Timing for a lease store whose leases live `lease_duration` without renewal, and a
+    /// stream whose reads are rate-limited (Kinesis: 5 GetRecords a second per shard,
+    /// which the reader paces; idle polls at most 5 a second keep well inside it).
+    pub fn for_shared_stream(lease_duration: Duration) -> Self {
+        Self {
+            idle_min: Duration::from_millis(200),
+            idle_max: Duration::from_secs(1),
+            renew_interval: lease_duration / 3,
+            sync_interval: (lease_duration / 2)
+                .clamp(Duration::from_millis(500), Duration::from_secs(10)),
+            ..Self::default()
+        }
+    }
 }
 
 /// A worker identity unique to this process run.
@@ -100,12 +140,15 @@ impl Default for RuntimeConfig {
             owner: default_owner(),
             lag: None,
             drain_limit: Duration::from_secs(10),
+            renew_interval: Duration::from_secs(1),
+            sync_interval: Duration::from_secs(1),
         }
     }
 }
 
-/// Starts one task per shard. Each stops after finishing its current batch once
-/// `shutdown` turns true.
+/// Starts the coordinator of `processor`'s consumer: it consumes the shards this worker
+/// takes until `shutdown` turns true, then drains, checkpoints and releases each. The
+/// returned task ends when every shard task has.
 pub async fn spawn_consumers(
     reader: Arc<dyn StreamReader>,
     checkpoints: Arc<dyn CheckpointStore>,
@@ -113,22 +156,269 @@ pub async fn spawn_consumers(
     config: RuntimeConfig,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Vec<JoinHandle<()>>, StreamError> {
-    let mut tasks = Vec::new();
-    for shard in reader.shards().await? {
-        let (reader, checkpoints, processor, config, shutdown) = (
-            reader.clone(),
-            checkpoints.clone(),
-            processor.clone(),
-            config.clone(),
-            shutdown.clone(),
-        );
-        let span =
-            tracing::info_span!("consumer", consumer = %processor.consumer(), shard = %shard.id);
-        tasks.push(tokio::spawn(
-            run_shard(reader, checkpoints, processor, shard.id, config, shutdown).instrument(span),
-        ));
+    // Fail at start on a stream that cannot be listed (a wrong name, no credentials).
+    reader.shards().await?;
+    let span = tracing::info_span!("coordinator", consumer = %processor.consumer());
+    Ok(vec![tokio::spawn(
+        coordinate(reader, checkpoints, processor, config, shutdown).instrument(span),
+    )])
+}
+
+/// A shard task this worker runs.
+struct Running {
+    task: JoinHandle<ShardExit>,
+    /// Tells the task to stop (hand the shard to another worker) without shutting down.
+    stop: watch::Sender<bool>,
+}
+
+/// Why a shard task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShardExit {
+    /// Shutdown, or the coordinator handed the shard away.
+    Stopped,
+    /// The lease went to another worker.
+    LeaseLost,
+    /// The shard is closed, read to its end, and recorded as finished.
+    Finished,
+}
+
+async fn coordinate(
+    reader: Arc<dyn StreamReader>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    processor: Arc<dyn ShardProcessor>,
+    config: RuntimeConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let consumer = processor.consumer().to_owned();
+    let mut running: HashMap<ShardId, Running> = HashMap::new();
+    // Finishing is permanent: remembered, so a finished shard is never asked about again.
+    let mut finished: HashSet<ShardId> = HashSet::new();
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        // Reap tasks that ended.
+        let ended: Vec<ShardId> = running
+            .iter()
+            .filter(|(_, r)| r.task.is_finished())
+            .map(|(s, _)| s.clone())
+            .collect();
+        let mut resync = false;
+        for shard in ended {
+            if let Some(r) = running.remove(&shard) {
+                match r.task.await {
+                    Ok(ShardExit::Finished) => {
+                        finished.insert(shard);
+                        // Its children may start now.
+                        resync = true;
+                    }
+                    Ok(exit) => tracing::debug!(%shard, ?exit, "shard task ended"),
+                    Err(e) => tracing::error!(%shard, error = %e, "shard task panicked"),
+                }
+            }
+        }
+        match sync_once(
+            &*reader,
+            &*checkpoints,
+            &consumer,
+            &config,
+            &mut finished,
+            &running,
+        )
+        .await
+        {
+            Ok(plan) => {
+                for shard in plan.give_up {
+                    if let Some(r) = running.get(&shard) {
+                        let _ = r.stop.send(true);
+                    }
+                }
+                for (shard, wait) in plan.start {
+                    let (stop, stop_rx) = watch::channel(false);
+                    let task = tokio::spawn(
+                        run_shard(
+                            reader.clone(),
+                            checkpoints.clone(),
+                            processor.clone(),
+                            shard.clone(),
+                            config.clone(),
+                            shutdown.clone(),
+                            stop_rx,
+                            wait,
+                        )
+                        .instrument(
+                            tracing::info_span!("consumer", consumer = %consumer, shard = %shard),
+                        ),
+                    );
+                    running.insert(shard, Running { task, stop });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot sync the shards and leases; retrying"),
+        }
+        if resync {
+            continue;
+        }
+        if pause(config.sync_interval, &mut shutdown).await {
+            break;
+        }
     }
-    Ok(tasks)
+    // Shutdown: every shard drains, flushes, checkpoints and releases.
+    for (_, r) in running {
+        let _ = r.task.await;
+    }
+}
+
+/// What one round of the coordinator decided.
+#[derive(Debug, Default)]
+struct Plan {
+    /// Shards to start a task for; `true`: the task waits for the lease (the store cannot
+    /// list leases, so every worker waits on every shard), `false`: the lease is held.
+    start: Vec<(ShardId, bool)>,
+    /// Running shards to hand to others (none today: a worker gives a shard up only when
+    /// it is stolen from it, which its renewal notices).
+    give_up: Vec<ShardId>,
+}
+
+async fn sync_once(
+    reader: &dyn StreamReader,
+    checkpoints: &dyn CheckpointStore,
+    consumer: &str,
+    config: &RuntimeConfig,
+    finished: &mut HashSet<ShardId>,
+    running: &HashMap<ShardId, Running>,
+) -> Result<Plan, StreamError> {
+    let shards = reader.shards().await?;
+    checkpoints.ensure_leases(consumer, &shards).await?;
+    for s in &shards {
+        if s.closed
+            && !finished.contains(&s.id)
+            && checkpoints.shard_finished(consumer, &s.id).await?
+        {
+            finished.insert(s.id.clone());
+        }
+    }
+    let ready = ready_shards(&shards, finished);
+    let leases = checkpoints.leases(consumer).await?;
+    let mut plan = Plan::default();
+    if leases.is_empty() {
+        // No view of other workers: wait on every ready shard; the lease decides.
+        for s in ready {
+            if !running.contains_key(&s) {
+                plan.start.push((s, true));
+            }
+        }
+        return Ok(plan);
+    }
+    let me = config.owner.as_str();
+    for pick in balance(me, &ready, &leases, running) {
+        let taken = match pick {
+            Pick::Take(ref shard) => checkpoints.acquire_lease(consumer, shard, me).await?,
+            Pick::Steal(ref shard, ref from) => {
+                let ok = checkpoints.steal_lease(consumer, shard, me).await?;
+                if ok {
+                    tracing::info!(%shard, from = %from, "took a lease to balance the workers");
+                }
+                ok
+            }
+        };
+        if taken {
+            let shard = match pick {
+                Pick::Take(s) | Pick::Steal(s, _) => s,
+            };
+            plan.start.push((shard, false));
+        }
+    }
+    Ok(plan)
+}
+
+/// The shards that may be consumed now: not finished, and every parent the stream still
+/// lists finished.
+fn ready_shards(shards: &[ShardInfo], finished: &HashSet<ShardId>) -> Vec<ShardId> {
+    let listed: HashSet<&ShardId> = shards.iter().map(|s| &s.id).collect();
+    shards
+        .iter()
+        .filter(|s| !finished.contains(&s.id))
+        .filter(|s| {
+            s.parents
+                .iter()
+                .all(|p| !listed.contains(p) || finished.contains(p))
+        })
+        .map(|s| s.id.clone())
+        .collect()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pick {
+    /// A lease that is free, expired, or this worker's own.
+    Take(ShardId),
+    /// A live lease of another worker (which holds more than its share).
+    Steal(ShardId, String),
+}
+
+/// KCL's balancing, one round: the leases this worker should take now. Its share is the
+/// ready shards over the live workers (this one included), rounded up. Below it, it takes
+/// free or expired leases first; then, if still below, one lease from the worker holding
+/// the most, when that worker holds more than the share. At most one steal a round, so
+/// workers converge without thrashing.
+fn balance(
+    me: &str,
+    ready: &[ShardId],
+    leases: &[LeaseInfo],
+    running: &HashMap<ShardId, Running>,
+) -> Vec<Pick> {
+    let ready_set: HashSet<&ShardId> = ready.iter().collect();
+    let by_shard: HashMap<&ShardId, &LeaseInfo> = leases.iter().map(|l| (&l.shard, l)).collect();
+    let mut load: HashMap<&str, usize> = HashMap::new();
+    load.insert(me, 0);
+    for l in leases
+        .iter()
+        .filter(|l| l.live && ready_set.contains(&l.shard))
+    {
+        if let Some(owner) = &l.owner {
+            *load.entry(owner.as_str()).or_default() += 1;
+        }
+    }
+    // What this worker runs counts as its own, whatever the listing said a moment ago.
+    let mine = ready.iter().filter(|s| running.contains_key(*s)).count();
+    load.insert(me, mine);
+    let workers = load.len().max(1);
+    let share = ready.len().div_ceil(workers);
+    let mut picks = Vec::new();
+    let mut have = mine;
+    // Free, expired, or ours but not running (a previous task of ours lost it, or the
+    // process restarted under the same owner).
+    for s in ready {
+        if have >= share {
+            break;
+        }
+        if running.contains_key(s) {
+            continue;
+        }
+        let takeable = match by_shard.get(s) {
+            None => true,
+            Some(l) => !l.live || l.owner.as_deref() == Some(me) || l.owner.is_none(),
+        };
+        if takeable {
+            picks.push(Pick::Take(s.clone()));
+            have += 1;
+        }
+    }
+    if have < share {
+        let busiest = load
+            .iter()
+            .filter(|(o, _)| **o != me)
+            .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
+            .map(|(o, n)| (o.to_string(), *n));
+        if let Some((owner, n)) = busiest
+            && n > share
+            && let Some(l) = leases.iter().find(|l| {
+                l.live && l.owner.as_deref() == Some(owner.as_str()) && ready_set.contains(&l.shard)
+            })
+        {
+            picks.push(Pick::Steal(l.shard.clone(), owner));
+        }
+    }
+    picks
 }
 
 fn now_ms() -> i64 {
@@ -148,47 +438,123 @@ async fn pause(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
     }
 }
 
+/// Merges two stop signals: shutdown of the process, or the coordinator's hand-off.
+fn either(a: &watch::Receiver<bool>, b: &watch::Receiver<bool>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(*a.borrow() || *b.borrow());
+    let (mut a, mut b) = (a.clone(), b.clone());
+    tokio::spawn(async move {
+        loop {
+            if *a.borrow() || *b.borrow() {
+                let _ = tx.send(true);
+                return;
+            }
+            tokio::select! {
+                r = a.changed() => if r.is_err() { return },
+                r = b.changed() => if r.is_err() { return },
+                () = tx.closed() => return,
+            }
+        }
+    });
+    rx
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run_shard(
     reader: Arc<dyn StreamReader>,
     checkpoints: Arc<dyn CheckpointStore>,
     processor: Arc<dyn ShardProcessor>,
     shard: ShardId,
     config: RuntimeConfig,
-    mut shutdown: watch::Receiver<bool>,
-) {
+    shutdown: watch::Receiver<bool>,
+    handoff: watch::Receiver<bool>,
+    wait_for_lease: bool,
+) -> ShardExit {
     let consumer = processor.consumer().to_owned();
-    // Own the shard first: one worker per (consumer, shard) at a time.
-    loop {
-        match checkpoints
-            .acquire_lease(&consumer, &shard, &config.owner)
-            .await
-        {
-            Ok(true) => break,
-            Ok(false) => tracing::debug!("another worker holds the lease; waiting"),
-            Err(e) => tracing::warn!(error = %e, "cannot take the lease; retrying"),
-        }
-        if pause(config.retry_delay, &mut shutdown).await {
-            return;
+    let mut stop = either(&shutdown, &handoff);
+    if wait_for_lease {
+        // Own the shard first: one worker per (consumer, shard) at a time.
+        loop {
+            match checkpoints
+                .acquire_lease(&consumer, &shard, &config.owner)
+                .await
+            {
+                Ok(true) => break,
+                Ok(false) => tracing::debug!("another worker holds the lease; waiting"),
+                Err(e) => tracing::warn!(error = %e, "cannot take the lease; retrying"),
+            }
+            if pause(config.retry_delay, &mut stop).await {
+                return ShardExit::Stopped;
+            }
         }
     }
-    consume(
+    // Renew on a timer, whatever the shard is doing; a failed renewal raises `lost`.
+    let lost = Arc::new(AtomicBool::new(false));
+    let (renewer_stop, renewer_stop_rx) = watch::channel(false);
+    let renewer = tokio::spawn(
+        renew(
+            checkpoints.clone(),
+            consumer.clone(),
+            shard.clone(),
+            config.owner.clone(),
+            config.renew_interval,
+            lost.clone(),
+            renewer_stop_rx,
+        )
+        .in_current_span(),
+    );
+    let exit = consume(
         &*reader,
         &*checkpoints,
         &*processor,
         &shard,
         &config,
-        &mut shutdown,
+        &mut stop,
+        &lost,
     )
     .await;
+    let _ = renewer_stop.send(true);
+    let _ = renewer.await;
     // This worker no longer holds the shard back.
     if let Some(lag) = &config.lag {
         lag.set(&consumer, &shard, 0);
     }
-    if let Err(e) = checkpoints
-        .release_lease(&consumer, &shard, &config.owner)
-        .await
+    if exit != ShardExit::LeaseLost
+        && let Err(e) = checkpoints
+            .release_lease(&consumer, &shard, &config.owner)
+            .await
     {
         tracing::warn!(error = %e, "cannot release the lease");
+    }
+    exit
+}
+
+/// Renews the lease every `every` until told to stop; raises `lost` (and stops) when the
+/// store says the lease is gone. A renewal that fails for another reason (the store is
+/// unreachable) is retried at the next tick: the lease may still be ours, and a commit is
+/// fenced by the store anyway.
+async fn renew(
+    checkpoints: Arc<dyn CheckpointStore>,
+    consumer: String,
+    shard: ShardId,
+    owner: String,
+    every: Duration,
+    lost: Arc<AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        match checkpoints.renew_lease(&consumer, &shard, &owner).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!("lease lost; stopping before committing anything more");
+                lost.store(true, Ordering::SeqCst);
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot renew the lease; retrying"),
+        }
     }
 }
 
@@ -198,14 +564,19 @@ async fn consume(
     processor: &dyn ShardProcessor,
     shard: &ShardId,
     config: &RuntimeConfig,
-    shutdown: &mut watch::Receiver<bool>,
-) {
+    stop: &mut watch::Receiver<bool>,
+    lost: &AtomicBool,
+) -> ShardExit {
     let shard = shard.clone();
     let consumer = processor.consumer().to_owned();
-    let mut shutdown = shutdown.clone();
+    let mut shutdown = stop.clone();
     let labels = [("consumer", consumer.clone()), ("shard", shard.0.clone())];
+    let is_lost = || lost.load(Ordering::SeqCst);
     // Resume: the processor's own position, else the checkpoint, else the oldest record.
     let mut position = loop {
+        if is_lost() {
+            return ShardExit::LeaseLost;
+        }
         let own = processor.start_position(&shard).await;
         let stored = match own {
             Ok(Some(p)) => Ok(Some(p)),
@@ -221,7 +592,7 @@ async fn consume(
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the start position; retrying");
                 if pause(config.retry_delay, &mut shutdown).await {
-                    return;
+                    return ShardExit::Stopped;
                 }
             }
         }
@@ -236,7 +607,11 @@ async fn consume(
     // everything the edge accepted before it stopped is processed (and, for the lake,
     // flushed) before the process exits.
     let mut drain_deadline: Option<std::time::Instant> = None;
+    let mut at_end = false;
     loop {
+        if is_lost() {
+            return ShardExit::LeaseLost;
+        }
         let stopping = *shutdown.borrow();
         if stopping {
             // A writer that keeps writing (another process) must not hold the drain open.
@@ -266,7 +641,13 @@ async fn consume(
             lag.set(&consumer, &shard, batch.records_behind);
         }
         let Some(last) = batch.records.last() else {
-            metrics::gauge!("floodgate_processor_lag_milliseconds", &labels).set(0.0);
+            metrics::gauge!("floodgate_processor_lag_milliseconds", &labels)
+                .set(batch.millis_behind.unwrap_or(0) as f64);
+            if batch.next.is_none() {
+                // A closed shard, read to its end: flush, checkpoint, then record the end.
+                at_end = true;
+                break;
+            }
             if stopping {
                 break;
             }
@@ -281,24 +662,12 @@ async fn consume(
             continue;
         };
         idle = config.idle_min;
-        match checkpoints
-            .renew_lease(&consumer, &shard, &config.owner)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!("lease lost; stopping before committing anything more");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot renew the lease; retrying");
-                if pause(config.retry_delay, &mut shutdown).await {
-                    break;
-                }
-                continue;
-            }
+        let lag_ms = batch
+            .millis_behind
+            .map_or_else(|| (now_ms() - last.appended_at_ms).max(0), |m| m as i64);
+        if is_lost() {
+            return ShardExit::LeaseLost;
         }
-        let lag_ms = (now_ms() - last.appended_at_ms).max(0);
         if let Err(e) = processor.process(&shard, &batch.records).await {
             metrics::counter!("floodgate_processor_batch_failures_total", &labels).increment(1);
             tracing::error!(error = %e, "batch failed; retrying from the same position");
@@ -314,6 +683,9 @@ async fn consume(
             Progress::Through(seq) => seq,
         };
         if let Some(seq) = durable {
+            if is_lost() {
+                return ShardExit::LeaseLost;
+            }
             commit_if_newer(checkpoints, &consumer, &shard, &mut committed, seq).await;
         }
         metrics::counter!("floodgate_processor_records_total", &labels)
@@ -323,16 +695,34 @@ async fn consume(
             .next
             .unwrap_or(StartPosition::After(last.sequence.clone()));
     }
-    // Stopping: let a buffering processor make the rest durable, then record it.
-    match processor.tick(&shard, true).await {
+    if is_lost() {
+        return ShardExit::LeaseLost;
+    }
+    // Stopping (or at the shard's end): let a buffering processor make the rest durable,
+    // then record it.
+    let flushed = match processor.tick(&shard, true).await {
         Ok(()) => {
             if let Progress::Through(Some(seq)) = processor.progress(&shard) {
                 commit_if_newer(checkpoints, &consumer, &shard, &mut committed, seq).await;
             }
+            true
         }
-        Err(e) => tracing::warn!(error = %e, "final flush failed; the records will be read again"),
+        Err(e) => {
+            tracing::warn!(error = %e, "final flush failed; the records will be read again");
+            false
+        }
+    };
+    if at_end && flushed && !is_lost() {
+        match checkpoints.finish_shard(&consumer, &shard).await {
+            Ok(()) => {
+                tracing::info!("shard read to its end; its children may start");
+                return ShardExit::Finished;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot record the shard's end; it is read again"),
+        }
     }
     tracing::info!("consumer stopped");
+    ShardExit::Stopped
 }
 
 async fn commit_if_newer(
@@ -350,5 +740,92 @@ async fn commit_if_newer(
         Err(e) => {
             tracing::warn!(error = %e, "checkpoint commit failed; effects are safe, will commit later")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> ShardId {
+        ShardId(s.to_owned())
+    }
+    fn info(s: &str, parents: &[&str], closed: bool) -> ShardInfo {
+        ShardInfo {
+            id: id(s),
+            parents: parents.iter().map(|p| id(p)).collect(),
+            closed,
+        }
+    }
+    fn lease(s: &str, owner: Option<&str>, live: bool) -> LeaseInfo {
+        LeaseInfo {
+            shard: id(s),
+            owner: owner.map(str::to_owned),
+            live,
+            finished: false,
+        }
+    }
+
+    #[test]
+    fn children_wait_for_every_listed_parent() {
+        // 0 split into 1 and 2; 1 and 2 merged into 3; 4 is a child of a trimmed parent.
+        let shards = [
+            info("0", &[], true),
+            info("1", &["0"], true),
+            info("2", &["0"], true),
+            info("3", &["1", "2"], false),
+            info("4", &["gone"], false),
+        ];
+        let mut finished = HashSet::new();
+        assert_eq!(ready_shards(&shards, &finished), vec![id("0"), id("4")]);
+        finished.insert(id("0"));
+        assert_eq!(
+            ready_shards(&shards, &finished),
+            vec![id("1"), id("2"), id("4")]
+        );
+        finished.insert(id("1"));
+        assert_eq!(
+            ready_shards(&shards, &finished),
+            vec![id("2"), id("4")],
+            "3 waits for 2"
+        );
+        finished.insert(id("2"));
+        assert_eq!(ready_shards(&shards, &finished), vec![id("3"), id("4")]);
+    }
+
+    #[test]
+    fn a_joining_worker_takes_free_leases_then_steals_one_from_the_busiest() {
+        let ready: Vec<ShardId> = ["a", "b", "c", "d"].iter().map(|s| id(s)).collect();
+        let running = HashMap::new();
+        // Nobody holds anything: take all four (share = 4 with one worker).
+        let free: Vec<LeaseInfo> = ready.iter().map(|s| lease(&s.0, None, false)).collect();
+        assert_eq!(balance("me", &ready, &free, &running).len(), 4);
+        // Another worker holds all four, live: share is 2, so steal one (one per round).
+        let held: Vec<LeaseInfo> = ready
+            .iter()
+            .map(|s| lease(&s.0, Some("w1"), true))
+            .collect();
+        assert_eq!(
+            balance("me", &ready, &held, &running),
+            vec![Pick::Steal(id("a"), "w1".to_owned())]
+        );
+        // Its lease on "c" expired: take that before stealing.
+        let mut some_expired = held.clone();
+        some_expired[2].live = false;
+        assert_eq!(
+            balance("me", &ready, &some_expired, &running),
+            vec![Pick::Take(id("c")), Pick::Steal(id("a"), "w1".to_owned())]
+        );
+        // Balanced (two each): nothing to do.
+        let even = vec![
+            lease("a", Some("w1"), true),
+            lease("b", Some("w1"), true),
+            lease("c", Some("w2"), true),
+            lease("d", Some("w2"), true),
+        ];
+        assert!(
+            balance("me", &ready, &even, &running).is_empty(),
+            "share is 2, nobody holds more"
+        );
     }
 }
