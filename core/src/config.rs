@@ -222,6 +222,10 @@ pub struct IngestConfig {
     /// stream's head on any shard, new events are answered 503 with `Retry-After`.
     /// 0: no bound.
     pub max_consumer_lag_records: u64,
+    /// The same in time, for streams that report their consumers' lag in time (Kinesis'
+    /// `MillisBehindLatest`): more than this behind, new events are answered 503. 0: no
+    /// bound.
+    pub max_consumer_lag_ms: u64,
     pub auth: AuthConfig,
 }
 
@@ -331,6 +335,7 @@ impl Default for IngestConfig {
             retry_after_secs: 1,
             max_inflight_body_bytes: 512 * MIB,
             max_consumer_lag_records: 2_000_000,
+            max_consumer_lag_ms: 300_000,
             auth: AuthConfig::default(),
         }
     }

@@ -336,31 +336,48 @@ mod tests {
 
 /// How far this process's consumers are behind the stream's head, per shard, so the edge
 /// can refuse new events before the backlog grows without bound. Consumers write it, the
-/// edge reads [`ConsumerLag::max_records`] on every request: one atomic load.
+/// edge reads [`ConsumerLag::max_records`] and [`ConsumerLag::max_millis`] on every
+/// request: two atomic loads. The embedded log reports records; Kinesis reports time
+/// (`MillisBehindLatest`), so the edge bounds both.
 #[derive(Debug, Default)]
 pub struct ConsumerLag {
-    per_shard: std::sync::Mutex<std::collections::HashMap<(String, ShardId), u64>>,
+    per_shard: std::sync::Mutex<std::collections::HashMap<(String, ShardId), (u64, u64)>>,
     max: std::sync::atomic::AtomicU64,
+    max_ms: std::sync::atomic::AtomicU64,
 }
 
 impl ConsumerLag {
-    /// Records `consumer` as `records` behind the head of `shard`.
+    /// Records `consumer` as `records` behind the head of `shard` (and no time behind).
     pub fn set(&self, consumer: &str, shard: &ShardId, records: u64) {
+        self.set_both(consumer, shard, records, 0);
+    }
+
+    /// Records `consumer` as `records` and `millis` behind the head of `shard`.
+    pub fn set_both(&self, consumer: &str, shard: &ShardId, records: u64, millis: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
         let mut map = self.per_shard.lock().unwrap_or_else(|e| e.into_inner());
         let key = (consumer.to_owned(), shard.clone());
         match map.get_mut(&key) {
-            Some(v) if *v == records => return,
-            Some(v) => *v = records,
+            Some(v) if *v == (records, millis) => return,
+            Some(v) => *v = (records, millis),
             None => {
-                map.insert(key, records);
+                map.insert(key, (records, millis));
             }
         }
-        let max = map.values().copied().max().unwrap_or(0);
-        self.max.store(max, std::sync::atomic::Ordering::Relaxed);
+        self.max
+            .store(map.values().map(|v| v.0).max().unwrap_or(0), Relaxed);
+        self.max_ms
+            .store(map.values().map(|v| v.1).max().unwrap_or(0), Relaxed);
     }
 
     /// The largest lag over all consumers and shards, in records.
     pub fn max_records(&self) -> u64 {
         self.max.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The largest lag over all consumers and shards, in milliseconds (0 where the
+    /// backend reports no time lag).
+    pub fn max_millis(&self) -> u64 {
+        self.max_ms.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -39,6 +39,7 @@ pub struct Limits {
     pub max_inflight_body_bytes: u64,
     /// Consumers this many records behind on a shard make the edge answer 503; 0: no bound.
     pub max_consumer_lag_records: u64,
+    pub max_consumer_lag_ms: u64,
 }
 
 impl Limits {
@@ -53,6 +54,7 @@ impl Limits {
             dedupe_max_ids: cfg.dedupe_max_ids,
             max_inflight_body_bytes: cfg.max_inflight_body_bytes,
             max_consumer_lag_records: cfg.max_consumer_lag_records,
+            max_consumer_lag_ms: cfg.max_consumer_lag_ms,
         }
     }
 }

@@ -375,6 +375,15 @@ where
                 &format!("the processors are {behind} records behind (bound {bound}); retry"),
             );
         }
+        let bound_ms = app.limits.max_consumer_lag_ms;
+        let behind_ms = lag.max_millis();
+        if bound_ms > 0 && behind_ms > bound_ms {
+            return busy(
+                app,
+                "consumer_lag",
+                &format!("the processors are {behind_ms} ms behind (bound {bound_ms} ms); retry"),
+            );
+        }
     }
     let mut rate = None;
     let mut resp = post_as(app, req, &caller, &mut rate).await;

@@ -164,6 +164,28 @@ async fn consumer_lag_past_its_bound_gets_503() {
     assert_eq!(post(&app, &[event("l3", 1)]).await.0, 200, "caught up");
 }
 
+/// On a stream that reports lag in time (Kinesis' `MillisBehindLatest`), the edge bounds
+/// that too, whatever the record count says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_lag_in_time_past_its_bound_gets_503() {
+    let lag = Arc::new(ConsumerLag::default());
+    let cfg = IngestConfig {
+        max_consumer_lag_ms: 60_000,
+        ..IngestConfig::default()
+    };
+    let app = app_with(Arc::new(FullStream::default()), cfg).with_consumer_lag(lag.clone());
+    let shard = ShardId("shardId-000000000000".into());
+    lag.set_both("lake", &shard, 0, 60_000);
+    assert_eq!(post(&app, &[event("t1", 1)]).await.0, 200, "at the bound");
+    lag.set_both("lake", &shard, 0, 60_001);
+    let (status, retry_after, body) = post(&app, &[event("t2", 1)]).await;
+    assert_eq!((status, retry_after.as_deref()), (503, Some("1")));
+    assert_eq!(body["error"]["code"], "consumer_lag");
+    assert!(body["error"]["message"].as_str().unwrap().contains("60001 ms"), "{body}");
+    lag.set_both("lake", &shard, 0, 0);
+    assert_eq!(post(&app, &[event("t3", 1)]).await.0, 200, "caught up");
+}
+
 /// Bodies held in memory are bounded across requests: while one request holds the whole
 /// budget with the bytes it has sent, the next is answered 503 with `Retry-After` instead
 /// of being read.

@@ -638,7 +638,12 @@ async fn consume(
         metrics::gauge!("floodgate_processor_lag_records", &labels)
             .set(batch.records_behind as f64);
         if let Some(lag) = &config.lag {
-            lag.set(&consumer, &shard, batch.records_behind);
+            lag.set_both(
+                &consumer,
+                &shard,
+                batch.records_behind,
+                batch.millis_behind.unwrap_or(0),
+            );
         }
         let Some(last) = batch.records.last() else {
             metrics::gauge!("floodgate_processor_lag_milliseconds", &labels)
