@@ -31,6 +31,33 @@ impl Emulator {
     }
 }
 
+impl Emulator {
+    /// A DynamoDB client of this emulator, with dummy credentials of its own (the test
+    /// process's environment is left alone).
+    pub fn dynamodb_client(&self) -> aws_sdk_dynamodb::Client {
+        use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
+        let config = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(&self.endpoint)
+            .credentials_provider(Credentials::new("test", "test", None, None, "emulator"))
+            .build();
+        aws_sdk_dynamodb::Client::from_conf(config)
+    }
+
+    /// A Kinesis client of this emulator, with dummy credentials of its own.
+    pub fn kinesis_client(&self) -> aws_sdk_kinesis::Client {
+        use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
+        let config = aws_sdk_kinesis::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(&self.endpoint)
+            .credentials_provider(Credentials::new("test", "test", None, None, "emulator"))
+            .build();
+        aws_sdk_kinesis::Client::from_conf(config)
+    }
+}
+
 impl Drop for Emulator {
     fn drop(&mut self) {
         let _ = self.child.kill();

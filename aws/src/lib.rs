@@ -4,4 +4,8 @@
 
 pub mod client;
 pub mod emulator;
+pub mod fault_proxy;
+pub mod kinesis;
+pub mod kpl;
+pub mod leases;
 pub mod seq;

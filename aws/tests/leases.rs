@@ -3,6 +3,7 @@
 //! not renewed, stealing that fences the old holder, `SHARD_END`, the item layout KCL
 //! tooling reads, listing across Scan pages, creating the table, and errors that name
 //! DynamoDB. Each test starts its own moto server (`scripts/emulators` installs it).
+#![cfg(feature = "emulator-tests")]
 
 // DynamoDB leases expire; they are never lost by dropping a store (`LeaseLoss::WhenDropped`).
 #[allow(dead_code)]
