@@ -6,9 +6,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use floodgate_aws::kinesis::{KinesisReader, KinesisReaderConfig, KinesisWriter};
+use floodgate_aws::leases::DynamoDbLeases;
 use floodgate_core::config::{Config, CoordinationBackend, StreamBackend};
 use floodgate_core::state::StateStore;
 use floodgate_core::stream::{CheckpointStore, StreamReader, StreamWriter};
+use floodgate_processors::runtime::RuntimeConfig;
 use floodgate_sinks::{
     EmbeddedCheckpoints, EmbeddedLog, EmbeddedLogReader, LocalDirStore, SqliteStateStore,
 };
@@ -20,6 +23,11 @@ pub(crate) enum Stream {
     Embedded(Arc<EmbeddedLog>),
     /// The on-disk log another process writes, read by this one: `process`.
     EmbeddedView(Arc<EmbeddedLogReader>),
+    /// Kinesis Data Streams; workers (`process`) open it without a writer.
+    Kinesis {
+        writer: Option<Arc<KinesisWriter>>,
+        reader: Arc<KinesisReader>,
+    },
 }
 
 impl Stream {
@@ -32,7 +40,7 @@ impl Stream {
                     .with_context(|| format!("cannot open the stream at {}", root.display()))?;
                 Ok(Stream::Embedded(Arc::new(log)))
             }
-            StreamBackend::Kinesis => anyhow::bail!("the kinesis stream backend is not built yet"),
+            StreamBackend::Kinesis => kinesis(config, true).await,
         }
     }
 
@@ -45,7 +53,7 @@ impl Stream {
                     .with_context(|| format!("cannot open the stream at {}", root.display()))?;
                 Ok(Stream::EmbeddedView(Arc::new(reader)))
             }
-            StreamBackend::Kinesis => anyhow::bail!("the kinesis stream backend is not built yet"),
+            StreamBackend::Kinesis => kinesis(config, false).await,
         }
     }
 
@@ -54,6 +62,7 @@ impl Stream {
         match self {
             Stream::Embedded(log) => Some(log.clone()),
             Stream::EmbeddedView(_) => None,
+            Stream::Kinesis { writer, .. } => writer.clone().map(|w| w as Arc<dyn StreamWriter>),
         }
     }
 
@@ -62,6 +71,7 @@ impl Stream {
         match self {
             Stream::Embedded(log) => log.clone(),
             Stream::EmbeddedView(view) => view.clone(),
+            Stream::Kinesis { reader, .. } => reader.clone(),
         }
     }
 
@@ -84,11 +94,59 @@ impl Stream {
     }
 }
 
+/// The shared AWS configuration, with the credentials checked: a config naming AWS with
+/// no credentials fails at start, saying so, instead of failing every call later.
+pub(crate) async fn aws_sdk(config: &Config, service: &str) -> Result<aws_config::SdkConfig> {
+    let sdk = floodgate_aws::client::sdk_config(&config.aws).await;
+    floodgate_aws::client::check_credentials(&sdk)
+        .await
+        .map_err(|e| anyhow::anyhow!("{service}: {e}"))?;
+    Ok(sdk)
+}
+
+/// The Kinesis stream of `[stream.kinesis]`, checked to exist and be readable: an
+/// unreachable endpoint or a missing stream fails here, naming the service and why.
+async fn kinesis(config: &Config, with_writer: bool) -> Result<Stream> {
+    let k = &config.stream.kinesis;
+    let sdk = aws_sdk(config, "kinesis").await?;
+    let client = floodgate_aws::client::kinesis(&sdk, k.endpoint_url.as_deref());
+    floodgate_aws::kinesis::wait_active(&client, &k.stream_name, std::time::Duration::ZERO)
+        .await
+        .with_context(|| {
+            format!(
+                "kinesis stream {:?} is not usable (create it with `floodgate aws init`)",
+                k.stream_name
+            )
+        })?;
+    let writer = with_writer.then(|| Arc::new(KinesisWriter::new(client.clone(), k.into())));
+    let reader = Arc::new(KinesisReader::new(
+        client,
+        KinesisReaderConfig::new(k.stream_name.clone()),
+    ));
+    Ok(Stream::Kinesis { writer, reader })
+}
+
+/// The consumer runtime's timing for the configured backends: the embedded log is polled
+/// closely and its leases are flocks; a shared stream is paced and its leases expire.
+pub(crate) fn runtime_config(config: &Config) -> RuntimeConfig {
+    if config.stream.backend == StreamBackend::Embedded
+        && config.coordination.backend == CoordinationBackend::Embedded
+    {
+        RuntimeConfig::default()
+    } else {
+        RuntimeConfig::for_shared_stream(std::time::Duration::from_millis(
+            config.coordination.lease_duration_ms,
+        ))
+    }
+}
+
 /// The coordination role: the stream consumers' leases and checkpoints.
 #[derive(Debug)]
 pub(crate) enum Coordination {
     /// Files with flock beside the embedded log.
     Embedded(Arc<EmbeddedCheckpoints>),
+    /// A DynamoDB lease table with KCL's attribute names.
+    Dynamodb(Arc<DynamoDbLeases>),
 }
 
 impl Coordination {
@@ -103,7 +161,26 @@ impl Coordination {
                 )))
             }
             CoordinationBackend::Dynamodb => {
-                anyhow::bail!("the dynamodb coordination backend is not built yet")
+                let c = &config.coordination;
+                let sdk = aws_sdk(config, "dynamodb").await?;
+                let client = floodgate_aws::client::dynamodb(&sdk, c.endpoint_url.as_deref());
+                client
+                    .describe_table()
+                    .table_name(&c.table_name)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "dynamodb lease table {:?} is not usable (create it with `floodgate aws init`): {}",
+                            c.table_name,
+                            floodgate_aws::client::describe(&e)
+                        )
+                    })?;
+                Ok(Coordination::Dynamodb(Arc::new(DynamoDbLeases::new(
+                    client,
+                    c.table_name.clone(),
+                    std::time::Duration::from_millis(c.lease_duration_ms),
+                ))))
             }
         }
     }
@@ -111,6 +188,7 @@ impl Coordination {
     pub(crate) fn store(&self) -> Arc<dyn CheckpointStore> {
         match self {
             Coordination::Embedded(c) => c.clone(),
+            Coordination::Dynamodb(c) => c.clone(),
         }
     }
 }

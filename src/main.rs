@@ -58,6 +58,21 @@ pub(crate) enum Command {
     /// The Parquet lake.
     #[command(subcommand)]
     Lake(LakeCommand),
+    /// The AWS deployment's resources.
+    #[command(subcommand)]
+    Aws(AwsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum AwsCommand {
+    /// Create what the configuration names and is missing (the Kinesis stream, the lease
+    /// table), wait until each is ACTIVE, and print one line per resource: `created` or
+    /// `exists`. Idempotent.
+    Init {
+        /// TOML configuration file
+        #[arg(long, env = "FLOODGATE_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -282,6 +297,15 @@ fn main() -> ExitCode {
         Command::Lake(LakeCommand::Rebuild { data_dir, config }) => {
             cmd::lake::rebuild(data_dir, config).map(|()| ExitCode::SUCCESS)
         }
+        Command::Aws(AwsCommand::Init { config }) => cmd::aws::init(ServeArgs {
+            listen: None,
+            data_dir: None,
+            config: Some(config),
+            schemas: None,
+            shards: None,
+            insecure_no_auth: false,
+        })
+        .map(|()| ExitCode::SUCCESS),
         Command::Lake(LakeCommand::Ddl { location, schemas }) => {
             cmd::lake::ddl(&location, schemas.as_deref()).map(|()| ExitCode::SUCCESS)
         }

@@ -181,7 +181,13 @@ async fn consumer_lag_in_time_past_its_bound_gets_503() {
     let (status, retry_after, body) = post(&app, &[event("t2", 1)]).await;
     assert_eq!((status, retry_after.as_deref()), (503, Some("1")));
     assert_eq!(body["error"]["code"], "consumer_lag");
-    assert!(body["error"]["message"].as_str().unwrap().contains("60001 ms"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("60001 ms"),
+        "{body}"
+    );
     lag.set_both("lake", &shard, 0, 0);
     assert_eq!(post(&app, &[event("t3", 1)]).await.0, 200, "caught up");
 }

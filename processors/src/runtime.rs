@@ -122,12 +122,18 @@ impl RuntimeConfig {
     }
 }
 
-/// A worker identity unique to this process run.
+/// A worker identity unique to this process run, naming the host so that an operator
+/// reading a shared lease table sees which machine holds what.
 pub fn default_owner() -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    format!("pid{}-{nanos:09}", std::process::id())
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}:pid{}-{nanos:09}", std::process::id())
 }
 
 impl Default for RuntimeConfig {

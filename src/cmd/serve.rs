@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::backends::{
     Coordination, Stream, lake_store, local_checkpoints, open_quarantine, open_state,
+    runtime_config,
 };
 use crate::setup::{check_auth_posture, effective_config, load_registry, runtime, shutdown_signal};
 use crate::{ProcessArgs, ServeArgs};
@@ -63,7 +64,7 @@ impl Processors {
         let lag = Arc::new(ConsumerLag::default());
         let config = RuntimeConfig {
             lag: Some(lag.clone()),
-            ..RuntimeConfig::default()
+            ..runtime_config(config_all)
         };
         let owner = config.owner.clone();
         let mut tasks = spawn_consumers(

@@ -48,14 +48,37 @@ impl Server {
 
     /// As [`Server::start`]; with `log`, everything down to debug level goes to that file.
     pub fn start_logged(data_dir: &Path, extra: &[&str], log: Option<&Path>) -> Server {
+        Self::start_with_env(data_dir, extra, log, &[])
+    }
+
+    /// As [`Server::start_logged`], with `env` added to the server's environment (e.g. the
+    /// AWS emulators' dummy credentials).
+    pub fn start_with_env(
+        data_dir: &Path,
+        extra: &[&str],
+        log: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Server {
+        Self::start_as("serve", data_dir, extra, log, env)
+    }
+
+    /// As [`Server::start_with_env`], running `command` (`serve` or `ingest`).
+    pub fn start_as(
+        command: &str,
+        data_dir: &Path,
+        extra: &[&str],
+        log: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Server {
         let (level, stderr) = match log {
             Some(path) => ("debug", Stdio::from(std::fs::File::create(path).unwrap())),
             None => ("warn", Stdio::null()),
         };
         let child = floodgate()
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args([command, "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra)
+            .envs(env.iter().copied())
             .env("FLOODGATE_LOG", level)
             .stdout(Stdio::piped())
             .stderr(stderr)

@@ -1,0 +1,40 @@
+//! `floodgate aws init`: creates the AWS resources the configuration names and that are
+//! missing, and waits until each is ACTIVE. Idempotent: a second run reports `exists`.
+
+use anyhow::{Context, Result};
+use floodgate_core::config::{CoordinationBackend, StreamBackend};
+
+use crate::ServeArgs;
+use crate::backends::aws_sdk;
+use crate::setup::{effective_config, runtime};
+
+pub(crate) fn init(args: ServeArgs) -> Result<()> {
+    let config = effective_config(&args)?;
+    runtime()?.block_on(async {
+        let mut any = false;
+        if config.stream.backend == StreamBackend::Kinesis {
+            any = true;
+            let k = &config.stream.kinesis;
+            let sdk = aws_sdk(&config, "kinesis").await?;
+            let client = floodgate_aws::client::kinesis(&sdk, k.endpoint_url.as_deref());
+            let done = floodgate_aws::kinesis::ensure_stream(&client, &k.stream_name, k.shards)
+                .await
+                .with_context(|| format!("kinesis stream {:?}", k.stream_name))?;
+            println!("kinesis stream {}: {done}", k.stream_name);
+        }
+        if config.coordination.backend == CoordinationBackend::Dynamodb {
+            any = true;
+            let c = &config.coordination;
+            let sdk = aws_sdk(&config, "dynamodb").await?;
+            let client = floodgate_aws::client::dynamodb(&sdk, c.endpoint_url.as_deref());
+            let done = floodgate_aws::leases::ensure_table(&client, &c.table_name)
+                .await
+                .with_context(|| format!("dynamodb lease table {:?}", c.table_name))?;
+            println!("dynamodb table {}: {}", c.table_name, done.as_str());
+        }
+        if !any {
+            println!("nothing to create: the configuration names no AWS backend");
+        }
+        Ok(())
+    })
+}
