@@ -134,9 +134,21 @@ pub(crate) fn runtime_config(config: &Config) -> RuntimeConfig {
     {
         RuntimeConfig::default()
     } else {
-        RuntimeConfig::for_shared_stream(std::time::Duration::from_millis(
-            config.coordination.lease_duration_ms,
-        ))
+        let ingest = &config.ingest;
+        RuntimeConfig {
+            // Many edges write a shared stream, and a Kinesis put whose answer was lost may
+            // be written twice: the consumers drop repeats per shard within the edge's
+            // dedupe window, up to an eighth of its id budget per shard and consumer.
+            repeats: (ingest.dedupe_window_ms > 0).then(|| {
+                (
+                    std::time::Duration::from_millis(ingest.dedupe_window_ms),
+                    (ingest.dedupe_max_ids / 8).max(10_000),
+                )
+            }),
+            ..RuntimeConfig::for_shared_stream(std::time::Duration::from_millis(
+                config.coordination.lease_duration_ms,
+            ))
+        }
     }
 }
 

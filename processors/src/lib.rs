@@ -7,6 +7,8 @@
 //! - [`bookings`] holds the business rules of bookings and seat capacity, written once
 //!   for every backend: a batch is decided in memory ([`bookings::decide`]) and written as
 //!   one [`StateChanges`] (each touched row once) through the [`StateStore`] role.
+//! - [`repeats`] drops repeats of an event within a shard on streams that many stateless
+//!   edges write (Kinesis), deterministically, so replays decide the same.
 //! - [`relay`] moves derived events from the state store's transactional outbox to the
 //!   [`Publisher`] role, exactly once.
 //! - [`lake`] writes accepted events as typed Parquet, one file per table, hour partition
@@ -24,4 +26,5 @@ pub mod lake;
 pub mod parquet;
 pub mod rebuild;
 pub mod relay;
+pub mod repeats;
 pub mod runtime;

@@ -104,6 +104,10 @@ pub struct RuntimeConfig {
     pub renew_interval: Duration,
     /// How often the coordinator lists the shards and the leases, and rebalances.
     pub sync_interval: Duration,
+    /// Drop repeats of an event (`source`, `id`) within this span per shard, keeping at
+    /// most this many ids per shard (see [`crate::repeats`]). `None`: the stream never
+    /// holds repeats (the embedded log behind one edge, which dedupes itself).
+    pub repeats: Option<(Duration, usize)>,
 }
 
 impl RuntimeConfig {
@@ -148,6 +152,7 @@ impl Default for RuntimeConfig {
             drain_limit: Duration::from_secs(10),
             renew_interval: Duration::from_secs(1),
             sync_interval: Duration::from_secs(1),
+            repeats: None,
         }
     }
 }
@@ -603,6 +608,28 @@ async fn consume(
             }
         }
     };
+    let mut repeats = config
+        .repeats
+        .map(|(span, max_ids)| crate::repeats::Repeats::new(span, max_ids));
+    if let (Some(r), StartPosition::After(checkpoint)) = (repeats.as_mut(), &position) {
+        loop {
+            match r.seed(reader, &shard, checkpoint).await {
+                Ok(n) => {
+                    tracing::info!(
+                        records = n,
+                        "read back the span before the checkpoint to drop repeats"
+                    );
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read back the span before the checkpoint; retrying");
+                    if pause(config.retry_delay, &mut shutdown).await {
+                        return ShardExit::Stopped;
+                    }
+                }
+            }
+        }
+    }
     tracing::info!(?position, "consumer started");
     let mut committed = match &position {
         StartPosition::After(seq) => Some(seq.clone()),
@@ -679,7 +706,24 @@ async fn consume(
         if is_lost() {
             return ShardExit::LeaseLost;
         }
-        if let Err(e) = processor.process(&shard, &batch.records).await {
+        // On a stream many edges write, a repeat of an event is dropped before the
+        // processor sees it (and counted); the checkpoint still moves past it.
+        let kept;
+        let records = match repeats.as_mut() {
+            Some(r) => {
+                kept = r.filter(&batch.records);
+                let dropped = batch.records.len() - kept.len();
+                if dropped > 0 {
+                    metrics::counter!("floodgate_processor_repeats_dropped_total", &labels)
+                        .increment(dropped as u64);
+                }
+                &kept[..]
+            }
+            None => &batch.records[..],
+        };
+        if !records.is_empty()
+            && let Err(e) = processor.process(&shard, records).await
+        {
             metrics::counter!("floodgate_processor_batch_failures_total", &labels).increment(1);
             tracing::error!(error = %e, "batch failed; retrying from the same position");
             if pause(config.retry_delay, &mut shutdown).await {
