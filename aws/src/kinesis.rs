@@ -1748,7 +1748,6 @@ impl KinesisReader {
                     // Iterators live five minutes: get a new one where this cursor stands
                     // (the last position handed out).
                     Some("ExpiredIteratorException") => {
-                        cursor.at = StartPosition::TrimHorizon;
                         cursor.iter = Iter::None;
                         cursor.buffered.clear();
                         continue;
