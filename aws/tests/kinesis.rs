@@ -8,8 +8,16 @@
 //! - a read resumed from a position inside an aggregated record;
 //! - the record size limit, which counts the partition key;
 //! - stream creation waiting for ACTIVE, and GetRecords pacing;
+//! - through the fault proxy: per-record failures, throttling, 5xx, resets and timeouts
+//!   retried with per-key order kept, `Busy`/`Unavailable` once faults outlast the
+//!   deadline, and an expired iterator renewed where the reader stood;
 //! - a measurement (printed, not asserted): events/s with aggregation on and off, events
 //!   per Kinesis record, records per PutRecords call, aggregated record size.
+//!
+//! Behind the `emulator-tests` feature, like every test that starts an emulator:
+//! `cargo test -p floodgate-aws --features emulator-tests --test kinesis`.
+
+#![cfg(feature = "emulator-tests")]
 
 #[allow(dead_code)]
 #[path = "../../sinks/tests/conformance/mod.rs"]
@@ -133,7 +141,19 @@ async fn read_all(
             .await
             .unwrap_or_else(|e| panic!("read {shard} from {pos:?}: {e}"));
         let empty = batch.records.is_empty();
-        out.extend(batch.records);
+        for r in batch.records {
+            // A step back is a replay (or a reader that never ends): fail on it at once.
+            if let Some(last) = out.last() {
+                let last: &StoredRecord = last;
+                assert!(
+                    r.sequence > last.sequence,
+                    "{shard}: read {} after {}",
+                    r.sequence,
+                    last.sequence
+                );
+            }
+            out.push(r);
+        }
         match batch.next {
             None => return (out, true),
             Some(_) if empty => return (out, false),
