@@ -132,6 +132,32 @@ lease_duration_ms = {LEASE_MS}
         );
         rt().block_on(store.leases("bookings")).unwrap()
     }
+
+    /// The relay lease's owner and counter (raw, as the table holds them).
+    fn relay_lease(&self) -> (Option<String>, i64) {
+        let out = rt()
+            .block_on(
+                self.moto
+                    .dynamodb_client()
+                    .get_item()
+                    .table_name(format!("{}-leases", self.stream))
+                    .key(
+                        "leaseKey",
+                        aws_sdk_dynamodb::types::AttributeValue::S("relay:outbox".to_owned()),
+                    )
+                    .consistent_read(true)
+                    .send(),
+            )
+            .unwrap();
+        let item = out.item().cloned().unwrap_or_default();
+        let owner = item.get("leaseOwner").and_then(|v| v.as_s().ok()).cloned();
+        let counter = item
+            .get("leaseCounter")
+            .and_then(|v| v.as_n().ok())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        (owner, counter)
+    }
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -401,6 +427,25 @@ fn workers_split_the_shards_rebalance_when_one_joins_and_take_over_after_kill_9(
     let mut b = d.worker("b");
     let pids = [("a", a.id()), ("b", b.id())];
     wait_for_holdings(&d, &pids, &[("a", 3), ("b", 3)], 120);
+    // One relay, and its lease is renewed on a timer: over three lease durations its
+    // owner stays while its counter moves (an unrenewed lease would pass to the other).
+    let (owner, counter) = wait_for(60, "a relay", || {
+        let (owner, counter) = d.relay_lease();
+        owner.map(|o| (o, counter))
+    });
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_millis(3 * LEASE_MS) {
+        assert_eq!(
+            d.relay_lease().0.as_ref(),
+            Some(&owner),
+            "the relay lease moved"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        d.relay_lease().1 > counter + 3,
+        "the relay lease was not renewed"
+    );
     create_shows(&edge, 6);
     let load = Load::start(edge.addr, 6, "w");
     wait_for(60, "some load", || (load.acked() > 50).then_some(()));
@@ -430,7 +475,15 @@ fn workers_split_the_shards_rebalance_when_one_joins_and_take_over_after_kill_9(
     });
     let acked = load.stop();
     check_outcomes(&d, &edge, &acked, 6);
+    // SIGTERM hands the leases over at once (released after a checkpoint), without
+    // waiting for them to expire.
+    let started = Instant::now();
     terminate(&mut a);
+    wait_for_holdings(&d, &pids, &[("a", 0), ("b", 0), ("c", 6)], 120);
+    eprintln!(
+        "hand-off after SIGTERM (exit included): {} ms",
+        started.elapsed().as_millis()
+    );
     terminate(&mut c);
     check_lake(&d, &acked);
 }
