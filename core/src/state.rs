@@ -79,6 +79,13 @@ pub struct StateChanges {
     pub shard: ShardId,
     /// The last stream record the batch covers.
     pub last_sequence: SequenceNumber,
+    /// Fencing: `Some(p)` applies only if the shard's stored position is exactly `p`
+    /// (`Some(None)`: the shard has no position yet), the one the batch was decided from;
+    /// otherwise the store changes nothing and answers [`StateError::Conflict`], or `false`
+    /// when the position already covers `last_sequence`. A worker that lost its lease and
+    /// decided from an old position thus cannot apply over the worker that took the shard
+    /// on. `None`: no condition (tests, tools).
+    pub expected_position: Option<Option<SequenceNumber>>,
     /// Each touched inventory once, in its final state for the batch.
     pub inventories: Vec<Inventory>,
     /// Each touched booking once, in its final state for the batch.

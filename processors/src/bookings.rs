@@ -575,6 +575,7 @@ pub fn decide(
     StateChanges {
         shard: shard.clone(),
         last_sequence,
+        expected_position: None,
         inventories,
         bookings,
         created_bookings: d.created_bookings,
@@ -607,36 +608,35 @@ impl BookingsProcessor {
         let Some(last) = records.last() else {
             return Ok(false);
         };
-        let position = self.store.position(shard).await?;
-        // Drop records the store already covers (a replay overlapping the position).
-        let fresh: &[StoredRecord] = match &position {
-            Some(p) if last.sequence <= *p => return Ok(false),
-            Some(p) => {
-                let start = records.partition_point(|r| r.sequence <= *p);
-                &records[start..]
-            }
-            None => records,
-        };
-        let events = parse(fresh);
-        let (event_ids, booking_ids) = touched_ids(&events);
-        // Optimistic: decide against the rows as loaded; if another shard created one of
-        // this batch's bookings meanwhile, the store refuses the whole apply and the batch
-        // is decided again against the booking that got there first. Each conflict means
-        // another shard made progress, so this ends.
+        // Optimistic: decide against the position and rows as loaded. The store applies
+        // only from that same position (fencing a worker that lost the shard), and creates
+        // this batch's bookings only if no other shard did meanwhile. On either conflict
+        // the batch is decided again from what is stored now. Each conflict means another
+        // worker or shard made progress, so this ends.
         let mut conflicts = 0u32;
-        let (applied, inventory_writes) = loop {
-            let (inventories, bookings) = self
-                .store
-                .load(event_ids.clone(), booking_ids.clone())
-                .await?;
-            let changes = decide(shard, fresh, &events, inventories, bookings);
+        let (applied, inventory_writes, fresh_len) = loop {
+            let position = self.store.position(shard).await?;
+            // Drop records the store already covers (a replay overlapping the position).
+            let fresh: &[StoredRecord] = match &position {
+                Some(p) if last.sequence <= *p => return Ok(false),
+                Some(p) => {
+                    let start = records.partition_point(|r| r.sequence <= *p);
+                    &records[start..]
+                }
+                None => records,
+            };
+            let events = parse(fresh);
+            let (event_ids, booking_ids) = touched_ids(&events);
+            let (inventories, bookings) = self.store.load(event_ids, booking_ids).await?;
+            let mut changes = decide(shard, fresh, &events, inventories, bookings);
+            changes.expected_position = Some(position);
             let inventory_writes = changes.inventories.len() as u64;
             match self.store.apply(changes).await {
-                Ok(applied) => break (applied, inventory_writes),
+                Ok(applied) => break (applied, inventory_writes, fresh.len()),
                 Err(StateError::Conflict(what)) if conflicts < MAX_CONFLICT_RETRIES => {
                     conflicts += 1;
                     metrics::counter!("floodgate_processor_conflicts_total", "consumer" => CONSUMER).increment(1);
-                    tracing::debug!(%shard, %what, "booking id claimed by another shard; deciding again");
+                    tracing::debug!(%shard, %what, "the batch met a conflict; deciding again");
                 }
                 Err(e) => return Err(e),
             }
@@ -645,7 +645,7 @@ impl BookingsProcessor {
             metrics::counter!("floodgate_processor_inventory_writes_total", "consumer" => CONSUMER)
                 .increment(inventory_writes);
             metrics::counter!("floodgate_processor_events_applied_total", "consumer" => CONSUMER)
-                .increment(fresh.len() as u64);
+                .increment(fresh_len as u64);
         }
         Ok(applied)
     }

@@ -206,10 +206,21 @@ impl StateStore for SqliteStateStore {
     async fn apply(&self, changes: StateChanges) -> Result<bool, StateError> {
         Self::with(&self.writer, move |c| {
             let tx = c.transaction().map_err(err)?;
-            if let Some(p) = position_of(&tx, &changes.shard.0)?
-                && changes.last_sequence <= p
+            let current = position_of(&tx, &changes.shard.0)?;
+            if let Some(p) = &current
+                && changes.last_sequence <= *p
             {
                 return Ok(false);
+            }
+            if let Some(expected) = &changes.expected_position
+                && *expected != current
+            {
+                return Err(StateError::Conflict(format!(
+                    "shard {} is at {} now, not {} as the batch was decided: another worker applied it",
+                    changes.shard,
+                    current.as_ref().map_or("the start", |p| p.as_str()),
+                    expected.as_ref().map_or("the start", |p| p.as_str()),
+                )));
             }
             {
                 let mut s = tx
