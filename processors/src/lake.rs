@@ -1320,8 +1320,19 @@ impl ShardProcessor for LakeProcessor {
 
     async fn start_position(
         &self,
-        _shard: &ShardId,
+        shard: &ShardId,
     ) -> Result<Option<SequenceNumber>, ProcessError> {
+        // A new tenure on the shard: what an earlier one buffered (or learned of the runs)
+        // may be stale, since another worker may have written the shard's runs since. The
+        // records after the checkpoint are read again, as after a restart.
+        let dropped = self
+            .shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(shard);
+        if dropped.is_some_and(|b| b.first.is_some()) {
+            tracing::info!(%shard, "dropped an earlier tenure's buffer; its records are read again");
+        }
         Ok(None)
     }
 
@@ -1433,6 +1444,20 @@ impl ShardProcessor for LakeProcessor {
     fn progress(&self, shard: &ShardId) -> Progress {
         let shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
         Progress::Through(shards.get(shard).and_then(|b| b.durable.clone()))
+    }
+
+    async fn end_of_shard(&self, shard: &ShardId) -> Result<(), ProcessError> {
+        // No later record will end a run: whatever is buffered is the shard's last run.
+        let due = {
+            let shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+            shards
+                .get(shard)
+                .is_some_and(|b| b.pinned || b.first.is_some())
+        };
+        if due {
+            self.flush(shard).await?;
+        }
+        Ok(())
     }
 
     async fn tick(&self, shard: &ShardId, last: bool) -> Result<(), ProcessError> {

@@ -745,3 +745,32 @@ async fn the_quarantine_logs_consumer_and_the_lakes_diversions_do_not_collide() 
         [(SequenceNumber::from_u64(0), SequenceNumber::from_u64(3))]
     );
 }
+
+/// A worker takes a shard back after another worker wrote the shard's runs meanwhile:
+/// what it buffered in its earlier tenure is stale, and must not be written (it would
+/// hold rows the other worker wrote, in an overlapping run).
+#[tokio::test]
+async fn a_worker_taking_a_shard_back_forgets_its_earlier_buffer() {
+    let registry = Registry::builtin().unwrap();
+    let all = mixed(&registry, 80);
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalDirStore::open(dir.path()).unwrap());
+    let shard = ShardId("0".to_owned());
+    let a = lake(store.clone(), &registry, 1 << 30);
+    let b = lake(store.clone(), &registry, 1 << 30);
+    // A buffers 0..30, then loses the lease without a flush.
+    a.start_position(&shard).await.unwrap();
+    a.process(&shard, &all[..30]).await.unwrap();
+    // B takes the shard, writes 0..60 and checkpoints there.
+    b.start_position(&shard).await.unwrap();
+    drive(&b, &shard, &[all[..60].to_vec()]).await;
+    // A takes it back, from B's checkpoint.
+    a.start_position(&shard).await.unwrap();
+    drive(&a, &shard, &[all[60..].to_vec()]).await;
+    let at = where_is_each(dir.path());
+    assert_eq!(at.len(), all.len());
+    for (id, tables) in &at {
+        assert_eq!(tables.len(), 1, "{id} is in {tables:?}");
+    }
+    assert_runs_disjoint(dir.path());
+}
