@@ -30,6 +30,17 @@ pub struct Repeats {
     /// key → the record that holds it (a digest of its sequence number). The same record
     /// read again (a batch retried after a failure) is not a repeat of itself.
     seen: HashMap<u128, u64>,
+    /// What the batch being processed changed, newest last, so that a batch that failed
+    /// can be taken back and decided again exactly as before ([`Repeats::rollback`]).
+    journal: Vec<Change>,
+}
+
+#[derive(Debug)]
+enum Change {
+    /// An entry entered at the back of `order` (and into `seen`).
+    Admitted(u128),
+    /// The front entry of `order` left (and left `seen`, if it held it there).
+    Evicted((i64, u128, u64), bool),
 }
 
 #[derive(serde::Deserialize)]
@@ -64,6 +75,7 @@ impl Repeats {
             max_ids: max_ids.max(1),
             order: VecDeque::new(),
             seen: HashMap::new(),
+            journal: Vec::new(),
         }
     }
 
@@ -77,9 +89,11 @@ impl Repeats {
                 break;
             }
             self.order.pop_front();
-            if self.seen.get(&key) == Some(&record) {
+            let held = self.seen.get(&key) == Some(&record);
+            if held {
                 self.seen.remove(&key);
             }
+            self.journal.push(Change::Evicted((at, key, record), held));
         }
     }
 
@@ -98,56 +112,110 @@ impl Repeats {
         self.expire(record.appended_at_ms, true);
         self.order.push_back((record.appended_at_ms, key, id));
         self.seen.insert(key, id);
+        self.journal.push(Change::Admitted(key));
         false
     }
 
-    /// The records of `batch` that are not repeats, in order.
-    pub fn filter(&mut self, batch: &[StoredRecord]) -> Vec<StoredRecord> {
-        batch
-            .iter()
-            .filter(|r| !self.is_repeat(r))
-            .cloned()
-            .collect()
+    /// Keeps what the records taken in since the last `commit` changed.
+    pub fn commit(&mut self) {
+        self.journal.clear();
     }
 
-    /// Before consuming `shard` after `checkpoint`: reads the records that arrived within
-    /// the span before it, up to and including it, so that the first records after it are
-    /// judged against them. A checkpoint the stream no longer holds seeds nothing.
+    /// Takes back what the records taken in since the last `commit` changed, so that
+    /// reading them again decides exactly as the first time.
+    pub fn rollback(&mut self) {
+        while let Some(change) = self.journal.pop() {
+            match change {
+                Change::Admitted(key) => {
+                    self.order.pop_back();
+                    self.seen.remove(&key);
+                }
+                Change::Evicted(entry, held) => {
+                    if held {
+                        self.seen.insert(entry.1, entry.2);
+                    }
+                    self.order.push_front(entry);
+                }
+            }
+        }
+    }
+
+    /// Appends the records of `batch` that are not repeats to `out`, in order.
+    pub fn filter_into(&mut self, batch: &[StoredRecord], out: &mut Vec<StoredRecord>) {
+        out.extend(batch.iter().filter(|r| !self.is_repeat(r)).cloned());
+    }
+
+    /// The records of `batch` that are not repeats, in order (kept: as `filter_into`
+    /// then `commit`).
+    pub fn filter(&mut self, batch: &[StoredRecord]) -> Vec<StoredRecord> {
+        let mut out = Vec::new();
+        self.filter_into(batch, &mut out);
+        self.commit();
+        out
+    }
+
+    /// Before consuming `shard` after `checkpoint`: reads back the records that arrived
+    /// within two spans before it, up to and including it, so that the first records
+    /// after it are judged as an uninterrupted run would judge them. (Two spans: whether a
+    /// record within the span before the checkpoint was itself a repeat depends on the
+    /// span before it. A chain of repeats of one event longer than that, a producer
+    /// retrying one event for over twice the span, may be decided differently.) A
+    /// checkpoint the stream no longer holds seeds nothing, and says so.
     pub async fn seed(
         &mut self,
         reader: &dyn StreamReader,
         shard: &ShardId,
         checkpoint: &SequenceNumber,
     ) -> Result<usize, StreamError> {
-        let at = reader
-            .read(shard, &StartPosition::At(checkpoint.clone()), 1)
-            .await?;
-        let Some(last) = at.records.first().filter(|r| r.sequence == *checkpoint) else {
+        // A shared stream may answer a read with nothing before its end (a gap in time):
+        // a few empty reads are read past; the shard's end or the head stops.
+        const EMPTY_READS: usize = 20;
+        let mut position = StartPosition::At(checkpoint.clone());
+        let mut at = None;
+        for _ in 0..EMPTY_READS {
+            let batch = reader.read(shard, &position, 1).await?;
+            if let Some(r) = batch.records.first() {
+                at = Some(r.clone());
+                break;
+            }
+            match batch.next {
+                Some(next) => position = next,
+                None => break,
+            }
+        }
+        let Some(last) = at.filter(|r| r.sequence == *checkpoint) else {
+            tracing::warn!(%shard, %checkpoint, "the checkpoint's record is no longer in the stream: repeats of earlier events are not recognised");
             return Ok(0);
         };
-        let mut position = StartPosition::AtTimestamp(last.appended_at_ms - self.span_ms);
+        self.commit();
+        let mut position = StartPosition::AtTimestamp(last.appended_at_ms - 2 * self.span_ms);
         let mut seeded = 0;
-        // A shared stream may answer empty reads before the end (a gap in time); only a
-        // read that is at the head (or the shard's end) stops the seeding early.
-        for _ in 0..100_000 {
+        let mut empty = 0;
+        loop {
             let batch = reader.read(shard, &position, 10_000).await?;
             for r in &batch.records {
                 if r.sequence > *checkpoint {
+                    self.commit();
                     return Ok(seeded);
                 }
                 self.is_repeat(r);
                 seeded += 1;
                 if r.sequence == *checkpoint {
+                    self.commit();
                     return Ok(seeded);
                 }
             }
-            let at_head = batch.records.is_empty() && batch.millis_behind.unwrap_or(0) == 0;
+            self.commit();
+            empty = if batch.records.is_empty() {
+                empty + 1
+            } else {
+                0
+            };
             match batch.next {
-                Some(next) if !at_head => position = next,
+                Some(next) if empty < EMPTY_READS => position = next,
                 _ => return Ok(seeded),
             }
         }
-        Ok(seeded)
     }
 }
 
@@ -224,6 +292,31 @@ mod tests {
             .collect();
         assert_eq!(first, vec![1, 2]);
         assert_eq!(again, first, "a retried batch must not lose its records");
+    }
+
+    /// The review's case: within one batch, `a`'s first record is evicted (by the span)
+    /// before its repeat arrives, so the repeat is kept. A failed batch read again must
+    /// decide the same, not drop the first `a` as a repeat of the second.
+    #[test]
+    fn a_failed_batch_is_taken_back_and_decided_the_same() {
+        let mut r = Repeats::new(Duration::from_millis(100), 100);
+        r.filter(&[rec(1, 0, "s", "x")]);
+        let batch = [
+            rec(2, 10, "s", "a"),
+            rec(3, 500, "s", "b"),
+            rec(4, 600, "s", "a"),
+        ];
+        let mut first = Vec::new();
+        r.filter_into(&batch, &mut first);
+        r.rollback();
+        let again = r.filter(&batch);
+        let seqs = |v: &[StoredRecord]| {
+            v.iter()
+                .map(|x| x.sequence.as_u64().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(&first), vec![2, 3, 4]);
+        assert_eq!(seqs(&again), seqs(&first));
     }
 
     #[test]

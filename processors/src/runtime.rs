@@ -51,7 +51,9 @@ pub trait ShardProcessor: Send + Sync + std::fmt::Debug {
     /// The consumer's name: checkpoints and metrics are kept under it.
     fn consumer(&self) -> &str;
 
-    /// Where the processor's own committed state says `shard` is; `None` defers to the
+    /// Called once each time this worker starts consuming `shard` (again): forget any
+    /// state of an earlier tenure (another worker may have moved the shard on since), and
+    /// say where the processor's own committed state says `shard` is; `None` defers to the
     /// checkpoint store. Processors that record the position with their effects (bookings)
     /// answer from there, so a crash between effects and checkpoint loses nothing.
     async fn start_position(&self, shard: &ShardId)
@@ -72,6 +74,13 @@ pub trait ShardProcessor: Send + Sync + std::fmt::Debug {
     /// the consumer stops (flush what is buffered).
     async fn tick(&self, _shard: &ShardId, _last: bool) -> Result<(), ProcessError> {
         Ok(())
+    }
+
+    /// The shard is closed and every record of it was given to `process`: make all of it
+    /// durable (no later record will end a buffered run). The shard is recorded as
+    /// finished, and its children start, only once `progress` covers every record.
+    async fn end_of_shard(&self, shard: &ShardId) -> Result<(), ProcessError> {
+        self.tick(shard, true).await
     }
 }
 
@@ -125,6 +134,9 @@ impl RuntimeConfig {
         }
     }
 }
+
+/// Records filtered for repeats between two yields to the scheduler.
+const REPEATS_CHUNK: usize = 1024;
 
 /// A worker identity unique to this process run, naming the host so that an operator
 /// reading a shared lease table sees which machine holds what.
@@ -245,6 +257,11 @@ async fn coordinate(
                     }
                 }
                 for (shard, wait) in plan.start {
+                    if running.contains_key(&shard) {
+                        // Its task has not ended yet (it finds the lease gone, or the
+                        // shard's end, at its next step); one task per shard.
+                        continue;
+                    }
                     let (stop, stop_rx) = watch::channel(false);
                     let task = tokio::spawn(
                         run_shard(
@@ -322,14 +339,22 @@ async fn sync_once(
     }
     let me = config.owner.as_str();
     for pick in balance(me, &ready, &leases, running) {
+        // A pick that fails is skipped, not the round: leases already taken are consumed.
         let taken = match pick {
-            Pick::Take(ref shard) => checkpoints.acquire_lease(consumer, shard, me).await?,
+            Pick::Take(ref shard) => checkpoints.acquire_lease(consumer, shard, me).await,
             Pick::Steal(ref shard, ref from) => {
-                let ok = checkpoints.steal_lease(consumer, shard, me).await?;
-                if ok {
+                let ok = checkpoints.steal_lease(consumer, shard, me).await;
+                if matches!(ok, Ok(true)) {
                     tracing::info!(%shard, from = %from, "took a lease to balance the workers");
                 }
                 ok
+            }
+        };
+        let taken = match taken {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, ?pick, "cannot take a lease; trying next round");
+                false
             }
         };
         if taken {
@@ -423,7 +448,11 @@ fn balance(
         if let Some((owner, n)) = busiest
             && n > share
             && let Some(l) = leases.iter().find(|l| {
-                l.live && l.owner.as_deref() == Some(owner.as_str()) && ready_set.contains(&l.shard)
+                l.live
+                    && l.owner.as_deref() == Some(owner.as_str())
+                    && ready_set.contains(&l.shard)
+                    // A shard whose task here has not ended is not taken again.
+                    && !running.contains_key(&l.shard)
             })
         {
             picks.push(Pick::Steal(l.shard.clone(), owner));
@@ -459,9 +488,10 @@ fn either(a: &watch::Receiver<bool>, b: &watch::Receiver<bool>) -> watch::Receiv
                 let _ = tx.send(true);
                 return;
             }
+            // A stop signal whose sender is gone can never say "go on": stop.
             tokio::select! {
-                r = a.changed() => if r.is_err() { return },
-                r = b.changed() => if r.is_err() { return },
+                r = a.changed() => if r.is_err() { let _ = tx.send(true); return },
+                r = b.changed() => if r.is_err() { let _ = tx.send(true); return },
                 () = tx.closed() => return,
             }
         }
@@ -552,19 +582,30 @@ async fn renew(
     lost: Arc<AtomicBool>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // Renewals are every third of the lease's life. A worker that cannot renew for two
+    // and a half of them (the store unreachable) stops the shard itself, before another
+    // worker may take the lease over: it cannot know it still holds it.
+    let mut renewed = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
         match checkpoints.renew_lease(&consumer, &shard, &owner).await {
-            Ok(true) => {}
+            Ok(true) => renewed = tokio::time::Instant::now(),
             Ok(false) => {
                 tracing::warn!("lease lost; stopping before committing anything more");
                 lost.store(true, Ordering::SeqCst);
                 return;
             }
-            Err(e) => tracing::warn!(error = %e, "cannot renew the lease; retrying"),
+            Err(e) => {
+                if renewed.elapsed() >= every * 5 / 2 {
+                    tracing::warn!(error = %e, "cannot renew the lease in time; stopping the shard before it may pass to another worker");
+                    lost.store(true, Ordering::SeqCst);
+                    return;
+                }
+                tracing::warn!(error = %e, "cannot renew the lease; retrying");
+            }
         }
     }
 }
@@ -641,6 +682,10 @@ async fn consume(
     // flushed) before the process exits.
     let mut drain_deadline: Option<std::time::Instant> = None;
     let mut at_end = false;
+    // The last record given to the processor, and the last one read (repeats dropped
+    // included), in this tenure: a shard is finished only once both are covered.
+    let mut last_given: Option<SequenceNumber> = None;
+    let mut last_read: Option<SequenceNumber> = None;
     loop {
         if is_lost() {
             return ShardExit::LeaseLost;
@@ -692,7 +737,14 @@ async fn consume(
             if let Err(e) = processor.tick(&shard, false).await {
                 tracing::warn!(error = %e, "tick failed; retrying later");
             } else if let Progress::Through(Some(seq)) = processor.progress(&shard) {
-                commit_if_newer(checkpoints, &consumer, &shard, &mut committed, seq).await;
+                commit_if_newer(
+                    checkpoints,
+                    (&consumer, &shard, &config.owner),
+                    &mut committed,
+                    seq,
+                    lost,
+                )
+                .await;
             }
             // On shutdown, go round once more to drain.
             pause(idle, &mut shutdown).await;
@@ -708,10 +760,14 @@ async fn consume(
         }
         // On a stream many edges write, a repeat of an event is dropped before the
         // processor sees it (and counted); the checkpoint still moves past it.
-        let kept;
+        let mut kept = Vec::new();
         let records = match repeats.as_mut() {
             Some(r) => {
-                kept = r.filter(&batch.records);
+                // Parsing each event's ids is CPU work: a slice at a time, yielding between.
+                for chunk in batch.records.chunks(REPEATS_CHUNK) {
+                    r.filter_into(chunk, &mut kept);
+                    tokio::task::yield_now().await;
+                }
                 let dropped = batch.records.len() - kept.len();
                 if dropped > 0 {
                     metrics::counter!("floodgate_processor_repeats_dropped_total", &labels)
@@ -724,6 +780,11 @@ async fn consume(
         if !records.is_empty()
             && let Err(e) = processor.process(&shard, records).await
         {
+            // The batch is read again: the repeats window forgets what it took from it, so
+            // the retry decides exactly as this attempt did.
+            if let Some(r) = repeats.as_mut() {
+                r.rollback();
+            }
             metrics::counter!("floodgate_processor_batch_failures_total", &labels).increment(1);
             tracing::error!(error = %e, "batch failed; retrying from the same position");
             if pause(config.retry_delay, &mut shutdown).await {
@@ -731,6 +792,13 @@ async fn consume(
             }
             continue;
         }
+        if let Some(r) = repeats.as_mut() {
+            r.commit();
+        }
+        if let Some(given) = records.last() {
+            last_given = Some(given.sequence.clone());
+        }
+        last_read = Some(last.sequence.clone());
         // Effects are committed (or, for a buffering processor, those it reports); now
         // the checkpoint may move.
         let durable = match processor.progress(&shard) {
@@ -741,7 +809,14 @@ async fn consume(
             if is_lost() {
                 return ShardExit::LeaseLost;
             }
-            commit_if_newer(checkpoints, &consumer, &shard, &mut committed, seq).await;
+            commit_if_newer(
+                checkpoints,
+                (&consumer, &shard, &config.owner),
+                &mut committed,
+                seq,
+                lost,
+            )
+            .await;
         }
         metrics::counter!("floodgate_processor_records_total", &labels)
             .increment(batch.records.len() as u64);
@@ -754,20 +829,54 @@ async fn consume(
         return ShardExit::LeaseLost;
     }
     // Stopping (or at the shard's end): let a buffering processor make the rest durable,
-    // then record it.
-    let flushed = match processor.tick(&shard, true).await {
+    // then record it. At the end no later record will close a buffered run, so all of it
+    // is made durable.
+    let flushed = if at_end {
+        processor.end_of_shard(&shard).await
+    } else {
+        processor.tick(&shard, true).await
+    };
+    let covered = match flushed {
         Ok(()) => {
-            if let Progress::Through(Some(seq)) = processor.progress(&shard) {
-                commit_if_newer(checkpoints, &consumer, &shard, &mut committed, seq).await;
+            let progress = processor.progress(&shard);
+            if let Progress::Through(Some(seq)) = &progress {
+                commit_if_newer(
+                    checkpoints,
+                    (&consumer, &shard, &config.owner),
+                    &mut committed,
+                    seq.clone(),
+                    lost,
+                )
+                .await;
             }
-            true
+            match progress {
+                Progress::All => true,
+                Progress::Through(Some(seq)) => last_given.as_ref().is_none_or(|g| seq >= *g),
+                Progress::Through(None) => last_given.is_none(),
+            }
         }
         Err(e) => {
             tracing::warn!(error = %e, "final flush failed; the records will be read again");
             false
         }
     };
-    if at_end && flushed && !is_lost() {
+    if at_end && !covered {
+        tracing::warn!(
+            "at the shard's end the processor has not made every record durable; the shard is read again later"
+        );
+    }
+    if at_end && covered && !is_lost() {
+        // Past repeats dropped at the very end too, so the checkpoint is the shard's last.
+        if let Some(seq) = last_read.clone() {
+            commit_if_newer(
+                checkpoints,
+                (&consumer, &shard, &config.owner),
+                &mut committed,
+                seq,
+                lost,
+            )
+            .await;
+        }
         match checkpoints.finish_shard(&consumer, &shard).await {
             Ok(()) => {
                 tracing::info!("shard read to its end; its children may start");
@@ -780,20 +889,29 @@ async fn consume(
     ShardExit::Stopped
 }
 
+/// Commits `seq` unless an equal or later one is committed. A refused commit is checked
+/// against the lease: if the lease is gone, `lost` is raised at once (the renewal timer
+/// would notice only later), so nothing more is processed.
 async fn commit_if_newer(
     checkpoints: &dyn CheckpointStore,
-    consumer: &str,
-    shard: &ShardId,
+    at: (&str, &ShardId, &str),
     committed: &mut Option<SequenceNumber>,
     seq: SequenceNumber,
+    lost: &AtomicBool,
 ) {
+    let (consumer, shard, owner) = at;
     if committed.as_ref().is_some_and(|c| *c >= seq) {
         return;
     }
     match checkpoints.commit(consumer, shard, &seq).await {
         Ok(()) => *committed = Some(seq),
         Err(e) => {
-            tracing::warn!(error = %e, "checkpoint commit failed; effects are safe, will commit later")
+            if let Ok(false) = checkpoints.renew_lease(consumer, shard, owner).await {
+                tracing::warn!(error = %e, "checkpoint commit refused: the lease is gone; stopping the shard");
+                lost.store(true, Ordering::SeqCst);
+            } else {
+                tracing::warn!(error = %e, "checkpoint commit failed; effects are safe, will commit later");
+            }
         }
     }
 }
