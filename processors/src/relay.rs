@@ -47,6 +47,10 @@ pub async fn run_with(
     let shard = ShardId(LEASE_SHARD.to_owned());
     loop {
         loop {
+            // Checked first: relay_loop may have seen the shutdown already.
+            if *shutdown.borrow() {
+                return;
+            }
             match leases.acquire_lease(LEASE_CONSUMER, &shard, &owner).await {
                 Ok(true) => break,
                 Ok(false) => {}
@@ -96,17 +100,19 @@ async fn relay_loop(
 ) -> bool {
     let mut idle = Duration::from_millis(1);
     let mut last: Option<u64> = None;
+    // A shutdown signal whose sender is gone can never say "go on": it means stop.
+    let mut orphaned = false;
     loop {
         if *lost.borrow() {
             return true;
         }
-        let stopping = *shutdown.borrow();
+        let stopping = orphaned || *shutdown.borrow();
         match relay_once(store, publisher, &mut last).await {
             Ok(0) if stopping => break,
             Ok(0) => {
                 tokio::select! {
                     () = tokio::time::sleep(idle) => {}
-                    _ = shutdown.changed() => {}
+                    r = shutdown.changed() => orphaned |= r.is_err(),
                     _ = lost.changed() => {}
                 }
                 idle = (idle * 2).min(Duration::from_millis(50));

@@ -67,6 +67,7 @@ impl Processors {
             ..runtime_config(config_all)
         };
         let owner = config.owner.clone();
+        let renew_interval = config.renew_interval;
         let mut tasks = spawn_consumers(
             reader.clone(),
             checkpoints.clone(),
@@ -127,11 +128,12 @@ impl Processors {
             }
         }
         let (stop_relay, stop_relay_rx) = watch::channel(false);
-        let relay = tokio::spawn(floodgate_processors::relay::run(
+        let relay = tokio::spawn(floodgate_processors::relay::run_with(
             state,
             outbox,
             checkpoints,
             owner,
+            renew_interval,
             stop_relay_rx,
         ));
         Ok(Processors {
