@@ -110,14 +110,37 @@ async fn kinesis(config: &Config, with_writer: bool) -> Result<Stream> {
     let k = &config.stream.kinesis;
     let sdk = aws_sdk(config, "kinesis").await?;
     let client = floodgate_aws::client::kinesis(&sdk, k.endpoint_url.as_deref());
-    floodgate_aws::kinesis::wait_active(&client, &k.stream_name, std::time::Duration::ZERO)
-        .await
-        .with_context(|| {
-            format!(
-                "kinesis stream {:?} is not usable (create it with `floodgate aws init`)",
+    // ACTIVE or UPDATING (a reshard in progress) are both usable; a stream still being
+    // created is waited for; anything else (missing, being deleted) is an error.
+    let started = std::time::Instant::now();
+    loop {
+        let summary = client
+            .describe_stream_summary()
+            .stream_name(&k.stream_name)
+            .send()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "kinesis stream {:?} is not usable (create it with `floodgate aws init`): {}",
+                    k.stream_name,
+                    floodgate_aws::client::describe(&e)
+                )
+            })?;
+        let status = summary
+            .stream_description_summary()
+            .map(|s| s.stream_status().as_str().to_owned())
+            .unwrap_or_default();
+        match status.as_str() {
+            "ACTIVE" | "UPDATING" => break,
+            "CREATING" if started.elapsed() < std::time::Duration::from_secs(300) => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            other => anyhow::bail!(
+                "kinesis stream {:?} is not usable: its status is {other}",
                 k.stream_name
-            )
-        })?;
+            ),
+        }
+    }
     let writer = with_writer.then(|| Arc::new(KinesisWriter::new(client.clone(), k.into())));
     let reader = Arc::new(KinesisReader::new(
         client,
