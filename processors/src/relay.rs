@@ -65,12 +65,20 @@ pub async fn run_with(
         let renewer = {
             let (leases, shard, owner) = (leases.clone(), shard.clone(), owner.clone());
             tokio::spawn(async move {
+                // As a shard's renewer: unable to renew for two and a half periods, the
+                // relay stops before the lease may pass to another worker.
+                let mut renewed = tokio::time::Instant::now();
                 loop {
                     tokio::time::sleep(renew_every).await;
                     match leases.renew_lease(LEASE_CONSUMER, &shard, &owner).await {
-                        Ok(true) => {}
+                        Ok(true) => renewed = tokio::time::Instant::now(),
                         Ok(false) => {
                             tracing::warn!("relay lease lost; the relay stops publishing");
+                            let _ = lost_tx.send(true);
+                            return;
+                        }
+                        Err(e) if renewed.elapsed() >= renew_every * 5 / 2 => {
+                            tracing::warn!(error = %e, "cannot renew the relay lease in time; the relay stops publishing");
                             let _ = lost_tx.send(true);
                             return;
                         }
