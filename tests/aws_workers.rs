@@ -550,3 +550,65 @@ fn splitting_and_merging_under_load_keeps_each_keys_order_and_loses_nothing() {
     terminate(&mut worker);
     check_lake(&d, &acked);
 }
+
+/// Stateless edges: a producer's retry that reaches another edge is the same event. Two
+/// edges (each with its own data directory, so neither knows what the other accepted)
+/// both accept the same events; the worker applies each once and the lake holds it once.
+#[test]
+fn the_same_event_accepted_by_two_edges_is_applied_and_stored_once() {
+    let d = Deployment::new("two-edges", 2);
+    let config = d.config.display().to_string();
+    let edges: Vec<Server> = ["edge-1", "edge-2"]
+        .iter()
+        .map(|name| {
+            Server::start_as(
+                "ingest",
+                &d.dir.path().join(name),
+                &["--config", &config],
+                None,
+                &CREDENTIALS,
+            )
+        })
+        .collect();
+    create_shows_unchecked(&edges[0], 2);
+    let events: Vec<Value> = (0..100)
+        .map(|i| {
+            booking(
+                &format!("twice-{i}"),
+                &format!("bk-twice-{i}"),
+                &format!("show-{}", i % 2),
+                1,
+            )
+        })
+        .collect();
+    for edge in &edges {
+        for chunk in events.chunks(10) {
+            let resp = edge.post_batch(chunk);
+            assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+        }
+    }
+    let mut worker = d.worker("two-edges");
+    let acked: Vec<(usize, String, String)> = (0..100)
+        .map(|i| (i % 2, format!("twice-{i}"), format!("bk-twice-{i}")))
+        .collect();
+    // The worker's data directory holds the decisions (the edges' hold nothing of it).
+    let outbox = wait_for(240, "every booking decided", || {
+        let outbox = outbox_read(&d.data());
+        let decided = outbox
+            .iter()
+            .filter(|e| e["type"] == "booking.confirmed" || e["type"] == "booking.rejected")
+            .count();
+        (decided >= acked.len()).then_some(outbox)
+    });
+    let mut decisions: HashMap<String, usize> = HashMap::new();
+    for e in &outbox {
+        if let Some(b) = e["data"]["bookingId"].as_str() {
+            *decisions.entry(b.to_owned()).or_default() += 1;
+        }
+    }
+    for (_, _, b) in &acked {
+        assert_eq!(decisions.get(b), Some(&1), "{b} decided once");
+    }
+    terminate(&mut worker);
+    check_lake(&d, &acked);
+}
