@@ -582,8 +582,64 @@ impl DynamoDbLeases {
         set: &[(&str, AttributeValue)],
         remove: &[&str],
     ) -> Result<bool, StreamError> {
-        let Some(held) = slot.as_ref() else {
+        // A write whose answer was lost (a timeout, a reset) may have been applied: the
+        // counter then moved by this worker's own hand. So a failed condition is checked
+        // once against the item: still this worker's (owner names are unique per process
+        // run), the counter is adopted and the write made again; anyone else's, the lease
+        // is lost. Without this, every lost answer cost a lease, and the shard's tenure.
+        let mut adopted = false;
+        loop {
+            let Some(owner) = slot.as_ref().map(|h| h.owner.clone()) else {
+                return Ok(false);
+            };
+            match self.fenced_write_once(op, key, slot, set, remove).await? {
+                Some(done) => return Ok(done),
+                None if adopted => {}
+                None => {
+                    if let Some(lease) = self.read(key).await?
+                        && lease.owner.as_deref() == Some(owner.as_str())
+                    {
+                        tracing::info!(
+                            table = %self.table,
+                            lease = key,
+                            op,
+                            counter = lease.counter,
+                            "the lease moved by this worker's own write whose answer was lost; adopting it"
+                        );
+                        self.observe(key, lease.counter, true);
+                        *slot = Some(Held {
+                            owner,
+                            counter: lease.counter,
+                            checkpoint: lease.checkpoint,
+                        });
+                        adopted = true;
+                        continue;
+                    }
+                }
+            }
+            tracing::info!(
+                table = %self.table,
+                lease = key,
+                op,
+                "lease lost: another worker wrote it since this one did"
+            );
+            *slot = None;
             return Ok(false);
+        }
+    }
+
+    /// One conditional write: `Some(true)` done, `None` the condition failed (the caller
+    /// decides), errors for anything else.
+    async fn fenced_write_once(
+        &self,
+        op: &str,
+        key: &str,
+        slot: &mut Option<Held>,
+        set: &[(&str, AttributeValue)],
+        remove: &[&str],
+    ) -> Result<Option<bool>, StreamError> {
+        let Some(held) = slot.as_ref() else {
+            return Ok(Some(false));
         };
         let next = held.counter + 1;
         let mut update = "SET #counter = :next".to_owned();
@@ -616,18 +672,9 @@ impl DynamoDbLeases {
                 if let Some(held) = slot.as_mut() {
                     held.counter = next;
                 }
-                Ok(true)
+                Ok(Some(true))
             }
-            Err(e) if condition_failed(&e) => {
-                tracing::info!(
-                    table = %self.table,
-                    lease = key,
-                    op,
-                    "lease lost: another worker wrote it since this one did"
-                );
-                *slot = None;
-                Ok(false)
-            }
+            Err(e) if condition_failed(&e) => Ok(None),
             Err(e) => Err(self.unavailable(op, key, &e)),
         }
     }

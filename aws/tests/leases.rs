@@ -675,3 +675,42 @@ fn failures_are_unavailable_naming_dynamodb() {
         assert!(err.to_string().contains("DynamoDB"), "{err}");
     });
 }
+
+/// A renewal or commit whose answer is lost (the connection reset after DynamoDB applied
+/// it) moved the counter by this worker's own hand: the lease is still this worker's, and
+/// the next write must say so, not report the lease lost. (Each lost answer used to cost
+/// the shard's tenure, and with it what the lake had buffered.)
+#[test]
+fn a_write_whose_answer_was_lost_does_not_lose_the_lease() {
+    use floodgate_aws::fault_proxy::{Fault, FaultPlan, FaultProxy, Phase, Rule};
+    rt().block_on(async {
+        let moto = moto();
+        let direct = client(&moto.endpoint);
+        ensure_table(&direct, "lost-answers").await.unwrap();
+        let proxy = FaultProxy::start(moto.addr).await.unwrap();
+        let store = DynamoDbLeases::new(
+            client(&proxy.endpoint()),
+            "lost-answers",
+            Duration::from_secs(10),
+        );
+        let (c, s) = ("bookings", shard(0));
+        assert!(store.acquire_lease(c, &s, "me").await.unwrap());
+        // The next renewal is applied, but its answer never arrives.
+        proxy.set(
+            FaultPlan::seeded(1)
+                .rule(Rule::new("UpdateItem", Fault::Reset(Phase::AfterForwarding)).times(1)),
+        );
+        let _ = store.renew_lease(c, &s, "me").await;
+        assert_eq!(proxy.injected().total(), 1, "the fault happened");
+        assert!(
+            store.renew_lease(c, &s, "me").await.unwrap(),
+            "the lease is still this worker's"
+        );
+        store.commit(c, &s, &seq(7)).await.unwrap();
+        assert_eq!(store.checkpoint(c, &s).await.unwrap(), Some(seq(7)));
+        // Someone else's write still means the lease is lost.
+        let other = DynamoDbLeases::new(direct, "lost-answers", Duration::from_secs(10));
+        assert!(other.steal_lease(c, &s, "other").await.unwrap());
+        assert!(!store.renew_lease(c, &s, "me").await.unwrap());
+    });
+}
