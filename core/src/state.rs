@@ -7,6 +7,7 @@
 //! crash changes nothing. [`Publisher`] moves the outbox to its destination (a local log,
 //! EventBridge) idempotently by outbox sequence, so a derived event is published once.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use async_trait::async_trait;
@@ -88,6 +89,13 @@ pub struct StateChanges {
     pub expected_position: Option<Option<SequenceNumber>>,
     /// Each touched inventory once, in its final state for the batch.
     pub inventories: Vec<Inventory>,
+    /// Per entry of `inventories`, the row as the batch was decided from: `None` for an
+    /// inventory the batch creates. The store writes an inventory only if its stored
+    /// `capacity` and `reserved` are still these (or, for `None`, only if it has no row),
+    /// and refuses a final state with `reserved` outside `0..=capacity`; either refusal
+    /// fails the whole apply ([`StateError::Conflict`], [`StateError::Corrupt`]). Empty
+    /// (tests, tools): no condition on the rows.
+    pub inventories_before: Vec<Option<Inventory>>,
     /// Each touched booking once, in its final state for the batch.
     pub bookings: Vec<Booking>,
     /// The ids of the bookings in `bookings` that this batch creates. A `bookingId` is
@@ -100,6 +108,45 @@ pub struct StateChanges {
     /// Records of the batch the rules could not apply, each with its reason. They are kept
     /// (not skipped with a log line) in the same transaction as the batch's effects.
     pub dead_letters: Vec<DeadLetter>,
+}
+
+impl StateChanges {
+    /// Items the apply writes, as [`ApplyLimits::max_items`] counts them.
+    pub fn items(&self) -> usize {
+        self.inventories.len()
+            + self.bookings.len()
+            + self.dead_letters.len()
+            + ApplyLimits::FIXED_ITEMS
+    }
+
+    /// Bytes the apply writes, roughly and from above: the derived events and dead letters
+    /// as they are, and [`ROW_BYTES`] for every other item.
+    pub fn approx_bytes(&self) -> usize {
+        let derived: usize = self.derived.iter().map(|e| e.len() + 1).sum();
+        let dead: usize = self
+            .dead_letters
+            .iter()
+            .map(|d| d.payload.len() + d.detail.len() + d.reason.len() + ROW_BYTES)
+            .sum();
+        derived + dead + (self.inventories.len() + self.bookings.len() + 2) * ROW_BYTES
+    }
+}
+
+/// What [`StateChanges::approx_bytes`] counts for one inventory, booking or position item:
+/// its ids are bounded by the schemas (at most 200 characters), its other attributes are
+/// numbers and short strings.
+pub const ROW_BYTES: usize = 512;
+
+/// Never oversell: a final state with `reserved` outside `0..=capacity` is a broken rule,
+/// refused whole rather than stored.
+pub fn check_inventory(i: &Inventory) -> Result<(), StateError> {
+    if i.reserved < 0 || i.reserved > i.capacity {
+        return Err(StateError::Corrupt(format!(
+            "inventory {:?} would hold {} reserved of {} seats: refused",
+            i.event_id, i.reserved, i.capacity
+        )));
+    }
+    Ok(())
 }
 
 /// A stream record the bookings rules could not apply, and why.
@@ -118,10 +165,38 @@ pub struct DeadLetter {
 /// One outbox entry: the derived events of one applied batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEntry {
-    /// Grows by one per applied batch that derived anything.
+    /// The outbox partition the entry belongs to. Each partition numbers its entries on
+    /// its own; the store chooses the partitioning (see [`StateStore::outbox_after`]).
+    pub partition: String,
+    /// Grows by one per applied batch of the partition that derived anything.
     pub seq: u64,
     /// CloudEvents JSON, one per event.
     pub events: Vec<String>,
+}
+
+/// How far an outbox is published: the last seq per partition. A partition absent is
+/// published up to nothing.
+pub type OutboxCursor = BTreeMap<String, u64>;
+
+/// The largest single apply a store takes. A batch whose changes would exceed it is
+/// applied as several consecutive slices of its records, each with its own position, so
+/// a crash between two of them resumes exactly at the next slice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyLimits {
+    /// Items written: touched inventories + touched bookings + dead letters, plus
+    /// [`ApplyLimits::FIXED_ITEMS`] for the position and the outbox entry.
+    pub max_items: usize,
+    /// Bytes of the apply's items, as [`StateChanges::approx_bytes`] counts them.
+    pub max_bytes: usize,
+}
+
+impl ApplyLimits {
+    /// The shard position and the outbox entry, in every apply.
+    pub const FIXED_ITEMS: usize = 2;
+    pub const UNBOUNDED: ApplyLimits = ApplyLimits {
+        max_items: usize::MAX,
+        max_bytes: usize::MAX,
+    };
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,11 +209,21 @@ pub enum StateError {
     /// the apply was written; decide again against fresh rows.
     #[error("conflicting write: {0}")]
     Conflict(String),
+    /// The store refused for capacity (DynamoDB throttling). Nothing was written; the
+    /// same apply may be retried after a back-off.
+    #[error("state store throttled: {0}")]
+    Throttled(String),
 }
 
 /// Where bookings and capacity live (SQLite embedded, DynamoDB on AWS).
 #[async_trait]
 pub trait StateStore: Send + Sync + fmt::Debug {
+    /// The largest apply this store takes at once; the bookings processor slices batches
+    /// to fit.
+    fn limits(&self) -> ApplyLimits {
+        ApplyLimits::UNBOUNDED
+    }
+
     /// The last stream sequence of `shard` whose effects are applied; `None` if none are.
     async fn position(&self, shard: &ShardId) -> Result<Option<SequenceNumber>, StateError>;
 
@@ -160,11 +245,22 @@ pub trait StateStore: Send + Sync + fmt::Debug {
 
     async fn booking(&self, booking_id: &str) -> Result<Option<Booking>, StateError>;
 
-    /// Outbox entries with `seq > after`, oldest first, at most `max`.
-    async fn outbox_after(&self, after: u64, max: usize) -> Result<Vec<OutboxEntry>, StateError>;
+    /// Outbox entries beyond `cursor` (in each partition, `seq` greater than the cursor's),
+    /// each partition's in seq order, at most `max` in all.
+    ///
+    /// A store that serialises every apply anyway (SQLite, one writer) keeps one partition,
+    /// `""`, and so one total order. A store whose shards apply in parallel (DynamoDB) keeps
+    /// one partition per shard, numbered in the shard's own transactions: a counter shared
+    /// by every shard would serialise them all.
+    async fn outbox_after(
+        &self,
+        cursor: &OutboxCursor,
+        max: usize,
+    ) -> Result<Vec<OutboxEntry>, StateError>;
 
-    /// Forgets outbox entries up to and including `seq`: they are published.
-    async fn outbox_published(&self, seq: u64) -> Result<(), StateError>;
+    /// Forgets the outbox entries at or below `upto` in each of its partitions: they are
+    /// published.
+    async fn outbox_published(&self, upto: &OutboxCursor) -> Result<(), StateError>;
 
     /// Dead letters in (shard, sequence) order, at most `max`.
     async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, StateError>;
@@ -177,14 +273,17 @@ pub struct PublishError(pub String);
 /// Where derived events go (a local outbox log, EventBridge).
 #[async_trait]
 pub trait Publisher: Send + Sync + fmt::Debug {
-    /// The highest outbox seq published durably; `None` if nothing was. Read from the
-    /// destination on each call, not remembered from start-up: a standby relay asks after
-    /// it takes the relay lease, and must see what the relay before it published.
-    async fn last_published(&self) -> Result<Option<u64>, PublishError>;
+    /// The highest outbox seq of each partition published durably. Read from the
+    /// destination (or where the publisher keeps its position) on each call, not
+    /// remembered from start-up: a standby relay asks after it takes the relay lease, and
+    /// must see what the relay before it published.
+    async fn last_published(&self) -> Result<OutboxCursor, PublishError>;
 
-    /// Publishes entries in order, durably. Entries at or below `last_published` (as the
-    /// destination holds it now) are skipped, so publishing after a crash or a takeover
-    /// never duplicates. A failed publish leaves what was published before intact; the
-    /// caller retries the same entries. Only the relay-lease holder calls it.
+    /// Publishes entries in each partition's order, durably. Entries at or below
+    /// `last_published` are skipped, so publishing after a crash or a takeover does not
+    /// repeat what the publisher knows it published (a destination that cannot be read
+    /// back may repeat the entries of a publish cut short: see the implementation). A
+    /// failed publish leaves what was published before intact; the caller retries the same
+    /// entries. Only the relay-lease holder calls it.
     async fn publish(&self, entries: &[OutboxEntry]) -> Result<(), PublishError>;
 }

@@ -21,7 +21,6 @@
 
 pub mod bookings;
 pub mod compact;
-pub mod derived_log;
 pub mod lake;
 pub mod parquet;
 pub mod rebuild;

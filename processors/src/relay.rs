@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use floodgate_core::state::{Publisher, StateStore};
+use floodgate_core::state::{OutboxCursor, Publisher, StateStore};
 use floodgate_core::stream::{CheckpointStore, ShardId};
 use tokio::sync::watch;
 
@@ -107,7 +107,7 @@ async fn relay_loop(
     lost: &mut watch::Receiver<bool>,
 ) -> bool {
     let mut idle = Duration::from_millis(1);
-    let mut last: Option<u64> = None;
+    let mut last: Option<OutboxCursor> = None;
     // A shutdown signal whose sender is gone can never say "go on": it means stop.
     let mut orphaned = false;
     loop {
@@ -143,28 +143,38 @@ async fn relay_loop(
 pub async fn relay_once(
     store: &dyn StateStore,
     publisher: &dyn Publisher,
-    last: &mut Option<u64>,
+    last: &mut Option<OutboxCursor>,
 ) -> Result<usize, String> {
     // `last` is `None` on the first round after the lease was taken: ask the publisher,
     // which reads it from the destination (what a relay before us published counts).
-    let after = match *last {
-        Some(l) => l,
+    let mut cursor = match last.take() {
+        Some(c) => c,
         None => publisher
             .last_published()
             .await
-            .map_err(|e| e.to_string())?
-            .unwrap_or(0),
+            .map_err(|e| e.to_string())?,
     };
     let entries = store
         // A few entries a round: one can hold the derived events of a whole read batch,
         // and the round's entries are all in memory at once (the memory budget's line).
-        .outbox_after(after, floodgate_core::budget::RELAY_BATCH_ENTRIES as usize)
+        .outbox_after(
+            &cursor,
+            floodgate_core::budget::RELAY_BATCH_ENTRIES as usize,
+        )
         .await
-        .map_err(|e| e.to_string())?;
-    let Some(top) = entries.last().map(|e| e.seq) else {
-        *last = Some(after);
-        return Ok(0);
+        .map_err(|e| e.to_string());
+    let entries = match entries {
+        Ok(e) => e,
+        Err(e) => {
+            *last = Some(cursor);
+            return Err(e);
+        }
     };
+    if entries.is_empty() {
+        *last = Some(cursor);
+        return Ok(0);
+    }
+    // A failed publish leaves `last` unknown: the next round asks the publisher again.
     publisher
         .publish(&entries)
         .await
@@ -172,9 +182,18 @@ pub async fn relay_once(
     let events: usize = entries.iter().map(|e| e.events.len()).sum();
     metrics::counter!("floodgate_processor_derived_events_published_total")
         .increment(events as u64);
-    *last = Some(top);
+    let mut done = OutboxCursor::new();
+    for e in &entries {
+        let top = done.entry(e.partition.clone()).or_insert(e.seq);
+        *top = (*top).max(e.seq);
+    }
+    for (partition, seq) in &done {
+        let at = cursor.entry(partition.clone()).or_insert(*seq);
+        *at = (*at).max(*seq);
+    }
+    *last = Some(cursor);
     store
-        .outbox_published(top)
+        .outbox_published(&done)
         .await
         .map_err(|e| e.to_string())?;
     Ok(entries.len())

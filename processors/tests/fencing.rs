@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::Bytes;
 use floodgate_core::state::{
-    Booking, DeadLetter, Inventory, OutboxEntry, StateChanges, StateError, StateStore,
+    Booking, DeadLetter, Inventory, OutboxCursor, OutboxEntry, StateChanges, StateError, StateStore,
 };
 use floodgate_core::stream::{SequenceNumber, ShardId, StoredRecord};
 use floodgate_processors::bookings::BookingsProcessor;
@@ -58,11 +58,15 @@ impl StateStore for Interleaved {
     async fn booking(&self, booking_id: &str) -> Result<Option<Booking>, StateError> {
         self.inner.booking(booking_id).await
     }
-    async fn outbox_after(&self, after: u64, max: usize) -> Result<Vec<OutboxEntry>, StateError> {
-        self.inner.outbox_after(after, max).await
+    async fn outbox_after(
+        &self,
+        cursor: &OutboxCursor,
+        max: usize,
+    ) -> Result<Vec<OutboxEntry>, StateError> {
+        self.inner.outbox_after(cursor, max).await
     }
-    async fn outbox_published(&self, seq: u64) -> Result<(), StateError> {
-        self.inner.outbox_published(seq).await
+    async fn outbox_published(&self, upto: &OutboxCursor) -> Result<(), StateError> {
+        self.inner.outbox_published(upto).await
     }
     async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, StateError> {
         self.inner.dead_letters(max).await
@@ -124,7 +128,7 @@ fn a_worker_that_lost_the_shard_cannot_apply_over_its_new_owner() {
             "all applied already"
         );
         let rejected: usize = sqlite
-            .outbox_after(0, 1000)
+            .outbox_after(&Default::default(), 1000)
             .await
             .unwrap()
             .iter()

@@ -71,7 +71,10 @@ fn a_standby_that_takes_the_relay_lease_over_publishes_nothing_twice() {
         for n in 1..=5 {
             derive(&store_a, n).await;
         }
-        let pending = store_a.outbox_after(0, 256).await.unwrap();
+        let pending = store_a
+            .outbox_after(&Default::default(), 256)
+            .await
+            .unwrap();
         assert_eq!(pending.len(), 5);
         outbox_a.publish(&pending).await.unwrap();
         derive(&store_a, 6).await;
@@ -96,6 +99,12 @@ fn a_standby_that_takes_the_relay_lease_over_publishes_nothing_twice() {
 
         let events = read_events(&data.join("outbox")).unwrap();
         assert_eq!(events, (1..=6).map(event).collect::<Vec<_>>());
-        assert!(store_b.outbox_after(0, 256).await.unwrap().is_empty());
+        assert!(
+            store_b
+                .outbox_after(&Default::default(), 256)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     });
 }

@@ -16,6 +16,10 @@
 //! that straddles two frames), the key of the last one says so, and the next relay appends
 //! the rest of that entry and nothing twice.
 //!
+//! The log publishes a one-partition outbox (partition `""`, the SQLite state store's):
+//! with one seq, the log's last record is its whole position. A partitioned outbox
+//! (DynamoDB's, one partition per shard) publishes to EventBridge instead.
+//!
 //! Only the holder of the relay lease writes (see `floodgate_processors::relay`), and the
 //! log's `LOCK` admits one writer process. So the log is opened lazily, by the first
 //! `last_published` or `publish`, which the relay calls only once it holds the lease: a
@@ -44,7 +48,7 @@ use crate::embedded_log::{EmbeddedLog, EmbeddedLogReader, MAX_RECORD_BYTES, fsyn
 use async_trait::async_trait;
 use bytes::Bytes;
 use floodgate_core::config::{Compression, EmbeddedStreamConfig, OutboxConfig};
-use floodgate_core::state::{OutboxEntry, PublishError, Publisher};
+use floodgate_core::state::{OutboxCursor, OutboxEntry, PublishError, Publisher};
 use floodgate_core::stream::{
     Record, SequenceNumber, ShardId, StartPosition, StoredRecord, StreamError, StreamReader,
     StreamWriter,
@@ -56,6 +60,9 @@ pub const FILE_NAME: &str = "outbox.ndjson";
 pub const LOG_DIR: &str = "log";
 /// The log's one shard, as its readers name it.
 pub const SHARD: &str = "0";
+/// The one outbox partition the log publishes: its keys hold one seq, so its last record
+/// is its whole position (see the module docs).
+pub const PARTITION: &str = "";
 
 /// The log under the outbox directory `dir`.
 pub fn log_root(dir: &Path) -> PathBuf {
@@ -274,13 +281,23 @@ impl EmbeddedOutbox {
 
 #[async_trait]
 impl Publisher for EmbeddedOutbox {
-    async fn last_published(&self) -> Result<Option<u64>, PublishError> {
+    async fn last_published(&self) -> Result<OutboxCursor, PublishError> {
         let mut slot = self.writer.lock().await;
         let w = self.writer(&mut slot).await?;
-        Ok(w.position.complete)
+        Ok(w.position
+            .complete
+            .map(|seq| OutboxCursor::from([(PARTITION.to_owned(), seq)]))
+            .unwrap_or_default())
     }
 
     async fn publish(&self, entries: &[OutboxEntry]) -> Result<(), PublishError> {
+        if let Some(e) = entries.iter().find(|e| e.partition != PARTITION) {
+            return Err(self.error(format_args!(
+                "holds one outbox partition (the SQLite state store's), not {:?}: a state \
+                 store that partitions its outbox publishes elsewhere ([publish] backend)",
+                e.partition
+            )));
+        }
         let mut slot = self.writer.lock().await;
         let w = self.writer(&mut slot).await?;
         let (records, after) = w.position.records(entries);

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use floodgate_core::config::StateConfig;
 use floodgate_core::state::{
-    Booking, BookingStatus, DeadLetter, Inventory, OutboxEntry, StateChanges, StateError,
-    StateStore,
+    Booking, BookingStatus, DeadLetter, Inventory, OutboxCursor, OutboxEntry, StateChanges,
+    StateError, StateStore, check_inventory,
 };
 use floodgate_core::stream::{SequenceNumber, ShardId};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -55,6 +55,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     PRIMARY KEY (shard, sequence)
 ) WITHOUT ROWID;
 ";
+
+/// The outbox's one partition: every apply goes through the one writer connection, so one
+/// counter costs nothing and gives the derived events one total order.
+pub const PARTITION: &str = "";
 
 fn err(e: rusqlite::Error) -> StateError {
     StateError::Unavailable(format!("sqlite: {e}"))
@@ -232,9 +236,49 @@ impl StateStore for SqliteStateStore {
                            updated_at_ms = excluded.updated_at_ms",
                     )
                     .map_err(err)?;
-                for i in &changes.inventories {
-                    s.execute(params![i.event_id, i.capacity, i.reserved, i.low_notified, i.sold_out_notified, i.updated_at_ms])
-                        .map_err(err)?;
+                let mut create = tx
+                    .prepare_cached(
+                        "INSERT INTO inventory (event_id, capacity, reserved, low_notified, sold_out_notified, updated_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )
+                    .map_err(err)?;
+                let mut update = tx
+                    .prepare_cached(
+                        "UPDATE inventory SET capacity = ?2, reserved = ?3, low_notified = ?4,
+                           sold_out_notified = ?5, updated_at_ms = ?6
+                         WHERE event_id = ?1 AND capacity = ?7 AND reserved = ?8",
+                    )
+                    .map_err(err)?;
+                let conditioned = changes.inventories_before.len() == changes.inventories.len();
+                for (k, i) in changes.inventories.iter().enumerate() {
+                    check_inventory(i)?;
+                    let values = params![i.event_id, i.capacity, i.reserved, i.low_notified, i.sold_out_notified, i.updated_at_ms];
+                    if !conditioned {
+                        s.execute(values).map_err(err)?;
+                        continue;
+                    }
+                    let moved = || StateError::Conflict(format!(
+                        "inventory {:?} changed since the batch was decided", i.event_id
+                    ));
+                    match &changes.inventories_before[k] {
+                        None => match create.execute(values) {
+                            Ok(_) => {}
+                            Err(rusqlite::Error::SqliteFailure(e, _))
+                                if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+                            {
+                                return Err(moved());
+                            }
+                            Err(e) => return Err(err(e)),
+                        },
+                        Some(b) => {
+                            let n = update
+                                .execute(params![i.event_id, i.capacity, i.reserved, i.low_notified, i.sold_out_notified, i.updated_at_ms, b.capacity, b.reserved])
+                                .map_err(err)?;
+                            if n != 1 {
+                                return Err(moved());
+                            }
+                        }
+                    }
                 }
                 let mut s = tx
                     .prepare_cached(
@@ -328,7 +372,12 @@ impl StateStore for SqliteStateStore {
         .await
     }
 
-    async fn outbox_after(&self, after: u64, max: usize) -> Result<Vec<OutboxEntry>, StateError> {
+    async fn outbox_after(
+        &self,
+        cursor: &OutboxCursor,
+        max: usize,
+    ) -> Result<Vec<OutboxEntry>, StateError> {
+        let after = cursor.get(PARTITION).copied().unwrap_or(0);
         Self::with(&self.reader, move |c| {
             let mut s = c
                 .prepare_cached(
@@ -345,6 +394,7 @@ impl StateStore for SqliteStateStore {
                 let (seq, events) = row.map_err(err)?;
                 let events = events.split('\n').map(str::to_owned).collect();
                 out.push(OutboxEntry {
+                    partition: PARTITION.to_owned(),
                     seq: seq as u64,
                     events,
                 });
@@ -378,7 +428,10 @@ impl StateStore for SqliteStateStore {
         .await
     }
 
-    async fn outbox_published(&self, seq: u64) -> Result<(), StateError> {
+    async fn outbox_published(&self, upto: &OutboxCursor) -> Result<(), StateError> {
+        let Some(&seq) = upto.get(PARTITION) else {
+            return Ok(());
+        };
         Self::with(&self.writer, move |c| {
             c.execute("DELETE FROM outbox WHERE seq <= ?1", [seq as i64])
                 .map_err(err)?;

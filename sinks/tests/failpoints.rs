@@ -314,6 +314,7 @@ fn every_acknowledged_record_survives_a_power_cut() {
 
 fn entry(seq: u64) -> OutboxEntry {
     OutboxEntry {
+        partition: String::new(),
         seq,
         events: vec![
             format!(r#"{{"id":"e-{seq}-a","time":"2026-01-01T00:00:00Z"}}"#),
@@ -357,7 +358,11 @@ fn a_failed_outbox_write_is_undone_and_the_retry_repeats_nothing() {
 
             // The log undid the write; the relay's retry appends what it does not hold.
             outbox.publish(&entries(4..=6)).await.unwrap();
-            assert_eq!(outbox.last_published().await.unwrap(), Some(6), "{name}");
+            assert_eq!(
+                outbox.last_published().await.unwrap().get(""),
+                Some(&6),
+                "{name}"
+            );
             drop(outbox);
             assert_eq!(
                 power_cut(&watch),
@@ -366,7 +371,11 @@ fn a_failed_outbox_write_is_undone_and_the_retry_repeats_nothing() {
             );
 
             let reopened = EmbeddedOutbox::open(&outbox_dir).unwrap();
-            assert_eq!(reopened.last_published().await.unwrap(), Some(6), "{name}");
+            assert_eq!(
+                reopened.last_published().await.unwrap().get(""),
+                Some(&6),
+                "{name}"
+            );
             assert_outbox_holds(&outbox_dir, 6);
         });
     }
@@ -399,12 +408,12 @@ fn a_failed_outbox_fsync_refuses_until_restarted_and_loses_nothing_published() {
 
         // A new process: what the power cut left, each entry once, then the rest.
         let reopened = EmbeddedOutbox::open(&outbox_dir).unwrap();
-        assert_eq!(reopened.last_published().await.unwrap(), Some(4));
+        assert_eq!(reopened.last_published().await.unwrap().get(""), Some(&4));
         reopened.publish(&entries(5..=6)).await.unwrap();
         assert_eq!(power_cut(&watch), 0, "a published event was not fsynced");
         drop(reopened);
         let reopened = EmbeddedOutbox::open(&outbox_dir).unwrap();
-        assert_eq!(reopened.last_published().await.unwrap(), Some(6));
+        assert_eq!(reopened.last_published().await.unwrap().get(""), Some(&6));
         assert_outbox_holds(&outbox_dir, 6);
     });
 }

@@ -50,6 +50,7 @@ fn events_of(seq: u64, pad: usize) -> Vec<String> {
 
 fn entries(seqs: std::ops::RangeInclusive<u64>, pad: usize) -> Vec<OutboxEntry> {
     seqs.map(|seq| OutboxEntry {
+        partition: String::new(),
         seq,
         events: events_of(seq, pad),
     })
@@ -160,12 +161,12 @@ fn a_failed_write_on_a_full_disk_loses_and_repeats_nothing() {
         fs.resize("8M");
         outbox.publish(&entries(41..=80, pad)).await.unwrap();
         outbox.publish(&entries(1..=80, pad)).await.unwrap();
-        assert_eq!(outbox.last_published().await.unwrap(), Some(80));
+        assert_eq!(outbox.last_published().await.unwrap().get(""), Some(&80));
         assert_eq!(read_events(&dir).unwrap(), all_events(1..=80, pad));
         drop(outbox);
 
         let reopened = EmbeddedOutbox::open(&dir).unwrap();
-        assert_eq!(reopened.last_published().await.unwrap(), Some(80));
+        assert_eq!(reopened.last_published().await.unwrap().get(""), Some(&80));
     });
 }
 
@@ -194,7 +195,7 @@ fn an_entry_left_half_written_is_finished_not_repeated() {
         }
         let standby = EmbeddedOutbox::open(&dir).unwrap();
         // Entry 4 is not published yet: the relay must send it again.
-        assert_eq!(standby.last_published().await.unwrap(), Some(3));
+        assert_eq!(standby.last_published().await.unwrap().get(""), Some(&3));
         standby.publish(&entries(4..=6, pad)).await.unwrap();
         assert_eq!(read_events(&dir).unwrap(), all_events(1..=6, pad));
     });
@@ -213,7 +214,7 @@ fn a_standby_that_takes_the_relay_over_continues_where_the_log_ends() {
         let err = standby.last_published().await.unwrap_err();
         assert!(err.to_string().contains("another process holds"), "{err}");
         drop(active);
-        assert_eq!(standby.last_published().await.unwrap(), Some(5));
+        assert_eq!(standby.last_published().await.unwrap().get(""), Some(&5));
         standby.publish(&entries(1..=7, 10)).await.unwrap();
         assert_eq!(read_events(&dir).unwrap(), all_events(1..=7, 10));
     });
@@ -304,7 +305,7 @@ fn the_log_rolls_and_retention_keeps_what_a_consumer_has_not_read() {
         // The position survives retention: a restarted relay goes on after entry 300.
         drop(outbox);
         let reopened = EmbeddedOutbox::open_with(&dir, &cfg).unwrap();
-        assert_eq!(reopened.last_published().await.unwrap(), Some(320));
+        assert_eq!(reopened.last_published().await.unwrap().get(""), Some(&320));
     });
 }
 
@@ -350,7 +351,7 @@ fn an_older_ndjson_outbox_is_migrated_with_its_checkpoints() {
     assert_eq!(cp["shards"]["0"], "2", "{cp}");
     rt().block_on(async {
         let outbox = EmbeddedOutbox::open(&dir).unwrap();
-        assert_eq!(outbox.last_published().await.unwrap(), Some(5));
+        assert_eq!(outbox.last_published().await.unwrap().get(""), Some(&5));
         outbox.publish(&entries(5..=6, pad)).await.unwrap();
     });
     expected.extend(events_of(6, pad));
@@ -386,6 +387,7 @@ fn a_backlog_larger_than_the_logs_append_queue_is_published_in_one_call() {
     // about 70 MB together, past the log's 64 MiB append queue.
     let entries: Vec<OutboxEntry> = (1..=14)
         .map(|seq| OutboxEntry {
+            partition: String::new(),
             seq,
             events: (0..10_000)
                 .map(|i| {
@@ -400,7 +402,7 @@ fn a_backlog_larger_than_the_logs_append_queue_is_published_in_one_call() {
     rt().block_on(async {
         let outbox = EmbeddedOutbox::open(&dir).unwrap();
         outbox.publish(&entries).await.unwrap();
-        assert_eq!(outbox.last_published().await.unwrap(), Some(14));
+        assert_eq!(outbox.last_published().await.unwrap().get(""), Some(&14));
     });
     let events = read_events(&dir).unwrap();
     assert_eq!(events.len(), 140_000);

@@ -300,6 +300,7 @@ impl Outbox {
                 next.1 += 1;
             }
             entries.push(OutboxEntry {
+                partition: String::new(),
                 seq,
                 events: chunk
                     .iter()
