@@ -31,7 +31,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use floodgate_core::state::{
-    Booking, BookingStatus, DeadLetter, Inventory, StateChanges, StateError, StateStore,
+    ApplyLimits, Booking, BookingStatus, DeadLetter, Inventory, ROW_BYTES, StateChanges,
+    StateError, StateStore,
 };
 use floodgate_core::stream::{SequenceNumber, ShardId, StoredRecord};
 use serde::{Deserialize, Serialize};
@@ -133,6 +134,12 @@ struct Decider {
     dead_letters: Vec<DeadLetter>,
     /// The RFC 3339 rendering of the last append time seen.
     time_cache: (i64, String),
+    /// The inventories as the current slice starts from (as loaded, then as the previous
+    /// slice left them): the store's condition on each row a slice writes.
+    baseline: HashMap<String, Inventory>,
+    /// `derived.len()` when the current record's decision began: a derived event's id
+    /// counts from it, so that the id depends on the record alone, not on the batch.
+    record_start: usize,
 }
 
 /// Every derived event type, for the lake's tables.
@@ -234,7 +241,7 @@ impl Decider {
         subject: &str,
         data: DerivedData<'_>,
     ) {
-        let n = self.derived.len();
+        let n = self.derived.len() - self.record_start;
         if self.time_cache.0 != record.appended_at_ms || self.time_cache.1.is_empty() {
             let time = time::OffsetDateTime::from_unix_timestamp_nanos(
                 i128::from(record.appended_at_ms) * 1_000_000,
@@ -335,6 +342,7 @@ impl Decider {
     }
 
     fn apply(&mut self, record: &StoredRecord, event: Result<&DomainEvent<'_>, &String>) {
+        self.record_start = self.derived.len();
         let event = match event {
             Ok(e) => e,
             Err(why) => {
@@ -536,12 +544,46 @@ pub fn decide(
     inventories: Vec<Inventory>,
     bookings: Vec<Booking>,
 ) -> StateChanges {
+    decide_within(
+        shard,
+        records,
+        events,
+        inventories,
+        bookings,
+        ApplyLimits::UNBOUNDED,
+    )
+    .pop()
+    .unwrap_or_else(|| StateChanges {
+        shard: shard.clone(),
+        ..StateChanges::default()
+    })
+}
+
+/// The most one record's decision adds to an apply: an inventory, a booking and a dead
+/// letter (items), and a few derived events.
+const ITEMS_PER_RECORD: usize = 3;
+const DERIVED_BYTES_PER_RECORD: usize = 3 * 1024;
+
+/// [`decide`], cut into consecutive slices of `records` whose changes each fit `limits`
+/// (one slice when the whole batch fits). Decisions run on through the slices in memory,
+/// so the slices applied in order change exactly what the whole batch would; each slice's
+/// `last_sequence` is its own last record, and a hot inventory is written once per slice.
+pub fn decide_within(
+    shard: &ShardId,
+    records: &[StoredRecord],
+    events: &[Result<DomainEvent<'_>, String>],
+    inventories: Vec<Inventory>,
+    bookings: Vec<Booking>,
+    limits: ApplyLimits,
+) -> Vec<StateChanges> {
+    let inventories: HashMap<String, Inventory> = inventories
+        .into_iter()
+        .map(|i| (i.event_id.clone(), i))
+        .collect();
     let mut d = Decider {
         shard: shard.clone(),
-        inventories: inventories
-            .into_iter()
-            .map(|i| (i.event_id.clone(), i))
-            .collect(),
+        baseline: inventories.clone(),
+        inventories,
         bookings: bookings
             .into_iter()
             .map(|b| (b.booking_id.clone(), b))
@@ -554,33 +596,78 @@ pub fn decide(
         derived: Vec::new(),
         dead_letters: Vec::new(),
         time_cache: (0, String::new()),
+        record_start: 0,
     };
+    let mut slices = Vec::new();
+    // Bytes of the current slice so far, beyond its rows (derived events, dead letters).
+    let mut bytes = 0usize;
+    let mut derived_counted = 0usize;
+    // The record before this one (the current slice's last).
+    let mut last: Option<&StoredRecord> = None;
     for (r, e) in records.iter().zip(events) {
+        let items = d.touched_inventories.len()
+            + d.touched_bookings.len()
+            + d.dead_letters.len()
+            + ApplyLimits::FIXED_ITEMS;
+        let rows_bytes = (d.touched_inventories.len() + d.touched_bookings.len() + 2) * ROW_BYTES;
+        let next_bytes = ITEMS_PER_RECORD * ROW_BYTES + DERIVED_BYTES_PER_RECORD + r.payload.len();
+        if let Some(prev) = last
+            && (items + ITEMS_PER_RECORD > limits.max_items
+                || (bytes + rows_bytes).saturating_add(next_bytes) > limits.max_bytes)
+        {
+            slices.push(d.cut(prev));
+            bytes = 0;
+            derived_counted = 0;
+        }
+        let dead_before = d.dead_letters.len();
         d.apply(r, e.as_ref());
+        bytes += d.derived[derived_counted..]
+            .iter()
+            .map(|e| e.len() + 1)
+            .sum::<usize>();
+        derived_counted = d.derived.len();
+        bytes += d.dead_letters[dead_before..]
+            .iter()
+            .map(|x| x.payload.len() + x.detail.len() + x.reason.len() + ROW_BYTES)
+            .sum::<usize>();
+        last = Some(r);
     }
-    let last_sequence = records
-        .last()
-        .map(|r| r.sequence.clone())
-        .unwrap_or_default();
-    let inventories = d
-        .touched_inventories
-        .iter()
-        .filter_map(|id| d.inventories.remove(id))
-        .collect();
-    let bookings = d
-        .touched_bookings
-        .iter()
-        .filter_map(|id| d.bookings.remove(id))
-        .collect();
-    StateChanges {
-        shard: shard.clone(),
-        last_sequence,
-        expected_position: None,
-        inventories,
-        bookings,
-        created_bookings: d.created_bookings,
-        derived: d.derived,
-        dead_letters: d.dead_letters,
+    if let Some(prev) = last {
+        slices.push(d.cut(prev));
+    }
+    slices
+}
+
+impl Decider {
+    /// The changes decided since the last cut, ending at `last`; the rows stay in memory
+    /// for the decisions after it.
+    fn cut(&mut self, last: &StoredRecord) -> StateChanges {
+        self.touched_inventory_set.clear();
+        self.touched_booking_set.clear();
+        let mut inventories = Vec::new();
+        let mut inventories_before = Vec::new();
+        for id in std::mem::take(&mut self.touched_inventories) {
+            let Some(now) = self.inventories.get(&id) else {
+                continue;
+            };
+            inventories_before.push(self.baseline.insert(id, now.clone()));
+            inventories.push(now.clone());
+        }
+        let bookings = std::mem::take(&mut self.touched_bookings)
+            .iter()
+            .filter_map(|id| self.bookings.get(id).cloned())
+            .collect();
+        StateChanges {
+            shard: self.shard.clone(),
+            last_sequence: last.sequence.clone(),
+            expected_position: None,
+            inventories,
+            inventories_before,
+            bookings,
+            created_bookings: std::mem::take(&mut self.created_bookings),
+            derived: std::mem::take(&mut self.derived),
+            dead_letters: std::mem::take(&mut self.dead_letters),
+        }
     }
 }
 
@@ -614,11 +701,14 @@ impl BookingsProcessor {
         // the batch is decided again from what is stored now. Each conflict means another
         // worker or shard made progress, so this ends.
         let mut conflicts = 0u32;
-        let (applied, inventory_writes, fresh_len) = loop {
+        let mut throttles = 0u32;
+        let (mut applied, mut inventory_writes, mut applied_records) = (false, 0u64, 0usize);
+        'decide: loop {
             let position = self.store.position(shard).await?;
-            // Drop records the store already covers (a replay overlapping the position).
+            // Drop records the store already covers (a replay overlapping the position, or
+            // the slices of this batch applied before a conflict).
             let fresh: &[StoredRecord] = match &position {
-                Some(p) if last.sequence <= *p => return Ok(false),
+                Some(p) if last.sequence <= *p => break,
                 Some(p) => {
                     let start = records.partition_point(|r| r.sequence <= *p);
                     &records[start..]
@@ -628,24 +718,59 @@ impl BookingsProcessor {
             let events = parse(fresh);
             let (event_ids, booking_ids) = touched_ids(&events);
             let (inventories, bookings) = self.store.load(event_ids, booking_ids).await?;
-            let mut changes = decide(shard, fresh, &events, inventories, bookings);
-            changes.expected_position = Some(position);
-            let inventory_writes = changes.inventories.len() as u64;
-            match self.store.apply(changes).await {
-                Ok(applied) => break (applied, inventory_writes, fresh.len()),
-                Err(StateError::Conflict(what)) if conflicts < MAX_CONFLICT_RETRIES => {
-                    conflicts += 1;
-                    metrics::counter!("floodgate_processor_conflicts_total", "consumer" => CONSUMER).increment(1);
-                    tracing::debug!(%shard, %what, "the batch met a conflict; deciding again");
+            let slices = decide_within(
+                shard,
+                fresh,
+                &events,
+                inventories,
+                bookings,
+                self.store.limits(),
+            );
+            let mut expected = position;
+            let mut start = 0;
+            for mut changes in slices {
+                let next = Some(changes.last_sequence.clone());
+                changes.expected_position = Some(expected);
+                let writes = changes.inventories.len() as u64;
+                let end = fresh.partition_point(|r| r.sequence <= changes.last_sequence);
+                loop {
+                    match self.store.apply(changes.clone()).await {
+                        Ok(true) => {
+                            applied = true;
+                            inventory_writes += writes;
+                            applied_records += end - start;
+                        }
+                        Ok(false) => {}
+                        Err(StateError::Conflict(what)) if conflicts < MAX_CONFLICT_RETRIES => {
+                            conflicts += 1;
+                            metrics::counter!("floodgate_processor_conflicts_total", "consumer" => CONSUMER).increment(1);
+                            tracing::debug!(%shard, %what, "the batch met a conflict; deciding again");
+                            continue 'decide;
+                        }
+                        Err(StateError::Throttled(what)) => {
+                            // Never dropped: the same slice again, after a back-off that
+                            // grows to a second.
+                            throttles += 1;
+                            metrics::counter!("floodgate_processor_throttled_total", "consumer" => CONSUMER).increment(1);
+                            tracing::debug!(%shard, %what, "the state store throttled; retrying");
+                            let ms = (10u64 << throttles.min(7)).min(1000);
+                            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    break;
                 }
-                Err(e) => return Err(e),
+                start = end;
+                expected = next;
             }
-        };
+            break;
+        }
         if applied {
             metrics::counter!("floodgate_processor_inventory_writes_total", "consumer" => CONSUMER)
                 .increment(inventory_writes);
             metrics::counter!("floodgate_processor_events_applied_total", "consumer" => CONSUMER)
-                .increment(fresh_len as u64);
+                .increment(applied_records as u64);
         }
         Ok(applied)
     }

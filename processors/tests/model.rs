@@ -8,7 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use floodgate_core::state::{BookingStatus, StateStore};
+use floodgate_core::state::{
+    ApplyLimits, Booking, BookingStatus, DeadLetter, Inventory, OutboxCursor, OutboxEntry,
+    Publisher, StateChanges, StateError, StateStore,
+};
 use floodgate_core::stream::{SequenceNumber, ShardId, StoredRecord};
 use floodgate_processors::bookings::BookingsProcessor;
 use floodgate_processors::relay;
@@ -143,6 +146,201 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A store under the model test, and where its published events are read back.
+struct Rig {
+    store: Arc<dyn StateStore>,
+    publisher: Arc<dyn Publisher>,
+    published: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    _keep: Vec<Box<dyn std::any::Any + Send>>,
+}
+
+/// SQLite, published through the embedded outbox log; `limits` (if any) makes the
+/// processor slice batches into small applies.
+fn sqlite(limits: Option<ApplyLimits>) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteStateStore::open(&dir.path().join("state.db")).unwrap();
+    let store: Arc<dyn StateStore> = match limits {
+        None => Arc::new(sqlite),
+        Some(l) => Arc::new(Limited(sqlite, l)),
+    };
+    let outbox_dir = dir.path().join("outbox");
+    let publisher = Arc::new(EmbeddedOutbox::open(&outbox_dir).unwrap());
+    Rig {
+        store,
+        publisher,
+        published: Box::new(move || floodgate_sinks::outbox::read_events(&outbox_dir).unwrap()),
+        _keep: vec![Box::new(dir)],
+    }
+}
+
+/// A store that takes at most `.1` at once: the processor must slice.
+#[derive(Debug)]
+struct Limited<S>(S, ApplyLimits);
+
+#[async_trait::async_trait]
+impl<S: StateStore> StateStore for Limited<S> {
+    fn limits(&self) -> ApplyLimits {
+        self.1
+    }
+    async fn position(&self, shard: &ShardId) -> Result<Option<SequenceNumber>, StateError> {
+        self.0.position(shard).await
+    }
+    async fn load(
+        &self,
+        event_ids: Vec<String>,
+        booking_ids: Vec<String>,
+    ) -> Result<(Vec<Inventory>, Vec<Booking>), StateError> {
+        self.0.load(event_ids, booking_ids).await
+    }
+    async fn apply(&self, changes: StateChanges) -> Result<bool, StateError> {
+        assert!(
+            changes.items() <= self.1.max_items,
+            "an apply over the limits: {} items",
+            changes.items()
+        );
+        self.0.apply(changes).await
+    }
+    async fn inventory(&self, event_id: &str) -> Result<Option<Inventory>, StateError> {
+        self.0.inventory(event_id).await
+    }
+    async fn booking(&self, booking_id: &str) -> Result<Option<Booking>, StateError> {
+        self.0.booking(booking_id).await
+    }
+    async fn outbox_after(
+        &self,
+        cursor: &OutboxCursor,
+        max: usize,
+    ) -> Result<Vec<OutboxEntry>, StateError> {
+        self.0.outbox_after(cursor, max).await
+    }
+    async fn outbox_published(&self, upto: &OutboxCursor) -> Result<(), StateError> {
+        self.0.outbox_published(upto).await
+    }
+    async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, StateError> {
+        self.0.dead_letters(max).await
+    }
+}
+
+/// The model test's body, over any store.
+async fn matches_the_model(rig: Rig, ops: &[Op], cuts: &[usize], replays: &[bool]) {
+    let store = rig.store.clone();
+    let processor = BookingsProcessor::new(store.clone());
+    let outbox = &*rig.publisher;
+    let shard = ShardId("0".into());
+    let records: Vec<StoredRecord> = ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| StoredRecord {
+            sequence: SequenceNumber::from_u64(i as u64),
+            key: "k".into(),
+            payload: Bytes::from(event(op).to_string()),
+            appended_at_ms: 1_700_000_000_000 + i as i64,
+        })
+        .collect();
+    let mut model = Model::default();
+    let mut start = 0;
+    let mut prev: Option<(usize, usize)> = None;
+    let mut cut = cuts.iter().cycle();
+    let mut replay = replays.iter().cycle();
+    let mut last = None;
+    while start < records.len() {
+        let end = (start + cut.next().unwrap()).min(records.len());
+        // Sometimes the consumer re-reads from an older position: the previous
+        // batch again, whole, or overlapping the new one.
+        if let Some((ps, pe)) = prev
+            && *replay.next().unwrap()
+        {
+            let applied = processor
+                .apply_batch(&shard, &records[ps..pe])
+                .await
+                .unwrap();
+            assert!(!applied, "a replayed batch changed state");
+            if *replay.next().unwrap() {
+                processor
+                    .apply_batch(&shard, &records[ps..end])
+                    .await
+                    .unwrap();
+                for op in &ops[start..end] {
+                    model.apply(op);
+                }
+                prev = Some((start, end));
+                start = end;
+                relay::relay_once(&*store, outbox, &mut last).await.unwrap();
+                continue;
+            }
+        }
+        processor
+            .apply_batch(&shard, &records[start..end])
+            .await
+            .unwrap();
+        for op in &ops[start..end] {
+            model.apply(op);
+        }
+        // Relay now and then, as the live relay would.
+        if *replay.next().unwrap() {
+            relay::relay_once(&*store, outbox, &mut last).await.unwrap();
+        }
+        prev = Some((start, end));
+        start = end;
+    }
+    while relay::relay_once(&*store, outbox, &mut None).await.unwrap() > 0 {}
+
+    for e in 0u8..3 {
+        let got = store.inventory(&format!("E{e}")).await.unwrap();
+        match model.inv.get(&e) {
+            None => assert!(got.is_none()),
+            Some(&(cap, res)) => {
+                let got = got.unwrap();
+                assert_eq!((got.capacity, got.reserved), (cap, res), "E{e}");
+                assert!(got.reserved <= got.capacity && got.remaining() >= 0);
+            }
+        }
+    }
+    for b in 0u8..10 {
+        let got = store.booking(&format!("B{b}")).await.unwrap();
+        match model.bookings.get(&b) {
+            None => assert!(got.is_none()),
+            Some(&(e, s, st)) => {
+                let got = got.unwrap();
+                assert_eq!(
+                    (got.event_id.as_str(), got.seats, got.status),
+                    (format!("E{e}").as_str(), s, st),
+                    "B{b}"
+                );
+            }
+        }
+    }
+    // Each booking is announced decided exactly once.
+    let events = (rig.published)();
+    let mut decisions: HashMap<String, usize> = HashMap::new();
+    let mut duplicate_ids = 0;
+    for e in &events {
+        let v: Value = serde_json::from_str(e).unwrap();
+        let ty = v["type"].as_str().unwrap();
+        if ty == "booking.rejected" && v["data"]["reason"] == "duplicate_booking_id" {
+            duplicate_ids += 1;
+        } else if ty == "booking.confirmed" || ty == "booking.rejected" {
+            *decisions
+                .entry(v["data"]["bookingId"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(
+        duplicate_ids, model.duplicate_ids,
+        "duplicate bookingId refusals"
+    );
+    assert_eq!(decisions.len(), model.bookings.len());
+    assert!(decisions.values().all(|&n| n == 1), "{decisions:?}");
+    let mut ids: Vec<&str> = events.iter().map(|e| e.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        events.len(),
+        "a derived event was published twice"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
@@ -152,93 +350,87 @@ proptest! {
         cuts in proptest::collection::vec(1usize..20, 1..40),
         replays in proptest::collection::vec(any::<bool>(), 40),
     ) {
-        let dir = tempfile::tempdir().unwrap();
-        rt().block_on(async {
-            let store = Arc::new(SqliteStateStore::open(&dir.path().join("state.db")).unwrap());
-            let processor = BookingsProcessor::new(store.clone());
-            let outbox = EmbeddedOutbox::open(&dir.path().join("outbox")).unwrap();
-            let shard = ShardId("0".into());
-            let records: Vec<StoredRecord> = ops.iter().enumerate().map(|(i, op)| StoredRecord {
-                sequence: SequenceNumber::from_u64(i as u64),
-                key: "k".into(),
-                payload: Bytes::from(event(op).to_string()),
-                appended_at_ms: 1_700_000_000_000 + i as i64,
-            }).collect();
-            let mut model = Model::default();
-            let mut start = 0;
-            let mut prev: Option<(usize, usize)> = None;
-            let mut cut = cuts.iter().cycle();
-            let mut replay = replays.iter().cycle();
-            let mut last = None;
-            while start < records.len() {
-                let end = (start + cut.next().unwrap()).min(records.len());
-                // Sometimes the consumer re-reads from an older position: the previous
-                // batch again, whole, or overlapping the new one.
-                if let Some((ps, pe)) = prev && *replay.next().unwrap() {
-                    let applied = processor.apply_batch(&shard, &records[ps..pe]).await.unwrap();
-                    assert!(!applied, "a replayed batch changed state");
-                    if *replay.next().unwrap() {
-                        processor.apply_batch(&shard, &records[ps..end]).await.unwrap();
-                        for op in &ops[start..end] { model.apply(op); }
-                        prev = Some((start, end));
-                        start = end;
-                        relay::relay_once(&*store, &outbox, &mut last).await.unwrap();
-                        continue;
-                    }
-                }
-                processor.apply_batch(&shard, &records[start..end]).await.unwrap();
-                for op in &ops[start..end] { model.apply(op); }
-                // Relay now and then, as the live relay would.
-                if *replay.next().unwrap() {
-                    relay::relay_once(&*store, &outbox, &mut last).await.unwrap();
-                }
-                prev = Some((start, end));
-                start = end;
-            }
-            relay::relay_once(&*store, &outbox, &mut None).await.unwrap();
+        rt().block_on(matches_the_model(sqlite(None), &ops, &cuts, &replays));
+    }
 
-            for e in 0u8..3 {
-                let got = store.inventory(&format!("E{e}")).await.unwrap();
-                match model.inv.get(&e) {
-                    None => assert!(got.is_none()),
-                    Some(&(cap, res)) => {
-                        let got = got.unwrap();
-                        assert_eq!((got.capacity, got.reserved), (cap, res), "E{e}");
-                        assert!(got.reserved <= got.capacity && got.remaining() >= 0);
-                    }
+    /// The same, with every batch sliced into applies of at most 7 items (2 fixed, so
+    /// one to two records each): slices applied one by one change exactly what the whole
+    /// batch would, replays included.
+    #[test]
+    fn processor_matches_the_model_in_slices(
+        ops in proptest::collection::vec(op(), 1..120),
+        cuts in proptest::collection::vec(1usize..20, 1..40),
+        replays in proptest::collection::vec(any::<bool>(), 40),
+    ) {
+        let limits = ApplyLimits { max_items: 7, max_bytes: usize::MAX };
+        rt().block_on(matches_the_model(sqlite(Some(limits)), &ops, &cuts, &replays));
+    }
+}
+
+/// The model test against DynamoDB (moto server), sliced to small transactions, with the
+/// relay publishing to a collector of the entries (DynamoDB's outbox has one partition
+/// per shard, which the embedded outbox log does not take).
+#[cfg(feature = "emulator-tests")]
+mod dynamodb {
+    use super::*;
+    use floodgate_aws::emulator;
+    use floodgate_aws::state::{DynamoDbStateStore, ensure_table};
+    use floodgate_core::state::PublishError;
+    use std::sync::Mutex;
+
+    /// Keeps what is published, and its position, in memory: a destination that can be
+    /// read back.
+    #[derive(Debug, Default)]
+    struct Collected {
+        events: Mutex<Vec<String>>,
+        cursor: Mutex<OutboxCursor>,
+    }
+
+    #[async_trait::async_trait]
+    impl Publisher for Collected {
+        async fn last_published(&self) -> Result<OutboxCursor, PublishError> {
+            Ok(self.cursor.lock().unwrap().clone())
+        }
+        async fn publish(&self, entries: &[OutboxEntry]) -> Result<(), PublishError> {
+            let mut cursor = self.cursor.lock().unwrap();
+            for e in entries {
+                if cursor.get(&e.partition).is_some_and(|&c| e.seq <= c) {
+                    continue;
                 }
+                self.events.lock().unwrap().extend(e.events.iter().cloned());
+                cursor.insert(e.partition.clone(), e.seq);
             }
-            for b in 0u8..10 {
-                let got = store.booking(&format!("B{b}")).await.unwrap();
-                match model.bookings.get(&b) {
-                    None => assert!(got.is_none()),
-                    Some(&(e, s, st)) => {
-                        let got = got.unwrap();
-                        assert_eq!((got.event_id.as_str(), got.seats, got.status), (format!("E{e}").as_str(), s, st), "B{b}");
-                    }
-                }
-            }
-            // Each booking is announced decided exactly once.
-            let events = floodgate_sinks::outbox::read_events(&dir.path().join("outbox")).unwrap();
-            let mut decisions: HashMap<String, usize> = HashMap::new();
-            let mut duplicate_ids = 0;
-            for e in &events {
-                let v: Value = serde_json::from_str(e).unwrap();
-                let ty = v["type"].as_str().unwrap();
-                if ty == "booking.rejected" && v["data"]["reason"] == "duplicate_booking_id" {
-                    duplicate_ids += 1;
-                } else if ty == "booking.confirmed" || ty == "booking.rejected" {
-                    *decisions.entry(v["data"]["bookingId"].as_str().unwrap().to_owned()).or_default() += 1;
-                }
-            }
-            assert_eq!(duplicate_ids, model.duplicate_ids, "duplicate bookingId refusals");
-            assert_eq!(decisions.len(), model.bookings.len());
-            assert!(decisions.values().all(|&n| n == 1), "{decisions:?}");
-            let mut ids: Vec<&str> = events.iter().map(|e| e.as_str()).collect();
-            ids.sort();
-            ids.dedup();
-            assert_eq!(ids.len(), events.len(), "a derived event was published twice");
-        });
+            Ok(())
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+
+        #[test]
+        fn processor_matches_the_model_on_dynamodb(
+            ops in proptest::collection::vec(op(), 1..80),
+            cuts in proptest::collection::vec(1usize..20, 1..40),
+            replays in proptest::collection::vec(any::<bool>(), 40),
+        ) {
+            let moto = emulator::moto().unwrap_or_else(|e| panic!("moto server: {e}"));
+            let client = moto.dynamodb_client();
+            rt().block_on(async {
+                ensure_table(&client, "state").await.unwrap();
+                let limits = ApplyLimits { max_items: 9, max_bytes: usize::MAX };
+                let store = Arc::new(DynamoDbStateStore::new(client, "state").with_limits(limits));
+                let collected = Arc::new(Collected::default());
+                let reader = collected.clone();
+                let rig = Rig {
+                    store,
+                    publisher: collected,
+                    published: Box::new(move || reader.events.lock().unwrap().clone()),
+                    _keep: Vec::new(),
+                };
+                matches_the_model(rig, &ops, &cuts, &replays).await;
+            });
+            drop(moto);
+        }
     }
 }
 
