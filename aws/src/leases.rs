@@ -191,7 +191,11 @@ pub async fn ensure_table(client: &Client, name: &str) -> Result<TableOutcome, S
 }
 
 /// Polls DescribeTable until `name` is ACTIVE, or fails naming its status at `deadline`.
-async fn wait_active(client: &Client, name: &str, deadline: Duration) -> Result<(), StreamError> {
+pub(crate) async fn wait_active(
+    client: &Client,
+    name: &str,
+    deadline: Duration,
+) -> Result<(), StreamError> {
     let give_up = Instant::now() + deadline;
     let mut pause = Duration::from_millis(100);
     loop {
