@@ -53,6 +53,24 @@ pub fn dynamodb(sdk: &SdkConfig, endpoint_url: Option<&str>) -> aws_sdk_dynamodb
     aws_sdk_dynamodb::Client::from_conf(config.build())
 }
 
+/// An EventBridge client; `endpoint_url` overrides `[aws]`'s.
+pub fn eventbridge(sdk: &SdkConfig, endpoint_url: Option<&str>) -> aws_sdk_eventbridge::Client {
+    let mut config = aws_sdk_eventbridge::config::Builder::from(sdk);
+    if let Some(url) = endpoint_url {
+        config = config.endpoint_url(url);
+    }
+    aws_sdk_eventbridge::Client::from_conf(config.build())
+}
+
+/// A Firehose client; `endpoint_url` overrides `[aws]`'s.
+pub fn firehose(sdk: &SdkConfig, endpoint_url: Option<&str>) -> aws_sdk_firehose::Client {
+    let mut config = aws_sdk_firehose::config::Builder::from(sdk);
+    if let Some(url) = endpoint_url {
+        config = config.endpoint_url(url);
+    }
+    aws_sdk_firehose::Client::from_conf(config.build())
+}
+
 /// Fails, naming why, when the credentials chain finds nothing within 10 s (the instance
 /// metadata lookup is the slow step off EC2).
 pub async fn check_credentials(sdk: &SdkConfig) -> Result<(), String> {
