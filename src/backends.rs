@@ -6,14 +6,19 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use floodgate_aws::eventbridge::EventBridgePublisher;
 use floodgate_aws::kinesis::{KinesisReader, KinesisReaderConfig, KinesisWriter};
 use floodgate_aws::leases::DynamoDbLeases;
-use floodgate_core::config::{Config, CoordinationBackend, StreamBackend};
-use floodgate_core::state::StateStore;
+use floodgate_aws::state::DynamoDbStateStore;
+use floodgate_core::config::{
+    Config, CoordinationBackend, PublishBackend, StateBackend, StreamBackend,
+};
+use floodgate_core::state::{Publisher, StateStore};
 use floodgate_core::stream::{CheckpointStore, StreamReader, StreamWriter};
 use floodgate_processors::runtime::RuntimeConfig;
 use floodgate_sinks::{
-    EmbeddedCheckpoints, EmbeddedLog, EmbeddedLogReader, LocalDirStore, SqliteStateStore,
+    EmbeddedCheckpoints, EmbeddedLog, EmbeddedLogReader, EmbeddedOutbox, LocalDirStore,
+    SqliteStateStore,
 };
 
 /// The stream role: the sharded, durable log between the edge and the processors.
@@ -253,8 +258,9 @@ pub(crate) fn open_quarantine(config: &Config) -> Result<EmbeddedLog> {
         .with_context(|| format!("cannot open the quarantine at {}", root.display()))
 }
 
-/// The state store, its page cache and memory map sized by `[state]` (the memory budget's).
-pub(crate) fn open_state(
+/// The SQLite state store under `data_dir`, its page cache and memory map sized by
+/// `memory` (the memory budget's).
+pub(crate) fn open_sqlite_state(
     data_dir: &Path,
     memory: &floodgate_core::config::StateConfig,
 ) -> Result<Arc<dyn StateStore>> {
@@ -263,4 +269,100 @@ pub(crate) fn open_state(
         SqliteStateStore::open_with(&path, memory)
             .with_context(|| format!("cannot open the state store at {}", path.display()))?,
     ))
+}
+
+/// The state role of `[state]`: SQLite in the data directory, or the DynamoDB table
+/// (checked to exist: an unreachable endpoint or a missing table fails here, naming
+/// DynamoDB and why).
+pub(crate) async fn open_state(config: &Config) -> Result<Arc<dyn StateStore>> {
+    match config.state.backend {
+        StateBackend::Sqlite => open_sqlite_state(&config.data_dir, &config.state),
+        StateBackend::Dynamodb => {
+            let st = &config.state;
+            let sdk = aws_sdk(config, "dynamodb").await?;
+            let client = floodgate_aws::client::dynamodb(&sdk, st.endpoint_url.as_deref());
+            client
+                .describe_table()
+                .table_name(&st.table_name)
+                .send()
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "dynamodb state table {:?} is not usable (create it with `floodgate aws init`): {}",
+                        st.table_name,
+                        floodgate_aws::client::describe(&e)
+                    )
+                })?;
+            Ok(Arc::new(DynamoDbStateStore::new(
+                client,
+                st.table_name.clone(),
+            )))
+        }
+    }
+}
+
+/// The publish role: where the relay sends derived events.
+#[derive(Debug)]
+pub(crate) enum Publish {
+    /// The derived-event log under `<data_dir>/outbox/`, which the derived events' lake
+    /// tables consume.
+    Outbox {
+        publisher: Arc<EmbeddedOutbox>,
+        log: std::path::PathBuf,
+    },
+    /// An EventBridge bus.
+    EventBridge(Arc<EventBridgePublisher>),
+}
+
+impl Publish {
+    pub(crate) async fn open(config: &Config) -> Result<Self> {
+        match config.publish.backend {
+            PublishBackend::Outbox => {
+                let dir = config.data_dir.join("outbox");
+                // The log exists (created, or migrated from an older outbox) before anyone
+                // reads it; the relay opens it for writing only once it holds the lease.
+                floodgate_sinks::outbox::ensure_log(&dir, &config.publish.outbox).await?;
+                Ok(Publish::Outbox {
+                    publisher: Arc::new(EmbeddedOutbox::open_with(&dir, &config.publish.outbox)?),
+                    log: floodgate_sinks::outbox::log_root(&dir),
+                })
+            }
+            PublishBackend::Eventbridge => {
+                let p = &config.publish;
+                let sdk = aws_sdk(config, "eventbridge").await?;
+                let client = floodgate_aws::client::eventbridge(&sdk, p.endpoint_url.as_deref());
+                client
+                    .describe_event_bus()
+                    .name(&p.event_bus_name)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "eventbridge bus {:?} is not usable (create it with `floodgate aws init`): {}",
+                            p.event_bus_name,
+                            floodgate_aws::client::describe(&e)
+                        )
+                    })?;
+                Ok(Publish::EventBridge(Arc::new(EventBridgePublisher::new(
+                    client,
+                    p.event_bus_name.clone(),
+                ))))
+            }
+        }
+    }
+
+    pub(crate) fn publisher(&self) -> Arc<dyn Publisher> {
+        match self {
+            Publish::Outbox { publisher, .. } => publisher.clone(),
+            Publish::EventBridge(p) => p.clone(),
+        }
+    }
+
+    /// The log the derived events' lake tables consume, where there is one.
+    pub(crate) fn derived_log(&self) -> Option<&Path> {
+        match self {
+            Publish::Outbox { log, .. } => Some(log),
+            Publish::EventBridge(_) => None,
+        }
+    }
 }

@@ -107,10 +107,47 @@ impl Default for CoordinationConfig {
 }
 
 /// `[publish]`: where the relay publishes derived events.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PublishConfig {
+    pub backend: PublishBackend,
+    /// The EventBridge bus (`backend = "eventbridge"`).
+    pub event_bus_name: String,
+    /// Overrides `[aws].endpoint_url` for EventBridge.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
     pub outbox: OutboxConfig,
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        Self {
+            backend: PublishBackend::Outbox,
+            event_bus_name: "floodgate".to_owned(),
+            endpoint_url: None,
+            outbox: OutboxConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishBackend {
+    /// The derived-event log under `<data_dir>/outbox/` (`[publish.outbox]`).
+    #[default]
+    Outbox,
+    /// PutEvents to an EventBridge bus.
+    Eventbridge,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    /// SQLite under `<data_dir>/state/`.
+    #[default]
+    Sqlite,
+    /// One DynamoDB table (see `floodgate_aws::state`).
+    Dynamodb,
 }
 
 /// `[publish.outbox]`: the embedded derived-event log under `<data_dir>/outbox/log/`, a
@@ -141,6 +178,12 @@ impl Default for OutboxConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
+    pub backend: StateBackend,
+    /// The DynamoDB state table (`backend = "dynamodb"`).
+    pub table_name: String,
+    /// Overrides `[aws].endpoint_url` for the state table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
     /// Page cache of each connection (SQLite `cache_size`), in bytes.
     pub cache_bytes: u64,
     /// Memory map of each connection (SQLite `mmap_size`), in bytes: pages of the database
@@ -151,6 +194,9 @@ pub struct StateConfig {
 impl Default for StateConfig {
     fn default() -> Self {
         Self {
+            backend: StateBackend::Sqlite,
+            table_name: "floodgate-state".to_owned(),
+            endpoint_url: None,
             cache_bytes: 32 * MIB,
             mmap_bytes: 64 * MIB,
         }
@@ -466,6 +512,24 @@ impl Config {
             if self.coordination.lease_duration_ms < 1000 {
                 return e("coordination.lease_duration_ms must be at least 1000");
             }
+        }
+        if self.state.backend == StateBackend::Dynamodb {
+            if self.state.table_name.is_empty() {
+                return e("state.table_name must not be empty");
+            }
+            if self.publish.backend == PublishBackend::Outbox {
+                // The outbox log publishes one outbox partition; DynamoDB keeps one per
+                // shard (floodgate_core::state::StateStore::outbox_after).
+                return e(
+                    "state.backend = \"dynamodb\" needs publish.backend = \"eventbridge\": \
+                     the local outbox log publishes only SQLite's outbox",
+                );
+            }
+        }
+        if self.publish.backend == PublishBackend::Eventbridge
+            && self.publish.event_bus_name.is_empty()
+        {
+            return e("publish.event_bus_name must not be empty");
         }
         if s.segment_bytes < 4096 {
             return e("stream.embedded.segment_bytes must be at least 4096");

@@ -2,7 +2,7 @@
 //! missing, and waits until each is ACTIVE. Idempotent: a second run reports `exists`.
 
 use anyhow::{Context, Result};
-use floodgate_core::config::{CoordinationBackend, StreamBackend};
+use floodgate_core::config::{CoordinationBackend, PublishBackend, StateBackend, StreamBackend};
 
 use crate::ServeArgs;
 use crate::backends::aws_sdk;
@@ -31,6 +31,26 @@ pub(crate) fn init(args: ServeArgs) -> Result<()> {
                 .await
                 .with_context(|| format!("dynamodb lease table {:?}", c.table_name))?;
             println!("dynamodb table {}: {}", c.table_name, done.as_str());
+        }
+        if config.state.backend == StateBackend::Dynamodb {
+            any = true;
+            let st = &config.state;
+            let sdk = aws_sdk(&config, "dynamodb").await?;
+            let client = floodgate_aws::client::dynamodb(&sdk, st.endpoint_url.as_deref());
+            let done = floodgate_aws::state::ensure_table(&client, &st.table_name)
+                .await
+                .with_context(|| format!("dynamodb state table {:?}", st.table_name))?;
+            println!("dynamodb table {}: {}", st.table_name, done.as_str());
+        }
+        if config.publish.backend == PublishBackend::Eventbridge {
+            any = true;
+            let p = &config.publish;
+            let sdk = aws_sdk(&config, "eventbridge").await?;
+            let client = floodgate_aws::client::eventbridge(&sdk, p.endpoint_url.as_deref());
+            let done = floodgate_aws::eventbridge::ensure_bus(&client, &p.event_bus_name)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!("eventbridge bus {}: {}", p.event_bus_name, done.as_str());
         }
         if !any {
             println!("nothing to create: the configuration names no AWS backend");

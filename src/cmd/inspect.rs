@@ -11,11 +11,11 @@ use floodgate_sinks::EmbeddedLogReader;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use crate::backends::open_state;
+use crate::backends::open_sqlite_state;
 use crate::setup::runtime;
 
 pub(crate) fn dead_letters(data_dir: &Path) -> Result<()> {
-    let state = open_state(data_dir, &floodgate_core::config::StateConfig::default())?;
+    let state = open_sqlite_state(data_dir, &floodgate_core::config::StateConfig::default())?;
     let letters = runtime()?.block_on(state.dead_letters(usize::MAX))?;
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());

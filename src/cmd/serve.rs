@@ -15,11 +15,11 @@ use floodgate_ingest::auth::Auth;
 use floodgate_processors::bookings::BookingsProcessor;
 use floodgate_processors::lake::{LakeConfig, LakeProcessor};
 use floodgate_processors::runtime::{RuntimeConfig, spawn_consumers};
-use floodgate_sinks::{EmbeddedLogReader, EmbeddedOutbox};
+use floodgate_sinks::EmbeddedLogReader;
 use tokio::sync::watch;
 
 use crate::backends::{
-    Coordination, Stream, lake_store, local_checkpoints, open_quarantine, open_state,
+    Coordination, Publish, Stream, lake_store, local_checkpoints, open_quarantine, open_state,
     runtime_config,
 };
 use crate::setup::{check_auth_posture, effective_config, load_registry, runtime, shutdown_signal};
@@ -48,15 +48,7 @@ impl Processors {
     ) -> Result<Processors> {
         let data_dir = config_all.data_dir.as_path();
         let checkpoints = Coordination::open(config_all).await?.store();
-        let outbox_dir = data_dir.join("outbox");
-        // The log exists (created, or migrated from an older outbox) before anyone reads it;
-        // the relay opens it for writing only once it holds the relay lease.
-        floodgate_sinks::outbox::ensure_log(&outbox_dir, &config_all.publish.outbox).await?;
-        let outbox = Arc::new(EmbeddedOutbox::open_with(
-            &outbox_dir,
-            &config_all.publish.outbox,
-        )?);
-        let outbox_log = floodgate_sinks::outbox::log_root(&outbox_dir);
+        let publish = Publish::open(config_all).await?;
         let (stop, stop_rx) = watch::channel(false);
         let (stop_late, stop_late_rx) = watch::channel(false);
         let mut late_tasks = Vec::new();
@@ -106,19 +98,23 @@ impl Processors {
                 )
                 .await?,
             );
-            let outbox_reader: Arc<dyn StreamReader> =
-                Arc::new(EmbeddedLogReader::open(&outbox_log)?);
-            let d_checkpoints = local_checkpoints(&outbox_log)?;
-            late_tasks.extend(
-                spawn_consumers(
-                    outbox_reader,
-                    d_checkpoints,
-                    derived,
-                    config.clone(),
-                    stop_late_rx.clone(),
-                )
-                .await?,
-            );
+            // The derived events' lake tables read the derived-event log; published to
+            // EventBridge, they have no log to read here (the README says where they go).
+            if let Some(outbox_log) = publish.derived_log() {
+                let outbox_reader: Arc<dyn StreamReader> =
+                    Arc::new(EmbeddedLogReader::open(outbox_log)?);
+                let d_checkpoints = local_checkpoints(outbox_log)?;
+                late_tasks.extend(
+                    spawn_consumers(
+                        outbox_reader,
+                        d_checkpoints,
+                        derived,
+                        config.clone(),
+                        stop_late_rx.clone(),
+                    )
+                    .await?,
+                );
+            }
             if let Some(q) = quarantine {
                 let q_checkpoints = local_checkpoints(&data_dir.join("quarantine"))?;
                 let held = Arc::new(LakeProcessor::quarantine(store, lake_config));
@@ -130,7 +126,7 @@ impl Processors {
         let (stop_relay, stop_relay_rx) = watch::channel(false);
         let relay = tokio::spawn(floodgate_processors::relay::run_with(
             state,
-            outbox,
+            publish.publisher(),
             checkpoints,
             owner,
             renew_interval,
@@ -180,7 +176,7 @@ pub(crate) fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
         floodgate_ingest::telemetry::spawn_upkeep(metrics.clone());
         let stream = Stream::for_edge(&config).await?;
         let quarantine = Arc::new(open_quarantine(&config)?);
-        let state = open_state(&config.data_dir, &config.state)?;
+        let state = open_state(&config).await?;
         let processors = if with_processors {
             Some(
                 Processors::start(
@@ -278,7 +274,7 @@ pub(crate) fn process(args: ProcessArgs) -> Result<()> {
                     None
                 }
             };
-        let state = open_state(&config.data_dir, &config.state)?;
+        let state = open_state(&config).await?;
         let registry = load_registry(config.schemas_dir.as_deref())?;
         let processors = Processors::start(&config, &registry, stream.reader(), quarantine, state).await?;
         let shutdown = shutdown_signal();
