@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use floodgate_core::lake::Table;
-use floodgate_core::object_store::{ObjectError, ObjectMeta, ObjectStore};
+use floodgate_core::object_store::{ObjectError, ObjectMeta, ObjectStore, PutOutcome};
 use floodgate_core::stream::{SequenceNumber, ShardId, StoredRecord};
 use floodgate_processors::compact;
 use floodgate_processors::lake::{LakeConfig, LakeProcessor};
@@ -46,6 +46,20 @@ impl ObjectStore for Faulty {
             });
         }
         self.inner.put(key, bytes).await
+    }
+    async fn put_new(&self, key: &str, bytes: Bytes) -> Result<PutOutcome, ObjectError> {
+        if key.contains("/c-")
+            && self
+                .fail
+                .compare_exchange(PUT, NONE, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            return Err(ObjectError::Io {
+                key: key.into(),
+                message: "injected".into(),
+            });
+        }
+        self.inner.put_new(key, bytes).await
     }
     async fn get(&self, key: &str) -> Result<Option<Bytes>, ObjectError> {
         self.inner.get(key).await
@@ -384,6 +398,15 @@ impl ObjectStore for MemoryStore {
         self.objects.lock().unwrap().insert(key.to_owned(), bytes);
         Ok(())
     }
+    async fn put_new(&self, key: &str, bytes: Bytes) -> Result<PutOutcome, ObjectError> {
+        match self.objects.lock().unwrap().entry(key.to_owned()) {
+            std::collections::btree_map::Entry::Occupied(_) => Ok(PutOutcome::Exists),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(bytes);
+                Ok(PutOutcome::Created)
+            }
+        }
+    }
     async fn get(&self, key: &str) -> Result<Option<Bytes>, ObjectError> {
         Ok(self.objects.lock().unwrap().get(key).cloned())
     }
@@ -486,6 +509,9 @@ impl FailingAt {
 impl ObjectStore for FailingAt {
     async fn put(&self, key: &str, bytes: Bytes) -> Result<(), ObjectError> {
         self.op(key, self.inner.put(key, bytes)).await
+    }
+    async fn put_new(&self, key: &str, bytes: Bytes) -> Result<PutOutcome, ObjectError> {
+        self.op(key, self.inner.put_new(key, bytes)).await
     }
     async fn get(&self, key: &str) -> Result<Option<Bytes>, ObjectError> {
         self.op(key, self.inner.get(key)).await

@@ -11,7 +11,7 @@ use std::time::Duration;
 use arrow_array::{Array, Int8Array, Int64Array, RecordBatch, StringArray};
 use async_trait::async_trait;
 use bytes::Bytes;
-use floodgate_core::object_store::{ObjectError, ObjectMeta, ObjectStore};
+use floodgate_core::object_store::{ObjectError, ObjectMeta, ObjectStore, PutOutcome};
 use floodgate_core::registry::Registry;
 use floodgate_core::stream::{SequenceNumber, ShardId, StoredRecord};
 use floodgate_processors::lake::{LakeConfig, LakeProcessor};
@@ -453,8 +453,8 @@ async fn partitions_stay_within_the_projected_range_whatever_the_producers_clock
     );
 }
 
-/// Fails the `fail_at`-th `put` (1-based, counting every put), and every `delete` while
-/// `deletes_fail` is set; otherwise the real local store.
+/// Fails the `fail_at`-th write (1-based, counting every `put` and `put_new`), and every
+/// `delete` while `deletes_fail` is set; otherwise the real local store.
 #[derive(Debug)]
 struct FailingStore {
     inner: LocalDirStore,
@@ -477,6 +477,12 @@ impl ObjectStore for FailingStore {
             return Err(injected(key));
         }
         self.inner.put(key, bytes).await
+    }
+    async fn put_new(&self, key: &str, bytes: Bytes) -> Result<PutOutcome, ObjectError> {
+        if self.puts.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
+            return Err(injected(key));
+        }
+        self.inner.put_new(key, bytes).await
     }
     async fn get(&self, key: &str) -> Result<Option<Bytes>, ObjectError> {
         self.inner.get(key).await
@@ -774,3 +780,4 @@ async fn a_worker_taking_a_shard_back_forgets_its_earlier_buffer() {
     }
     assert_runs_disjoint(dir.path());
 }
+
