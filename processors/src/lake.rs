@@ -460,12 +460,6 @@ pub enum Scope {
     Quarantine,
 }
 
-/// Whether an object key lies in one of `tables`' directories.
-fn in_tables(key: &str, tables: &[String]) -> bool {
-    key.split_once('/')
-        .is_some_and(|(table, _)| tables.iter().any(|t| t == table))
-}
-
 /// Writes the lake; see the module docs.
 pub struct LakeProcessor {
     scope: Scope,
@@ -555,21 +549,28 @@ async fn runs_of(
     tables: &[String],
     diverted: Diverted<'_>,
 ) -> Result<HashMap<ShardId, Vec<(SequenceNumber, SequenceNumber)>>, ProcessError> {
-    let objects = store
-        .list("")
-        .await
-        .map_err(|e| ProcessError::Other(e.to_string()))?;
-    let quarantine = [QUARANTINE_TABLE.to_owned()];
+    // Only the directories of the tables asked about (and of the quarantine, for the rows
+    // they diverted) are listed, each by its own prefix: on S3 a listing of the whole lake
+    // is a request per 1,000 files of every table, at every shard's start.
+    let mut listed: Vec<(&str, bool)> = tables.iter().map(|t| (t.as_str(), false)).collect();
+    if !matches!(diverted, Diverted::Never) && !tables.iter().any(|t| t == QUARANTINE_TABLE) {
+        listed.push((QUARANTINE_TABLE, true));
+    }
+    listed.sort_unstable();
+    listed.dedup();
+    let mut objects = Vec::new();
+    for (table, held) in listed {
+        // The trailing `/`: table `t`'s prefix must not list table `tt`.
+        let found = store
+            .list(&format!("{table}/"))
+            .await
+            .map_err(|e| ProcessError::Other(e.to_string()))?;
+        objects.extend(found.into_iter().map(|o| (o, held)));
+    }
     // (name, whether it is a diverted file in the quarantine table)
     let mut names: Vec<(String, bool)> = Vec::new();
-    for o in &objects {
-        let held = if in_tables(&o.key, tables) {
-            false
-        } else if !matches!(diverted, Diverted::Never) && in_tables(&o.key, &quarantine) {
-            true
-        } else {
-            continue;
-        };
+    for (o, held) in &objects {
+        let held = *held;
         let name = o.key.rsplit('/').next().unwrap_or("");
         if name == crate::compact::MANIFEST {
             let partition = o.key.rsplit_once('/').map_or("", |(d, _)| d);
