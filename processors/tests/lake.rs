@@ -837,7 +837,7 @@ async fn finding_runs_lists_only_the_consumers_tables() {
     store.listed.lock().unwrap().clear();
     let restarted = lake(store.clone(), &registry, 1 << 30);
     restarted.start_position(&shard).await.unwrap();
-    drive(&restarted, &shard, &[all.clone()]).await;
+    drive(&restarted, &shard, std::slice::from_ref(&all)).await;
     let listed = store.listed.lock().unwrap().clone();
     let mut tables = restarted.table_names();
     tables.push("quarantine".to_owned());
