@@ -1,6 +1,7 @@
 //! Floodgate's AWS backends, behind the same role traits as the embedded ones
-//! (`floodgate_core::stream`): Kinesis Data Streams for the stream, DynamoDB for the
-//! consumers' leases and checkpoints.
+//! (`floodgate_core::stream`, `floodgate_core::object_store`): Kinesis Data Streams for the
+//! stream, DynamoDB for the consumers' leases and checkpoints, S3 for the lake
+//! ([`s3::S3Store`]).
 
 pub mod client;
 pub mod emulator;
@@ -8,4 +9,5 @@ pub mod fault_proxy;
 pub mod kinesis;
 pub mod kpl;
 pub mod leases;
+pub mod s3;
 pub mod seq;
