@@ -781,16 +781,18 @@ async fn a_worker_taking_a_shard_back_forgets_its_earlier_buffer() {
     assert_runs_disjoint(dir.path());
 }
 
-/// The local store, recording every prefix listed.
+/// The local store, recording every prefix listed and every key replaced (`put`).
 #[derive(Debug)]
 struct ListingStore {
     inner: LocalDirStore,
     listed: std::sync::Mutex<Vec<String>>,
+    replaced: std::sync::Mutex<Vec<String>>,
 }
 
 #[async_trait]
 impl ObjectStore for ListingStore {
     async fn put(&self, key: &str, bytes: Bytes) -> Result<(), ObjectError> {
+        self.replaced.lock().unwrap().push(key.to_owned());
         self.inner.put(key, bytes).await
     }
     async fn put_new(&self, key: &str, bytes: Bytes) -> Result<PutOutcome, ObjectError> {
@@ -811,7 +813,7 @@ impl ObjectStore for ListingStore {
 /// Issue 12: on S3 a listing is a request per 1,000 keys, so a shard's start must not list
 /// the whole lake to find its runs: only the consumer's tables and the quarantine (for the
 /// rows it diverted), each by its own `<table>/` prefix. The runs found are the same: the
-/// restarted consumer reproduces the run a crash left unfinished.
+/// restarted consumer reproduces the run a crash left unfinished, with `put_new` only.
 #[tokio::test]
 async fn finding_runs_lists_only_the_consumers_tables() {
     let registry = Registry::builtin().unwrap();
@@ -820,6 +822,7 @@ async fn finding_runs_lists_only_the_consumers_tables() {
     let store = Arc::new(ListingStore {
         inner: LocalDirStore::open(dir.path()).unwrap(),
         listed: Default::default(),
+        replaced: Default::default(),
     });
     let shard = ShardId("0".to_owned());
     // The files of run 0..=19, as a flush that crashed before its checkpoint left them.
@@ -828,6 +831,7 @@ async fn finding_runs_lists_only_the_consumers_tables() {
     let run_files = files(dir.path());
     // A table of no consumer's: never listed.
     store
+        .inner
         .put(
             "zz_other/dt=2026-12-01/hour=10/0-0-99.parquet",
             Bytes::new(),
@@ -859,4 +863,10 @@ async fn finding_runs_lists_only_the_consumers_tables() {
         assert!(after.contains_key(name), "{name} gone");
     }
     assert_eq!(runs(dir.path()), [(0, 19), (20, 39)]);
+    // Issue 12: the lake never replaces a data file; it creates it or finds it there.
+    let replaced = store.replaced.lock().unwrap().clone();
+    assert!(
+        replaced.is_empty(),
+        "data files written by put: {replaced:?}"
+    );
 }
