@@ -71,6 +71,20 @@ pub fn firehose(sdk: &SdkConfig, endpoint_url: Option<&str>) -> aws_sdk_firehose
     aws_sdk_firehose::Client::from_conf(config.build())
 }
 
+/// An S3 client; `endpoint_url` overrides `[aws]`'s. Whenever an endpoint is set (either
+/// one), requests use path-style URLs (`http://host/bucket/key`): emulators and
+/// S3-compatible stores at an address have no virtual-host names for buckets.
+pub fn s3(sdk: &SdkConfig, endpoint_url: Option<&str>) -> aws_sdk_s3::Client {
+    let mut config = aws_sdk_s3::config::Builder::from(sdk);
+    if let Some(url) = endpoint_url {
+        config = config.endpoint_url(url);
+    }
+    if endpoint_url.is_some() || sdk.endpoint_url().is_some() {
+        config = config.force_path_style(true);
+    }
+    aws_sdk_s3::Client::from_conf(config.build())
+}
+
 /// Fails, naming why, when the credentials chain finds nothing within 10 s (the instance
 /// metadata lookup is the slow step off EC2).
 pub async fn check_credentials(sdk: &SdkConfig) -> Result<(), String> {

@@ -45,6 +45,21 @@ impl Emulator {
         aws_sdk_dynamodb::Client::from_conf(config)
     }
 
+    /// An S3 client of this emulator, with dummy credentials of its own and path-style
+    /// URLs (`http://127.0.0.1:<port>/<bucket>/<key>`: an address has no bucket
+    /// subdomains).
+    pub fn s3_client(&self) -> aws_sdk_s3::Client {
+        use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(&self.endpoint)
+            .force_path_style(true)
+            .credentials_provider(Credentials::new("test", "test", None, None, "emulator"))
+            .build();
+        aws_sdk_s3::Client::from_conf(config)
+    }
+
     /// A Kinesis client of this emulator, with dummy credentials of its own.
     pub fn kinesis_client(&self) -> aws_sdk_kinesis::Client {
         use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};

@@ -1,6 +1,8 @@
 //! Floodgate's AWS backends, behind the same role traits as the embedded ones
-//! (`floodgate_core::stream`): Kinesis Data Streams for the stream, DynamoDB for the
-//! consumers' leases and checkpoints, and the bookings state.
+//! (`floodgate_core::stream`, `floodgate_core::state`, `floodgate_core::object_store`):
+//! Kinesis Data Streams for the stream, DynamoDB for the consumers' leases and checkpoints
+//! and for the bookings state, EventBridge for derived events, S3 for the lake
+//! ([`s3::S3Store`]).
 
 pub mod client;
 pub mod emulator;
@@ -9,5 +11,6 @@ pub mod fault_proxy;
 pub mod kinesis;
 pub mod kpl;
 pub mod leases;
+pub mod s3;
 pub mod seq;
 pub mod state;

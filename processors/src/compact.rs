@@ -5,7 +5,7 @@
 //! for every compacted file, the files it replaced, and whether the replacement finished.
 //! The steps, each atomic:
 //! 1. record the plan (`pending`) in the manifest;
-//! 2. write the compacted file;
+//! 2. write the compacted file (create-only: one that exists already is kept);
 //! 3. delete the inputs;
 //! 4. mark the plan `done`.
 //!
@@ -236,8 +236,11 @@ pub async fn apply(
         },
     );
     save(store, partition, &m).await?;
+    // Create-only, like the lake's own files: a compacted file of this name holds these
+    // inputs' rows (a write whose answer was lost, or a pending plan `recover` finished),
+    // so the one there is kept and the plan goes on.
     store
-        .put(&format!("{partition}/{name}"), bytes)
+        .put_new(&format!("{partition}/{name}"), bytes)
         .await
         .map_err(err)?;
     for input in &inputs {

@@ -4,12 +4,14 @@
 //!
 //! A flush covers a contiguous run of the shard's records, `firstSeq..=lastSeq`, and every
 //! file it writes carries that run in its name. The checkpoint moves only after all of a
-//! flush's files are durable (the store's `put` is atomic). Replays are therefore safe:
-//! - a file rewritten for the same run has the same name and the same rows, so it
-//!   replaces itself;
+//! flush's files are durable (the store's `put_new` is atomic). Replays are therefore safe:
+//! - a file written again for the same run has the same name and the same rows, so the
+//!   one there is kept: files are written create-only ([`ObjectStore::put_new`]), which
+//!   also makes a write whose answer was lost safe to repeat;
 //! - after a crash in the middle of a flush, the next start finds the files of the
 //!   unfinished run (their `firstSeq` is the first record after the checkpoint) and ends
-//!   its first flush exactly at their `lastSeq`, rewriting that run whole;
+//!   its first flush exactly at their `lastSeq`: the run's files that were written are
+//!   kept, the missing ones created;
 //! - a flush that fails leaves the buffer as it was and pins the run: the next attempt
 //!   writes exactly the same `firstSeq..=lastSeq` (so the same names) before anything more
 //!   is buffered, and a retried batch skips the records already buffered.
@@ -55,7 +57,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use floodgate_core::FieldError;
 use floodgate_core::lake::{ENVELOPE_COLUMNS, QUARANTINE_TABLE, Table};
-use floodgate_core::object_store::ObjectStore;
+use floodgate_core::object_store::{ObjectStore, PutOutcome};
 use floodgate_core::stream::{SequenceNumber, ShardId, StoredRecord};
 use serde_json::Value;
 
@@ -442,7 +444,7 @@ struct ShardBuffer {
     started: bool,
     durable: Option<SequenceNumber>,
     /// A flush of `first..=last` failed: the next flush writes exactly this run before
-    /// anything more is buffered, so it rewrites the same names.
+    /// anything more is buffered, so it writes the same names.
     pinned: bool,
     /// The run ends at a boundary the store already held: some of its files may have
     /// existed before this flush.
@@ -456,12 +458,6 @@ pub enum Scope {
     Events,
     /// The edge's quarantine log: every rejected event, in the `quarantine` table.
     Quarantine,
-}
-
-/// Whether an object key lies in one of `tables`' directories.
-fn in_tables(key: &str, tables: &[String]) -> bool {
-    key.split_once('/')
-        .is_some_and(|(table, _)| tables.iter().any(|t| t == table))
 }
 
 /// Writes the lake; see the module docs.
@@ -553,21 +549,28 @@ async fn runs_of(
     tables: &[String],
     diverted: Diverted<'_>,
 ) -> Result<HashMap<ShardId, Vec<(SequenceNumber, SequenceNumber)>>, ProcessError> {
-    let objects = store
-        .list("")
-        .await
-        .map_err(|e| ProcessError::Other(e.to_string()))?;
-    let quarantine = [QUARANTINE_TABLE.to_owned()];
+    // Only the directories of the tables asked about (and of the quarantine, for the rows
+    // they diverted) are listed, each by its own prefix: on S3 a listing of the whole lake
+    // is a request per 1,000 files of every table, at every shard's start.
+    let mut listed: Vec<(&str, bool)> = tables.iter().map(|t| (t.as_str(), false)).collect();
+    if !matches!(diverted, Diverted::Never) && !tables.iter().any(|t| t == QUARANTINE_TABLE) {
+        listed.push((QUARANTINE_TABLE, true));
+    }
+    listed.sort_unstable();
+    listed.dedup();
+    let mut objects = Vec::new();
+    for (table, held) in listed {
+        // The trailing `/`: table `t`'s prefix must not list table `tt`.
+        let found = store
+            .list(&format!("{table}/"))
+            .await
+            .map_err(|e| ProcessError::Other(e.to_string()))?;
+        objects.extend(found.into_iter().map(|o| (o, held)));
+    }
     // (name, whether it is a diverted file in the quarantine table)
     let mut names: Vec<(String, bool)> = Vec::new();
-    for o in &objects {
-        let held = if in_tables(&o.key, tables) {
-            false
-        } else if !matches!(diverted, Diverted::Never) && in_tables(&o.key, &quarantine) {
-            true
-        } else {
-            continue;
-        };
+    for (o, held) in &objects {
+        let held = *held;
         let name = o.key.rsplit('/').next().unwrap_or("");
         if name == crate::compact::MANIFEST {
             let partition = o.key.rsplit_once('/').map_or("", |(d, _)| d);
@@ -1230,14 +1233,25 @@ impl LakeProcessor {
                 continue;
             }
             let key = format!("{}/{}", file.partition, file.name);
-            bytes_written += file.bytes.len() as u64;
-            rows_written += file.rows;
-            if let Err(e) = self.store.put(&key, file.bytes).await {
-                return Err(self
-                    .undo(&written, reproducing, ProcessError::Other(e.to_string()))
-                    .await);
+            let (bytes, rows) = (file.bytes.len() as u64, file.rows);
+            // Create-only: a file of this name holds this run's rows already (written by
+            // an earlier attempt whose answer was lost, or before a crash), so it is kept.
+            match self.store.put_new(&key, file.bytes).await {
+                Ok(PutOutcome::Created) => {
+                    bytes_written += bytes;
+                    rows_written += rows;
+                    written.push(key);
+                }
+                Ok(PutOutcome::Exists) => {
+                    metrics::counter!("floodgate_lake_files_present_total").increment(1);
+                    tracing::debug!(%key, "lake file present already; kept");
+                }
+                Err(e) => {
+                    return Err(self
+                        .undo(&written, reproducing, ProcessError::Other(e.to_string()))
+                        .await);
+                }
             }
-            written.push(key);
         }
         metrics::counter!("floodgate_lake_files_total").increment(written.len() as u64);
         metrics::counter!("floodgate_lake_rows_total").increment(rows_written as u64);
@@ -1257,9 +1271,9 @@ impl LakeProcessor {
     }
 
     /// After a failed flush: removes the files it wrote, unless the run is one the store
-    /// held before (its files may have been there already; the pinned retry rewrites them).
-    /// Whatever is left is named by the pinned run, so the retry, or a restart's discovery,
-    /// overwrites it. Returns `error`.
+    /// held before (its files may have been there already). Only files this attempt created
+    /// are in `written`. Whatever is left is named by the pinned run and holds its rows, so
+    /// the retry, or a restart's discovery, keeps it. Returns `error`.
     async fn undo(
         &self,
         written: &[String],
@@ -1270,7 +1284,7 @@ impl LakeProcessor {
         if !reproducing {
             for key in written {
                 if let Err(e) = self.store.delete(key).await {
-                    tracing::warn!(%key, error = %e, "cannot remove a failed flush's file; the retry overwrites it");
+                    tracing::warn!(%key, error = %e, "cannot remove a failed flush's file; the retry keeps it");
                 }
             }
         }

@@ -140,7 +140,20 @@ pub async fn rebuild(
     // Keep the runs that start before their source's head; replay after their end.
     let mut skip: [HashMap<ShardId, SequenceNumber>; 3] = Default::default();
     let mut kept = 0;
-    for object in old.list("").await.map_err(store_err)? {
+    // Only the directories of the tables the sources write are listed, each by its prefix
+    // (on S3 the rest of the bucket may be large, and nothing there is a run).
+    let mut listed: Vec<&String> = table_names
+        .iter()
+        .chain(&derived_names)
+        .chain(&q_table)
+        .collect();
+    listed.sort_unstable();
+    listed.dedup();
+    let mut objects = Vec::new();
+    for table in listed {
+        objects.extend(old.list(&format!("{table}/")).await.map_err(store_err)?);
+    }
+    for object in objects {
         let Some((table, _)) = object.key.split_once('/') else {
             continue;
         };

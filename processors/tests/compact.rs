@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use floodgate_core::lake::Table;
-use floodgate_core::object_store::{ObjectError, ObjectMeta, ObjectStore};
+use floodgate_core::object_store::{ObjectError, ObjectMeta, ObjectStore, PutOutcome};
 use floodgate_core::stream::{SequenceNumber, ShardId, StoredRecord};
 use floodgate_processors::compact;
 use floodgate_processors::lake::{LakeConfig, LakeProcessor};
@@ -19,8 +19,8 @@ use floodgate_processors::runtime::{Progress, ShardProcessor};
 use floodgate_sinks::LocalDirStore;
 use serde_json::json;
 
-/// Fails the first `put` of a compacted file (`Fail::Put`) or the first delete
-/// (`Fail::Delete`): a crash at that step.
+/// Fails the first `put_new` of a compacted file (`Fail::Put`) or the first delete
+/// (`Fail::Delete`): a crash at that step. A compacted file written by `put` fails the test.
 #[derive(Debug)]
 struct Faulty {
     inner: LocalDirStore,
@@ -34,6 +34,14 @@ const DELETE: u8 = 2;
 #[async_trait]
 impl ObjectStore for Faulty {
     async fn put(&self, key: &str, bytes: Bytes) -> Result<(), ObjectError> {
+        // Issue 12: a compacted file's name fixes its rows; it is created, never replaced.
+        assert!(
+            !key.contains("/c-"),
+            "a compacted file written by put: {key}"
+        );
+        self.inner.put(key, bytes).await
+    }
+    async fn put_new(&self, key: &str, bytes: Bytes) -> Result<PutOutcome, ObjectError> {
         if key.contains("/c-")
             && self
                 .fail
@@ -45,7 +53,7 @@ impl ObjectStore for Faulty {
                 message: "injected".into(),
             });
         }
-        self.inner.put(key, bytes).await
+        self.inner.put_new(key, bytes).await
     }
     async fn get(&self, key: &str) -> Result<Option<Bytes>, ObjectError> {
         self.inner.get(key).await
@@ -384,6 +392,15 @@ impl ObjectStore for MemoryStore {
         self.objects.lock().unwrap().insert(key.to_owned(), bytes);
         Ok(())
     }
+    async fn put_new(&self, key: &str, bytes: Bytes) -> Result<PutOutcome, ObjectError> {
+        match self.objects.lock().unwrap().entry(key.to_owned()) {
+            std::collections::btree_map::Entry::Occupied(_) => Ok(PutOutcome::Exists),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(bytes);
+                Ok(PutOutcome::Created)
+            }
+        }
+    }
     async fn get(&self, key: &str) -> Result<Option<Bytes>, ObjectError> {
         Ok(self.objects.lock().unwrap().get(key).cloned())
     }
@@ -486,6 +503,9 @@ impl FailingAt {
 impl ObjectStore for FailingAt {
     async fn put(&self, key: &str, bytes: Bytes) -> Result<(), ObjectError> {
         self.op(key, self.inner.put(key, bytes)).await
+    }
+    async fn put_new(&self, key: &str, bytes: Bytes) -> Result<PutOutcome, ObjectError> {
+        self.op(key, self.inner.put_new(key, bytes)).await
     }
     async fn get(&self, key: &str) -> Result<Option<Bytes>, ObjectError> {
         self.op(key, self.inner.get(key)).await

@@ -11,7 +11,7 @@ use std::time::Duration;
 use arrow_array::{Array, Int8Array, Int64Array, RecordBatch, StringArray};
 use async_trait::async_trait;
 use bytes::Bytes;
-use floodgate_core::object_store::{ObjectError, ObjectMeta, ObjectStore};
+use floodgate_core::object_store::{ObjectError, ObjectMeta, ObjectStore, PutOutcome};
 use floodgate_core::registry::Registry;
 use floodgate_core::stream::{SequenceNumber, ShardId, StoredRecord};
 use floodgate_processors::lake::{LakeConfig, LakeProcessor};
@@ -453,8 +453,8 @@ async fn partitions_stay_within_the_projected_range_whatever_the_producers_clock
     );
 }
 
-/// Fails the `fail_at`-th `put` (1-based, counting every put), and every `delete` while
-/// `deletes_fail` is set; otherwise the real local store.
+/// Fails the `fail_at`-th write (1-based, counting every `put` and `put_new`), and every
+/// `delete` while `deletes_fail` is set; otherwise the real local store.
 #[derive(Debug)]
 struct FailingStore {
     inner: LocalDirStore,
@@ -477,6 +477,12 @@ impl ObjectStore for FailingStore {
             return Err(injected(key));
         }
         self.inner.put(key, bytes).await
+    }
+    async fn put_new(&self, key: &str, bytes: Bytes) -> Result<PutOutcome, ObjectError> {
+        if self.puts.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
+            return Err(injected(key));
+        }
+        self.inner.put_new(key, bytes).await
     }
     async fn get(&self, key: &str) -> Result<Option<Bytes>, ObjectError> {
         self.inner.get(key).await
@@ -773,4 +779,94 @@ async fn a_worker_taking_a_shard_back_forgets_its_earlier_buffer() {
         assert_eq!(tables.len(), 1, "{id} is in {tables:?}");
     }
     assert_runs_disjoint(dir.path());
+}
+
+/// The local store, recording every prefix listed and every key replaced (`put`).
+#[derive(Debug)]
+struct ListingStore {
+    inner: LocalDirStore,
+    listed: std::sync::Mutex<Vec<String>>,
+    replaced: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl ObjectStore for ListingStore {
+    async fn put(&self, key: &str, bytes: Bytes) -> Result<(), ObjectError> {
+        self.replaced.lock().unwrap().push(key.to_owned());
+        self.inner.put(key, bytes).await
+    }
+    async fn put_new(&self, key: &str, bytes: Bytes) -> Result<PutOutcome, ObjectError> {
+        self.inner.put_new(key, bytes).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, ObjectError> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ObjectError> {
+        self.listed.lock().unwrap().push(prefix.to_owned());
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), ObjectError> {
+        self.inner.delete(key).await
+    }
+}
+
+/// Issue 12: on S3 a listing is a request per 1,000 keys, so a shard's start must not list
+/// the whole lake to find its runs: only the consumer's tables and the quarantine (for the
+/// rows it diverted), each by its own `<table>/` prefix. The runs found are the same: the
+/// restarted consumer reproduces the run a crash left unfinished, with `put_new` only.
+#[tokio::test]
+async fn finding_runs_lists_only_the_consumers_tables() {
+    let registry = Registry::builtin().unwrap();
+    let all = mixed(&registry, 40);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(ListingStore {
+        inner: LocalDirStore::open(dir.path()).unwrap(),
+        listed: Default::default(),
+        replaced: Default::default(),
+    });
+    let shard = ShardId("0".to_owned());
+    // The files of run 0..=19, as a flush that crashed before its checkpoint left them.
+    let first = lake(store.clone(), &registry, 1 << 30);
+    drive(&first, &shard, &[all[..20].to_vec()]).await;
+    let run_files = files(dir.path());
+    // A table of no consumer's: never listed.
+    store
+        .inner
+        .put(
+            "zz_other/dt=2026-12-01/hour=10/0-0-99.parquet",
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    store.listed.lock().unwrap().clear();
+    let restarted = lake(store.clone(), &registry, 1 << 30);
+    restarted.start_position(&shard).await.unwrap();
+    drive(&restarted, &shard, std::slice::from_ref(&all)).await;
+    let listed = store.listed.lock().unwrap().clone();
+    let mut tables = restarted.table_names();
+    tables.push("quarantine".to_owned());
+    assert!(!listed.is_empty(), "no run discovery at all");
+    for prefix in &listed {
+        let table = prefix
+            .strip_suffix('/')
+            .unwrap_or_else(|| panic!("listed {prefix:?}"));
+        assert!(tables.iter().any(|t| t == table), "listed {prefix:?}");
+    }
+    // The crashed run was found: its files were reproduced under the same names, and
+    // the rest of the records form one more run.
+    store
+        .delete("zz_other/dt=2026-12-01/hour=10/0-0-99.parquet")
+        .await
+        .unwrap();
+    let after = files(dir.path());
+    for name in run_files.keys() {
+        assert!(after.contains_key(name), "{name} gone");
+    }
+    assert_eq!(runs(dir.path()), [(0, 19), (20, 39)]);
+    // Issue 12: the lake never replaces a data file; it creates it or finds it there.
+    let replaced = store.replaced.lock().unwrap().clone();
+    assert!(
+        replaced.is_empty(),
+        "data files written by put: {replaced:?}"
+    );
 }

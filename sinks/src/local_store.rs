@@ -6,7 +6,12 @@
 //! a crash cannot lose a partition directory with the files renamed into it. A failed `put`
 //! removes its temporary file; a crash leaves at most a hidden one (never listed), which
 //! [`LocalDirStore::open`] removes once it is provably abandoned: its writer's process (the
-//! pid in its name) is gone. A live server's temporaries are never touched, so tools
+//! pid in its name) is gone.
+//!
+//! `put_new` writes and fsyncs the same temporary, then hard-links it to the final name:
+//! the link fails, atomically, when the name exists (`Exists`, and nothing changed), so of
+//! two writers of one name exactly one creates it. The directory must be on a file system
+//! with hard links (every Linux one a lake would use). A live server's temporaries are never touched, so tools
 //! (`floodgate lake compact`) can open the store beside it. Query engines skip names
 //! starting with `.` or `_`.
 
@@ -17,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use floodgate_core::object_store::{ObjectError, ObjectMeta, ObjectStore};
+use floodgate_core::object_store::{ObjectError, ObjectMeta, ObjectStore, PutOutcome};
 
 #[derive(Debug, Clone)]
 pub struct LocalDirStore {
@@ -141,7 +146,10 @@ fn create_dirs_durably(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn put_sync(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` to a fresh temporary file beside `path` (creating its directories
+/// durably) and fsyncs it. Returns the directory and the temporary's path; on failure
+/// no temporary is left.
+fn write_temporary(path: &Path, bytes: &[u8]) -> std::io::Result<(PathBuf, PathBuf)> {
     let dir = path.parent().expect("a key has a parent directory");
     create_dirs_durably(dir)?;
     let name = path
@@ -156,16 +164,45 @@ fn put_sync(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let written = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)
+        f.sync_all()
     })();
     if let Err(e) = written {
         // Leave the directory as it was: no temporary behind a failed put.
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    sync_dir(dir)
+    Ok((dir.to_owned(), tmp))
+}
+
+fn put_sync(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let (dir, tmp) = write_temporary(path, bytes)?;
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    sync_dir(&dir)
+}
+
+/// `put_new`: the temporary is hard-linked to the final name, which the kernel refuses
+/// atomically when the name exists (`renameat2(RENAME_NOREPLACE)` would do the same, but
+/// needs `unsafe` or a new dependency). Either way the temporary is removed and the
+/// directory fsynced, so `Exists` too means the object there is durable.
+fn put_new_sync(path: &Path, bytes: &[u8]) -> std::io::Result<PutOutcome> {
+    let (dir, tmp) = write_temporary(path, bytes)?;
+    let linked = fs::hard_link(&tmp, path);
+    // The final name, if linked, holds the bytes now; a temporary that cannot be removed
+    // is hidden, and swept by the next `open` after this process is gone.
+    let _ = fs::remove_file(&tmp);
+    let outcome = match linked {
+        Ok(()) => PutOutcome::Created,
+        // A directory of that name is no object: an error, as `put` would answer.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && !path.is_dir() => {
+            PutOutcome::Exists
+        }
+        Err(e) => return Err(e),
+    };
+    sync_dir(&dir)?;
+    Ok(outcome)
 }
 
 fn list_sync(
@@ -212,6 +249,14 @@ impl ObjectStore for LocalDirStore {
     async fn put(&self, key: &str, bytes: Bytes) -> Result<(), ObjectError> {
         let path = self.path(key)?;
         tokio::task::spawn_blocking(move || put_sync(&path, &bytes))
+            .await
+            .map_err(|e| io(key, e))?
+            .map_err(|e| io(key, e))
+    }
+
+    async fn put_new(&self, key: &str, bytes: Bytes) -> Result<PutOutcome, ObjectError> {
+        let path = self.path(key)?;
+        tokio::task::spawn_blocking(move || put_new_sync(&path, &bytes))
             .await
             .map_err(|e| io(key, e))?
             .map_err(|e| io(key, e))
@@ -356,6 +401,26 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(left, ["x.parquet"]);
+    }
+
+    /// `put_new` leaves no temporary behind, whether it creates the name or finds it, and
+    /// a name taken by a directory is an error, not `Exists`.
+    #[tokio::test]
+    async fn put_new_leaves_only_the_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalDirStore::open(dir.path()).unwrap();
+        let key = "t/dt=2026-11-22/hour=10/a.parquet";
+        let created = s.put_new(key, Bytes::from_static(b"one")).await.unwrap();
+        let found = s.put_new(key, Bytes::from_static(b"two")).await.unwrap();
+        assert_eq!((created, found), (PutOutcome::Created, PutOutcome::Exists));
+        let left: Vec<String> = fs::read_dir(dir.path().join("t/dt=2026-11-22/hour=10"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["a.parquet"]);
+        assert_eq!(fs::read(dir.path().join(key)).unwrap(), b"one");
+        fs::create_dir_all(dir.path().join("t/d.parquet")).unwrap();
+        assert!(s.put_new("t/d.parquet", Bytes::new()).await.is_err());
     }
 
     #[tokio::test]

@@ -1,0 +1,76 @@
+"""Reads a lake table that floodgate wrote to S3 (moto server), with readers that share
+no code with it, and prints what they found as one JSON object.
+
+    read_lake.py ENDPOINT BUCKET PREFIX TABLE
+
+- pyarrow's S3 filesystem (the AWS C++ SDK, path-style, plain http) lists
+  s3://BUCKET/PREFIXTABLE/ and reads it as a Hive-partitioned dataset: rows, event ids,
+  partition columns;
+- DuckDB reads the same files with its own Parquet reader. Over S3 itself DuckDB needs its
+  httpfs extension, which it downloads from its own extension site (not reachable from our
+  machines); the one on PyPI (duckdb-ext-httpfs) is built for DuckDB 1.4.4 and refuses to
+  load into the pinned 2.0.0. So DuckDB reads the bytes pyarrow fetched from S3, and says
+  whether httpfs was available ("duckdb_over_s3").
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+import duckdb
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
+
+def main() -> None:
+    endpoint, bucket, prefix, table = sys.argv[1:5]
+    host = endpoint.removeprefix("http://")
+    s3 = pafs.S3FileSystem(
+        endpoint_override=host,
+        scheme="http",
+        access_key="test",
+        secret_key="test",
+        region="us-east-1",
+    )
+    root = f"{bucket}/{prefix}{table}"
+    infos = s3.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    dataset = ds.dataset(files, filesystem=s3, format="parquet", partitioning="hive", partition_base_dir=root)
+    arrow = dataset.to_table()
+    out = {
+        "files": [f.removeprefix(root + "/") for f in files],
+        "pyarrow_rows": arrow.num_rows,
+        "pyarrow_event_ids": sorted(arrow.column("event_id").to_pylist()),
+        "pyarrow_partitions": sorted({f"dt={d}/hour={h:02d}" if isinstance(h, int) else f"dt={d}/hour={h}"
+                                      for d, h in zip(arrow.column("dt").to_pylist(), arrow.column("hour").to_pylist())}),
+    }
+
+    con = duckdb.connect()
+    try:
+        con.sql("LOAD httpfs")
+        out["duckdb_over_s3"] = True
+    except duckdb.Error:
+        out["duckdb_over_s3"] = False
+    if out["duckdb_over_s3"]:
+        con.sql(f"SET s3_endpoint='{host}'; SET s3_use_ssl=false; SET s3_url_style='path';"
+                " SET s3_access_key_id='test'; SET s3_secret_access_key='test'; SET s3_region='us-east-1'")
+        source = f"read_parquet('s3://{root}/**/*.parquet', hive_partitioning=true)"
+        out["duckdb_rows"] = con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
+        ids = con.execute(f"SELECT event_id FROM {source} ORDER BY event_id").fetchall()
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            for f in files:
+                local = os.path.join(tmp, f.removeprefix(root + "/"))
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                with s3.open_input_stream(f) as src, open(local, "wb") as dst:
+                    dst.write(src.read())
+            source = f"read_parquet('{tmp}/**/*.parquet', hive_partitioning=true)"
+            out["duckdb_rows"] = con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
+            ids = con.execute(f"SELECT event_id FROM {source} ORDER BY event_id").fetchall()
+    out["duckdb_event_ids"] = [r[0] for r in ids]
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
