@@ -9,10 +9,12 @@ use anyhow::{Context, Result};
 use floodgate_aws::eventbridge::EventBridgePublisher;
 use floodgate_aws::kinesis::{KinesisReader, KinesisReaderConfig, KinesisWriter};
 use floodgate_aws::leases::DynamoDbLeases;
+use floodgate_aws::s3::S3Store;
 use floodgate_aws::state::DynamoDbStateStore;
 use floodgate_core::config::{
-    Config, CoordinationBackend, PublishBackend, StateBackend, StreamBackend,
+    Config, CoordinationBackend, LakeStore, PublishBackend, StateBackend, StreamBackend,
 };
+use floodgate_core::object_store::ObjectStore;
 use floodgate_core::state::{Publisher, StateStore};
 use floodgate_core::stream::{CheckpointStore, StreamReader, StreamWriter};
 use floodgate_processors::runtime::RuntimeConfig;
@@ -241,12 +243,35 @@ pub(crate) fn local_checkpoints(root: &Path) -> Result<Arc<dyn CheckpointStore>>
     )?))
 }
 
-/// The lake's object store: `<data_dir>/lake`.
-pub(crate) fn lake_store(config: &Config) -> Result<Arc<LocalDirStore>> {
-    let dir = config.data_dir.join("lake");
-    Ok(Arc::new(LocalDirStore::open(&dir).with_context(|| {
-        format!("cannot open the lake at {}", dir.display())
-    })?))
+/// The lake's object store of `[lake]`: `<data_dir>/lake`, or the S3 bucket (checked
+/// to exist: an unreachable endpoint or a missing bucket fails here, naming S3 and why).
+pub(crate) async fn lake_store(config: &Config) -> Result<Arc<dyn ObjectStore>> {
+    match config.lake.store {
+        LakeStore::Local => {
+            let dir = config.data_dir.join("lake");
+            Ok(Arc::new(LocalDirStore::open(&dir).with_context(|| {
+                format!("cannot open the lake at {}", dir.display())
+            })?))
+        }
+        LakeStore::S3 => {
+            let l = &config.lake;
+            let sdk = aws_sdk(config, "s3").await?;
+            let client = floodgate_aws::client::s3(&sdk, l.endpoint_url.as_deref());
+            client
+                .head_bucket()
+                .bucket(&l.bucket)
+                .send()
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "s3 bucket {:?} is not usable (create it with `floodgate aws init`): {}",
+                        l.bucket,
+                        floodgate_aws::client::describe(&e)
+                    )
+                })?;
+            Ok(Arc::new(S3Store::new(client, l.bucket.clone(), &l.prefix)))
+        }
+    }
 }
 
 /// The quarantine: a one-shard log of every event the edge rejected, beside the stream.

@@ -472,6 +472,41 @@ impl ObjectStore for S3Store {
     }
 }
 
+/// Creates the bucket `name` if it is missing (in the client's region), and reports which.
+/// Idempotent: a bucket this account owns already is `Exists`; one another account owns
+/// is an error.
+pub async fn ensure_bucket(
+    client: &Client,
+    name: &str,
+) -> Result<crate::leases::TableOutcome, String> {
+    use crate::leases::TableOutcome;
+    use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
+    match client.head_bucket().bucket(name).send().await {
+        Ok(_) => return Ok(TableOutcome::Exists),
+        Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {}
+        Err(e) => return Err(format!("S3 HeadBucket {name}: {}", describe(&e))),
+    }
+    let region = client
+        .config()
+        .region()
+        .map(|r| r.as_ref().to_owned())
+        .unwrap_or_default();
+    let mut create = client.create_bucket().bucket(name);
+    // us-east-1 takes no location constraint; every other region needs its own.
+    if !region.is_empty() && region != "us-east-1" {
+        create = create.create_bucket_configuration(
+            CreateBucketConfiguration::builder()
+                .location_constraint(BucketLocationConstraint::from(region.as_str()))
+                .build(),
+        );
+    }
+    match create.send().await {
+        Ok(_) => Ok(TableOutcome::Created),
+        Err(e) if e.code() == Some("BucketAlreadyOwnedByYou") => Ok(TableOutcome::Exists),
+        Err(e) => Err(format!("S3 CreateBucket {name}: {}", describe(&e))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -142,6 +142,16 @@ pub enum PublishBackend {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+pub enum LakeStore {
+    /// `<data_dir>/lake`.
+    #[default]
+    Local,
+    /// An S3 bucket, under `[lake].prefix`.
+    S3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum StateBackend {
     /// SQLite under `<data_dir>/state/`.
     #[default]
@@ -209,6 +219,16 @@ impl Default for StateConfig {
 pub struct LakeConfig {
     /// Whether the processors write the lake.
     pub enabled: bool,
+    /// Where the lake's files go.
+    pub store: LakeStore,
+    /// The S3 bucket (`store = "s3"`).
+    pub bucket: String,
+    /// The key prefix of the lake in the bucket (`lake/`).
+    pub prefix: String,
+    /// Overrides `[aws].endpoint_url` for S3; with an endpoint, requests use path-style
+    /// URLs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
     /// A shard's buffer becomes files once it holds this many bytes (the events' text
     /// and the lake's bookkeeping, as held in memory)…
     pub roll_bytes: u64,
@@ -224,6 +244,10 @@ impl Default for LakeConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            store: LakeStore::Local,
+            bucket: "floodgate-lake".to_owned(),
+            prefix: "lake/".to_owned(),
+            endpoint_url: None,
             roll_bytes: 128 * MIB,
             roll_age_ms: 60_000,
             max_buffer_bytes: 128 * MIB,
@@ -525,6 +549,9 @@ impl Config {
                      the local outbox log publishes only SQLite's outbox",
                 );
             }
+        }
+        if self.lake.store == LakeStore::S3 && self.lake.bucket.is_empty() {
+            return e("lake.bucket must not be empty");
         }
         if self.publish.backend == PublishBackend::Eventbridge
             && self.publish.event_bus_name.is_empty()

@@ -2,7 +2,9 @@
 //! missing, and waits until each is ACTIVE. Idempotent: a second run reports `exists`.
 
 use anyhow::{Context, Result};
-use floodgate_core::config::{CoordinationBackend, PublishBackend, StateBackend, StreamBackend};
+use floodgate_core::config::{
+    CoordinationBackend, LakeStore, PublishBackend, StateBackend, StreamBackend,
+};
 
 use crate::ServeArgs;
 use crate::backends::aws_sdk;
@@ -51,6 +53,16 @@ pub(crate) fn init(args: ServeArgs) -> Result<()> {
                 .await
                 .map_err(anyhow::Error::msg)?;
             println!("eventbridge bus {}: {}", p.event_bus_name, done.as_str());
+        }
+        if config.lake.enabled && config.lake.store == LakeStore::S3 {
+            any = true;
+            let l = &config.lake;
+            let sdk = aws_sdk(&config, "s3").await?;
+            let client = floodgate_aws::client::s3(&sdk, l.endpoint_url.as_deref());
+            let done = floodgate_aws::s3::ensure_bucket(&client, &l.bucket)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!("s3 bucket {}: {}", l.bucket, done.as_str());
         }
         if !any {
             println!("nothing to create: the configuration names no AWS backend");

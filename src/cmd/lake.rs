@@ -34,14 +34,12 @@ pub(crate) fn compact(
                 .join(", ")
         );
     };
-    let store = lake_store(&config)?;
-    let (parts, files) = runtime()?.block_on(floodgate_processors::compact::compact_table(
-        &*store,
-        table,
-        dt,
-        &t.schema,
-        small_bytes,
-    ))?;
+    let (parts, files) = runtime()?.block_on(async {
+        let store = lake_store(&config).await?;
+        floodgate_processors::compact::compact_table(&*store, table, dt, &t.schema, small_bytes)
+            .await
+            .map_err(anyhow::Error::from)
+    })?;
     eprintln!("compacted {files} files in {parts} partitions of {table}");
     Ok(())
 }
@@ -62,6 +60,12 @@ pub(crate) fn rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result
         shards: None,
         insecure_no_auth: false,
     })?;
+    if config.lake.store != floodgate_core::config::LakeStore::Local {
+        bail!(
+            "lake rebuild replays the embedded log into <data_dir>/lake and swaps the \
+             directories; it does not rebuild a lake on S3 ([lake] store = \"s3\")"
+        );
+    }
     let registry = load_registry(config.schemas_dir.as_deref())?;
     let tables = floodgate_core::lake::tables(&registry)?;
     runtime()?.block_on(async move {

@@ -70,7 +70,7 @@ impl Processors {
         .await?;
         if config_all.lake.enabled {
             let tables = floodgate_core::lake::tables(registry)?;
-            let store = lake_store(config_all)?;
+            let store = lake_store(config_all).await?;
             // Each buffer rolls at its share of the memory budget (never past roll_bytes).
             let share =
                 floodgate_core::budget::MemoryBudget::from_config(config_all).lake_buffer_share;

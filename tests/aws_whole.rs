@@ -1,0 +1,376 @@
+//! The AWS deployment whole, through the binary, against kinesalite and moto server: `aws
+//! init`, then an edge (`floodgate ingest`) and two `floodgate process` workers, each with
+//! a data directory of its own (nothing shared on disk). Bookings and capacity live in
+//! DynamoDB, the lake in S3, derived events go to EventBridge, where a rule routes
+//! `booking.confirmed` to an SQS queue. Load: an on-sale rush on one show with fewer seats
+//! than requests, beside bookings of roomy shows; one worker is killed with SIGKILL
+//! halfway.
+//!
+//! Afterwards: the rush show holds exactly its capacity (never oversold, `reserved` equals
+//! the confirmed seats), each request is decided once, the S3 lake holds every acked
+//! request once (read by pyarrow and DuckDB), and SQS received every confirmed booking.
+#![cfg(feature = "emulator-tests")]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Server, booking, bookings_decided, envelope, floodgate, wait_for};
+use floodgate_aws::emulator::{self, Emulator};
+use serde_json::{Value, json};
+
+const CREDENTIALS: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", "test"),
+    ("AWS_SECRET_ACCESS_KEY", "test"),
+    ("AWS_REGION", "us-east-1"),
+];
+const RUSH_SEATS: i64 = 40;
+const BUCKET: &str = "whole-lake";
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn config(dir: &Path, kinesis: &Emulator, moto: &Emulator) -> PathBuf {
+    let path = dir.join("floodgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[aws]
+region = "us-east-1"
+endpoint_url = "{moto}"
+[stream]
+backend = "kinesis"
+[stream.kinesis]
+stream_name = "whole"
+endpoint_url = "{kinesis}"
+shards = 2
+[coordination]
+backend = "dynamodb"
+table_name = "whole-leases"
+lease_duration_ms = 2000
+[state]
+backend = "dynamodb"
+table_name = "whole-state"
+[publish]
+backend = "eventbridge"
+event_bus_name = "whole-bus"
+[lake]
+store = "s3"
+bucket = "{BUCKET}"
+prefix = "lake/"
+roll_age_ms = 1000
+"#,
+            moto = moto.endpoint,
+            kinesis = kinesis.endpoint,
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn worker(config: &Path, dir: &Path, name: &str) -> Child {
+    let log = std::fs::File::create(dir.join(format!("worker-{name}.log"))).unwrap();
+    floodgate()
+        .args(["process", "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(dir.join(format!("data-{name}")))
+        .envs(CREDENTIALS)
+        .env("FLOODGATE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// A rule on the bus sending floodgate's `booking.confirmed` to a new queue; its URL.
+fn confirmed_queue(moto: &Emulator) -> String {
+    use aws_sdk_eventbridge::config::{BehaviorVersion, Credentials, Region};
+    rt().block_on(async {
+        let eb = aws_sdk_eventbridge::Client::from_conf(
+            aws_sdk_eventbridge::Config::builder()
+                .behavior_version(BehaviorVersion::latest())
+                .region(Region::new("us-east-1"))
+                .endpoint_url(&moto.endpoint)
+                .credentials_provider(Credentials::new("test", "test", None, None, "t"))
+                .build(),
+        );
+        let q = sqs(moto);
+        let url = q
+            .create_queue()
+            .queue_name("confirmed")
+            .send()
+            .await
+            .unwrap()
+            .queue_url
+            .unwrap();
+        let attr = aws_sdk_sqs::types::QueueAttributeName::QueueArn;
+        let arn = q
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(attr.clone())
+            .send()
+            .await
+            .unwrap()
+            .attributes
+            .unwrap()[&attr]
+            .clone();
+        eb.put_rule()
+            .name("confirmed")
+            .event_bus_name("whole-bus")
+            .event_pattern(r#"{"source":["floodgate"],"detail-type":["booking.confirmed"]}"#)
+            .send()
+            .await
+            .unwrap();
+        eb.put_targets()
+            .rule("confirmed")
+            .event_bus_name("whole-bus")
+            .targets(
+                aws_sdk_eventbridge::types::Target::builder()
+                    .id("q")
+                    .arn(arn)
+                    .build()
+                    .unwrap(),
+            )
+            .send()
+            .await
+            .unwrap();
+        url
+    })
+}
+
+fn sqs(moto: &Emulator) -> aws_sdk_sqs::Client {
+    use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
+    aws_sdk_sqs::Client::from_conf(
+        aws_sdk_sqs::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(&moto.endpoint)
+            .credentials_provider(Credentials::new("test", "test", None, None, "t"))
+            .build(),
+    )
+}
+
+/// The booking ids of the `booking.confirmed` messages the queue received, with how many
+/// times each arrived, waiting until `want` distinct ones are in (or 60 s).
+fn received(moto: &Emulator, url: &str, want: &BTreeSet<String>) -> BTreeMap<String, usize> {
+    let q = sqs(moto);
+    let mut got: BTreeMap<String, usize> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    rt().block_on(async {
+        while !want.iter().all(|b| got.contains_key(b)) && Instant::now() < deadline {
+            let out = q
+                .receive_message()
+                .queue_url(url)
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .send()
+                .await
+                .unwrap();
+            for m in out.messages() {
+                let v: Value = serde_json::from_str(m.body().unwrap()).unwrap();
+                let id = v["detail"]["data"]["bookingId"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned();
+                *got.entry(id).or_default() += 1;
+                q.delete_message()
+                    .queue_url(url)
+                    .receipt_handle(m.receipt_handle().unwrap())
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    got
+}
+
+fn lake_event_ids(moto: &Emulator, table: &str) -> (Vec<String>, Vec<String>) {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let out = Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("aws/tests/read_lake.py"))
+        .args([moto.endpoint.as_str(), BUCKET, "lake/", table])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_str().unwrap().to_owned())
+            .collect()
+    };
+    (ids("pyarrow_event_ids"), ids("duckdb_event_ids"))
+}
+
+#[test]
+fn an_on_sale_rush_on_aws_is_decided_once_never_oversold_and_reaches_lake_and_queue() {
+    let kinesis = emulator::kinesalite(50).expect("kinesalite starts");
+    let moto = emulator::moto().expect("moto server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), &kinesis, &moto);
+    let init = floodgate()
+        .args(["aws", "init", "--config"])
+        .arg(&config)
+        .envs(CREDENTIALS)
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&init.stdout),
+        "kinesis stream whole: created\ndynamodb table whole-leases: created\n\
+         dynamodb table whole-state: created\neventbridge bus whole-bus: created\n\
+         s3 bucket whole-lake: created\n"
+    );
+    let url = confirmed_queue(&moto);
+    let config_arg = config.display().to_string();
+    let edge = Server::start_as(
+        "ingest",
+        &dir.path().join("data-edge"),
+        &["--config", &config_arg],
+        Some(&dir.path().join("ingest.log")),
+        &CREDENTIALS,
+    );
+    let mut w1 = worker(&config, dir.path(), "1");
+    let mut w2 = worker(&config, dir.path(), "2");
+
+    let shows = [
+        ("rush", RUSH_SEATS),
+        ("roomy-a", 100_000),
+        ("roomy-b", 100_000),
+    ];
+    let creates: Vec<Value> = shows
+        .iter()
+        .map(|(id, cap)| {
+            envelope(&format!("create-{id}"), "inventory.event.created",
+                json!({"eventId": id, "name": "n", "venue": "v", "startsAt": "2026-12-01T20:00:00Z", "capacity": cap}))
+        })
+        .collect();
+    assert_eq!(edge.post_batch(&creates).status, 200);
+    wait_for(60, "the shows to be created", || {
+        shows
+            .iter()
+            .all(|(id, _)| edge.get(&format!("/v1/inventory/{id}")).status == 200)
+            .then_some(())
+    });
+
+    let mut ids = Vec::new();
+    let mut bookings = Vec::new();
+    let mut seats: HashMap<String, i64> = HashMap::new();
+    for batch in 0..12 {
+        if batch == 6 {
+            // Halfway: one worker dies without a word.
+            w1.kill().unwrap();
+            w1.wait().unwrap();
+        }
+        let events: Vec<Value> = (0..25)
+            .map(|i| {
+                let n = batch * 25 + i;
+                // Two of three requests go to the rush show, one or two seats each.
+                let show = match n % 3 {
+                    0 => "roomy-a",
+                    1 => "rush",
+                    _ => {
+                        if n % 2 == 0 {
+                            "rush"
+                        } else {
+                            "roomy-b"
+                        }
+                    }
+                };
+                let s = 1 + (n % 2) as i64;
+                seats.insert(format!("b-{n}"), s);
+                booking(&format!("e-{n}"), &format!("b-{n}"), show, s)
+            })
+            .collect();
+        let resp = edge.post_batch(&events);
+        assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+        ids.extend((0..25).map(|i| format!("e-{}", batch * 25 + i)));
+        bookings.extend((0..25).map(|i| format!("b-{}", batch * 25 + i)));
+    }
+    let decided = bookings_decided(&edge, &bookings, 180);
+    let rush = edge.get("/v1/inventory/rush").json();
+    let confirmed: BTreeSet<String> = decided
+        .iter()
+        .filter(|(_, b)| b["status"] == "confirmed")
+        .map(|(id, _)| id.clone())
+        .collect();
+    let rush_seats: i64 = decided
+        .iter()
+        .filter(|(_, b)| b["eventId"] == "rush" && b["status"] == "confirmed")
+        .map(|(id, _)| seats[id])
+        .sum();
+    assert_eq!(rush["capacity"], RUSH_SEATS);
+    assert_eq!(
+        rush["reserved"].as_i64(),
+        Some(rush_seats),
+        "reserved is the confirmed seats: {rush}"
+    );
+    assert!(rush_seats <= RUSH_SEATS, "never oversold");
+    assert!(
+        rush_seats >= RUSH_SEATS - 1,
+        "the rush sold out (to the last seat or one short): {rush}"
+    );
+    for roomy in ["roomy-a", "roomy-b"] {
+        let inv = edge.get(&format!("/v1/inventory/{roomy}")).json();
+        let want: i64 = decided
+            .iter()
+            .filter(|(_, b)| b["eventId"] == roomy)
+            .map(|(id, b)| {
+                assert_eq!(b["status"], "confirmed", "{id}");
+                seats[id]
+            })
+            .sum();
+        assert_eq!(inv["reserved"].as_i64(), Some(want), "{roomy}: {inv}");
+    }
+
+    // SQS: every confirmed booking, each at least once (EventBridge delivers at least
+    // once; a relay taken over after the kill may send a few again).
+    let got = received(&moto, &url, &confirmed);
+    let missing: Vec<&String> = confirmed.iter().filter(|b| !got.contains_key(*b)).collect();
+    assert!(
+        missing.is_empty(),
+        "confirmations never reached SQS: {missing:?}"
+    );
+    assert!(
+        got.keys().all(|b| confirmed.contains(b)),
+        "only confirmed bookings: {got:?}"
+    );
+
+    // The lake on S3: every acked request once, after the worker left flushes on SIGTERM.
+    let term = Command::new("kill")
+        .args(["-TERM", &w2.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(w2.wait().unwrap().success(), "worker 2 stops cleanly");
+    let (pyarrow, duckdb) = lake_event_ids(&moto, "booking_requested");
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(
+        pyarrow, want,
+        "every acked request once in the S3 lake (pyarrow)"
+    );
+    assert_eq!(
+        duckdb, want,
+        "every acked request once in the S3 lake (DuckDB)"
+    );
+    drop(edge);
+}
