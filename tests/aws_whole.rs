@@ -248,7 +248,7 @@ fn an_on_sale_rush_on_aws_is_decided_once_never_oversold_and_reaches_lake_and_qu
         Some(&dir.path().join("ingest.log")),
         &CREDENTIALS,
     );
-    let mut w1 = worker(&config, dir.path(), "1");
+    let mut workers = vec![worker(&config, dir.path(), "1")];
     let mut w2 = worker(&config, dir.path(), "2");
 
     let shows = [
@@ -277,8 +277,10 @@ fn an_on_sale_rush_on_aws_is_decided_once_never_oversold_and_reaches_lake_and_qu
     for batch in 0..12 {
         if batch == 6 {
             // Halfway: one worker dies without a word.
-            w1.kill().unwrap();
-            w1.wait().unwrap();
+            for mut w1 in workers.drain(..) {
+                w1.kill().unwrap();
+                w1.wait().unwrap();
+            }
         }
         let events: Vec<Value> = (0..25)
             .map(|i| {

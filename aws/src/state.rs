@@ -229,6 +229,8 @@ pub struct DynamoDbStateStore {
     /// Write units and transactions of the applies this store made (see [`Self::usage`]).
     units: std::sync::atomic::AtomicU64,
     transactions: std::sync::atomic::AtomicU64,
+    /// Rounds of `outbox_after`: where the next starts among the shards.
+    outbox_round: std::sync::atomic::AtomicUsize,
 }
 
 /// What kind of failure an SDK error is.
@@ -262,6 +264,7 @@ impl DynamoDbStateStore {
             registered: Mutex::new(HashSet::new()),
             units: Default::default(),
             transactions: Default::default(),
+            outbox_round: Default::default(),
         }
     }
 
@@ -755,6 +758,15 @@ fn request_token(table: &str, changes: &StateChanges, from: &Position) -> String
     part(from.sequence.as_ref().map_or("", |p| p.as_str()).as_bytes());
     part(&from.outbox_seq.to_be_bytes());
     part(changes.last_sequence.as_str().as_bytes());
+    for b in &changes.inventories_before {
+        match b {
+            None => part(b"-"),
+            Some(b) => {
+                part(&b.capacity.to_be_bytes());
+                part(&b.reserved.to_be_bytes());
+            }
+        }
+    }
     for i in &changes.inventories {
         part(i.event_id.as_bytes());
         part(&i.capacity.to_be_bytes());
@@ -776,6 +788,8 @@ fn request_token(table: &str, changes: &StateChanges, from: &Position) -> String
     for d in &changes.dead_letters {
         part(d.sequence.as_str().as_bytes());
         part(d.reason.as_bytes());
+        part(d.detail.as_bytes());
+        part(d.payload.as_bytes());
     }
     for e in &changes.derived {
         part(e.as_bytes());
@@ -873,12 +887,19 @@ impl StateStore for DynamoDbStateStore {
         max: usize,
     ) -> Result<Vec<OutboxEntry>, StateError> {
         let mut out = Vec::new();
-        for shard in self.shards().await? {
+        // Each round starts at the next shard, so a shard with a long backlog (an on-sale
+        // rush) cannot hold back the others' entries round after round.
+        let shards: Vec<String> = self.shards().await?.into_iter().collect();
+        let start = self
+            .outbox_round
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % shards.len().max(1);
+        for shard in shards[start..].iter().chain(&shards[..start]) {
             if out.len() >= max {
                 break;
             }
-            let after = cursor.get(&shard).copied().unwrap_or(0);
-            let pk = outbox_pk(&shard);
+            let after = cursor.get(shard).copied().unwrap_or(0);
+            let pk = outbox_pk(shard);
             let resp = self
                 .client
                 .query()

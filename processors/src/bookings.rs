@@ -353,10 +353,13 @@ impl Decider {
         let now = record.appended_at_ms;
         let data = &event.data;
         let event_id = data.event_id.as_deref().unwrap_or_default();
-        let (Ok(seats), Ok(capacity)) = (
-            self.int_member(record, "seats", data.seats.as_ref()),
-            self.int_member(record, "capacity", data.capacity.as_ref()),
-        ) else {
+        // One dead letter per record at most (the first member that fails): a store keys
+        // dead letters by record, and DynamoDB refuses two writes of one item in a
+        // transaction.
+        let Ok(seats) = self.int_member(record, "seats", data.seats.as_ref()) else {
+            return;
+        };
+        let Ok(capacity) = self.int_member(record, "capacity", data.capacity.as_ref()) else {
             return;
         };
         match event.event_type.as_ref() {
@@ -740,7 +743,10 @@ impl BookingsProcessor {
                             inventory_writes += writes;
                             applied_records += end - start;
                         }
-                        Ok(false) => {}
+                        // Another worker applied this slice (from the same position): the
+                        // slices after it were decided from rows it may have decided
+                        // differently, so decide them again from what is stored.
+                        Ok(false) => continue 'decide,
                         Err(StateError::Conflict(what)) if conflicts < MAX_CONFLICT_RETRIES => {
                             conflicts += 1;
                             metrics::counter!("floodgate_processor_conflicts_total", "consumer" => CONSUMER).increment(1);

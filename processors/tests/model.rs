@@ -541,3 +541,27 @@ proptest! {
         });
     }
 }
+
+/// A record with two members the rules cannot read is dead-lettered once, not once per
+/// member: stores key dead letters by record (DynamoDB refuses two writes of one item in
+/// a transaction, which would stall the shard).
+#[test]
+fn a_record_is_dead_lettered_once_however_many_members_fail() {
+    let raw = r#"{"type":"inventory.capacity.changed","data":{"eventId":"E","seats":1.5,"capacity":2.5}}"#;
+    let records = vec![StoredRecord {
+        sequence: SequenceNumber::from_u64(7),
+        key: "E".into(),
+        payload: Bytes::from(raw),
+        appended_at_ms: 1_700_000_000_000,
+    }];
+    let events = floodgate_processors::bookings::parse(&records);
+    let changes = floodgate_processors::bookings::decide(
+        &ShardId("0".into()),
+        &records,
+        &events,
+        Vec::new(),
+        Vec::new(),
+    );
+    assert_eq!(changes.dead_letters.len(), 1, "{:?}", changes.dead_letters);
+    assert!(changes.dead_letters[0].detail.starts_with("/data/seats"));
+}
