@@ -99,6 +99,19 @@ struct Faulted {
     dir: tempfile::TempDir,
 }
 
+impl Drop for Faulted {
+    /// A failed test keeps serve's log, which the temporary directory would take with it.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let kept =
+                std::env::temp_dir().join(format!("floodgate-failed-{}-serve.log", self.stream));
+            if std::fs::copy(self.dir.path().join("serve.log"), &kept).is_ok() {
+                eprintln!("serve's log kept at {}", kept.display());
+            }
+        }
+    }
+}
+
 impl Faulted {
     /// Starts everything, creates the stream and the lease table through the proxies (with
     /// no fault set), starts `serve`, and puts the shows on sale.

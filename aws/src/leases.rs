@@ -102,6 +102,10 @@ pub const SHARD_END: &str = "SHARD_END";
 /// Sentinels KCL may write in `checkpoint`; none is a committed position.
 const SENTINELS: [&str; 4] = [TRIM_HORIZON, "LATEST", "AT_TIMESTAMP", SHARD_END];
 
+/// How many times in a row a lease write whose condition failed may adopt the counter
+/// its own lost answers moved (see `fenced_write`).
+const MAX_ADOPTIONS: u32 = 8;
+
 /// How long [`ensure_table`] waits for a new table to become ACTIVE (AWS takes seconds to
 /// a minute; emulators are ACTIVE at once).
 pub const TABLE_ACTIVE_DEADLINE: Duration = Duration::from_secs(300);
@@ -588,17 +592,21 @@ impl DynamoDbLeases {
     ) -> Result<bool, StreamError> {
         // A write whose answer was lost (a timeout, a reset) may have been applied: the
         // counter then moved by this worker's own hand. So a failed condition is checked
-        // once against the item: still this worker's (owner names are unique per process
-        // run), the counter is adopted and the write made again; anyone else's, the lease
-        // is lost. Without this, every lost answer cost a lease, and the shard's tenure.
-        let mut adopted = false;
+        // against the item: still this worker's, the counter is adopted and the write made
+        // again; anyone else's, the lease is lost. Owner names are unique per process run,
+        // and every write of this lease here (takes included) holds `slot`'s lock, so an
+        // item that names this owner was moved only by this store's own writes since it
+        // last knew the counter. The adopted write may lose its answer too (the faults
+        // that lose one tend to come in runs), so adoption repeats, a bounded number of
+        // times. Without this, every lost answer cost a lease, and the shard's tenure.
+        let mut adopted = 0;
         loop {
             let Some(owner) = slot.as_ref().map(|h| h.owner.clone()) else {
                 return Ok(false);
             };
             match self.fenced_write_once(op, key, slot, set, remove).await? {
                 Some(done) => return Ok(done),
-                None if adopted => {}
+                None if adopted >= MAX_ADOPTIONS => {}
                 None => {
                     if let Some(lease) = self.read(key).await?
                         && lease.owner.as_deref() == Some(owner.as_str())
@@ -616,7 +624,7 @@ impl DynamoDbLeases {
                             counter: lease.counter,
                             checkpoint: lease.checkpoint,
                         });
-                        adopted = true;
+                        adopted += 1;
                         continue;
                     }
                 }

@@ -708,6 +708,25 @@ fn a_write_whose_answer_was_lost_does_not_lose_the_lease() {
         );
         store.commit(c, &s, &seq(7)).await.unwrap();
         assert_eq!(store.checkpoint(c, &s).await.unwrap(), Some(seq(7)));
+        // Lost answers in a run: the write after the adoption loses its answer too (calls
+        // 1 and 3 of UpdateItem; 2 and 4 are the SDK's retries, which find the counter
+        // moved). Still this worker's lease.
+        proxy.set(
+            FaultPlan::seeded(2)
+                .rule(Rule::new("UpdateItem", Fault::Reset(Phase::AfterForwarding)).times(1))
+                .rule(
+                    Rule::new("UpdateItem", Fault::Reset(Phase::AfterForwarding))
+                        .every(2)
+                        .times(1),
+                ),
+        );
+        assert!(
+            store.renew_lease(c, &s, "me").await.unwrap(),
+            "two lost answers in a row lose no lease"
+        );
+        assert_eq!(proxy.injected().by_rule, vec![1, 1], "both faults happened");
+        store.commit(c, &s, &seq(8)).await.unwrap();
+        assert_eq!(store.checkpoint(c, &s).await.unwrap(), Some(seq(8)));
         // Someone else's write still means the lease is lost.
         let other = DynamoDbLeases::new(direct, "lost-answers", Duration::from_secs(10));
         assert!(other.steal_lease(c, &s, "other").await.unwrap());
