@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use floodgate_aws::eventbridge::EventBridgePublisher;
-use floodgate_aws::kinesis::{KinesisReader, KinesisReaderConfig, KinesisWriter};
+use floodgate_aws::kinesis::{
+    KinesisReader, KinesisReaderConfig, KinesisWriter, KinesisWriterConfig,
+};
 use floodgate_aws::leases::DynamoDbLeases;
 use floodgate_aws::s3::S3Store;
 use floodgate_aws::state::DynamoDbStateStore;
@@ -115,6 +117,17 @@ pub(crate) async fn aws_sdk(config: &Config, service: &str) -> Result<aws_config
 /// unreachable endpoint or a missing stream fails here, naming the service and why.
 async fn kinesis(config: &Config, with_writer: bool) -> Result<Stream> {
     let k = &config.stream.kinesis;
+    let (writer, reader) = open_kinesis(config, &k.stream_name, with_writer).await?;
+    Ok(Stream::Kinesis { writer, reader })
+}
+
+/// The Kinesis stream `name` (the events', or the quarantine's), once it is usable.
+async fn open_kinesis(
+    config: &Config,
+    name: &str,
+    with_writer: bool,
+) -> Result<(Option<Arc<KinesisWriter>>, Arc<KinesisReader>)> {
+    let k = &config.stream.kinesis;
     let sdk = aws_sdk(config, "kinesis").await?;
     let client = floodgate_aws::client::kinesis(&sdk, k.endpoint_url.as_deref());
     // ACTIVE or UPDATING (a reshard in progress) are both usable; a stream still being
@@ -123,13 +136,12 @@ async fn kinesis(config: &Config, with_writer: bool) -> Result<Stream> {
     loop {
         let summary = client
             .describe_stream_summary()
-            .stream_name(&k.stream_name)
+            .stream_name(name)
             .send()
             .await
             .map_err(|e| {
                 anyhow::anyhow!(
-                    "kinesis stream {:?} is not usable (create it with `floodgate aws init`): {}",
-                    k.stream_name,
+                    "kinesis stream {name:?} is not usable (create it with `floodgate aws init`): {}",
                     floodgate_aws::client::describe(&e)
                 )
             })?;
@@ -142,18 +154,128 @@ async fn kinesis(config: &Config, with_writer: bool) -> Result<Stream> {
             "CREATING" if started.elapsed() < std::time::Duration::from_secs(300) => {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
-            other => anyhow::bail!(
-                "kinesis stream {:?} is not usable: its status is {other}",
-                k.stream_name
-            ),
+            other => anyhow::bail!("kinesis stream {name:?} is not usable: its status is {other}"),
         }
     }
-    let writer = with_writer.then(|| Arc::new(KinesisWriter::new(client.clone(), k.into())));
+    let writer = with_writer.then(|| {
+        Arc::new(KinesisWriter::new(
+            client.clone(),
+            KinesisWriterConfig::new(name.to_owned(), k.aggregation),
+        ))
+    });
     let reader = Arc::new(KinesisReader::new(
         client,
-        KinesisReaderConfig::new(k.stream_name.clone()),
+        KinesisReaderConfig::new(name.to_owned()),
     ));
-    Ok(Stream::Kinesis { writer, reader })
+    Ok((writer, reader))
+}
+
+/// The quarantine role: where the edge keeps every event it rejects (and every unreadable
+/// body) before it answers, and where the lake's `quarantine` consumer reads them. It
+/// follows the stream: beside the embedded log, a one-shard log on the same disk; beside
+/// Kinesis, a one-shard Kinesis stream of its own, since an edge there has no durable disk
+/// and its workers no shared one.
+#[derive(Debug)]
+pub(crate) enum Quarantine {
+    /// The local log, written (and read) by this process: `serve`, `ingest`.
+    Embedded(Arc<EmbeddedLog>),
+    /// The local log another process writes (`process`); `None` before it exists.
+    EmbeddedView(Option<Arc<EmbeddedLogReader>>),
+    /// `[stream.kinesis] quarantine_stream_name`; workers open it without a writer.
+    Kinesis {
+        writer: Option<Arc<KinesisWriter>>,
+        reader: Arc<KinesisReader>,
+    },
+}
+
+impl Quarantine {
+    /// The quarantine as the edge opens it: for appending (and, in `serve`, reading).
+    pub(crate) async fn for_edge(config: &Config) -> Result<Self> {
+        match config.stream.backend {
+            StreamBackend::Embedded => {
+                let root = config.data_dir.join("quarantine");
+                let mut c = config.stream.embedded.clone();
+                c.shards = 1;
+                let log = EmbeddedLog::open(&root, &c)
+                    .with_context(|| format!("cannot open the quarantine at {}", root.display()))?;
+                Ok(Quarantine::Embedded(Arc::new(log)))
+            }
+            StreamBackend::Kinesis => {
+                let name = config.stream.kinesis.quarantine_stream();
+                let (writer, reader) = open_kinesis(config, &name, true).await?;
+                Ok(Quarantine::Kinesis { writer, reader })
+            }
+        }
+    }
+
+    /// The quarantine as workers that do not write it open it (`process`).
+    pub(crate) async fn for_workers(config: &Config) -> Result<Self> {
+        match config.stream.backend {
+            StreamBackend::Embedded => {
+                let root = config.data_dir.join("quarantine");
+                Ok(Quarantine::EmbeddedView(
+                    match EmbeddedLogReader::open(&root) {
+                        Ok(r) => Some(Arc::new(r)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "no quarantine log to read (yet); the quarantine table is not written");
+                            None
+                        }
+                    },
+                ))
+            }
+            StreamBackend::Kinesis => {
+                let name = config.stream.kinesis.quarantine_stream();
+                let (_, reader) = open_kinesis(config, &name, false).await?;
+                Ok(Quarantine::Kinesis {
+                    writer: None,
+                    reader,
+                })
+            }
+        }
+    }
+
+    /// The edge's side; `None` for a read-only view.
+    pub(crate) fn writer(&self) -> Option<Arc<dyn StreamWriter>> {
+        match self {
+            Quarantine::Embedded(log) => Some(log.clone()),
+            Quarantine::EmbeddedView(_) => None,
+            Quarantine::Kinesis { writer, .. } => {
+                writer.clone().map(|w| w as Arc<dyn StreamWriter>)
+            }
+        }
+    }
+
+    /// The lake's side; `None` while there is nothing to read.
+    pub(crate) fn reader(&self) -> Option<Arc<dyn StreamReader>> {
+        match self {
+            Quarantine::Embedded(log) => Some(log.clone()),
+            Quarantine::EmbeddedView(view) => view.clone().map(|v| v as Arc<dyn StreamReader>),
+            Quarantine::Kinesis { reader, .. } => Some(reader.clone()),
+        }
+    }
+
+    /// Where the lake's `quarantine` consumer keeps its leases and checkpoints: files
+    /// beside the local log (only this machine has it), or `[coordination]`'s store for
+    /// the Kinesis stream, which every worker shares.
+    pub(crate) async fn checkpoints(&self, config: &Config) -> Result<Arc<dyn CheckpointStore>> {
+        match self {
+            Quarantine::Embedded(_) | Quarantine::EmbeddedView(_) => {
+                local_checkpoints(&config.data_dir.join("quarantine"))
+            }
+            Quarantine::Kinesis { .. } => Ok(Coordination::open(config).await?.store()),
+        }
+    }
+
+    /// Makes everything appended durable and stops appends.
+    pub(crate) async fn close(&self) -> Result<()> {
+        if let Some(writer) = self.writer() {
+            writer
+                .close()
+                .await
+                .context("cannot make the quarantine durable at shutdown")?;
+        }
+        Ok(())
+    }
 }
 
 /// The consumer runtime's timing for the configured backends: the embedded log is polled
@@ -272,15 +394,6 @@ pub(crate) async fn lake_store(config: &Config) -> Result<Arc<dyn ObjectStore>> 
             Ok(Arc::new(S3Store::new(client, l.bucket.clone(), &l.prefix)))
         }
     }
-}
-
-/// The quarantine: a one-shard log of every event the edge rejected, beside the stream.
-pub(crate) fn open_quarantine(config: &Config) -> Result<EmbeddedLog> {
-    let root = config.data_dir.join("quarantine");
-    let mut c = config.stream.embedded.clone();
-    c.shards = 1;
-    EmbeddedLog::open(&root, &c)
-        .with_context(|| format!("cannot open the quarantine at {}", root.display()))
 }
 
 /// The SQLite state store under `data_dir`, its page cache and memory map sized by

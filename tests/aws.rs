@@ -88,13 +88,15 @@ fn aws_init_creates_what_is_missing_then_reports_it_exists() {
     );
     assert_eq!(
         String::from_utf8_lossy(&first.stdout),
-        "kinesis stream init-events: created\ndynamodb table init-events-leases: created\n"
+        "kinesis stream init-events: created\nkinesis stream init-events-quarantine: created\n\
+         dynamodb table init-events-leases: created\n"
     );
     let again = run(&["aws", "init"], &config, &CREDENTIALS);
     assert!(again.status.success());
     assert_eq!(
         String::from_utf8_lossy(&again.stdout),
-        "kinesis stream init-events: exists\ndynamodb table init-events-leases: exists\n"
+        "kinesis stream init-events: exists\nkinesis stream init-events-quarantine: exists\n\
+         dynamodb table init-events-leases: exists\n"
     );
 }
 

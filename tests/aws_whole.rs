@@ -29,6 +29,8 @@ const CREDENTIALS: [(&str, &str); 3] = [
 ];
 const RUSH_SEATS: i64 = 40;
 const BUCKET: &str = "whole-lake";
+/// A body the edge cannot read: not JSON.
+const UNREADABLE: &[u8] = b"{\"specversion\": \"1.0\", this is not json";
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -193,7 +195,9 @@ fn received(moto: &Emulator, url: &str, want: &BTreeSet<String>) -> BTreeMap<Str
     got
 }
 
-fn lake_event_ids(moto: &Emulator, table: &str) -> (Vec<String>, Vec<String>) {
+/// What `read_lake.py` found in `table`: the event ids pyarrow and DuckDB read (rows
+/// without one, the quarantine's unreadable bodies, are left out), and the whole answer.
+fn read_lake(moto: &Emulator, table: &str) -> (Vec<String>, Vec<String>, Value) {
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
     let out = Command::new(python)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("aws/tests/read_lake.py"))
@@ -213,7 +217,7 @@ fn lake_event_ids(moto: &Emulator, table: &str) -> (Vec<String>, Vec<String>) {
             .map(|i| i.as_str().unwrap().to_owned())
             .collect()
     };
-    (ids("pyarrow_event_ids"), ids("duckdb_event_ids"))
+    (ids("pyarrow_event_ids"), ids("duckdb_event_ids"), v)
 }
 
 #[test]
@@ -235,7 +239,8 @@ fn an_on_sale_rush_on_aws_is_decided_once_never_oversold_and_reaches_lake_and_qu
     );
     assert_eq!(
         String::from_utf8_lossy(&init.stdout),
-        "kinesis stream whole: created\ndynamodb table whole-leases: created\n\
+        "kinesis stream whole: created\nkinesis stream whole-quarantine: created\n\
+         dynamodb table whole-leases: created\n\
          dynamodb table whole-state: created\neventbridge bus whole-bus: created\n\
          s3 bucket whole-lake: created\n"
     );
@@ -274,6 +279,7 @@ fn an_on_sale_rush_on_aws_is_decided_once_never_oversold_and_reaches_lake_and_qu
     let mut ids = Vec::new();
     let mut bookings = Vec::new();
     let mut seats: HashMap<String, i64> = HashMap::new();
+    let mut rejected = Vec::new();
     for batch in 0..12 {
         if batch == 6 {
             // Halfway: one worker dies without a word.
@@ -302,8 +308,29 @@ fn an_on_sale_rush_on_aws_is_decided_once_never_oversold_and_reaches_lake_and_qu
                 booking(&format!("e-{n}"), &format!("b-{n}"), show, s)
             })
             .collect();
+        // Now and then a producer sends bookings the schema refuses: the edge answers
+        // them rejected (207), and keeps them, with why, in the quarantine stream.
+        let mut events = events;
+        if batch % 4 == 1 {
+            for k in 0..2 {
+                let id = format!("bad-{batch}-{k}");
+                events.push(booking(&id, &format!("bb-{batch}-{k}"), "rush", 0));
+                rejected.push(id);
+            }
+        }
         let resp = edge.post_batch(&events);
-        assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+        let want_status = if batch % 4 == 1 { 207 } else { 200 };
+        assert_eq!(
+            resp.status,
+            want_status,
+            "{}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        if batch == 7 {
+            // And a body that is not JSON at all: 400, and kept whole.
+            let r = edge.post(Some("application/cloudevents-batch+json"), UNREADABLE);
+            assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+        }
         ids.extend((0..25).map(|i| format!("e-{}", batch * 25 + i)));
         bookings.extend((0..25).map(|i| format!("b-{}", batch * 25 + i)));
     }
@@ -363,7 +390,7 @@ fn an_on_sale_rush_on_aws_is_decided_once_never_oversold_and_reaches_lake_and_qu
         .unwrap();
     assert!(term.success());
     assert!(w2.wait().unwrap().success(), "worker 2 stops cleanly");
-    let (pyarrow, duckdb) = lake_event_ids(&moto, "booking_requested");
+    let (pyarrow, duckdb, _) = read_lake(&moto, "booking_requested");
     let mut want = ids.clone();
     want.sort();
     assert_eq!(
@@ -373,6 +400,27 @@ fn an_on_sale_rush_on_aws_is_decided_once_never_oversold_and_reaches_lake_and_qu
     assert_eq!(
         duckdb, want,
         "every acked request once in the S3 lake (DuckDB)"
+    );
+    // The quarantine table on S3: every rejected event once, with its reason, and the
+    // unreadable body, though no edge or worker shares a disk.
+    let (pyarrow, duckdb, whole) = read_lake(&moto, "quarantine");
+    rejected.sort();
+    assert_eq!(pyarrow, rejected, "every rejected event once (pyarrow)");
+    assert_eq!(duckdb, rejected, "every rejected event once (DuckDB)");
+    assert_eq!(
+        whole["pyarrow_rows"].as_u64(),
+        Some(rejected.len() as u64 + 1),
+        "the rejected events and the unreadable body: {whole}"
+    );
+    let raw: Vec<&str> = whole["pyarrow_raw"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        raw.contains(&std::str::from_utf8(UNREADABLE).unwrap()),
+        "the unreadable body is kept as sent: {raw:?}"
     );
     drop(edge);
 }

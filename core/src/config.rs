@@ -441,6 +441,20 @@ pub struct KinesisStreamConfig {
     pub shards: u32,
     /// KPL-format aggregation of many events into one Kinesis record.
     pub aggregation: bool,
+    /// The one-shard stream of the events the edge rejects (and of unreadable bodies),
+    /// which the workers write to the lake's `quarantine` table: an edge on Kinesis has no
+    /// durable disk of its own. Default: `<stream_name>-quarantine`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantine_stream_name: Option<String>,
+}
+
+impl KinesisStreamConfig {
+    /// The quarantine stream's name (see [`KinesisStreamConfig::quarantine_stream_name`]).
+    pub fn quarantine_stream(&self) -> String {
+        self.quarantine_stream_name
+            .clone()
+            .unwrap_or_else(|| format!("{}-quarantine", self.stream_name))
+    }
 }
 
 impl Default for KinesisStreamConfig {
@@ -450,6 +464,7 @@ impl Default for KinesisStreamConfig {
             endpoint_url: None,
             shards: 4,
             aggregation: true,
+            quarantine_stream_name: None,
         }
     }
 }
@@ -527,6 +542,13 @@ impl Config {
             }
             if !(1..=10_000).contains(&k.shards) {
                 return e("stream.kinesis.shards must be between 1 and 10000");
+            }
+            let q = k.quarantine_stream();
+            if q.is_empty() || q == k.stream_name {
+                return e(
+                    "stream.kinesis.quarantine_stream_name must name a stream of its own, not \
+                     stream_name",
+                );
             }
         }
         if self.coordination.backend == CoordinationBackend::Dynamodb {
@@ -699,6 +721,19 @@ mod tests {
             toml::to_string(&parsed).unwrap(),
             toml::to_string(&Config::default()).unwrap()
         );
+    }
+
+    #[test]
+    fn the_quarantine_stream_is_named_after_the_events_and_never_is_them() {
+        let kinesis = "[stream]\nbackend = \"kinesis\"\n[stream.kinesis]\nstream_name = \"ev\"\n";
+        let c = Config::from_toml(kinesis).unwrap();
+        assert_eq!(c.stream.kinesis.quarantine_stream(), "ev-quarantine");
+        c.validate().unwrap();
+        let c = Config::from_toml(&format!("{kinesis}quarantine_stream_name = \"held\"")).unwrap();
+        assert_eq!(c.stream.kinesis.quarantine_stream(), "held");
+        let c = Config::from_toml(&format!("{kinesis}quarantine_stream_name = \"ev\"")).unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("quarantine_stream_name"), "{e}");
     }
 
     #[test]

@@ -23,6 +23,13 @@ pub(crate) fn init(args: ServeArgs) -> Result<()> {
                 .await
                 .with_context(|| format!("kinesis stream {:?}", k.stream_name))?;
             println!("kinesis stream {}: {done}", k.stream_name);
+            // The rejected events' stream: one shard takes 1,000 records a second, far
+            // more than producers are ever refused at.
+            let q = k.quarantine_stream();
+            let done = floodgate_aws::kinesis::ensure_stream(&client, &q, 1)
+                .await
+                .with_context(|| format!("kinesis stream {q:?}"))?;
+            println!("kinesis stream {q}: {done}");
         }
         if config.coordination.backend == CoordinationBackend::Dynamodb {
             any = true;

@@ -5,11 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use floodgate_core::stream::StreamWriter;
 use floodgate_sinks::{EmbeddedLogReader, LocalDirStore};
 
 use crate::ServeArgs;
-use crate::backends::{Stream, lake_store, open_quarantine};
+use crate::backends::{Quarantine, Stream, lake_store};
 use crate::setup::{effective_config, load_registry, runtime};
 
 /// `floodgate lake compact`: with the schemas and data directory the configuration (and
@@ -75,7 +74,10 @@ pub(crate) fn rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result
             .await
             .context("cannot open the stream (stop the server first)")?;
         let log = stream.reader();
-        let quarantine = open_quarantine(&config)?;
+        let quarantine = Quarantine::for_edge(&config).await?;
+        let quarantine_log = quarantine
+            .reader()
+            .context("the quarantine has no log to read")?;
         let outbox_dir = config.data_dir.join("outbox");
         floodgate_sinks::outbox::ensure_log(&outbox_dir, &config.publish.outbox).await?;
         let outbox = EmbeddedLogReader::open(&floodgate_sinks::outbox::log_root(&outbox_dir))?;
@@ -90,7 +92,7 @@ pub(crate) fn rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result
         let fresh = Arc::new(LocalDirStore::open(&fresh_dir)?);
         let sources = floodgate_processors::rebuild::Sources {
             stream: &*log,
-            quarantine: &quarantine,
+            quarantine: &*quarantine_log,
             derived: &outbox,
         };
         let rebuilt = floodgate_processors::rebuild::rebuild(

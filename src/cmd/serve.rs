@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use floodgate_core::config::Config;
 use floodgate_core::registry::Registry;
 use floodgate_core::state::StateStore;
-use floodgate_core::stream::{ConsumerLag, StreamReader, StreamWriter};
+use floodgate_core::stream::{ConsumerLag, StreamReader};
 use floodgate_ingest::App;
 use floodgate_ingest::app::Limits;
 use floodgate_ingest::auth::Auth;
@@ -19,7 +19,7 @@ use floodgate_sinks::EmbeddedLogReader;
 use tokio::sync::watch;
 
 use crate::backends::{
-    Coordination, Publish, Stream, lake_store, local_checkpoints, open_quarantine, open_state,
+    Coordination, Publish, Quarantine, Stream, lake_store, local_checkpoints, open_state,
     runtime_config,
 };
 use crate::setup::{check_auth_posture, effective_config, load_registry, runtime, shutdown_signal};
@@ -43,10 +43,9 @@ impl Processors {
         config_all: &Config,
         registry: &Registry,
         reader: Arc<dyn StreamReader>,
-        quarantine: Option<Arc<dyn StreamReader>>,
+        quarantine: &Quarantine,
         state: Arc<dyn StateStore>,
     ) -> Result<Processors> {
-        let data_dir = config_all.data_dir.as_path();
         let checkpoints = Coordination::open(config_all).await?.store();
         let publish = Publish::open(config_all).await?;
         let (stop, stop_rx) = watch::channel(false);
@@ -115,8 +114,8 @@ impl Processors {
                     .await?,
                 );
             }
-            if let Some(q) = quarantine {
-                let q_checkpoints = local_checkpoints(&data_dir.join("quarantine"))?;
+            if let Some(q) = quarantine.reader() {
+                let q_checkpoints = quarantine.checkpoints(config_all).await?;
                 let held = Arc::new(LakeProcessor::quarantine(store, lake_config));
                 tasks.extend(
                     spawn_consumers(q, q_checkpoints, held, config, stop_rx.clone()).await?,
@@ -175,7 +174,7 @@ pub(crate) fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
         let metrics = floodgate_ingest::telemetry::install();
         floodgate_ingest::telemetry::spawn_upkeep(metrics.clone());
         let stream = Stream::for_edge(&config).await?;
-        let quarantine = Arc::new(open_quarantine(&config)?);
+        let quarantine = Quarantine::for_edge(&config).await?;
         let state = open_state(&config).await?;
         let processors = if with_processors {
             Some(
@@ -183,7 +182,7 @@ pub(crate) fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
                     &config,
                     &registry,
                     stream.reader(),
-                    Some(quarantine.clone()),
+                    &quarantine,
                     state.clone(),
                 )
                 .await?,
@@ -201,8 +200,10 @@ pub(crate) fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
         );
         auth.spawn_refresh();
         let mut app = App::new(registry, writer, Some(state), Limits::from_config(&config.ingest), metrics)
-            .with_auth(auth)
-            .with_quarantine(quarantine.clone());
+            .with_auth(auth);
+        if let Some(q) = quarantine.writer() {
+            app = app.with_quarantine(q);
+        }
         if let Some(p) = &processors {
             app = app.with_consumer_lag(p.lag.clone());
         }
@@ -231,10 +232,7 @@ pub(crate) fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
             tracing::info!("processors stopped");
         }
         stream.close().await?;
-        quarantine
-            .close()
-            .await
-            .context("cannot make the quarantine durable at shutdown")?;
+        quarantine.close().await?;
         tracing::info!("log closed; every acknowledged event is on disk");
         Ok(())
     })
@@ -266,17 +264,11 @@ pub(crate) fn process(args: ProcessArgs) -> Result<()> {
         let metrics = floodgate_ingest::telemetry::install();
         floodgate_ingest::telemetry::spawn_upkeep(metrics);
         let stream = Stream::for_workers(&config).await?;
-        let quarantine: Option<Arc<dyn StreamReader>> =
-            match EmbeddedLogReader::open(&config.data_dir.join("quarantine")) {
-                Ok(r) => Some(Arc::new(r)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no quarantine log to read (yet); the quarantine table is not written");
-                    None
-                }
-            };
+        let quarantine = Quarantine::for_workers(&config).await?;
         let state = open_state(&config).await?;
         let registry = load_registry(config.schemas_dir.as_deref())?;
-        let processors = Processors::start(&config, &registry, stream.reader(), quarantine, state).await?;
+        let processors =
+            Processors::start(&config, &registry, stream.reader(), &quarantine, state).await?;
         let shutdown = shutdown_signal();
         println!("floodgate processing {}", config.data_dir.display());
         io::stdout().flush()?;
