@@ -38,6 +38,10 @@
 //!
 //! - A [`Rule`] matches a call by its `X-Amz-Target` header: the whole value
 //!   (`Kinesis_20131202.PutRecords`), the operation alone (`PutRecords`), or `*` for any.
+//!   S3's REST calls carry no such header: the proxy names them `S3.<Operation>` from the
+//!   method, the path (path-style: `/bucket/key`) and the query (`S3.PutObject`,
+//!   `S3.UploadPart`, `S3.ListObjectsV2`, …; see [`s3_operation`]), and answers their
+//!   faults as S3 does, in XML (`<Error><Code>SlowDown</Code>…`).
 //! - Rules are tried in order and the first that fires decides the call; a call that one
 //!   rule faulted is not counted by the rules after it. A rule fires on every n-th call it
 //!   sees ([`Rule::every`]) or with a probability drawn from the plan's seeded generator
@@ -68,7 +72,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -135,7 +139,12 @@ impl Fault {
         Fault::error(503, "ServiceUnavailable")
     }
 
-    /// Any AWS JSON error.
+    /// S3's 503 `SlowDown`: the request rate of a prefix is too high.
+    pub fn slow_down() -> Fault {
+        Fault::error(503, "SlowDown")
+    }
+
+    /// Any AWS error: JSON for the JSON protocols, XML for S3.
     pub fn error(status: u16, code: &str) -> Fault {
         Fault::Error {
             status,
@@ -470,6 +479,26 @@ impl Answer {
         Answer::json(status, content_type, body)
     }
 
+    /// An S3 error, as the SDK parses it: `<Error><Code>…` in XML (a HEAD answer has no
+    /// body; the SDK goes by the status).
+    fn s3_error(status: StatusCode, code: &str, message: &str, head: bool) -> Answer {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/xml"));
+        let body = if head {
+            Bytes::new()
+        } else {
+            Bytes::from(format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code>\
+                 <Message>{message}</Message><RequestId>fault-proxy</RequestId></Error>"
+            ))
+        };
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
     /// The page Flask (moto server's web framework) answers when moto itself fails.
     fn html_500() -> Answer {
         let mut headers = HeaderMap::new();
@@ -507,7 +536,16 @@ async fn handle(
         // The client went away mid-request; there is no one to answer.
         return reset_connection(&reset).await;
     };
-    let target = header(&parts.headers, "x-amz-target").to_owned();
+    let amz_target = header(&parts.headers, "x-amz-target");
+    let s3 = amz_target.is_empty();
+    let target = if s3 {
+        format!(
+            "S3.{}",
+            s3_operation(&parts.method, &parts.uri, &parts.headers)
+        )
+    } else {
+        amz_target.to_owned()
+    };
     let content_type = header(&parts.headers, CONTENT_TYPE.as_str()).to_owned();
 
     let fault = shared.state().call_fault(&target);
@@ -518,7 +556,11 @@ async fn handle(
         Some(Fault::Error { status, code }) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let message = format!("{code} (injected by the fault proxy)");
-            let answer = Answer::aws_error(status, &code, &message, &content_type);
+            let answer = if s3 {
+                Answer::s3_error(status, &code, &message, parts.method == Method::HEAD)
+            } else {
+                Answer::aws_error(status, &code, &message, &content_type)
+            };
             return Ok(answer.into_response());
         }
         Some(Fault::Html500) => return Ok(Answer::html_500().into_response()),
@@ -575,6 +617,39 @@ async fn handle(
         }
         Some(Fault::Reset(Phase::AfterForwarding)) => reset_connection(&reset).await,
         _ => Ok(answer.into_response()),
+    }
+}
+
+/// The S3 operation of a path-style REST call, by method, path and query: what the
+/// proxy's rules match S3 calls by (`S3.<Operation>`).
+pub fn s3_operation(method: &Method, uri: &hyper::Uri, headers: &HeaderMap) -> &'static str {
+    let query = uri.query().unwrap_or("");
+    let has = |param: &str| {
+        query
+            .split('&')
+            .any(|kv| kv.split('=').next() == Some(param))
+    };
+    // `/bucket` or `/bucket/`: a call on the bucket; `/bucket/key…`: on an object.
+    let path = uri.path().trim_start_matches('/');
+    let bucket_only = path.split_once('/').is_none_or(|(_, key)| key.is_empty());
+    match *method {
+        Method::PUT if bucket_only => "CreateBucket",
+        Method::PUT if has("uploadId") => "UploadPart",
+        Method::PUT if headers.contains_key("x-amz-copy-source") => "CopyObject",
+        Method::PUT => "PutObject",
+        Method::POST if has("uploads") => "CreateMultipartUpload",
+        Method::POST if has("uploadId") => "CompleteMultipartUpload",
+        Method::POST if has("delete") => "DeleteObjects",
+        Method::POST => "PostObject",
+        Method::GET if bucket_only && has("list-type") => "ListObjectsV2",
+        Method::GET if bucket_only => "ListObjects",
+        Method::GET => "GetObject",
+        Method::HEAD if bucket_only => "HeadBucket",
+        Method::HEAD => "HeadObject",
+        Method::DELETE if has("uploadId") => "AbortMultipartUpload",
+        Method::DELETE if bucket_only => "DeleteBucket",
+        Method::DELETE => "DeleteObject",
+        _ => "Unknown",
     }
 }
 
@@ -750,4 +825,55 @@ fn without_hop_headers(headers: &HeaderMap) -> HeaderMap {
         out.remove(name);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(method: Method, uri: &str, headers: &[(&'static str, &str)]) -> &'static str {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        s3_operation(&method, &uri.parse().unwrap(), &map)
+    }
+
+    #[test]
+    fn s3_calls_are_named_by_method_path_and_query() {
+        assert_eq!(op(Method::PUT, "/b", &[]), "CreateBucket");
+        assert_eq!(op(Method::PUT, "/b/", &[]), "CreateBucket");
+        assert_eq!(op(Method::PUT, "/b/t/dt=1/x.parquet", &[]), "PutObject");
+        assert_eq!(op(Method::PUT, "/b/k?x-id=PutObject", &[]), "PutObject");
+        assert_eq!(
+            op(Method::PUT, "/b/k?partNumber=1&uploadId=u", &[]),
+            "UploadPart"
+        );
+        assert_eq!(
+            op(Method::PUT, "/b/k", &[("x-amz-copy-source", "/b/j")]),
+            "CopyObject"
+        );
+        assert_eq!(
+            op(Method::POST, "/b/k?uploads", &[]),
+            "CreateMultipartUpload"
+        );
+        assert_eq!(
+            op(Method::POST, "/b/k?uploadId=u", &[]),
+            "CompleteMultipartUpload"
+        );
+        assert_eq!(op(Method::POST, "/b?delete", &[]), "DeleteObjects");
+        assert_eq!(
+            op(Method::GET, "/b?list-type=2&prefix=t%2F", &[]),
+            "ListObjectsV2"
+        );
+        assert_eq!(op(Method::GET, "/b", &[]), "ListObjects");
+        assert_eq!(op(Method::GET, "/b/k", &[]), "GetObject");
+        assert_eq!(op(Method::HEAD, "/b", &[]), "HeadBucket");
+        assert_eq!(op(Method::HEAD, "/b/k", &[]), "HeadObject");
+        assert_eq!(
+            op(Method::DELETE, "/b/k?uploadId=u", &[]),
+            "AbortMultipartUpload"
+        );
+        assert_eq!(op(Method::DELETE, "/b/k", &[]), "DeleteObject");
+    }
 }

@@ -366,10 +366,62 @@ fn a_conditional_write_conflict_is_retried() {
             .put_new(other, Bytes::from_static(b"y"))
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("409"), "{err}");
+        assert!(
+            err.to_string().contains("ConditionalRequestConflict"),
+            "{err}"
+        );
         assert_eq!(proxy.injected().by_rule, [attempts]);
         proxy.set(FaultPlan::seeded(1));
         assert!(store.get(other).await.unwrap().is_none());
+    });
+}
+
+/// The fault proxy names S3's REST calls by operation and answers their faults in S3's
+/// XML: throttling (`SlowDown`) and 500s on puts and listings are retried by the SDK, and
+/// one that outlasts its retries reaches the caller with S3's own error code.
+#[test]
+fn s3_calls_are_faulted_by_operation_in_s3s_xml() {
+    rt().block_on(async {
+        let moto = Moto::new();
+        bucket_with_decoys(&moto.emulator.s3_client(), "lake-0").await;
+        let proxy = FaultProxy::start(moto.emulator.addr).await.unwrap();
+        let store = S3Store::new(s3_client_at(&proxy.endpoint()), "lake-0", "lake/");
+        proxy.set(
+            FaultPlan::seeded(1)
+                .rule(Rule::new("PutObject", Fault::slow_down()).times(2))
+                .rule(Rule::new("S3.ListObjectsV2", Fault::error(500, "InternalError")).times(1)),
+        );
+        let key = "t/dt=2026-12-01/hour=01/0-1-1.parquet";
+        assert_eq!(
+            store.put_new(key, Bytes::from_static(b"x")).await.unwrap(),
+            PutOutcome::Created
+        );
+        let listed = store.list("t/").await.unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        let injected = proxy.injected();
+        assert_eq!(injected.by_rule, [2, 1]);
+        assert_eq!(injected.calls.get("S3.PutObject"), Some(&3), "{injected:?}");
+        assert_eq!(
+            injected.calls.get("S3.ListObjectsV2"),
+            Some(&2),
+            "{injected:?}"
+        );
+        // Past the SDK's retries the caller sees S3's code, read from the XML.
+        proxy.set(FaultPlan::seeded(1).rule(Rule::new("PutObject", Fault::slow_down())));
+        let err = store
+            .put_new(
+                "t/dt=2026-12-01/hour=01/0-2-2.parquet",
+                Bytes::from_static(b"y"),
+            )
+            .await
+            .unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains(": SlowDown: ") && !err.contains("unhandled"),
+            "S3's code, parsed from its XML: {err}"
+        );
+        proxy.set(FaultPlan::seeded(1));
+        assert_eq!(store.get(key).await.unwrap().as_deref(), Some(&b"x"[..]));
     });
 }
 
