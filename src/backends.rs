@@ -368,6 +368,15 @@ pub(crate) fn local_checkpoints(root: &Path) -> Result<Arc<dyn CheckpointStore>>
 /// The lake's object store of `[lake]`: `<data_dir>/lake`, or the S3 bucket (checked
 /// to exist: an unreachable endpoint or a missing bucket fails here, naming S3 and why).
 pub(crate) async fn lake_store(config: &Config) -> Result<Arc<dyn ObjectStore>> {
+    lake_store_at(config, None).await
+}
+
+/// [`lake_store`], on S3 under `prefix` instead of `[lake] prefix` when one is given (a
+/// rebuild's fresh lake).
+pub(crate) async fn lake_store_at(
+    config: &Config,
+    prefix: Option<&str>,
+) -> Result<Arc<dyn ObjectStore>> {
     match config.lake.store {
         LakeStore::Local => {
             let dir = config.data_dir.join("lake");
@@ -391,7 +400,11 @@ pub(crate) async fn lake_store(config: &Config) -> Result<Arc<dyn ObjectStore>> 
                         floodgate_aws::client::describe(&e)
                     )
                 })?;
-            Ok(Arc::new(S3Store::new(client, l.bucket.clone(), &l.prefix)))
+            Ok(Arc::new(S3Store::new(
+                client,
+                l.bucket.clone(),
+                prefix.unwrap_or(&l.prefix),
+            )))
         }
     }
 }

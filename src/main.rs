@@ -100,13 +100,18 @@ pub(crate) enum LakeCommand {
         schemas: Option<PathBuf>,
     },
     /// Re-derive the lake from the stream: the same files (runs) with the same rows, plus
-    /// runs for records the lake did not hold yet. Run it with the server stopped.
+    /// runs for records the lake did not hold yet. Run it with the server (the workers)
+    /// stopped. A local lake is swapped in place; a lake on S3 is written under a new
+    /// prefix, and the old one is left as it was.
     Rebuild {
         #[arg(long, env = "FLOODGATE_DATA_DIR", default_value = "./data")]
         data_dir: PathBuf,
         /// TOML configuration file
         #[arg(long, env = "FLOODGATE_CONFIG")]
         config: Option<PathBuf>,
+        /// S3 only: the (empty) prefix of the rebuilt lake [default: <prefix>-rebuilt-<unix seconds>/]
+        #[arg(long)]
+        to_prefix: Option<String>,
     },
     /// Print an Athena `CREATE EXTERNAL TABLE` (Parquet, partition projection on dt and
     /// hour) for every lake table.
@@ -294,9 +299,11 @@ fn main() -> ExitCode {
             small_bytes,
         )
         .map(|()| ExitCode::SUCCESS),
-        Command::Lake(LakeCommand::Rebuild { data_dir, config }) => {
-            cmd::lake::rebuild(data_dir, config).map(|()| ExitCode::SUCCESS)
-        }
+        Command::Lake(LakeCommand::Rebuild {
+            data_dir,
+            config,
+            to_prefix,
+        }) => cmd::lake::rebuild(data_dir, config, to_prefix).map(|()| ExitCode::SUCCESS),
         Command::Aws(AwsCommand::Init { config }) => cmd::aws::init(ServeArgs {
             listen: None,
             data_dir: None,

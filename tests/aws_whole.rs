@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::{Server, booking, bookings_decided, envelope, floodgate, wait_for};
 use floodgate_aws::emulator::{self, Emulator};
+use floodgate_aws::fault_proxy::{Fault, FaultPlan, FaultProxy, Phase, Rule};
 use serde_json::{Value, json};
 
 const CREDENTIALS: [(&str, &str); 3] = [
@@ -39,8 +40,20 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn config(dir: &Path, kinesis: &Emulator, moto: &Emulator) -> PathBuf {
-    let path = dir.join("floodgate.toml");
+/// The configuration file `name`: every AWS service on the emulators; with `services`,
+/// the state table, the bus and the lake bucket are reached at that endpoint instead (the
+/// fault proxy in front of moto).
+fn config(
+    dir: &Path,
+    name: &str,
+    kinesis: &Emulator,
+    moto: &Emulator,
+    services: Option<&str>,
+) -> PathBuf {
+    let path = dir.join(name);
+    let endpoint = services
+        .map(|e| format!("endpoint_url = \"{e}\"\n"))
+        .unwrap_or_default();
     std::fs::write(
         &path,
         format!(
@@ -60,15 +73,15 @@ lease_duration_ms = 2000
 [state]
 backend = "dynamodb"
 table_name = "whole-state"
-[publish]
+{endpoint}[publish]
 backend = "eventbridge"
 event_bus_name = "whole-bus"
-[lake]
+{endpoint}[lake]
 store = "s3"
 bucket = "{BUCKET}"
 prefix = "lake/"
 roll_age_ms = 1000
-"#,
+{endpoint}"#,
             moto = moto.endpoint,
             kinesis = kinesis.endpoint,
         ),
@@ -85,7 +98,12 @@ fn worker(config: &Path, dir: &Path, name: &str) -> Child {
         .arg("--data-dir")
         .arg(dir.join(format!("data-{name}")))
         .envs(CREDENTIALS)
-        .env("FLOODGATE_LOG", "info")
+        // The lake's flushes and S3's answers in detail: a failed run's logs say which
+        // file went where.
+        .env(
+            "FLOODGATE_LOG",
+            "info,floodgate_processors::lake=debug,floodgate_aws::s3=debug",
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -198,10 +216,15 @@ fn received(moto: &Emulator, url: &str, want: &BTreeSet<String>) -> BTreeMap<Str
 /// What `read_lake.py` found in `table`: the event ids pyarrow and DuckDB read (rows
 /// without one, the quarantine's unreadable bodies, are left out), and the whole answer.
 fn read_lake(moto: &Emulator, table: &str) -> (Vec<String>, Vec<String>, Value) {
+    read_lake_at(moto, "lake/", table)
+}
+
+/// [`read_lake`] of the lake under `prefix`.
+fn read_lake_at(moto: &Emulator, prefix: &str, table: &str) -> (Vec<String>, Vec<String>, Value) {
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
     let out = Command::new(python)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("aws/tests/read_lake.py"))
-        .args([moto.endpoint.as_str(), BUCKET, "lake/", table])
+        .args([moto.endpoint.as_str(), BUCKET, prefix, table])
         .output()
         .unwrap();
     assert!(
@@ -222,10 +245,142 @@ fn read_lake(moto: &Emulator, table: &str) -> (Vec<String>, Vec<String>, Value) 
 
 #[test]
 fn an_on_sale_rush_on_aws_is_decided_once_never_oversold_and_reaches_lake_and_queue() {
+    whole_run(false);
+}
+
+/// The same run with the workers' DynamoDB state, EventBridge and S3 calls going through
+/// the fault proxy: throttled, failed with 5xx, timed out and reset after they were
+/// applied. Nothing acknowledged is lost and nothing is applied twice: every check of the
+/// clean run holds, and every fault happened.
+#[test]
+fn the_same_rush_through_dynamodb_s3_and_eventbridge_faults_loses_and_doubles_nothing() {
+    whole_run(true);
+}
+
+/// The faults the workers' calls to the state table, the bus and the lake meet.
+fn fault_plan() -> FaultPlan {
+    let hold = |phase| Fault::Hold {
+        phase,
+        // Past the SDK's 10 s attempt timeout: a timeout, then a retry.
+        hold: Duration::from_secs(11),
+    };
+    // A run makes few calls of each kind (a batch's bookings are decided in memory and go
+    // in one transaction a slice), so each rule fires on every 2nd call it sees, a few
+    // times; rules are tried in order, and a call one rule faults is not counted by the
+    // next, so each kind of fault gets its own calls (and every fault adds a retry).
+    let every_2nd =
+        |target: &str, fault: Fault, times: u64| Rule::new(target, fault).every(2).times(times);
+    // First, a burst on each kind of write that outlasts the SDK's 3 attempts, so the
+    // caller's own retry is what saves it (the bookings' back-off, the publisher's, the
+    // lake's flush).
+    let burst = |target: &str, fault: Fault| Rule::new(target, fault).times(3);
+    FaultPlan::seeded(12)
+        .rule(burst("TransactWriteItems", Fault::throughput_exceeded()))
+        .rule(burst("PutEvents", Fault::error(500, "InternalFailure")))
+        .rule(burst("S3.PutObject", Fault::slow_down()))
+        // DynamoDB: the batch's transactions, and the reads around them.
+        .rule(every_2nd(
+            "TransactWriteItems",
+            Fault::throughput_exceeded(),
+            2,
+        ))
+        .rule(every_2nd(
+            "TransactWriteItems",
+            Fault::error(500, "InternalServerError"),
+            1,
+        ))
+        .rule(every_2nd(
+            "TransactWriteItems",
+            Fault::Reset(Phase::AfterForwarding),
+            2,
+        ))
+        .rule(every_2nd(
+            "TransactWriteItems",
+            hold(Phase::AfterForwarding),
+            1,
+        ))
+        .rule(every_2nd("Query", Fault::throttling(), 3))
+        .rule(every_2nd("GetItem", Fault::throughput_exceeded(), 3))
+        // EventBridge.
+        .rule(every_2nd(
+            "PutEvents",
+            Fault::error(500, "InternalFailure"),
+            3,
+        ))
+        .rule(every_2nd(
+            "PutEvents",
+            Fault::Reset(Phase::AfterForwarding),
+            3,
+        ))
+        // S3: the lake's files.
+        .rule(every_2nd("S3.PutObject", Fault::slow_down(), 2))
+        .rule(every_2nd(
+            "S3.PutObject",
+            Fault::Reset(Phase::AfterForwarding),
+            2,
+        ))
+        .rule(every_2nd("S3.PutObject", hold(Phase::BeforeForwarding), 1))
+        .rule(every_2nd(
+            "S3.ListObjectsV2",
+            Fault::error(500, "InternalError"),
+            3,
+        ))
+}
+
+/// A failed run keeps its processes' logs, which the temporary directory would take with
+/// it (dropped before the directory: declared after it).
+struct KeepLogs {
+    dir: PathBuf,
+    name: &'static str,
+}
+
+impl Drop for KeepLogs {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let kept = std::env::temp_dir().join(format!("floodgate-failed-{}", self.name));
+        let _ = std::fs::create_dir_all(&kept);
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                let _ = std::fs::copy(&path, kept.join(entry.file_name()));
+            }
+        }
+        eprintln!("the run's logs are kept in {}", kept.display());
+    }
+}
+
+fn whole_run(faults: bool) {
     let kinesis = emulator::kinesalite(50).expect("kinesalite starts");
     let moto = emulator::moto().expect("moto server starts");
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path(), &kinesis, &moto);
+    let _logs = KeepLogs {
+        dir: dir.path().to_owned(),
+        name: if faults { "whole-faults" } else { "whole" },
+    };
+    let config = config(dir.path(), "floodgate.toml", &kinesis, &moto, None);
+    let proxy_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let proxy = faults.then(|| {
+        proxy_rt
+            .block_on(FaultProxy::start(moto.addr))
+            .expect("the fault proxy starts")
+    });
+    // The edge reads the state table directly; the workers go through the proxy.
+    let worker_config = match &proxy {
+        Some(p) => self::config(
+            dir.path(),
+            "workers.toml",
+            &kinesis,
+            &moto,
+            Some(&p.endpoint()),
+        ),
+        None => config.clone(),
+    };
     let init = floodgate()
         .args(["aws", "init", "--config"])
         .arg(&config)
@@ -253,8 +408,11 @@ fn an_on_sale_rush_on_aws_is_decided_once_never_oversold_and_reaches_lake_and_qu
         Some(&dir.path().join("ingest.log")),
         &CREDENTIALS,
     );
-    let mut workers = vec![worker(&config, dir.path(), "1")];
-    let mut w2 = worker(&config, dir.path(), "2");
+    let mut workers = vec![worker(&worker_config, dir.path(), "1")];
+    let mut w2 = worker(&worker_config, dir.path(), "2");
+    if let Some(p) = &proxy {
+        p.set(fault_plan());
+    }
 
     let shows = [
         ("rush", RUSH_SEATS),
@@ -390,7 +548,7 @@ fn an_on_sale_rush_on_aws_is_decided_once_never_oversold_and_reaches_lake_and_qu
         .unwrap();
     assert!(term.success());
     assert!(w2.wait().unwrap().success(), "worker 2 stops cleanly");
-    let (pyarrow, duckdb, _) = read_lake(&moto, "booking_requested");
+    let (pyarrow, duckdb, requested) = read_lake(&moto, "booking_requested");
     let mut want = ids.clone();
     want.sort();
     assert_eq!(
@@ -422,5 +580,65 @@ fn an_on_sale_rush_on_aws_is_decided_once_never_oversold_and_reaches_lake_and_qu
         raw.contains(&std::str::from_utf8(UNREADABLE).unwrap()),
         "the unreadable body is kept as sent: {raw:?}"
     );
+    if !faults {
+        // With every worker stopped, the lake is rebuilt from what the streams hold, under
+        // a prefix of its own: the same files, with the same rows, and the old lake as it
+        // was.
+        let rebuild = floodgate()
+            .args(["lake", "rebuild", "--to-prefix", "rebuilt/", "--config"])
+            .arg(&worker_config)
+            .arg("--data-dir")
+            .arg(dir.path().join("data-rebuild"))
+            .envs(CREDENTIALS)
+            .output()
+            .unwrap();
+        assert!(
+            rebuild.status.success(),
+            "{}",
+            String::from_utf8_lossy(&rebuild.stderr)
+        );
+        for (table, old) in [("booking_requested", &requested), ("quarantine", &whole)] {
+            let (pyarrow, duckdb, rebuilt) = read_lake_at(&moto, "rebuilt/", table);
+            assert_eq!(rebuilt["files"], old["files"], "{table}: the same files");
+            assert_eq!(pyarrow, duckdb, "{table}");
+            assert_eq!(rebuilt["pyarrow_rows"], old["pyarrow_rows"], "{table}");
+            assert_eq!(
+                rebuilt["pyarrow_event_ids"], old["pyarrow_event_ids"],
+                "{table}"
+            );
+            let (_, _, again) = read_lake(&moto, table);
+            assert_eq!(
+                again["files"], old["files"],
+                "{table}: the old lake as it was"
+            );
+        }
+        let again = floodgate()
+            .args(["lake", "rebuild", "--to-prefix", "rebuilt", "--config"])
+            .arg(&worker_config)
+            .envs(CREDENTIALS)
+            .output()
+            .unwrap();
+        assert!(
+            !again.status.success(),
+            "a prefix that holds objects is refused"
+        );
+        assert!(
+            String::from_utf8_lossy(&again.stderr).contains("holds objects already"),
+            "{}",
+            String::from_utf8_lossy(&again.stderr)
+        );
+    }
+    if let Some(p) = &proxy {
+        let injected = p.injected();
+        eprintln!(
+            "faults injected, by rule: {:?}; calls: {:?}",
+            injected.by_rule, injected.calls
+        );
+        assert!(
+            injected.by_rule.iter().all(|&n| n > 0),
+            "every fault happened: {:?}",
+            injected.by_rule
+        );
+    }
     drop(edge);
 }

@@ -2,7 +2,7 @@
 //! every source (the stream, the quarantine log, the derived-event log) is replayed into a
 //! fresh lake with the old lake's run boundaries, so that files come out with the same
 //! names and rows. Swapping the fresh lake in is the caller's (a directory rename for the
-//! local lake).
+//! local lake; on S3, pointing `[lake] prefix` at the fresh prefix).
 //!
 //! Retention may have deleted the start of a source: a run that begins before the oldest
 //! record still held (whole, or cut by retention) cannot be re-derived, so its file is kept
@@ -28,7 +28,9 @@ fn store_err(e: impl std::fmt::Display) -> ProcessError {
 pub struct Sources<'a> {
     pub stream: &'a dyn StreamReader,
     pub quarantine: &'a dyn StreamReader,
-    pub derived: &'a dyn StreamReader,
+    /// The derived-event log; `None` where derived events go to EventBridge, which cannot
+    /// be read back (the lake then has no derived tables of its own to rebuild).
+    pub derived: Option<&'a dyn StreamReader>,
 }
 
 /// What a rebuild did.
@@ -78,10 +80,16 @@ pub async fn rebuild(
     let table_names = lake.table_names();
     let derived_names = derived.table_names();
     let q_table = vec![QUARANTINE_TABLE.to_owned()];
-    let readers: [&dyn StreamReader; 3] = [sources.stream, sources.quarantine, sources.derived];
+    let readers: [Option<&dyn StreamReader>; 3] = [
+        Some(sources.stream),
+        Some(sources.quarantine),
+        sources.derived,
+    ];
     let mut shards: [Vec<ShardId>; 3] = Default::default();
     for (i, reader) in readers.iter().enumerate() {
-        shards[i] = reader.shards().await?.into_iter().map(|s| s.id).collect();
+        if let Some(reader) = reader {
+            shards[i] = reader.shards().await?.into_iter().map(|s| s.id).collect();
+        }
     }
     // Each table directory holds the runs of known sources, told apart by the file
     // name's prefix: the stream's shards in the typed tables, the outbox's in the
@@ -133,6 +141,7 @@ pub async fn rebuild(
     ];
     let mut heads: HashMap<(usize, ShardId), Option<SequenceNumber>> = HashMap::new();
     for (i, reader) in readers.iter().enumerate() {
+        let Some(reader) = reader else { continue };
         for shard in &shards[i] {
             heads.insert((i, shard.clone()), head_of(*reader, shard).await?);
         }
@@ -202,7 +211,9 @@ pub async fn rebuild(
     let derived = derived.with_runs(runs_of_consumer(old, &shards[2], &derived_names, name).await?);
     let records = replay_all(sources.stream, &shards[0], &skip[0], &lake).await?;
     replay_all(sources.quarantine, &shards[1], &skip[1], &held).await?;
-    replay_all(sources.derived, &shards[2], &skip[2], &derived).await?;
+    if let Some(reader) = sources.derived {
+        replay_all(reader, &shards[2], &skip[2], &derived).await?;
+    }
     let compactions = reapply_compactions(old, &*fresh, tables).await?;
     Ok(Rebuilt {
         records,
@@ -253,13 +264,30 @@ async fn reapply_compactions(
     Ok(applied)
 }
 
+/// Whether an empty read means there is nothing more to read: a local log is read to its
+/// end at once, but Kinesis answers empty reads over stretches of a shard that hold no
+/// records (retention, quiet hours) until it says it is at the tip (`MillisBehindLatest`
+/// 0) or the shard is closed and read to its end (no next position).
+fn read_to_the_end(batch: &floodgate_core::stream::ReadBatch) -> bool {
+    batch.records.is_empty() && (batch.next.is_none() || batch.millis_behind.unwrap_or(0) == 0)
+}
+
 /// The sequence of the oldest record `reader` still holds in `shard`, if any.
 async fn head_of(
     reader: &dyn StreamReader,
     shard: &ShardId,
 ) -> Result<Option<SequenceNumber>, ProcessError> {
-    let batch = reader.read(shard, &StartPosition::TrimHorizon, 1).await?;
-    Ok(batch.records.first().map(|r| r.sequence.clone()))
+    let mut position = StartPosition::TrimHorizon;
+    loop {
+        let batch = reader.read(shard, &position, 1).await?;
+        if let Some(first) = batch.records.first() {
+            return Ok(Some(first.sequence.clone()));
+        }
+        if read_to_the_end(&batch) {
+            return Ok(None);
+        }
+        position = batch.next.unwrap_or(position);
+    }
 }
 
 /// Feeds every record of `shards` after `skip` (per shard) to `processor` from the oldest,
@@ -279,7 +307,11 @@ async fn replay_all(
         loop {
             let batch = reader.read(shard, &position, 10_000).await?;
             let Some(last) = batch.records.last() else {
-                break;
+                if read_to_the_end(&batch) {
+                    break;
+                }
+                position = batch.next.unwrap_or(position);
+                continue;
             };
             records += batch.records.len() as u64;
             processor.process(shard, &batch.records).await?;

@@ -8,8 +8,9 @@ use anyhow::{Context, Result, bail};
 use floodgate_sinks::{EmbeddedLogReader, LocalDirStore};
 
 use crate::ServeArgs;
-use crate::backends::{Quarantine, Stream, lake_store};
+use crate::backends::{Quarantine, Stream, lake_store, lake_store_at};
 use crate::setup::{effective_config, load_registry, runtime};
+use floodgate_core::config::{Config, LakeStore, PublishBackend};
 
 /// `floodgate lake compact`: with the schemas and data directory the configuration (and
 /// flags) give, as the server that wrote the lake used them; a compaction under other
@@ -50,7 +51,11 @@ pub(crate) fn compact(
 /// record still held (whole, or cut by retention) cannot be re-derived, so its file is kept
 /// as it is and the replay of that shard starts after the run's end. Every other run is
 /// written again from the log, with the same name and rows.
-pub(crate) fn rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result<()> {
+pub(crate) fn rebuild(
+    data_dir: PathBuf,
+    config_path: Option<PathBuf>,
+    to_prefix: Option<String>,
+) -> Result<()> {
     let config = effective_config(&ServeArgs {
         listen: None,
         data_dir: Some(data_dir),
@@ -59,14 +64,15 @@ pub(crate) fn rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result
         shards: None,
         insecure_no_auth: false,
     })?;
-    if config.lake.store != floodgate_core::config::LakeStore::Local {
-        bail!(
-            "lake rebuild replays the embedded log into <data_dir>/lake and swaps the \
-             directories; it does not rebuild a lake on S3 ([lake] store = \"s3\")"
-        );
-    }
     let registry = load_registry(config.schemas_dir.as_deref())?;
     let tables = floodgate_core::lake::tables(&registry)?;
+    match (config.lake.store, to_prefix) {
+        (LakeStore::S3, to_prefix) => return rebuild_on_s3(&config, &tables, to_prefix),
+        (LakeStore::Local, Some(_)) => {
+            bail!("--to-prefix is for a lake on S3; a local lake is rebuilt in place")
+        }
+        (LakeStore::Local, None) => {}
+    }
     runtime()?.block_on(async move {
         // The embedded log is opened for writing, which takes its lock: a running server
         // makes this fail.
@@ -93,7 +99,7 @@ pub(crate) fn rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result
         let sources = floodgate_processors::rebuild::Sources {
             stream: &*log,
             quarantine: &*quarantine_log,
-            derived: &outbox,
+            derived: Some(&outbox),
         };
         let rebuilt = floodgate_processors::rebuild::rebuild(
             sources,
@@ -131,6 +137,103 @@ pub(crate) fn rebuild(data_dir: PathBuf, config_path: Option<PathBuf>) -> Result
             lake_dir.display(),
             rebuilt.records,
             rebuilt.stream_shards
+        );
+        Ok(())
+    })
+}
+
+/// `floodgate lake rebuild` of a lake on S3: S3 has no rename, and readers (Athena,
+/// DuckDB) list a prefix as they find it, so the rebuilt lake is written under a prefix of
+/// its own (`to_prefix`, which must be empty; default `<prefix>-rebuilt-<unix seconds>/`)
+/// and the lake at `[lake] prefix` is left as it is. Switching is the operator's: stop the
+/// workers, set `[lake] prefix` to the new one, point the tables at it, start the workers.
+/// The sources are the configured stream and quarantine (Kinesis: what the streams still
+/// retain; older runs are copied as they are), and the derived-event log where there is
+/// one (published to EventBridge, derived events have no lake tables of their own).
+fn rebuild_on_s3(
+    config: &Config,
+    tables: &[floodgate_core::lake::Table],
+    to_prefix: Option<String>,
+) -> Result<()> {
+    let l = &config.lake;
+    let old_prefix = l.prefix.trim_matches('/').to_owned();
+    let to = match to_prefix {
+        Some(p) => p.trim_matches('/').to_owned(),
+        None => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            format!("{old_prefix}-rebuilt-{now}")
+        }
+    };
+    if to.is_empty() || to == old_prefix {
+        bail!(
+            "rebuild into a prefix of its own: {to:?} is the lake's ([lake] prefix = {:?})",
+            l.prefix
+        );
+    }
+    let to = format!("{to}/");
+    let (bucket, shown) = (l.bucket.clone(), l.prefix.clone());
+    runtime()?.block_on(async move {
+        let old = lake_store(config).await?;
+        let fresh = lake_store_at(config, Some(&to)).await?;
+        // Nested prefixes would make each lake list the other's files.
+        let nested = to.starts_with(&format!("{old_prefix}/"))
+            || (!old_prefix.is_empty() && old_prefix.starts_with(to.trim_end_matches('/')));
+        if nested || old_prefix.is_empty() {
+            bail!(
+                "s3://{bucket}/{to} and the lake's prefix {shown:?} must not contain one \
+                 another; choose a sibling prefix"
+            );
+        }
+        if !fresh.list("").await?.is_empty() {
+            bail!("s3://{bucket}/{to} holds objects already; rebuild into an empty prefix");
+        }
+        let stream = Stream::for_workers(config).await?;
+        let log = stream.reader();
+        let quarantine = Quarantine::for_workers(config).await?;
+        let quarantine_log = quarantine
+            .reader()
+            .context("the quarantine has no log to read")?;
+        let outbox = match config.publish.backend {
+            PublishBackend::Outbox => {
+                let dir = config.data_dir.join("outbox");
+                Some(EmbeddedLogReader::open(
+                    &floodgate_sinks::outbox::log_root(&dir),
+                )?)
+            }
+            PublishBackend::Eventbridge => None,
+        };
+        let sources = floodgate_processors::rebuild::Sources {
+            stream: &*log,
+            quarantine: &*quarantine_log,
+            derived: outbox
+                .as_ref()
+                .map(|o| o as &dyn floodgate_core::stream::StreamReader),
+        };
+        let rebuilt = floodgate_processors::rebuild::rebuild(
+            sources,
+            &*old,
+            fresh,
+            tables,
+            config.lake.roll_bytes,
+        )
+        .await?;
+        if rebuilt.kept > 0 {
+            eprintln!(
+                "kept {} files whose runs start before what their source still holds",
+                rebuilt.kept
+            );
+        }
+        if rebuilt.compactions > 0 {
+            eprintln!("re-applied {} compactions", rebuilt.compactions);
+        }
+        eprintln!(
+            "rebuilt s3://{bucket}/{to} from {} records in {} shards; the lake at \
+             s3://{bucket}/{shown} is unchanged. To switch: stop the workers, set [lake] \
+             prefix = \"{to}\", point the tables at it (floodgate lake ddl --location \
+             s3://{bucket}/{to}), start the workers, then delete the old prefix.",
+            rebuilt.records, rebuilt.stream_shards
         );
         Ok(())
     })
