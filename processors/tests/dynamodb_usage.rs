@@ -80,10 +80,10 @@ fn write_units_per_thousand_bookings() {
             }
         }
         // Bookings applied per second by one worker's processor (one shard) against moto
-        // server: moto's speed, not DynamoDB's. moto copies every table for each
-        // TransactWriteItems (its rollback), about 2 s a call here once a table holds a
-        // thousand items, so the figure bounds nothing on AWS, where a transaction of 100
-        // items takes tens of milliseconds.
+        // server: moto's speed, not DynamoDB's. For its rollback, moto deep-copies the
+        // whole table once per item of a TransactWriteItems (moto/dynamodb/models), about
+        // 2 s a call of 100 items here once the table holds a few thousand, so the figure
+        // bounds nothing on AWS, where such a transaction takes tens of milliseconds.
         println!(
             "| bookings | write units / 1,000 | TransactWriteItems / 1,000 | applied/s (moto-bound) |"
         );
