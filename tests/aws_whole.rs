@@ -233,6 +233,9 @@ fn read_lake_at(moto: &Emulator, prefix: &str, table: &str) -> (Vec<String>, Vec
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    if !v["files"].as_array().is_some_and(Vec::is_empty) {
+        assert_eq!(v["duckdb_over_s3"], true, "DuckDB read the lake over S3: {v}");
+    }
     let ids = |k: &str| -> Vec<String> {
         v[k].as_array()
             .unwrap()

@@ -6,21 +6,30 @@ no code with it, and prints what they found as one JSON object.
 - pyarrow's S3 filesystem (the AWS C++ SDK, path-style, plain http) lists
   s3://BUCKET/PREFIXTABLE/ and reads it as a Hive-partitioned dataset: rows, event ids,
   partition columns;
-- DuckDB reads the same files with its own Parquet reader. Over S3 itself DuckDB needs its
-  httpfs extension, which it downloads from its own extension site (not reachable from our
-  machines); the one on PyPI (duckdb-ext-httpfs) is built for DuckDB 1.4.4 and refuses to
-  load into the pinned 2.0.0. So DuckDB reads the bytes pyarrow fetched from S3, and says
-  whether httpfs was available ("duckdb_over_s3").
+- DuckDB reads s3://BUCKET/PREFIXTABLE/**/*.parquet itself, over S3 with its httpfs
+  extension (path-style, plain http), with its own Parquet reader. DuckDB downloads httpfs
+  from its own site, which our machines cannot reach; PyPI carries it for DuckDB 1.4.4
+  only, so scripts/venv installs that DuckDB and its httpfs into .venv/duckdb-s3/, apart
+  from the venv's own DuckDB, and this script uses them ("duckdb_over_s3": true). Without
+  them, DuckDB reads the bytes pyarrow fetched ("duckdb_over_s3": false), and the tests
+  that need DuckDB over S3 say so.
 """
 
+import glob
 import json
 import os
 import sys
 import tempfile
 
-import duckdb
-import pyarrow.dataset as ds
-import pyarrow.fs as pafs
+# DuckDB with httpfs (see above), ahead of the venv's own.
+DUCKDB_S3 = os.path.join(os.path.dirname(sys.executable), "..", "duckdb-s3")
+HTTPFS = glob.glob(os.path.join(DUCKDB_S3, "duckdb_ext", "extensions", "*", "*", "httpfs.duckdb_extension"))
+if HTTPFS:
+    sys.path.insert(0, DUCKDB_S3)
+
+import duckdb  # noqa: E402
+import pyarrow.dataset as ds  # noqa: E402
+import pyarrow.fs as pafs  # noqa: E402
 
 
 def main() -> None:
@@ -54,10 +63,11 @@ def main() -> None:
 
     con = duckdb.connect()
     try:
-        con.sql("LOAD httpfs")
+        con.sql(f"LOAD '{HTTPFS[0]}'" if HTTPFS else "LOAD httpfs")
         out["duckdb_over_s3"] = True
     except duckdb.Error:
         out["duckdb_over_s3"] = False
+    out["duckdb_version"] = duckdb.__version__
     if out["duckdb_over_s3"]:
         con.sql(f"SET s3_endpoint='{host}'; SET s3_use_ssl=false; SET s3_url_style='path';"
                 " SET s3_access_key_id='test'; SET s3_secret_access_key='test'; SET s3_region='us-east-1'")
