@@ -255,14 +255,19 @@ impl Quarantine {
     }
 
     /// Where the lake's `quarantine` consumer keeps its leases and checkpoints: files
-    /// beside the local log (only this machine has it), or `[coordination]`'s store for
-    /// the Kinesis stream, which every worker shares.
-    pub(crate) async fn checkpoints(&self, config: &Config) -> Result<Arc<dyn CheckpointStore>> {
+    /// beside the local log (only this machine has it), or, for the Kinesis stream, the
+    /// store every worker shares: `shared`, the stream consumers' own (one store per lease
+    /// table and process, so a lease is only ever written through one).
+    pub(crate) fn checkpoints(
+        &self,
+        config: &Config,
+        shared: &Arc<dyn CheckpointStore>,
+    ) -> Result<Arc<dyn CheckpointStore>> {
         match self {
             Quarantine::Embedded(_) | Quarantine::EmbeddedView(_) => {
                 local_checkpoints(&config.data_dir.join("quarantine"))
             }
-            Quarantine::Kinesis { .. } => Ok(Coordination::open(config).await?.store()),
+            Quarantine::Kinesis { .. } => Ok(shared.clone()),
         }
     }
 

@@ -234,7 +234,10 @@ fn read_lake_at(moto: &Emulator, prefix: &str, table: &str) -> (Vec<String>, Vec
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     if !v["files"].as_array().is_some_and(Vec::is_empty) {
-        assert_eq!(v["duckdb_over_s3"], true, "DuckDB read the lake over S3: {v}");
+        assert_eq!(
+            v["duckdb_over_s3"], true,
+            "DuckDB read the lake over S3: {v}"
+        );
     }
     let ids = |k: &str| -> Vec<String> {
         v[k].as_array()
@@ -560,7 +563,10 @@ fn whole_run(faults: bool) {
         // checkpoint is behind it): with the faults, the guarantee is that a later worker
         // writes it, exactly once. Say when that was needed (the logs are kept on failure).
         let (early, _, _) = read_lake(&moto, "booking_requested");
-        if early != want {
+        let (held, _, _) = read_lake(&moto, "quarantine");
+        let mut want_held = rejected.clone();
+        want_held.sort();
+        if early != want || held != want_held {
             eprintln!(
                 "after the SIGTERM under faults, {} of {} acked requests were not in the lake \
                  yet; a third worker, without faults, finishes",
@@ -572,7 +578,11 @@ fn whole_run(faults: bool) {
             wait_for(
                 120,
                 "the third worker to write the rest of the lake",
-                || (read_lake(&moto, "booking_requested").0 == want).then_some(()),
+                || {
+                    (read_lake(&moto, "booking_requested").0 == want
+                        && read_lake(&moto, "quarantine").0 == want_held)
+                        .then_some(())
+                },
             );
             let term = Command::new("kill")
                 .args(["-TERM", &w3.id().to_string()])

@@ -446,9 +446,6 @@ struct ShardBuffer {
     /// A flush of `first..=last` failed: the next flush writes exactly this run before
     /// anything more is buffered, so it writes the same names.
     pinned: bool,
-    /// The run ends at a boundary the store already held: some of its files may have
-    /// existed before this flush.
-    reproducing: bool,
 }
 
 /// Which records a [`LakeProcessor`] turns into rows.
@@ -1184,9 +1181,9 @@ fn encode_run(
 impl LakeProcessor {
     /// Writes every group of `shard`'s buffer, then marks the run durable. On failure the
     /// buffer is left as it was and the run pinned (see the module docs); the files this
-    /// attempt wrote are removed when none of them can have existed before.
+    /// attempt wrote stay (see `undo`).
     async fn flush(&self, shard: &ShardId) -> Result<(), ProcessError> {
-        let (rows, first, last, reproducing) = {
+        let (rows, first, last) = {
             let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
             let Some(buf) = shards.get_mut(shard) else {
                 return Ok(());
@@ -1195,7 +1192,7 @@ impl LakeProcessor {
                 return Ok(());
             };
             buf.pinned = true;
-            (buf.rows.clone(), first, last, buf.reproducing)
+            (buf.rows.clone(), first, last)
         };
         let started = Instant::now();
         let run = format!("{first}-{last}");
@@ -1227,7 +1224,7 @@ impl LakeProcessor {
             // Not a run compaction already merged (a replay).
             let covered = match crate::compact::manifest(&*self.store, &file.partition).await {
                 Ok(m) => m.covers(&file.name),
-                Err(e) => return Err(self.undo(&written, reproducing, e).await),
+                Err(e) => return Err(self.undo(&written, e).await),
             };
             if covered {
                 continue;
@@ -1248,7 +1245,7 @@ impl LakeProcessor {
                 }
                 Err(e) => {
                     return Err(self
-                        .undo(&written, reproducing, ProcessError::Other(e.to_string()))
+                        .undo(&written, ProcessError::Other(e.to_string()))
                         .await);
                 }
             }
@@ -1265,29 +1262,17 @@ impl LakeProcessor {
         buf.last = None;
         buf.opened = None;
         buf.pinned = false;
-        buf.reproducing = false;
         buf.durable = Some(last);
         Ok(())
     }
 
-    /// After a failed flush: removes the files it wrote, unless the run is one the store
-    /// held before (its files may have been there already). Only files this attempt created
-    /// are in `written`. Whatever is left is named by the pinned run and holds its rows, so
-    /// the retry, or a restart's discovery, keeps it. Returns `error`.
-    async fn undo(
-        &self,
-        written: &[String],
-        reproducing: bool,
-        error: ProcessError,
-    ) -> ProcessError {
+    /// After a failed flush: the files it wrote stay. Each is named by the pinned run and
+    /// holds exactly its rows, so the retry (same run, same names) finds them there, and
+    /// so does a later tenure's discovery, which ends its runs where they end. Removing
+    /// them would not be safe: another worker that took the shard meanwhile may have found
+    /// one, counted it written, and moved its checkpoint past it. Returns `error`.
+    async fn undo(&self, written: &[String], error: ProcessError) -> ProcessError {
         tracing::warn!(error = %error, files = written.len(), "lake flush failed; the run is kept for the retry");
-        if !reproducing {
-            for key in written {
-                if let Err(e) = self.store.delete(key).await {
-                    tracing::warn!(%key, error = %e, "cannot remove a failed flush's file; the retry keeps it");
-                }
-            }
-        }
         error
     }
 
@@ -1311,13 +1296,18 @@ impl LakeProcessor {
             diverted,
         )
         .await?;
-        Ok(runs
+        // In order, once each: two runs that end at the same record (a file of the same
+        // run in two tables) are one boundary.
+        let mut ends: Vec<SequenceNumber> = runs
             .get(shard)
             .into_iter()
             .flatten()
             .filter(|(f, _)| f >= first)
             .map(|(_, l)| l.clone())
-            .collect())
+            .collect();
+        ends.sort();
+        ends.dedup();
+        Ok(ends)
     }
 
     fn is_pinned(&self, shard: &ShardId) -> bool {
@@ -1403,7 +1393,25 @@ impl ShardProcessor for LakeProcessor {
                     // Reproducing a run, the buffer ends exactly where the run did.
                     let free = buf.boundaries.is_empty();
                     let limit = self.config.roll_bytes;
-                    if free
+                    let passed = buf
+                        .boundaries
+                        .front()
+                        .filter(|end| **end < r.sequence)
+                        .cloned();
+                    if let Some(end) = passed {
+                        // A run the store holds ended at a record this tenure never saw
+                        // (dropped as a repeat): the buffer ends there too, under that
+                        // run's name, before this record. Waiting for it would hold the
+                        // buffer forever.
+                        buf.boundaries.pop_front();
+                        row = Some(next);
+                        if buf.first.is_some() {
+                            buf.last = Some(end);
+                            true
+                        } else {
+                            false
+                        }
+                    } else if free
                         && buf.first.is_some()
                         && buf.rows.bytes + buf.rows.growth(&next, self.chunk_bytes) > limit
                     {
@@ -1422,7 +1430,6 @@ impl ShardProcessor for LakeProcessor {
                             .fetch_max(buf.rows.bytes, std::sync::atomic::Ordering::Relaxed);
                         if buf.boundaries.front() == Some(&r.sequence) {
                             buf.boundaries.pop_front();
-                            buf.reproducing = true;
                             true
                         } else {
                             free && buf.rows.bytes >= limit

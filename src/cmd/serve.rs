@@ -115,7 +115,7 @@ impl Processors {
                 );
             }
             if let Some(q) = quarantine.reader() {
-                let q_checkpoints = quarantine.checkpoints(config_all).await?;
+                let q_checkpoints = quarantine.checkpoints(config_all, &checkpoints)?;
                 let held = Arc::new(LakeProcessor::quarantine(store, lake_config));
                 tasks.extend(
                     spawn_consumers(q, q_checkpoints, held, config, stop_rx.clone()).await?,
