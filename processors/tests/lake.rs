@@ -181,7 +181,7 @@ async fn drive_checking(
             };
             let pending: std::collections::BTreeSet<_> = runs(root)
                 .into_iter()
-                .filter(|(_, last)| !durable.is_some_and(|d| *last <= d))
+                .filter(|(_, last)| durable.is_none_or(|d| *last > d))
                 .collect();
             assert!(
                 pending.len() <= 1,
