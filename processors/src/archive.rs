@@ -133,7 +133,19 @@ struct Counters {
 enum CallOutcome {
     Accepted,
     Partial,
-    Failed(&'static str),
+    Throttled,
+    Unavailable,
+    Refused,
+}
+
+impl From<&ArchiveError> for CallOutcome {
+    fn from(e: &ArchiveError) -> Self {
+        match e {
+            ArchiveError::Throttled(_) => CallOutcome::Throttled,
+            ArchiveError::Unavailable(_) => CallOutcome::Unavailable,
+            ArchiveError::Refused(_) => CallOutcome::Refused,
+        }
+    }
 }
 
 impl Counters {
@@ -141,9 +153,9 @@ impl Counters {
         let (counter, label) = match outcome {
             CallOutcome::Accepted => (&self.calls_accepted, "accepted"),
             CallOutcome::Partial => (&self.calls_partial, "partial"),
-            CallOutcome::Failed("throttled") => (&self.calls_throttled, "throttled"),
-            CallOutcome::Failed("refused") => (&self.calls_refused, "refused"),
-            CallOutcome::Failed(_) => (&self.calls_unavailable, "unavailable"),
+            CallOutcome::Throttled => (&self.calls_throttled, "throttled"),
+            CallOutcome::Unavailable => (&self.calls_unavailable, "unavailable"),
+            CallOutcome::Refused => (&self.calls_refused, "refused"),
         };
         counter.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("floodgate_archive_calls_total", "outcome" => label).increment(1);
@@ -367,6 +379,7 @@ impl ArchiveProcessor {
         let mut attempt = 0u32;
         let mut logged: Option<Instant> = None;
         loop {
+            let mut refused = false;
             let why = match self.archive.put(&pending).await {
                 Ok(results) if results.len() == pending.len() => {
                     let mut failed = Vec::new();
@@ -396,7 +409,7 @@ impl ArchiveProcessor {
                 }
                 Ok(results) => {
                     // Against the role's contract; nothing shows which were stored.
-                    self.counters.call(CallOutcome::Failed("unavailable"));
+                    self.counters.call(CallOutcome::Unavailable);
                     format!(
                         "the archive answered {} results for {} records",
                         results.len(),
@@ -404,15 +417,22 @@ impl ArchiveProcessor {
                     )
                 }
                 Err(e) => {
-                    self.counters.call(CallOutcome::Failed(e.kind()));
-                    log_call_error(&e);
+                    self.counters.call(CallOutcome::from(&e));
+                    refused = matches!(e, ArchiveError::Refused(_));
                     e.to_string()
                 }
             };
             attempt = attempt.saturating_add(1);
             if logged.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
                 logged = Some(Instant::now());
-                tracing::warn!(%shard, attempt, records = pending.len(), why = %why, "archive put failed; retrying");
+                if refused {
+                    // No retry fixes this by itself, but one is kept trying so that a fixed
+                    // destination (a delivery stream recreated, a permission granted) takes
+                    // over without a restart.
+                    tracing::error!(%shard, attempt, records = pending.len(), why = %why, "the archive refuses the put; retrying until it is fixed");
+                } else {
+                    tracing::warn!(%shard, attempt, records = pending.len(), why = %why, "archive put failed; retrying");
+                }
             }
             if self.stopping() || self.back_off(attempt).await {
                 return Err(ProcessError::Other(format!(
@@ -422,14 +442,6 @@ impl ArchiveProcessor {
                 )));
             }
         }
-    }
-}
-
-fn log_call_error(e: &ArchiveError) {
-    if let ArchiveError::Refused(_) = e {
-        // Not something a retry fixes by itself; kept trying so that a fixed destination
-        // (a delivery stream recreated, a permission granted) takes over without a restart.
-        tracing::debug!(error = %e, "the archive refused a call");
     }
 }
 
