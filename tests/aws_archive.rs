@@ -135,6 +135,18 @@ fn post(server: &Server, tag: &str) -> BTreeMap<String, Value> {
     accepted
 }
 
+/// A `floodgate process` child, killed if the test fails before it is stopped.
+struct Worker(Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn terminate(child: &mut Child) -> Option<i32> {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -227,20 +239,22 @@ fn serve_and_process_archive_every_accepted_event_and_refuse_a_missing_stream() 
 
     // `process` archives what the stream already holds, from its start.
     let log = std::fs::File::create(dir.path().join("process.log")).unwrap();
-    let mut worker = floodgate()
-        .args(["process", "--config"])
-        .arg(&good)
-        .env_remove("AWS_PROFILE")
-        .envs(CREDENTIALS)
-        .env("FLOODGATE_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut worker = Worker(
+        floodgate()
+            .args(["process", "--config"])
+            .arg(&good)
+            .env_remove("AWS_PROFILE")
+            .envs(CREDENTIALS)
+            .env("FLOODGATE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     wait_for(60, "process to archive the first events", || {
         (archived(&moto).len() == accepted.len()).then_some(())
     });
-    assert_eq!(terminate(&mut worker), Some(0));
+    assert_eq!(terminate(&mut worker.0), Some(0));
 
     // `serve` archives what it accepts from then on, and counts it.
     let good_arg = good.display().to_string();
