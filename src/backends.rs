@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use floodgate_aws::eventbridge::EventBridgePublisher;
+use floodgate_aws::firehose::FirehoseArchive;
 use floodgate_aws::kinesis::{
     KinesisReader, KinesisReaderConfig, KinesisWriter, KinesisWriterConfig,
 };
@@ -14,7 +15,8 @@ use floodgate_aws::leases::DynamoDbLeases;
 use floodgate_aws::s3::S3Store;
 use floodgate_aws::state::DynamoDbStateStore;
 use floodgate_core::config::{
-    Config, CoordinationBackend, LakeStore, PublishBackend, StateBackend, StreamBackend,
+    ArchiveBackend, Config, CoordinationBackend, LakeStore, PublishBackend, StateBackend,
+    StreamBackend,
 };
 use floodgate_core::object_store::ObjectStore;
 use floodgate_core::state::{Publisher, StateStore};
@@ -519,6 +521,46 @@ impl Publish {
         match self {
             Publish::Outbox { log, .. } => Some(log),
             Publish::EventBridge(_) => None,
+        }
+    }
+}
+
+/// The archive role of `[archive]`: where the archive consumer copies accepted events.
+#[derive(Debug)]
+pub(crate) enum Archive {
+    /// No archive (the default).
+    None,
+    /// A Firehose delivery stream (created by the deployment, not by `aws init`).
+    Firehose(Arc<FirehoseArchive>),
+}
+
+impl Archive {
+    /// The archive of `[archive]`; a Firehose delivery stream is checked to be ACTIVE (one
+    /// being created is waited for): an unreachable endpoint or a missing delivery stream
+    /// fails here, naming Firehose and why.
+    pub(crate) async fn open(config: &Config) -> Result<Self> {
+        match config.archive.backend {
+            ArchiveBackend::None => Ok(Archive::None),
+            ArchiveBackend::Firehose => {
+                let a = &config.archive;
+                let sdk = aws_sdk(config, "firehose").await?;
+                let client = floodgate_aws::client::firehose(&sdk, a.endpoint_url.as_deref());
+                floodgate_aws::firehose::wait_active(&client, &a.delivery_stream_name)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("the archive is not usable: {e}"))?;
+                Ok(Archive::Firehose(Arc::new(FirehoseArchive::new(
+                    client,
+                    a.delivery_stream_name.clone(),
+                ))))
+            }
+        }
+    }
+
+    /// The role's trait object; `None` when no archive is configured.
+    pub(crate) fn archive(&self) -> Option<Arc<dyn floodgate_core::archive::Archive>> {
+        match self {
+            Archive::None => None,
+            Archive::Firehose(a) => Some(a.clone()),
         }
     }
 }

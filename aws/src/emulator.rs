@@ -60,6 +60,105 @@ impl Emulator {
         aws_sdk_s3::Client::from_conf(config)
     }
 
+    /// A Firehose client of this emulator, with dummy credentials of its own.
+    pub fn firehose_client(&self) -> aws_sdk_firehose::Client {
+        use aws_sdk_firehose::config::{BehaviorVersion, Credentials, Region};
+        let config = aws_sdk_firehose::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(&self.endpoint)
+            .credentials_provider(Credentials::new("test", "test", None, None, "emulator"))
+            .build();
+        aws_sdk_firehose::Client::from_conf(config)
+    }
+
+    /// Creates `bucket` and a Firehose delivery stream `name` delivering to it under
+    /// `prefix` (moto server: an ExtendedS3 destination, which moto writes synchronously,
+    /// one object per PutRecordBatch call, the call's records concatenated).
+    pub async fn firehose_to_bucket(
+        &self,
+        name: &str,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<(), String> {
+        use aws_sdk_firehose::types::{
+            BufferingHints, CompressionFormat, DeliveryStreamType,
+            ExtendedS3DestinationConfiguration,
+        };
+        self.s3_client()
+            .create_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .map_err(|e| format!("create bucket {bucket}: {e:?}"))?;
+        let destination = ExtendedS3DestinationConfiguration::builder()
+            .role_arn("arn:aws:iam::123456789012:role/firehose-delivery")
+            .bucket_arn(format!("arn:aws:s3:::{bucket}"))
+            .prefix(prefix)
+            // moto answers DescribeDeliveryStream with the configuration it was given, and
+            // the SDK refuses a description without a compression format.
+            .compression_format(CompressionFormat::Uncompressed)
+            .buffering_hints(
+                BufferingHints::builder()
+                    .size_in_mbs(128)
+                    .interval_in_seconds(300)
+                    .build(),
+            )
+            .build()
+            .map_err(|e| e.to_string())?;
+        self.firehose_client()
+            .create_delivery_stream()
+            .delivery_stream_name(name)
+            .delivery_stream_type(DeliveryStreamType::DirectPut)
+            .extended_s3_destination_configuration(destination)
+            .send()
+            .await
+            .map_err(|e| format!("create delivery stream {name}: {e:?}"))?;
+        Ok(())
+    }
+
+    /// Every object of `bucket` under `prefix`, by key, with its bytes.
+    pub async fn s3_objects(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, bytes::Bytes)>, String> {
+        let s3 = self.s3_client();
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let page = s3
+                .list_objects_v2()
+                .bucket(bucket)
+                .prefix(prefix)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(|e| format!("list {bucket}/{prefix}: {e:?}"))?;
+            for object in page.contents() {
+                let key = object.key().unwrap_or_default().to_owned();
+                let body = s3
+                    .get_object()
+                    .bucket(bucket)
+                    .key(&key)
+                    .send()
+                    .await
+                    .map_err(|e| format!("get {key}: {e:?}"))?
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| format!("read {key}: {e}"))?
+                    .into_bytes();
+                out.push((key, body));
+            }
+            token = page.next_continuation_token().map(str::to_owned);
+            if token.is_none() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// A Kinesis client of this emulator, with dummy credentials of its own.
     pub fn kinesis_client(&self) -> aws_sdk_kinesis::Client {
         use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};

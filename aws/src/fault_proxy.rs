@@ -47,13 +47,16 @@
 //!   sees ([`Rule::every`]) or with a probability drawn from the plan's seeded generator
 //!   ([`Rule::probability`]; the same seed and the same order of calls give the same
 //!   faults), and at most [`Rule::times`] times.
-//! - [`Fault::FailRecords`] rules work per record of a forwarded PutRecords call instead:
-//!   each record is one candidate, and a record that fires is *removed* from the request
-//!   (so the emulator never stores it), then a failed entry is spliced back into the answer
-//!   at its index and `FailedRecordCount` is raised. If every record is removed, the proxy
-//!   answers without forwarding. The Rust SDK sends Kinesis requests as AWS JSON 1.1
-//!   (`application/x-amz-json-1.1`, not CBOR); a body that is not JSON is refused with a 400
-//!   `FaultProxyUnsupportedBody` instead of passing through silently unfaulted.
+//! - [`Fault::FailRecords`] rules work per record of a forwarded batch call instead —
+//!   Kinesis `PutRecords`, and Firehose `PutRecordBatch`: each record is one candidate,
+//!   and a record that fires is *removed* from the request's `Records` (so the emulator
+//!   never stores it), then a failed entry is spliced back into the answer at its index
+//!   (`Records` for Kinesis, `RequestResponses` for Firehose, each with `ErrorCode` and
+//!   `ErrorMessage`) and the failed count (`FailedRecordCount`, `FailedPutCount`) is raised.
+//!   If every record is removed, the proxy answers without forwarding. The Rust SDK sends
+//!   both as AWS JSON 1.1 (`application/x-amz-json-1.1`, not CBOR); a body that is not JSON
+//!   is refused with a 400 `FaultProxyUnsupportedBody` instead of passing through silently
+//!   unfaulted.
 //! - Requests are forwarded as they came, SigV4 headers and `Host` (the proxy's address)
 //!   included: kinesalite and moto check that a request is signed but not the signature,
 //!   so neither that `Host` nor a PutRecords body with records removed is refused.
@@ -91,10 +94,11 @@ pub enum Phase {
     AfterForwarding,
 }
 
-/// The per-record failure a [`Fault::FailRecords`] rule puts into a PutRecords answer.
+/// The per-record failure a [`Fault::FailRecords`] rule puts into a batch call's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordError {
-    /// `ProvisionedThroughputExceededException`: the shard's write limit.
+    /// The write limit: Kinesis' `ProvisionedThroughputExceededException` (the shard's),
+    /// Firehose's `ServiceUnavailableException` (the delivery stream's, "Slow down.").
     ThroughputExceeded,
     /// `InternalFailure`.
     InternalFailure,
@@ -103,8 +107,8 @@ pub enum RecordError {
 /// What a rule does to a call (or, for `FailRecords`, to a record).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
-    /// Kinesis PutRecords only: the record is removed before forwarding and answered as
-    /// failed with this error.
+    /// Kinesis PutRecords and Firehose PutRecordBatch only: the record is removed before
+    /// forwarding and answered as failed with this error.
     FailRecords(RecordError),
     /// An AWS JSON error answered without forwarding: this status and
     /// `{"__type": code, "message": …}`.
@@ -311,7 +315,7 @@ impl State {
             .any(|r| matches!(r.fault, Fault::FailRecords(_)) && r.matches(target))
     }
 
-    /// The failure, if any, for each of a PutRecords call's `count` records.
+    /// The failure, if any, for each of a batch call's `count` records.
     fn record_faults(&mut self, target: &str, count: usize) -> Vec<Option<RecordError>> {
         (0..count)
             .map(|_| {
@@ -446,7 +450,7 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
     }
 }
 
-/// A whole answer, before it becomes a response (PutRecords answers are rewritten).
+/// A whole answer, before it becomes a response (batch calls' answers are rewritten).
 #[derive(Debug)]
 struct Answer {
     status: StatusCode,
@@ -575,21 +579,25 @@ async fn handle(
         _ => {}
     }
 
-    let answer = match put_records_faults(&shared, &target, &content_type, body) {
+    let answer = match record_faults(&shared, &target, &content_type, body) {
         Ok(RecordFaults::None(body)) => forward(&shared, &parts, body).await,
         Ok(RecordFaults::Some {
+            call,
             body,
             failed,
             stream,
         }) => {
             let upstream = if failed.iter().all(Option::is_some) {
-                // Nothing is left to write: answer as Kinesis would, without forwarding.
-                let empty = r#"{"FailedRecordCount":0,"Records":[]}"#.to_owned();
-                Ok(Answer::json(StatusCode::OK, &content_type, empty))
+                // Nothing is left to write: answer as the service would, without forwarding.
+                Ok(Answer::json(
+                    StatusCode::OK,
+                    &content_type,
+                    call.empty_answer(),
+                ))
             } else {
                 forward(&shared, &parts, body).await
             };
-            upstream.and_then(|a| splice(a, &failed, &stream))
+            upstream.and_then(|a| splice(call, a, &failed, &stream))
         }
         Err(why) => Ok(Answer::aws_error(
             StatusCode::BAD_REQUEST,
@@ -666,31 +674,127 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
         .unwrap_or("")
 }
 
+/// A call whose records [`Fault::FailRecords`] fails one by one, and where its request
+/// and answer keep them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BatchCall {
+    /// Kinesis `PutRecords`: answer `Records`, count `FailedRecordCount`.
+    KinesisPutRecords,
+    /// Firehose `PutRecordBatch`: answer `RequestResponses`, count `FailedPutCount`.
+    FirehosePutRecordBatch,
+}
+
+impl BatchCall {
+    fn of(target: &str) -> Option<BatchCall> {
+        match target.rsplit_once('.') {
+            Some((service, "PutRecords")) if service.starts_with("Kinesis_") => {
+                Some(BatchCall::KinesisPutRecords)
+            }
+            Some((service, "PutRecordBatch")) if service.starts_with("Firehose_") => {
+                Some(BatchCall::FirehosePutRecordBatch)
+            }
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            BatchCall::KinesisPutRecords => "PutRecords",
+            BatchCall::FirehosePutRecordBatch => "PutRecordBatch",
+        }
+    }
+
+    /// The answer's per-record list.
+    fn results_field(self) -> &'static str {
+        match self {
+            BatchCall::KinesisPutRecords => "Records",
+            BatchCall::FirehosePutRecordBatch => "RequestResponses",
+        }
+    }
+
+    /// The answer's count of failed records.
+    fn failed_field(self) -> &'static str {
+        match self {
+            BatchCall::KinesisPutRecords => "FailedRecordCount",
+            BatchCall::FirehosePutRecordBatch => "FailedPutCount",
+        }
+    }
+
+    /// The request's name of the stream written, for error messages.
+    fn stream_fields(self) -> [&'static str; 2] {
+        match self {
+            BatchCall::KinesisPutRecords => ["StreamName", "StreamARN"],
+            BatchCall::FirehosePutRecordBatch => ["DeliveryStreamName", "DeliveryStreamName"],
+        }
+    }
+
+    /// The service's answer to a call with no records left in it.
+    fn empty_answer(self) -> String {
+        match self {
+            BatchCall::KinesisPutRecords => r#"{"FailedRecordCount":0,"Records":[]}"#.to_owned(),
+            BatchCall::FirehosePutRecordBatch => {
+                r#"{"FailedPutCount":0,"Encrypted":false,"RequestResponses":[]}"#.to_owned()
+            }
+        }
+    }
+
+    /// A failed entry as the service writes it.
+    fn failed_entry(self, error: RecordError, stream: &str) -> Value {
+        match (self, error) {
+            (BatchCall::KinesisPutRecords, RecordError::ThroughputExceeded) => json!({
+                "ErrorCode": "ProvisionedThroughputExceededException",
+                "ErrorMessage": format!(
+                    "Rate exceeded for shard in stream {stream} under account \
+                     000000000000 (injected by the fault proxy)."
+                ),
+            }),
+            (BatchCall::FirehosePutRecordBatch, RecordError::ThroughputExceeded) => json!({
+                "ErrorCode": "ServiceUnavailableException",
+                "ErrorMessage": format!(
+                    "Slow down. Delivery stream {stream} is over its limits \
+                     (injected by the fault proxy)."
+                ),
+            }),
+            (_, RecordError::InternalFailure) => json!({
+                "ErrorCode": "InternalFailure",
+                "ErrorMessage": "Internal service failure (injected by the fault proxy).",
+            }),
+        }
+    }
+}
+
 enum RecordFaults {
     /// Forward the body as it came.
     None(Bytes),
     /// Forward `body` (the request less the failed records); `failed` has one entry per
     /// original record.
     Some {
+        call: BatchCall,
         body: Bytes,
         failed: Vec<Option<RecordError>>,
         stream: String,
     },
 }
 
-/// Picks the PutRecords records to fail and removes them from the request; `Err` says why
-/// the proxy cannot rewrite this body.
-fn put_records_faults(
+/// Picks the records of a batch call to fail and removes them from the request; `Err`
+/// says why the proxy cannot rewrite this body.
+fn record_faults(
     shared: &Shared,
     target: &str,
     content_type: &str,
     body: Bytes,
 ) -> Result<RecordFaults, String> {
-    if !target.ends_with(".PutRecords") || !shared.state().has_record_rules(target) {
+    let Some(call) = BatchCall::of(target) else {
+        return Ok(RecordFaults::None(body));
+    };
+    if !shared.state().has_record_rules(target) {
         return Ok(RecordFaults::None(body));
     }
     let refuse = |why: &str| {
-        format!("fault proxy cannot fail records of this PutRecords body ({content_type}): {why}")
+        format!(
+            "fault proxy cannot fail records of this {} body ({content_type}): {why}",
+            call.name()
+        )
     };
     if !content_type.starts_with("application/x-amz-json") {
         return Err(refuse("not AWS JSON"));
@@ -708,22 +812,24 @@ fn put_records_faults(
         index += 1;
         failed[index - 1].is_none()
     });
-    let stream = request
-        .get("StreamName")
-        .or_else(|| request.get("StreamARN"))
-        .and_then(Value::as_str)
+    let stream = call
+        .stream_fields()
+        .iter()
+        .find_map(|f| request.get(*f).and_then(Value::as_str))
         .unwrap_or("?")
         .to_owned();
     Ok(RecordFaults::Some {
+        call,
         body: Bytes::from(request.to_string()),
         failed,
         stream,
     })
 }
 
-/// Puts a failed entry back at each failed record's index of a PutRecords answer. An
+/// Puts a failed entry back at each failed record's index of a batch call's answer. An
 /// answer that is not a success passes through: the whole call failed anyway.
 fn splice(
+    call: BatchCall,
     mut answer: Answer,
     failed: &[Option<RecordError>],
     stream: &str,
@@ -731,26 +837,17 @@ fn splice(
     if answer.status != StatusCode::OK {
         return Ok(answer);
     }
+    let (name, field) = (call.name(), call.results_field());
     let mut json: Value = serde_json::from_slice(&answer.body)
-        .map_err(|e| format!("unreadable PutRecords answer from the emulator: {e}"))?;
-    let mut upstream = match json.get_mut("Records").map(Value::take) {
+        .map_err(|e| format!("unreadable {name} answer from the emulator: {e}"))?;
+    let mut upstream = match json.get_mut(field).map(Value::take) {
         Some(Value::Array(records)) => records.into_iter(),
-        _ => return Err("PutRecords answer from the emulator has no Records".to_owned()),
+        _ => return Err(format!("{name} answer from the emulator has no {field}")),
     };
     let mut records = Vec::with_capacity(failed.len());
     for error in failed {
         records.push(match error {
-            Some(RecordError::ThroughputExceeded) => json!({
-                "ErrorCode": "ProvisionedThroughputExceededException",
-                "ErrorMessage": format!(
-                    "Rate exceeded for shard in stream {stream} under account \
-                     000000000000 (injected by the fault proxy)."
-                ),
-            }),
-            Some(RecordError::InternalFailure) => json!({
-                "ErrorCode": "InternalFailure",
-                "ErrorMessage": "Internal service failure (injected by the fault proxy).",
-            }),
+            Some(error) => call.failed_entry(*error, stream),
             None => upstream
                 .next()
                 .ok_or("the emulator answered fewer records than it was sent")?,
@@ -760,8 +857,8 @@ fn splice(
         .iter()
         .filter(|r| r.get("ErrorCode").is_some())
         .count();
-    json["Records"] = Value::Array(records);
-    json["FailedRecordCount"] = json!(failed_count);
+    json[field] = Value::Array(records);
+    json[call.failed_field()] = json!(failed_count);
     answer.body = Bytes::from(json.to_string());
     Ok(answer)
 }

@@ -1,7 +1,7 @@
 //! The fault proxy itself, against kinesalite and moto server through the Rust SDK: each
-//! fault shows up in the SDK as it would from AWS, a failed record or a call refused before
-//! forwarding is really not written, a call faulted after forwarding really is, and
-//! everything else passes through unchanged.
+//! fault shows up in the SDK as it would from AWS, a failed record (Kinesis PutRecords,
+//! Firehose PutRecordBatch) or a call refused before forwarding is really not written, a
+//! call faulted after forwarding really is, and everything else passes through unchanged.
 #![cfg(feature = "emulator-tests")]
 
 use std::collections::BTreeSet;
@@ -90,6 +90,18 @@ async fn dynamodb(endpoint: &str, sdk: Sdk) -> aws_sdk_dynamodb::Client {
         .timeout_config(timeouts(sdk))
         .build();
     aws_sdk_dynamodb::Client::from_conf(config)
+}
+
+async fn firehose(endpoint: &str, sdk: Sdk) -> aws_sdk_firehose::Client {
+    let base = client::firehose(&sdk_config().await, Some(endpoint));
+    let config = base
+        .config()
+        .to_builder()
+        .credentials_provider(dummy_credentials())
+        .retry_config(retry(sdk))
+        .timeout_config(timeouts(sdk))
+        .build();
+    aws_sdk_firehose::Client::from_conf(config)
 }
 
 /// Kinesalite with an ACTIVE two-shard stream, the proxy in front of it, and a client that
@@ -673,4 +685,113 @@ async fn dynamodb_faults_through_moto() {
     bump().await.expect("behaves after the faults");
     assert_eq!(counter().await, "3");
     assert_eq!(proxy.injected().by_rule, [1, 1, 1]);
+}
+
+/// Firehose PutRecordBatch through moto server: records failed by the proxy are answered
+/// in `RequestResponses` with an `ErrorCode` and counted in `FailedPutCount`, and are
+/// really not delivered; the others are, whole and in their place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_record_batch_partial_failure_removes_the_failed_records() {
+    use aws_sdk_firehose::primitives::Blob;
+    use aws_sdk_firehose::types::Record;
+
+    const BATCH: &str = "Firehose_20150804.PutRecordBatch";
+    let moto = emulator::moto().expect("start moto server");
+    moto.firehose_to_bucket("raw", "archive", "raw/")
+        .await
+        .expect("create the bucket and the delivery stream");
+    let proxy = FaultProxy::start(moto.addr)
+        .await
+        .expect("start the fault proxy");
+    let fh = firehose(&proxy.endpoint(), NO_RETRY).await;
+    let put = |tag: &'static str, n: usize| {
+        let records = (0..n)
+            .map(|i| {
+                Record::builder()
+                    .data(Blob::new(format!("{tag}-{i}\n")))
+                    .build()
+                    .expect("a record")
+            })
+            .collect();
+        fh.put_record_batch()
+            .delivery_stream_name("raw")
+            .set_records(Some(records))
+            .send()
+    };
+
+    // Every 3rd record, at most 3: records 2, 5 and 8 of 10 fail.
+    let slow = Fault::FailRecords(RecordError::ThroughputExceeded);
+    proxy.set(FaultPlan::default().rule(Rule::new("PutRecordBatch", slow).every(3).times(3)));
+    let out = put("a", 10).await.expect("put a batch");
+    assert_eq!(out.failed_put_count(), 3);
+    assert_eq!(out.request_responses().len(), 10);
+    for (i, r) in out.request_responses().iter().enumerate() {
+        if [2, 5, 8].contains(&i) {
+            assert_eq!(r.error_code(), Some("ServiceUnavailableException"), "{r:?}");
+            assert!(
+                r.error_message()
+                    .is_some_and(|m| m.starts_with("Slow down.") && m.contains("raw")),
+                "{r:?}"
+            );
+            assert!(r.record_id().is_none(), "{r:?}");
+        } else {
+            assert!(r.error_code().is_none() && r.record_id().is_some(), "{r:?}");
+        }
+    }
+    let injected = proxy.injected();
+    assert_eq!(injected.by_rule, [3]);
+    assert_eq!(injected.calls.get(BATCH), Some(&1), "{injected:?}");
+
+    // InternalFailure on the first two records of the next call.
+    let internal = Fault::FailRecords(RecordError::InternalFailure);
+    proxy.set(FaultPlan::default().rule(Rule::new(BATCH, internal).times(2)));
+    let out = put("b", 4).await.expect("put a batch");
+    assert_eq!(out.failed_put_count(), 2);
+    let codes: Vec<Option<&str>> = out
+        .request_responses()
+        .iter()
+        .map(|r| r.error_code())
+        .collect();
+    assert_eq!(
+        codes,
+        [Some("InternalFailure"), Some("InternalFailure"), None, None]
+    );
+
+    // Every record fails: the proxy answers without forwarding.
+    let all = Fault::FailRecords(RecordError::ThroughputExceeded);
+    proxy.set(FaultPlan::default().rule(Rule::new("PutRecordBatch", all)));
+    let out = put("c", 3).await.expect("put a batch");
+    assert_eq!(out.failed_put_count(), 3);
+    assert!(
+        out.request_responses()
+            .iter()
+            .all(|r| r.error_code().is_some())
+    );
+    assert_eq!(proxy.injected().forwarded, 0);
+
+    // A Kinesis rule leaves Firehose alone.
+    let kinesis_only = Fault::FailRecords(RecordError::ThroughputExceeded);
+    proxy.set(FaultPlan::default().rule(Rule::new("PutRecords", kinesis_only)));
+    let out = put("d", 2).await.expect("put a batch");
+    assert_eq!(out.failed_put_count(), 0);
+    assert_eq!(proxy.injected().by_rule, [0]);
+
+    // moto delivered each forwarded call as one object: exactly the records not failed.
+    let mut delivered: Vec<String> = Vec::new();
+    for (_, body) in moto
+        .s3_objects("archive", "raw/")
+        .await
+        .expect("read the bucket")
+    {
+        let text = String::from_utf8(body.to_vec()).expect("text");
+        delivered.extend(text.lines().map(str::to_owned));
+    }
+    delivered.sort();
+    let mut want: Vec<String> = [0, 1, 3, 4, 6, 7, 9]
+        .iter()
+        .map(|i| format!("a-{i}"))
+        .chain(["b-2", "b-3", "d-0", "d-1"].map(str::to_owned))
+        .collect();
+    want.sort();
+    assert_eq!(delivered, want);
 }

@@ -175,6 +175,18 @@ impl MemoryBudget {
                     "(2 × stream.embedded.shards + 2) consumers × {READ_BATCH_RECORDS} records × {ASSUMED_RECORD_BYTES} B"
                 ),
             );
+            if config.archive.backend != crate::config::ArchiveBackend::None {
+                // Per stream shard: its read batch, the batch packed into archive records,
+                // and the call being sent as the SDK encodes it (a copy of at most a
+                // batch's records, base64: a call is far smaller than a batch).
+                line(
+                    "archive consumers",
+                    shards * 3 * READ_BATCH_RECORDS * ASSUMED_RECORD_BYTES,
+                    format!(
+                        "stream.embedded.shards × 3 copies of {READ_BATCH_RECORDS} records × {ASSUMED_RECORD_BYTES} B (read, packed, sent)"
+                    ),
+                );
+            }
             line(
                 "relay batch",
                 RELAY_BATCH_ENTRIES * READ_BATCH_RECORDS * ASSUMED_RECORD_BYTES,
@@ -361,6 +373,24 @@ mod tests {
         ] {
             assert!(b.lines.iter().all(|l| l.name != gone), "{gone}: {b}");
         }
+    }
+
+    #[test]
+    fn the_archive_consumer_counts_only_when_configured() {
+        let mut c = Config::default();
+        c.stream.embedded.shards = 4;
+        let off = MemoryBudget::from_config(&c);
+        assert_eq!(off.line("archive consumers"), 0);
+        c.archive.backend = crate::config::ArchiveBackend::Firehose;
+        let on = MemoryBudget::from_config(&c);
+        assert_eq!(on.line("archive consumers"), 4 * 3 * 10_000 * 1024);
+        assert_eq!(on.total(), off.total() + 4 * 3 * 10_000 * 1024);
+        let ingest = MemoryBudget::for_role(&c, Role::Ingest);
+        assert_eq!(
+            ingest.line("archive consumers"),
+            0,
+            "the edge does not archive"
+        );
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct Config {
     pub lake: LakeConfig,
     pub state: StateConfig,
     pub publish: PublishConfig,
+    /// `[archive]`: a raw copy of every accepted event (none by default).
+    pub archive: ArchiveConfig,
     /// `[aws]`: shared by every AWS client; only read when a section names an AWS backend.
     pub aws: AwsConfig,
     /// `[coordination]`: where consumers keep their leases and checkpoints.
@@ -51,6 +53,7 @@ impl Default for Config {
             lake: LakeConfig::default(),
             state: StateConfig::default(),
             publish: PublishConfig::default(),
+            archive: ArchiveConfig::default(),
             aws: AwsConfig::default(),
             coordination: CoordinationConfig::default(),
         }
@@ -138,6 +141,40 @@ pub enum PublishBackend {
     Outbox,
     /// PutEvents to an EventBridge bus.
     Eventbridge,
+}
+
+/// `[archive]`: where the archive consumer puts a raw copy of every accepted event, as
+/// NDJSON (the producers' CloudEvents, one a line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveConfig {
+    pub backend: ArchiveBackend,
+    /// The Firehose delivery stream (`backend = "firehose"`). Floodgate does not create
+    /// it: it needs a destination (an S3 bucket and a role), which the deployment makes.
+    pub delivery_stream_name: String,
+    /// Overrides `[aws].endpoint_url` for Firehose.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        Self {
+            backend: ArchiveBackend::None,
+            delivery_stream_name: "floodgate-raw".to_owned(),
+            endpoint_url: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchiveBackend {
+    /// No archive: the stream's retention and the lake are the only copies.
+    #[default]
+    None,
+    /// `PutRecordBatch` to a Firehose delivery stream (which delivers to S3).
+    Firehose,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -580,6 +617,11 @@ impl Config {
         {
             return e("publish.event_bus_name must not be empty");
         }
+        if self.archive.backend == ArchiveBackend::Firehose
+            && self.archive.delivery_stream_name.is_empty()
+        {
+            return e("archive.delivery_stream_name must not be empty");
+        }
         if s.segment_bytes < 4096 {
             return e("stream.embedded.segment_bytes must be at least 4096");
         }
@@ -734,6 +776,39 @@ mod tests {
         let c = Config::from_toml(&format!("{kinesis}quarantine_stream_name = \"ev\"")).unwrap();
         let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("quarantine_stream_name"), "{e}");
+    }
+
+    #[test]
+    fn archive_is_off_unless_named_and_needs_a_stream_name() {
+        let c = Config::default();
+        assert_eq!(c.archive.backend, ArchiveBackend::None);
+        let c = Config::from_toml(
+            "[archive]\nbackend = \"firehose\"\ndelivery_stream_name = \"raw\"\n\
+             endpoint_url = \"http://127.0.0.1:4566\"",
+        )
+        .unwrap();
+        assert_eq!(c.archive.backend, ArchiveBackend::Firehose);
+        assert_eq!(c.archive.delivery_stream_name, "raw");
+        assert_eq!(
+            c.archive.endpoint_url.as_deref(),
+            Some("http://127.0.0.1:4566")
+        );
+        c.validate().unwrap();
+        let c = Config::from_toml("[archive]\nbackend = \"firehose\"").unwrap();
+        assert_eq!(c.archive.delivery_stream_name, "floodgate-raw");
+        c.validate().unwrap();
+        let c = Config::from_toml("[archive]\nbackend = \"firehose\"\ndelivery_stream_name = \"\"")
+            .unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(
+            e.to_string().contains("archive.delivery_stream_name"),
+            "{e}"
+        );
+        // The name alone is not checked while no archive is configured.
+        let c = Config::from_toml("[archive]\ndelivery_stream_name = \"\"").unwrap();
+        c.validate().unwrap();
+        assert!(Config::from_toml("[archive]\nbackend = \"kinesis\"").is_err());
+        assert!(Config::from_toml("[archive]\nstream = \"x\"").is_err());
     }
 
     #[test]

@@ -15,12 +15,16 @@
 //!    [`stream::CheckpointStore`]); `floodgate-sinks` implements them.
 //!
 //! [`check::check_body`] runs steps 1–2 over a whole body.
+//! The stream's consumers write their effects through the other roles: [`state`] (the
+//! bookings state and the publisher of derived events), [`object_store`] (the lake's files)
+//! and [`archive`] (a raw copy of every accepted event).
 //! [`config`] holds the typed configuration of the whole binary; [`budget`] the memory it
 //! allows each buffer.
 //!
 //! Invariants: this crate does no I/O (schemas arrive as strings, files are read by the
 //! caller), knows no backend and no HTTP stack, and never panics on input.
 
+pub mod archive;
 pub mod budget;
 pub mod check;
 pub mod config;

@@ -14,11 +14,14 @@
 //! - [`lake`] writes accepted events as typed Parquet, one file per table, hour partition
 //!   and run of the shard, through the `ObjectStore` role; [`parquet`] encodes them, and
 //!   [`compact`] merges a partition's small files.
+//! - [`archive`] copies accepted events, as the producers sent them, into the `Archive`
+//!   role (Firehose to S3) as NDJSON packed into records, at least once.
 //!
 //! [`StateChanges`]: floodgate_core::state::StateChanges
 //! [`StateStore`]: floodgate_core::state::StateStore
 //! [`Publisher`]: floodgate_core::state::Publisher
 
+pub mod archive;
 pub mod bookings;
 pub mod compact;
 pub mod lake;

@@ -1,9 +1,11 @@
 //! `floodgate aws init`: creates the AWS resources the configuration names and that are
 //! missing, and waits until each is ACTIVE. Idempotent: a second run reports `exists`.
+//! The Firehose delivery stream of `[archive]` is only reported (`exists` or `missing`):
+//! it needs a destination the deployment makes.
 
 use anyhow::{Context, Result};
 use floodgate_core::config::{
-    CoordinationBackend, LakeStore, PublishBackend, StateBackend, StreamBackend,
+    ArchiveBackend, CoordinationBackend, LakeStore, PublishBackend, StateBackend, StreamBackend,
 };
 
 use crate::ServeArgs;
@@ -70,6 +72,29 @@ pub(crate) fn init(args: ServeArgs) -> Result<()> {
                 .await
                 .map_err(anyhow::Error::msg)?;
             println!("s3 bucket {}: {}", l.bucket, done.as_str());
+        }
+        if config.archive.backend == ArchiveBackend::Firehose {
+            // Not created here: a delivery stream needs its destination (a bucket, a role
+            // Firehose assumes), which the deployment makes (deploy/firehose.yaml). Reported
+            // so that a missing one is seen before `serve` or `process` refuses to start.
+            any = true;
+            let a = &config.archive;
+            let sdk = aws_sdk(&config, "firehose").await?;
+            let client = floodgate_aws::client::firehose(&sdk, a.endpoint_url.as_deref());
+            let state =
+                floodgate_aws::firehose::describe_delivery_stream(&client, &a.delivery_stream_name)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+            let name = &a.delivery_stream_name;
+            match state {
+                floodgate_aws::firehose::DeliveryStreamState::Exists(status) => {
+                    println!("firehose delivery stream {name}: exists ({status})");
+                }
+                floodgate_aws::firehose::DeliveryStreamState::Missing => println!(
+                    "firehose delivery stream {name}: missing (not created by aws init: deploy it \
+                     with its S3 destination, deploy/firehose.yaml)"
+                ),
+            }
         }
         if !any {
             println!("nothing to create: the configuration names no AWS backend");

@@ -12,6 +12,7 @@ use floodgate_core::stream::{ConsumerLag, StreamReader};
 use floodgate_ingest::App;
 use floodgate_ingest::app::Limits;
 use floodgate_ingest::auth::Auth;
+use floodgate_processors::archive::{ArchiveConfig, ArchiveProcessor};
 use floodgate_processors::bookings::BookingsProcessor;
 use floodgate_processors::lake::{LakeConfig, LakeProcessor};
 use floodgate_processors::runtime::{RuntimeConfig, spawn_consumers};
@@ -19,7 +20,7 @@ use floodgate_sinks::EmbeddedLogReader;
 use tokio::sync::watch;
 
 use crate::backends::{
-    Coordination, Publish, Quarantine, Stream, lake_store, local_checkpoints, open_state,
+    Archive, Coordination, Publish, Quarantine, Stream, lake_store, local_checkpoints, open_state,
     runtime_config,
 };
 use crate::setup::{check_auth_posture, effective_config, load_registry, runtime, shutdown_signal};
@@ -36,8 +37,8 @@ struct Processors {
 }
 
 impl Processors {
-    /// Starts the bookings consumers and the outbox relay over `reader`. Each shard, and
-    /// the relay, is taken under a lease, so a second process (`floodgate process`) waits
+    /// Starts the bookings consumers, the lake's and the archive's (when configured), and
+    /// the outbox relay over `reader`. Each shard, and the relay, is taken under a lease, so a second process (`floodgate process`) waits
     /// and takes over the moment this one dies.
     async fn start(
         config_all: &Config,
@@ -48,6 +49,7 @@ impl Processors {
     ) -> Result<Processors> {
         let checkpoints = Coordination::open(config_all).await?.store();
         let publish = Publish::open(config_all).await?;
+        let archive = Archive::open(config_all).await?;
         let (stop, stop_rx) = watch::channel(false);
         let (stop_late, stop_late_rx) = watch::channel(false);
         let mut late_tasks = Vec::new();
@@ -67,6 +69,25 @@ impl Processors {
             stop_rx.clone(),
         )
         .await?;
+        // The raw archive: a consumer of its own over the stream (never the edge's request
+        // path), checkpointed only once the archive holds a batch's every event.
+        if let Some(archive) = archive.archive() {
+            let processor = Arc::new(ArchiveProcessor::new(
+                archive,
+                ArchiveConfig::default(),
+                stop_rx.clone(),
+            ));
+            tasks.extend(
+                spawn_consumers(
+                    reader.clone(),
+                    checkpoints.clone(),
+                    processor,
+                    config.clone(),
+                    stop_rx.clone(),
+                )
+                .await?,
+            );
+        }
         if config_all.lake.enabled {
             let tables = floodgate_core::lake::tables(registry)?;
             let store = lake_store(config_all).await?;
