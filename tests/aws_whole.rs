@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::{Server, booking, bookings_decided, envelope, floodgate, wait_for};
 use floodgate_aws::emulator::{self, Emulator};
-use floodgate_aws::fault_proxy::{Fault, FaultPlan, FaultProxy, Phase, Rule};
+use floodgate_aws::fault_proxy::{Fault, FaultPlan, FaultProxy, Phase, RecordError, Rule};
 use serde_json::{Value, json};
 
 const CREDENTIALS: [(&str, &str); 3] = [
@@ -30,6 +30,8 @@ const CREDENTIALS: [(&str, &str); 3] = [
 ];
 const RUSH_SEATS: i64 = 40;
 const BUCKET: &str = "whole-lake";
+/// The Firehose raw archive's destination.
+const RAW_BUCKET: &str = "whole-raw";
 /// A body the edge cannot read: not JSON.
 const UNREADABLE: &[u8] = b"{\"specversion\": \"1.0\", this is not json";
 
@@ -81,6 +83,9 @@ store = "s3"
 bucket = "{BUCKET}"
 prefix = "lake/"
 roll_age_ms = 1000
+{endpoint}[archive]
+backend = "firehose"
+delivery_stream_name = "whole-raw"
 {endpoint}"#,
             moto = moto.endpoint,
             kinesis = kinesis.endpoint,
@@ -213,6 +218,21 @@ fn received(moto: &Emulator, url: &str, want: &BTreeSet<String>) -> BTreeMap<Str
     got
 }
 
+/// The raw archive's objects, and how many times each event id is in them (each object
+/// NDJSON, one event a line).
+fn archived(moto: &Emulator) -> (usize, BTreeMap<String, usize>) {
+    let objects = rt().block_on(moto.s3_objects(RAW_BUCKET, "raw/")).unwrap();
+    let mut ids: BTreeMap<String, usize> = BTreeMap::new();
+    for (key, body) in &objects {
+        assert!(body.ends_with(b"\n"), "{key}: NDJSON");
+        for line in std::str::from_utf8(body).unwrap().split_terminator('\n') {
+            let v: Value = serde_json::from_str(line).unwrap();
+            *ids.entry(v["id"].as_str().unwrap().to_owned()).or_default() += 1;
+        }
+    }
+    (objects.len(), ids)
+}
+
 /// What `read_lake.py` found in `table`: the event ids pyarrow and DuckDB read (rows
 /// without one, the quarantine's unreadable bodies, are left out), and the whole answer.
 fn read_lake(moto: &Emulator, table: &str) -> (Vec<String>, Vec<String>, Value) {
@@ -254,8 +274,8 @@ fn an_on_sale_rush_on_aws_is_decided_once_never_oversold_and_reaches_lake_and_qu
     whole_run(false);
 }
 
-/// The same run with the workers' DynamoDB state, EventBridge and S3 calls going through
-/// the fault proxy: throttled, failed with 5xx, timed out and reset after they were
+/// The same run with the workers' DynamoDB state, EventBridge, S3 and Firehose calls going
+/// through the fault proxy: throttled, failed with 5xx, timed out and reset after they were
 /// applied. Nothing acknowledged is lost and nothing is applied twice: every check of the
 /// clean run holds, and every fault happened.
 #[test]
@@ -318,6 +338,29 @@ fn fault_plan() -> FaultPlan {
             Fault::Reset(Phase::AfterForwarding),
             3,
         ))
+        // Entries EventBridge fails on their own, in calls that otherwise succeed.
+        .rule(
+            Rule::new(
+                "PutEvents",
+                Fault::FailRecords(RecordError::ThroughputExceeded),
+            )
+            .every(5)
+            .times(3),
+        )
+        // Firehose: the raw archive's calls and records.
+        .rule(every_2nd(
+            "PutRecordBatch",
+            Fault::error(500, "ServiceUnavailableException"),
+            1,
+        ))
+        .rule(
+            Rule::new(
+                "PutRecordBatch",
+                Fault::FailRecords(RecordError::InternalFailure),
+            )
+            .every(2)
+            .times(2),
+        )
         // S3: the lake's files.
         .rule(every_2nd("S3.PutObject", Fault::slow_down(), 2))
         .rule(every_2nd(
@@ -387,6 +430,9 @@ fn whole_run(faults: bool) {
         ),
         None => config.clone(),
     };
+    // The raw archive's delivery stream comes from deploy/ (aws init does not create it).
+    rt().block_on(moto.firehose_to_bucket("whole-raw", RAW_BUCKET, "raw/"))
+        .expect("the delivery stream is made");
     let init = floodgate()
         .args(["aws", "init", "--config"])
         .arg(&config)
@@ -403,7 +449,7 @@ fn whole_run(faults: bool) {
         "kinesis stream whole: created\nkinesis stream whole-quarantine: created\n\
          dynamodb table whole-leases: created\n\
          dynamodb table whole-state: created\neventbridge bus whole-bus: created\n\
-         s3 bucket whole-lake: created\n"
+         s3 bucket whole-lake: created\nfirehose delivery stream whole-raw: exists (ACTIVE)\n"
     );
     let url = confirmed_queue(&moto);
     let config_arg = config.display().to_string();
@@ -558,6 +604,15 @@ fn whole_run(faults: bool) {
     want.sort();
     // What the faults did while the workers ran.
     let seen = proxy.as_ref().map(FaultProxy::injected);
+    let accepted: BTreeSet<String> = ids
+        .iter()
+        .cloned()
+        .chain(shows.iter().map(|(id, _)| format!("create-{id}")))
+        .collect();
+    let all_archived = || {
+        let (_, got) = archived(&moto);
+        accepted.iter().all(|i| got.contains_key(i))
+    };
     if let Some(p) = &proxy {
         // A flush that the faults still hold at shutdown is left to the next start (the
         // checkpoint is behind it): with the faults, the guarantee is that a later worker
@@ -566,7 +621,7 @@ fn whole_run(faults: bool) {
         let (held, _, _) = read_lake(&moto, "quarantine");
         let mut want_held = rejected.clone();
         want_held.sort();
-        if early != want || held != want_held {
+        if early != want || held != want_held || !all_archived() {
             eprintln!(
                 "after the SIGTERM under faults, {} of {} acked requests were not in the lake \
                  yet; a third worker, without faults, finishes",
@@ -580,8 +635,9 @@ fn whole_run(faults: bool) {
                 "the third worker to write the rest of the lake",
                 || {
                     (read_lake(&moto, "booking_requested").0 == want
-                        && read_lake(&moto, "quarantine").0 == want_held)
-                        .then_some(())
+                        && read_lake(&moto, "quarantine").0 == want_held
+                        && all_archived())
+                    .then_some(())
                 },
             );
             let term = Command::new("kill")
@@ -621,6 +677,31 @@ fn whole_run(faults: bool) {
     assert!(
         raw.contains(&std::str::from_utf8(UNREADABLE).unwrap()),
         "the unreadable body is kept as sent: {raw:?}"
+    );
+    // The raw archive: every accepted event, as sent, in the objects Firehose delivered
+    // (at least once; a worker killed mid-batch may have sent some twice), and never a
+    // rejected one.
+    let (objects, archived) = archived(&moto);
+    let missing: Vec<&String> = accepted
+        .iter()
+        .filter(|i| !archived.contains_key(*i))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "accepted events not archived: {missing:?}"
+    );
+    assert!(
+        archived.keys().all(|i| accepted.contains(i)),
+        "only accepted events are archived: {:?}",
+        archived
+            .keys()
+            .filter(|i| !accepted.contains(*i))
+            .collect::<Vec<_>>()
+    );
+    eprintln!(
+        "raw archive: {objects} objects, {} events, {} archived more than once",
+        archived.len(),
+        archived.values().filter(|&&n| n > 1).count()
     );
     if !faults {
         // With every worker stopped, the lake is rebuilt from what the streams hold, under

@@ -48,13 +48,15 @@
 //!   ([`Rule::probability`]; the same seed and the same order of calls give the same
 //!   faults), and at most [`Rule::times`] times.
 //! - [`Fault::FailRecords`] rules work per record of a forwarded batch call instead —
-//!   Kinesis `PutRecords`, and Firehose `PutRecordBatch`: each record is one candidate,
-//!   and a record that fires is *removed* from the request's `Records` (so the emulator
-//!   never stores it), then a failed entry is spliced back into the answer at its index
-//!   (`Records` for Kinesis, `RequestResponses` for Firehose, each with `ErrorCode` and
-//!   `ErrorMessage`) and the failed count (`FailedRecordCount`, `FailedPutCount`) is raised.
+//!   Kinesis `PutRecords`, Firehose `PutRecordBatch` and EventBridge `PutEvents`: each
+//!   record (entry) is one candidate, and a record that fires is *removed* from the
+//!   request's `Records` (`Entries`) so the emulator never stores it, then a failed entry
+//!   is spliced back into the answer at its index
+//!   (`Records` for Kinesis, `RequestResponses` for Firehose, `Entries` for EventBridge,
+//!   each with `ErrorCode` and `ErrorMessage`) and the failed count (`FailedRecordCount`,
+//!   `FailedPutCount`, `FailedEntryCount`) is raised.
 //!   If every record is removed, the proxy answers without forwarding. The Rust SDK sends
-//!   both as AWS JSON 1.1 (`application/x-amz-json-1.1`, not CBOR); a body that is not JSON
+//!   all three as AWS JSON 1.1 (`application/x-amz-json-1.1`, not CBOR); a body that is not JSON
 //!   is refused with a 400 `FaultProxyUnsupportedBody` instead of passing through silently
 //!   unfaulted.
 //! - Requests are forwarded as they came, SigV4 headers and `Host` (the proxy's address)
@@ -107,8 +109,8 @@ pub enum RecordError {
 /// What a rule does to a call (or, for `FailRecords`, to a record).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
-    /// Kinesis PutRecords and Firehose PutRecordBatch only: the record is removed before
-    /// forwarding and answered as failed with this error.
+    /// Kinesis PutRecords, Firehose PutRecordBatch and EventBridge PutEvents only: the
+    /// record (entry) is removed before forwarding and answered as failed with this error.
     FailRecords(RecordError),
     /// An AWS JSON error answered without forwarding: this status and
     /// `{"__type": code, "message": …}`.
@@ -682,6 +684,8 @@ enum BatchCall {
     KinesisPutRecords,
     /// Firehose `PutRecordBatch`: answer `RequestResponses`, count `FailedPutCount`.
     FirehosePutRecordBatch,
+    /// EventBridge `PutEvents`: request and answer `Entries`, count `FailedEntryCount`.
+    EventBridgePutEvents,
 }
 
 impl BatchCall {
@@ -693,6 +697,7 @@ impl BatchCall {
             Some((service, "PutRecordBatch")) if service.starts_with("Firehose_") => {
                 Some(BatchCall::FirehosePutRecordBatch)
             }
+            Some(("AWSEvents", "PutEvents")) => Some(BatchCall::EventBridgePutEvents),
             _ => None,
         }
     }
@@ -701,6 +706,15 @@ impl BatchCall {
         match self {
             BatchCall::KinesisPutRecords => "PutRecords",
             BatchCall::FirehosePutRecordBatch => "PutRecordBatch",
+            BatchCall::EventBridgePutEvents => "PutEvents",
+        }
+    }
+
+    /// The request's list of records.
+    fn request_field(self) -> &'static str {
+        match self {
+            BatchCall::KinesisPutRecords | BatchCall::FirehosePutRecordBatch => "Records",
+            BatchCall::EventBridgePutEvents => "Entries",
         }
     }
 
@@ -709,6 +723,7 @@ impl BatchCall {
         match self {
             BatchCall::KinesisPutRecords => "Records",
             BatchCall::FirehosePutRecordBatch => "RequestResponses",
+            BatchCall::EventBridgePutEvents => "Entries",
         }
     }
 
@@ -717,6 +732,7 @@ impl BatchCall {
         match self {
             BatchCall::KinesisPutRecords => "FailedRecordCount",
             BatchCall::FirehosePutRecordBatch => "FailedPutCount",
+            BatchCall::EventBridgePutEvents => "FailedEntryCount",
         }
     }
 
@@ -725,6 +741,8 @@ impl BatchCall {
         match self {
             BatchCall::KinesisPutRecords => ["StreamName", "StreamARN"],
             BatchCall::FirehosePutRecordBatch => ["DeliveryStreamName", "DeliveryStreamName"],
+            // Each entry names its bus; the call has none of its own.
+            BatchCall::EventBridgePutEvents => ["EndpointId", "EndpointId"],
         }
     }
 
@@ -735,6 +753,7 @@ impl BatchCall {
             BatchCall::FirehosePutRecordBatch => {
                 r#"{"FailedPutCount":0,"Encrypted":false,"RequestResponses":[]}"#.to_owned()
             }
+            BatchCall::EventBridgePutEvents => r#"{"FailedEntryCount":0,"Entries":[]}"#.to_owned(),
         }
     }
 
@@ -754,6 +773,10 @@ impl BatchCall {
                     "Slow down. Delivery stream {stream} is over its limits \
                      (injected by the fault proxy)."
                 ),
+            }),
+            (BatchCall::EventBridgePutEvents, RecordError::ThroughputExceeded) => json!({
+                "ErrorCode": "ThrottlingException",
+                "ErrorMessage": "Rate exceeded (injected by the fault proxy).",
             }),
             (_, RecordError::InternalFailure) => json!({
                 "ErrorCode": "InternalFailure",
@@ -800,8 +823,11 @@ fn record_faults(
         return Err(refuse("not AWS JSON"));
     }
     let mut request: Value = serde_json::from_slice(&body).map_err(|e| refuse(&e.to_string()))?;
-    let Some(records) = request.get_mut("Records").and_then(Value::as_array_mut) else {
-        return Err(refuse("no Records array"));
+    let Some(records) = request
+        .get_mut(call.request_field())
+        .and_then(Value::as_array_mut)
+    else {
+        return Err(refuse(&format!("no {} array", call.request_field())));
     };
     let failed = shared.state().record_faults(target, records.len());
     if failed.iter().all(Option::is_none) {

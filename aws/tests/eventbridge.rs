@@ -251,3 +251,59 @@ fn failed_calls_are_published_again_and_nothing_is_lost() {
         assert_eq!(got.len(), 25, "every event arrived: {:?}", got.keys());
     });
 }
+
+/// Entries EventBridge fails on their own (`FailedEntryCount`, each with its `ErrorCode`)
+/// while the rest of the call succeeds: the publisher sends exactly those again, so every
+/// event arrives, and none of the others twice.
+#[test]
+fn failed_entries_are_sent_again_alone() {
+    use floodgate_aws::fault_proxy::RecordError;
+    let moto = emulator::moto().unwrap_or_else(|e| panic!("moto server: {e}"));
+    rt().block_on(async {
+        let url = bus_to_queue(&moto, "floodgate").await;
+        let proxy = FaultProxy::start(moto.addr).await.unwrap();
+        let publisher = EventBridgePublisher::new(eventbridge(&proxy.endpoint()), "floodgate");
+        proxy.set(
+            FaultPlan::seeded(4)
+                .rule(
+                    Rule::new(
+                        "PutEvents",
+                        Fault::FailRecords(RecordError::ThroughputExceeded),
+                    )
+                    .every(3)
+                    .times(4),
+                )
+                .rule(
+                    Rule::new(
+                        "PutEvents",
+                        Fault::FailRecords(RecordError::InternalFailure),
+                    )
+                    .every(4)
+                    .times(2),
+                ),
+        );
+        let entries: Vec<OutboxEntry> = (1..=4u64)
+            .map(|seq| OutboxEntry {
+                partition: "s".into(),
+                seq,
+                events: (0..5)
+                    .map(|i| derived("booking.confirmed", &format!("e{seq}-{i}"), 0))
+                    .collect(),
+            })
+            .collect();
+        publisher.publish(&entries).await.unwrap();
+        let injected = proxy.injected();
+        assert_eq!(injected.by_rule, [4, 2], "entries failed on their own");
+        let got = drain(&moto, &url, 20).await;
+        assert_eq!(got.len(), 20, "every event arrived: {:?}", got.keys());
+        let twice: Vec<&String> = got
+            .iter()
+            .filter(|(_, v)| v.len() > 1)
+            .map(|(k, _)| k)
+            .collect();
+        assert!(
+            twice.is_empty(),
+            "only the failed entries were sent again: {twice:?}"
+        );
+    });
+}
