@@ -35,6 +35,12 @@ enum BodyError {
 /// An unreadable body is kept in the quarantine up to this many bytes.
 const QUARANTINE_MAX_BODY: usize = 1 << 20;
 
+/// A quarantine record, JSON-escaped raw text and reasons included, is at most this big:
+/// within one Kinesis record (1 MiB with its partition key), so the quarantine stream
+/// never refuses one. A record that would be bigger keeps a prefix of the raw text, and
+/// says so in its reasons.
+const QUARANTINE_MAX_RECORD: usize = (1 << 20) - 1024;
+
 /// Bodies larger than this are decoded and validated on the blocking pool, so a big batch
 /// never holds an async worker for more than a fraction of a millisecond.
 const INLINE_CHECK_MAX_BYTES: usize = 64 * 1024;
@@ -257,14 +263,38 @@ struct EventResult {
 fn quarantine_record(raw: &[u8], reasons: &[FieldError]) -> Record {
     #[derive(Serialize)]
     struct Held<'a> {
-        raw: std::borrow::Cow<'a, str>,
+        raw: &'a str,
         reasons: &'a [FieldError],
     }
-    let payload = serde_json::to_vec(&Held {
-        raw: String::from_utf8_lossy(raw),
+    let text = String::from_utf8_lossy(raw);
+    let mut payload = serde_json::to_vec(&Held {
+        raw: &text,
         reasons,
     })
     .expect("serializable");
+    if payload.len() > QUARANTINE_MAX_RECORD {
+        // Escaping can grow text up to six times (`\u0000`): cut, and cut again, to fit.
+        let mut keep = text.len() * QUARANTINE_MAX_RECORD / payload.len();
+        let mut noted = reasons.to_vec();
+        noted.push(FieldError::new(
+            "",
+            format!("raw cut to fit the quarantine: {} bytes sent", raw.len()),
+        ));
+        loop {
+            while !text.is_char_boundary(keep) {
+                keep -= 1;
+            }
+            payload = serde_json::to_vec(&Held {
+                raw: &text[..keep],
+                reasons: &noted,
+            })
+            .expect("serializable");
+            if payload.len() <= QUARANTINE_MAX_RECORD || keep == 0 {
+                break;
+            }
+            keep = keep * 9 / 10;
+        }
+    }
     Record {
         key: "quarantine".to_owned(),
         payload: Bytes::from(payload),
@@ -855,4 +885,49 @@ where
             .insert(RETRY_AFTER, HeaderValue::from(secs));
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found in review: a 1 MiB body of quotes or control characters grew past a Kinesis
+    /// record when escaped, and the quarantine stream refused it: the rejected event was
+    /// never kept. Now the record fits, with as much of the raw text as fits and a reason
+    /// saying it was cut.
+    #[test]
+    fn a_quarantine_record_fits_one_kinesis_record_whatever_the_body() {
+        for fill in [b'"', 0x01, b'a'] {
+            let raw = vec![fill; QUARANTINE_MAX_BODY];
+            let reasons = [FieldError::new("", "not JSON")];
+            let record = quarantine_record(&raw, &reasons);
+            assert!(
+                record.payload.len() <= QUARANTINE_MAX_RECORD,
+                "{fill}: {} bytes",
+                record.payload.len()
+            );
+            let held: serde_json::Value = serde_json::from_slice(&record.payload).unwrap();
+            let kept = held["raw"].as_str().unwrap();
+            assert!(
+                kept.len() > QUARANTINE_MAX_RECORD / 8,
+                "{fill}: kept {}",
+                kept.len()
+            );
+            assert!(
+                raw.starts_with(kept.as_bytes()),
+                "{fill}: a prefix of the body"
+            );
+            let notes = held["reasons"].as_array().unwrap();
+            assert_eq!(notes[0]["message"], "not JSON");
+            assert!(
+                notes[1]["message"].as_str().unwrap().contains("raw cut"),
+                "{held:?}"
+            );
+        }
+        // A record that fits is kept whole, with its reasons as they were.
+        let record = quarantine_record(b"{\"id\":1}", &[FieldError::new("/id", "not a string")]);
+        let held: serde_json::Value = serde_json::from_slice(&record.payload).unwrap();
+        assert_eq!(held["raw"], "{\"id\":1}");
+        assert_eq!(held["reasons"].as_array().unwrap().len(), 1);
+    }
 }

@@ -31,6 +31,10 @@ pub struct Sources<'a> {
     /// The derived-event log; `None` where derived events go to EventBridge, which cannot
     /// be read back (the lake then has no derived tables of its own to rebuild).
     pub derived: Option<&'a dyn StreamReader>,
+    /// The live consumers' repeat dropping (span, ids per shard) where the stream is shared
+    /// (Kinesis): the replay drops the same repeats, or it would write them, and a run
+    /// starting at a dropped repeat under another name.
+    pub repeats: Option<(std::time::Duration, usize)>,
 }
 
 /// What a rebuild did.
@@ -177,6 +181,7 @@ pub async fn rebuild(
             }
             continue;
         }
+        let mut attributed = false;
         for src in &runs_of {
             if !src.tables.iter().any(|t| t == table) {
                 continue;
@@ -184,6 +189,7 @@ pub async fn rebuild(
             let Some((first, last)) = parse_file_name(name, &src.prefix) else {
                 continue;
             };
+            attributed = true;
             let head = heads.get(&(src.log, src.shard.clone())).cloned().flatten();
             if head.is_some_and(|h| SequenceNumber::new(first) >= h) {
                 continue; // the log still holds the whole run: it is written again
@@ -200,6 +206,19 @@ pub async fn rebuild(
                 *s = last;
             }
         }
+        // A run of no source listed now (a parent shard past retention that the stream no
+        // longer lists, an older layout's quarantine log): nothing replays it, so it is
+        // kept as it is. Never dropped: the operator deletes the old lake afterwards.
+        // (Compacted files and manifests are made again by the compactions re-applied.)
+        if !attributed
+            && name != compact::MANIFEST
+            && !name.starts_with("c-")
+            && let Some(bytes) = old.get(&object.key).await.map_err(store_err)?
+        {
+            fresh.put(&object.key, bytes).await.map_err(store_err)?;
+            kept += 1;
+            tracing::info!(key = %object.key, "kept a lake file of no source the replay reads");
+        }
     }
     // Replay each source into the fresh lake, ending runs where the old lake's did.
     // (The stream's and the derived-event log's shards are both named `0`: each
@@ -209,10 +228,10 @@ pub async fn rebuild(
     let held = held.with_runs(runs_in(old, &shards[1], &q_table).await?);
     let name = derived.consumer_name();
     let derived = derived.with_runs(runs_of_consumer(old, &shards[2], &derived_names, name).await?);
-    let records = replay_all(sources.stream, &shards[0], &skip[0], &lake).await?;
-    replay_all(sources.quarantine, &shards[1], &skip[1], &held).await?;
+    let records = replay_all(sources.stream, &shards[0], &skip[0], &lake, sources.repeats).await?;
+    replay_all(sources.quarantine, &shards[1], &skip[1], &held, None).await?;
     if let Some(reader) = sources.derived {
-        replay_all(reader, &shards[2], &skip[2], &derived).await?;
+        replay_all(reader, &shards[2], &skip[2], &derived, None).await?;
     }
     let compactions = reapply_compactions(old, &*fresh, tables).await?;
     Ok(Rebuilt {
@@ -297,6 +316,7 @@ async fn replay_all(
     shards: &[ShardId],
     skip: &HashMap<ShardId, SequenceNumber>,
     processor: &LakeProcessor,
+    repeats: Option<(std::time::Duration, usize)>,
 ) -> Result<u64, ProcessError> {
     let mut records = 0u64;
     for shard in shards {
@@ -304,6 +324,10 @@ async fn replay_all(
             Some(s) => StartPosition::After(s.clone()),
             None => StartPosition::TrimHorizon,
         };
+        let mut repeats = repeats.map(|(span, ids)| crate::repeats::Repeats::new(span, ids));
+        if let (Some(r), StartPosition::After(from)) = (repeats.as_mut(), &position) {
+            r.seed(reader, shard, from).await?;
+        }
         loop {
             let batch = reader.read(shard, &position, 10_000).await?;
             let Some(last) = batch.records.last() else {
@@ -314,7 +338,15 @@ async fn replay_all(
                 continue;
             };
             records += batch.records.len() as u64;
-            processor.process(shard, &batch.records).await?;
+            match repeats.as_mut() {
+                Some(r) => {
+                    let kept = r.filter(&batch.records);
+                    if !kept.is_empty() {
+                        processor.process(shard, &kept).await?;
+                    }
+                }
+                None => processor.process(shard, &batch.records).await?,
+            }
             position = batch
                 .next
                 .unwrap_or(StartPosition::After(last.sequence.clone()));

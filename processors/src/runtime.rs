@@ -149,7 +149,17 @@ pub fn default_owner() -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_owned());
-    format!("{host}:pid{}-{nanos:09}", std::process::id())
+    // Containers often run as PID 1 under one host name, and two may start in the same
+    // nanosecond as far as their clocks tell: 32 random bits more (the standard library's
+    // randomly keyed hasher) keep two workers from ever sharing a name, which lease
+    // adoption relies on.
+    let random = {
+        use std::hash::{BuildHasher, Hasher};
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish() as u32
+    };
+    format!("{host}:pid{}-{nanos:09}-{random:08x}", std::process::id())
 }
 
 impl Default for RuntimeConfig {

@@ -5,12 +5,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use floodgate_core::config::{Config, CoordinationBackend, LakeStore, PublishBackend};
 use floodgate_sinks::{EmbeddedLogReader, LocalDirStore};
 
 use crate::ServeArgs;
-use crate::backends::{Quarantine, Stream, lake_store, lake_store_at};
+use crate::backends::{
+    Coordination, Quarantine, Stream, lake_store, lake_store_at, runtime_config,
+};
 use crate::setup::{effective_config, load_registry, runtime};
-use floodgate_core::config::{Config, LakeStore, PublishBackend};
 
 /// `floodgate lake compact`: with the schemas and data directory the configuration (and
 /// flags) give, as the server that wrote the lake used them; a compaction under other
@@ -100,6 +102,7 @@ pub(crate) fn rebuild(
             stream: &*log,
             quarantine: &*quarantine_log,
             derived: Some(&outbox),
+            repeats: runtime_config(&config).repeats,
         };
         let rebuilt = floodgate_processors::rebuild::rebuild(
             sources,
@@ -189,6 +192,7 @@ fn rebuild_on_s3(
         if !fresh.list("").await?.is_empty() {
             bail!("s3://{bucket}/{to} holds objects already; rebuild into an empty prefix");
         }
+        refuse_while_lake_workers_run(config).await?;
         let stream = Stream::for_workers(config).await?;
         let log = stream.reader();
         let quarantine = Quarantine::for_workers(config).await?;
@@ -210,6 +214,7 @@ fn rebuild_on_s3(
             derived: outbox
                 .as_ref()
                 .map(|o| o as &dyn floodgate_core::stream::StreamReader),
+            repeats: runtime_config(config).repeats,
         };
         let rebuilt = floodgate_processors::rebuild::rebuild(
             sources,
@@ -237,6 +242,48 @@ fn rebuild_on_s3(
         );
         Ok(())
     })
+}
+
+/// A rebuild reads the streams while no worker writes the lake: rows written after the
+/// replay reached a stream's end would be in the old lake only. With shared leases, a
+/// lease that names an owner is watched for one lease duration; a worker renewing it
+/// refuses the rebuild.
+async fn refuse_while_lake_workers_run(config: &Config) -> Result<()> {
+    if config.coordination.backend != CoordinationBackend::Dynamodb {
+        return Ok(());
+    }
+    let store = Coordination::open(config).await?.store();
+    let consumers = ["lake", "lake-quarantine"];
+    let mut owned = 0;
+    for c in consumers {
+        owned += store
+            .leases(c)
+            .await?
+            .iter()
+            .filter(|l| l.owner.is_some())
+            .count();
+    }
+    if owned == 0 {
+        return Ok(());
+    }
+    let wait = std::time::Duration::from_millis(config.coordination.lease_duration_ms + 1000);
+    eprintln!(
+        "{owned} lake leases name an owner; watching them for {} s to see whether a worker \
+         still renews them",
+        wait.as_secs()
+    );
+    tokio::time::sleep(wait).await;
+    for c in consumers {
+        if let Some(l) = store.leases(c).await?.into_iter().find(|l| l.live) {
+            bail!(
+                "a worker ({}) holds the lease of {c} on shard {}: stop the workers before \
+                 rebuilding the lake",
+                l.owner.as_deref().unwrap_or("?"),
+                l.shard
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `floodgate lake ddl`: one statement per table, in table-name order.
