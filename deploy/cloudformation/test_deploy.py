@@ -299,7 +299,7 @@ class Deployment:
             expect(got_actions == want_actions, f"{name}: actions {got_actions}")
             actions += sum(len(a) for a in got_actions)
         principal = next(iter(want_principal.values()))
-        done = [f"trusts {principal}", f"{len(names)} inline policies, {actions} actions as the template's"]
+        done = [f"trusts {principal}", f"{len(names)} inline polic{'y' if len(names) == 1 else 'ies'}, {actions} actions as the template's"]
         if lid in ("EdgeTaskRole", "WorkerTaskRole"):
             done.append("every resource this stack's")
         # moto's CloudFormation attaches no ManagedPolicyArns (and holds no AWS-managed policy).
