@@ -61,17 +61,29 @@ pub(crate) enum Command {
     /// The AWS deployment's resources.
     #[command(subcommand)]
     Aws(AwsCommand),
+    /// GET a health route once; exit 0 on a 2xx answer, 1 otherwise (container health
+    /// checks in images without an HTTP client).
+    Healthcheck {
+        /// The route to check (http only)
+        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum AwsCommand {
-    /// Create what the configuration names and is missing (the Kinesis stream, the lease
-    /// table), wait until each is ACTIVE, and print one line per resource: `created` or
-    /// `exists`. Idempotent.
+    /// Create what the configuration names and is missing (the Kinesis streams, the lease
+    /// and state tables, the lake bucket, the event bus), wait until each is ACTIVE, and
+    /// print one line per resource: `created` or `exists`. Idempotent. With --check,
+    /// change nothing: print `ok` or what differs per resource, and exit 1 on any drift.
     Init {
         /// TOML configuration file
         #[arg(long, env = "FLOODGATE_CONFIG")]
         config: PathBuf,
+        /// Only check that every resource exists, is ACTIVE and has the key schema the code
+        /// expects; create nothing
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -168,6 +180,13 @@ pub(crate) struct ServeArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct ProcessArgs {
+    /// Address of the operations endpoint: /metrics, /healthz, /readyz
+    #[arg(
+        long,
+        env = "FLOODGATE_PROCESS_LISTEN",
+        default_value = "127.0.0.1:9091"
+    )]
+    pub(crate) listen: SocketAddr,
     /// Directory of the embedded backends' files [default: ./data]
     #[arg(long, env = "FLOODGATE_DATA_DIR")]
     pub(crate) data_dir: Option<PathBuf>,
@@ -304,15 +323,22 @@ fn main() -> ExitCode {
             config,
             to_prefix,
         }) => cmd::lake::rebuild(data_dir, config, to_prefix).map(|()| ExitCode::SUCCESS),
-        Command::Aws(AwsCommand::Init { config }) => cmd::aws::init(ServeArgs {
-            listen: None,
-            data_dir: None,
-            config: Some(config),
-            schemas: None,
-            shards: None,
-            insecure_no_auth: false,
-        })
-        .map(|()| ExitCode::SUCCESS),
+        Command::Aws(AwsCommand::Init { config, check }) => {
+            let args = ServeArgs {
+                listen: None,
+                data_dir: None,
+                config: Some(config),
+                schemas: None,
+                shards: None,
+                insecure_no_auth: false,
+            };
+            if check {
+                cmd::aws::check(args)
+            } else {
+                cmd::aws::init(args).map(|()| ExitCode::SUCCESS)
+            }
+        }
+        Command::Healthcheck { url } => Ok(cmd::healthcheck::check(&url)),
         Command::Lake(LakeCommand::Ddl { location, schemas }) => {
             cmd::lake::ddl(&location, schemas.as_deref()).map(|()| ExitCode::SUCCESS)
         }

@@ -100,6 +100,147 @@ fn aws_init_creates_what_is_missing_then_reports_it_exists() {
     );
 }
 
+/// `aws init --check` creates nothing, says what is missing or differs (one line per
+/// resource), and exits non-zero until every resource is there with its key schema.
+#[test]
+fn aws_init_check_changes_nothing_and_fails_on_drift() {
+    let (kinesis, moto) = emulators();
+    let dir = tempfile::tempdir().unwrap();
+    let config = aws_config(
+        dir.path(),
+        &kinesis.endpoint,
+        &moto.endpoint,
+        "check-events",
+    );
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        r#"
+[state]
+backend = "dynamodb"
+table_name = "check-state"
+
+[lake]
+store = "s3"
+bucket = "check-lake"
+
+[publish]
+backend = "eventbridge"
+event_bus_name = "check-bus"
+
+[archive]
+backend = "firehose"
+delivery_stream_name = "check-raw"
+"#,
+    );
+    std::fs::write(&config, text).unwrap();
+    let check = || {
+        let out = run(&["aws", "init", "--check"], &config, &CREDENTIALS);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let resources = [
+        "kinesis stream check-events",
+        "kinesis stream check-events-quarantine",
+        "dynamodb table check-events-leases",
+        "dynamodb table check-state",
+        "eventbridge bus check-bus",
+        "s3 bucket check-lake",
+        "firehose delivery stream check-raw",
+    ];
+
+    let (code, out) = check();
+    assert_eq!(code, Some(1), "{out}");
+    for resource in resources {
+        assert!(out.contains(&format!("{resource}: missing\n")), "{out}");
+    }
+    // Nothing was created: init creates every one of them now.
+    let init = run(&["aws", "init"], &config, &CREDENTIALS);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let created = String::from_utf8_lossy(&init.stdout);
+    for resource in &resources[..resources.len() - 1] {
+        assert!(
+            created.contains(&format!("{resource}: created\n")),
+            "{created}"
+        );
+    }
+    // The delivery stream is the deployment's to make (it needs a destination).
+    let (code, out) = check();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("firehose delivery stream check-raw: missing\n"),
+        "{out}"
+    );
+    assert!(out.contains("s3 bucket check-lake: ok ("), "{out}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(moto.firehose_to_bucket("check-raw", "check-raw-archive", "raw/"))
+        .unwrap();
+
+    let (code, out) = check();
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out.lines().count(), resources.len(), "{out}");
+    for resource in resources {
+        assert!(out.contains(&format!("{resource}: ok (")), "{out}");
+    }
+    assert!(
+        out.contains("dynamodb table check-state: ok (ACTIVE, key [pk (HASH S), sk (RANGE S)])"),
+        "{out}"
+    );
+
+    // Drift: a lease table of that name with another key.
+    let dynamodb = moto.dynamodb_client();
+    rt.block_on(async {
+        use aws_sdk_dynamodb::types::{
+            AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+        };
+        dynamodb
+            .delete_table()
+            .table_name("check-events-leases")
+            .send()
+            .await
+            .unwrap();
+        dynamodb
+            .create_table()
+            .table_name("check-events-leases")
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name("id")
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .unwrap(),
+            )
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name("id")
+                    .key_type(KeyType::Hash)
+                    .build()
+                    .unwrap(),
+            )
+            .billing_mode(BillingMode::PayPerRequest)
+            .send()
+            .await
+            .unwrap();
+    });
+    let (code, out) = check();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(
+            "dynamodb table check-events-leases: drift: key schema is [id (HASH S)], \
+             expected [leaseKey (HASH S)]"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("dynamodb table check-state: ok ("), "{out}");
+}
+
 /// A configuration naming AWS fails at start, quickly, naming the service and why: no
 /// endpoint listening, no such stream, no credentials.
 #[test]

@@ -224,7 +224,7 @@ fn serve_and_process_archive_every_accepted_event_and_refuse_a_missing_stream() 
         let args: &[&str] = if command == "serve" {
             &["serve", "--listen", "127.0.0.1:0"]
         } else {
-            &["process"]
+            &["process", "--listen", "127.0.0.1:0"]
         };
         fails_at_start(
             args,
@@ -241,7 +241,7 @@ fn serve_and_process_archive_every_accepted_event_and_refuse_a_missing_stream() 
     let log = std::fs::File::create(dir.path().join("process.log")).unwrap();
     let mut worker = Worker(
         floodgate()
-            .args(["process", "--config"])
+            .args(["process", "--listen", "127.0.0.1:0", "--config"])
             .arg(&good)
             .env_remove("AWS_PROFILE")
             .envs(CREDENTIALS)

@@ -1015,7 +1015,7 @@ fn a_worker_cut_off_from_the_lease_table_and_back_writes_no_event_to_the_lake_tw
 
     proxy.set(FaultPlan::seeded(3).rule(Rule::new("*", Fault::throughput_exceeded())));
     let mut worker = floodgate()
-        .args(["process", "--config"])
+        .args(["process", "--listen", "127.0.0.1:0", "--config"])
         .arg(&direct_config)
         .envs(CREDENTIALS)
         .env("FLOODGATE_LOG", "info")

@@ -98,7 +98,7 @@ delivery_stream_name = "whole-raw"
 fn worker(config: &Path, dir: &Path, name: &str) -> Child {
     let log = std::fs::File::create(dir.join(format!("worker-{name}.log"))).unwrap();
     floodgate()
-        .args(["process", "--config"])
+        .args(["process", "--listen", "127.0.0.1:0", "--config"])
         .arg(config)
         .arg("--data-dir")
         .arg(dir.join(format!("data-{name}")))

@@ -113,7 +113,7 @@ lease_duration_ms = {LEASE_MS}
         let log =
             std::fs::File::create(self.dir.path().join(format!("worker-{name}.log"))).unwrap();
         floodgate()
-            .args(["process", "--config"])
+            .args(["process", "--listen", "127.0.0.1:0", "--config"])
             .arg(&self.config)
             .envs(CREDENTIALS)
             .env("FLOODGATE_LOG", "info")

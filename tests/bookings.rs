@@ -305,7 +305,7 @@ fn ingest_and_process_run_apart_and_a_second_processor_takes_over() {
     let dir = tempfile::tempdir().unwrap();
     let start_processor = || {
         let mut child = Command::new(common::BIN)
-            .args(["process", "--data-dir"])
+            .args(["process", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path())
             .env("FLOODGATE_LOG", "warn")
             .stdout(Stdio::piped())

@@ -28,10 +28,7 @@ fn printed_budget(command: &str, config: &str) -> Vec<String> {
     let path = dir.path().join("floodgate.toml");
     std::fs::write(&path, config).unwrap();
     let mut cmd = Command::new(BIN);
-    cmd.arg(command);
-    if command != "process" {
-        cmd.args(["--listen", "127.0.0.1:0"]);
-    }
+    cmd.arg(command).args(["--listen", "127.0.0.1:0"]);
     let mut child = Running(
         cmd.arg("--data-dir")
             .arg(dir.path().join("data"))

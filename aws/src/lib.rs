@@ -4,6 +4,7 @@
 //! and for the bookings state, EventBridge for derived events, S3 for the lake
 //! ([`s3::S3Store`]), and Firehose for the raw archive ([`firehose::FirehoseArchive`]).
 
+pub mod check;
 pub mod client;
 pub mod emulator;
 pub mod eventbridge;

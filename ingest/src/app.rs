@@ -225,7 +225,7 @@ impl App {
                 response::with_type(
                     StatusCode::OK,
                     "text/plain; version=0.0.4; charset=utf-8",
-                    Bytes::from(inner.metrics.render()),
+                    Bytes::from(crate::telemetry::render(&inner.metrics)),
                 ),
             ),
             "/v1/schemas" if get => (

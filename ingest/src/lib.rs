@@ -12,7 +12,8 @@
 //! ingestion: an accepted event shows there once a processor has applied it.
 //!
 //! [`App`] is built by [`App::new`] apart from any socket, so tests drive it directly.
-//! [`telemetry`] installs the Prometheus recorder behind `GET /metrics`.
+//! [`telemetry`] installs the Prometheus recorder behind `GET /metrics`; [`ops`] serves
+//! `/metrics`, `/healthz` and `/readyz` for a process that runs no edge (`floodgate process`).
 //!
 //! Invariants: no request, however malformed, panics a task or blocks the runtime for
 //! long; every whole-request error is a JSON `{"error":{"code","message"}}`.
@@ -26,6 +27,7 @@ pub mod dedupe;
 pub mod encoding;
 pub mod events;
 pub mod openapi;
+pub mod ops;
 mod response;
 pub mod server;
 mod state;

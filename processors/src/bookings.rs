@@ -140,6 +140,42 @@ struct Decider {
     /// `derived.len()` when the current record's decision began: a derived event's id
     /// counts from it, so that the id depends on the record alone, not on the batch.
     record_start: usize,
+    /// The current slice's decisions, counted once the slice is applied.
+    tally: Tally,
+}
+
+/// How many bookings one slice confirmed and rejected (by reason), and how many events it
+/// sold out. Counted into metrics only when the slice is applied, so that a batch decided
+/// again after a conflict is not counted twice.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Tally {
+    pub confirmed: u64,
+    /// `(reason, count)`, in first-seen order; the reasons are a small fixed set.
+    pub rejected: Vec<(&'static str, u64)>,
+    pub sold_out: u64,
+}
+
+impl Tally {
+    fn reject(&mut self, reason: &'static str) {
+        match self.rejected.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => self.rejected.push((reason, 1)),
+        }
+    }
+
+    fn record(&self) {
+        if self.confirmed > 0 {
+            metrics::counter!("floodgate_bookings_decisions_total", "decision" => "confirmed")
+                .increment(self.confirmed);
+        }
+        for &(reason, n) in &self.rejected {
+            metrics::counter!("floodgate_bookings_decisions_total", "decision" => "rejected", "reason" => reason)
+                .increment(n);
+        }
+        if self.sold_out > 0 {
+            metrics::counter!("floodgate_bookings_sold_out_total").increment(self.sold_out);
+        }
+    }
 }
 
 /// Every derived event type, for the lake's tables.
@@ -295,6 +331,7 @@ impl Decider {
         if remaining == 0 && inv.capacity > 0 {
             if !inv.sold_out_notified {
                 inv.sold_out_notified = true;
+                self.tally.sold_out += 1;
                 out.push((
                     "capacity.sold_out",
                     DerivedData {
@@ -429,6 +466,7 @@ impl Decider {
                     // event is a producer's retry: no effect. For another event it is a
                     // different booking reusing a claimed id: refused, and announced.
                     if first.event_id != event_id {
+                        self.tally.reject(DUPLICATE_BOOKING_ID);
                         self.derive(
                             record,
                             "booking.rejected",
@@ -476,6 +514,10 @@ impl Decider {
                     reason,
                     ..DerivedData::new(event_id)
                 };
+                match reason {
+                    None => self.tally.confirmed += 1,
+                    Some(reason) => self.tally.reject(reason),
+                }
                 if status == BookingStatus::Confirmed {
                     self.touch_inventory(event_id);
                     self.derive(record, "booking.confirmed", booking_id, payload);
@@ -556,10 +598,13 @@ pub fn decide(
         ApplyLimits::UNBOUNDED,
     )
     .pop()
-    .unwrap_or_else(|| StateChanges {
-        shard: shard.clone(),
-        ..StateChanges::default()
-    })
+    .map_or_else(
+        || StateChanges {
+            shard: shard.clone(),
+            ..StateChanges::default()
+        },
+        |(changes, _)| changes,
+    )
 }
 
 /// The most one record's decision adds to an apply: an inventory, a booking and a dead
@@ -578,7 +623,7 @@ pub fn decide_within(
     inventories: Vec<Inventory>,
     bookings: Vec<Booking>,
     limits: ApplyLimits,
-) -> Vec<StateChanges> {
+) -> Vec<(StateChanges, Tally)> {
     let inventories: HashMap<String, Inventory> = inventories
         .into_iter()
         .map(|i| (i.event_id.clone(), i))
@@ -600,6 +645,7 @@ pub fn decide_within(
         dead_letters: Vec::new(),
         time_cache: (0, String::new()),
         record_start: 0,
+        tally: Tally::default(),
     };
     let mut slices = Vec::new();
     // Bytes of the current slice so far, beyond its rows (derived events, dead letters).
@@ -644,7 +690,7 @@ pub fn decide_within(
 impl Decider {
     /// The changes decided since the last cut, ending at `last`; the rows stay in memory
     /// for the decisions after it.
-    fn cut(&mut self, last: &StoredRecord) -> StateChanges {
+    fn cut(&mut self, last: &StoredRecord) -> (StateChanges, Tally) {
         self.touched_inventory_set.clear();
         self.touched_booking_set.clear();
         let mut inventories = Vec::new();
@@ -660,7 +706,7 @@ impl Decider {
             .iter()
             .filter_map(|id| self.bookings.get(id).cloned())
             .collect();
-        StateChanges {
+        let changes = StateChanges {
             shard: self.shard.clone(),
             last_sequence: last.sequence.clone(),
             expected_position: None,
@@ -670,7 +716,8 @@ impl Decider {
             created_bookings: std::mem::take(&mut self.created_bookings),
             derived: std::mem::take(&mut self.derived),
             dead_letters: std::mem::take(&mut self.dead_letters),
-        }
+        };
+        (changes, std::mem::take(&mut self.tally))
     }
 }
 
@@ -731,7 +778,7 @@ impl BookingsProcessor {
             );
             let mut expected = position;
             let mut start = 0;
-            for mut changes in slices {
+            for (mut changes, tally) in slices {
                 let next = Some(changes.last_sequence.clone());
                 changes.expected_position = Some(expected);
                 let writes = changes.inventories.len() as u64;
@@ -739,6 +786,7 @@ impl BookingsProcessor {
                 loop {
                     match self.store.apply(changes.clone()).await {
                         Ok(true) => {
+                            tally.record();
                             applied = true;
                             inventory_writes += writes;
                             applied_records += end - start;

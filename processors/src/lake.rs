@@ -1183,6 +1183,15 @@ impl LakeProcessor {
     /// buffer is left as it was and the run pinned (see the module docs); the files this
     /// attempt wrote stay (see `undo`).
     async fn flush(&self, shard: &ShardId) -> Result<(), ProcessError> {
+        let flushed = self.flush_run(shard).await;
+        if flushed.is_err() {
+            metrics::counter!("floodgate_lake_flush_failures_total").increment(1);
+        }
+        flushed
+    }
+
+    /// [`Self::flush`] itself.
+    async fn flush_run(&self, shard: &ShardId) -> Result<(), ProcessError> {
         let (rows, first, last) = {
             let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
             let Some(buf) = shards.get_mut(shard) else {

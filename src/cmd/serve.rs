@@ -194,6 +194,7 @@ pub(crate) fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
     runtime()?.block_on(async move {
         let metrics = floodgate_ingest::telemetry::install();
         floodgate_ingest::telemetry::spawn_upkeep(metrics.clone());
+        floodgate_ingest::telemetry::spawn_disk_gauges(config.data_dir.clone());
         let stream = Stream::for_edge(&config).await?;
         let quarantine = Quarantine::for_edge(&config).await?;
         let state = open_state(&config).await?;
@@ -281,20 +282,45 @@ pub(crate) fn process(args: ProcessArgs) -> Result<()> {
             floodgate_core::budget::Role::Process
         )
     );
+    let listen = args.listen;
     runtime()?.block_on(async move {
         let metrics = floodgate_ingest::telemetry::install();
-        floodgate_ingest::telemetry::spawn_upkeep(metrics);
+        floodgate_ingest::telemetry::spawn_upkeep(metrics.clone());
+        floodgate_ingest::telemetry::spawn_disk_gauges(config.data_dir.clone());
+        // Bound first: a worker that cannot be scraped or probed refuses to start, and
+        // /healthz answers while the processors start (/readyz once they run).
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen} (--listen)"))?;
+        let listening = listener.local_addr()?;
+        let ready = Arc::new(floodgate_ingest::ops::Readiness::default());
+        let (stop_ops, ops_stopped) = tokio::sync::oneshot::channel::<()>();
+        let ops = tokio::spawn(floodgate_ingest::ops::serve(
+            listener,
+            metrics,
+            ready.clone(),
+            async move {
+                let _ = ops_stopped.await;
+            },
+        ));
         let stream = Stream::for_workers(&config).await?;
         let quarantine = Quarantine::for_workers(&config).await?;
         let state = open_state(&config).await?;
         let registry = load_registry(config.schemas_dir.as_deref())?;
         let processors =
             Processors::start(&config, &registry, stream.reader(), &quarantine, state).await?;
+        ready.set(true);
         let shutdown = shutdown_signal();
-        println!("floodgate processing {}", config.data_dir.display());
+        println!(
+            "floodgate processing {} (metrics on http://{listening}/metrics)",
+            config.data_dir.display()
+        );
         io::stdout().flush()?;
         shutdown.await;
+        ready.set(false);
         processors.stop().await;
+        let _ = stop_ops.send(());
+        let _ = ops.await;
         Ok(())
     })
 }
