@@ -155,7 +155,10 @@ fn binary_mode_events_are_checked_and_stored_as_structured() {
         ("ce-source", "/binary"),
         ("ce-type", "booking.requested"),
         ("ce-time", "2026-11-22T10:00:00Z"),
-        ("ce-traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        (
+            "ce-traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
     ];
     let r = post(
         server.addr,

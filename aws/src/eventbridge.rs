@@ -238,7 +238,10 @@ mod tests {
     #[test]
     fn trace_header_is_the_traceparent_in_xray_form() {
         assert_eq!(
-            trace_header(Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")).as_deref(),
+            trace_header(Some(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            ))
+            .as_deref(),
             Some("Root=1-4bf92f35-77b34da6a3ce929d0e0e4736;Parent=00f067aa0ba902b7;Sampled=1")
         );
         assert_eq!(trace_header(Some("00-abc-def-01")), None);

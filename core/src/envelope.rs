@@ -458,7 +458,10 @@ mod tests {
         v["traceparent"] = json!("00-00000000000000000000000000000000-00f067aa0ba902b7-01");
         let errors = check_envelope(&v).unwrap_err();
         assert_eq!(errors[0].pointer, "/traceparent");
-        assert!(errors[0].message.contains("all-zero trace-id"), "{errors:?}");
+        assert!(
+            errors[0].message.contains("all-zero trace-id"),
+            "{errors:?}"
+        );
         let mut v = ok();
         v["traceparent"] = json!(1);
         assert_eq!(pointers(v), ["/traceparent"]);

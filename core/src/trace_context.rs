@@ -43,7 +43,9 @@ pub struct TraceParent {
 /// Why a string is not a `traceparent`, as the rest of a sentence about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TraceParentError {
-    #[error("is not in the form 00-<32 hex trace-id>-<16 hex parent-id>-<2 hex flags> (lower-case hex)")]
+    #[error(
+        "is not in the form 00-<32 hex trace-id>-<16 hex parent-id>-<2 hex flags> (lower-case hex)"
+    )]
     Format,
     #[error("has version ff, which is forbidden")]
     ForbiddenVersion,
@@ -187,9 +189,7 @@ pub fn check_tracestate(s: &str) -> Result<(), TraceStateError> {
 /// `tenant-id = (lcalpha / DIGIT) 0*240(keychar)` and `system-id = lcalpha 0*13(keychar)`.
 fn is_tracestate_key(key: &str) -> bool {
     let keychar = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-*/".contains(&c);
-    let run = |s: &[u8], first: fn(u8) -> bool, max_rest: usize| {
-        matches!(s.split_first(), Some((&f, rest)) if first(f) && rest.len() <= max_rest && rest.iter().all(|&c| keychar(c)))
-    };
+    let run = |s: &[u8], first: fn(u8) -> bool, max_rest: usize| matches!(s.split_first(), Some((&f, rest)) if first(f) && rest.len() <= max_rest && rest.iter().all(|&c| keychar(c)));
     match key.split_once('@') {
         None => run(key.as_bytes(), |c| c.is_ascii_lowercase(), 255),
         Some((tenant, system)) => {
@@ -355,10 +355,12 @@ fn hex_byte(two: &[u8]) -> Option<u8> {
 
 fn hex(bytes: &[u8]) -> String {
     use fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[cfg(test)]
@@ -526,14 +528,22 @@ mod tests {
 
     #[test]
     fn headers_ignore_what_is_invalid() {
-        assert_eq!(TraceContext::from_headers("00-abc-def-01", Some("k=v")), None);
+        assert_eq!(
+            TraceContext::from_headers("00-abc-def-01", Some("k=v")),
+            None
+        );
         let c = TraceContext::from_headers(VALID, Some("k=v")).unwrap();
         assert_eq!(c.traceparent, VALID);
         assert_eq!(c.tracestate.as_deref(), Some("k=v"));
         // An invalid tracestate is dropped alone.
         let c = TraceContext::from_headers(VALID, Some("not a list")).unwrap();
         assert_eq!(c.tracestate, None);
-        assert_eq!(TraceContext::from_headers(VALID, Some(" ")).unwrap().tracestate, None);
+        assert_eq!(
+            TraceContext::from_headers(VALID, Some(" "))
+                .unwrap()
+                .tracestate,
+            None
+        );
     }
 
     #[test]

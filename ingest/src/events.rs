@@ -942,7 +942,10 @@ mod tests {
         let t = request_trace(&headers(&[("traceparent", TP)])).unwrap();
         assert_eq!((t.traceparent.as_str(), t.tracestate), (TP, None));
         // Invalid, or twice: ignored.
-        assert_eq!(request_trace(&headers(&[("traceparent", "00-abc-def-01")])), None);
+        assert_eq!(
+            request_trace(&headers(&[("traceparent", "00-abc-def-01")])),
+            None
+        );
         assert_eq!(
             request_trace(&headers(&[("traceparent", TP), ("traceparent", TP)])),
             None
@@ -962,8 +965,8 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(t.tracestate, None);
-        let t = request_trace(&headers(&[("traceparent", TP), ("tracestate", "a=\u{e9}")]))
-            .unwrap();
+        let t =
+            request_trace(&headers(&[("traceparent", TP), ("tracestate", "a=\u{e9}")])).unwrap();
         assert_eq!(t.tracestate, None);
     }
 

@@ -95,7 +95,11 @@ mod tests {
         let v = jsonschema::validator_for(&schema).unwrap();
         let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         assert!(v.is_valid(&json!(ok)));
-        assert!(v.is_valid(&json!(format!("00-{}1-{}1-00", "0".repeat(31), "0".repeat(15)))));
+        assert!(v.is_valid(&json!(format!(
+            "00-{}1-{}1-00",
+            "0".repeat(31),
+            "0".repeat(15)
+        ))));
         for bad in [
             format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32)),
             format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01", "0".repeat(16)),

@@ -925,8 +925,19 @@ mod tests {
         let later = format!("01-{}-later", &TP[3..]);
         let (out, dead) = derived(&[
             request("b1", 1, &[("traceparent", json!("00-abc-def-01"))]),
-            request("b2", 1, &[("traceparent", json!(7)), ("tracestate", json!({"a": [1]}))]),
-            request("b3", 1, &[("traceparent", json!(TP)), ("tracestate", json!("Bad=state"))]),
+            request(
+                "b2",
+                1,
+                &[("traceparent", json!(7)), ("tracestate", json!({"a": [1]}))],
+            ),
+            request(
+                "b3",
+                1,
+                &[
+                    ("traceparent", json!(TP)),
+                    ("tracestate", json!("Bad=state")),
+                ],
+            ),
             request("b4", 1, &[("traceparent", json!(later))]),
         ]);
         assert_eq!(dead, 0);
@@ -934,7 +945,10 @@ mod tests {
         assert!(out[0].get("traceparent").is_none());
         assert!(out[1].get("traceparent").is_none());
         assert_eq!(out[2]["traceparent"], TP);
-        assert!(out[2].get("tracestate").is_none(), "an invalid tracestate is dropped alone");
+        assert!(
+            out[2].get("tracestate").is_none(),
+            "an invalid tracestate is dropped alone"
+        );
         assert_eq!(out[3]["traceparent"], TP);
     }
 }
