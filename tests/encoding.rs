@@ -155,7 +155,10 @@ fn binary_mode_events_are_checked_and_stored_as_structured() {
         ("ce-source", "/binary"),
         ("ce-type", "booking.requested"),
         ("ce-time", "2026-11-22T10:00:00Z"),
-        ("ce-traceparent", "00-abc-def-01"),
+        (
+            "ce-traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
     ];
     let r = post(
         server.addr,
@@ -171,7 +174,10 @@ fn binary_mode_events_are_checked_and_stored_as_structured() {
     let e = &records[0]["event"];
     assert_eq!(e["id"], "bin 1");
     assert_eq!(e["source"], "/binary");
-    assert_eq!(e["traceparent"], "00-abc-def-01");
+    assert_eq!(
+        e["traceparent"],
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
     assert_eq!(e["datacontenttype"], "application/json");
     assert_eq!(e["data"], data);
     assert_eq!(records[0]["key"], "E-bin");

@@ -2,7 +2,8 @@
 //! derived event, on one event bus.
 //!
 //! Each entry's `Source` is `floodgate`, its `DetailType` the derived event's CloudEvents
-//! `type` (`booking.confirmed`, …), its `Detail` the whole CloudEvent as JSON. Rules on the
+//! `type` (`booking.confirmed`, …), its `Detail` the whole CloudEvent as JSON, and, when
+//! the event carries a `traceparent`, its `TraceHeader` that trace in X-Ray form. Rules on the
 //! bus route by them, e.g. `{"source": ["floodgate"], "detail-type": ["booking.confirmed"]}`
 //! to an SQS queue or an SNS topic.
 //!
@@ -30,6 +31,7 @@ use aws_sdk_eventbridge::Client;
 use aws_sdk_eventbridge::error::ProvideErrorMetadata as _;
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use floodgate_core::state::{OutboxCursor, OutboxEntry, PublishError, Publisher};
+use floodgate_core::trace_context::{self, TraceParent};
 use serde::Deserialize;
 
 use crate::client::describe;
@@ -54,6 +56,17 @@ pub fn entry_bytes(detail_type: &str, detail: &str) -> usize {
 struct Typed<'a> {
     #[serde(rename = "type", borrow)]
     event_type: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow, deserialize_with = "trace_context::lenient_str")]
+    traceparent: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// An entry's `TraceHeader`: the derived event's `traceparent` as an X-Ray trace header
+/// (same trace and parent), so that EventBridge hands the trace on to its targets. The
+/// CloudEvent in `Detail` keeps the W3C attributes themselves. `None` without a valid one.
+pub fn trace_header(traceparent: Option<&str>) -> Option<String> {
+    TraceParent::parse(traceparent?)
+        .ok()
+        .map(|p| p.xray_header())
 }
 
 /// Derived events to an EventBridge bus (see the module docs).
@@ -90,6 +103,7 @@ impl EventBridgePublisher {
                 .source(SOURCE)
                 .detail_type(typed.event_type.as_ref())
                 .detail(event)
+                .set_trace_header(trace_header(typed.traceparent.as_deref()))
                 .build(),
             size,
         ))
@@ -214,5 +228,41 @@ pub async fn ensure_bus(
             "EventBridge CreateEventBus {name}: {}",
             describe(&e)
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_header_is_the_traceparent_in_xray_form() {
+        assert_eq!(
+            trace_header(Some(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            ))
+            .as_deref(),
+            Some("Root=1-4bf92f35-77b34da6a3ce929d0e0e4736;Parent=00f067aa0ba902b7;Sampled=1")
+        );
+        assert_eq!(trace_header(Some("00-abc-def-01")), None);
+        assert_eq!(trace_header(None), None);
+    }
+
+    #[test]
+    fn an_entry_carries_the_trace_header() {
+        let config = aws_sdk_eventbridge::Config::builder()
+            .behavior_version(aws_sdk_eventbridge::config::BehaviorVersion::latest())
+            .build();
+        let publisher = EventBridgePublisher::new(Client::from_conf(config), "bus");
+        let traced = r#"{"type":"booking.confirmed","traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00","data":{}}"#;
+        let (entry, _) = publisher.entry(traced).unwrap();
+        assert_eq!(
+            entry.trace_header(),
+            Some("Root=1-4bf92f35-77b34da6a3ce929d0e0e4736;Parent=00f067aa0ba902b7;Sampled=0")
+        );
+        let (entry, _) = publisher
+            .entry(r#"{"type":"booking.confirmed","traceparent":5,"data":{}}"#)
+            .unwrap();
+        assert_eq!(entry.trace_header(), None);
     }
 }

@@ -10,6 +10,7 @@
 use serde_json::{Map, Value};
 
 use crate::FieldError;
+use crate::trace_context::{TRACEPARENT, TRACESTATE, TraceParent, check_tracestate};
 
 /// The only `specversion` this edge speaks.
 pub const SPEC_VERSION: &str = "1.0";
@@ -176,6 +177,10 @@ pub fn check_envelope(event: &Value) -> Result<Envelope<'_>, Vec<FieldError>> {
             ));
             continue;
         }
+        if name == TRACEPARENT || name == TRACESTATE {
+            check_trace_attribute(name, value, pointer, &mut errors);
+            continue;
+        }
         match value {
             Value::String(s) if name == "partitionkey" => {
                 // The attribute is held to the key rule whether or not the type's schema
@@ -203,6 +208,16 @@ pub fn check_envelope(event: &Value) -> Result<Envelope<'_>, Vec<FieldError>> {
         }
     }
 
+    // The Distributed Tracing extension requires `traceparent`; a `tracestate` alone is
+    // half of it.
+    let present = |name: &str| obj.get(name).is_some_and(|v| !v.is_null());
+    if present(TRACESTATE) && !present(TRACEPARENT) {
+        errors.push(FieldError::new(
+            "/tracestate",
+            "tracestate is given without a traceparent (CloudEvents Distributed Tracing extension)",
+        ));
+    }
+
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -218,6 +233,36 @@ pub fn check_envelope(event: &Value) -> Result<Envelope<'_>, Vec<FieldError>> {
         data,
         has_data_base64,
     })
+}
+
+/// The Distributed Tracing extension's attributes: strings in W3C Trace Context format
+/// (`null`, as for every attribute, means absent). An event is refused for an invalid one,
+/// with its pointer, rather than stored with a trace context no consumer could follow; the
+/// edge is as strict as for every other attribute. (An invalid `traceparent` *header* is
+/// ignored instead, as the W3C recommendation asks: it is the transport's, not the event's.)
+fn check_trace_attribute(name: &str, value: &Value, pointer: String, errors: &mut Vec<FieldError>) {
+    match value {
+        Value::Null => {}
+        Value::String(s) => {
+            let before = errors.len();
+            check_chars(name, s, errors);
+            if errors.len() > before {
+                return;
+            }
+            let fault = if name == TRACEPARENT {
+                TraceParent::parse(s).err().map(|e| e.to_string())
+            } else {
+                check_tracestate(s).err().map(|e| e.to_string())
+            };
+            if let Some(fault) = fault {
+                errors.push(FieldError::new(
+                    pointer,
+                    format!("{name} {fault} (W3C Trace Context)"),
+                ));
+            }
+        }
+        other => errors.push(wrong_type(name, "a string", other)),
+    }
 }
 
 /// The spec's String excludes control characters (U+0000–U+001F, U+007F–U+009F) and
@@ -344,7 +389,9 @@ mod tests {
 
     fn ok() -> Value {
         json!({"specversion":"1.0","id":"a-1","source":"/shop","type":"booking.requested",
-               "time":"2026-11-22T10:00:00Z","partitionkey":"k","traceparent":"00-x","count":3,
+               "time":"2026-11-22T10:00:00Z","partitionkey":"k","count":3,
+               "traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+               "tracestate":"congo=t61rcWkgMzE",
                "data":{"x":1}})
     }
 
@@ -399,6 +446,47 @@ mod tests {
             pointers(json!({})),
             ["/specversion", "/id", "/source", "/type"]
         );
+    }
+
+    /// The Distributed Tracing extension's attributes are held to W3C Trace Context.
+    #[test]
+    fn trace_attributes_are_w3c_trace_context() {
+        let mut v = ok();
+        v["traceparent"] = json!("00-x");
+        assert_eq!(pointers(v), ["/traceparent"]);
+        let mut v = ok();
+        v["traceparent"] = json!("00-00000000000000000000000000000000-00f067aa0ba902b7-01");
+        let errors = check_envelope(&v).unwrap_err();
+        assert_eq!(errors[0].pointer, "/traceparent");
+        assert!(
+            errors[0].message.contains("all-zero trace-id"),
+            "{errors:?}"
+        );
+        let mut v = ok();
+        v["traceparent"] = json!(1);
+        assert_eq!(pointers(v), ["/traceparent"]);
+        let mut v = ok();
+        v["tracestate"] = json!("Not=valid");
+        assert_eq!(pointers(v), ["/tracestate"]);
+        let mut v = ok();
+        v["tracestate"] = json!(true);
+        assert_eq!(pointers(v), ["/tracestate"]);
+        // A tracestate needs its traceparent.
+        let mut v = ok();
+        v.as_object_mut().unwrap().remove("traceparent");
+        assert_eq!(pointers(v), ["/tracestate"]);
+        let mut v = ok();
+        v["traceparent"] = json!(null);
+        assert_eq!(pointers(v), ["/tracestate"]);
+        // Both absent, or null, or a traceparent alone, or a later version: fine.
+        let mut v = ok();
+        v.as_object_mut().unwrap().remove("tracestate");
+        assert!(check_envelope(&v).is_ok());
+        v["traceparent"] = json!("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later");
+        assert!(check_envelope(&v).is_ok());
+        v["traceparent"] = json!(null);
+        v["tracestate"] = json!(null);
+        assert!(check_envelope(&v).is_ok());
     }
 
     /// The key rule counts bytes of UTF-8, as the log does, not characters: 256 two-byte

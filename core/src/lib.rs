@@ -14,7 +14,9 @@
 //!    through ([`stream::StreamWriter`], [`stream::StreamReader`],
 //!    [`stream::CheckpointStore`]); `floodgate-sinks` implements them.
 //!
-//! [`check::check_body`] runs steps 1–2 over a whole body.
+//! [`check::check_body`] runs steps 1–2 over a whole body; [`check::check_body_traced`]
+//! also gives the events without a trace context of their own the request's
+//! ([`trace_context`]: W3C Trace Context, the CloudEvents Distributed Tracing extension).
 //! The stream's consumers write their effects through the other roles: [`state`] (the
 //! bookings state and the publisher of derived events), [`object_store`] (the lake's files)
 //! and [`archive`] (a raw copy of every accepted event).
@@ -38,6 +40,7 @@ pub mod rfc3339;
 pub mod state;
 pub mod stream;
 pub mod strict;
+pub mod trace_context;
 
 use serde::Serialize;
 

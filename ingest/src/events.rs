@@ -5,12 +5,13 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use floodgate_core::FieldError;
-use floodgate_core::check::{Outcome, check_body};
+use floodgate_core::check::{Outcome, check_body_traced};
 use floodgate_core::decode::{BodyFormat, DecodeError};
 use floodgate_core::registry::Registry;
 use floodgate_core::stream::{AppendError, Appended, Record, StreamWriter};
+use floodgate_core::trace_context::{TRACEPARENT, TRACESTATE, TraceContext};
 use http_body_util::BodyExt;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -205,6 +206,32 @@ async fn append_and_settle(
         quarantine(&*q, held).await;
     }
     (appended, charge)
+}
+
+/// The request's W3C trace context (`traceparent` and `tracestate` headers), which the
+/// events that carry none of their own are stored with. As the W3C recommendation asks, an
+/// invalid `traceparent` (or more than one) is ignored, never refused: the request is served
+/// as if it had none. Several `tracestate` headers are one list (joined by commas); an
+/// invalid list is dropped alone.
+fn request_trace(headers: &HeaderMap) -> Option<TraceContext> {
+    let mut parents = headers.get_all(TRACEPARENT).iter();
+    let parent = parents.next()?;
+    let state: Option<String> = headers
+        .get_all(TRACESTATE)
+        .iter()
+        .map(|v| v.to_str().ok())
+        .collect::<Option<Vec<&str>>>()
+        .filter(|states| !states.is_empty())
+        .map(|states| states.join(","));
+    let trace = match (parent.to_str(), parents.next()) {
+        (Ok(parent), None) => TraceContext::from_headers(parent, state.as_deref()),
+        _ => None,
+    };
+    if trace.is_none() {
+        metrics::counter!("floodgate_ingest_traceparent_ignored_total").increment(1);
+        tracing::debug!(traceparent = ?parent, "invalid traceparent header ignored");
+    }
+    trace
 }
 
 /// The body format a `Content-Type` names, or `None` for a type we do not take.
@@ -493,6 +520,7 @@ where
     };
     // Binary mode: the event's attributes in `ce-*` headers, its data in the body.
     let binary = encoding::is_binary_mode(req.headers()).then(|| req.headers().clone());
+    let trace = request_trace(req.headers());
     let content_type = req
         .headers()
         .get(CONTENT_TYPE)
@@ -578,7 +606,13 @@ where
                 None => body,
                 Some(headers) => encoding::binary_to_structured(headers, &body)?,
             };
-            Ok(check_body(registry, &body, format, max_events)?)
+            Ok(check_body_traced(
+                registry,
+                &body,
+                format,
+                max_events,
+                trace.as_ref(),
+            )?)
         };
     // Small plain bodies are checked right here; big or compressed ones (whose size is
     // unknown until inflated) on the blocking pool.
@@ -890,6 +924,51 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_bytes(v.as_bytes()).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn request_trace_follows_the_w3c_reading() {
+        assert_eq!(request_trace(&headers(&[])), None);
+        assert_eq!(request_trace(&headers(&[("tracestate", "k=v")])), None);
+        let t = request_trace(&headers(&[("traceparent", TP)])).unwrap();
+        assert_eq!((t.traceparent.as_str(), t.tracestate), (TP, None));
+        // Invalid, or twice: ignored.
+        assert_eq!(
+            request_trace(&headers(&[("traceparent", "00-abc-def-01")])),
+            None
+        );
+        assert_eq!(
+            request_trace(&headers(&[("traceparent", TP), ("traceparent", TP)])),
+            None
+        );
+        // Several tracestate headers are one list; an invalid list is dropped alone.
+        let t = request_trace(&headers(&[
+            ("traceparent", TP),
+            ("tracestate", "a=1"),
+            ("tracestate", "b=2"),
+        ]))
+        .unwrap();
+        assert_eq!(t.tracestate.as_deref(), Some("a=1,b=2"));
+        let t = request_trace(&headers(&[
+            ("traceparent", TP),
+            ("tracestate", "a=1"),
+            ("tracestate", "a=2"),
+        ]))
+        .unwrap();
+        assert_eq!(t.tracestate, None);
+        let t =
+            request_trace(&headers(&[("traceparent", TP), ("tracestate", "a=\u{e9}")])).unwrap();
+        assert_eq!(t.tracestate, None);
+    }
 
     /// Found in review: a 1 MiB body of quotes or control characters grew past a Kinesis
     /// record when escaped, and the quarantine stream refused it: the rejected event was

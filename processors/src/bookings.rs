@@ -35,6 +35,7 @@ use floodgate_core::state::{
     StateError, StateStore,
 };
 use floodgate_core::stream::{SequenceNumber, ShardId, StoredRecord};
+use floodgate_core::trace_context::{self, TraceContext};
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::{ProcessError, ShardProcessor};
@@ -53,6 +54,13 @@ pub struct DomainEvent<'a> {
     event_type: Cow<'a, str>,
     #[serde(default, borrow)]
     data: Data<'a>,
+    /// The Distributed Tracing extension, carried into the derived events. Read leniently
+    /// (a record stored before the edge checked these attributes may hold anything there):
+    /// a value that is no valid trace context is no context, never a dead letter.
+    #[serde(default, borrow, deserialize_with = "trace_context::lenient_str")]
+    traceparent: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "trace_context::lenient_str")]
+    tracestate: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,6 +150,8 @@ struct Decider {
     record_start: usize,
     /// The current slice's decisions, counted once the slice is applied.
     tally: Tally,
+    /// The current record's trace context, which every event it derives carries.
+    trace: Option<TraceContext>,
 }
 
 /// How many bookings one slice confirmed and rejected (by reason), and how many events it
@@ -215,6 +225,14 @@ struct DerivedEvent<'a> {
     subject: &'a str,
     time: &'a str,
     datacontenttype: &'static str,
+    /// The source event's trace context (CloudEvents Distributed Tracing extension): the
+    /// same trace-id and parent-id, so a derived event joins the producer's trace as a
+    /// sibling of the source event. Floodgate records no spans of its own, so a parent-id of
+    /// its minting would point at a span no tracing backend holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracestate: Option<&'a str>,
     data: DerivedData<'a>,
 }
 
@@ -299,6 +317,8 @@ impl Decider {
             subject,
             time: &self.time_cache.1,
             datacontenttype: "application/json",
+            traceparent: self.trace.as_ref().map(|t| t.traceparent.as_str()),
+            tracestate: self.trace.as_ref().and_then(|t| t.tracestate.as_deref()),
             data,
         };
         self.derived
@@ -387,6 +407,8 @@ impl Decider {
                 return;
             }
         };
+        self.trace =
+            TraceContext::of_event(event.traceparent.as_deref(), event.tracestate.as_deref());
         let now = record.appended_at_ms;
         let data = &event.data;
         let event_id = data.event_id.as_deref().unwrap_or_default();
@@ -608,9 +630,14 @@ pub fn decide(
 }
 
 /// The most one record's decision adds to an apply: an inventory, a booking and a dead
-/// letter (items), and a few derived events.
+/// letter (items), and a few derived events (at most three: a confirmation, `capacity.low`
+/// and `capacity.sold_out`), each with the record's trace context.
 const ITEMS_PER_RECORD: usize = 3;
-const DERIVED_BYTES_PER_RECORD: usize = 3 * 1024;
+const DERIVED_BYTES_PER_RECORD: usize = 3 * 1024 + 3 * TRACE_BYTES;
+/// A derived event's trace attributes at their longest: names, quotes, the `traceparent`
+/// in version `00` form and a `tracestate` at its bound, every character escaped.
+const TRACE_BYTES: usize =
+    32 + trace_context::TRACEPARENT_V00_LEN + 2 * trace_context::MAX_TRACESTATE_BYTES;
 
 /// [`decide`], cut into consecutive slices of `records` whose changes each fit `limits`
 /// (one slice when the whole batch fits). Decisions run on through the slices in memory,
@@ -646,6 +673,7 @@ pub fn decide_within(
         time_cache: (0, String::new()),
         record_start: 0,
         tally: Tally::default(),
+        trace: None,
     };
     let mut slices = Vec::new();
     // Bytes of the current slice so far, beyond its rows (derived events, dead letters).
@@ -846,5 +874,129 @@ impl ShardProcessor for BookingsProcessor {
     async fn process(&self, shard: &ShardId, records: &[StoredRecord]) -> Result<(), ProcessError> {
         self.apply_batch(shard, records).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use serde_json::{Value, json};
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn records(events: &[Value]) -> Vec<StoredRecord> {
+        events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| StoredRecord {
+                sequence: SequenceNumber::from_u64(i as u64),
+                key: "E1".into(),
+                payload: Bytes::from(e.to_string()),
+                appended_at_ms: 1_700_000_000_000,
+            })
+            .collect()
+    }
+
+    fn request(booking_id: &str, seats: i64, trace: &[(&str, Value)]) -> Value {
+        let mut e = json!({"specversion":"1.0","id":booking_id,"source":"/s","type":"booking.requested",
+            "data":{"bookingId":booking_id,"eventId":"E1","seats":seats}});
+        for (k, v) in trace {
+            e[*k] = v.clone();
+        }
+        e
+    }
+
+    fn derived(events: &[Value]) -> (Vec<Value>, usize) {
+        let records = records(events);
+        let parsed = parse(&records);
+        let inventory = Inventory {
+            event_id: "E1".into(),
+            capacity: 10,
+            reserved: 0,
+            low_notified: false,
+            sold_out_notified: false,
+            updated_at_ms: 0,
+        };
+        let changes = decide(
+            &ShardId("shard-0".into()),
+            &records,
+            &parsed,
+            vec![inventory],
+            Vec::new(),
+        );
+        let derived = changes
+            .derived
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        (derived, changes.dead_letters.len())
+    }
+
+    /// Every event a record derives carries its trace context, and only its own.
+    #[test]
+    fn derived_events_carry_the_source_events_trace_context() {
+        let (out, dead) = derived(&[
+            // Confirmed, then capacity.low and capacity.sold_out: all three traced.
+            request(
+                "b1",
+                10,
+                &[("traceparent", json!(TP)), ("tracestate", json!("congo=x"))],
+            ),
+            // No context: none on its rejection.
+            request("b2", 1, &[]),
+        ]);
+        assert_eq!(dead, 0);
+        let types: Vec<&str> = out.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            types,
+            [
+                "booking.confirmed",
+                "capacity.low",
+                "capacity.sold_out",
+                "booking.rejected"
+            ]
+        );
+        for e in &out[..3] {
+            assert_eq!(e["traceparent"], TP, "{e}");
+            assert_eq!(e["tracestate"], "congo=x", "{e}");
+        }
+        let rejected = out[3].as_object().unwrap();
+        assert!(!rejected.contains_key("traceparent") && !rejected.contains_key("tracestate"));
+    }
+
+    /// A record stored before the edge checked trace attributes may hold anything there: it
+    /// is applied as ever, its derived events without a context (and a later version's
+    /// traceparent is carried in version 00 form).
+    #[test]
+    fn stored_trace_attributes_never_fail_a_record() {
+        let later = format!("01-{}-later", &TP[3..]);
+        let (out, dead) = derived(&[
+            request("b1", 1, &[("traceparent", json!("00-abc-def-01"))]),
+            request(
+                "b2",
+                1,
+                &[("traceparent", json!(7)), ("tracestate", json!({"a": [1]}))],
+            ),
+            request(
+                "b3",
+                1,
+                &[
+                    ("traceparent", json!(TP)),
+                    ("tracestate", json!("Bad=state")),
+                ],
+            ),
+            request("b4", 1, &[("traceparent", json!(later))]),
+        ]);
+        assert_eq!(dead, 0);
+        assert_eq!(out.len(), 4);
+        assert!(out[0].get("traceparent").is_none());
+        assert!(out[1].get("traceparent").is_none());
+        assert_eq!(out[2]["traceparent"], TP);
+        assert!(
+            out[2].get("tracestate").is_none(),
+            "an invalid tracestate is dropped alone"
+        );
+        assert_eq!(out[3]["traceparent"], TP);
     }
 }
