@@ -565,10 +565,15 @@ async fn run_shard(
     .await;
     let _ = renewer_stop.send(true);
     let _ = renewer.await;
-    // This worker no longer holds the shard back.
+    // This worker no longer holds the shard back, for the edge's backpressure and on
+    // /metrics: the worker that holds it now reports its lag, and a sum over workers (the
+    // dashboard, the lag alert) must not keep this one's last figure.
     if let Some(lag) = &config.lag {
         lag.set(&consumer, &shard, 0);
     }
+    let labels = [("consumer", consumer.clone()), ("shard", shard.0.clone())];
+    metrics::gauge!("floodgate_processor_lag_records", &labels).set(0.0);
+    metrics::gauge!("floodgate_processor_lag_milliseconds", &labels).set(0.0);
     if exit != ShardExit::LeaseLost
         && let Err(e) = checkpoints
             .release_lease(&consumer, &shard, &config.owner)
