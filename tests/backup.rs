@@ -6,8 +6,8 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
 use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -134,8 +134,7 @@ impl Model {
                             }
                             Some(_) => ("rejected", Some("insufficient_capacity")),
                         };
-                        m.bookings
-                            .insert(id, (show, seats, decision.0, decision.1));
+                        m.bookings.insert(id, (show, seats, decision.0, decision.1));
                     }
                     other => panic!("the test posts no {other}"),
                 }
@@ -145,7 +144,10 @@ impl Model {
     }
 
     fn confirmed(&self) -> usize {
-        self.bookings.values().filter(|b| b.2 == "confirmed").count()
+        self.bookings
+            .values()
+            .filter(|b| b.2 == "confirmed")
+            .count()
     }
 }
 
@@ -290,7 +292,9 @@ fn a_backup_under_load_restores_to_a_deployment_that_applied_its_log_exactly_onc
     // Load, then a backup while the load goes on.
     let acked = Arc::new(Mutex::new(Vec::new()));
     let posters = Posters::start(server.addr, 4, acked.clone(), load_batch);
-    wait_for(60, "load to be acked", || (posters.acked() >= 1500).then_some(()));
+    wait_for(60, "load to be acked", || {
+        (posters.acked() >= 1500).then_some(())
+    });
     let before: HashSet<String> = acked.lock().unwrap().iter().cloned().collect();
     let started = Instant::now();
     let out = run(&[
@@ -310,8 +314,7 @@ fn a_backup_under_load_restores_to_a_deployment_that_applied_its_log_exactly_onc
 
     // Restore into a new directory, then check what it holds before anything runs on it.
     let manifest: Value =
-        serde_json::from_slice(&std::fs::read(backup_dir.join("manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(backup_dir.join("manifest.json")).unwrap()).unwrap();
     let restore_out = run(&[
         OsStr::new("restore"),
         OsStr::new("--from"),
@@ -325,8 +328,15 @@ fn a_backup_under_load_restores_to_a_deployment_that_applied_its_log_exactly_onc
         .iter()
         .map(|r| r["event"]["id"].as_str().unwrap())
         .collect();
-    assert_eq!(in_log.len(), log.len(), "an event is in the restored log twice");
-    let missing: Vec<&String> = before.iter().filter(|id| !in_log.contains(id.as_str())).collect();
+    assert_eq!(
+        in_log.len(),
+        log.len(),
+        "an event is in the restored log twice"
+    );
+    let missing: Vec<&String> = before
+        .iter()
+        .filter(|id| !in_log.contains(id.as_str()))
+        .collect();
     assert!(
         missing.is_empty(),
         "{} of the {} events acked before the backup began are not in the restored log, e.g. {:?}",
@@ -408,13 +418,25 @@ fn a_backup_under_load_restores_to_a_deployment_that_applied_its_log_exactly_onc
     );
     let confirmed = lake_ids(&lake, "booking_confirmed");
     let distinct: HashSet<&String> = confirmed.iter().collect();
-    assert_eq!(distinct.len(), confirmed.len(), "a confirmation is in the lake twice");
-    assert_eq!(confirmed.len(), model.confirmed(), "confirmations in the lake");
+    assert_eq!(
+        distinct.len(),
+        confirmed.len(),
+        "a confirmation is in the lake twice"
+    );
+    assert_eq!(
+        confirmed.len(),
+        model.confirmed(),
+        "confirmations in the lake"
+    );
     // The rejected events (the quarantine log) came through too, once each.
     let quarantined = lake_ids(&lake, "quarantine");
     let distinct: HashSet<&String> = quarantined.iter().collect();
     assert!(!quarantined.is_empty(), "the quarantine table is empty");
-    assert_eq!(distinct.len(), quarantined.len(), "a rejected event is in the lake twice");
+    assert_eq!(
+        distinct.len(),
+        quarantined.len(),
+        "a rejected event is in the lake twice"
+    );
 }
 
 /// A backup refuses a destination that is not empty, and a restore a data directory that
@@ -473,15 +495,16 @@ fn backup_and_restore_refuse_directories_in_use() {
 
     // A flipped byte in a segment: the restore names the file and leaves nothing behind.
     let manifest: Value =
-        serde_json::from_slice(&std::fs::read(backup_dir.join("manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(backup_dir.join("manifest.json")).unwrap()).unwrap();
     let seg = manifest["files"]
         .as_array()
         .unwrap()
         .iter()
         .map(|f| f["path"].as_str().unwrap())
-        .find(|p| p.starts_with("stream/") && p.ends_with(".seg") && {
-            std::fs::metadata(backup_dir.join(p)).unwrap().len() > 0
+        .find(|p| {
+            p.starts_with("stream/") && p.ends_with(".seg") && {
+                std::fs::metadata(backup_dir.join(p)).unwrap().len() > 0
+            }
         })
         .unwrap()
         .to_owned();
@@ -497,5 +520,9 @@ fn backup_and_restore_refuse_directories_in_use() {
         target.as_os_str(),
     ]);
     assert!(err.contains(&seg), "{err}");
-    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0, "a failed restore left files");
+    assert_eq!(
+        std::fs::read_dir(&target).unwrap().count(),
+        0,
+        "a failed restore left files"
+    );
 }

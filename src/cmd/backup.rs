@@ -53,15 +53,18 @@ fn summary(m: &Manifest) -> Vec<String> {
 pub(crate) fn backup(data_dir: &Path, to: &Path, link_lake: bool) -> Result<()> {
     let progress = TerminalProgress::new();
     let manifest = backup::backup(data_dir, to, BackupOptions { link_lake }, &progress)
-        .with_context(|| format!("backup of {} into {} failed", data_dir.display(), to.display()))?;
+        .with_context(|| {
+            format!(
+                "backup of {} into {} failed",
+                data_dir.display(),
+                to.display()
+            )
+        })?;
     drop(progress);
     for line in summary(&manifest) {
         println!("{line}");
     }
-    println!(
-        "backup complete: {}",
-        to.join(backup::MANIFEST).display()
-    );
+    println!("backup complete: {}", to.join(backup::MANIFEST).display());
     Ok(())
 }
 

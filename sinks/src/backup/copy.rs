@@ -141,7 +141,11 @@ pub(crate) fn hash_file(path: &Path, progress: &dyn Progress) -> io::Result<(u64
 pub(crate) fn fsync_tree(root: &Path) -> io::Result<()> {
     for entry in fs::read_dir(root).map_err(|e| at(root, e))? {
         let entry = entry.map_err(|e| at(root, e))?;
-        if entry.file_type().map_err(|e| at(&entry.path(), e))?.is_dir() {
+        if entry
+            .file_type()
+            .map_err(|e| at(&entry.path(), e))?
+            .is_dir()
+        {
             fsync_tree(&entry.path())?;
         }
     }
@@ -167,13 +171,13 @@ mod tests {
             c.sha256,
             "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
         );
-        assert_eq!(
-            hash_file(&c.path, &Quiet).unwrap(),
-            (5, c.sha256.clone())
-        );
+        assert_eq!(hash_file(&c.path, &Quiet).unwrap(), (5, c.sha256.clone()));
         let short = copy_prefix(&src, &dir.path().join("b"), 50, &Quiet).unwrap_err();
         assert_eq!(short.kind(), io::ErrorKind::UnexpectedEof);
-        assert!(!dir.path().join("b").exists(), "a failed copy leaves nothing");
+        assert!(
+            !dir.path().join("b").exists(),
+            "a failed copy leaves nothing"
+        );
         // Never over an existing file.
         let exists = copy_prefix(&src, &c.path, 1, &Quiet).unwrap_err();
         assert_eq!(exists.kind(), io::ErrorKind::AlreadyExists);

@@ -295,7 +295,11 @@ fn backup_into(
             data_dir.join(STREAM).display()
         )));
     }
-    if data_dir.join("outbox").join(crate::outbox::FILE_NAME).exists() {
+    if data_dir
+        .join("outbox")
+        .join(crate::outbox::FILE_NAME)
+        .exists()
+    {
         return Err(BackupError::Refused(format!(
             "{} holds an older floodgate's outbox file: start `floodgate serve` once to \
              migrate it, then back up",
@@ -336,7 +340,13 @@ fn backup_into(
     let lake = if lake_dir.is_dir() {
         progress.stage("lake", Some(tree_bytes(&lake_dir)), Unit::Bytes);
         let before = files.len();
-        copy_lake_dir(&lake_dir, &to.join(LAKE), options.link_lake, progress, &mut files)?;
+        copy_lake_dir(
+            &lake_dir,
+            &to.join(LAKE),
+            options.link_lake,
+            progress,
+            &mut files,
+        )?;
         Some(LakeEntry {
             path: LAKE.into(),
             files: (files.len() - before) as u64,
@@ -375,7 +385,8 @@ fn backup_into(
     // 5. and 6. The ends of the logs: the derived-event log first (cut after the state's
     // last outbox entry), then the stream and the quarantine.
     let outbox_last = state.as_ref().map_or(0, |s| s.outbox_last_seq);
-    let past_state = move |key: &str| crate::outbox::entry_of(key).is_none_or(|seq| seq > outbox_last);
+    let past_state =
+        move |key: &str| crate::outbox::entry_of(key).is_none_or(|seq| seq > outbox_last);
     copies.sort_by_key(|(log, _)| *log != OUTBOX_LOG);
     let mut log_entries = Vec::new();
     for (log, log_copy) in copies {
@@ -397,7 +408,11 @@ fn backup_into(
             shards: shards.iter().map(ShardEntry::from).collect(),
         });
     }
-    log_entries.sort_by_key(|l| [STREAM, QUARANTINE, OUTBOX_LOG].iter().position(|p| *p == l.path));
+    log_entries.sort_by_key(|l| {
+        [STREAM, QUARANTINE, OUTBOX_LOG]
+            .iter()
+            .position(|p| *p == l.path)
+    });
 
     let manifest = Manifest {
         format: FORMAT,
@@ -452,7 +467,9 @@ pub fn check_consistent(m: &Manifest) -> Result<(), String> {
                 "{what} is at sequence {seq} of {log} shard {shard}, but the copy of that \
                  shard ends before {w}: the copy is not consistent"
             )),
-            None => Err(format!("{what} names shard {shard} of {log}, which the copy lacks")),
+            None => Err(format!(
+                "{what} names shard {shard} of {log}, which the copy lacks"
+            )),
         }
     };
     if let Some(state) = &m.state {
@@ -627,7 +644,12 @@ fn copy_lake_dir(
     Ok(())
 }
 
-fn copy_lake_file(src: &Path, dst: &Path, link: bool, progress: &dyn Progress) -> io::Result<Copied> {
+fn copy_lake_file(
+    src: &Path,
+    dst: &Path,
+    link: bool,
+    progress: &dyn Progress,
+) -> io::Result<Copied> {
     if link {
         match fs::hard_link(src, dst) {
             Ok(()) => {
@@ -649,10 +671,7 @@ fn copy_lake_file(src: &Path, dst: &Path, link: bool, progress: &dyn Progress) -
 /// A path of the manifest, checked to stay inside the directory it is relative to.
 fn inside(root: &Path, rel: &str) -> Result<PathBuf, BackupError> {
     let path = Path::new(rel);
-    let plain = !rel.is_empty()
-        && path
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)));
+    let plain = !rel.is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)));
     if !plain {
         return Err(BackupError::Damaged(format!(
             "the manifest names {rel:?}, not a plain relative path"
@@ -717,7 +736,11 @@ fn restore_into(
     let stage = data_dir.join(format!(".restore-{}", std::process::id()));
     fs::create_dir(&stage).map_err(|e| copy::at(&stage, e))?;
     let total = manifest.files.iter().map(|f| f.bytes).sum();
-    progress.stage("restoring (checking every checksum)", Some(total), Unit::Bytes);
+    progress.stage(
+        "restoring (checking every checksum)",
+        Some(total),
+        Unit::Bytes,
+    );
     for f in &manifest.files {
         let src = inside(from, &f.path)?;
         let dst = inside(&stage, &f.path)?;
@@ -833,7 +856,10 @@ mod tests {
         assert!(has_pending_plan(
             br#"{"compacted":{"c-0-1-9-2.parquet":{"inputs":["0-1-4.parquet"],"done":false}}}"#
         ));
-        assert!(has_pending_plan(b"{not json"), "unreadable counts as in progress");
+        assert!(
+            has_pending_plan(b"{not json"),
+            "unreadable counts as in progress"
+        );
     }
 
     /// Lake files and manifests are copied, a writer's hidden temporaries are not.

@@ -336,7 +336,10 @@ impl LogCopy {
         }
         for s in &shards {
             let path = shard_dir(&self.dst, s.shard).join(segment::WATERMARK_FILE);
-            files.push(copy::write_new(&path, &segment::encode_watermark(s.durable))?);
+            files.push(copy::write_new(
+                &path,
+                &segment::encode_watermark(s.durable),
+            )?);
         }
         Ok((shards, files))
     }
@@ -381,11 +384,7 @@ impl LogCopy {
             durable: end,
             source_durable: watermark,
             segments: copied.len(),
-            bytes: copied
-                .iter()
-                .flat_map(|c| &c.files)
-                .map(|f| f.bytes)
-                .sum(),
+            bytes: copied.iter().flat_map(|c| &c.files).map(|f| f.bytes).sum(),
         })
     }
 }
@@ -485,7 +484,9 @@ mod tests {
         });
         let copied_active = segment::list(&shard_dir(&dst, 0)).unwrap().pop().unwrap();
         assert!(
-            !fs::read(&copied_active.path).unwrap().ends_with(&[7u8; 100]),
+            !fs::read(&copied_active.path)
+                .unwrap()
+                .ends_with(&[7u8; 100]),
             "the torn tail was copied"
         );
         let keys = rt().block_on(keys(&dst));
@@ -552,6 +553,9 @@ mod tests {
         let copy = LogCopy::sealed(&src, &dst, &Quiet).unwrap();
         let err = copy.finish(None, &Quiet).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        assert!(err.to_string().contains(&seg.path.display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&seg.path.display().to_string()),
+            "{err}"
+        );
     }
 }
