@@ -327,11 +327,9 @@ fn backup_into(
     let mut checkpoints = BTreeMap::new();
     progress.stage("consumers' checkpoints", None, Unit::Files);
     for log in &logs {
-        for (name, shards, copied) in
-            copy_checkpoints(&data_dir.join(log), &to.join(log), progress)?
-        {
-            checkpoints.insert(format!("{log}/checkpoints/{name}"), shards);
-            files.push(copied);
+        for c in copy_checkpoints(&data_dir.join(log), &to.join(log), progress)? {
+            checkpoints.insert(format!("{log}/checkpoints/{}", c.name), c.shards);
+            files.push(c.copied);
         }
     }
 
@@ -488,14 +486,21 @@ pub fn check_consistent(m: &Manifest) -> Result<(), String> {
     Ok(())
 }
 
+/// One consumer's checkpoint file copied: its name, shard → sequence, the copy.
+struct CopiedCheckpoint {
+    name: String,
+    shards: BTreeMap<String, String>,
+    copied: Copied,
+}
+
 /// Copies the checkpoint files of the log at `src` into the copy at `dst`, each read under
 /// its consumer's commit lock (the lock a commit holds for its read-modify-write), so the
-/// copy is a file some commit wrote whole. Returns (file name, its shards, the copy).
+/// copy is a file some commit wrote whole.
 fn copy_checkpoints(
     src: &Path,
     dst: &Path,
     progress: &dyn Progress,
-) -> io::Result<Vec<(String, BTreeMap<String, String>, Copied)>> {
+) -> io::Result<Vec<CopiedCheckpoint>> {
     let dir = src.join(crate::checkpoint::DIR);
     let mut out = Vec::new();
     let entries = match fs::read_dir(&dir) {
@@ -519,7 +524,11 @@ fn copy_checkpoints(
         let shards = crate::checkpoint::shards_of(&path, &bytes)?;
         let copied = copy::write_new(&dst_dir.join(&name), &bytes)?;
         progress.advance(1);
-        out.push((name, shards, copied));
+        out.push(CopiedCheckpoint {
+            name,
+            shards,
+            copied,
+        });
     }
     Ok(out)
 }
