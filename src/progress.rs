@@ -57,8 +57,8 @@ fn style(unit: Unit, known_total: bool) -> ProgressStyle {
             "{msg:40!} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}"
         }
         (Unit::Bytes, false) => "{spinner} {msg:40!} {bytes} {binary_bytes_per_sec}",
-        (_, true) => "{msg:40!} [{bar:30}] {human_pos}/{human_len} {prefix} {per_sec} eta {eta}",
-        (_, false) => "{spinner} {msg:40!} {human_pos} {prefix} {per_sec}",
+        (_, true) => "{msg:40!} [{bar:30}] {human_pos}/{human_len} {prefix} eta {eta}",
+        (_, false) => "{spinner} {msg:40!} {human_pos} {prefix}",
     };
     ProgressStyle::with_template(template)
         .unwrap_or_else(|_| ProgressStyle::default_bar())

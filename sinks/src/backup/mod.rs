@@ -319,7 +319,7 @@ fn backup_into(
     for log in &logs {
         copies.push((
             *log,
-            LogCopy::sealed(&data_dir.join(log), &to.join(log), progress)?,
+            LogCopy::sealed(log, &data_dir.join(log), &to.join(log), progress)?,
         ));
     }
 
@@ -774,10 +774,9 @@ fn restore_into(
             )));
         }
     }
-    progress.stage("checking the restored logs", None, Unit::Files);
     for log in &manifest.logs {
         let root = inside(&stage, &log.path)?;
-        let report = crate::embedded_log::verify::check(&root)
+        let report = crate::embedded_log::verify::check_with(&root, progress)
             .map_err(|e| BackupError::Damaged(e.to_string()))?;
         if !report.is_clean() {
             let problems: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
@@ -787,7 +786,6 @@ fn restore_into(
                 problems.join("; ")
             )));
         }
-        progress.advance(1);
     }
     if let Some(state) = &manifest.state {
         SqliteStateStore::quick_check(&inside(&stage, &state.path)?)

@@ -60,6 +60,8 @@ struct CopiedSegment {
 /// A log being copied (see the module docs).
 #[derive(Debug)]
 pub struct LogCopy {
+    /// The log's name in progress reports.
+    name: String,
     src: PathBuf,
     dst: PathBuf,
     meta: LogMeta,
@@ -174,8 +176,14 @@ fn total_len(segments: &[Segment]) -> u64 {
 
 impl LogCopy {
     /// Pass one (see the module docs): `meta.json` and the sealed segments of the log at
-    /// `src`, into `dst` (which must not hold a log).
-    pub fn sealed(src: &Path, dst: &Path, progress: &dyn Progress) -> io::Result<LogCopy> {
+    /// `src`, into `dst` (which must not hold a log). `name` names the log in progress
+    /// reports.
+    pub fn sealed(
+        name: &str,
+        src: &Path,
+        dst: &Path,
+        progress: &dyn Progress,
+    ) -> io::Result<LogCopy> {
         let meta = LogMeta::read(src)
             .map_err(|e| io::Error::other(e.to_string()))?
             .ok_or_else(|| {
@@ -192,11 +200,12 @@ impl LogCopy {
         let sealed = |segments: &[Segment]| segments.len().saturating_sub(1);
         let total = listed.iter().map(|s| total_len(&s[..sealed(s)])).sum();
         progress.stage(
-            &format!("{}: sealed segments", src.display()),
+            &format!("{name}: sealed segments"),
             Some(total),
             Unit::Bytes,
         );
         let mut log = LogCopy {
+            name: name.to_owned(),
             src: src.to_owned(),
             dst: dst.to_owned(),
             meta,
@@ -305,7 +314,7 @@ impl LogCopy {
         }
         let total = plans.iter().map(|(_, _, todo)| total_len(todo)).sum();
         progress.stage(
-            &format!("{}: up to the durable watermark", self.src.display()),
+            &format!("{}: up to the durable watermark", self.name),
             Some(total),
             Unit::Bytes,
         );
@@ -465,7 +474,7 @@ mod tests {
         rt().block_on(async {
             let log = EmbeddedLog::open(&src, &cfg(4096)).unwrap();
             append(&log, 0, 60).await;
-            let copy = LogCopy::sealed(&src, &dst, &Quiet).unwrap();
+            let copy = LogCopy::sealed("test", &src, &dst, &Quiet).unwrap();
             assert!(copy.shards[0].len() >= 2, "several sealed segments");
             append(&log, 60, 15).await;
             // A write in progress: whole-looking bytes past the watermark.
@@ -502,7 +511,7 @@ mod tests {
         rt().block_on(async {
             let log = EmbeddedLog::open(&src, &cfg(1 << 20)).unwrap();
             append(&log, 0, 30).await;
-            let copy = LogCopy::sealed(&src, &dst, &Quiet).unwrap();
+            let copy = LogCopy::sealed("test", &src, &dst, &Quiet).unwrap();
             let stop = |key: &str| key.split(':').next().unwrap().parse::<u64>().unwrap() > 20;
             let (shards, _) = copy
                 .finish(Some(&stop as &dyn Fn(&str) -> bool), &Quiet)
@@ -530,7 +539,7 @@ mod tests {
         assert!(segments.len() >= 3);
         fs::remove_file(&segments[1].path).unwrap();
         fs::remove_file(&segments[0].path).unwrap();
-        let copy = LogCopy::sealed(&src, &dst, &Quiet).unwrap();
+        let copy = LogCopy::sealed("test", &src, &dst, &Quiet).unwrap();
         let (shards, _) = copy.finish(None, &Quiet).unwrap();
         assert_eq!(shards[0].first_sequence, segments[2].base);
         assert_eq!(shards[0].durable, 60);
@@ -550,7 +559,7 @@ mod tests {
         let mut f = fs::OpenOptions::new().write(true).open(&seg.path).unwrap();
         f.seek(SeekFrom::Start(40)).unwrap();
         f.write_all(b"\xff\xff").unwrap();
-        let copy = LogCopy::sealed(&src, &dst, &Quiet).unwrap();
+        let copy = LogCopy::sealed("test", &src, &dst, &Quiet).unwrap();
         let err = copy.finish(None, &Quiet).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(
