@@ -259,11 +259,40 @@ pub fn backup(
     progress: &dyn Progress,
 ) -> Result<Manifest, BackupError> {
     refuse_unless_empty(to, "a backup")?;
+    if resolved(to)?.starts_with(resolved(data_dir)?) {
+        return Err(BackupError::Refused(format!(
+            "{} is inside the data directory {}: the backup would copy itself",
+            to.display(),
+            data_dir.display()
+        )));
+    }
     let result = backup_into(data_dir, to, options, progress);
     if result.is_err() {
         empty_out(to);
     }
     result
+}
+
+/// `path` made absolute, with symbolic links resolved as far as it exists, and `.` and
+/// `..` followed (in order, so `..` after a link goes up from where the link leads).
+fn resolved(path: &Path) -> io::Result<PathBuf> {
+    let absolute = std::path::absolute(path).map_err(|e| copy::at(path, e))?;
+    let mut out = PathBuf::new();
+    for c in absolute.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => {
+                out.push(other);
+                if let Ok(real) = out.canonicalize() {
+                    out = real;
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Removes everything in `dir`: what a failed backup or restore wrote into the directory
@@ -852,6 +881,34 @@ mod tests {
         assert!(err.contains("state's position"), "{err}");
         let err = check_consistent(&manifest_with(&[("0", "1")], 3)).unwrap_err();
         assert!(err.contains("lake.json"), "{err}");
+    }
+
+    #[test]
+    fn a_backup_inside_the_data_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        fs::create_dir_all(data.join("stream")).unwrap();
+        fs::write(data.join("stream/meta.json"), br#"{"format":1,"shards":1}"#).unwrap();
+        let err = backup(
+            &data,
+            &data.join("lake/../bk/x"),
+            BackupOptions::default(),
+            &Quiet,
+        )
+        .unwrap_err();
+        assert!(matches!(err, BackupError::Refused(_)), "{err}");
+        assert!(!data.join("bk").exists(), "nothing created");
+        // Beside it is fine (`..` is followed, not taken as a name).
+        let beside = backup(
+            &data,
+            &data.join("lake/../../bk"),
+            BackupOptions::default(),
+            &Quiet,
+        );
+        assert!(
+            !matches!(beside, Err(BackupError::Refused(_))),
+            "{beside:?}"
+        );
     }
 
     #[test]
