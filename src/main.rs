@@ -5,6 +5,7 @@
 
 mod backends;
 mod cmd;
+mod progress;
 mod setup;
 
 use std::io;
@@ -67,6 +68,27 @@ pub(crate) enum Command {
         /// The route to check (http only)
         #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
         url: String,
+    },
+    /// Copy the embedded deployment's data directory (log, state, checkpoints, derived
+    /// events, lake) into an empty directory, consistently, while `floodgate serve` runs.
+    Backup {
+        #[arg(long, env = "FLOODGATE_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+        /// The backup's directory: empty or absent
+        #[arg(long)]
+        to: PathBuf,
+        /// Hard-link the lake's files instead of copying them (same file system only)
+        #[arg(long)]
+        link_lake: bool,
+    },
+    /// Bring a backup back into an empty (or absent) data directory, checking every file
+    /// against the backup's manifest.
+    Restore {
+        /// The backup's directory (holding manifest.json)
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long, env = "FLOODGATE_DATA_DIR")]
+        data_dir: PathBuf,
     },
 }
 
@@ -339,6 +361,14 @@ fn main() -> ExitCode {
             }
         }
         Command::Healthcheck { url } => Ok(cmd::healthcheck::check(&url)),
+        Command::Backup {
+            data_dir,
+            to,
+            link_lake,
+        } => cmd::backup::backup(&data_dir, &to, link_lake).map(|()| ExitCode::SUCCESS),
+        Command::Restore { from, data_dir } => {
+            cmd::backup::restore(&from, &data_dir).map(|()| ExitCode::SUCCESS)
+        }
         Command::Lake(LakeCommand::Ddl { location, schemas }) => {
             cmd::lake::ddl(&location, schemas.as_deref()).map(|()| ExitCode::SUCCESS)
         }

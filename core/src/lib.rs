@@ -21,7 +21,8 @@
 //! bookings state and the publisher of derived events), [`object_store`] (the lake's files)
 //! and [`archive`] (a raw copy of every accepted event).
 //! [`config`] holds the typed configuration of the whole binary; [`budget`] the memory it
-//! allows each buffer.
+//! allows each buffer; [`progress`] the role through which long operations report how far
+//! they got.
 //!
 //! Invariants: this crate does no I/O (schemas arrive as strings, files are read by the
 //! caller), knows no backend and no HTTP stack, and never panics on input.
@@ -35,6 +36,7 @@ pub mod envelope;
 pub mod lake;
 pub mod object_store;
 pub mod partition;
+pub mod progress;
 pub mod registry;
 pub mod rfc3339;
 pub mod state;

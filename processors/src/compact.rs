@@ -21,6 +21,7 @@ use arrow_array::{RecordBatch, new_null_array};
 use arrow_schema::SchemaRef;
 use bytes::Bytes;
 use floodgate_core::object_store::ObjectStore;
+use floodgate_core::progress::{Progress, Quiet, Unit};
 use floodgate_core::stream::SequenceNumber;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -287,8 +288,26 @@ pub async fn compact_table(
     schema: &SchemaRef,
     small_bytes: u64,
 ) -> Result<(usize, usize), ProcessError> {
+    compact_table_with(store, table, dt, schema, small_bytes, &Quiet).await
+}
+
+/// [`compact_table`], reporting the partitions done to `progress`.
+pub async fn compact_table_with(
+    store: &dyn ObjectStore,
+    table: &str,
+    dt: Option<&str>,
+    schema: &SchemaRef,
+    small_bytes: u64,
+    progress: &dyn Progress,
+) -> Result<(usize, usize), ProcessError> {
     let (mut parts, mut files) = (0, 0);
-    for partition in partitions(store, table, dt).await? {
+    let all = partitions(store, table, dt).await?;
+    progress.stage(
+        &format!("compacting {table}"),
+        Some(all.len() as u64),
+        Unit::Partitions,
+    );
+    for partition in all {
         recover(store, &partition).await?;
         // One plan per shard: a compacted file holds one shard's runs and is named by them.
         let mut by_stem: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -316,6 +335,7 @@ pub async fn compact_table(
             apply(store, &partition, inputs, schema).await?;
         }
         parts += usize::from(merged);
+        progress.advance(1);
     }
     Ok((parts, files))
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use floodgate_core::lake::{QUARANTINE_TABLE, Table};
 use floodgate_core::object_store::ObjectStore;
+use floodgate_core::progress::{Progress, Unit};
 use floodgate_core::stream::{SequenceNumber, ShardId, StartPosition, StreamReader};
 
 use crate::compact;
@@ -35,6 +36,8 @@ pub struct Sources<'a> {
     /// (Kinesis): the replay drops the same repeats, or it would write them, and a run
     /// starting at a dropped repeat under another name.
     pub repeats: Option<(std::time::Duration, usize)>,
+    /// Told of each shard replayed and the records replayed.
+    pub progress: &'a dyn Progress,
 }
 
 /// What a rebuild did.
@@ -228,10 +231,35 @@ pub async fn rebuild(
     let held = held.with_runs(runs_in(old, &shards[1], &q_table).await?);
     let name = derived.consumer_name();
     let derived = derived.with_runs(runs_of_consumer(old, &shards[2], &derived_names, name).await?);
-    let records = replay_all(sources.stream, &shards[0], &skip[0], &lake, sources.repeats).await?;
-    replay_all(sources.quarantine, &shards[1], &skip[1], &held, None).await?;
+    let progress = sources.progress;
+    let records = replay_all(
+        ("stream", sources.stream),
+        &shards[0],
+        &skip[0],
+        &lake,
+        sources.repeats,
+        progress,
+    )
+    .await?;
+    replay_all(
+        ("quarantine", sources.quarantine),
+        &shards[1],
+        &skip[1],
+        &held,
+        None,
+        progress,
+    )
+    .await?;
     if let Some(reader) = sources.derived {
-        replay_all(reader, &shards[2], &skip[2], &derived, None).await?;
+        replay_all(
+            ("derived events", reader),
+            &shards[2],
+            &skip[2],
+            &derived,
+            None,
+            progress,
+        )
+        .await?;
     }
     let compactions = reapply_compactions(old, &*fresh, tables).await?;
     Ok(Rebuilt {
@@ -312,14 +340,21 @@ async fn head_of(
 /// Feeds every record of `shards` after `skip` (per shard) to `processor` from the oldest,
 /// then flushes. Returns the records fed.
 async fn replay_all(
-    reader: &dyn StreamReader,
+    (name, reader): (&str, &dyn StreamReader),
     shards: &[ShardId],
     skip: &HashMap<ShardId, SequenceNumber>,
     processor: &LakeProcessor,
     repeats: Option<(std::time::Duration, usize)>,
+    progress: &dyn Progress,
 ) -> Result<u64, ProcessError> {
     let mut records = 0u64;
     for shard in shards {
+        progress.stage(
+            &format!("replaying {name} shard {shard}"),
+            None,
+            Unit::Records,
+        );
+        let mut replayed = 0u64;
         let mut position = match skip.get(shard) {
             Some(s) => StartPosition::After(s.clone()),
             None => StartPosition::TrimHorizon,
@@ -338,6 +373,9 @@ async fn replay_all(
                 continue;
             };
             records += batch.records.len() as u64;
+            replayed += batch.records.len() as u64;
+            progress.total(replayed + batch.records_behind);
+            progress.advance(batch.records.len() as u64);
             match repeats.as_mut() {
                 Some(r) => {
                     let kept = r.filter(&batch.records);

@@ -94,6 +94,34 @@ pub(crate) fn lock_exclusive(path: &Path) -> io::Result<File> {
     Ok(lock)
 }
 
+/// Takes an exclusive flock on the existing lock file `path`, waiting for its holder (a
+/// commit in progress); `None` when there is no such file (no commit ever took it).
+pub(crate) fn lock_existing(path: &Path) -> io::Result<Option<File>> {
+    match OpenOptions::new().write(true).open(path) {
+        Ok(lock) => {
+            lock.lock().map_err(|e| at(path, e))?;
+            Ok(Some(lock))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(at(path, e)),
+    }
+}
+
+/// The checkpoints a consumer's file holds (`bytes`, read from `path`): shard → sequence.
+pub(crate) fn shards_of(path: &Path, bytes: &[u8]) -> io::Result<BTreeMap<String, String>> {
+    let file: ConsumerFile = serde_json::from_slice(bytes).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: checkpoint file does not parse: {e}", path.display()),
+        )
+    })?;
+    Ok(file
+        .shards
+        .into_iter()
+        .map(|(shard, seq)| (shard, seq.as_str().to_owned()))
+        .collect())
+}
+
 /// Replaces `path` with `bytes` atomically (temporary file, fsync, rename, fsync of the
 /// directory). The temporary file's name is unique to this process and call, so that two
 /// writers never share one, and starts with `<file name>.` and ends with `.tmp` so that a

@@ -11,6 +11,8 @@
 //! - [`EmbeddedOutbox`] — the embedded publisher of derived events: a one-shard log in the
 //!   stream's format, with retention bounded by its consumers' checkpoints.
 //! - [`LocalDirStore`] — the lake's object store on a local directory.
+//! - [`backup`] — `floodgate backup` and `restore`: a consistent copy of the embedded
+//!   deployment's data directory beside a running server, and its checked restore.
 //! - [`failpoint`] — test-only fault injection on the durability path (feature `failpoints`).
 //!
 //! Later backends (Kinesis, DynamoDB, SQLite, S3, …) sit beside these and pass the same
@@ -19,6 +21,7 @@
 //! [`StreamWriter`]: floodgate_core::stream::StreamWriter
 //! [`StreamReader`]: floodgate_core::stream::StreamReader
 
+pub mod backup;
 mod checkpoint;
 mod embedded_log;
 pub mod failpoint;

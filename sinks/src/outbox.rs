@@ -96,6 +96,11 @@ fn parse_key(key: &str) -> Option<(u64, usize, usize)> {
     (i < n).then_some((seq, i, n))
 }
 
+/// The outbox entry a record of the log belongs to, from its key (`<seq>:<i>/<n>`).
+pub(crate) fn entry_of(key: &str) -> Option<u64> {
+    parse_key(key).map(|(seq, _, _)| seq)
+}
+
 fn shard() -> ShardId {
     ShardId(SHARD.to_owned())
 }

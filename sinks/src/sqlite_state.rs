@@ -5,8 +5,10 @@
 //! Writes go through one connection; point reads use a second, so the read API never
 //! waits behind a batch (WAL lets readers and the writer run together).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use floodgate_core::config::StateConfig;
@@ -59,6 +61,16 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 /// The outbox's one partition: every apply goes through the one writer connection, so one
 /// counter costs nothing and gives the derived events one total order.
 pub const PARTITION: &str = "";
+
+/// What a copy of the state store ([`SqliteStateStore::snapshot`]) holds about its place
+/// in the stream and the outbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateSnapshot {
+    /// Shard → the sequence of the last record applied.
+    pub positions: BTreeMap<String, String>,
+    /// The number of the last outbox entry written (entries are numbered from 1).
+    pub outbox_last_seq: u64,
+}
 
 fn err(e: rusqlite::Error) -> StateError {
     StateError::Unavailable(format!("sqlite: {e}"))
@@ -120,6 +132,97 @@ impl SqliteStateStore {
             loader: Arc::new(Mutex::new(loader)),
             reader: Arc::new(Mutex::new(reader)),
         })
+    }
+
+    /// Copies the database at `src` (which other processes may be writing) into a new
+    /// database at `dst`, through SQLite's online backup API, and returns the shard
+    /// positions and the outbox's last entry number the copy holds.
+    ///
+    /// The whole copy is one backup step, so it reads one snapshot (one read transaction:
+    /// the database as a commit left it, every batch whole or absent). A copy in several
+    /// steps starts over whenever another connection writes, and under steady load might
+    /// never finish. The copy is left in rollback-journal mode (one self-contained file,
+    /// fsynced); opening it as a store turns WAL on again.
+    pub fn snapshot(src: &Path, dst: &Path) -> Result<StateSnapshot, StateError> {
+        let at = |path: &Path, e: rusqlite::Error| {
+            StateError::Unavailable(format!("sqlite {}: {e}", path.display()))
+        };
+        // Read-write without create: a missing database is an error, not a new empty one.
+        let from = Connection::open_with_flags(
+            src,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| at(src, e))?;
+        from.busy_timeout(Duration::from_secs(10))
+            .map_err(|e| at(src, e))?;
+        let mut to = Connection::open(dst).map_err(|e| at(dst, e))?;
+        {
+            let backup = rusqlite::backup::Backup::new(&from, &mut to).map_err(|e| at(dst, e))?;
+            let mut waits = 0;
+            loop {
+                match backup.step(-1).map_err(|e| at(src, e))? {
+                    rusqlite::backup::StepResult::Done => break,
+                    // A writer held a lock the step needed (rare in WAL mode): wait, bounded.
+                    rusqlite::backup::StepResult::Busy
+                    | rusqlite::backup::StepResult::Locked
+                    | rusqlite::backup::StepResult::More
+                        if waits < 200 =>
+                    {
+                        waits += 1;
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    other => {
+                        return Err(StateError::Unavailable(format!(
+                            "sqlite backup of {} did not finish: {other:?}",
+                            src.display()
+                        )));
+                    }
+                }
+            }
+        }
+        to.pragma_update(None, "journal_mode", "DELETE")
+            .map_err(|e| at(dst, e))?;
+        let positions = {
+            let mut s = to
+                .prepare("SELECT shard, sequence FROM positions ORDER BY shard")
+                .map_err(|e| at(dst, e))?;
+            let rows = s
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(|e| at(dst, e))?;
+            rows.collect::<Result<BTreeMap<_, _>, _>>()
+                .map_err(|e| at(dst, e))?
+        };
+        let outbox_last_seq: i64 = to
+            .query_row("SELECT last_seq FROM outbox_meta WHERE id = 0", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| at(dst, e))?
+            .unwrap_or(0);
+        to.close().map_err(|(_, e)| at(dst, e))?;
+        std::fs::File::open(dst)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| StateError::Unavailable(format!("{}: {e}", dst.display())))?;
+        Ok(StateSnapshot {
+            positions,
+            outbox_last_seq: u64::try_from(outbox_last_seq).unwrap_or(0),
+        })
+    }
+
+    /// `PRAGMA quick_check` of the database at `path`: `Ok` when SQLite finds it sound.
+    pub fn quick_check(path: &Path) -> Result<(), StateError> {
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| StateError::Unavailable(format!("sqlite {}: {e}", path.display())))?;
+        let verdict: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|e| StateError::Unavailable(format!("sqlite {}: {e}", path.display())))?;
+        if verdict != "ok" {
+            return Err(StateError::Unavailable(format!(
+                "sqlite {}: quick_check says {verdict}",
+                path.display()
+            )));
+        }
+        Ok(())
     }
 
     async fn with<T: Send + 'static>(

@@ -1,7 +1,8 @@
 //! `floodgate aws init`: creates the AWS resources the configuration names and that are
 //! missing, and waits until each is ACTIVE. Idempotent: a second run reports `exists`.
 //! The Firehose delivery stream of `[archive]` is only reported (`exists` or `missing`):
-//! it needs a destination the deployment makes.
+//! it needs a destination the deployment makes. While it waits for a resource to become
+//! ACTIVE, a spinner says so on standard error when that is a terminal.
 //!
 //! `floodgate aws init --check` changes nothing: it checks that each resource exists, is
 //! ACTIVE and has the key schema the code expects, prints `ok` or what differs per
@@ -18,6 +19,7 @@ use floodgate_core::config::{
 
 use crate::ServeArgs;
 use crate::backends::aws_sdk;
+use crate::progress::waiting;
 use crate::setup::{effective_config, runtime};
 
 pub(crate) fn init(args: ServeArgs) -> Result<()> {
@@ -29,16 +31,20 @@ pub(crate) fn init(args: ServeArgs) -> Result<()> {
             let k = &config.stream.kinesis;
             let sdk = aws_sdk(&config, "kinesis").await?;
             let client = floodgate_aws::client::kinesis(&sdk, k.endpoint_url.as_deref());
+            let wait = waiting(format!("kinesis stream {}: until ACTIVE", k.stream_name));
             let done = floodgate_aws::kinesis::ensure_stream(&client, &k.stream_name, k.shards)
                 .await
                 .with_context(|| format!("kinesis stream {:?}", k.stream_name))?;
+            wait.finish_and_clear();
             println!("kinesis stream {}: {done}", k.stream_name);
             // The rejected events' stream: one shard takes 1,000 records a second, far
             // more than producers are ever refused at.
             let q = k.quarantine_stream();
+            let wait = waiting(format!("kinesis stream {q}: until ACTIVE"));
             let done = floodgate_aws::kinesis::ensure_stream(&client, &q, 1)
                 .await
                 .with_context(|| format!("kinesis stream {q:?}"))?;
+            wait.finish_and_clear();
             println!("kinesis stream {q}: {done}");
         }
         if config.coordination.backend == CoordinationBackend::Dynamodb {
@@ -46,9 +52,11 @@ pub(crate) fn init(args: ServeArgs) -> Result<()> {
             let c = &config.coordination;
             let sdk = aws_sdk(&config, "dynamodb").await?;
             let client = floodgate_aws::client::dynamodb(&sdk, c.endpoint_url.as_deref());
+            let wait = waiting(format!("dynamodb table {}: until ACTIVE", c.table_name));
             let done = floodgate_aws::leases::ensure_table(&client, &c.table_name)
                 .await
                 .with_context(|| format!("dynamodb lease table {:?}", c.table_name))?;
+            wait.finish_and_clear();
             println!("dynamodb table {}: {}", c.table_name, done.as_str());
         }
         if config.state.backend == StateBackend::Dynamodb {
@@ -56,9 +64,11 @@ pub(crate) fn init(args: ServeArgs) -> Result<()> {
             let st = &config.state;
             let sdk = aws_sdk(&config, "dynamodb").await?;
             let client = floodgate_aws::client::dynamodb(&sdk, st.endpoint_url.as_deref());
+            let wait = waiting(format!("dynamodb table {}: until ACTIVE", st.table_name));
             let done = floodgate_aws::state::ensure_table(&client, &st.table_name)
                 .await
                 .with_context(|| format!("dynamodb state table {:?}", st.table_name))?;
+            wait.finish_and_clear();
             println!("dynamodb table {}: {}", st.table_name, done.as_str());
         }
         if config.publish.backend == PublishBackend::Eventbridge {

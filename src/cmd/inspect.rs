@@ -12,6 +12,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use crate::backends::open_sqlite_state;
+use crate::progress::TerminalProgress;
 use crate::setup::runtime;
 
 pub(crate) fn dead_letters(data_dir: &Path) -> Result<()> {
@@ -74,7 +75,8 @@ pub(crate) fn verify(data_dir: &Path, repair: bool) -> Result<ExitCode> {
             }
             report
         } else {
-            floodgate_sinks::log_verify::check(&root)
+            let progress = TerminalProgress::new();
+            floodgate_sinks::log_verify::check_with(&root, &progress)
                 .with_context(|| format!("cannot check the log at {}", root.display()))?
         };
         for problem in &report.problems {

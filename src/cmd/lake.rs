@@ -12,6 +12,7 @@ use crate::ServeArgs;
 use crate::backends::{
     Coordination, Quarantine, Stream, lake_store, lake_store_at, runtime_config,
 };
+use crate::progress::TerminalProgress;
 use crate::setup::{effective_config, load_registry, runtime};
 
 /// `floodgate lake compact`: with the schemas and data directory the configuration (and
@@ -38,9 +39,17 @@ pub(crate) fn compact(
     };
     let (parts, files) = runtime()?.block_on(async {
         let store = lake_store(&config).await?;
-        floodgate_processors::compact::compact_table(&*store, table, dt, &t.schema, small_bytes)
-            .await
-            .map_err(anyhow::Error::from)
+        let progress = TerminalProgress::new();
+        floodgate_processors::compact::compact_table_with(
+            &*store,
+            table,
+            dt,
+            &t.schema,
+            small_bytes,
+            &progress,
+        )
+        .await
+        .map_err(anyhow::Error::from)
     })?;
     eprintln!("compacted {files} files in {parts} partitions of {table}");
     Ok(())
@@ -98,11 +107,13 @@ pub(crate) fn rebuild(
             std::fs::remove_dir_all(&fresh_dir)?;
         }
         let fresh = Arc::new(LocalDirStore::open(&fresh_dir)?);
+        let progress = TerminalProgress::new();
         let sources = floodgate_processors::rebuild::Sources {
             stream: &*log,
             quarantine: &*quarantine_log,
             derived: Some(&outbox),
             repeats: runtime_config(&config).repeats,
+            progress: &progress,
         };
         let rebuilt = floodgate_processors::rebuild::rebuild(
             sources,
@@ -112,6 +123,7 @@ pub(crate) fn rebuild(
             config.lake.roll_bytes,
         )
         .await?;
+        drop(progress);
         stream.close().await?;
         quarantine.close().await?;
         if rebuilt.kept > 0 {
@@ -208,6 +220,7 @@ fn rebuild_on_s3(
             }
             PublishBackend::Eventbridge => None,
         };
+        let progress = TerminalProgress::new();
         let sources = floodgate_processors::rebuild::Sources {
             stream: &*log,
             quarantine: &*quarantine_log,
@@ -215,6 +228,7 @@ fn rebuild_on_s3(
                 .as_ref()
                 .map(|o| o as &dyn floodgate_core::stream::StreamReader),
             repeats: runtime_config(config).repeats,
+            progress: &progress,
         };
         let rebuilt = floodgate_processors::rebuild::rebuild(
             sources,
@@ -224,6 +238,7 @@ fn rebuild_on_s3(
             config.lake.roll_bytes,
         )
         .await?;
+        drop(progress);
         if rebuilt.kept > 0 {
             eprintln!(
                 "kept {} files whose runs start before what their source still holds",

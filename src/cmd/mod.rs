@@ -1,6 +1,7 @@
 //! One module per group of subcommands; `main` parses the command line and dispatches.
 
 pub(crate) mod aws;
+pub(crate) mod backup;
 pub(crate) mod healthcheck;
 pub(crate) mod inspect;
 pub(crate) mod keys;

@@ -32,6 +32,7 @@
 
 mod frame;
 mod segment;
+pub mod snapshot;
 pub mod verify;
 
 use std::collections::HashMap;

@@ -20,6 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use floodgate_core::progress::{Progress, Quiet, Unit};
 use floodgate_core::stream::StreamError;
 
 use super::segment::{self, Segment, SegmentCheck, Watermark};
@@ -147,16 +148,36 @@ struct ShardFindings {
 /// Checks every segment of every shard of the log at `root`. Reads only; safe beside a
 /// running writer. `Err` when the log cannot be read at all (no `meta.json`, I/O errors).
 pub fn check(root: &Path) -> Result<LogReport, StreamError> {
-    verify_shards(root).map(|(report, _)| report)
+    check_with(root, &Quiet)
 }
 
-fn verify_shards(root: &Path) -> Result<(LogReport, Vec<ShardFindings>), StreamError> {
+/// [`check`], reporting the bytes of segments checked to `progress`.
+pub fn check_with(root: &Path, progress: &dyn Progress) -> Result<LogReport, StreamError> {
+    verify_shards(root, progress).map(|(report, _)| report)
+}
+
+fn verify_shards(
+    root: &Path,
+    progress: &dyn Progress,
+) -> Result<(LogReport, Vec<ShardFindings>), StreamError> {
     let meta = LogMeta::read(root)?.ok_or_else(|| {
         StreamError::Unavailable(format!(
             "no log at {} (meta.json is missing)",
             root.display()
         ))
     })?;
+    // The total is what the segments hold when the check begins (a live writer adds to it).
+    let total = (0..meta.shards)
+        .filter_map(|shard| segment::list(&shard_dir(root, shard)).ok())
+        .flatten()
+        .filter_map(|s| std::fs::metadata(&s.path).ok())
+        .map(|m| m.len())
+        .sum();
+    progress.stage(
+        &format!("checking {}", root.display()),
+        Some(total),
+        Unit::Bytes,
+    );
     let mut report = LogReport {
         root: root.to_owned(),
         shards: meta.shards,
@@ -165,7 +186,7 @@ fn verify_shards(root: &Path) -> Result<(LogReport, Vec<ShardFindings>), StreamE
     let mut findings = Vec::new();
     for shard in 0..meta.shards {
         let first_problem = report.problems.len();
-        let f = verify_shard(root, shard, &mut report)
+        let f = verify_shard(root, shard, &mut report, progress)
             .map_err(|e| io_error(&shard_dir(root, shard), e))?;
         findings.push(ShardFindings {
             problems: first_problem..report.problems.len(),
@@ -182,7 +203,12 @@ fn io_error(path: &Path, e: io::Error) -> StreamError {
     ))
 }
 
-fn verify_shard(root: &Path, shard: u32, report: &mut LogReport) -> io::Result<ShardFindings> {
+fn verify_shard(
+    root: &Path,
+    shard: u32,
+    report: &mut LogReport,
+    progress: &dyn Progress,
+) -> io::Result<ShardFindings> {
     let dir = shard_dir(root, shard);
     let mut findings = ShardFindings {
         dir: dir.clone(),
@@ -247,6 +273,7 @@ fn verify_shard(root: &Path, shard: u32, report: &mut LogReport) -> io::Result<S
             }
             Err(e) => return Err(e),
         };
+        progress.advance(check.file_len);
         report.segments += 1;
         report.frames += check.frames;
         report.records += check.records;
@@ -418,13 +445,13 @@ pub fn repair(root: &Path) -> Result<(Vec<RepairAction>, LogReport), StreamError
             root.display()
         )));
     }
-    let (report, findings) = verify_shards(root)?;
+    let (report, findings) = verify_shards(root, &Quiet)?;
     let mut actions = Vec::new();
     for shard in &findings {
         let problems = &report.problems[shard.problems.clone()];
         repair_shard(shard, problems, &mut actions).map_err(|e| io_error(&shard.dir, e))?;
     }
-    let (after, _) = verify_shards(root)?;
+    let (after, _) = verify_shards(root, &Quiet)?;
     drop(lock);
     Ok((actions, after))
 }
