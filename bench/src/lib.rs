@@ -1,7 +1,23 @@
 //! Shared pieces of Floodgate's benches, load generator and soak run: realistic sample
-//! events, request bodies with fresh ids, and a process's memory as Linux reports it.
+//! events, request bodies with fresh ids, a process's memory and CPU as Linux reports them,
+//! and a server's `/metrics`.
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Value, json};
+
+
+/// The HTTP/1 client the load generators share.
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// `body` gzipped at the fast level, as producers on slow links send it.
+pub fn gzip_fast(body: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut e, body).expect("writing to a Vec");
+    e.finish().expect("writing to a Vec")
+}
 
 /// `n` valid `booking.requested` events of about 440 bytes each, spread over 1,000
 /// eventIds; `salt` makes ids differ between batches.
@@ -86,6 +102,61 @@ pub fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
         let kb: u64 = rest.trim().strip_suffix("kB")?.trim().parse().ok()?;
         Some(kb * 1024)
     })
+}
+
+/// CPU time (user + system) that process `pid` has used, in seconds, from
+/// `/proc/<pid>/stat`; `None` where there is no such process (or no `/proc`). The fields
+/// count in USER_HZ ticks, which Linux fixes at 100 a second for every user-space ABI.
+pub fn proc_cpu_seconds(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count from after it.
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // Fields 3 (state) onwards; utime and stime are fields 14 and 15.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// The sum over every series of `name` in a Prometheus text exposition, and their maximum.
+pub fn prometheus_metric(text: &str, name: &str) -> Option<(f64, f64)> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        let (sum, max) = found.unwrap_or((0.0, f64::MIN));
+        found = Some((sum + v, f64::max(max, v)));
+    }
+    found
+}
+
+/// The server's `/metrics` (`base` is `http://host:port`), or nothing when it does not
+/// answer.
+pub async fn scrape_metrics(client: &HttpClient, base: &str, api_key: Option<&str>) -> String {
+    let Ok(url) = format!("{base}/metrics").parse::<hyper::Uri>() else {
+        return String::new();
+    };
+    let mut req = hyper::Request::get(url);
+    if let Some(key) = api_key {
+        req = req.header("x-api-key", key);
+    }
+    let Ok(req) = req.body(Full::new(Bytes::new())) else {
+        return String::new();
+    };
+    match client.request(req).await {
+        Ok(resp) => match resp.into_body().collect().await {
+            Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+            Err(_) => String::new(),
+        },
+        Err(_) => String::new(),
+    }
 }
 
 /// Bodies of `booking.requested` events for a soak run: every event carries a fresh `id`
@@ -192,5 +263,27 @@ mod tests {
         let rss = proc_status_bytes(std::process::id(), "VmRSS").unwrap();
         assert!(rss > 0);
         assert_eq!(proc_status_bytes(std::process::id(), "NoSuchField"), None);
+        // Burn a little CPU so that the count is above zero whatever the tick.
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(30) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(proc_cpu_seconds(std::process::id()).unwrap() > 0.0);
+        assert_eq!(proc_cpu_seconds(u32::MAX), None);
+    }
+
+    #[test]
+    fn prometheus_metrics_sum_their_series() {
+        let text = "# TYPE x gauge\nfloodgate_lake_buffered_bytes{consumer=\"lake\"} 10\nfloodgate_lake_buffered_bytes{consumer=\"lake-derived\"} 5\nfloodgate_lake_buffered_bytes_other 99\nprocess_cpu_seconds_total 12.5\n";
+        assert_eq!(
+            prometheus_metric(text, "floodgate_lake_buffered_bytes"),
+            Some((15.0, 10.0))
+        );
+        assert_eq!(
+            prometheus_metric(text, "process_cpu_seconds_total"),
+            Some((12.5, 12.5))
+        );
+        assert_eq!(prometheus_metric(text, "nothing"), None);
     }
 }

@@ -28,10 +28,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::Parser;
+use floodgate_bench::HttpClient;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
@@ -293,48 +293,6 @@ fn start_server(args: &Args, data_dir: &Path) -> Result<(Started, String, Option
     Ok((started, format!("http://{addr}"), budget))
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-/// The sum over every series of `name` in a Prometheus text exposition, and their maximum.
-fn metric(text: &str, name: &str) -> Option<(f64, f64)> {
-    let mut found = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        if !(rest.starts_with('{') || rest.starts_with(' ')) {
-            continue;
-        }
-        let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
-            continue;
-        };
-        let (sum, max) = found.unwrap_or((0.0, f64::MIN));
-        found = Some((sum + v, f64::max(max, v)));
-    }
-    found
-}
-
-/// The server's `/metrics`, or nothing when it does not answer.
-async fn scrape(client: &HttpClient, base: &str, api_key: Option<&str>) -> String {
-    let Ok(url) = format!("{base}/metrics").parse::<hyper::Uri>() else {
-        return String::new();
-    };
-    let mut req = Request::get(url);
-    if let Some(key) = api_key {
-        req = req.header("x-api-key", key);
-    }
-    let Ok(req) = req.body(Full::new(Bytes::new())) else {
-        return String::new();
-    };
-    match client.request(req).await {
-        Ok(resp) => match resp.into_body().collect().await {
-            Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
-            Err(_) => String::new(),
-        },
-        Err(_) => String::new(),
-    }
-}
-
 async fn post(
     client: &HttpClient,
     url: &hyper::Uri,
@@ -547,7 +505,8 @@ async fn run(args: Args) -> Result<()> {
             }
         }
         let status = |f: &str| pid.and_then(|p| floodgate_bench::proc_status_bytes(p, f));
-        let metrics = scrape(&client, &base, args.api_key.as_deref()).await;
+        let metrics =
+            floodgate_bench::scrape_metrics(&client, &base, args.api_key.as_deref()).await;
         let row = Row {
             minute: (next.duration_since(start).as_secs_f64() / 60.0 * 100.0).round() / 100.0,
             events_per_sec: (ok * args.batch) as f64 / secs,
@@ -565,10 +524,16 @@ async fn run(args: Args) -> Result<()> {
                     .map(|n| (*n, disk_use(&d.join(n))))
                     .collect()
             }),
-            lake_buffered_bytes: metric(&metrics, "floodgate_lake_buffered_bytes")
-                .map(|(sum, _)| sum as u64),
-            lag_records: metric(&metrics, "floodgate_processor_lag_records")
-                .map(|(_, max)| max as u64),
+            lake_buffered_bytes: floodgate_bench::prometheus_metric(
+                &metrics,
+                "floodgate_lake_buffered_bytes",
+            )
+            .map(|(sum, _)| sum as u64),
+            lag_records: floodgate_bench::prometheus_metric(
+                &metrics,
+                "floodgate_processor_lag_records",
+            )
+            .map(|(_, max)| max as u64),
         };
         println!("{}", row.json());
         writeln!(csv, "{}", row.csv())?;
@@ -775,11 +740,5 @@ mod tests {
             rows[0].csv().split(',').count(),
             Row::csv_header().split(',').count()
         );
-        let text = "# TYPE x gauge\nfloodgate_lake_buffered_bytes{consumer=\"lake\"} 10\nfloodgate_lake_buffered_bytes{consumer=\"lake-derived\"} 5\nfloodgate_lake_buffered_bytes_other 99\n";
-        assert_eq!(
-            metric(text, "floodgate_lake_buffered_bytes"),
-            Some((15.0, 10.0))
-        );
-        assert_eq!(metric(text, "nothing"), None);
     }
 }
