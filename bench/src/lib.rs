@@ -1,6 +1,6 @@
 //! Shared pieces of Floodgate's benches, load generator and soak run: realistic sample
 //! events, request bodies with fresh ids, a process's memory and CPU as Linux reports them,
-//! and a server's `/metrics`.
+//! a server's `/metrics`, and the load generator's open loop ([`open_loop`]).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -8,6 +8,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Value, json};
 
+pub mod open_loop;
 
 /// The HTTP/1 client the load generators share.
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;

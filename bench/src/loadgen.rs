@@ -1,16 +1,29 @@
-//! `floodgate-loadgen`: a small closed-loop HTTP load generator for the edge.
+//! `floodgate-loadgen`: an HTTP load generator for the edge, closed or open loop.
 //!
-//! C connections each POST pre-built batches of N events back to back for D seconds and
-//! record each request's latency; prints events/s and p50/p90/p99/max ack latency as JSON.
+//! Closed loop (the default): C connections each POST pre-built batches of N events back
+//! to back for D seconds and record each request's latency from its send; prints events/s
+//! and p50/p90/p99/max ack latency as one JSON line (`bench/scripts/throughput.sh` reads
+//! it). It finds the saturation throughput; its latencies hide a server's stalls, since a
+//! stalled connection sends nothing (coordinated omission).
+//!
+//! Open loop (`--rate-events R`, or `--sweep-events R1,R2,…` for a step per rate): batches
+//! at a constant arrival rate whatever the answers, each request's latency measured from
+//! its *intended* send time into an HDR histogram (see `floodgate_bench::open_loop`). Prints
+//! a table row per step (offered and achieved events/s, p50/p99/p99.9/max, errors with the
+//! 503s the edge shed, late sends, the server's CPU) and writes `report.json` and
+//! `latency.svg` (latency percentiles against achieved throughput) into `--out`.
+//!
 //! Only ever point it at 127.0.0.1.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::Parser;
+use floodgate_bench::open_loop::{ServerCpu, SweepConfig};
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::client::legacy::Client;
@@ -28,12 +41,39 @@ struct Args {
     /// Events per request
     #[arg(long, default_value_t = 100)]
     batch: usize,
-    /// Seconds to run
+    /// Seconds to run (open loop: of each step, unless --step-seconds)
     #[arg(long, default_value_t = 10)]
     duration: u64,
-    /// Seconds of warm-up not counted
+    /// Seconds of warm-up not counted (open loop: at the start of every step)
     #[arg(long, default_value_t = 2)]
     warmup: u64,
+    /// Open loop: offer this many events per second (in requests of --batch events),
+    /// whatever the answers; latency from each request's intended send time
+    #[arg(long, conflicts_with = "sweep_events")]
+    rate_events: Option<f64>,
+    /// Open loop, one step per rate: offered events per second, comma-separated
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    sweep_events: Vec<f64>,
+    /// Open loop: measured seconds of each step (default: --duration)
+    #[arg(long)]
+    step_seconds: Option<f64>,
+    /// Open loop: requests in flight at most, each on its own connection; past it a due
+    /// request waits for one to finish (counted, and its wait is in its latency)
+    #[arg(long, default_value_t = 8192)]
+    max_inflight: usize,
+    /// Open loop: a request not answered within this many ms of its send is an error
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// Open loop: a send starting more than this many ms after its intended time is late
+    #[arg(long, default_value_t = 10)]
+    late_ms: u64,
+    /// Open loop: read the server's CPU from /proc/PID/stat (default: its /metrics,
+    /// process_cpu_seconds_total, at the --url's host and port)
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Open loop: where report.json and latency.svg go
+    #[arg(long, default_value = "loadgen-report")]
+    out: PathBuf,
     /// Worker threads of the generator's runtime
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -50,11 +90,7 @@ struct Args {
     pool: usize,
 }
 
-fn gzip_fast(body: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    std::io::Write::write_all(&mut e, body).expect("writing to a Vec");
-    e.finish().expect("writing to a Vec")
-}
+use floodgate_bench::gzip_fast;
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -65,7 +101,70 @@ fn main() -> Result<()> {
         .worker_threads(args.threads)
         .enable_all()
         .build()?;
+    if args.rate_events.is_some() || !args.sweep_events.is_empty() {
+        return rt.block_on(open_loop(args));
+    }
     rt.block_on(run(args))
+}
+
+/// The soft limit on this process's open files, from `/proc/self/limits`.
+fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+async fn open_loop(args: Args) -> Result<()> {
+    // Each request in flight holds a connection: past the open-files limit, sends would
+    // fail as connection errors that say nothing about the server.
+    if let Some(limit) = open_files_limit()
+        && args.max_inflight as u64 + 64 > limit
+    {
+        bail!(
+            "--max-inflight {} needs more open files than this process may have ({limit}): \
+             raise `ulimit -n` or lower --max-inflight",
+            args.max_inflight
+        );
+    }
+    let uri: hyper::Uri = args.url.parse().context("--url")?;
+    let base = format!(
+        "http://{}",
+        uri.authority().context("--url has no host")?.as_str()
+    );
+    let config = SweepConfig {
+        url: args.url.clone(),
+        rates_events_per_sec: match args.rate_events {
+            Some(r) => vec![r],
+            None => args.sweep_events.clone(),
+        },
+        batch: args.batch,
+        step: Duration::try_from_secs_f64(args.step_seconds.unwrap_or(args.duration as f64))
+            .context("--step-seconds")?,
+        warmup: Duration::from_secs(args.warmup),
+        max_inflight: args.max_inflight,
+        timeout: Duration::from_millis(args.timeout_ms),
+        late_after: Duration::from_millis(args.late_ms),
+        api_key: args.api_key.clone(),
+        gzip: args.gzip,
+        pool: args.pool,
+        server_cpu: match args.server_pid {
+            Some(pid) => ServerCpu::Proc { pid },
+            None => ServerCpu::Metrics { base },
+        },
+        threads: args.threads,
+    };
+    let report = floodgate_bench::open_loop::sweep(&config, &mut std::io::stdout()).await?;
+    let (json_path, svg_path) = floodgate_bench::open_loop::write_report(&report, &args.out)?;
+    eprintln!(
+        "loadgen: report in {}, plot in {}",
+        json_path.display(),
+        svg_path.display()
+    );
+    Ok(())
 }
 
 async fn run(args: Args) -> Result<()> {
