@@ -618,8 +618,11 @@ pub fn write_report(report: &Report, dir: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((json_path, svg_path))
 }
 
+/// Picks one percentile.
+type Pick = fn(&Percentiles) -> f64;
+
 /// The series of the plot: name and the percentile it draws.
-const SERIES: [(&str, fn(&Percentiles) -> f64); 3] = [
+const SERIES: [(&str, Pick); 3] = [
     ("p50", |p| p.p50),
     ("p99", |p| p.p99),
     ("p99.9", |p| p.p999),
