@@ -509,7 +509,14 @@ async fn run_step(
         if due >= window.1 {
             break;
         }
-        tokio::time::sleep_until(due).await;
+        // Behind schedule, the next request goes at once (the timer would round up to
+        // its next millisecond tick), once the requests already started have had a turn:
+        // a schedule that never yields would hold every send back until it caught up.
+        if due > Instant::now() {
+            tokio::time::sleep_until(due).await;
+        } else {
+            tokio::task::yield_now().await;
+        }
         let permit = match slots.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
