@@ -8,7 +8,7 @@ use floodgate_core::FieldError;
 use floodgate_core::check::{Outcome, check_body_traced};
 use floodgate_core::decode::{BodyFormat, DecodeError};
 use floodgate_core::registry::Registry;
-use floodgate_core::stream::{AppendError, Appended, Record, StreamWriter};
+use floodgate_core::stream::{AppendError, Appended, ConsumerLag, Record, StreamWriter};
 use floodgate_core::trace_context::{TRACEPARENT, TRACESTATE, TraceContext};
 use http_body_util::BodyExt;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
@@ -16,10 +16,11 @@ use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::app::Inner;
-use crate::auth::{Caller, Charge, Principal, RateState};
+use crate::auth::{Auth, Caller, Charge, Principal, RateState};
 use crate::dedupe::{self, Claim, Deduper};
 use crate::encoding::{self, BinaryModeError, DecompressError, Encoding};
+use crate::error::EdgeError;
+use crate::limits::Limits;
 use crate::response::{self, Body};
 
 /// Why a body could not be turned into events.
@@ -47,7 +48,7 @@ const QUARANTINE_MAX_RECORD: usize = (1 << 20) - 1024;
 const INLINE_CHECK_MAX_BYTES: usize = 64 * 1024;
 
 /// One request's share of the budget for bodies in memory (`max_inflight_body_bytes`,
-/// as KiB permits of `Inner::inflight`). It grows with the bytes actually held, as the
+/// as KiB permits of `Events::inflight`). It grows with the bytes actually held, as the
 /// body's frames arrive and as a compressed body inflates, so a slow or chunked body
 /// costs what it has sent, not the largest body it might become.
 #[derive(Debug)]
@@ -254,6 +255,60 @@ struct BatchResponse {
     results: Vec<EventResult>,
 }
 
+/// What the producer hears about one event of its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventStatus {
+    /// Durable in the stream (or its first copy is: a duplicate).
+    Accepted,
+    /// Never to be taken: fix the event, do not retry it as is.
+    Rejected,
+    /// Not taken this time; send it again.
+    Retry,
+}
+
+impl EventStatus {
+    /// The `outcome` label of `floodgate_ingest_events_total`.
+    fn label(self, duplicate: bool) -> &'static str {
+        match self {
+            EventStatus::Accepted if duplicate => "duplicate",
+            EventStatus::Accepted => "accepted",
+            EventStatus::Rejected => "rejected",
+            EventStatus::Retry => "retry",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct EventResult {
+    index: usize,
+    id: Option<String>,
+    status: EventStatus,
+    /// `true` when the event was accepted before (same source and id) and not appended
+    /// again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duplicate: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    errors: Option<Vec<FieldError>>,
+}
+
+impl EventResult {
+    fn new(index: usize, id: Option<String>, status: EventStatus) -> Self {
+        Self {
+            index,
+            id,
+            status,
+            duplicate: None,
+            errors: None,
+        }
+    }
+
+    fn because(mut self, message: impl Into<String>) -> Self {
+        self.errors = Some(vec![FieldError::new("", message)]);
+        self
+    }
+}
+
 /// What the edge does with one valid event.
 enum Plan {
     /// Append it as record `n` of the request's append.
@@ -266,23 +321,31 @@ enum Plan {
     SameAs(usize),
 }
 
+/// The append a request makes: its records, and what each valid event becomes.
+struct Planned {
+    /// One per event of the request; `None` for a rejected one.
+    plans: Vec<Option<Plan>>,
+    records: Vec<Record>,
+    /// Taken before the append; settled (or released) by the append task.
+    claims: Claims,
+}
+
+/// A request's body as received, with what the check needs to read it.
+struct Received {
+    body: Bytes,
+    encoding: Encoding,
+    /// The request's headers, in CloudEvents binary mode.
+    binary: Option<HeaderMap>,
+    trace: Option<TraceContext>,
+    format: BodyFormat,
+    /// The body's share of the in-memory budget; held until the append is done.
+    charge: BodyCharge,
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-#[derive(Serialize)]
-struct EventResult {
-    index: usize,
-    id: Option<String>,
-    status: &'static str,
-    /// `true` when the event was accepted before (same source and id) and not appended
-    /// again.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    duplicate: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    errors: Option<Vec<FieldError>>,
 }
 
 /// The quarantine's record of a rejected event (or unreadable body): its bytes as sent
@@ -343,9 +406,9 @@ async fn quarantine(q: &dyn floodgate_core::stream::StreamWriter, records: Vec<R
     }
 }
 
-/// Rejects, with a `/type` pointer, the events `who` may not post. When none is allowed,
-/// returns the 403 to answer instead.
-fn apply_type_filter(who: &Principal, outcomes: &mut [Outcome]) -> Option<Response<Body>> {
+/// Rejects, with a `/type` pointer, the events `who` may not post; refuses the request
+/// when none is allowed.
+fn apply_type_filter(who: &Principal, outcomes: &mut [Outcome]) -> Result<(), EdgeError> {
     let mut allowed = 0;
     for o in outcomes.iter_mut() {
         let t = match o {
@@ -398,65 +461,11 @@ fn apply_type_filter(who: &Principal, outcomes: &mut [Outcome]) -> Option<Respon
         };
     }
     if allowed == 0 && !outcomes.is_empty() {
-        metrics::counter!("floodgate_ingest_forbidden_total", "credential" => who.name().to_owned())
-            .increment(1);
-        return Some(response::error(
-            StatusCode::FORBIDDEN,
-            "forbidden_type",
-            &format!(
-                "credential {:?} may post none of the event types in this request",
-                who.name()
-            ),
-        ));
+        return Err(EdgeError::ForbiddenTypes {
+            credential: who.name().to_owned(),
+        });
     }
-    None
-}
-
-pub(crate) async fn post<B>(app: &Inner, req: Request<B>) -> Response<Body>
-where
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let caller = match app.auth.authenticate(req.headers()) {
-        Ok(c) => c,
-        Err(r) => return crate::app::unauthorized(r),
-    };
-    // Refuse before reading anything when the processors are too far behind.
-    if let Some(lag) = &app.lag {
-        let bound = app.limits.max_consumer_lag_records;
-        let behind = lag.max_records();
-        if bound > 0 && behind > bound {
-            return busy(
-                app,
-                "consumer_lag",
-                &format!("the processors are {behind} records behind (bound {bound}); retry"),
-            );
-        }
-        let bound_ms = app.limits.max_consumer_lag_ms;
-        let behind_ms = lag.max_millis();
-        if bound_ms > 0 && behind_ms > bound_ms {
-            return busy(
-                app,
-                "consumer_lag",
-                &format!("the processors are {behind_ms} ms behind (bound {bound_ms} ms); retry"),
-            );
-        }
-    }
-    let mut rate = None;
-    let mut resp = post_as(app, req, &caller, &mut rate).await;
-    if let Some(state) = rate {
-        rate_headers(&mut resp, state);
-    }
-    resp
-}
-
-/// 503 with `Retry-After`: the edge cannot take more right now.
-fn busy(app: &Inner, reason: &'static str, message: &str) -> Response<Body> {
-    metrics::counter!("floodgate_ingest_backpressure_total", "reason" => reason).increment(1);
-    let mut resp = response::error(StatusCode::SERVICE_UNAVAILABLE, reason, message);
-    resp.headers_mut()
-        .insert(RETRY_AFTER, HeaderValue::from(app.limits.retry_after_secs));
-    resp
+    Ok(())
 }
 
 fn rate_headers(resp: &mut Response<Body>, s: RateState) {
@@ -466,135 +475,228 @@ fn rate_headers(resp: &mut Response<Body>, s: RateState) {
     h.insert("ratelimit-reset", HeaderValue::from(s.reset_secs));
 }
 
-/// 429 for a credential over its rate.
-fn rate_limited(who: &Principal, s: RateState) -> Response<Body> {
-    metrics::counter!("floodgate_ingest_rate_limited_total", "credential" => who.name().to_owned())
-        .increment(1);
-    let mut resp = response::error(
-        StatusCode::TOO_MANY_REQUESTS,
-        "rate_limited",
-        &format!(
-            "over this credential's rate of {} events/s (burst {}); retry after {} s",
-            who.rate_per_sec(),
-            s.limit,
-            s.reset_secs
-        ),
-    );
-    resp.headers_mut()
-        .insert(RETRY_AFTER, HeaderValue::from(s.reset_secs));
-    resp
+/// `POST /v1/events` and everything it needs. Built once by [`crate::app::AppBuilder`];
+/// a request runs through its stages in order: [`admit`](Events::admit),
+/// [`receive`](Events::receive), [`check`](Events::check), [`charge`](Events::charge),
+/// [`plan`](Events::plan), [`append`](Events::append), [`answer`](Events::answer).
+pub(crate) struct Events {
+    registry: Arc<Registry>,
+    stream: Arc<dyn StreamWriter>,
+    dedupe: Option<Arc<Deduper>>,
+    limits: Limits,
+    auth: Arc<Auth>,
+    /// The lag of this process's consumers, when it runs any.
+    lag: Option<Arc<ConsumerLag>>,
+    /// Where rejected events are kept for audit, if anywhere.
+    quarantine: Option<Arc<dyn StreamWriter>>,
+    /// Bytes of request bodies in memory, in KiB permits.
+    inflight: Arc<Semaphore>,
 }
 
-async fn post_as<B>(
-    app: &Inner,
-    req: Request<B>,
-    caller: &Caller,
-    rate: &mut Option<RateState>,
-) -> Response<Body>
-where
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let limits = &app.limits;
-    // An empty bucket is answered before the body is read: one event's worth is taken now,
-    // the rest once the events are counted.
-    if let Some(p) = caller.principal() {
-        match p.charge(1) {
-            Charge::Limited(s) => {
-                *rate = Some(s);
-                return rate_limited(p, s);
+impl Events {
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        stream: Arc<dyn StreamWriter>,
+        limits: Limits,
+        auth: Arc<Auth>,
+        lag: Option<Arc<ConsumerLag>>,
+        quarantine: Option<Arc<dyn StreamWriter>>,
+    ) -> Self {
+        Self {
+            dedupe: (limits.dedupe_window_ms > 0)
+                .then(|| Arc::new(Deduper::new(limits.dedupe_window_ms, limits.dedupe_max_ids))),
+            inflight: Arc::new(Semaphore::new(
+                limits.max_inflight_body_bytes.div_ceil(1024) as usize,
+            )),
+            registry,
+            stream,
+            limits,
+            auth,
+            lag,
+            quarantine,
+        }
+    }
+
+    pub(crate) fn deduper(&self) -> Option<&Deduper> {
+        self.dedupe.as_deref()
+    }
+
+    /// Answers one `POST /v1/events`: one result per event, or one error for the request.
+    /// A credential with a rate gets its `RateLimit-*` headers either way.
+    pub(crate) async fn post<B>(&self, req: Request<B>) -> Response<Body>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut rate = None;
+        let mut resp = self
+            .post_as(req, &mut rate)
+            .await
+            .unwrap_or_else(EdgeError::into_response);
+        if let Some(state) = rate {
+            rate_headers(&mut resp, state);
+        }
+        resp
+    }
+
+    async fn post_as<B>(
+        &self,
+        req: Request<B>,
+        rate: &mut Option<RateState>,
+    ) -> Result<Response<Body>, EdgeError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let caller = self.admit(req.headers(), rate)?;
+        let received = self.receive(req).await?;
+        let (mut outcomes, charge) = self.check(received).await?;
+        metrics::histogram!("floodgate_ingest_batch_size_events").record(outcomes.len() as f64);
+        if let Some(who) = caller.principal() {
+            Self::charge(who, &mut outcomes, rate)?;
+        }
+        let planned = self.plan(&outcomes);
+        let appended = self
+            .append(&outcomes, planned.records, planned.claims, charge)
+            .await?;
+        Ok(self.answer(outcomes, planned.plans, &appended))
+    }
+
+    /// Before the body is read: the credential (401), the consumers' lag (503), and one
+    /// event from the credential's bucket (429), so that an empty bucket costs no body.
+    fn admit(
+        &self,
+        headers: &HeaderMap,
+        rate: &mut Option<RateState>,
+    ) -> Result<Caller, EdgeError> {
+        let caller = self.auth.authenticate(headers)?;
+        if let Some(lag) = &self.lag {
+            let bound = self.limits.max_consumer_lag_records;
+            let behind = lag.max_records();
+            if bound > 0 && behind > bound {
+                return Err(self.busy(
+                    "consumer_lag",
+                    format!("the processors are {behind} records behind (bound {bound}); retry"),
+                ));
             }
-            Charge::Allowed(s) => *rate = Some(s),
-            Charge::Unlimited | Charge::TooMany { .. } => {}
+            let bound_ms = self.limits.max_consumer_lag_ms;
+            let behind_ms = lag.max_millis();
+            if bound_ms > 0 && behind_ms > bound_ms {
+                return Err(self.busy(
+                    "consumer_lag",
+                    format!(
+                        "the processors are {behind_ms} ms behind (bound {bound_ms} ms); retry"
+                    ),
+                ));
+            }
+        }
+        if let Some(who) = caller.principal() {
+            match who.charge(1) {
+                Charge::Limited(s) => {
+                    *rate = Some(s);
+                    return Err(EdgeError::rate_limited(who, s));
+                }
+                Charge::Allowed(s) => *rate = Some(s),
+                Charge::Unlimited | Charge::TooMany { .. } => {}
+            }
+        }
+        Ok(caller)
+    }
+
+    /// 503 with `Retry-After`: the edge cannot take more right now.
+    fn busy(&self, reason: &'static str, message: impl Into<String>) -> EdgeError {
+        EdgeError::Busy {
+            reason,
+            message: message.into(),
+            retry_after_secs: self.limits.retry_after_secs,
         }
     }
-    let encoding = match encoding::content_encoding(req.headers()) {
-        Ok(e) => e,
-        Err(message) => {
-            return response::error(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_content_encoding",
-                &message,
-            );
+
+    /// The headers (encoding, format, trace context, declared length), then the body,
+    /// within its size limit, its time limit, and the edge's budget for bodies in memory.
+    async fn receive<B>(&self, req: Request<B>) -> Result<Received, EdgeError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let limits = &self.limits;
+        let headers = req.headers();
+        let encoding =
+            encoding::content_encoding(headers).map_err(EdgeError::UnsupportedEncoding)?;
+        // Binary mode: the event's attributes in `ce-*` headers, its data in the body.
+        let binary = encoding::is_binary_mode(headers).then(|| headers.clone());
+        let trace = request_trace(headers);
+        let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        let format = match (&binary, content_type.and_then(format_for)) {
+            (Some(_), _) => BodyFormat::Single,
+            (None, Some(format)) => format,
+            (None, None) => {
+                return Err(EdgeError::UnsupportedMediaType(
+                    content_type.map(str::to_owned),
+                ));
+            }
+        };
+        let too_large = EdgeError::BodyTooLarge {
+            limit: limits.max_body_bytes,
+        };
+        let declared = headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limits.max_body_bytes) {
+            return Err(too_large);
         }
-    };
-    // Binary mode: the event's attributes in `ce-*` headers, its data in the body.
-    let binary = encoding::is_binary_mode(req.headers()).then(|| req.headers().clone());
-    let trace = request_trace(req.headers());
-    let content_type = req
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let format = match (&binary, content_type.and_then(format_for)) {
-        (Some(_), _) => BodyFormat::Single,
-        (None, Some(format)) => format,
-        (None, None) => {
-            return response::error(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                &format!(
-                    "Content-Type {} is not accepted; use application/cloudevents+json, application/cloudevents-batch+json, application/json or application/x-ndjson (or CloudEvents binary mode with ce-* headers)",
-                    content_type.map_or_else(|| "(missing)".to_owned(), |c| format!("{c:?}"))
-                ),
-            );
-        }
-    };
-    let too_large = || {
-        response::error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            &format!("the body is larger than {} bytes", limits.max_body_bytes),
-        )
-    };
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limits.max_body_bytes) {
-        return too_large();
+        // Bodies in memory are bounded across all requests, by the bytes each one holds.
+        let mut charge = BodyCharge::new(self.inflight.clone());
+        let read = read_body(req.into_body(), limits.max_body_bytes, &mut charge);
+        let body = match tokio::time::timeout(limits.body_timeout, read).await {
+            Err(_) => return Err(EdgeError::BodyTimeout),
+            Ok(Err(ReadError::TooLarge)) => return Err(too_large),
+            Ok(Err(ReadError::OverBudget)) => return Err(self.over_budget()),
+            Ok(Err(ReadError::Failed(e))) => return Err(EdgeError::BodyRead(e)),
+            Ok(Ok(body)) => body,
+        };
+        Ok(Received {
+            body,
+            encoding,
+            binary,
+            trace,
+            format,
+            charge,
+        })
     }
-    // Bodies in memory are bounded across all requests, by the bytes each one holds.
-    let mut charge = BodyCharge::new(app.inflight.clone());
-    let over_budget = || {
-        busy(
-            app,
+
+    fn over_budget(&self) -> EdgeError {
+        self.busy(
             "inflight_bytes",
             "the edge holds as many request bodies as it may; retry",
         )
-    };
-    let read = read_body(req.into_body(), limits.max_body_bytes, &mut charge);
-    let body = match tokio::time::timeout(limits.body_timeout, read).await {
-        Err(_) => {
-            return response::error(
-                StatusCode::REQUEST_TIMEOUT,
-                "body_timeout",
-                "the body did not arrive in time",
-            );
-        }
-        Ok(Err(ReadError::TooLarge)) => return too_large(),
-        Ok(Err(ReadError::OverBudget)) => return over_budget(),
-        Ok(Err(ReadError::Failed(e))) => {
-            return response::error(
-                StatusCode::BAD_REQUEST,
-                "body_read_failed",
-                &format!("the body could not be read: {e}"),
-            );
-        }
-        Ok(Ok(body)) => body,
-    };
-    let body_len = body.len();
-    let body_for_quarantine = (encoding == Encoding::Identity).then(|| body.clone());
+    }
 
-    let max_events = limits.max_batch_events;
-    let limit = limits.max_body_bytes;
-    let work =
-        move |registry: &Registry, charge: &mut BodyCharge| -> Result<Vec<Outcome>, BodyError> {
+    /// Inflates, decodes and checks every event: pure CPU. Small plain bodies are checked
+    /// right here; big or compressed ones (whose size is unknown until inflated) on the
+    /// blocking pool. An undecodable body is kept in the quarantine before it is refused.
+    async fn check(&self, received: Received) -> Result<(Vec<Outcome>, BodyCharge), EdgeError> {
+        let Received {
+            body,
+            encoding,
+            binary,
+            trace,
+            format,
+            mut charge,
+        } = received;
+        let body_len = body.len();
+        let body_for_quarantine = (encoding == Encoding::Identity).then(|| body.clone());
+        let max_events = self.limits.max_batch_events;
+        let limit = self.limits.max_body_bytes;
+        let work = move |registry: &Registry,
+                         charge: &mut BodyCharge|
+              -> Result<Vec<Outcome>, BodyError> {
             let body = if encoding == Encoding::Identity {
                 body
             } else {
-                // The inflated body is charged as it grows; the compressed one is given back
-                // once it is dropped.
+                // The inflated body is charged as it grows; the compressed one is given
+                // back once it is dropped.
                 let inflated =
                     encoding::decompress_charged(encoding, &body, limit, &mut |n| charge.add(n))?;
                 let raw_len = body.len() as u64;
@@ -614,115 +716,90 @@ where
                 trace.as_ref(),
             )?)
         };
-    // Small plain bodies are checked right here; big or compressed ones (whose size is
-    // unknown until inflated) on the blocking pool.
-    let (charge, checked) = if encoding == Encoding::Identity && body_len <= INLINE_CHECK_MAX_BYTES
-    {
-        let checked = work(&app.registry, &mut charge);
-        (charge, checked)
-    } else {
-        let registry = app.registry.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            let checked = work(&registry, &mut charge);
-            (charge, checked)
-        });
-        match task.await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "event check task failed");
-                return response::error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "event check failed",
-                );
-            }
-        }
-    };
-    let outcomes = match checked {
-        Ok(o) => o,
-        Err(BodyError::Decode(e @ DecodeError::TooManyEvents { .. })) => {
-            return response::error(StatusCode::PAYLOAD_TOO_LARGE, e.code(), &e.to_string());
-        }
-        Err(BodyError::Decode(e)) => {
-            if let (Some(q), Some(body)) = (&app.quarantine, &body_for_quarantine)
-                && !matches!(e, DecodeError::Empty)
-            {
-                let reason = [FieldError::new("", e.to_string())];
-                let capped = &body[..body.len().min(QUARANTINE_MAX_BODY)];
-                quarantine(&**q, vec![quarantine_record(capped, &reason)]).await;
-            }
-            return response::error(StatusCode::BAD_REQUEST, e.code(), &e.to_string());
-        }
-        Err(BodyError::Decompress(e @ DecompressError::TooLarge(_))) => {
-            return response::error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                &e.to_string(),
-            );
-        }
-        Err(BodyError::Decompress(DecompressError::OverBudget)) => return over_budget(),
-        Err(BodyError::Decompress(e)) => {
-            return response::error(
-                StatusCode::BAD_REQUEST,
-                "invalid_content_encoding",
-                &e.to_string(),
-            );
-        }
-        Err(BodyError::Binary(e)) => {
-            let code = match e {
-                BinaryModeError::Header(_) => "invalid_header",
-                BinaryModeError::Data { .. } => "invalid_json",
+        let (charge, checked) =
+            if encoding == Encoding::Identity && body_len <= INLINE_CHECK_MAX_BYTES {
+                let checked = work(&self.registry, &mut charge);
+                (charge, checked)
+            } else {
+                let registry = self.registry.clone();
+                tokio::task::spawn_blocking(move || {
+                    let checked = work(&registry, &mut charge);
+                    (charge, checked)
+                })
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "event check task failed");
+                    EdgeError::Internal("event check failed")
+                })?
             };
-            return response::error(StatusCode::BAD_REQUEST, code, &e.to_string());
-        }
-    };
-    let mut outcomes = outcomes;
-    metrics::histogram!("floodgate_ingest_batch_size_events").record(outcomes.len() as f64);
-
-    if let Some(p) = caller.principal() {
-        if let Some(refused) = apply_type_filter(p, &mut outcomes) {
-            return refused;
-        }
-        // The first event was paid for before the body was read.
-        let n = u32::try_from(outcomes.len()).unwrap_or(u32::MAX);
-        match p.charge_rest_of(n) {
-            Charge::Unlimited => {}
-            Charge::Allowed(s) => *rate = Some(s),
-            Charge::Limited(s) => {
-                *rate = Some(s);
-                return rate_limited(p, s);
+        match checked {
+            Ok(outcomes) => Ok((outcomes, charge)),
+            Err(BodyError::Decode(e @ DecodeError::TooManyEvents { .. })) => {
+                Err(EdgeError::Decode(e))
             }
-            Charge::TooMany { burst } => {
-                return response::error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "batch_exceeds_burst",
-                    &format!(
-                        "{n} events in one request, but this credential's burst is {burst}; send smaller batches"
-                    ),
-                );
+            Err(BodyError::Decode(e)) => {
+                if let (Some(q), Some(body)) = (&self.quarantine, &body_for_quarantine)
+                    && !matches!(e, DecodeError::Empty)
+                {
+                    let reason = [FieldError::new("", e.to_string())];
+                    let capped = &body[..body.len().min(QUARANTINE_MAX_BODY)];
+                    quarantine(&**q, vec![quarantine_record(capped, &reason)]).await;
+                }
+                Err(EdgeError::Decode(e))
             }
+            Err(BodyError::Decompress(DecompressError::TooLarge(limit))) => {
+                Err(EdgeError::BodyTooLarge { limit })
+            }
+            Err(BodyError::Decompress(DecompressError::OverBudget)) => Err(self.over_budget()),
+            Err(BodyError::Decompress(e)) => Err(EdgeError::InvalidEncoding(e)),
+            Err(BodyError::Binary(e)) => Err(EdgeError::Binary(e)),
         }
     }
 
-    // Which valid events to append: not those accepted within the dedupe window, nor a
-    // second copy within this very request.
-    let now = now_ms();
-    let mut plans: Vec<Option<Plan>> = Vec::with_capacity(outcomes.len());
-    let mut records = Vec::new();
-    // Made before any claim is taken, so that no path leaves one unsettled.
-    let mut claimed = Claims {
-        dedupe: app.dedupe.clone(),
-        keys: Vec::new(),
-    };
-    {
-        let mut first_in_batch: HashMap<dedupe::Key, usize> = HashMap::new();
-        let mut keys = Vec::new();
-        for (i, o) in outcomes.iter().enumerate() {
-            plans.push(None);
-            let Outcome::Valid { id, source, .. } = o else {
-                continue;
-            };
-            if app.dedupe.is_some() {
+    /// The credential's part, once the events are counted: types it may not post are
+    /// rejected (403 when that is all of them), and the rest of the events are taken from
+    /// its bucket (the first was paid for on admission).
+    fn charge(
+        who: &Principal,
+        outcomes: &mut [Outcome],
+        rate: &mut Option<RateState>,
+    ) -> Result<(), EdgeError> {
+        apply_type_filter(who, outcomes)?;
+        let n = u32::try_from(outcomes.len()).unwrap_or(u32::MAX);
+        match who.charge_rest_of(n) {
+            Charge::Unlimited => Ok(()),
+            Charge::Allowed(s) => {
+                *rate = Some(s);
+                Ok(())
+            }
+            Charge::Limited(s) => {
+                *rate = Some(s);
+                Err(EdgeError::rate_limited(who, s))
+            }
+            Charge::TooMany { burst } => Err(EdgeError::BatchExceedsBurst { events: n, burst }),
+        }
+    }
+
+    /// Which valid events to append: not those accepted within the dedupe window, nor a
+    /// second copy within this very request.
+    fn plan(&self, outcomes: &[Outcome]) -> Planned {
+        let now = now_ms();
+        let mut plans: Vec<Option<Plan>> = Vec::with_capacity(outcomes.len());
+        let mut records = Vec::with_capacity(outcomes.len());
+        // Made before any claim is taken, so that no path leaves one unsettled.
+        let mut claims = Claims {
+            dedupe: self.dedupe.clone(),
+            keys: Vec::new(),
+        };
+        let mut claim_of: HashMap<usize, (dedupe::Key, Claim)> = HashMap::new();
+        plans.resize_with(outcomes.len(), || None);
+        if let Some(d) = &self.dedupe {
+            let mut first_in_batch: HashMap<dedupe::Key, usize> = HashMap::new();
+            let mut keys = Vec::new();
+            for (i, o) in outcomes.iter().enumerate() {
+                let Outcome::Valid { id, source, .. } = o else {
+                    continue;
+                };
                 let k = dedupe::key(source, id);
                 if let Some(&j) = first_in_batch.get(&k) {
                     plans[i] = Some(Plan::SameAs(j));
@@ -731,14 +808,10 @@ where
                 first_in_batch.insert(k, i);
                 keys.push((i, k));
             }
-        }
-        let claims = match &app.dedupe {
-            Some(d) => d.claim(&keys.iter().map(|(_, k)| *k).collect::<Vec<_>>(), now),
-            None => Vec::new(),
-        };
-        let mut claim_of: HashMap<usize, (dedupe::Key, Claim)> = HashMap::new();
-        for ((i, k), c) in keys.into_iter().zip(claims) {
-            claim_of.insert(i, (k, c));
+            let taken = d.claim(&keys.iter().map(|(_, k)| *k).collect::<Vec<_>>(), now);
+            for ((i, k), c) in keys.into_iter().zip(taken) {
+                claim_of.insert(i, (k, c));
+            }
         }
         for (i, o) in outcomes.iter().enumerate() {
             let Outcome::Valid { key, payload, .. } = o else {
@@ -752,7 +825,7 @@ where
                 Some((_, Claim::InFlight)) => Plan::InFlight,
                 claim => {
                     if let Some((k, _)) = claim {
-                        claimed.keys.push((*k, records.len()));
+                        claims.keys.push((*k, records.len()));
                     }
                     records.push(Record {
                         key: key.clone(),
@@ -762,163 +835,161 @@ where
                 }
             });
         }
-    }
-    let held: Vec<Record> = if app.quarantine.is_some() {
-        outcomes
-            .iter()
-            .filter_map(|o| match o {
-                Outcome::Rejected { errors, raw, .. } => Some(quarantine_record(raw, errors)),
-                Outcome::Valid { .. } => None,
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let task = tokio::spawn(append_and_settle(
-        app.stream.clone(),
-        app.quarantine.clone(),
-        records,
-        claimed,
-        held,
-        charge,
-    ));
-    let (appended, _charge) = match task.await {
-        Ok(done) => done,
-        Err(e) => {
-            // The claims were released as the task unwound; the records' fate is unknown.
-            tracing::error!(error = %e, "append task failed");
-            let mut resp = response::error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "append_failed",
-                "the append failed unexpectedly; retry",
-            );
-            resp.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(limits.retry_after_secs));
-            return resp;
+        Planned {
+            plans,
+            records,
+            claims,
         }
-    };
+    }
 
-    let mut counts: HashMap<(String, &'static str), u64> = HashMap::new();
-    let (mut accepted, mut rejected, mut retry) = (0, 0, 0);
-    let mut retry_after_ms = 0u64;
-    let mut results: Vec<EventResult> = Vec::with_capacity(outcomes.len());
-    for (index, outcome) in outcomes.into_iter().enumerate() {
-        let mut duplicate = None;
-        let (id, event_type, status, errors) = match outcome {
-            Outcome::Valid { id, event_type, .. } => match plans[index].take() {
-                Some(Plan::Duplicate) => {
-                    duplicate = Some(true);
-                    accepted += 1;
-                    (Some(id), event_type, "accepted", None)
-                }
-                Some(Plan::SameAs(j)) if results[j].status == "accepted" => {
-                    duplicate = Some(true);
-                    accepted += 1;
-                    (Some(id), event_type, "accepted", None)
-                }
-                Some(Plan::InFlight) | Some(Plan::SameAs(_)) => {
-                    retry += 1;
-                    let message = "an event with this source and id is being appended; retry";
-                    (
-                        Some(id),
-                        event_type,
-                        "retry",
-                        Some(vec![FieldError::new("", message)]),
-                    )
-                }
-                Some(Plan::Append(r)) => match &appended[r] {
-                    Ok(_) => {
-                        accepted += 1;
-                        (Some(id), event_type, "accepted", None)
-                    }
-                    // The stream will never take this record: a permanent fault of the event.
-                    Err(AppendError::Refused(message)) => {
-                        rejected += 1;
-                        (
-                            Some(id),
-                            event_type,
-                            "rejected",
-                            Some(vec![FieldError::new("", message.clone())]),
-                        )
-                    }
-                    Err(e) => {
-                        retry += 1;
-                        let message = match e {
-                            AppendError::Busy { retry_after_ms: ms } => {
-                                retry_after_ms = retry_after_ms.max(*ms);
-                                format!("the stream is busy; retry after {ms} ms")
-                            }
-                            e => e.to_string(),
-                        };
-                        (
-                            Some(id),
-                            event_type,
-                            "retry",
-                            Some(vec![FieldError::new("", message)]),
-                        )
-                    }
-                },
-                None => unreachable!("every valid event has a plan"),
-            },
-            Outcome::Rejected {
-                id,
-                event_type,
-                errors,
-                ..
-            } => {
-                rejected += 1;
-                (
-                    id,
-                    event_type.unwrap_or_else(|| "unknown".to_owned()),
-                    "rejected",
-                    Some(errors),
-                )
-            }
-        };
-        let outcome_label = if duplicate.is_some() {
-            "duplicate"
+    /// Appends the records, and keeps the rejected events in the quarantine, on a task
+    /// of its own (see [`append_and_settle`]); returns once the stream has answered for
+    /// every record.
+    async fn append(
+        &self,
+        outcomes: &[Outcome],
+        records: Vec<Record>,
+        claims: Claims,
+        charge: BodyCharge,
+    ) -> Result<Vec<Result<Appended, AppendError>>, EdgeError> {
+        let held: Vec<Record> = if self.quarantine.is_some() {
+            outcomes
+                .iter()
+                .filter_map(|o| match o {
+                    Outcome::Rejected { errors, raw, .. } => Some(quarantine_record(raw, errors)),
+                    Outcome::Valid { .. } => None,
+                })
+                .collect()
         } else {
-            status
+            Vec::new()
         };
-        *counts.entry((event_type, outcome_label)).or_default() += 1;
-        results.push(EventResult {
-            index,
-            id,
-            status,
-            duplicate,
-            errors,
-        });
-    }
-    for ((event_type, outcome), n) in counts {
-        metrics::counter!("floodgate_ingest_events_total", "type" => event_type, "outcome" => outcome)
-            .increment(n);
+        let task = tokio::spawn(append_and_settle(
+            self.stream.clone(),
+            self.quarantine.clone(),
+            records,
+            claims,
+            held,
+            charge,
+        ));
+        match task.await {
+            Ok((appended, _charge)) => Ok(appended),
+            Err(e) => {
+                // The claims were released as the task unwound; the records' fate is
+                // unknown.
+                tracing::error!(error = %e, "append task failed");
+                Err(EdgeError::AppendFailed {
+                    retry_after_secs: self.limits.retry_after_secs,
+                })
+            }
+        }
     }
 
-    let total = results.len();
-    let status = if accepted == total {
-        StatusCode::OK
-    } else if accepted > 0 {
-        StatusCode::MULTI_STATUS
-    } else if retry > 0 {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::UNPROCESSABLE_ENTITY
-    };
-    let mut resp = response::json(
-        status,
-        &BatchResponse {
-            accepted,
-            rejected,
-            retry,
-            results,
-        },
-    );
-    if retry > 0 {
-        let secs = limits.retry_after_secs.max(retry_after_ms.div_ceil(1000));
-        resp.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(secs));
+    /// One result per event, in the request's order; the request's status from them:
+    /// 200 all accepted, 207 some, 503 none but some to retry, 422 all rejected.
+    fn answer(
+        &self,
+        outcomes: Vec<Outcome>,
+        mut plans: Vec<Option<Plan>>,
+        appended: &[Result<Appended, AppendError>],
+    ) -> Response<Body> {
+        let mut counts: HashMap<(String, &'static str), u64> = HashMap::new();
+        let mut retry_after_ms = 0u64;
+        let mut results: Vec<EventResult> = Vec::with_capacity(outcomes.len());
+        for (index, outcome) in outcomes.into_iter().enumerate() {
+            let (result, event_type) = match outcome {
+                Outcome::Valid { id, event_type, .. } => {
+                    let plan = plans[index].take().expect("every valid event has a plan");
+                    let result = match plan {
+                        Plan::Duplicate => EventResult {
+                            duplicate: Some(true),
+                            ..EventResult::new(index, Some(id), EventStatus::Accepted)
+                        },
+                        Plan::SameAs(j) if results[j].status == EventStatus::Accepted => {
+                            EventResult {
+                                duplicate: Some(true),
+                                ..EventResult::new(index, Some(id), EventStatus::Accepted)
+                            }
+                        }
+                        Plan::InFlight | Plan::SameAs(_) => {
+                            EventResult::new(index, Some(id), EventStatus::Retry).because(
+                                "an event with this source and id is being appended; retry",
+                            )
+                        }
+                        Plan::Append(r) => match &appended[r] {
+                            Ok(_) => EventResult::new(index, Some(id), EventStatus::Accepted),
+                            // The stream will never take this record: a permanent fault of
+                            // the event.
+                            Err(AppendError::Refused(message)) => {
+                                EventResult::new(index, Some(id), EventStatus::Rejected)
+                                    .because(message.clone())
+                            }
+                            Err(AppendError::Busy { retry_after_ms: ms }) => {
+                                retry_after_ms = retry_after_ms.max(*ms);
+                                EventResult::new(index, Some(id), EventStatus::Retry)
+                                    .because(format!("the stream is busy; retry after {ms} ms"))
+                            }
+                            Err(e) => EventResult::new(index, Some(id), EventStatus::Retry)
+                                .because(e.to_string()),
+                        },
+                    };
+                    (result, event_type)
+                }
+                Outcome::Rejected {
+                    id,
+                    event_type,
+                    errors,
+                    ..
+                } => (
+                    EventResult {
+                        errors: Some(errors),
+                        ..EventResult::new(index, id, EventStatus::Rejected)
+                    },
+                    event_type.unwrap_or_else(|| "unknown".to_owned()),
+                ),
+            };
+            let label = result.status.label(result.duplicate.is_some());
+            *counts.entry((event_type, label)).or_default() += 1;
+            results.push(result);
+        }
+        for ((event_type, outcome), n) in counts {
+            metrics::counter!("floodgate_ingest_events_total", "type" => event_type, "outcome" => outcome)
+                .increment(n);
+        }
+
+        let count = |s| results.iter().filter(|r| r.status == s).count();
+        let (accepted, rejected, retry) = (
+            count(EventStatus::Accepted),
+            count(EventStatus::Rejected),
+            count(EventStatus::Retry),
+        );
+        let status = if accepted == results.len() {
+            StatusCode::OK
+        } else if accepted > 0 {
+            StatusCode::MULTI_STATUS
+        } else if retry > 0 {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::UNPROCESSABLE_ENTITY
+        };
+        let mut resp = response::json(
+            status,
+            &BatchResponse {
+                accepted,
+                rejected,
+                retry,
+                results,
+            },
+        );
+        if retry > 0 {
+            let secs = self
+                .limits
+                .retry_after_secs
+                .max(retry_after_ms.div_ceil(1000));
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
     }
-    resp
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@
 //! state through the [`StateStore`] role ([`state`]); they are eventually consistent with
 //! ingestion: an accepted event shows there once a processor has applied it.
 //!
-//! [`App`] is built by [`App::new`] apart from any socket, so tests drive it directly.
+//! [`App`] is built by [`App::builder`] apart from any socket, so tests drive it directly.
+//! Every whole-request refusal is one `EdgeError` (`error`), which knows its status, code
+//! and headers.
 //! [`telemetry`] installs the Prometheus recorder behind `GET /metrics`; [`ops`] serves
 //! `/metrics`, `/healthz` and `/readyz` for a process that runs no edge (`floodgate process`).
 //!
@@ -25,7 +27,9 @@ pub mod app;
 pub mod auth;
 pub mod dedupe;
 pub mod encoding;
+mod error;
 pub mod events;
+mod limits;
 pub mod openapi;
 pub mod ops;
 mod response;
@@ -33,4 +37,4 @@ pub mod server;
 mod state;
 pub mod telemetry;
 
-pub use app::App;
+pub use app::{App, AppBuilder};

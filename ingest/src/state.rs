@@ -2,12 +2,19 @@
 //! ingestion: an accepted event appears here once a processor has applied it (normally
 //! within milliseconds; see the processor lag metrics).
 
-use floodgate_core::state::StateError;
+use std::sync::Arc;
+
+use floodgate_core::state::{StateError, StateStore};
 use hyper::{Response, StatusCode};
 use serde_json::json;
 
-use crate::app::Inner;
+use crate::error::EdgeError;
 use crate::response::{self, Body};
+
+/// The read routes over the bookings state; `None` when this process serves none.
+pub(crate) struct Reads {
+    state: Option<Arc<dyn StateStore>>,
+}
 
 fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
@@ -19,17 +26,19 @@ fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-fn unavailable(e: Option<StateError>) -> Response<Body> {
-    let message = e.map_or_else(
-        || "this process serves no bookings state".to_owned(),
-        |e| e.to_string(),
-    );
-    response::error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "state_unavailable",
-        &message,
-    )
+fn unavailable(e: StateError) -> EdgeError {
+    EdgeError::StateUnavailable(Some(e.to_string()))
 }
+
+const NO_INVENTORY: EdgeError = EdgeError::NotFound {
+    code: "inventory_not_found",
+    message: "no inventory for this eventId",
+};
+
+const NO_BOOKING: EdgeError = EdgeError::NotFound {
+    code: "booking_not_found",
+    message: "no booking with this bookingId",
+};
 
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -39,57 +48,61 @@ fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-pub(crate) async fn inventory(app: &Inner, event_id: &str) -> Response<Body> {
-    let Some(state) = &app.state else {
-        return unavailable(None);
-    };
-    if !valid_id(event_id) {
-        return response::error(
-            StatusCode::NOT_FOUND,
-            "inventory_not_found",
-            "no inventory for this eventId",
-        );
+impl Reads {
+    pub(crate) fn new(state: Option<Arc<dyn StateStore>>) -> Self {
+        Self { state }
     }
-    match state.inventory(event_id).await {
-        Ok(Some(i)) => response::json(
+
+    pub(crate) async fn inventory(&self, event_id: &str) -> Response<Body> {
+        self.inventory_of(event_id)
+            .await
+            .unwrap_or_else(EdgeError::into_response)
+    }
+
+    pub(crate) async fn booking(&self, booking_id: &str) -> Response<Body> {
+        self.booking_of(booking_id)
+            .await
+            .unwrap_or_else(EdgeError::into_response)
+    }
+
+    fn state(&self) -> Result<&dyn StateStore, EdgeError> {
+        self.state
+            .as_deref()
+            .ok_or(EdgeError::StateUnavailable(None))
+    }
+
+    async fn inventory_of(&self, event_id: &str) -> Result<Response<Body>, EdgeError> {
+        let state = self.state()?;
+        if !valid_id(event_id) {
+            return Err(NO_INVENTORY);
+        }
+        let i = state
+            .inventory(event_id)
+            .await
+            .map_err(unavailable)?
+            .ok_or(NO_INVENTORY)?;
+        Ok(response::json(
             StatusCode::OK,
             &json!({"eventId": i.event_id, "capacity": i.capacity, "reserved": i.reserved,
                     "remaining": i.remaining(), "updatedAt": rfc3339(i.updated_at_ms)}),
-        ),
-        Ok(None) => response::error(
-            StatusCode::NOT_FOUND,
-            "inventory_not_found",
-            "no inventory for this eventId",
-        ),
-        Err(e) => unavailable(Some(e)),
+        ))
     }
-}
 
-pub(crate) async fn booking(app: &Inner, booking_id: &str) -> Response<Body> {
-    let Some(state) = &app.state else {
-        return unavailable(None);
-    };
-    if !valid_id(booking_id) {
-        return response::error(
-            StatusCode::NOT_FOUND,
-            "booking_not_found",
-            "no booking with this bookingId",
-        );
-    }
-    match state.booking(booking_id).await {
-        Ok(Some(b)) => {
-            let mut body = json!({"bookingId": b.booking_id, "eventId": b.event_id, "seats": b.seats,
-                                  "status": b.status.as_str(), "updatedAt": rfc3339(b.updated_at_ms)});
-            if let Some(reason) = b.reason {
-                body["reason"] = json!(reason);
-            }
-            response::json(StatusCode::OK, &body)
+    async fn booking_of(&self, booking_id: &str) -> Result<Response<Body>, EdgeError> {
+        let state = self.state()?;
+        if !valid_id(booking_id) {
+            return Err(NO_BOOKING);
         }
-        Ok(None) => response::error(
-            StatusCode::NOT_FOUND,
-            "booking_not_found",
-            "no booking with this bookingId",
-        ),
-        Err(e) => unavailable(Some(e)),
+        let b = state
+            .booking(booking_id)
+            .await
+            .map_err(unavailable)?
+            .ok_or(NO_BOOKING)?;
+        let mut body = json!({"bookingId": b.booking_id, "eventId": b.event_id, "seats": b.seats,
+                              "status": b.status.as_str(), "updatedAt": rfc3339(b.updated_at_ms)});
+        if let Some(reason) = b.reason {
+            body["reason"] = json!(reason);
+        }
+        Ok(response::json(StatusCode::OK, &body))
     }
 }

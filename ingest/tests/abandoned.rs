@@ -81,13 +81,13 @@ impl StreamWriter for GatedStream {
 }
 
 fn app(stream: Arc<GatedStream>) -> App {
-    App::new(
+    App::builder(
         Arc::new(Registry::builtin().unwrap()),
         stream,
-        None,
-        Limits::from_config(&IngestConfig::default()),
         floodgate_ingest::telemetry::install(),
     )
+    .limits(Limits::from_config(&IngestConfig::default()))
+    .build()
 }
 
 fn events(prefix: &str, n: usize) -> Vec<Value> {
@@ -196,13 +196,13 @@ async fn a_request_timed_out_mid_append_settles_its_claims() {
         request_timeout_ms: 100,
         ..IngestConfig::default()
     };
-    let app = App::new(
+    let app = App::builder(
         Arc::new(Registry::builtin().unwrap()),
         stream.clone(),
-        None,
-        Limits::from_config(&cfg),
         floodgate_ingest::telemetry::install(),
-    );
+    )
+    .limits(Limits::from_config(&cfg))
+    .build();
     let batch = events("late-", 2);
     let (status, body) = post(&app, &batch).await;
     assert_eq!(

@@ -80,13 +80,13 @@ async fn post(app: &App, events: &[Value]) -> (u16, Option<String>, Value) {
 async fn a_full_stream_gets_503_with_retry_after_and_readyz_fails() {
     let stream = Arc::new(FullStream::default());
     let metrics = floodgate_ingest::telemetry::install();
-    let app = App::new(
+    let app = App::builder(
         Arc::new(Registry::builtin().unwrap()),
         stream.clone(),
-        None,
-        Limits::from_config(&IngestConfig::default()),
         metrics,
-    );
+    )
+    .limits(Limits::from_config(&IngestConfig::default()))
+    .build();
     let (status, retry_after, _) = post(&app, &[event("a", 1)]).await;
     assert_eq!((status, retry_after), (200, None));
 
@@ -134,14 +134,13 @@ async fn a_full_stream_gets_503_with_retry_after_and_readyz_fails() {
     assert_eq!(app.handle(req).await.status(), 200);
 }
 
-fn app_with(stream: Arc<FullStream>, cfg: IngestConfig) -> App {
-    App::new(
+fn app_with(stream: Arc<FullStream>, cfg: IngestConfig) -> floodgate_ingest::app::AppBuilder {
+    App::builder(
         Arc::new(Registry::builtin().unwrap()),
         stream,
-        None,
-        Limits::from_config(&cfg),
         floodgate_ingest::telemetry::install(),
     )
+    .limits(Limits::from_config(&cfg))
 }
 
 /// Processors too far behind: new events get 503 with `Retry-After` before their body is
@@ -153,7 +152,9 @@ async fn consumer_lag_past_its_bound_gets_503() {
         max_consumer_lag_records: 1000,
         ..IngestConfig::default()
     };
-    let app = app_with(Arc::new(FullStream::default()), cfg).with_consumer_lag(lag.clone());
+    let app = app_with(Arc::new(FullStream::default()), cfg)
+        .consumer_lag(lag.clone())
+        .build();
     lag.set("bookings", &ShardId("shard-0".into()), 1000);
     assert_eq!(post(&app, &[event("l1", 1)]).await.0, 200, "at the bound");
     lag.set("bookings", &ShardId("shard-1".into()), 1001);
@@ -173,7 +174,9 @@ async fn consumer_lag_in_time_past_its_bound_gets_503() {
         max_consumer_lag_ms: 60_000,
         ..IngestConfig::default()
     };
-    let app = app_with(Arc::new(FullStream::default()), cfg).with_consumer_lag(lag.clone());
+    let app = app_with(Arc::new(FullStream::default()), cfg)
+        .consumer_lag(lag.clone())
+        .build();
     let shard = ShardId("shardId-000000000000".into());
     lag.set_both("lake", &shard, 0, 60_000);
     assert_eq!(post(&app, &[event("t1", 1)]).await.0, 200, "at the bound");
@@ -203,7 +206,7 @@ async fn inflight_body_bytes_are_bounded() {
         max_inflight_body_bytes: 64 * 1024,
         ..IngestConfig::default()
     };
-    let app = app_with(Arc::new(FullStream::default()), cfg);
+    let app = app_with(Arc::new(FullStream::default()), cfg).build();
     // A body of unknown length that sends 63 KiB (JSON whitespace) and then waits.
     let (tx, holder) = start_chunked(&app);
     let mut head = b"[".to_vec();
@@ -233,7 +236,7 @@ async fn slow_bodies_are_charged_what_they_sent() {
         ..IngestConfig::default()
     };
     assert_eq!(cfg.max_body_bytes, 5 * 1024 * 1024);
-    let app = app_with(Arc::new(FullStream::default()), cfg);
+    let app = app_with(Arc::new(FullStream::default()), cfg).build();
     let mut slow = Vec::new();
     for _ in 0..100 {
         let (tx, holder) = start_chunked(&app);
@@ -262,7 +265,7 @@ async fn compressed_bodies_are_charged_as_they_inflate() {
         max_inflight_body_bytes: 1536 * 1024,
         ..IngestConfig::default()
     };
-    let app = app_with(Arc::new(FullStream::default()), cfg);
+    let app = app_with(Arc::new(FullStream::default()), cfg).build();
     // Another request holds 960 KiB of the 1.5 MiB.
     let (tx, holder) = start_chunked(&app);
     let mut head = b"[".to_vec();

@@ -56,13 +56,13 @@ async fn a_slow_answer_is_not_idle_and_an_idle_connection_closes() {
         idle_timeout_ms: 200,
         ..IngestConfig::default()
     };
-    let app = App::new(
+    let app = App::builder(
         Arc::new(Registry::builtin().unwrap()),
         stream.clone(),
-        None,
-        Limits::from_config(&cfg),
         floodgate_ingest::telemetry::install(),
-    );
+    )
+    .limits(Limits::from_config(&cfg))
+    .build();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

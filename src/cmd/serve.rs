@@ -221,14 +221,17 @@ pub(crate) fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
                 .context("cannot set up [ingest.auth]")?,
         );
         auth.spawn_refresh();
-        let mut app = App::new(registry, writer, Some(state), Limits::from_config(&config.ingest), metrics)
-            .with_auth(auth);
+        let mut app = App::builder(registry, writer, metrics)
+            .limits(Limits::from_config(&config.ingest))
+            .state(state)
+            .auth(auth);
         if let Some(q) = quarantine.writer() {
-            app = app.with_quarantine(q);
+            app = app.quarantine(q);
         }
         if let Some(p) = &processors {
-            app = app.with_consumer_lag(p.lag.clone());
+            app = app.consumer_lag(p.lag.clone());
         }
+        let app = app.build();
         if let Some(deduper) = app.deduper()
             && stream.refills_dedupe()
         {
