@@ -46,6 +46,51 @@ pub fn sample_batch(n: usize, salt: u64) -> Vec<Value> {
         .collect()
 }
 
+/// One valid event of every shipped type, as `(type, event)`, for per-type benches.
+pub fn one_of_each_type() -> Vec<(&'static str, Value)> {
+    let envelope = |id: &str, ty: &'static str, data: Value| {
+        (
+            ty,
+            json!({"specversion":"1.0","id":id,"source":"https://shop.example.com/checkout",
+                   "type":ty,"time":"2026-11-22T10:00:00.123Z","datacontenttype":"application/json",
+                   "data":data}),
+        )
+    };
+    vec![
+        envelope(
+            "c1",
+            "inventory.event.created",
+            json!({"eventId":"concert-1","name":"Show","venue":"Hall","startsAt":"2026-12-01T20:00:00Z","capacity":100}),
+        ),
+        envelope(
+            "cc1",
+            "inventory.capacity.changed",
+            json!({"eventId":"concert-1","capacity":120}),
+        ),
+        ("booking.requested", sample_batch(1, 0).remove(0)),
+        envelope(
+            "x1",
+            "booking.cancelled",
+            json!({"bookingId":"bk-1","eventId":"concert-1"}),
+        ),
+        envelope(
+            "ps1",
+            "payment.succeeded",
+            json!({"paymentId":"p1","bookingId":"bk-1","eventId":"concert-1","amountMinor":1500,"currency":"EUR"}),
+        ),
+        envelope(
+            "pf1",
+            "payment.failed",
+            json!({"paymentId":"p2","bookingId":"bk-1","eventId":"concert-1","code":"card_declined"}),
+        ),
+        envelope(
+            "ck1",
+            "checkin.scanned",
+            json!({"bookingId":"bk-1","eventId":"concert-1","gate":"A","scannedAt":"2026-12-01T19:30:00Z"}),
+        ),
+    ]
+}
+
 /// A request body whose event ids can be made unique per request cheaply: the ids hold a
 /// 12-digit field that [`UniqueBodies::next`] overwrites in place, so every request carries
 /// fresh (source, id) pairs and the edge's dedupe never short-cuts the work.

@@ -1071,6 +1071,39 @@ fn encode_group(
     file.finish()
 }
 
+/// The lake's per-row work for one typed file, outside the consumer: each event (its text,
+/// when the stream received it, its sequence) is parsed and checked against `table` as
+/// buffering does, copied into an arena, then read again and encoded as `encode_group`
+/// does at a flush. For benches (`bench/benches/pipeline.rs`); `Err` names the first event
+/// that does not fit.
+pub fn encode_events(
+    table: &Table,
+    shard: &str,
+    events: &[(&[u8], i64, &str)],
+) -> Result<Bytes, EncodeError> {
+    let mut arena = Arena::default();
+    let mut rows = Vec::with_capacity(events.len());
+    for (i, &(payload, received_us, sequence)) in events.iter().enumerate() {
+        let (parsed, _) = ParsedRow::parse(payload, received_us, sequence.to_owned())
+            .map_err(|e| EncodeError::Row(format!("event {i}: {e}")))?;
+        if let Some(misfit) = fit(table, &parsed).first() {
+            return Err(EncodeError::Row(format!(
+                "event {i}: {} {}",
+                misfit.pointer, misfit.message
+            )));
+        }
+        let (chunk, start) = arena.push([payload, sequence.as_bytes()], 1 << 20);
+        rows.push(EventRow {
+            received_us,
+            payload_len: payload.len(),
+            chunk,
+            start,
+            sequence_len: sequence.len() as u32,
+        });
+    }
+    encode_group(table, &rows, &arena, shard)
+}
+
 /// The quarantine row of a typed row whose file failed to encode: the event's own text
 /// as `raw`, with `reason`.
 fn held_from_arena(row: &EventRow, arena: &Arena, reason: FieldError) -> HeldRow {

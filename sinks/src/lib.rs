@@ -30,6 +30,7 @@ pub mod outbox;
 mod sqlite_state;
 
 pub use checkpoint::EmbeddedCheckpoints;
+pub use embedded_log::frame as log_frame;
 pub use embedded_log::verify as log_verify;
 pub use embedded_log::{EmbeddedLog, EmbeddedLogReader, LogMeta};
 pub use local_store::LocalDirStore;

@@ -30,7 +30,7 @@
 //! refuse, naming the file and offset; [`verify::check`] lists every damaged frame, and
 //! [`verify::repair`] repairs with the operator's consent.
 
-mod frame;
+pub mod frame;
 mod segment;
 pub mod snapshot;
 pub mod verify;
