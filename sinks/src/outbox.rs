@@ -77,6 +77,7 @@ pub fn log_config(cfg: &OutboxConfig) -> EmbeddedStreamConfig {
         segment_bytes: cfg.segment_bytes,
         retention_bytes: cfg.retention_bytes,
         group_commit_max_delay_us: 0,
+        group_commit_linger_us: 0,
         group_commit_max_bytes: 16 * 1024 * 1024,
         compression: Compression::Zstd,
         max_queued_bytes: 64 * 1024 * 1024,

@@ -218,6 +218,64 @@ fn concurrent_appends_share_fsyncs_and_all_land() {
     });
 }
 
+/// The group-commit linger waits only for appends in progress, and never longer than
+/// `group_commit_linger_us`: a lone append, whose producer waits for it, is written at once
+/// whatever the linger.
+#[test]
+fn the_linger_waits_for_appends_in_progress_and_never_for_a_lone_one() {
+    // A lone append under a one-minute linger is answered at once.
+    let dir = tempfile::tempdir().unwrap();
+    let config = EmbeddedStreamConfig {
+        group_commit_linger_us: 60_000_000,
+        ..cfg()
+    };
+    rt().block_on(async {
+        let log = EmbeddedLog::open(dir.path(), &config).unwrap();
+        for i in 0..3 {
+            let lone = tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                log.append(vec![rec("a", &format!("lone-{i}"))]),
+            )
+            .await
+            .expect("a lone append is not held by the linger");
+            assert!(lone[0].is_ok());
+        }
+        log.close().await.unwrap();
+    });
+
+    // Two appends in progress at once, to different shards: each shard's group waits for
+    // the other append (which never comes to it) until the linger ends. The short fixed
+    // delay makes sure both are counted before either shard decides.
+    let dir = tempfile::tempdir().unwrap();
+    let config = EmbeddedStreamConfig {
+        shards: 2,
+        group_commit_max_delay_us: 50_000,
+        group_commit_linger_us: 400_000,
+        ..cfg()
+    };
+    let key_on = |shard: u32| {
+        (0..)
+            .map(|k| format!("k{k}"))
+            .find(|k| shard_for_key(k, 2) == shard)
+            .unwrap()
+    };
+    rt().block_on(async {
+        let log = EmbeddedLog::open(dir.path(), &config).unwrap();
+        let started = std::time::Instant::now();
+        let (a, b) = tokio::join!(
+            log.append(vec![rec(&key_on(0), "x")]),
+            log.append(vec![rec(&key_on(1), "y")])
+        );
+        assert!(a[0].is_ok() && b[0].is_ok());
+        let took = started.elapsed();
+        assert!(
+            took >= std::time::Duration::from_millis(350),
+            "the groups did not linger for the append in progress: {took:?}"
+        );
+        log.close().await.unwrap();
+    });
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
