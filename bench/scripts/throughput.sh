@@ -9,7 +9,9 @@
 #   bench/scripts/throughput.sh [-r ROUNDS] [-d SECONDS] NAME=DIR [NAME=DIR …]
 #
 # DIR holds that build's `floodgate`; the loadgen beside this checkout's release build is
-# used for every build (the same client for all). Example:
+# used for every build (the same client for all). CONFIG=FILE runs every server with
+# `--config FILE` (e.g. `[ingest] dedupe_window_ms = 0`, as the issue's figures are taken).
+# Example:
 #   bench/scripts/throughput.sh before=/work/bin-before after=target/release
 set -euo pipefail
 rounds=3
@@ -43,7 +45,8 @@ for round in $(seq 1 "$rounds"); do
     bin=${build#*=}/floodgate
     for role in ingest serve; do
       data=$work/data-$name-$role-$round
-      "$bin" "$role" --data-dir "$data" --listen 127.0.0.1:$port >"$work/server.log" 2>&1 &
+      "$bin" "$role" --data-dir "$data" --listen 127.0.0.1:$port ${CONFIG:+--config "$CONFIG"} \
+        >"$work/server.log" 2>&1 &
       server=$!
       for _ in $(seq 1 100); do
         curl -sf http://127.0.0.1:$port/healthz >/dev/null 2>&1 && break
