@@ -533,10 +533,10 @@ pub struct EmbeddedStreamConfig {
     /// once (but see `group_commit_linger_us`); appends that arrive during an fsync still
     /// share the next one.
     pub group_commit_max_delay_us: u64,
-    /// While other appends are in progress (concurrent requests), wait up to this long for
-    /// them to join the group before writing and fsyncing it: fewer, larger fsyncs under
-    /// load, and the CPU each fsync costs goes to the edge instead. A lone append, whose
-    /// producer waits for it, is never held by this. 0: never linger.
+    /// While the edge is busy (at least 16 requests in progress), wait up to this long for
+    /// more appends before writing and fsyncing a group: fewer, larger fsyncs under load,
+    /// and the CPU each fsync costs goes to the edge instead. A group stops waiting soon
+    /// after the edge quietens, so a few producers' appends are never held. 0: never.
     pub group_commit_linger_us: u64,
     /// Upper bound on the bytes written per fsync group.
     pub group_commit_max_bytes: u64,

@@ -137,6 +137,13 @@ pub trait StreamWriter: Send + Sync + fmt::Debug {
 
     /// Makes everything appended so far durable and stops accepting appends. Idempotent.
     async fn close(&self) -> Result<(), StreamError>;
+
+    /// A count of the caller's requests in progress (admitted and not yet answered), which
+    /// the caller raises and lowers. A writer that commits in groups may wait for more
+    /// appends while the caller is busy; `None` (the default) when this writer does not.
+    fn incoming(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicUsize>> {
+        None
+    }
 }
 
 /// A shard as a reader sees it.

@@ -52,9 +52,12 @@ pub(crate) enum EdgeError {
         .0.as_ref().map_or_else(|| "(missing)".to_owned(), |c| format!("{c:?}"))
     )]
     UnsupportedMediaType(Option<String>),
-    /// 413: the body, as sent or inflated, is over `max_body_bytes`.
+    /// 413: the body, as sent, is over `max_body_bytes`.
     #[error("the body is larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    /// 413: a compressed body inflates past `max_body_bytes`.
+    #[error("the decompressed body is larger than {limit} bytes")]
+    InflatedTooLarge { limit: u64 },
     /// 408: the body did not arrive within `body_timeout`.
     #[error("the body did not arrive in time")]
     BodyTimeout,
@@ -73,7 +76,7 @@ pub(crate) enum EdgeError {
     /// 503 with `Retry-After`: the append task failed; the records' fate is unknown.
     #[error("the append failed unexpectedly; retry")]
     AppendFailed { retry_after_secs: u64 },
-    /// 503 with `Retry-After`: the request took longer than `request_timeout`.
+    /// 503: the request took longer than `request_timeout`.
     #[error("the request took too long; retry")]
     RequestTimeout,
     /// 503: the stream cannot take writes (`/readyz`).
@@ -111,9 +114,9 @@ impl EdgeError {
             EdgeError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             EdgeError::ForbiddenTypes { .. } => StatusCode::FORBIDDEN,
             EdgeError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            EdgeError::BatchExceedsBurst { .. } | EdgeError::BodyTooLarge { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            EdgeError::BatchExceedsBurst { .. }
+            | EdgeError::BodyTooLarge { .. }
+            | EdgeError::InflatedTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             EdgeError::Decode(DecodeError::TooManyEvents { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             EdgeError::Busy { .. }
             | EdgeError::AppendFailed { .. }
@@ -144,7 +147,7 @@ impl EdgeError {
             EdgeError::Busy { reason, .. } => reason,
             EdgeError::UnsupportedEncoding(_) => "unsupported_content_encoding",
             EdgeError::UnsupportedMediaType(_) => "unsupported_media_type",
-            EdgeError::BodyTooLarge { .. } => "body_too_large",
+            EdgeError::BodyTooLarge { .. } | EdgeError::InflatedTooLarge { .. } => "body_too_large",
             EdgeError::BodyTimeout => "body_timeout",
             EdgeError::BodyRead(_) => "body_read_failed",
             EdgeError::Decode(e) => e.code(),
@@ -269,6 +272,12 @@ mod tests {
                 EdgeError::Decode(DecodeError::Empty),
                 400,
                 "empty_body",
+                None,
+            ),
+            (
+                EdgeError::InflatedTooLarge { limit: 10 },
+                413,
+                "body_too_large",
                 None,
             ),
             (

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use floodgate_core::FieldError;
@@ -177,6 +178,28 @@ impl Drop for Claims {
             d.release(&keys);
             metrics::counter!("floodgate_ingest_dedupe_claims_released_total")
                 .increment(keys.len() as u64);
+        }
+    }
+}
+
+/// A request in progress at the edge (see `StreamWriter::incoming`): counted from its
+/// admission until it is answered, however it is (dropped with the request), so that a
+/// log committing in groups can tell a busy edge from a quiet one.
+struct InProgress(Option<Arc<AtomicUsize>>);
+
+impl InProgress {
+    fn new(count: Option<&Arc<AtomicUsize>>) -> Self {
+        if let Some(c) = count {
+            c.fetch_add(1, Ordering::AcqRel);
+        }
+        InProgress(count.cloned())
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -491,6 +514,8 @@ pub(crate) struct Events {
     quarantine: Option<Arc<dyn StreamWriter>>,
     /// Bytes of request bodies in memory, in KiB permits.
     inflight: Arc<Semaphore>,
+    /// Requests in progress, when the stream counts them.
+    incoming: Option<Arc<AtomicUsize>>,
 }
 
 impl Events {
@@ -508,6 +533,7 @@ impl Events {
             inflight: Arc::new(Semaphore::new(
                 limits.max_inflight_body_bytes.div_ceil(1024) as usize,
             )),
+            incoming: stream.incoming(),
             registry,
             stream,
             limits,
@@ -549,6 +575,7 @@ impl Events {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let caller = self.admit(req.headers(), rate)?;
+        let _in_progress = InProgress::new(self.incoming.as_ref());
         let received = self.receive(req).await?;
         let (mut outcomes, charge) = self.check(received).await?;
         metrics::histogram!("floodgate_ingest_batch_size_events").record(outcomes.len() as f64);
@@ -748,7 +775,7 @@ impl Events {
                 Err(EdgeError::Decode(e))
             }
             Err(BodyError::Decompress(DecompressError::TooLarge(limit))) => {
-                Err(EdgeError::BodyTooLarge { limit })
+                Err(EdgeError::InflatedTooLarge { limit })
             }
             Err(BodyError::Decompress(DecompressError::OverBudget)) => Err(self.over_budget()),
             Err(BodyError::Decompress(e)) => Err(EdgeError::InvalidEncoding(e)),

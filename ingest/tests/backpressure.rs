@@ -364,3 +364,75 @@ impl hyper::body::Body for ChannelBody {
             .map(|chunk| chunk.map(|b| Ok(hyper::body::Frame::data(b))))
     }
 }
+
+/// Counts requests in progress at the edge, as the embedded log does, and remembers how
+/// many were counted when each append came.
+#[derive(Debug, Default)]
+struct CountingStream {
+    incoming: Arc<std::sync::atomic::AtomicUsize>,
+    seen_at_append: std::sync::Mutex<Vec<usize>>,
+}
+
+#[async_trait]
+impl StreamWriter for CountingStream {
+    async fn append(&self, records: Vec<Record>) -> Vec<Result<Appended, AppendError>> {
+        self.seen_at_append
+            .lock()
+            .unwrap()
+            .push(self.incoming.load(Ordering::Acquire));
+        (0..records.len())
+            .map(|i| {
+                Ok(Appended {
+                    shard: ShardId("0".into()),
+                    sequence: SequenceNumber::from_u64(i as u64),
+                })
+            })
+            .collect()
+    }
+    async fn check_writable(&self) -> Result<(), StreamError> {
+        Ok(())
+    }
+    async fn close(&self) -> Result<(), StreamError> {
+        Ok(())
+    }
+    fn incoming(&self) -> Option<Arc<std::sync::atomic::AtomicUsize>> {
+        Some(self.incoming.clone())
+    }
+}
+
+/// The edge counts a request as in progress (the log lingers a group commit while enough
+/// are) from its admission until it is answered, whatever the answer: a count left behind
+/// would make the edge look busy for ever, and every later group wait out the linger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_in_progress_until_it_is_answered_whatever_the_answer() {
+    let stream = Arc::new(CountingStream::default());
+    let app = App::builder(
+        Arc::new(Registry::builtin().unwrap()),
+        stream.clone(),
+        floodgate_ingest::telemetry::install(),
+    )
+    .build();
+    let raw = |content_type: &'static str, body: &'static [u8]| {
+        hyper::Request::post("/v1/events")
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap()
+    };
+    let answers = [
+        post(&app, &[event("w1", 1), event("w2", 2)]).await.0,
+        post(&app, &[json!({"id": "not an event"})]).await.0,
+        app.handle(raw("application/cloudevents-batch+json", b"[{oops"))
+            .await
+            .status()
+            .as_u16(),
+        app.handle(raw("text/plain", b"[]")).await.status().as_u16(),
+    ];
+    assert_eq!(answers, [200, 422, 400, 415]);
+    assert_eq!(
+        stream.incoming.load(Ordering::Acquire),
+        0,
+        "a count left behind"
+    );
+    // The request that appended was counted while it did.
+    assert_eq!(*stream.seen_at_append.lock().unwrap(), [1]);
+}

@@ -32,7 +32,7 @@ mod sqlite_state;
 pub use checkpoint::EmbeddedCheckpoints;
 pub use embedded_log::frame as log_frame;
 pub use embedded_log::verify as log_verify;
-pub use embedded_log::{EmbeddedLog, EmbeddedLogReader, LogMeta};
+pub use embedded_log::{EmbeddedLog, EmbeddedLogReader, LINGER_MIN_IN_PROGRESS, LogMeta};
 pub use local_store::LocalDirStore;
 pub use outbox::EmbeddedOutbox;
 pub use sqlite_state::SqliteStateStore;

@@ -218,22 +218,30 @@ fn concurrent_appends_share_fsyncs_and_all_land() {
     });
 }
 
-/// The group-commit linger waits only for appends in progress, and never longer than
-/// `group_commit_linger_us`: a lone append, whose producer waits for it, is written at once
-/// whatever the linger.
+/// The group-commit linger waits only while the edge is busy (the count of requests in
+/// progress it keeps through `StreamWriter::incoming`), never longer than
+/// `group_commit_linger_us`, and stops soon after the edge quietens: a few producers'
+/// appends are written at once whatever the linger.
 #[test]
-fn the_linger_waits_for_appends_in_progress_and_never_for_a_lone_one() {
-    // A lone append under a one-minute linger is answered at once.
-    let dir = tempfile::tempdir().unwrap();
-    let config = EmbeddedStreamConfig {
+fn the_linger_waits_only_while_the_edge_is_busy() {
+    const BUSY: usize = floodgate_sinks::LINGER_MIN_IN_PROGRESS;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let long = EmbeddedStreamConfig {
         group_commit_linger_us: 60_000_000,
         ..cfg()
     };
+    // A quiet edge (one fewer request in progress than busy): answered at once under a
+    // one-minute linger.
+    let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
-        let log = EmbeddedLog::open(dir.path(), &config).unwrap();
+        let log = EmbeddedLog::open(dir.path(), &long).unwrap();
+        log.incoming()
+            .unwrap()
+            .fetch_add(BUSY - 1, Ordering::AcqRel);
         for i in 0..3 {
             let lone = tokio::time::timeout(
-                std::time::Duration::from_secs(20),
+                Duration::from_secs(20),
                 log.append(vec![rec("a", &format!("lone-{i}"))]),
             )
             .await
@@ -243,35 +251,44 @@ fn the_linger_waits_for_appends_in_progress_and_never_for_a_lone_one() {
         log.close().await.unwrap();
     });
 
-    // Two appends in progress at once, to different shards: each shard's group waits for
-    // the other append (which never comes to it) until the linger ends. The short fixed
-    // delay makes sure both are counted before either shard decides.
+    // A busy edge: the group waits for more, up to the linger.
     let dir = tempfile::tempdir().unwrap();
-    let config = EmbeddedStreamConfig {
-        shards: 2,
-        group_commit_max_delay_us: 50_000,
+    let short = EmbeddedStreamConfig {
         group_commit_linger_us: 400_000,
         ..cfg()
     };
-    let key_on = |shard: u32| {
-        (0..)
-            .map(|k| format!("k{k}"))
-            .find(|k| shard_for_key(k, 2) == shard)
-            .unwrap()
-    };
     rt().block_on(async {
-        let log = EmbeddedLog::open(dir.path(), &config).unwrap();
-        let started = std::time::Instant::now();
-        let (a, b) = tokio::join!(
-            log.append(vec![rec(&key_on(0), "x")]),
-            log.append(vec![rec(&key_on(1), "y")])
-        );
-        assert!(a[0].is_ok() && b[0].is_ok());
+        let log = EmbeddedLog::open(dir.path(), &short).unwrap();
+        let incoming = log.incoming().expect("the embedded log counts requests");
+        incoming.fetch_add(BUSY, Ordering::AcqRel);
+        let started = Instant::now();
+        assert!(log.append(vec![rec("a", "x")]).await[0].is_ok());
         let took = started.elapsed();
         assert!(
-            took >= std::time::Duration::from_millis(350),
-            "the groups did not linger for the append in progress: {took:?}"
+            took >= Duration::from_millis(350),
+            "the group did not linger while the edge was busy: {took:?}"
         );
+        incoming.fetch_sub(BUSY, Ordering::AcqRel);
+        log.close().await.unwrap();
+    });
+
+    // Under a one-minute linger, the group stops waiting once the edge quietens.
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let log = std::sync::Arc::new(EmbeddedLog::open(dir.path(), &long).unwrap());
+        let incoming = log.incoming().unwrap();
+        incoming.fetch_add(BUSY, Ordering::AcqRel);
+        let waiting = {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(vec![rec("a", "y")]).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        incoming.fetch_sub(BUSY, Ordering::AcqRel);
+        let appended = tokio::time::timeout(Duration::from_secs(20), waiting)
+            .await
+            .expect("the group stopped lingering once the edge quietened")
+            .unwrap();
+        assert!(appended[0].is_ok());
         log.close().await.unwrap();
     });
 }

@@ -12,8 +12,7 @@
 //!
 //! Writes: each shard has one writer thread that owns the active segment. Appends queue
 //! to it; the thread takes everything queued (waiting up to `group_commit_max_delay_us`
-//! for more, and while other appends are in progress up to `group_commit_linger_us` for
-//! them), writes it as record-batch frames with one `write`, calls `fdatasync` once,
+//! for more, and while the edge is busy up to `group_commit_linger_us`), writes it as record-batch frames with one `write`, calls `fdatasync` once,
 //! and only then answers every append in the group. So concurrent requests share an
 //! fsync, and an acknowledged record is on disk.
 //!
@@ -63,6 +62,17 @@ use segment::{Position, ScanEnd, Segment, Watermark};
 /// Version of the on-disk format written in `meta.json`.
 const FORMAT_VERSION: u32 = 1;
 /// How often a writer retries publishing its watermark after a failed publication.
+/// While a group lingers, how often it looks again whether the edge is still busy.
+const LINGER_SLICE: Duration = Duration::from_micros(250);
+
+/// A group lingers only while at least this many requests are in progress at the edge.
+/// With fewer the edge has CPU to spare, and waiting only delays the group. Measured here
+/// (2 cores, 100-event batches, closed loop, linger 2 ms): lingering whenever another
+/// request was on its way cost 13-16 % of the throughput of 2 and 4 producers; from 8 in
+/// progress it cost 8 producers 12 %; from 16 it costs 2 to 16 producers nothing beyond
+/// the noise and gains 32 producers 7 % and 64 producers 18 %.
+pub const LINGER_MIN_IN_PROGRESS: usize = 16;
+
 const PUBLISH_RETRY: Duration = Duration::from_secs(1);
 /// Frames are cut at about this many uncompressed bytes.
 const FRAME_TARGET_BYTES: usize = 1024 * 1024;
@@ -197,8 +207,9 @@ pub struct EmbeddedLog {
     shards: Vec<Arc<ShardShared>>,
     senders: Vec<mpsc::Sender<Command>>,
     queued_bytes: Arc<AtomicU64>,
-    /// `append` calls in progress, for the writers' group commit (see `ShardWriter::run`).
-    appending: Arc<AtomicUsize>,
+    /// Requests on their way to `append`, as the edge counts them (see
+    /// `StreamWriter::incoming`); the writers' group commit lingers for them.
+    incoming: Arc<AtomicUsize>,
     max_queued_bytes: u64,
     closed: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -251,7 +262,7 @@ impl EmbeddedLog {
         fs::create_dir_all(root.join(checkpoint::DIR))?;
 
         let queued_bytes = Arc::new(AtomicU64::new(0));
-        let appending = Arc::new(AtomicUsize::new(0));
+        let incoming = Arc::new(AtomicUsize::new(0));
         let mut shards = Vec::new();
         let mut senders = Vec::new();
         let mut threads = Vec::new();
@@ -321,7 +332,7 @@ impl EmbeddedLog {
                 group_max_bytes: cfg.group_commit_max_bytes,
                 compress: cfg.compression == Compression::Zstd,
                 queued_bytes: queued_bytes.clone(),
-                appending: appending.clone(),
+                incoming: incoming.clone(),
                 buf: Vec::new(),
             };
             let (tx, rx) = mpsc::channel();
@@ -338,7 +349,7 @@ impl EmbeddedLog {
             shards,
             senders,
             queued_bytes,
-            appending,
+            incoming,
             max_queued_bytes: cfg.max_queued_bytes,
             closed: AtomicBool::new(false),
             threads: Mutex::new(threads),
@@ -394,28 +405,10 @@ impl Drop for EmbeddedLog {
     }
 }
 
-/// One `append` call in progress, counted in the log's `appending` while it lives (also
-/// when the call is cancelled).
-struct Appending<'a>(&'a AtomicUsize);
-
-impl<'a> Appending<'a> {
-    fn count(n: &'a AtomicUsize) -> Self {
-        n.fetch_add(1, Ordering::AcqRel);
-        Appending(n)
-    }
-}
-
-impl Drop for Appending<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 #[async_trait]
 impl StreamWriter for EmbeddedLog {
     async fn append(&self, records: Vec<Record>) -> Vec<Result<Appended, AppendError>> {
         let started = Instant::now();
-        let _appending = Appending::count(&self.appending);
         let n = records.len();
         let mut results: Vec<Option<Result<Appended, AppendError>>> = vec![None; n];
         if self.closed.load(Ordering::Acquire) {
@@ -505,6 +498,10 @@ impl StreamWriter for EmbeddedLog {
             .into_iter()
             .map(|r| r.unwrap_or(Err(AppendError::Unavailable("not appended".into()))))
             .collect()
+    }
+
+    fn incoming(&self) -> Option<Arc<AtomicUsize>> {
+        Some(self.incoming.clone())
     }
 
     async fn check_writable(&self) -> Result<(), StreamError> {
@@ -860,8 +857,8 @@ struct ShardWriter {
     /// How long a group waits for appends in progress elsewhere (`group_commit_linger_us`).
     linger: Duration,
     group_max_bytes: u64,
-    /// The log's `append` calls in progress.
-    appending: Arc<AtomicUsize>,
+    /// Requests on their way to `append` (see `StreamWriter::incoming`).
+    incoming: Arc<AtomicUsize>,
     compress: bool,
     queued_bytes: Arc<AtomicU64>,
     buf: Vec<u8>,
@@ -905,14 +902,17 @@ impl ShardWriter {
                     Ok(cmd) => cmd,
                     Err(mpsc::TryRecvError::Disconnected) => break,
                     Err(mpsc::TryRecvError::Empty) => {
-                        // Linger longer only while other appends are in progress, which may
-                        // yet join this group: each fsync saved is CPU the edge gets back (on
-                        // a VM's disk an fdatasync costs about as much CPU as checking a
-                        // hundred events). A lone append, whose producer waits for it, is
-                        // never held by the linger: waiting could only delay it.
+                        // Linger longer only while the edge is busy (enough requests in
+                        // progress), when more appends are bound to come: each fsync saved is
+                        // CPU the edge gets back (on a VM's disk an fdatasync costs about as
+                        // much CPU as checking a hundred events). A few producers, whose
+                        // requests wait for this group, are never held by it. The count is
+                        // looked at again every slice, so a group stops waiting soon after
+                        // the edge quietens.
                         let now = Instant::now();
-                        let others = self.appending.load(Ordering::Acquire) > group.len();
-                        let until = if others {
+                        let coming =
+                            self.incoming.load(Ordering::Acquire) >= LINGER_MIN_IN_PROGRESS;
+                        let until = if coming {
                             deadline.max(lingered)
                         } else {
                             deadline
@@ -920,9 +920,15 @@ impl ShardWriter {
                         if now >= until {
                             break;
                         }
-                        match rx.recv_timeout(until - now) {
+                        let wait = if coming && now >= deadline {
+                            (until - now).min(LINGER_SLICE)
+                        } else {
+                            until - now
+                        };
+                        match rx.recv_timeout(wait) {
                             Ok(cmd) => cmd,
-                            Err(_) => break,
+                            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
                         }
                     }
                 };
