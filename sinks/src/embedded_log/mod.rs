@@ -207,8 +207,8 @@ pub struct EmbeddedLog {
     shards: Vec<Arc<ShardShared>>,
     senders: Vec<mpsc::Sender<Command>>,
     queued_bytes: Arc<AtomicU64>,
-    /// Requests on their way to `append`, as the edge counts them (see
-    /// `StreamWriter::incoming`); the writers' group commit lingers for them.
+    /// Requests in progress at the edge, as it counts them (see `StreamWriter::incoming`);
+    /// the writers' group commit lingers while there are enough of them.
     incoming: Arc<AtomicUsize>,
     max_queued_bytes: u64,
     closed: AtomicBool,
@@ -854,10 +854,10 @@ struct ShardWriter {
     segment_bytes: u64,
     retention_bytes: u64,
     max_delay: Duration,
-    /// How long a group waits for appends in progress elsewhere (`group_commit_linger_us`).
+    /// How long a group may wait for more while the edge is busy (`group_commit_linger_us`).
     linger: Duration,
     group_max_bytes: u64,
-    /// Requests on their way to `append` (see `StreamWriter::incoming`).
+    /// Requests in progress at the edge (see `StreamWriter::incoming`).
     incoming: Arc<AtomicUsize>,
     compress: bool,
     queued_bytes: Arc<AtomicU64>,
