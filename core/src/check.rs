@@ -6,7 +6,7 @@
 use bytes::Bytes;
 
 use crate::FieldError;
-use crate::decode::{self, BodyFormat, DecodeError};
+use crate::decode::{self, BodyFormat, DecodeError, Parsed};
 use crate::envelope::event_id;
 use crate::registry::Registry;
 use crate::trace_context::{TRACEPARENT, TRACESTATE, TraceContext, insert_attributes};
@@ -55,12 +55,31 @@ pub fn check_body_traced(
     max_events: usize,
     trace: Option<&TraceContext>,
 ) -> Result<Vec<Outcome>, DecodeError> {
-    let items = decode::decode(body, format, max_events)?;
+    let items = decode::decode_with(body, format, max_events, |raw| registry.accept_fast(raw))?;
     let mut out = Vec::with_capacity(items.len());
     for item in items {
         let value = match item.parsed {
-            Ok(v) => v,
-            Err(e) => {
+            Parsed::Early(accepted) => {
+                // Accepted from its text: stored as sent (the fast path takes no event that
+                // spans lines) and without a trace context of its own (it takes none).
+                let mut payload = body.slice_ref(item.raw.as_bytes());
+                if let Some(trace) = trace
+                    && let Some(with) =
+                        insert_attributes(&payload, &trace.traceparent, trace.tracestate.as_deref())
+                {
+                    payload = Bytes::from(with);
+                }
+                out.push(Outcome::Valid {
+                    id: accepted.id,
+                    source: accepted.source,
+                    event_type: accepted.event_type,
+                    key: accepted.key,
+                    payload,
+                });
+                continue;
+            }
+            Parsed::Value(v) => v,
+            Parsed::Fault(e) => {
                 out.push(Outcome::Rejected {
                     id: None,
                     event_type: None,

@@ -74,12 +74,60 @@ impl DecodeError {
     }
 }
 
+/// One event of a body, as [`decode_with`] leaves it.
+#[derive(Debug)]
+pub struct Decoded<'a, T> {
+    /// The event's JSON text exactly as sent (without surrounding whitespace).
+    pub raw: &'a str,
+    pub parsed: Parsed<T>,
+}
+
+/// How far [`decode_with`] took one event.
+#[derive(Debug)]
+pub enum Parsed<T> {
+    /// What the caller's early look at the event's text gave; the event was not parsed.
+    Early(T),
+    /// Its parse.
+    Value(Value),
+    /// Why it could not be parsed. Only NDJSON lines can fail individually.
+    Fault(FieldError),
+}
+
 /// Decodes a body into at most `max_events` events.
 pub fn decode(
     body: &[u8],
     format: BodyFormat,
     max_events: usize,
 ) -> Result<Vec<Item<'_>>, DecodeError> {
+    let items = decode_with(
+        body,
+        format,
+        max_events,
+        |_| None::<std::convert::Infallible>,
+    )?;
+    Ok(items
+        .into_iter()
+        .map(|item| Item {
+            raw: item.raw,
+            parsed: match item.parsed {
+                Parsed::Early(never) => match never {},
+                Parsed::Value(v) => Ok(v),
+                Parsed::Fault(e) => Err(e),
+            },
+        })
+        .collect())
+}
+
+/// [`decode`], with a look at each event's text first: an event for which `early` gives
+/// `Some` is not parsed (the caller took it from its text; `early` must only give `Some`
+/// for text that parses as one JSON value with unique member names). The body's faults
+/// are the same either way.
+pub fn decode_with<T>(
+    body: &[u8],
+    format: BodyFormat,
+    max_events: usize,
+    early: impl FnMut(&str) -> Option<T>,
+) -> Result<Vec<Decoded<'_, T>>, DecodeError> {
     let text = match std::str::from_utf8(body) {
         Ok(t) => t,
         Err(e) => {
@@ -104,22 +152,28 @@ pub fn decode(
                     "expected one event object; send a batch as application/cloudevents-batch+json",
                 ));
             }
-            let parsed = match strict::from_str(text) {
-                Ok(value) => Ok(value),
-                Err(StrictError::Syntax(e)) => return Err(syntax(e)),
-                Err(StrictError::Duplicate { pointer }) => Err(duplicate(pointer)),
+            let mut early = early;
+            let raw = text.trim_matches([' ', '\t', '\r', '\n']);
+            let parsed = match early(raw) {
+                Some(t) => Parsed::Early(t),
+                None => match strict::from_str(text) {
+                    Ok(value) => Parsed::Value(value),
+                    Err(StrictError::Syntax(e)) => return Err(syntax(e)),
+                    Err(StrictError::Duplicate { pointer }) => Parsed::Fault(duplicate(pointer)),
+                },
             };
-            Ok(vec![Item {
-                raw: text.trim_matches([' ', '\t', '\r', '\n']),
-                parsed,
-            }])
+            Ok(vec![Decoded { raw, parsed }])
         }
-        BodyFormat::Batch | BodyFormat::Auto => decode_array(text, max_events),
-        BodyFormat::Ndjson => decode_ndjson(text, max_events),
+        BodyFormat::Batch | BodyFormat::Auto => decode_array(text, max_events, early),
+        BodyFormat::Ndjson => decode_ndjson(text, max_events, early),
     }
 }
 
-fn decode_array(text: &str, max_events: usize) -> Result<Vec<Item<'_>>, DecodeError> {
+fn decode_array<T>(
+    text: &str,
+    max_events: usize,
+    mut early: impl FnMut(&str) -> Option<T>,
+) -> Result<Vec<Decoded<'_, T>>, DecodeError> {
     let too_many = Cell::new(false);
     let mut de = serde_json::Deserializer::from_str(text);
     let raws = match de.deserialize_seq(BoundedSeq {
@@ -133,14 +187,22 @@ fn decode_array(text: &str, max_events: usize) -> Result<Vec<Item<'_>>, DecodeEr
     de.end().map_err(syntax)?;
     let mut items = Vec::with_capacity(raws.len());
     for raw in raws {
-        match strict::from_str(raw.get()) {
-            Ok(value) => items.push(Item {
-                raw: raw.get(),
-                parsed: Ok(value),
+        let raw = raw.get();
+        if let Some(t) = early(raw) {
+            items.push(Decoded {
+                raw,
+                parsed: Parsed::Early(t),
+            });
+            continue;
+        }
+        match strict::from_str(raw) {
+            Ok(value) => items.push(Decoded {
+                raw,
+                parsed: Parsed::Value(value),
             }),
-            Err(StrictError::Duplicate { pointer }) => items.push(Item {
-                raw: raw.get(),
-                parsed: Err(duplicate(pointer)),
+            Err(StrictError::Duplicate { pointer }) => items.push(Decoded {
+                raw,
+                parsed: Parsed::Fault(duplicate(pointer)),
             }),
             // The array scan does not bound nesting; the full parse does. Report the
             // position in the whole body.
@@ -155,7 +217,11 @@ fn decode_array(text: &str, max_events: usize) -> Result<Vec<Item<'_>>, DecodeEr
     Ok(items)
 }
 
-fn decode_ndjson(text: &str, max_events: usize) -> Result<Vec<Item<'_>>, DecodeError> {
+fn decode_ndjson<T>(
+    text: &str,
+    max_events: usize,
+    mut early: impl FnMut(&str) -> Option<T>,
+) -> Result<Vec<Decoded<'_, T>>, DecodeError> {
     let mut items = Vec::new();
     let mut first_error = None;
     for (n, line) in text.split('\n').enumerate() {
@@ -166,9 +232,17 @@ fn decode_ndjson(text: &str, max_events: usize) -> Result<Vec<Item<'_>>, DecodeE
         if items.len() == max_events {
             return Err(DecodeError::TooManyEvents { max: max_events });
         }
-        let parsed = strict::from_str(line).map_err(|e| match e {
-            StrictError::Duplicate { pointer } => duplicate(pointer),
-            StrictError::Syntax(e) => {
+        if let Some(t) = early(line) {
+            items.push(Decoded {
+                raw: line,
+                parsed: Parsed::Early(t),
+            });
+            continue;
+        }
+        let parsed = match strict::from_str(line) {
+            Ok(value) => Parsed::Value(value),
+            Err(StrictError::Duplicate { pointer }) => Parsed::Fault(duplicate(pointer)),
+            Err(StrictError::Syntax(e)) => {
                 let err = DecodeError::Syntax {
                     line: n + 1,
                     column: e.column(),
@@ -176,10 +250,10 @@ fn decode_ndjson(text: &str, max_events: usize) -> Result<Vec<Item<'_>>, DecodeE
                 };
                 let field = FieldError::new("", err.to_string());
                 first_error.get_or_insert(err);
-                field
+                Parsed::Fault(field)
             }
-        });
-        items.push(Item { raw: line, parsed });
+        };
+        items.push(Decoded { raw: line, parsed });
     }
     if items.is_empty() {
         return Err(DecodeError::Empty);
@@ -187,7 +261,7 @@ fn decode_ndjson(text: &str, max_events: usize) -> Result<Vec<Item<'_>>, DecodeE
     // Every line unreadable: the body as a whole is not NDJSON. (Lines that parsed but
     // repeat a member name are judged as events.)
     if let Some(err) = first_error
-        && items.iter().all(|i| i.parsed.is_err())
+        && items.iter().all(|i| matches!(i.parsed, Parsed::Fault(_)))
     {
         return Err(err);
     }

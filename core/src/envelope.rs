@@ -268,11 +268,7 @@ fn check_trace_attribute(name: &str, value: &Value, pointer: String, errors: &mu
 /// The spec's String excludes control characters (U+0000–U+001F, U+007F–U+009F) and
 /// noncharacters (surrogates cannot occur in a Rust string).
 fn check_chars(name: &str, s: &str, errors: &mut Vec<FieldError>) {
-    let noncharacter = |c: char| {
-        let u = u32::from(c);
-        (0xFDD0..=0xFDEF).contains(&u) || u & 0xFFFE == 0xFFFE
-    };
-    if let Some(c) = s.chars().find(|&c| c.is_control() || noncharacter(c)) {
+    if let Some(c) = bad_char(s) {
         errors.push(FieldError::new(
             format!("/{}", crate::escape_pointer_token(name)),
             format!(
@@ -281,6 +277,19 @@ fn check_chars(name: &str, s: &str, errors: &mut Vec<FieldError>) {
             ),
         ));
     }
+}
+
+/// The first character of `s` the spec's String excludes, if any.
+pub(crate) fn bad_char(s: &str) -> Option<char> {
+    let noncharacter = |c: char| {
+        let u = u32::from(c);
+        (0xFDD0..=0xFDEF).contains(&u) || u & 0xFFFE == 0xFFFE
+    };
+    // Every excluded character is outside ASCII but for the C0 controls and DEL.
+    if s.bytes().all(|b| (0x20..0x7F).contains(&b)) {
+        return None;
+    }
+    s.chars().find(|&c| c.is_control() || noncharacter(c))
 }
 
 fn is_i32(n: &serde_json::Number) -> bool {

@@ -33,6 +33,7 @@ pub mod check;
 pub mod config;
 pub mod decode;
 pub mod envelope;
+pub mod fast;
 pub mod lake;
 pub mod object_store;
 pub mod partition;

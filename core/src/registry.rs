@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::envelope::{self, Envelope};
+use crate::fast::{self, Accepted, FastSchema};
 use crate::{FieldError, escape_pointer_token};
 
 include!(concat!(env!("OUT_DIR"), "/builtin_schemas.rs"));
@@ -59,9 +60,16 @@ pub struct SchemaEntry {
     /// The schema document as loaded.
     pub document: Value,
     validator: jsonschema::Validator,
+    /// The fast path's form of this schema, when it has one.
+    fast: Option<FastSchema>,
 }
 
 impl SchemaEntry {
+    /// Whether events of this schema can be accepted by the fast path ([`crate::fast`]).
+    pub fn has_fast_path(&self) -> bool {
+        self.fast.is_some()
+    }
+
     /// Validates `data` and returns its faults as pointers into the *event* (`/data/...`).
     pub fn validate_data(&self, data: &Value) -> Result<(), Vec<FieldError>> {
         if self.validator.is_valid(data) {
@@ -143,6 +151,8 @@ pub struct CheckedEvent<'a> {
 pub struct Registry {
     types: BTreeMap<String, BTreeMap<u32, Arc<SchemaEntry>>>,
     by_id: HashMap<String, (String, u32)>,
+    /// Every event goes the reference way ([`Registry::without_fast_path`]).
+    reference_only: bool,
 }
 
 impl Registry {
@@ -288,6 +298,52 @@ impl Registry {
                 ),
             )),
         }
+    }
+
+    /// This registry with the fast path off: every event is parsed and checked the
+    /// reference way. For the differential tests and the benches.
+    #[must_use]
+    pub fn without_fast_path(mut self) -> Self {
+        self.reference_only = true;
+        self
+    }
+
+    /// Accepts one event straight from its text (`raw`, one JSON value), when the fast
+    /// path can ([`crate::fast`]): then [`Registry::check`] of its parse would accept it
+    /// with the same attributes and key. `None` says nothing about the event: check it.
+    pub fn accept_fast(&self, raw: &str) -> Option<Accepted> {
+        // Events spread over lines are stored re-encoded, from their parse. (A fold, not
+        // `contains`: it vectorises; `str::contains` with a char set walks chars.)
+        let spans_lines = raw
+            .bytes()
+            .fold(false, |seen, b| seen | (b == b'\n') | (b == b'\r'));
+        if self.reference_only || spans_lines {
+            return None;
+        }
+        let envelope = fast::read_envelope(raw)?;
+        let schema = self
+            .select(&envelope.event_type, envelope.dataschema.as_deref())
+            .ok()?;
+        let key = fast::check_data(schema.fast.as_ref()?, envelope.data).ok()?;
+        // As `check` and `SchemaEntry::key_of` pick it.
+        let key = match key {
+            Some(Value::String(s)) => Some(s),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            Some(Value::Bool(b)) => Some(b.to_string()),
+            _ => None,
+        };
+        let key = key
+            .or_else(|| envelope.partitionkey.map(Cow::into_owned))
+            .unwrap_or_else(|| envelope.id.to_string());
+        if envelope::partition_key_fault(&key).is_some() {
+            return None;
+        }
+        Some(Accepted {
+            id: envelope.id.into_owned(),
+            source: envelope.source.into_owned(),
+            event_type: schema.event_type.clone(),
+            key,
+        })
     }
 
     /// Checks one event completely: envelope, schema selection, `data`, partition key.
@@ -454,12 +510,9 @@ fn compile(event_type: &str, version: u32, document: Value) -> Result<SchemaEntr
             ));
         }
     };
-    let validator = jsonschema::options()
-        .with_draft(jsonschema::Draft::Draft202012)
-        .should_validate_formats(true)
-        .should_ignore_unknown_formats(false)
-        .build(&document)
+    let validator = fast::build_validator(&document)
         .map_err(|e| format!("not a valid JSON Schema 2020-12: {e}"))?;
+    let fast = FastSchema::compile(&document, partition_key.as_deref());
     Ok(SchemaEntry {
         event_type: event_type.to_owned(),
         version,
@@ -467,6 +520,7 @@ fn compile(event_type: &str, version: u32, document: Value) -> Result<SchemaEntr
         partition_key,
         document,
         validator,
+        fast,
     })
 }
 

@@ -47,6 +47,18 @@ pub fn from_str(text: &str) -> Result<Value, StrictError> {
     }
 }
 
+/// A seed that reads one value as [`from_str`] does, failing on a duplicate name (without
+/// recording where: for callers that only need to know).
+pub(crate) struct StrictValue;
+
+impl<'de> DeserializeSeed<'de> for StrictValue {
+    type Value = Value;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        let path = RefCell::new(None);
+        Seed { path: &path }.deserialize(d)
+    }
+}
+
 /// Carries where to record the duplicate's path (innermost segment first).
 #[derive(Clone, Copy)]
 struct Seed<'p> {
