@@ -2,7 +2,9 @@
 //! that `scripts/bench-compare` can say which step got slower:
 //!
 //! - `decode/*`: a body into raw event slices and their parse (the edge);
-//! - `validate/<type>`: one parsed event of each shipped type against its schema (the edge);
+//! - `validate/<type>`: one parsed event of each shipped type against its schema (the
+//!   edge's reference path), and `accept_fast/<type>`: the same event accepted from its
+//!   text by the fast path (`floodgate_core::fast`), parse included;
 //! - `frame_encode/*`: records into one log frame, as the shard writer does before its
 //!   write and fsync (uncompressed, zstd), and the frame read back;
 //! - `codec/*`: zstd against lz4 on the same frame body, both ways, to choose the log's
@@ -63,6 +65,19 @@ fn validate_bench(c: &mut Criterion) {
             .check(&event)
             .unwrap_or_else(|e| panic!("the sample {event_type} is invalid: {e:?}"));
         g.bench_function(event_type, |b| b.iter(|| registry.check(&event).unwrap()));
+    }
+    g.finish();
+    // The fast path: the same decision from the event's text, with no parse before it.
+    let mut g = c.benchmark_group("accept_fast");
+    g.throughput(Throughput::Elements(1));
+    for (event_type, event) in one_of_each_type() {
+        let raw = event.to_string();
+        registry
+            .accept_fast(&raw)
+            .unwrap_or_else(|| panic!("the fast path declines the sample {event_type}"));
+        g.bench_function(event_type, |b| {
+            b.iter(|| registry.accept_fast(&raw).unwrap())
+        });
     }
     g.finish();
 }

@@ -33,6 +33,11 @@ fn bench(c: &mut Criterion) {
     g.bench_function("parse_validate_batch_100", |b| {
         b.iter(|| check_body(&registry, &batch_bytes, BodyFormat::Batch, 500).unwrap())
     });
+    // The same body with the fast path off: every event parsed, then checked.
+    let reference = Registry::builtin().unwrap().without_fast_path();
+    g.bench_function("reference_parse_validate_batch_100", |b| {
+        b.iter(|| check_body(&reference, &batch_bytes, BodyFormat::Batch, 500).unwrap())
+    });
     g.bench_function("parse_only_batch_100", |b| {
         b.iter(|| floodgate_core::decode::decode(&batch_bytes, BodyFormat::Batch, 500).unwrap())
     });
