@@ -89,8 +89,119 @@ struct ObjectNode {
 
 enum Node {
     Object(ObjectNode),
+    /// A string with at most a length and a simple pattern ([`Text`]).
+    Text(TextRule),
+    /// An integer with at most integer bounds.
+    Integer {
+        min: Option<i64>,
+        max: Option<i64>,
+    },
     /// Checked by `jsonschema`, compiled from the member's subschema alone.
     Leaf(Box<jsonschema::Validator>),
+}
+
+/// `{"type": "string"}` with `minLength`, `maxLength` (in characters, as JSON Schema counts
+/// them) and a `pattern` of the one shape ids are written in, `^[<class>]{m,n}$` with an
+/// ASCII class of letters, digits and a few marks: a string matches it when every
+/// character is in the class and there are `m` to `n` of them, in any regex dialect. Any
+/// other pattern, or `format`, leaves the member to `jsonschema`.
+struct TextRule {
+    min_chars: u64,
+    max_chars: u64,
+    class: Option<CharClass>,
+}
+
+struct CharClass {
+    /// Bit `b` set: ASCII byte `b` is in the class.
+    bytes: u128,
+    min: u64,
+    max: u64,
+}
+
+impl TextRule {
+    fn compile(schema: &serde_json::Map<String, Value>) -> Option<Self> {
+        let mut rule = TextRule {
+            min_chars: 0,
+            max_chars: u64::MAX,
+            class: None,
+        };
+        let mut typed = false;
+        for (keyword, value) in schema {
+            match keyword.as_str() {
+                "type" if value == "string" => typed = true,
+                "minLength" => rule.min_chars = value.as_u64()?,
+                "maxLength" => rule.max_chars = value.as_u64()?,
+                "pattern" => rule.class = Some(CharClass::parse(value.as_str()?)?),
+                k if ANNOTATIONS.contains(&k) => {}
+                _ => return None,
+            }
+        }
+        typed.then_some(rule)
+    }
+
+    fn accepts(&self, s: &str) -> bool {
+        let chars = if s.is_ascii() {
+            s.len()
+        } else {
+            s.chars().count()
+        } as u64;
+        if chars < self.min_chars || chars > self.max_chars {
+            return false;
+        }
+        self.class.as_ref().is_none_or(|c| {
+            (c.min..=c.max).contains(&chars)
+                && s.bytes().all(|b| b < 128 && c.bytes & (1u128 << b) != 0)
+        })
+    }
+}
+
+impl CharClass {
+    /// `^[<class>]{m,n}$`, `{m}`, `+` or `*`; the class made of `a-z`, `A-Z`, `0-9` ranges
+    /// (or parts of them) and the characters `_ . : @ +`, and `-` first or last.
+    fn parse(pattern: &str) -> Option<Self> {
+        let body = pattern.strip_prefix("^[")?.strip_suffix('$')?;
+        let (class, quantifier) = body.split_once(']')?;
+        let (min, max) = match quantifier {
+            "+" => (1, u64::MAX),
+            "*" => (0, u64::MAX),
+            q => {
+                let q = q.strip_prefix('{')?.strip_suffix('}')?;
+                match q.split_once(',') {
+                    Some((m, n)) => (m.parse().ok()?, n.parse().ok()?),
+                    None => {
+                        let m = q.parse().ok()?;
+                        (m, m)
+                    }
+                }
+            }
+        };
+        let class = class.as_bytes();
+        let mut bytes = 0u128;
+        let mut i = 0;
+        while i < class.len() {
+            let c = class[i];
+            let edge = i == 0 || i + 1 == class.len();
+            if i + 2 < class.len() && class[i + 1] == b'-' {
+                let (from, to) = (c, class[i + 2]);
+                let same_kind = [b'a'..=b'z', b'A'..=b'Z', b'0'..=b'9']
+                    .iter()
+                    .any(|r| r.contains(&from) && r.contains(&to));
+                if !same_kind || from > to {
+                    return None;
+                }
+                for b in from..=to {
+                    bytes |= 1u128 << b;
+                }
+                i += 3;
+            } else if c.is_ascii_alphanumeric() || b"_.:@+".contains(&c) || (c == b'-' && edge) {
+                bytes |= 1u128 << c;
+                i += 1;
+            } else {
+                return None;
+            }
+        }
+        (bytes != 0 && min <= max).then_some(CharClass { bytes, min, max })
+    }
 }
 
 impl FastSchema {
@@ -107,7 +218,10 @@ impl FastSchema {
                 }
                 let i = root.members.iter().position(|(n, _)| n == name)?;
                 // The key's value is at hand only for a leaf.
-                Some(matches!(root.members[i].1, Node::Leaf(_)).then_some(i)?)
+                if matches!(root.members[i].1, Node::Object(_)) {
+                    return None;
+                }
+                Some(i)
             }
         };
         Some(Self { root, key_member })
@@ -168,12 +282,57 @@ fn node(schema: &Value) -> Option<Node> {
     if let Some(object) = object_node(schema, false) {
         return Some(Node::Object(object));
     }
+    if let Some(rule) = schema.as_object().and_then(TextRule::compile) {
+        return Some(Node::Text(rule));
+    }
+    if let Some((min, max)) = schema.as_object().and_then(integer_bounds) {
+        return Some(Node::Integer { min, max });
+    }
     if mentions(schema, CONTEXTUAL) {
         return None;
     }
     build_validator(schema)
         .ok()
         .map(|v| Node::Leaf(Box::new(v)))
+}
+
+/// `{"type": "integer"}` with at most integer `minimum` and `maximum`: its bounds.
+#[allow(clippy::type_complexity)]
+fn integer_bounds(schema: &serde_json::Map<String, Value>) -> Option<(Option<i64>, Option<i64>)> {
+    let (mut min, mut max, mut typed) = (None, None, false);
+    for (keyword, value) in schema {
+        match keyword.as_str() {
+            "type" if value == "integer" => typed = true,
+            "minimum" => min = Some(value.as_i64()?),
+            "maximum" => max = Some(value.as_i64()?),
+            k if ANNOTATIONS.contains(&k) => {}
+            _ => return None,
+        }
+    }
+    typed.then_some((min, max))
+}
+
+/// An integer as the text spells it without a fraction or an exponent; anything else
+/// (`2.0`, `1e0`, a string) fails, and the member goes the reference way.
+struct Integer(i128);
+
+impl<'de> de::Deserialize<'de> for Integer {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Integer;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Integer, E> {
+                Ok(Integer(i128::from(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Integer, E> {
+                Ok(Integer(i128::from(v)))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Whether any object within `v` has a member named in `names`.
@@ -399,6 +558,7 @@ pub(crate) fn check_data(schema: &FastSchema, data: &RawValue) -> Result<Option<
     let mut de = serde_json::Deserializer::from_str(data.get());
     let seed = ObjectSeed {
         node: &schema.root,
+        level: 2,
         capture: schema.key_member,
     };
     let key = seed.deserialize(&mut de).map_err(|_| ())?;
@@ -406,8 +566,24 @@ pub(crate) fn check_data(schema: &FastSchema, data: &RawValue) -> Result<Option<
     Ok(key)
 }
 
+/// How deep a value the fast path takes may reach inside its event, counting the event
+/// itself as 1. `serde_json` refuses text nested past 128; the fast path parses `data` on
+/// its own, one level up from where the reference meets it, so it keeps well inside.
+const MAX_DEPTH: usize = 100;
+
+/// How deep `v` nests: 0 for a scalar, 1 for `[]`.
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 struct ObjectSeed<'s> {
     node: &'s ObjectNode,
+    /// This object's depth in the event (`data` is 2).
+    level: usize,
     /// The member whose value to return.
     capture: Option<usize>,
 }
@@ -441,14 +617,43 @@ impl<'de> Visitor<'de> for ObjectSeed<'_> {
             seen |= bit;
             match &self.node.members[i].1 {
                 Node::Object(object) => {
+                    if self.level >= MAX_DEPTH {
+                        return Err(decline());
+                    }
                     map.next_value_seed(ObjectSeed {
                         node: object,
+                        level: self.level + 1,
                         capture: None,
                     })?;
                 }
+                Node::Text(rule) => {
+                    let Text(text) = map.next_value()?;
+                    if !rule.accepts(&text) {
+                        return Err(decline());
+                    }
+                    if self.capture == Some(i) {
+                        captured = Some(Value::String(text.into_owned()));
+                    }
+                }
+                Node::Integer { min, max } => {
+                    let Integer(n) = map.next_value()?;
+                    if min.is_some_and(|m| n < i128::from(m))
+                        || max.is_some_and(|m| n > i128::from(m))
+                    {
+                        return Err(decline());
+                    }
+                    if self.capture == Some(i) {
+                        captured = Some(match i64::try_from(n) {
+                            Ok(n) => Value::from(n),
+                            Err(_) => {
+                                Value::from(u64::try_from(n).map_err(|_| decline::<A::Error>())?)
+                            }
+                        });
+                    }
+                }
                 Node::Leaf(validator) => {
                     let value = map.next_value_seed(strict::StrictValue)?;
-                    if !validator.is_valid(&value) {
+                    if self.level + depth(&value) > MAX_DEPTH || !validator.is_valid(&value) {
                         return Err(decline());
                     }
                     if self.capture == Some(i) {
@@ -461,5 +666,82 @@ impl<'de> Visitor<'de> for ObjectSeed<'_> {
             return Err(decline());
         }
         Ok(captured)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    const PATTERNS: &[&str] = &[
+        "^[A-Za-z0-9_-]{1,64}$",
+        "^[A-Z]{3}$",
+        "^[a-z0-9.:@+]+$",
+        "^[-a-f0-9]*$",
+        "^[a-]{2,3}$",
+    ];
+
+    /// The specialised string rules against `jsonschema` itself, for strings near them.
+    fn agree(schema: &Value, text: &str) -> Result<(), TestCaseError> {
+        let rule = TextRule::compile(schema.as_object().unwrap()).expect("specialised");
+        let reference = build_validator(schema).unwrap();
+        prop_assert_eq!(
+            rule.accepts(text),
+            reference.is_valid(&json!(text)),
+            "{} on {:?}",
+            schema,
+            text
+        );
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        #[test]
+        fn a_specialised_string_rule_decides_as_jsonschema(
+            pattern in proptest::sample::select(PATTERNS),
+            min in proptest::option::of(0u64..5),
+            max in proptest::option::of(0u64..70),
+            text in "[A-Za-z0-9_.:@+ é\\n-]{0,70}|[A-Z]{2,4}|[a-]{1,4}\\n?",
+        ) {
+            let mut schema = json!({"type": "string", "pattern": pattern});
+            if let Some(min) = min {
+                schema["minLength"] = json!(min);
+            }
+            if let Some(max) = max {
+                schema["maxLength"] = json!(max);
+            }
+            agree(&schema, &text)?;
+            agree(&json!({"type": "string", "minLength": min.unwrap_or(0)}), &text)?;
+        }
+    }
+
+    #[test]
+    fn only_the_simple_shapes_are_specialised() {
+        let compiles = |schema: Value| TextRule::compile(schema.as_object().unwrap()).is_some();
+        for p in PATTERNS {
+            assert!(compiles(json!({"type": "string", "pattern": p})), "{p}");
+        }
+        for p in [
+            "[A-Z]{3}",
+            "^[A-Z]{3}",
+            "^[\\w]{3}$",
+            "^[^a-z]{3}$",
+            "^[a-z-0]{3}$",
+            "^[z-a]{3}$",
+            "^[A-z]{3}$",
+            "^[a-z]{3,}$",
+            "^[a-z]{3}|x$",
+            "^[a-z]{4,3}$",
+            "^[]{3}$",
+        ] {
+            assert!(!compiles(json!({"type": "string", "pattern": p})), "{p}");
+        }
+        assert!(!compiles(json!({"type": "string", "format": "date-time"})));
+        assert!(!compiles(json!({"pattern": "^[a-z]{3}$"})));
+        assert!(!compiles(json!({"type": "string", "maxLength": 1.5})));
     }
 }

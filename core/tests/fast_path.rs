@@ -179,6 +179,41 @@ fn a_schema_the_fast_path_cannot_take_is_left_to_the_reference() {
     }
 }
 
+/// A value nested near `serde_json`'s limit: the fast path reads `data` on its own, one
+/// level up from where the reference meets it, and must not take what the reference
+/// cannot parse.
+#[test]
+fn deep_nesting_is_decided_by_the_reference() {
+    let schema = SchemaSource {
+        relative_path: "deep.thing/v1.json".into(),
+        origin: "test".into(),
+        text:
+            r#"{"type":"object","additionalProperties":false,"properties":{"m":{"type":"array"}}}"#
+                .into(),
+    };
+    let fast = Registry::from_sources([schema.clone()]).unwrap();
+    let reference = Registry::from_sources([schema])
+        .unwrap()
+        .without_fast_path();
+    for levels in [1, 50, 95, 100, 120, 125, 126, 127, 128, 130] {
+        let event = format!(
+            r#"{{"specversion":"1.0","id":"1","source":"/s","type":"deep.thing","data":{{"m":{}{}}}}}"#,
+            "[".repeat(levels),
+            "]".repeat(levels)
+        );
+        for (body, format) in [
+            (event.clone(), BodyFormat::Single),
+            (format!("[{event}]"), BodyFormat::Batch),
+            (format!("{event}\n{event}"), BodyFormat::Ndjson),
+        ] {
+            let body = Bytes::from(body);
+            let run =
+                |r: &Registry| format!("{:?}", check_body_traced(r, &body, format, 100, None));
+            assert_eq!(run(&fast), run(&reference), "{levels} levels, {format:?}");
+        }
+    }
+}
+
 /// Values that break some rule somewhere, or sit at an edge of one.
 fn odd_value() -> impl Strategy<Value = Value> {
     prop_oneof![
@@ -194,6 +229,11 @@ fn odd_value() -> impl Strategy<Value = Value> {
         Just(json!("EUR")),
         Just(json!("eur")),
         Just(json!("concert-1")),
+        Just(json!("concert-1\n")),
+        Just(json!("x".repeat(64))),
+        Just(json!("AB")),
+        Just(json!("ABCD")),
+        Just(json!("a.b")),
         Just(json!("2026-11-22T10:00:00Z")),
         Just(json!("2026-11-22t10:00:00z")),
         Just(json!("2026-02-30T10:00:00Z")),
@@ -224,6 +264,8 @@ fn odd_value() -> impl Strategy<Value = Value> {
         Just(json!(u64::MAX)),
         Just(json!(i64::MIN)),
         Just(json!(2147483648u64)),
+        Just(json!(1_000_000)),
+        Just(json!(1_000_001)),
         Just(json!(true)),
         Just(json!(false)),
         Just(Value::Null),
