@@ -16,14 +16,11 @@
 //!   writes exactly the same `firstSeq..=lastSeq` (so the same names) before anything more
 //!   is buffered, and a retried batch skips the records already buffered.
 //!
-//! Every event ends in exactly one table. When a row is buffered, only its head is read
-//! (`type` picks the table, `time` the partition); when its file is encoded, the one full
-//! parse checks it against its table ([`crate::parquet::check`]): each value must convert
-//! to its column's type and every required column must have one. An event that does not
-//! fit (an `integer` past its column, a `time` the lake cannot read, a type without a
-//! table, an unreadable record) goes to the `quarantine` table of the same run with the
-//! JSON pointer and the reason, and the lake moves on; the same rows always do, so a run
-//! encoded again makes the same files;
+//! Every event ends in exactly one table. Before a row is buffered it is checked against
+//! its table ([`crate::parquet::check`]): each value must convert to its column's type and
+//! every required column must have one. An event that does not fit (an `integer` past its
+//! column, a `time` the lake cannot read, a type without a table, an unreadable record) goes
+//! to the `quarantine` table with the JSON pointer and the reason, and the lake moves on;
 //! so does, as a last line of defence, every row of a table file that fails to encode. No
 //! value can hold the consumer up. Diverted rows are written in the run's quarantine file,
 //! named `<consumer>.<shard>-<firstSeq>-<lastSeq>.parquet` (`lake.0-…`, `lake-derived.0-…`),
@@ -38,7 +35,7 @@
 //! Quarantine rows are partitioned by the time received. All UTC.
 //!
 //! Memory is bounded by bytes, not by events. A buffer holds its typed rows as the events'
-//! text in an arena (parsed, a slice of rows at a time, when its files are encoded),
+//! text in an arena (parsed again, a slice of rows at a time, when its files are encoded),
 //! and counts what it holds by what it allocated ([`LakeProcessor::buffered_bytes`]). It
 //! rolls before a row would take it past `roll_bytes` (the binary sets that to the buffer's
 //! share of the memory budget, `[lake] max_buffer_bytes`), when it is `roll_age` old, and
@@ -168,17 +165,6 @@ impl HeldRow {
     }
 }
 
-/// An event's `time` in microseconds, as a column value; and the text when the lake cannot
-/// read it as a time.
-fn read_time(time: Option<String>) -> (Option<Value>, Option<String>) {
-    let micros = time.as_deref().map(parquet::rfc3339_micros);
-    match (time, micros) {
-        (_, Some(Some(us))) => (Some(Value::from(us)), None),
-        (Some(t), Some(None)) => (None, Some(t)),
-        _ => (None, None),
-    }
-}
-
 fn string_of(v: Option<&Value>) -> Option<String> {
     v.and_then(Value::as_str).map(str::to_owned)
 }
@@ -207,32 +193,21 @@ impl ParsedRow {
         sequence: String,
     ) -> Result<(Self, Option<String>), serde_json::Error> {
         let parts: EventParts = serde_json::from_slice(payload)?;
-        let (time, unreadable_time) = read_time(parts.time);
+        let time_us = parts.time.as_deref().map(parquet::rfc3339_micros);
+        let unreadable_time = match (parts.time, time_us) {
+            (Some(t), Some(None)) => Some(t),
+            _ => None,
+        };
         let row = Self {
             id: parts.id,
             source: parts.source,
             event_type: parts.event_type,
-            time,
+            time: time_us.flatten().map(Value::from),
             data: parts.data,
             received_us,
             sequence,
         };
         Ok((row, unreadable_time))
-    }
-
-    /// An event's head as a row without `data`: for the quarantine, and to partition.
-    fn of_head(head: EventHead, received_us: i64, sequence: String) -> (Self, Option<String>) {
-        let (time, unreadable_time) = read_time(head.time);
-        let row = Self {
-            id: head.id,
-            source: head.source,
-            event_type: head.event_type,
-            time,
-            data: None,
-            received_us,
-            sequence,
-        };
-        (row, unreadable_time)
     }
 
     /// This row for the quarantine, with why; `raw`: the event's text.
@@ -247,18 +222,6 @@ impl ParsedRow {
             sequence: self.sequence.clone(),
         }
     }
-}
-
-/// What the lake reads of an event when it buffers it: enough to pick its table and its
-/// partition. `data` is not named, so `serde` skips it without building it; whether the
-/// event fits its table is decided once, when its file is encoded ([`encode_group`]).
-#[derive(serde::Deserialize)]
-struct EventHead {
-    id: Option<Value>,
-    source: Option<Value>,
-    #[serde(rename = "type")]
-    event_type: Option<Value>,
-    time: Option<String>,
 }
 
 /// The parts of an event the lake keeps: parsed without building the rest (`serde`
@@ -937,44 +900,48 @@ impl LakeProcessor {
             metrics::counter!("floodgate_lake_quarantined_total", "reason" => reason).increment(1);
             Row::Held(row)
         };
-        let (row, unreadable_time) = match serde_json::from_slice::<EventHead>(&r.payload) {
-            Ok(head) => ParsedRow::of_head(head, received_us, r.sequence.to_string()),
-            Err(e) => {
-                let row = HeldRow {
-                    received_us,
-                    event_id: None,
-                    source: None,
-                    event_type: None,
-                    reasons: vec![FieldError::new(
-                        "",
-                        format!("the lake cannot read this record as a CloudEvent: {e}"),
-                    )],
-                    raw: raw(),
-                    sequence: r.sequence.to_string(),
-                };
-                return divert(row, "unreadable");
-            }
-        };
+        let (row, unreadable_time) =
+            match ParsedRow::parse(&r.payload, received_us, r.sequence.to_string()) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    let row = HeldRow {
+                        received_us,
+                        event_id: None,
+                        source: None,
+                        event_type: None,
+                        reasons: vec![FieldError::new(
+                            "",
+                            format!("the lake cannot read this record as a CloudEvent: {e}"),
+                        )],
+                        raw: raw(),
+                        sequence: r.sequence.to_string(),
+                    };
+                    return divert(row, "unreadable");
+                }
+            };
         let event_type = row
             .event_type
             .as_ref()
             .and_then(Value::as_str)
             .unwrap_or("");
-        let Some(name) = self.names.get(event_type) else {
+        let (Some(name), Some(table)) = (self.names.get(event_type), self.tables.get(event_type))
+        else {
             let reason = FieldError::new(
                 "/type",
                 format!("the lake has no table for event type {event_type:?}"),
             );
             return divert(row.held(vec![reason], raw()), "unknown_type");
         };
-        // A `time` the lake cannot read cannot pick a partition. Whether the rest fits
-        // the table is decided when the file is encoded, from the one full parse.
+        let mut misfits = Vec::new();
         if let Some(t) = unreadable_time {
-            let reason = FieldError::new(
+            misfits.push(FieldError::new(
                 "/time",
                 format!("{t:?} is not an RFC 3339 date-time the lake can read"),
-            );
-            return divert(row.held(vec![reason], raw()), "does_not_fit");
+            ));
+        }
+        misfits.extend(fit(table, &row));
+        if !misfits.is_empty() {
+            return divert(row.held(misfits, raw()), "does_not_fit");
         }
         // The row keeps the producer's `time` as a column whatever its partition.
         let at = partition_micros(row.time.as_ref().and_then(Value::as_i64), received_us);
@@ -1080,88 +1047,35 @@ fn columns_for(
     Ok(out)
 }
 
-/// A typed file as encoded: its bytes (none when no row fit), how many rows it holds, and
-/// the rows that go to the quarantine instead, each with why.
-struct TypedFile {
-    bytes: Option<Bytes>,
-    rows: usize,
-    held: Vec<HeldRow>,
-}
-
-/// One typed file: its rows read back from the arena, each parsed once, checked against
-/// `table` ([`fit`]) and converted to columns a slice of [`ENCODE_CHUNK_ROWS`] at a time,
-/// so the parsed rows and their Arrow arrays never cost more than one slice's worth beside
-/// the encoded file. A row that does not fit (or no longer reads) goes to the quarantine,
-/// as the same rows always do: a run encoded again makes the same files.
+/// One typed file: its rows read back from the arena and converted to columns a slice of
+/// [`ENCODE_CHUNK_ROWS`] at a time, so the parsed rows and their Arrow arrays never cost
+/// more than one slice's worth beside the encoded file.
 fn encode_group(
     table: &Table,
     group: &[EventRow],
     arena: &Arena,
     shard: &str,
-) -> Result<TypedFile, EncodeError> {
-    let mut file: Option<parquet::FileEncoder> = None;
-    let mut out = TypedFile {
-        bytes: None,
-        rows: 0,
-        held: Vec::new(),
-    };
+) -> Result<Bytes, EncodeError> {
+    let mut file = parquet::FileEncoder::new(&table.schema)?;
     for slice in group.chunks(ENCODE_CHUNK_ROWS) {
-        let mut parsed = Vec::with_capacity(slice.len());
-        for row in slice {
-            let payload = arena.payload(row);
-            let raw = || String::from_utf8_lossy(payload).into_owned();
-            match ParsedRow::parse(payload, row.received_us, arena.sequence(row)) {
-                Ok((p, _)) => {
-                    let misfits = fit(table, &p);
-                    if misfits.is_empty() {
-                        parsed.push(p);
-                    } else {
-                        metrics::counter!("floodgate_lake_quarantined_total", "reason" => "does_not_fit")
-                            .increment(1);
-                        out.held.push(p.held(misfits, raw()));
-                    }
-                }
-                Err(e) => {
-                    metrics::counter!("floodgate_lake_quarantined_total", "reason" => "unreadable")
-                        .increment(1);
-                    out.held.push(HeldRow {
-                        received_us: row.received_us,
-                        event_id: None,
-                        source: None,
-                        event_type: None,
-                        reasons: vec![FieldError::new(
-                            "",
-                            format!("the lake cannot read this record as a CloudEvent: {e}"),
-                        )],
-                        raw: raw(),
-                        sequence: arena.sequence(row),
-                    });
-                }
-            }
-        }
-        if parsed.is_empty() {
-            continue;
-        }
-        out.rows += parsed.len();
-        let columns = columns_for(table, &parsed, shard)?;
-        match file.as_mut() {
-            Some(f) => f.write(columns)?,
-            None => {
-                let mut f = parquet::FileEncoder::new(&table.schema)?;
-                f.write(columns)?;
-                file = Some(f);
-            }
-        }
+        let parsed = slice
+            .iter()
+            .map(|row| {
+                ParsedRow::parse(arena.payload(row), row.received_us, arena.sequence(row))
+                    .map(|(parsed, _)| parsed)
+                    .map_err(|e| EncodeError::Row(format!("a buffered event no longer reads: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        file.write(columns_for(table, &parsed, shard)?)?;
     }
-    out.bytes = file.map(parquet::FileEncoder::finish).transpose()?;
-    Ok(out)
+    file.finish()
 }
 
 /// The lake's per-row work for one typed file, outside the consumer: each event (its text,
-/// when the stream received it, its sequence) is read for its table and partition and
-/// copied into an arena, as buffering does, then read again, checked and encoded as
-/// `encode_group` does at a flush. For benches (`bench/benches/pipeline.rs`); `Err` names
-/// the first event that does not fit.
+/// when the stream received it, its sequence) is parsed and checked against `table` as
+/// buffering does, copied into an arena, then read again and encoded as `encode_group`
+/// does at a flush. For benches (`bench/benches/pipeline.rs`); `Err` names the first event
+/// that does not fit.
 pub fn encode_events(
     table: &Table,
     shard: &str,
@@ -1170,13 +1084,14 @@ pub fn encode_events(
     let mut arena = Arena::default();
     let mut rows = Vec::with_capacity(events.len());
     for (i, &(payload, received_us, sequence)) in events.iter().enumerate() {
-        let head: EventHead = serde_json::from_slice(payload)
+        let (parsed, _) = ParsedRow::parse(payload, received_us, sequence.to_owned())
             .map_err(|e| EncodeError::Row(format!("event {i}: {e}")))?;
-        let (row, _) = ParsedRow::of_head(head, received_us, sequence.to_owned());
-        std::hint::black_box(partition_micros(
-            row.time.as_ref().and_then(Value::as_i64),
-            received_us,
-        ));
+        if let Some(misfit) = fit(table, &parsed).first() {
+            return Err(EncodeError::Row(format!(
+                "event {i}: {} {}",
+                misfit.pointer, misfit.message
+            )));
+        }
         let (chunk, start) = arena.push([payload, sequence.as_bytes()], 1 << 20);
         rows.push(EventRow {
             received_us,
@@ -1186,18 +1101,7 @@ pub fn encode_events(
             sequence_len: sequence.len() as u32,
         });
     }
-    let file = encode_group(table, &rows, &arena, shard)?;
-    if let Some(misfit) = file.held.first() {
-        let reason = misfit.reasons.first();
-        return Err(EncodeError::Row(format!(
-            "event {}: {} {}",
-            misfit.sequence,
-            reason.map_or("", |r| r.pointer.as_str()),
-            reason.map_or("", |r| r.message.as_str())
-        )));
-    }
-    file.bytes
-        .ok_or_else(|| EncodeError::Row("no event to encode".to_owned()))
+    encode_group(table, &rows, &arena, shard)
 }
 
 /// The quarantine row of a typed row whose file failed to encode: the event's own text
@@ -1263,22 +1167,12 @@ fn encode_run(
             )))
         });
         match encoded {
-            Ok(file) => {
-                if let Some(bytes) = file.bytes {
-                    files.push(RunFile {
-                        partition: partition_key(table_name, *hour),
-                        name: format!("{typed_stem}-{run}.parquet"),
-                        bytes,
-                        rows: file.rows,
-                    });
-                }
-                for held in file.held {
-                    failed
-                        .entry(hour_of(held.received_us))
-                        .or_default()
-                        .push(held);
-                }
-            }
+            Ok(bytes) => files.push(RunFile {
+                partition: partition_key(table_name, *hour),
+                name: format!("{typed_stem}-{run}.parquet"),
+                bytes,
+                rows: group.len(),
+            }),
             Err(e) => {
                 tracing::error!(table = %table_name, error = %e, rows = group.len(), "a lake file failed to encode; its rows go to the quarantine");
                 metrics::counter!("floodgate_lake_quarantined_total", "reason" => "encode")
