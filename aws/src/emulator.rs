@@ -1,14 +1,16 @@
 //! Local AWS emulators for tests: kinesalite (Kinesis, which reshards as Kinesis does) and
-//! moto server (DynamoDB and the rest), each started on a free port of 127.0.0.1 and
-//! stopped when dropped. `scripts/emulators` (run by `scripts/test`) installs the pinned
+//! moto server (DynamoDB and the rest), each started on a port of 127.0.0.1 that it picks
+//! itself (and announces), and stopped when dropped. `scripts/emulators` (run by `scripts/test`) installs the pinned
 //! versions; a test that finds them missing fails and says how to install them.
 //!
 //! Emulators accept any credentials; [`Emulator::env`] gives a client dummy ones.
 
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// A running emulator; killed on drop.
@@ -200,28 +202,73 @@ fn installed(path: PathBuf) -> io::Result<PathBuf> {
     }
 }
 
-fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Which of a child's outputs prints the address it listens on.
+#[derive(Clone, Copy)]
+enum Announces {
+    Stdout,
+    Stderr,
 }
 
-/// Starts `command` (which is told `port`) and waits until the port accepts connections.
-fn start(mut command: Command, port: u16, what: &str) -> io::Result<Emulator> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+/// Starts `command`, which binds a port of 127.0.0.1 the kernel picks and prints a line
+/// holding `marker` followed by `http://127.0.0.1:<port>` once it listens; waits for that
+/// line. The emulator picks its own port: a port chosen here and handed over could be taken
+/// by another process in between, and a readiness probe of a port nobody listens on yet can
+/// connect to itself (the kernel may pick the probe's own source port).
+fn start(
+    mut command: Command,
+    announces: Announces,
+    marker: &str,
+    what: &str,
+) -> io::Result<Emulator> {
+    let (stdout, stderr) = match announces {
+        Announces::Stdout => (Stdio::piped(), Stdio::null()),
+        Announces::Stderr => (Stdio::null(), Stdio::piped()),
+    };
     let mut child = command
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        // Their request logs would drown the test output.
-        .stderr(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
         .spawn()
         .map_err(|e| io::Error::new(e.kind(), format!("cannot start {what}: {e}")))?;
+    let output: Box<dyn Read + Send> = match announces {
+        Announces::Stdout => Box::new(child.stdout.take().expect("piped")),
+        Announces::Stderr => Box::new(child.stderr.take().expect("piped")),
+    };
+    let (tx, rx) = mpsc::channel();
+    let marker = marker.to_owned();
+    // Reads until the address line, then drains the rest (request logs) so that the child
+    // never blocks on a full pipe; ends when the child does.
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(output).lines() {
+            let Ok(line) = line else { break };
+            if let Some(port) = announced_port(&line, &marker)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(port);
+            }
+        }
+    });
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(Emulator {
-                child,
-                endpoint: format!("http://{addr}"),
-                addr,
-            });
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(port) => {
+                let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                return Ok(Emulator {
+                    child,
+                    endpoint: format!("http://{addr}"),
+                    addr,
+                });
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // Its output ended without the address: it exited, or is about to.
+                let _ = child.kill();
+                let status = child.wait()?;
+                return Err(io::Error::other(format!(
+                    "{what} exited before listening: {status}"
+                )));
+            }
         }
         if let Some(status) = child.try_wait()? {
             return Err(io::Error::other(format!(
@@ -230,41 +277,67 @@ fn start(mut command: Command, port: u16, what: &str) -> io::Result<Emulator> {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
+            let _ = child.wait();
             return Err(io::Error::other(format!(
-                "{what} did not listen on {addr} within 60 s"
+                "{what} did not say where it listens within 60 s"
             )));
         }
-        std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// The port of `...<marker>...http://127.0.0.1:<port>...` (colour codes and all after the
+/// digits ignored).
+fn announced_port(line: &str, marker: &str) -> Option<u16> {
+    let rest = &line[line.find(marker)? + marker.len()..];
+    let rest = &rest[rest.find("127.0.0.1:")? + "127.0.0.1:".len()..];
+    let digits = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..digits].parse().ok().filter(|&port| port != 0)
 }
 
 /// Starts kinesalite in memory. Streams become ACTIVE (and reshards finish) after
 /// `transition_ms`, so code that must wait for ACTIVE is exercised.
 pub fn kinesalite(transition_ms: u64) -> io::Result<Emulator> {
-    let bin = installed(workspace().join("tools/emulators/node_modules/.bin/kinesalite"))?;
-    let port = free_port()?;
-    let ms = transition_ms.to_string();
-    let mut command = Command::new(bin);
-    command.args([
-        "--port",
-        &port.to_string(),
-        "--createStreamMs",
-        &ms,
-        "--deleteStreamMs",
-        &ms,
-        "--updateStreamMs",
-        &ms,
-        "--shardLimit",
-        "200",
-    ]);
-    start(command, port, "kinesalite")
+    installed(workspace().join("tools/emulators/node_modules/.bin/kinesalite"))?;
+    let script = workspace().join("tools/emulators/kinesalite.js");
+    let options = format!(
+        r#"{{"createStreamMs":{transition_ms},"deleteStreamMs":{transition_ms},"updateStreamMs":{transition_ms},"shardLimit":200}}"#
+    );
+    let mut command = Command::new("node");
+    command.arg(script).arg(options);
+    start(command, Announces::Stdout, "Listening at", "kinesalite")
 }
 
 /// Starts moto server (DynamoDB, S3, EventBridge, SQS, Firehose, CloudFormation).
 pub fn moto() -> io::Result<Emulator> {
     let bin = installed(workspace().join(".venv/bin/moto_server"))?;
-    let port = free_port()?;
     let mut command = Command::new(bin);
-    command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
-    start(command, port, "moto server")
+    command.args(["-H", "127.0.0.1", "-p", "0"]);
+    // werkzeug logs ` * Running on http://127.0.0.1:<port>` to stderr once it listens.
+    start(command, Announces::Stderr, "Running on", "moto server")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::announced_port;
+
+    #[test]
+    fn the_announced_port_is_read_from_either_emulator() {
+        let moto = " * Running on http://127.0.0.1:45663";
+        assert_eq!(announced_port(moto, "Running on"), Some(45663));
+        let coloured = "\x1b[1m * Running on http://127.0.0.1:8080\x1b[0m";
+        assert_eq!(announced_port(coloured, "Running on"), Some(8080));
+        let kinesalite = "Listening at http://127.0.0.1:32943";
+        assert_eq!(announced_port(kinesalite, "Listening at"), Some(32943));
+        assert_eq!(announced_port("Press CTRL+C to quit", "Running on"), None);
+        assert_eq!(
+            announced_port(" * Running on http://127.0.0.1:0", "Running on"),
+            None
+        );
+        assert_eq!(
+            announced_port(" * Running on all addresses", "Running on"),
+            None
+        );
+    }
 }
