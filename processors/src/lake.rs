@@ -44,6 +44,7 @@
 //! Encoding is CPU work on the blocking pool; at most [`default_encoders`] files are encoded
 //! at once across the process, so a burst of rolls leaves cores to the edge.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -61,6 +62,7 @@ use floodgate_core::object_store::{ObjectStore, PutOutcome};
 use floodgate_core::stream::{SequenceNumber, ShardId, StoredRecord};
 use serde_json::Value;
 
+use crate::lake_rows::{self, Cell, Columns, Head, Layout};
 use crate::parquet::{self, EncodeError};
 use crate::runtime::{ProcessError, Progress, ShardProcessor};
 
@@ -300,12 +302,16 @@ impl Arena {
     }
 
     fn sequence(&self, row: &EventRow) -> String {
+        self.sequence_str(row).into_owned()
+    }
+
+    fn sequence_str(&self, row: &EventRow) -> Cow<'_, str> {
         let bytes = self.get(
             row.chunk,
             row.start + row.payload_len as u32,
             row.sequence_len as usize,
         );
-        String::from_utf8_lossy(bytes).into_owned()
+        String::from_utf8_lossy(bytes)
     }
 }
 
@@ -468,6 +474,8 @@ pub struct LakeProcessor {
     by_name: Arc<HashMap<Arc<str>, Table>>,
     /// Each event type's table name, shared by the buffer keys.
     names: HashMap<String, Arc<str>>,
+    /// Each event type's table, as the typed reading of rows sees it.
+    layouts: HashMap<String, Layout>,
     config: LakeConfig,
     /// The size of a buffer's arena chunks: small beside `roll_bytes`, so the chunk being
     /// filled wastes little of it.
@@ -798,6 +806,10 @@ impl LakeProcessor {
                 .iter()
                 .map(|t| (t.event_type.clone(), Arc::from(t.name.as_str())))
                 .collect(),
+            layouts: tables
+                .iter()
+                .map(|t| (t.event_type.clone(), Layout::of(t)))
+                .collect(),
             by_name: Arc::new(
                 tables
                     .iter()
@@ -888,12 +900,33 @@ impl LakeProcessor {
         }
     }
 
+    /// The group of an event that fits its table, when the typed reading decides it
+    /// ([`lake_rows`](crate::lake_rows)); `None` leaves it to the reference.
+    fn fits(&self, payload: &[u8], received_us: i64) -> Option<(Arc<str>, i64)> {
+        let head = Head::read(payload)?;
+        let event_type = head.event_type.as_deref()?;
+        let (name, layout) = (self.names.get(event_type)?, self.layouts.get(event_type)?);
+        let time = head.time_us()?;
+        layout.stage(&head)?;
+        Some((name.clone(), hour_of(partition_micros(time, received_us))))
+    }
+
     /// Turns one record into a row of its table, or of the quarantine when it does not fit.
     fn row_of<'a>(&self, r: &'a StoredRecord) -> Row<'a> {
         let received_us = r.appended_at_ms.saturating_mul(1000);
         if self.scope == Scope::Quarantine {
             let sequence = r.sequence.to_string();
             return Row::Held(quarantine_row(&r.payload, received_us, sequence));
+        }
+        // Most rows fit, and are read once, borrowed; anything else is decided (and every
+        // misfit named) by the reference below.
+        if let Some(group) = self.fits(&r.payload, received_us) {
+            return Row::Typed {
+                group,
+                payload: &r.payload,
+                sequence: r.sequence.as_str(),
+                received_us,
+            };
         }
         let raw = || String::from_utf8_lossy(&r.payload).into_owned();
         let divert = |row: HeldRow, reason: &'static str| {
@@ -998,7 +1031,9 @@ fn fit(table: &Table, row: &ParsedRow) -> Vec<FieldError> {
     out
 }
 
-/// The Arrow columns of one typed file's rows.
+/// The Arrow columns of one typed file's rows, the reference way: from parsed `Value`s.
+/// The typed reading ([`encode_group`]) must build the same (tests check).
+#[cfg(test)]
 fn columns_for(
     table: &Table,
     rows: &[ParsedRow],
@@ -1047,9 +1082,11 @@ fn columns_for(
     Ok(out)
 }
 
-/// One typed file: its rows read back from the arena and converted to columns a slice of
-/// [`ENCODE_CHUNK_ROWS`] at a time, so the parsed rows and their Arrow arrays never cost
-/// more than one slice's worth beside the encoded file.
+/// One typed file: its rows read back from the arena and appended to Arrow builders a
+/// slice of [`ENCODE_CHUNK_ROWS`] at a time, so the rows' columns never cost more than one
+/// slice's worth beside the encoded file. A row is read once, borrowed
+/// ([`lake_rows`](crate::lake_rows)); one the typed reading declines is parsed and
+/// converted by the reference, [`columns_for`]'s way.
 fn encode_group(
     table: &Table,
     group: &[EventRow],
@@ -1057,18 +1094,76 @@ fn encode_group(
     shard: &str,
 ) -> Result<Bytes, EncodeError> {
     let mut file = parquet::FileEncoder::new(&table.schema)?;
+    let layout = Layout::of(table);
+    let mut columns = Columns::new(table, group.len().min(ENCODE_CHUNK_ROWS))?;
     for slice in group.chunks(ENCODE_CHUNK_ROWS) {
-        let parsed = slice
-            .iter()
-            .map(|row| {
-                ParsedRow::parse(arena.payload(row), row.received_us, arena.sequence(row))
-                    .map(|(parsed, _)| parsed)
-                    .map_err(|e| EncodeError::Row(format!("a buffered event no longer reads: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        file.write(columns_for(table, &parsed, shard)?)?;
+        file.write(slice_columns(
+            table,
+            &layout,
+            &mut columns,
+            slice,
+            arena,
+            shard,
+        )?)?;
     }
     file.finish()
+}
+
+/// The Arrow columns of `rows`, appended to `columns` (which are left empty for the next
+/// slice).
+fn slice_columns(
+    table: &Table,
+    layout: &Layout,
+    columns: &mut Columns,
+    rows: &[EventRow],
+    arena: &Arena,
+    shard: &str,
+) -> Result<Vec<ArrayRef>, EncodeError> {
+    for row in rows {
+        let payload = arena.payload(row);
+        let staged = Head::read(payload).and_then(|head| layout.stage(&head));
+        let mut cells = match staged {
+            Some(cells) => cells,
+            None => reference_cells(table, payload, row.received_us)?,
+        };
+        cells[lake_rows::RECEIVED_AT] = Some(Cell::Int(row.received_us));
+        cells[lake_rows::SHARD] = Some(Cell::Str(Cow::Borrowed(shard)));
+        cells[lake_rows::SEQUENCE] = Some(Cell::Str(arena.sequence_str(row)));
+        columns.push(cells);
+    }
+    columns.finish()
+}
+
+/// A row's cells the reference way: parsed as `Value`s, each converted as [`columns_for`]
+/// converts it (what does not convert is a null). The lake's own columns stay `None`.
+fn reference_cells<'a>(
+    table: &Table,
+    payload: &[u8],
+    received_us: i64,
+) -> Result<Vec<Option<Cell<'a>>>, EncodeError> {
+    let (row, _) = ParsedRow::parse(payload, received_us, String::new())
+        .map_err(|e| EncodeError::Row(format!("a buffered event no longer reads: {e}")))?;
+    let data = row.data.as_ref().and_then(Value::as_object);
+    Ok(table
+        .schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, field)| {
+            let value = match ENVELOPE_COLUMNS.get(i) {
+                Some(&"event_id") => row.id.as_ref(),
+                Some(&"source") => row.source.as_ref(),
+                Some(&"type") => row.event_type.as_ref(),
+                Some(&"time") => row.time.as_ref(),
+                Some(_) => None,
+                None => table
+                    .data_members
+                    .get(i - ENVELOPE_COLUMNS.len())
+                    .and_then(|member| data.and_then(|d| d.get(member))),
+            };
+            lake_rows::cell_of(field.data_type(), value)
+        })
+        .collect())
 }
 
 /// The lake's per-row work for one typed file, outside the consumer: each event (its text,
@@ -1720,5 +1815,278 @@ mod tests {
             assert_eq!(at(far), received, "{far}");
         }
         assert_eq!(partition_micros(None, received), received);
+    }
+
+    /// A table with a column of every kind the lake writes.
+    fn every_kind() -> Table {
+        use arrow_schema::{Field, Fields};
+        let mut fields = floodgate_core::lake::envelope_fields();
+        let dictionary = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
+        fields.extend([
+            Field::new("s", DataType::Utf8, true),
+            Field::new("d", dictionary, false),
+            Field::new("i8", DataType::Int8, true),
+            Field::new("i16", DataType::Int16, true),
+            Field::new("i32", DataType::Int32, false),
+            Field::new("i64", DataType::Int64, true),
+            Field::new("f", DataType::Float64, true),
+            Field::new("b", DataType::Boolean, true),
+            Field::new("ts", floodgate_core::lake::timestamp(), true),
+            Field::new("dt", DataType::Date32, true),
+            Field::new(
+                "st",
+                DataType::Struct(Fields::from(vec![
+                    Field::new("a", DataType::Int8, false),
+                    Field::new("b", DataType::Utf8, true),
+                ])),
+                true,
+            ),
+            Field::new(
+                "l",
+                DataType::List(Arc::new(Field::new("item", DataType::Int16, true))),
+                true,
+            ),
+        ]);
+        let members = [
+            "s", "d", "i8", "i16", "i32", "i64", "f", "b", "ts", "dt", "st", "l",
+        ];
+        Table {
+            name: "t".to_owned(),
+            event_type: "t".to_owned(),
+            schema: Arc::new(arrow_schema::Schema::new(fields)),
+            data_members: members.iter().map(|m| (*m).to_owned()).collect(),
+        }
+    }
+
+    /// JSON texts a member's value is drawn from: every kind, near every bound, escaped
+    /// and not, and values that fit no column.
+    const VALUES: &[&str] = &[
+        r#""abc""#,
+        r#""a\"b\u00e9""#,
+        r#""""#,
+        r#""2026-12-01T10:00:00Z""#,
+        r#""2026-12-01T10:00:00.123456+02:00""#,
+        r#""2026-12-01""#,
+        r#""2026-13-01""#,
+        r#""\u0032026-12-01""#,
+        "0",
+        "1",
+        "-1",
+        "127",
+        "128",
+        "-129",
+        "300",
+        "32768",
+        "70000",
+        "2147483648",
+        "3000000000",
+        "9223372036854775807",
+        "9223372036854775808",
+        "18446744073709551615",
+        "-9223372036854775808",
+        "2.0",
+        "1e0",
+        "2.5",
+        "-0",
+        "-0.0",
+        "1e19",
+        "1.5e300",
+        "true",
+        "false",
+        "null",
+        "{}",
+        r#"{"a":1}"#,
+        r#"{"a":1,"b":"x"}"#,
+        r#"{"a":300}"#,
+        r#"{"b":"x"}"#,
+        "[]",
+        "[1,2,null]",
+        "[1,40000]",
+        r#"["x"]"#,
+        "[[1]]",
+    ];
+
+    /// Values that fit each column of [`every_kind`], in its member order.
+    const FITTING: [&[&str]; 12] = [
+        &[r#""abc""#, r#""a\"b\u00e9""#, r#""""#, "null"],
+        &[r#""x""#, r#""y\n""#],
+        &["0", "-128", "127", "2.0", "null"],
+        &["-32768", "32767", "1e0", "-0"],
+        &["7", "2147483647", "-2147483648", "-0.0", "3e2"],
+        &["9223372036854775807", "-9223372036854775808", "1e18", "5"],
+        &["2.5", "1", "18446744073709551615", "-0.0", "1.5e300"],
+        &["true", "false"],
+        &[
+            r#""2026-12-01T10:00:00Z""#,
+            r#""2026-12-01T10:00:00.123456+02:00""#,
+            "1700000000000000",
+        ],
+        &[r#""2026-12-01""#, r#""\u0032026-12-01""#, r#""1970-01-01""#],
+        &[r#"{"a":1}"#, r#"{"a":1,"b":"x","c":[]}"#, "null"],
+        &["[]", "[1,2,null]", "null"],
+    ];
+
+    /// Values just outside each column of [`every_kind`]: past its range, of a near type.
+    const NEAR: [&[&str]; 12] = [
+        &["1", "true", "[]"],
+        &["null", "5"],
+        &["128", "-129", "1.5", r#""1""#],
+        &["32768", "-32769", "1e5"],
+        &["2147483648", "-2147483649", "2.5", "null"],
+        &["9223372036854775808", "1e19", "-9.3e18"],
+        &[r#""1""#, "true"],
+        &["1", r#""true""#],
+        &[
+            "1.5",
+            r#""2026-12-01""#,
+            "18446744073709551615",
+            r#""2026-12-01T25:00:00Z""#,
+        ],
+        &[r#""2026-12-01T10:00:00Z""#, r#""2026-02-30""#, "20261201"],
+        &[r#"{"b":"x"}"#, r#"{"a":300}"#, "[1]", r#"{"a":null}"#],
+        &["[40000]", r#"["x"]"#, "{}", "[1.5]"],
+    ];
+
+    fn event_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        // Per column: absent, any value, a near miss, or (mostly) a fitting value.
+        let column = (0usize..20, 0usize..8, 0..VALUES.len());
+        let columns = proptest::collection::vec(column, 12);
+        // Extra members: unknown ones and repeats.
+        let extra = proptest::collection::vec((0usize..14, 0..VALUES.len()), 0..3);
+        let envelope = (0usize..8, 0usize..8, 0usize..8, 0usize..5);
+        (columns, extra, envelope).prop_map(|(columns, extra, (id, time, data, order))| {
+            let names = [
+                "s", "d", "i8", "i16", "i32", "i64", "f", "b", "ts", "dt", "st", "l",
+            ];
+            let mut members = Vec::new();
+            for (m, &(how, fitting, any)) in columns.iter().enumerate() {
+                match how {
+                    0 => {}
+                    1 => members.push(format!(r#""{}":{}"#, names[m], VALUES[any])),
+                    2 => {
+                        let pool = NEAR[m];
+                        members.push(format!(r#""{}":{}"#, names[m], pool[fitting % pool.len()]));
+                    }
+                    _ => {
+                        let pool = FITTING[m];
+                        members.push(format!(r#""{}":{}"#, names[m], pool[fitting % pool.len()]));
+                    }
+                }
+            }
+            for &(m, v) in &extra {
+                let name = names.get(m).copied().unwrap_or("other");
+                members.push(format!(r#""{name}":{}"#, VALUES[v]));
+            }
+            let n = members.len().max(1);
+            members.rotate_left(order % n);
+            let data_text = format!("{{{}}}", members.join(","));
+            let mut parts = vec![
+                r#""source":"/s""#.to_owned(),
+                r#""type":"t""#.to_owned(),
+                r#""specversion":"1.0""#.to_owned(),
+            ];
+            parts.push(
+                [r#""id":"e1""#, r#""id":"e\u0031""#, r#""id":1"#, ""][id.saturating_sub(4)]
+                    .to_owned(),
+            );
+            parts.push(
+                [
+                    r#""time":"2026-12-01T10:00:00Z""#,
+                    r#""time":"yesterday""#,
+                    r#""time":null"#,
+                    r#""time":5"#,
+                    "",
+                ][time.saturating_sub(3)]
+                .to_owned(),
+            );
+            parts.push(
+                [
+                    format!(r#""data":{data_text}"#),
+                    r#""data":null"#.to_owned(),
+                    r#""data":[1]"#.to_owned(),
+                    String::new(),
+                ][data.saturating_sub(4)]
+                .clone(),
+            );
+            parts.retain(|p| !p.is_empty());
+            let n = parts.len();
+            parts.rotate_left(order % n);
+            format!("{{{}}}", parts.join(","))
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// The typed reading takes a row only when the reference would (and puts it in
+        /// the same hour), and builds the same columns as the reference for every row
+        /// that is buffered, whichever way each was read.
+        #[test]
+        fn typed_rows_agree_with_the_reference(
+            texts in proptest::collection::vec(event_text(), 1..40),
+        ) {
+            let table = every_kind();
+            let layout = Layout::of(&table);
+            let mut arena = Arena::default();
+            let mut rows = Vec::new();
+            let mut parsed = Vec::new();
+            for (i, text) in texts.iter().enumerate() {
+                let received_us = 1_700_000_000_000_000 + i as i64;
+                let sequence = format!("{}", 10_000 + i);
+                let reference = ParsedRow::parse(text.as_bytes(), received_us, sequence.clone());
+                let reference_fits = match &reference {
+                    Ok((row, None)) => fit(&table, row).is_empty(),
+                    _ => false,
+                };
+                let typed = Head::read(text.as_bytes()).and_then(|h| {
+                    let time = h.time_us()?;
+                    layout.stage(&h).map(|_| time)
+                });
+                if let Some(time) = typed {
+                    proptest::prop_assert!(reference_fits, "typed took a misfit: {}", text);
+                    let (row, _) = reference.as_ref().unwrap();
+                    proptest::prop_assert_eq!(
+                        partition_micros(time, received_us),
+                        partition_micros(row.time.as_ref().and_then(Value::as_i64), received_us)
+                    );
+                }
+                if reference_fits {
+                    let (chunk, start) = arena.push([text.as_bytes(), sequence.as_bytes()], 4096);
+                    rows.push(EventRow {
+                        received_us,
+                        payload_len: text.len(),
+                        chunk,
+                        start,
+                        sequence_len: sequence.len() as u32,
+                    });
+                    parsed.push(reference.unwrap().0);
+                }
+            }
+            let mut columns = Columns::new(&table, rows.len()).unwrap();
+            let typed = slice_columns(&table, &layout, &mut columns, &rows, &arena, "shard-0").unwrap();
+            let reference = columns_for(&table, &parsed, "shard-0").unwrap();
+            proptest::prop_assert_eq!(typed.len(), reference.len());
+            for (i, (a, b)) in typed.iter().zip(&reference).enumerate() {
+                proptest::prop_assert_eq!(a.to_data(), b.to_data(), "column {}", i);
+            }
+        }
+    }
+
+    /// Rows that fit are read the typed way: the reference is the exception, not the rule.
+    #[test]
+    fn a_plain_event_is_read_the_typed_way() {
+        let table = every_kind();
+        let layout = Layout::of(&table);
+        let text = br#"{"specversion":"1.0","id":"e1","source":"/s","type":"t","time":"2026-12-01T10:00:00Z","data":{"d":"x","i32":7,"s":"a\"b","st":{"a":1},"l":[1,2],"ts":"2026-12-01T10:00:00Z","dt":"2026-12-01","f":2,"i8":2.0,"b":true}}"#;
+        let head = Head::read(text).expect("a head");
+        let cells = layout.stage(&head).expect("typed");
+        assert_eq!(cells[0], Some(Cell::Str(Cow::Borrowed("e1"))));
+        assert_eq!(cells[ENVELOPE_COLUMNS.len() + 4], Some(Cell::Int(7)));
+        assert_eq!(cells[ENVELOPE_COLUMNS.len() + 2], Some(Cell::Int(2)));
+        assert_eq!(cells[ENVELOPE_COLUMNS.len() + 6], Some(Cell::Float(2.0)));
+        // Without its required `i32`, the row is the reference's to judge.
+        let text = br#"{"id":"e1","source":"/s","type":"t","data":{"d":"x"}}"#;
+        assert!(layout.stage(&Head::read(text).unwrap()).is_none());
     }
 }

@@ -25,6 +25,7 @@ pub mod archive;
 pub mod bookings;
 pub mod compact;
 pub mod lake;
+mod lake_rows;
 pub mod parquet;
 pub mod rebuild;
 pub mod relay;
