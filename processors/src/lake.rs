@@ -904,7 +904,7 @@ impl LakeProcessor {
     /// ([`lake_rows`](crate::lake_rows)); `None` leaves it to the reference.
     fn fits(&self, payload: &[u8], received_us: i64) -> Option<(Arc<str>, i64)> {
         let head = Head::read(payload)?;
-        let event_type = head.event_type.as_deref()?;
+        let event_type = head.event_type()?;
         let (name, layout) = (self.names.get(event_type)?, self.layouts.get(event_type)?);
         let time = head.time_us()?;
         layout.stage(&head)?;
@@ -920,14 +920,20 @@ impl LakeProcessor {
         }
         // Most rows fit, and are read once, borrowed; anything else is decided (and every
         // misfit named) by the reference below.
-        if let Some(group) = self.fits(&r.payload, received_us) {
-            return Row::Typed {
+        match self.fits(&r.payload, received_us) {
+            Some(group) => Row::Typed {
                 group,
                 payload: &r.payload,
                 sequence: r.sequence.as_str(),
                 received_us,
-            };
+            },
+            None => self.reference_row(r, received_us),
         }
+    }
+
+    /// [`row_of`](Self::row_of) the reference way: the event parsed as `Value`s and
+    /// checked against its table, every misfit named.
+    fn reference_row<'a>(&self, r: &'a StoredRecord, received_us: i64) -> Row<'a> {
         let raw = || String::from_utf8_lossy(&r.payload).into_owned();
         let divert = |row: HeldRow, reason: &'static str| {
             metrics::counter!("floodgate_lake_quarantined_total", "reason" => reason).increment(1);
@@ -1176,16 +1182,20 @@ pub fn encode_events(
     shard: &str,
     events: &[(&[u8], i64, &str)],
 ) -> Result<Bytes, EncodeError> {
+    let layout = Layout::of(table);
     let mut arena = Arena::default();
     let mut rows = Vec::with_capacity(events.len());
     for (i, &(payload, received_us, sequence)) in events.iter().enumerate() {
-        let (parsed, _) = ParsedRow::parse(payload, received_us, sequence.to_owned())
-            .map_err(|e| EncodeError::Row(format!("event {i}: {e}")))?;
-        if let Some(misfit) = fit(table, &parsed).first() {
-            return Err(EncodeError::Row(format!(
-                "event {i}: {} {}",
-                misfit.pointer, misfit.message
-            )));
+        let typed = Head::read(payload).and_then(|head| layout.stage(&head));
+        if typed.is_none() {
+            let (parsed, _) = ParsedRow::parse(payload, received_us, sequence.to_owned())
+                .map_err(|e| EncodeError::Row(format!("event {i}: {e}")))?;
+            if let Some(misfit) = fit(table, &parsed).first() {
+                return Err(EncodeError::Row(format!(
+                    "event {i}: {} {}",
+                    misfit.pointer, misfit.message
+                )));
+            }
         }
         let (chunk, start) = arena.push([payload, sequence.as_bytes()], 1 << 20);
         rows.push(EventRow {
@@ -1863,6 +1873,7 @@ mod tests {
     const VALUES: &[&str] = &[
         r#""abc""#,
         r#""a\"b\u00e9""#,
+        r#""\ud83d\ude00""#,
         r#""""#,
         r#""2026-12-01T10:00:00Z""#,
         r#""2026-12-01T10:00:00.123456+02:00""#,
@@ -1947,23 +1958,55 @@ mod tests {
         &["[40000]", r#"["x"]"#, "{}", "[1.5]"],
     ];
 
-    fn event_text() -> impl proptest::strategy::Strategy<Value = String> {
+    /// Values the edge would refuse but the stream can still hold (a rebuild reads any
+    /// log): numbers out of range, lone surrogates, nesting about serde_json's limit
+    /// (which the reference meets two levels into the event, and the typed way would meet
+    /// later were it not for its own bound).
+    fn hostile_values() -> Vec<String> {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let mut out: Vec<String> = ["1e400", "-1e400", r#""\ud800""#, r#""\udc00x""#]
+            .iter()
+            .map(|v| (*v).to_owned())
+            .collect();
+        out.push(format!("1{}", "0".repeat(400)));
+        for n in [63, 64, 65, 124, 125, 126, 127, 130] {
+            out.push(deep(n));
+            out.push(format!(r#"{{"a":1,"c":{}}}"#, deep(n)));
+        }
+        out
+    }
+
+    /// [`VALUES`] and [`hostile_values`].
+    fn all_values() -> &'static [String] {
+        static ALL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+            let mut all: Vec<String> = VALUES.iter().map(|v| (*v).to_owned()).collect();
+            all.extend(hostile_values());
+            all
+        });
+        &ALL
+    }
+
+    /// An event's text for [`every_kind`], and whether the typed way must take it (every
+    /// column fitting, a plain envelope, nothing extra).
+    fn event_text() -> impl proptest::strategy::Strategy<Value = (String, bool)> {
         use proptest::prelude::*;
+        let values = all_values().len();
         // Per column: absent, any value, a near miss, or (mostly) a fitting value.
-        let column = (0usize..20, 0usize..8, 0..VALUES.len());
+        let column = (0usize..20, 0usize..8, 0..values);
         let columns = proptest::collection::vec(column, 12);
-        // Extra members: unknown ones and repeats.
-        let extra = proptest::collection::vec((0usize..14, 0..VALUES.len()), 0..3);
-        let envelope = (0usize..8, 0usize..8, 0usize..8, 0usize..5);
+        // Extra members: unknown ones (some with escaped names) and repeats.
+        let extra = proptest::collection::vec((0usize..16, 0..values), 0..3);
+        let envelope = (0usize..8, 0usize..10, 0usize..8, 0usize..5);
         (columns, extra, envelope).prop_map(|(columns, extra, (id, time, data, order))| {
             let names = [
                 "s", "d", "i8", "i16", "i32", "i64", "f", "b", "ts", "dt", "st", "l",
             ];
+            let all = all_values();
             let mut members = Vec::new();
             for (m, &(how, fitting, any)) in columns.iter().enumerate() {
                 match how {
                     0 => {}
-                    1 => members.push(format!(r#""{}":{}"#, names[m], VALUES[any])),
+                    1 => members.push(format!(r#""{}":{}"#, names[m], all[any])),
                     2 => {
                         let pool = NEAR[m];
                         members.push(format!(r#""{}":{}"#, names[m], pool[fitting % pool.len()]));
@@ -1975,8 +2018,12 @@ mod tests {
                 }
             }
             for &(m, v) in &extra {
-                let name = names.get(m).copied().unwrap_or("other");
-                members.push(format!(r#""{name}":{}"#, VALUES[v]));
+                let name = match m {
+                    12 => r"\u0069\u0038", // "i8", escaped
+                    13 => r#"o\"x"#,
+                    _ => names.get(m).copied().unwrap_or("other"),
+                };
+                members.push(format!(r#""{name}":{}"#, all[v]));
             }
             let n = members.len().max(1);
             members.rotate_left(order % n);
@@ -1986,72 +2033,97 @@ mod tests {
                 r#""type":"t""#.to_owned(),
                 r#""specversion":"1.0""#.to_owned(),
             ];
-            parts.push(
-                [r#""id":"e1""#, r#""id":"e\u0031""#, r#""id":1"#, ""][id.saturating_sub(4)]
-                    .to_owned(),
-            );
-            parts.push(
-                [
-                    r#""time":"2026-12-01T10:00:00Z""#,
-                    r#""time":"yesterday""#,
-                    r#""time":null"#,
-                    r#""time":5"#,
-                    "",
-                ][time.saturating_sub(3)]
-                .to_owned(),
-            );
+            let id = id.saturating_sub(4);
+            parts.push([r#""id":"e1""#, r#""id":"e\u0031""#, r#""id":1"#, ""][id].to_owned());
+            // Times about when the events are received (see the test), inside and outside
+            // the late window, with offsets and fractions.
+            let times = [
+                r#""time":"2026-12-01T10:00:00Z""#,
+                r#""time":"2026-12-01T09:59:59.999999-01:00""#,
+                r#""time":"2026-11-24T11:30:00.5+01:30""#,
+                r#""time":"2026-12-01T23:59:60Z""#,
+                "",
+                r#""time":"yesterday""#,
+                r#""time":null"#,
+                r#""time":5"#,
+            ];
+            let time = time.min(times.len() - 1);
+            parts.push(times[time].to_owned());
+            let data = data.saturating_sub(4);
             parts.push(
                 [
                     format!(r#""data":{data_text}"#),
                     r#""data":null"#.to_owned(),
                     r#""data":[1]"#.to_owned(),
                     String::new(),
-                ][data.saturating_sub(4)]
-                .clone(),
+                ][data]
+                    .clone(),
             );
             parts.retain(|p| !p.is_empty());
             let n = parts.len();
             parts.rotate_left(order % n);
-            format!("{{{}}}", parts.join(","))
+            let plain = columns.iter().all(|&(how, _, _)| how >= 3)
+                && extra.is_empty()
+                && id <= 1
+                && time <= 4
+                && data == 0;
+            (format!("{{{}}}", parts.join(",")), plain)
         })
+    }
+
+    /// A lake over [`every_kind`] in a scratch directory.
+    fn every_kind_lake() -> (tempfile::TempDir, LakeProcessor) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(floodgate_sinks::LocalDirStore::open(dir.path()).unwrap());
+        let config = LakeConfig {
+            roll_bytes: 1 << 20,
+            roll_age: Duration::from_secs(3600),
+        };
+        (dir, LakeProcessor::new(store, vec![every_kind()], config))
     }
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
 
-        /// The typed reading takes a row only when the reference would (and puts it in
-        /// the same hour), and builds the same columns as the reference for every row
-        /// that is buffered, whichever way each was read.
+        /// The typed reading takes a row only when the reference would, and puts it in the
+        /// same table and hour; it takes every plain row; and the columns built for the
+        /// buffered rows, whichever way each was read, are the reference's.
         #[test]
         fn typed_rows_agree_with_the_reference(
             texts in proptest::collection::vec(event_text(), 1..40),
         ) {
+            let (_dir, lake) = every_kind_lake();
             let table = every_kind();
             let layout = Layout::of(&table);
+            // 2026-12-01T10:00:00Z, and receipts around it: before the events' times,
+            // within the late window after them, and past it.
+            let base_ms = 1_796_119_200_000_i64;
+            let offsets_ms = [1_800_000, 7_200_000, -3_600_000, 691_200_000, 518_400_000];
             let mut arena = Arena::default();
             let mut rows = Vec::new();
             let mut parsed = Vec::new();
-            for (i, text) in texts.iter().enumerate() {
-                let received_us = 1_700_000_000_000_000 + i as i64;
-                let sequence = format!("{}", 10_000 + i);
-                let reference = ParsedRow::parse(text.as_bytes(), received_us, sequence.clone());
-                let reference_fits = match &reference {
-                    Ok((row, None)) => fit(&table, row).is_empty(),
-                    _ => false,
+            for (i, (text, plain)) in texts.iter().enumerate() {
+                let record = StoredRecord {
+                    sequence: SequenceNumber::from_u64(10_000 + i as u64),
+                    key: "k".to_owned(),
+                    payload: Bytes::copy_from_slice(text.as_bytes()),
+                    appended_at_ms: base_ms + offsets_ms[i % offsets_ms.len()],
                 };
-                let typed = Head::read(text.as_bytes()).and_then(|h| {
-                    let time = h.time_us()?;
-                    layout.stage(&h).map(|_| time)
-                });
-                if let Some(time) = typed {
-                    proptest::prop_assert!(reference_fits, "typed took a misfit: {}", text);
-                    let (row, _) = reference.as_ref().unwrap();
-                    proptest::prop_assert_eq!(
-                        partition_micros(time, received_us),
-                        partition_micros(row.time.as_ref().and_then(Value::as_i64), received_us)
-                    );
+                let received_us = record.appended_at_ms * 1000;
+                let typed = lake.fits(&record.payload, received_us);
+                let reference = lake.reference_row(&record, received_us);
+                if *plain {
+                    proptest::prop_assert!(typed.is_some(), "typed declined a plain row: {}", text);
                 }
-                if reference_fits {
+                let reference_group = match &reference {
+                    Row::Typed { group, .. } => Some(group.clone()),
+                    Row::Held(_) => None,
+                };
+                if typed.is_some() {
+                    proptest::prop_assert_eq!(&typed, &reference_group, "{}", text);
+                }
+                if reference_group.is_some() {
+                    let sequence = record.sequence.to_string();
                     let (chunk, start) = arena.push([text.as_bytes(), sequence.as_bytes()], 4096);
                     rows.push(EventRow {
                         received_us,
@@ -2060,17 +2132,88 @@ mod tests {
                         start,
                         sequence_len: sequence.len() as u32,
                     });
-                    parsed.push(reference.unwrap().0);
+                    parsed.push(ParsedRow::parse(text.as_bytes(), received_us, sequence).unwrap().0);
                 }
             }
             let mut columns = Columns::new(&table, rows.len()).unwrap();
-            let typed = slice_columns(&table, &layout, &mut columns, &rows, &arena, "shard-0").unwrap();
-            let reference = columns_for(&table, &parsed, "shard-0").unwrap();
-            proptest::prop_assert_eq!(typed.len(), reference.len());
-            for (i, (a, b)) in typed.iter().zip(&reference).enumerate() {
-                proptest::prop_assert_eq!(a.to_data(), b.to_data(), "column {}", i);
+            // Twice through the same builders: they must be left ready for the next slice.
+            for _ in 0..2 {
+                let typed =
+                    slice_columns(&table, &layout, &mut columns, &rows, &arena, "shard-0").unwrap();
+                let reference = columns_for(&table, &parsed, "shard-0").unwrap();
+                proptest::prop_assert_eq!(typed.len(), reference.len());
+                for (i, (a, b)) in typed.iter().zip(&reference).enumerate() {
+                    proptest::prop_assert_eq!(a.to_data(), b.to_data(), "column {}", i);
+                }
             }
         }
+    }
+
+    /// Wherever a hostile value stands, the typed way takes its event only as the
+    /// reference does: not at all when the reference cannot read it.
+    #[test]
+    fn hostile_values_are_read_as_the_reference_reads_them() {
+        let (_dir, lake) = every_kind_lake();
+        let received_us = 1_796_119_200_000_000;
+        let row = |text: String| {
+            let record = StoredRecord {
+                sequence: SequenceNumber::from_u64(1),
+                key: "k".to_owned(),
+                payload: Bytes::from(text),
+                appended_at_ms: received_us / 1000,
+            };
+            let typed = lake.fits(&record.payload, received_us);
+            let reference = match lake.reference_row(&record, received_us) {
+                Row::Typed { group, .. } => Some(group),
+                Row::Held(_) => None,
+            };
+            (typed, reference)
+        };
+        let fitting = r#""d":"x","i32":7"#;
+        let mut unreadable = 0;
+        for value in hostile_values() {
+            for member in ["other", "st", "l", "s", "f"] {
+                let text = format!(
+                    r#"{{"id":"e1","source":"/s","type":"t","data":{{{fitting},"{member}":{value}}}}}"#
+                );
+                let (typed, reference) = row(text.clone());
+                assert!(typed.is_none() || typed == reference, "{text}");
+                unreadable += usize::from(reference.is_none() && member == "other");
+            }
+        }
+        // Out of range, lone surrogates, and the deepest nestings (in `other` alone).
+        assert_eq!(unreadable, 12, "the reference refuses what it cannot read");
+        // …and the same event without them is the typed way's.
+        let (typed, reference) = row(format!(
+            r#"{{"id":"e1","source":"/s","type":"t","data":{{{fitting}}}}}"#
+        ));
+        assert!(typed.is_some() && typed == reference);
+    }
+
+    /// The benches' entry point reads and checks rows as buffering does: a misfit, typed
+    /// way or not, is named by its place.
+    #[test]
+    fn encode_events_names_the_first_misfit() {
+        let table = every_kind();
+        let fitting = br#"{"id":"e1","source":"/s","type":"t","data":{"d":"x","i32":7}}"#;
+        let escaped = br#"{"id":"e\u0032","source":"/s","type":"t","data":{"d":"x","i32":7.0}}"#;
+        let misfit = br#"{"id":"e3","source":"/s","type":"t","data":{"d":"x","i32":7.5}}"#;
+        let events = [
+            (&fitting[..], 1, "1"),
+            (&escaped[..], 2, "2"),
+            (&misfit[..], 3, "3"),
+        ];
+        let file = encode_events(&table, "shard-0", &events[..2]).unwrap();
+        let rows: usize =
+            ::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                .unwrap()
+                .build()
+                .unwrap()
+                .map(|b| b.unwrap().num_rows())
+                .sum();
+        assert_eq!(rows, 2);
+        let e = encode_events(&table, "shard-0", &events).unwrap_err();
+        assert!(e.to_string().contains("event 2: /data/i32"), "{e}");
     }
 
     /// Rows that fit are read the typed way: the reference is the exception, not the rule.
@@ -2081,7 +2224,14 @@ mod tests {
         let text = br#"{"specversion":"1.0","id":"e1","source":"/s","type":"t","time":"2026-12-01T10:00:00Z","data":{"d":"x","i32":7,"s":"a\"b","st":{"a":1},"l":[1,2],"ts":"2026-12-01T10:00:00Z","dt":"2026-12-01","f":2,"i8":2.0,"b":true}}"#;
         let head = Head::read(text).expect("a head");
         let cells = layout.stage(&head).expect("typed");
-        assert_eq!(cells[0], Some(Cell::Str(Cow::Borrowed("e1"))));
+        assert!(matches!(&cells[0], Some(Cell::Str(Cow::Borrowed("e1")))));
+        assert!(
+            matches!(&cells[ENVELOPE_COLUMNS.len()], Some(Cell::Str(Cow::Owned(s))) if s == "a\"b")
+        );
+        assert!(matches!(
+            &cells[ENVELOPE_COLUMNS.len() + 1],
+            Some(Cell::Str(Cow::Borrowed("x")))
+        ));
         assert_eq!(cells[ENVELOPE_COLUMNS.len() + 4], Some(Cell::Int(7)));
         assert_eq!(cells[ENVELOPE_COLUMNS.len() + 2], Some(Cell::Int(2)));
         assert_eq!(cells[ENVELOPE_COLUMNS.len() + 6], Some(Cell::Float(2.0)));

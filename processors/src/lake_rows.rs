@@ -8,8 +8,10 @@
 //! duplicate member, text that is not a CloudEvent object. The lake then takes the
 //! reference way, [`crate::parquet::check`] and [`crate::parquet::column`] over parsed
 //! `Value`s, which names every misfit. Both ways give the same columns for a row that
-//! fits (`processors/tests/lake_rows.rs` checks it, differentially); nested columns
-//! (structs, lists) are still read as `Value`s, and converted by the reference.
+//! fits (`typed_rows_agree_with_the_reference` in `lake.rs` checks it, differentially);
+//! nested columns (structs, lists) and members without a column are still parsed whole as
+//! `Value`s, so that the typed way meets every number out of range, lone surrogate and
+//! nesting too deep that the reference would, and declines them.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use arrow_array::types::Int32Type;
 use arrow_schema::DataType;
 use floodgate_core::lake::{ENVELOPE_COLUMNS, Table};
 use serde::Deserialize;
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -104,18 +106,45 @@ pub(crate) const RECEIVED_AT: usize = 4;
 pub(crate) const SHARD: usize = 5;
 pub(crate) const SEQUENCE: usize = 6;
 
+/// A JSON string, borrowed from the text unless it has escapes. (serde borrows a bare
+/// `Cow<str>` field, but not one inside an `Option`, nor a map key.)
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Text<'a>(pub(crate) Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Strings;
+        impl<'de> Visitor<'de> for Strings {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(s.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, s: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(s)))
+            }
+        }
+        d.deserialize_str(Strings)
+    }
+}
+
 /// The parts of an event the lake reads, borrowed from its text; `data` is read by the
 /// table's [`Layout`] once the type names the table.
 #[derive(Deserialize)]
 pub(crate) struct Head<'a> {
     #[serde(borrow)]
-    id: Option<Cow<'a, str>>,
+    id: Option<Text<'a>>,
     #[serde(borrow)]
-    source: Option<Cow<'a, str>>,
+    source: Option<Text<'a>>,
     #[serde(borrow, rename = "type")]
-    pub(crate) event_type: Option<Cow<'a, str>>,
+    event_type: Option<Text<'a>>,
     #[serde(borrow)]
-    time: Option<Cow<'a, str>>,
+    time: Option<Text<'a>>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
 }
@@ -132,9 +161,57 @@ impl<'a> Head<'a> {
     pub(crate) fn time_us(&self) -> Option<Option<i64>> {
         match &self.time {
             None => Some(None),
-            Some(t) => parquet::rfc3339_micros(t).map(Some),
+            Some(t) => parquet::rfc3339_micros(&t.0).map(Some),
         }
     }
+
+    /// The event's `type`, when it is a string.
+    pub(crate) fn event_type(&self) -> Option<&str> {
+        self.event_type.as_ref().map(|t| &*t.0)
+    }
+}
+
+/// Nesting the typed way reads as a whole `Value` at most: the reference parses `data`
+/// inside the event (two levels down) against serde_json's limit of 128, while the typed
+/// way parses a member on its own; a member nested deeper than this is the reference's.
+const NESTING: usize = 64;
+
+/// Whether the JSON text `text` nests arrays and objects deeper than `limit`.
+fn nests_deeper_than(text: &str, limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in text.as_bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// A member's whole value parsed as the reference parses it (numbers in range, escapes
+/// whole), when it does not nest past [`NESTING`]; an error (a decline) otherwise.
+fn whole_value<'de, D: de::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+    let raw = <&RawValue>::deserialize(d)?;
+    if nests_deeper_than(raw.get(), NESTING) {
+        return Err(decline());
+    }
+    serde_json::from_str(raw.get()).map_err(|_| decline())
 }
 
 impl Layout {
@@ -167,9 +244,9 @@ impl Layout {
             return None;
         }
         let mut row: Staged<'a> = vec![None; self.kinds.len()];
-        row[EVENT_ID] = Some(Cell::Str(head.id.clone()?));
-        row[SOURCE] = Some(Cell::Str(head.source.clone()?));
-        row[TYPE] = Some(Cell::Str(head.event_type.clone()?));
+        row[EVENT_ID] = Some(Cell::Str(head.id.clone()?.0));
+        row[SOURCE] = Some(Cell::Str(head.source.clone()?.0));
+        row[TYPE] = Some(Cell::Str(head.event_type.clone()?.0));
         row[TIME] = head.time_us()?.map(Cell::Int);
         if let Some(data) = head.data {
             let mut de = serde_json::Deserializer::from_str(data.get());
@@ -226,14 +303,15 @@ where
 
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
         let mut seen = vec![false; self.layout.members.len()];
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
             let Some(m) = self
                 .layout
                 .members
                 .iter()
                 .position(|(member, _)| *member == *key)
             else {
-                map.next_value::<IgnoredAny>()?;
+                // Without a column, but the reference parses it: so must this.
+                map.next_value_seed(WholeValue)?;
                 continue;
             };
             // A repeated member: the reference keeps the last; it decides.
@@ -249,6 +327,17 @@ where
     }
 }
 
+/// A member's value read whole and dropped ([`whole_value`]).
+struct WholeValue;
+
+impl<'de> DeserializeSeed<'de> for WholeValue {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        whole_value(d).map(drop)
+    }
+}
+
 /// Reads one value of a column: `Ok(None)` for a null, an error (a decline) for a value
 /// that does not fit.
 struct CellSeed<'k> {
@@ -261,7 +350,7 @@ impl<'de, 'k> DeserializeSeed<'de> for CellSeed<'k> {
 
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         if let Kind::Nested(data_type) = self.kind {
-            let value = Value::deserialize(d)?;
+            let value = whole_value(d)?;
             if value.is_null() {
                 return Ok(None);
             }
