@@ -51,13 +51,18 @@ async fn run(args: Args) -> Result<()> {
     };
     let log = Arc::new(EmbeddedLog::open(&dir.path().join("stream"), &cfg)?);
     let mut input_bytes = 0u64;
+    // The events' times: the past few hours, so that each is partitioned by its time (the
+    // lake's late window); one partition per hour and shard.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
     for chunk in 0..args.events.div_ceil(10_000) {
         let records: Vec<Record> = (chunk * 10_000..((chunk + 1) * 10_000).min(args.events))
             .map(|i| {
                 let mut e = floodgate_bench::sample_batch(1, i as u64).remove(0);
                 let k = i % 1000;
                 e["data"]["eventId"] = json!(format!("ev-{k}"));
-                e["time"] = json!(format!("2026-11-22T{:02}:17:00Z", i % args.hours));
+                e["time"] = json!(hours_ago(now, i % args.hours));
                 let payload = Bytes::from(e.to_string());
                 input_bytes += payload.len() as u64;
                 Record {
@@ -89,7 +94,8 @@ async fn run(args: Args) -> Result<()> {
         Arc::new(EmbeddedCheckpoints::open(&dir.path().join("stream"))?);
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let started = Instant::now();
-    // Stop at once: consumers drain everything in the log before stopping, then flush.
+    // Stop at once (below): consumers drain everything in the log before stopping, then
+    // flush.
     let tasks = spawn_consumers(
         log.clone(),
         checkpoints,
@@ -101,6 +107,15 @@ async fn run(args: Args) -> Result<()> {
         stop_rx,
     )
     .await?;
+    // Stopped before the coordinator has started the shards' tasks, the consumers would
+    // end with nothing read; once one row is buffered, every shard's task is running.
+    while lake.peak_buffer_bytes() == 0 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the lake read nothing in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let _ = stop.send(true);
     for t in tasks {
         t.await?;
@@ -142,4 +157,21 @@ async fn run(args: Args) -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// `hours` hours before `now` (Unix seconds), at 17 minutes past, as an RFC 3339 UTC time.
+fn hours_ago(now: i64, hours: usize) -> String {
+    let t = now - hours as i64 * 3600;
+    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:17:00Z", secs / 3600)
 }
