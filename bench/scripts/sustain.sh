@@ -32,10 +32,8 @@ port=18182
 # Each consumer's lag in records, summed over its shards: `consumer=N,…`.
 lags() {
   curl -sf "http://127.0.0.1:$port/metrics" |
-    awk -F'[{}]' '/^floodgate_processor_lag_records\{/ {
-        split($2, labels, ","); c = "";
-        for (i in labels) if (labels[i] ~ /^consumer=/) { c = labels[i]; sub(/^consumer="/, "", c); sub(/"$/, "", c) }
-        split($3, v, " "); sum[c] += v[2] }
+    awk '/^floodgate_processor_lag_records\{/ {
+        c = $0; sub(/.*consumer="/, "", c); sub(/".*/, "", c); sum[c] += $NF }
       END { s = ""; for (c in sum) s = s (s == "" ? "" : ",") "\"" c "\":" sum[c]; print "{" s "}" }'
 }
 
