@@ -25,7 +25,7 @@ use arrow_array::types::Int32Type;
 use arrow_schema::DataType;
 use floodgate_core::lake::{ENVELOPE_COLUMNS, Table};
 use serde::Deserialize;
-use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -133,27 +133,114 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     }
 }
 
-/// The parts of an event the lake reads, borrowed from its text; `data` is read by the
-/// table's [`Layout`] once the type names the table.
-#[derive(Deserialize)]
+/// The parts of an event the lake reads, borrowed from its text. When the event's `type`
+/// comes before its `data` (as producers write them), `data` is read in the same pass by
+/// the table's [`Layout`]; otherwise it is kept as text, and read by [`Layout::stage`].
 pub(crate) struct Head<'a> {
-    #[serde(borrow)]
     id: Option<Text<'a>>,
-    #[serde(borrow)]
     source: Option<Text<'a>>,
-    #[serde(borrow, rename = "type")]
     event_type: Option<Text<'a>>,
-    #[serde(borrow)]
     time: Option<Text<'a>>,
-    #[serde(borrow)]
-    data: Option<&'a RawValue>,
+    data: Data<'a>,
+}
+
+/// An event's `data`, as [`Head::read`] left it.
+enum Data<'a> {
+    /// None, or `null`.
+    Absent,
+    /// Not read yet: its type came after it.
+    Text(&'a RawValue),
+    /// Read by this layout (compared by address) into a row's data columns.
+    Read(*const Layout, Staged<'a>),
+}
+
+/// One top-level member's value, set once (a repeated member is the reference's).
+fn once<'de, T: Deserialize<'de>, M: MapAccess<'de>>(
+    slot: &mut Option<Option<T>>,
+    map: &mut M,
+) -> Result<(), M::Error> {
+    if slot.is_some() {
+        return Err(decline());
+    }
+    *slot = Some(map.next_value::<Option<T>>()?);
+    Ok(())
+}
+
+/// Reads an event object into a [`Head`].
+struct HeadSeed<'f, 'l> {
+    layout_of: &'f dyn Fn(&str) -> Option<&'l Layout>,
+}
+
+impl<'de, 'f, 'l> Visitor<'de> for HeadSeed<'f, 'l> {
+    type Value = Head<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a CloudEvent object")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Head<'de>, M::Error> {
+        let (mut id, mut source, mut event_type, mut time) = (None, None, None, None);
+        let mut data: Option<Data<'de>> = None;
+        while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
+            match &*key {
+                "id" => once(&mut id, &mut map)?,
+                "source" => once(&mut source, &mut map)?,
+                "type" => once(&mut event_type, &mut map)?,
+                "time" => once(&mut time, &mut map)?,
+                "data" => {
+                    if data.is_some() {
+                        return Err(decline());
+                    }
+                    let layout = match &event_type {
+                        Some(Some(Text(t))) => Some((self.layout_of)(t).ok_or_else(decline)?),
+                        _ => None,
+                    };
+                    data = Some(match layout {
+                        // Read where it stands: at the depth the reference reads it.
+                        Some(layout) if layout.supported => {
+                            let mut row: Staged<'de> = vec![None; layout.kinds.len()];
+                            map.next_value_seed(DataSeed {
+                                layout,
+                                row: &mut row,
+                            })?;
+                            Data::Read(layout, row)
+                        }
+                        Some(_) => return Err(decline()),
+                        None => match map.next_value::<Option<&'de RawValue>>()? {
+                            Some(text) => Data::Text(text),
+                            None => Data::Absent,
+                        },
+                    });
+                }
+                // As the reference's own reading skips them.
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Head {
+            id: id.flatten(),
+            source: source.flatten(),
+            event_type: event_type.flatten(),
+            time: time.flatten(),
+            data: data.unwrap_or(Data::Absent),
+        })
+    }
 }
 
 impl<'a> Head<'a> {
-    /// The event's head, or `None` when its text is not a JSON object whose envelope
-    /// members the lake can read this way (the reference decides those).
-    pub(crate) fn read(payload: &'a [u8]) -> Option<Self> {
-        serde_json::from_slice(payload).ok()
+    /// The event's head, its `data` read in the same pass when its type comes first and
+    /// `layout_of` gives that type's layout; `None` when its text is not a JSON object
+    /// whose envelope members the lake can read this way, or its type (coming before its
+    /// `data`) has no layout (the reference decides those).
+    pub(crate) fn read<'l>(
+        payload: &'a [u8],
+        layout_of: &dyn Fn(&str) -> Option<&'l Layout>,
+    ) -> Option<Self> {
+        let mut de = serde_json::Deserializer::from_slice(payload);
+        let head = de::Deserializer::deserialize_map(&mut de, HeadSeed { layout_of }).ok()?;
+        de.end().ok()?;
+        Some(head)
     }
 
     /// The producer's `time` in microseconds: `Some(None)` when it has none; `None` when
@@ -239,24 +326,32 @@ impl Layout {
     /// Every column's value of the event whose head is `head`, when the row fits its table
     /// and this module decides it; `None` sends it the reference way. The lake's own
     /// columns (`received_at`, `shard`, `sequence`) stay `None` here.
-    pub(crate) fn stage<'a>(&self, head: &Head<'a>) -> Option<Staged<'a>> {
+    pub(crate) fn stage<'a>(&self, head: Head<'a>) -> Option<Staged<'a>> {
         if !self.supported {
             return None;
         }
-        let mut row: Staged<'a> = vec![None; self.kinds.len()];
-        row[EVENT_ID] = Some(Cell::Str(head.id.clone()?.0));
-        row[SOURCE] = Some(Cell::Str(head.source.clone()?.0));
-        row[TYPE] = Some(Cell::Str(head.event_type.clone()?.0));
-        row[TIME] = head.time_us()?.map(Cell::Int);
-        if let Some(data) = head.data {
-            let mut de = serde_json::Deserializer::from_str(data.get());
-            DataSeed {
-                layout: self,
-                row: &mut row,
+        let time = head.time_us()?.map(Cell::Int);
+        let mut row: Staged<'a> = match head.data {
+            Data::Read(layout, row) if std::ptr::eq(layout, self) => row,
+            // Read by another table's layout: not this one's to judge.
+            Data::Read(..) => return None,
+            Data::Absent => vec![None; self.kinds.len()],
+            Data::Text(data) => {
+                let mut row = vec![None; self.kinds.len()];
+                let mut de = serde_json::Deserializer::from_str(data.get());
+                DataSeed {
+                    layout: self,
+                    row: &mut row,
+                }
+                .deserialize(&mut de)
+                .ok()?;
+                row
             }
-            .deserialize(&mut de)
-            .ok()?;
-        }
+        };
+        row[EVENT_ID] = Some(Cell::Str(head.id?.0));
+        row[SOURCE] = Some(Cell::Str(head.source?.0));
+        row[TYPE] = Some(Cell::Str(head.event_type?.0));
+        row[TIME] = time;
         // The lake's own columns are always there; every other required one must be.
         let required_missing =
             row.iter()
@@ -299,6 +394,11 @@ where
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("an object")
+    }
+
+    /// `"data": null` reads as no `data`, as the reference reads it.
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
     }
 
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
