@@ -136,22 +136,22 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
 /// The parts of an event the lake reads, borrowed from its text. When the event's `type`
 /// comes before its `data` (as producers write them), `data` is read in the same pass by
 /// the table's [`Layout`]; otherwise it is kept as text, and read by [`Layout::stage`].
-pub(crate) struct Head<'a> {
+pub(crate) struct Head<'a, 'l> {
     id: Option<Text<'a>>,
     source: Option<Text<'a>>,
     event_type: Option<Text<'a>>,
     time: Option<Text<'a>>,
-    data: Data<'a>,
+    data: Data<'a, 'l>,
 }
 
 /// An event's `data`, as [`Head::read`] left it.
-enum Data<'a> {
+enum Data<'a, 'l> {
     /// None, or `null`.
     Absent,
     /// Not read yet: its type came after it.
     Text(&'a RawValue),
-    /// Read by this layout (compared by address) into a row's data columns.
-    Read(*const Layout, Staged<'a>),
+    /// Read by this layout into a row's data columns.
+    Read(&'l Layout, Staged<'a>),
 }
 
 /// One top-level member's value, set once (a repeated member is the reference's).
@@ -172,15 +172,15 @@ struct HeadSeed<'f, 'l> {
 }
 
 impl<'de, 'f, 'l> Visitor<'de> for HeadSeed<'f, 'l> {
-    type Value = Head<'de>;
+    type Value = Head<'de, 'l>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a CloudEvent object")
     }
 
-    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Head<'de>, M::Error> {
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Head<'de, 'l>, M::Error> {
         let (mut id, mut source, mut event_type, mut time) = (None, None, None, None);
-        let mut data: Option<Data<'de>> = None;
+        let mut data: Option<Data<'de, 'l>> = None;
         while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
             match &*key {
                 "id" => once(&mut id, &mut map)?,
@@ -228,12 +228,12 @@ impl<'de, 'f, 'l> Visitor<'de> for HeadSeed<'f, 'l> {
     }
 }
 
-impl<'a> Head<'a> {
+impl<'a, 'l> Head<'a, 'l> {
     /// The event's head, its `data` read in the same pass when its type comes first and
     /// `layout_of` gives that type's layout; `None` when its text is not a JSON object
     /// whose envelope members the lake can read this way, or its type (coming before its
     /// `data`) has no layout (the reference decides those).
-    pub(crate) fn read<'l>(
+    pub(crate) fn read(
         payload: &'a [u8],
         layout_of: &dyn Fn(&str) -> Option<&'l Layout>,
     ) -> Option<Self> {
@@ -326,7 +326,7 @@ impl Layout {
     /// Every column's value of the event whose head is `head`, when the row fits its table
     /// and this module decides it; `None` sends it the reference way. The lake's own
     /// columns (`received_at`, `shard`, `sequence`) stay `None` here.
-    pub(crate) fn stage<'a>(&self, head: Head<'a>) -> Option<Staged<'a>> {
+    pub(crate) fn stage<'a>(&self, head: Head<'a, '_>) -> Option<Staged<'a>> {
         if !self.supported {
             return None;
         }
