@@ -63,6 +63,19 @@ const CONTEXTUAL: &[&str] = &[
 
 /// Members an object may name with the bit set of [`ObjectNode::required`].
 const MAX_MEMBERS: usize = 64;
+/// The members an envelope has at most once that are not extensions: the context
+/// attributes the fast path reads and `data`; at most 16 (one bit each).
+const ATTRIBUTES: &[&str] = &[
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "subject",
+    "dataschema",
+    "datacontenttype",
+    "time",
+    "data",
+];
 
 /// A schema's `data` check, specialised; see the module docs.
 pub struct FastSchema {
@@ -451,12 +464,29 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope<'de>, A::Error> {
-        let mut names: Vec<Cow<'de, str>> = Vec::with_capacity(12);
+        // Members seen so far: the context attributes the spec names by one bit each, any
+        // other (extension) name in `extensions`, which allocates only for an event that
+        // has extensions.
+        let mut seen_attributes = 0u16;
+        let mut extensions: Vec<Cow<'de, str>> = Vec::new();
+        let mut members = 0usize;
         let (mut specversion, mut id, mut source, mut event_type) = (false, None, None, None);
         let (mut dataschema, mut partitionkey, mut data) = (None, None, None);
         while let Some(Text(name)) = map.next_key()? {
-            if names.contains(&name) || names.len() == MAX_MEMBERS {
+            if members == MAX_MEMBERS {
                 return Err(decline());
+            }
+            members += 1;
+            let attribute_bit = ATTRIBUTES.iter().position(|a| *a == name);
+            match attribute_bit {
+                Some(bit) => {
+                    if seen_attributes & (1 << bit) != 0 {
+                        return Err(decline());
+                    }
+                    seen_attributes |= 1 << bit;
+                }
+                None if extensions.contains(&name) => return Err(decline()),
+                None => {}
             }
             match &*name {
                 "specversion" => {
@@ -528,7 +558,9 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
                     }
                 }
             }
-            names.push(name);
+            if attribute_bit.is_none() {
+                extensions.push(name);
+            }
         }
         match (specversion, id, source, event_type, data) {
             (true, Some(id), Some(source), Some(event_type), Some(data)) => Ok(Envelope {
