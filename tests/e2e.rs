@@ -276,6 +276,14 @@ fn routes_health_metrics_schemas() {
     ] {
         assert!(text.contains(needle), "/metrics lacks {needle}:\n{text}");
     }
+    // One count per (type, outcome): a batch of one event of each type counts one each.
+    for event in one_of_each("m", "EVM") {
+        let line = format!(
+            "floodgate_ingest_events_total{{type=\"{}\",outcome=\"accepted\"}} 1\n",
+            event["type"].as_str().unwrap()
+        );
+        assert!(text.contains(&line), "/metrics lacks {line}:\n{text}");
+    }
 
     let r = server.get("/v1/schemas");
     assert_eq!(r.status, 200);

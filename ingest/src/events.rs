@@ -919,7 +919,10 @@ impl Events {
         mut plans: Vec<Option<Plan>>,
         appended: &[Result<Appended, AppendError>],
     ) -> Response<Body> {
-        let mut counts: HashMap<(String, &'static str), u64> = HashMap::new();
+        // Events per (type, outcome) for the counter: a batch holds few distinct pairs, and
+        // usually one, so a short list searched from its latest entry beats hashing each
+        // event's type.
+        let mut counts: Vec<(String, &'static str, u64)> = Vec::new();
         let mut retry_after_ms = 0u64;
         let mut results: Vec<EventResult> = Vec::with_capacity(outcomes.len());
         for (index, outcome) in outcomes.into_iter().enumerate() {
@@ -975,10 +978,17 @@ impl Events {
                 ),
             };
             let label = result.status.label(result.duplicate.is_some());
-            *counts.entry((event_type, label)).or_default() += 1;
+            match counts
+                .iter_mut()
+                .rev()
+                .find(|(t, l, _)| *l == label && *t == event_type)
+            {
+                Some((_, _, n)) => *n += 1,
+                None => counts.push((event_type, label, 1)),
+            }
             results.push(result);
         }
-        for ((event_type, outcome), n) in counts {
+        for (event_type, outcome, n) in counts {
             metrics::counter!("floodgate_ingest_events_total", "type" => event_type, "outcome" => outcome)
                 .increment(n);
         }
