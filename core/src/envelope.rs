@@ -51,7 +51,7 @@ pub fn partition_key_fault(key: &str) -> Option<String> {
 }
 
 /// Attributes the spec or the JSON format define; anything else is an extension.
-const KNOWN: &[&str] = &[
+pub(crate) const KNOWN: &[&str] = &[
     "specversion",
     "id",
     "source",

@@ -63,19 +63,8 @@ const CONTEXTUAL: &[&str] = &[
 
 /// Members an object may name with the bit set of [`ObjectNode::required`].
 const MAX_MEMBERS: usize = 64;
-/// The members an envelope has at most once that are not extensions: the context
-/// attributes the fast path reads and `data`; at most 16 (one bit each).
-const ATTRIBUTES: &[&str] = &[
-    "specversion",
-    "id",
-    "source",
-    "type",
-    "subject",
-    "dataschema",
-    "datacontenttype",
-    "time",
-    "data",
-];
+// The envelope's visitor tracks the attributes the spec names by one bit each.
+const _: () = assert!(envelope::KNOWN.len() <= 16);
 
 /// A schema's `data` check, specialised; see the module docs.
 pub struct FastSchema {
@@ -464,9 +453,9 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope<'de>, A::Error> {
-        // Members seen so far: the context attributes the spec names by one bit each, any
-        // other (extension) name in `extensions`, which allocates only for an event that
-        // has extensions.
+        // Members seen so far: the attributes the spec names (`envelope::KNOWN`) by one bit
+        // each, any other (extension) name in `extensions`, which allocates only for an
+        // event that has extensions.
         let mut seen_attributes = 0u16;
         let mut extensions: Vec<Cow<'de, str>> = Vec::new();
         let mut members = 0usize;
@@ -477,7 +466,7 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
                 return Err(decline());
             }
             members += 1;
-            let attribute_bit = ATTRIBUTES.iter().position(|a| *a == name);
+            let attribute_bit = envelope::KNOWN.iter().position(|a| *a == name);
             match attribute_bit {
                 Some(bit) => {
                     if seen_attributes & (1 << bit) != 0 {
