@@ -43,6 +43,8 @@ pub enum Fault {
     /// A write puts the first half of its buffer (at least one byte) in the file and then
     /// fails with ENOSPC, as a write that fills the disk does. Other operations: `Enospc`.
     ShortWrite,
+    /// Nothing: the operation does its work. Armed only to count calls (`Armed::hits`).
+    Count,
 }
 
 #[cfg(not(feature = "failpoints"))]
@@ -184,13 +186,14 @@ mod on {
             *n -= 1;
         }
         rule.hits.fetch_add(1, Ordering::AcqRel);
-        Some(rule.fault)
+        (rule.fault != Fault::Count).then_some(rule.fault)
     }
 
     fn error(fault: Fault) -> io::Error {
         let errno = match fault {
             Fault::Eio => EIO,
             Fault::Enospc | Fault::ShortWrite => ENOSPC,
+            Fault::Count => unreachable!("a counting rule injects nothing"),
         };
         let os = io::Error::from_raw_os_error(errno);
         io::Error::new(os.kind(), format!("{os} (injected by a failpoint)"))

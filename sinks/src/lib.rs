@@ -31,6 +31,7 @@ mod sqlite_state;
 
 pub use checkpoint::EmbeddedCheckpoints;
 pub use embedded_log::frame as log_frame;
+pub use embedded_log::journal as log_journal;
 pub use embedded_log::verify as log_verify;
 pub use embedded_log::{EmbeddedLog, EmbeddedLogReader, LINGER_MIN_IN_PROGRESS, LogMeta};
 pub use local_store::LocalDirStore;

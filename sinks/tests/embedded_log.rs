@@ -93,6 +93,46 @@ fn a_second_writer_is_refused_and_shard_count_is_fixed() {
     assert!(err.to_string().contains("4 shards"), "{err}");
 }
 
+/// A log written before the journal (format 1: no `journal` file) opens, keeps its
+/// records, and is marked format 2, which a floodgate that does not replay the journal
+/// refuses; a format from the future is refused here.
+#[test]
+fn a_log_from_before_the_journal_is_upgraded_and_a_later_format_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = dir.path().join("meta.json");
+    let format = || -> u64 {
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("meta.json")).unwrap()).unwrap();
+        meta["format"].as_u64().unwrap()
+    };
+    rt().block_on(async {
+        let log = EmbeddedLog::open(dir.path(), &cfg()).unwrap();
+        assert!(log.append(vec![rec("a", "1")]).await[0].is_ok());
+        log.close().await.unwrap();
+        drop(log);
+        assert_eq!(format(), 2);
+        std::fs::remove_file(dir.path().join("journal")).unwrap();
+        std::fs::write(&meta, r#"{"format":1,"shards":4}"#).unwrap();
+
+        let log = EmbeddedLog::open(dir.path(), &cfg()).unwrap();
+        assert_eq!(format(), 2, "the log was not upgraded");
+        assert!(dir.path().join("journal").is_file());
+        assert!(log.append(vec![rec("a", "2")]).await[0].is_ok());
+        let all = read_all(&log).await;
+        assert_eq!(
+            all.iter().map(|r| r.3.as_str()).collect::<Vec<_>>(),
+            ["1", "2"]
+        );
+        log.close().await.unwrap();
+    });
+    std::fs::write(&meta, r#"{"format":3,"shards":4}"#).unwrap();
+    let err = EmbeddedLog::open(dir.path(), &cfg()).unwrap_err();
+    assert!(
+        err.to_string().contains("log format 3 is not supported"),
+        "{err}"
+    );
+}
+
 /// The byte offsets of the frames of a segment, from their headers (`body_len` is the
 /// first four bytes, little-endian; the header is 32 bytes).
 fn frame_offsets(bytes: &[u8]) -> Vec<u64> {

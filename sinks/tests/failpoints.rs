@@ -174,9 +174,10 @@ fn a_failed_log_fsync_is_never_acknowledged_and_stops_the_shard() {
         assert_all_unavailable(&after, "appends after a failed fsync");
         assert!(log.check_writable().await.is_err());
 
-        // A power cut now loses what the failed fsync did not cover (the failed groups).
+        // A power cut now loses what the failed fsync did not cover (the failed groups),
+        // and whatever of the segments no checkpoint fsynced: the journal holds that.
+        log.halt().await;
         power_cut(&watch);
-        let _ = log.close().await;
         drop(log);
         let counts = payload_counts(&root).await;
         assert_exactly_once(&counts, &acked);
@@ -237,12 +238,10 @@ fn a_failed_log_write_is_undone_to_the_frame_boundary_and_the_shard_goes_on() {
             acked.extend(self::acked(&after));
             log.check_writable().await.unwrap();
 
-            assert_eq!(
-                power_cut(&watch),
-                0,
-                "{name}: an acknowledged write was not fsynced"
-            );
-            log.close().await.unwrap();
+            // A power cut with the writer idle: the segments lose what no checkpoint
+            // fsynced, and the journal gives it back.
+            log.halt().await;
+            power_cut(&watch);
             drop(log);
             let counts = payload_counts(&root).await;
             assert_exactly_once(&counts, &acked);
@@ -300,13 +299,13 @@ fn every_acknowledged_record_survives_a_power_cut() {
             acked.extend(self::acked(&outcomes));
         }
         assert_eq!(acked.len(), 800);
-        // The writer is idle: every acknowledged byte must already be fsynced.
-        assert_eq!(
-            power_cut(&watch),
-            0,
-            "acknowledged records were not fsynced"
+        // A power cut with the writer idle: the segments lose what no checkpoint fsynced
+        // (here, what was written since the last roll), and the journal gives it back.
+        log.halt().await;
+        assert!(
+            power_cut(&watch) > 0,
+            "the power cut took nothing: it tests nothing"
         );
-        log.close().await.unwrap();
         drop(log);
         assert_exactly_once(&payload_counts(&root).await, &acked);
     });
@@ -410,8 +409,13 @@ fn a_failed_outbox_fsync_refuses_until_restarted_and_loses_nothing_published() {
         let reopened = EmbeddedOutbox::open(&outbox_dir).unwrap();
         assert_eq!(reopened.last_published().await.unwrap().get(""), Some(&4));
         reopened.publish(&entries(5..=6)).await.unwrap();
-        assert_eq!(power_cut(&watch), 0, "a published event was not fsynced");
+        // Dropped, the log checkpoints: its segments hold everything, fsynced.
         drop(reopened);
+        assert_eq!(
+            power_cut(&watch),
+            0,
+            "a clean close left a published event unsynced"
+        );
         let reopened = EmbeddedOutbox::open(&outbox_dir).unwrap();
         assert_eq!(reopened.last_published().await.unwrap().get(""), Some(&6));
         assert_outbox_holds(&outbox_dir, 6);
@@ -447,6 +451,85 @@ fn a_checkpoint_is_committed_only_once_fsynced() {
             reopened.checkpoint("lake", &shard).await.unwrap(),
             Some(seq(7)),
             "a committed checkpoint did not survive a power cut"
+        );
+    });
+}
+
+/// Four shards, one durable group: the journal's one fsync makes every shard's part of it
+/// durable, where each shard's segment used to take its own.
+#[test]
+fn one_fsync_makes_a_group_durable_on_every_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("stream");
+    let cfg = EmbeddedStreamConfig { shards: 4, ..cfg() };
+    rt().block_on(async {
+        let log = EmbeddedLog::open(&root, &cfg).unwrap();
+        let records: Vec<Record> = (0..200)
+            .map(|i| Record {
+                key: format!("key-{i}"),
+                payload: Bytes::from(format!("p-{i}")),
+            })
+            .collect();
+        let syncs = failpoint::arm(Op::Sync, &root, Fault::Count);
+        let results = log.append(records).await;
+        let shards: std::collections::HashSet<String> = results
+            .iter()
+            .map(|r| r.as_ref().expect("appended").shard.0.clone())
+            .collect();
+        assert_eq!(shards.len(), 4, "the records did not reach every shard");
+        assert_eq!(
+            syncs.hits(),
+            1,
+            "a group across four shards took {} fsyncs",
+            syncs.hits()
+        );
+        drop(syncs);
+        log.close().await.unwrap();
+    });
+}
+
+/// A group whose journal write failed halfway, and whose undo failed too, left its frames
+/// whole in the segment and a torn entry in the journal. It was never acknowledged, and
+/// the reopened log does not hold it, even where the watermark is lost and recovery has
+/// only the frames to go by.
+#[test]
+fn a_group_whose_journal_entry_is_torn_is_not_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("stream");
+    rt().block_on(async {
+        let log = Arc::new(EmbeddedLog::open(&root, &cfg()).unwrap());
+        let acked = acked(&append_concurrently(&log, "before", 2, 10).await);
+        assert_eq!(acked.len(), 20);
+        let journal = root.join("journal");
+        let write = failpoint::arm_times(Op::Write, &journal, Fault::ShortWrite, 1);
+        let undo = failpoint::arm_times(Op::SetLen, &root, Fault::Eio, 2);
+        let failed = append_concurrently(&log, "torn", 1, 5).await;
+        assert_eq!(
+            (write.hits(), undo.hits()),
+            (1, 2),
+            "the faults did not fire"
+        );
+        assert_all_unavailable(&failed, "a group whose journal write failed");
+        log.halt().await;
+        drop(log);
+
+        let contents = floodgate_sinks::log_journal::read(&journal).unwrap();
+        assert!(contents.torn_bytes > 0, "the journal has no torn entry");
+        let report = floodgate_sinks::log_verify::check(&root).unwrap();
+        assert!(
+            report.notes.iter().any(|n| n.contains("the journal holds")),
+            "verify does not mention the journal: {:?}",
+            report.notes
+        );
+        // Without a watermark, recovery keeps whole frames at a segment's end.
+        std::fs::remove_file(root.join("shard-0000").join("durable")).unwrap();
+        let counts = payload_counts(&root).await;
+        assert_exactly_once(&counts, &acked);
+        assert_eq!(counts.len(), acked.len(), "{counts:?}");
+        let contents = floodgate_sinks::log_journal::read(&journal).unwrap();
+        assert!(
+            contents.entries.is_empty() && contents.torn_bytes == 0,
+            "open left the journal full"
         );
     });
 }

@@ -141,7 +141,7 @@ impl StreamFixture for InProcessLog {
     }
 
     /// Puts whole, valid frames of `records` in the segment files past the log's durable
-    /// watermark, as its writer thread leaves them between its write and its fsync. The
+    /// watermark, as its writer thread leaves them between its write and the fsync. The
     /// frames come from a copy of the log that appends `records` after the same history,
     /// so they carry the sequences the log would give them.
     async fn write_without_durability(&self, records: Vec<Record>) -> bool {

@@ -12,7 +12,8 @@
 //!  32     …    body            records: key_len u16 | payload_len u32 | key | payload
 //! ```
 //!
-//! A frame is written whole and fsynced before any of its records is acknowledged, so a
+//! A frame is written whole, and made durable (fsynced in the journal, which open replays
+//! into the segment) before any of its records is acknowledged, so a
 //! crash can only leave torn frames past the shard's durable watermark, which recovery
 //! detects by length, CRC or sequence and truncates. A bad frame below the watermark is
 //! damage to acknowledged records: recovery refuses it and readers fail on it, naming the

@@ -5,16 +5,21 @@
 //! ```text
 //! meta.json                     shard count and format; fixed at creation
 //! LOCK                          held (flock) by the one process that writes
+//! journal                       frames not yet fsynced in their segments (journal.rs)
 //! shard-0000/00000000000000000000.seg   segments, named by their first sequence
 //! shard-0000/durable            the shard's published durable watermark
 //! checkpoints/<consumer>.json   consumers' checkpoints (see EmbeddedCheckpoints)
 //! ```
 //!
-//! Writes: each shard has one writer thread that owns the active segment. Appends queue
-//! to it; the thread takes everything queued (waiting up to `group_commit_max_delay_us`
-//! for more, and while the edge is busy up to `group_commit_linger_us`), writes it as record-batch frames with one `write`, calls `fdatasync` once,
-//! and only then answers every append in the group. So concurrent requests share an
-//! fsync, and an acknowledged record is on disk.
+//! Writes: one writer thread owns every shard's active segment and the log's journal.
+//! Appends queue to it; the thread takes everything queued (waiting up to
+//! `group_commit_max_delay_us` for more, and while the edge is busy up to
+//! `group_commit_linger_us`), writes each shard's part as record-batch frames with one
+//! `write` to that shard's segment, writes the same frames to the journal, calls `fdatasync`
+//! once, on the journal, and only then answers every append in the group. So concurrent
+//! requests share an fsync, however many shards they touch, and an acknowledged record is
+//! on disk: in its segment, or, until the next checkpoint fsyncs the segments, in the
+//! journal, which open replays into them (see `journal.rs`).
 //!
 //! Reads never return a record beyond the shard's durable watermark: in this process the
 //! writer's in-memory watermark; in another process (`floodgate process`, `floodgate stream
@@ -31,6 +36,7 @@
 //! [`verify::repair`] repairs with the operator's consent.
 
 pub mod frame;
+pub mod journal;
 mod segment;
 pub mod snapshot;
 pub mod verify;
@@ -59,8 +65,12 @@ use crate::checkpoint;
 use crate::failpoint;
 use segment::{Position, ScanEnd, Segment, Watermark};
 
-/// Version of the on-disk format written in `meta.json`.
-const FORMAT_VERSION: u32 = 1;
+/// Version of the on-disk format written in `meta.json`. 2: the journal (`journal.rs`) may
+/// hold acknowledged frames that a segment does not yet hold durably, so a floodgate that
+/// does not replay it must not open the log. A log of format 1 is upgraded at open.
+const FORMAT_VERSION: u32 = 2;
+/// The format before the journal; opened and upgraded.
+const FORMAT_BEFORE_JOURNAL: u32 = 1;
 /// How often a writer retries publishing its watermark after a failed publication.
 /// While a group lingers, how often it looks again whether the edge is still busy.
 const LINGER_SLICE: Duration = Duration::from_micros(250);
@@ -158,12 +168,22 @@ struct ShardShared {
 enum Command {
     Append(AppendRequest),
     Close(oneshot::Sender<io::Result<()>>),
+    /// Stop at once, syncing nothing, as a crash would (tests only: see `EmbeddedLog::halt`).
+    #[cfg(feature = "failpoints")]
+    Halt(oneshot::Sender<()>),
 }
 
+/// One append call: its records, split by shard. The reply has one outcome per part: the
+/// sequence of the part's first record, or why it was not appended.
 struct AppendRequest {
-    records: Vec<Record>,
+    parts: Vec<Part>,
     bytes: u64,
-    reply: oneshot::Sender<Result<u64, AppendError>>,
+    reply: oneshot::Sender<Vec<Result<u64, AppendError>>>,
+}
+
+struct Part {
+    shard: u32,
+    records: Vec<Record>,
 }
 
 /// Where a read of one shard left off: lets a sequential reader resume without
@@ -205,14 +225,15 @@ impl Hints {
 pub struct EmbeddedLog {
     root: PathBuf,
     shards: Vec<Arc<ShardShared>>,
-    senders: Vec<mpsc::Sender<Command>>,
+    /// To the writer thread; `None` once dropped.
+    sender: Option<mpsc::Sender<Command>>,
     queued_bytes: Arc<AtomicU64>,
     /// Requests in progress at the edge, as it counts them (see `StreamWriter::incoming`);
     /// the writers' group commit lingers while there are enough of them.
     incoming: Arc<AtomicUsize>,
     max_queued_bytes: u64,
     closed: AtomicBool,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
     hints: Mutex<HashMap<u32, Hints>>,
     _lock: File,
 }
@@ -243,7 +264,7 @@ impl EmbeddedLog {
                     cfg.shards
                 )));
             }
-            Some(meta) if meta.format != FORMAT_VERSION => {
+            Some(meta) if meta.format != FORMAT_VERSION && meta.format != FORMAT_BEFORE_JOURNAL => {
                 return Err(StreamError::Corrupt(format!(
                     "log format {} is not supported (expected {FORMAT_VERSION})",
                     meta.format
@@ -260,12 +281,34 @@ impl EmbeddedLog {
             }
         };
         fs::create_dir_all(root.join(checkpoint::DIR))?;
+        // Every frame the journal holds goes back into its segment before any shard's
+        // recovery looks at the segment's tail.
+        let replayed = journal::replay(root, meta.shards)?;
+        if replayed.entries > 0 || replayed.torn_bytes > 0 {
+            tracing::info!(
+                entries = replayed.entries,
+                bytes = replayed.bytes,
+                cut_bytes = replayed.cut_bytes,
+                torn_bytes = replayed.torn_bytes,
+                "replayed the journal into the segments"
+            );
+        }
+        if meta.format == FORMAT_BEFORE_JOURNAL {
+            let upgraded = LogMeta {
+                format: FORMAT_VERSION,
+                shards: meta.shards,
+            };
+            write_atomically(
+                &root.join("meta.json"),
+                &serde_json::to_vec(&upgraded).unwrap(),
+            )?;
+            tracing::info!(root = %root.display(), "upgraded the log to format {FORMAT_VERSION} (journal)");
+        }
 
         let queued_bytes = Arc::new(AtomicU64::new(0));
         let incoming = Arc::new(AtomicUsize::new(0));
         let mut shards = Vec::new();
-        let mut senders = Vec::new();
-        let mut threads = Vec::new();
+        let mut writers = Vec::new();
         for index in 0..meta.shards {
             let dir = shard_dir(root, index);
             fs::create_dir_all(&dir)?;
@@ -316,43 +359,53 @@ impl EmbeddedLog {
                 write_error: Mutex::new(None),
             });
             let file = OpenOptions::new().append(true).open(&active.path)?;
-            let writer = ShardWriter {
+            writers.push(ShardWriter {
                 index,
                 shared: shared.clone(),
                 root: root.to_owned(),
                 file,
                 durable_file,
                 publish_pending: false,
+                segment_base: active.base,
                 segment_len: recovered.valid_len,
+                dirty: false,
                 next_seq: recovered.next_sequence,
                 segment_bytes: cfg.segment_bytes,
                 retention_bytes: cfg.retention_bytes,
-                max_delay: Duration::from_micros(cfg.group_commit_max_delay_us),
-                linger: Duration::from_micros(cfg.group_commit_linger_us),
-                group_max_bytes: cfg.group_commit_max_bytes,
-                compress: cfg.compression == Compression::Zstd,
-                queued_bytes: queued_bytes.clone(),
-                incoming: incoming.clone(),
                 buf: Vec::new(),
-            };
-            let (tx, rx) = mpsc::channel();
-            let handle = std::thread::Builder::new()
-                .name(format!("fg-log-{index}"))
-                .spawn(move || writer.run(rx))?;
+            });
             shards.push(shared);
-            senders.push(tx);
-            threads.push(handle);
         }
+        let journal_path = journal::path(root);
+        let journal = OpenOptions::new().append(true).open(&journal_path)?;
+        let writer = LogWriter {
+            shards: writers,
+            journal,
+            journal_path,
+            journal_len: journal::EMPTY_LEN,
+            journal_buf: Vec::new(),
+            max_delay: Duration::from_micros(cfg.group_commit_max_delay_us),
+            linger: Duration::from_micros(cfg.group_commit_linger_us),
+            group_max_bytes: cfg.group_commit_max_bytes,
+            compress: cfg.compression == Compression::Zstd,
+            queued_bytes: queued_bytes.clone(),
+            incoming: incoming.clone(),
+            broken: None,
+        };
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("fg-log-writer".into())
+            .spawn(move || writer.run(rx))?;
         tracing::info!(root = %root.display(), shards = meta.shards, "embedded log open");
         Ok(EmbeddedLog {
             root: root.to_owned(),
             shards,
-            senders,
+            sender: Some(tx),
             queued_bytes,
             incoming,
             max_queued_bytes: cfg.max_queued_bytes,
             closed: AtomicBool::new(false),
-            threads: Mutex::new(threads),
+            thread: Mutex::new(Some(thread)),
             hints: Mutex::new(HashMap::new()),
             _lock: lock,
         })
@@ -382,6 +435,24 @@ impl EmbeddedLog {
             .find_map(|s| s.failed.lock().unwrap().clone())
     }
 
+    /// Stops the writer the way a crash would: what is queued is dropped unanswered and
+    /// nothing more is written or synced. With [`crate::failpoint::Watch::lose_unsynced`]
+    /// this is a power cut; the log can be opened again once this is dropped.
+    #[cfg(feature = "failpoints")]
+    pub async fn halt(&self) {
+        self.closed.store(true, Ordering::Release);
+        if let Some(tx) = &self.sender {
+            let (ack, rx) = oneshot::channel();
+            if tx.send(Command::Halt(ack)).is_ok() {
+                let _ = rx.await;
+            }
+        }
+        let thread = self.thread.lock().unwrap().take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+
     pub fn watch_durable(&self, shard: u32) -> Option<watch::Receiver<u64>> {
         self.shards
             .get(shard as usize)
@@ -400,8 +471,12 @@ impl EmbeddedLog {
 
 impl Drop for EmbeddedLog {
     fn drop(&mut self) {
-        // Let the writer threads finish what is queued; they exit when the channel closes.
-        self.senders.clear();
+        // Let the writer finish what is queued and checkpoint; it exits when the channel
+        // closes. Waiting for it means that once the log is dropped its files are settled.
+        self.sender.take();
+        if let Some(t) = self.thread.get_mut().unwrap().take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -416,8 +491,9 @@ impl StreamWriter for EmbeddedLog {
         }
         // Split by shard, keeping input order within each shard.
         let shard_count = self.shard_count();
-        let mut per_shard: Vec<(Vec<usize>, Vec<Record>, u64)> =
+        let mut per_shard: Vec<(Vec<usize>, Vec<Record>)> =
             (0..shard_count).map(|_| Default::default()).collect();
+        let mut bytes = 0u64;
         for (i, record) in records.into_iter().enumerate() {
             if record.key.len() > MAX_KEY_BYTES {
                 results[i] = Some(Err(AppendError::Refused(format!(
@@ -433,63 +509,92 @@ impl StreamWriter for EmbeddedLog {
             }
             let shard = shard_for_key(&record.key, shard_count) as usize;
             let slot = &mut per_shard[shard];
-            slot.2 += (record.key.len() + record.payload.len() + 6) as u64;
+            bytes += (record.key.len() + record.payload.len() + 6) as u64;
             slot.0.push(i);
             slot.1.push(record);
         }
-        let mut waiting = Vec::new();
-        for (shard, (indexes, records, bytes)) in per_shard.into_iter().enumerate() {
+        let refuse = |results: &mut Vec<Option<Result<Appended, AppendError>>>,
+                      indexes: &[usize],
+                      e: &AppendError| {
+            for &i in indexes {
+                results[i] = Some(Err(e.clone()));
+            }
+        };
+        let mut parts = Vec::new();
+        let mut part_indexes = Vec::new();
+        for (shard, (indexes, records)) in per_shard.into_iter().enumerate() {
             if indexes.is_empty() {
                 continue;
             }
-            let refuse = |results: &mut Vec<Option<Result<Appended, AppendError>>>,
-                          e: AppendError| {
-                for &i in &indexes {
-                    results[i] = Some(Err(e.clone()));
-                }
-            };
             if let Some(reason) = self.shards[shard].failed.lock().unwrap().clone() {
-                refuse(&mut results, AppendError::Unavailable(reason));
+                bytes -= records
+                    .iter()
+                    .map(|r| (r.key.len() + r.payload.len() + 6) as u64)
+                    .sum::<u64>();
+                refuse(&mut results, &indexes, &AppendError::Unavailable(reason));
                 continue;
             }
+            parts.push(Part {
+                shard: shard as u32,
+                records,
+            });
+            part_indexes.push((shard, indexes));
+        }
+        let everything = |results: &mut Vec<Option<Result<Appended, AppendError>>>,
+                          part_indexes: &[(usize, Vec<usize>)],
+                          e: AppendError| {
+            for (_, indexes) in part_indexes {
+                refuse(results, indexes, &e);
+            }
+        };
+        if !parts.is_empty() {
             let queued = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
+            let sender = self.sender.as_ref();
             if queued > self.max_queued_bytes {
                 self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
                 metrics::counter!("floodgate_stream_append_refused_total", "reason" => "queue_full")
-                    .increment(indexes.len() as u64);
-                refuse(
+                    .increment(part_indexes.iter().map(|(_, i)| i.len() as u64).sum());
+                everything(
                     &mut results,
+                    &part_indexes,
                     AppendError::Busy {
                         retry_after_ms: 1000,
                     },
                 );
-                continue;
-            }
-            let (reply, rx) = oneshot::channel();
-            let cmd = Command::Append(AppendRequest {
-                records,
-                bytes,
-                reply,
-            });
-            if self.senders[shard].send(cmd).is_err() {
-                self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-                refuse(
-                    &mut results,
-                    AppendError::Unavailable("the log writer stopped".into()),
-                );
-                continue;
-            }
-            waiting.push((shard, indexes, rx));
-        }
-        for (shard, indexes, rx) in waiting {
-            let outcome = rx
-                .await
-                .unwrap_or_else(|_| Err(AppendError::Unavailable("the log writer stopped".into())));
-            for (k, &i) in indexes.iter().enumerate() {
-                results[i] = Some(outcome.clone().map(|base| Appended {
-                    shard: ShardId(shard.to_string()),
-                    sequence: SequenceNumber::from_u64(base + k as u64),
-                }));
+            } else {
+                let (reply, rx) = oneshot::channel();
+                let cmd = Command::Append(AppendRequest {
+                    parts,
+                    bytes,
+                    reply,
+                });
+                if sender.is_none_or(|tx| tx.send(cmd).is_err()) {
+                    self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                    everything(
+                        &mut results,
+                        &part_indexes,
+                        AppendError::Unavailable("the log writer stopped".into()),
+                    );
+                } else {
+                    match rx.await {
+                        Ok(outcomes) => {
+                            for ((shard, indexes), outcome) in part_indexes.iter().zip(outcomes) {
+                                let id = ShardId(shard.to_string());
+                                for (k, &i) in indexes.iter().enumerate() {
+                                    results[i] = Some(outcome.clone().map(|base| Appended {
+                                        shard: id.clone(),
+                                        sequence: SequenceNumber::from_u64(base + k as u64),
+                                    }));
+                                }
+                            }
+                        }
+                        Err(_) => everything(
+                            &mut results,
+                            &part_indexes,
+                            AppendError::Unavailable("the log writer stopped".into()),
+                        ),
+                    }
+                }
             }
         }
         metrics::histogram!("floodgate_stream_append_duration_seconds")
@@ -528,27 +633,22 @@ impl StreamWriter for EmbeddedLog {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let mut acks = Vec::new();
-        for tx in &self.senders {
-            let (ack, rx) = oneshot::channel();
-            if tx.send(Command::Close(ack)).is_ok() {
-                acks.push(rx);
+        let outcome = match &self.sender {
+            Some(tx) => {
+                let (ack, rx) = oneshot::channel();
+                if tx.send(Command::Close(ack)).is_ok() {
+                    rx.await.unwrap_or(Ok(()))
+                } else {
+                    Ok(())
+                }
             }
-        }
-        let mut first_err = None;
-        for rx in acks {
-            if let Ok(Err(e)) = rx.await {
-                first_err.get_or_insert(e);
-            }
-        }
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap());
-        for t in threads {
+            None => Ok(()),
+        };
+        let thread = self.thread.lock().unwrap().take();
+        if let Some(t) = thread {
             let _ = t.join();
         }
-        match first_err {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
+        outcome.map_err(Into::into)
     }
 }
 
@@ -839,7 +939,29 @@ impl StreamReader for EmbeddedLogReader {
     }
 }
 
-/// The writer thread of one shard: the only code that writes its segments.
+/// The log's writer thread: the only code that writes segments and the journal.
+struct LogWriter {
+    shards: Vec<ShardWriter>,
+    /// The journal, opened for appending; `journal_len` is its length.
+    journal: File,
+    journal_path: PathBuf,
+    journal_len: u64,
+    journal_buf: Vec<u8>,
+    max_delay: Duration,
+    /// How long a group may wait for more while the edge is busy (`group_commit_linger_us`).
+    linger: Duration,
+    group_max_bytes: u64,
+    /// Requests in progress at the edge (see `StreamWriter::incoming`).
+    incoming: Arc<AtomicUsize>,
+    compress: bool,
+    queued_bytes: Arc<AtomicU64>,
+    /// Why the log stopped (an fsync failed), if it did. A stopped log never checkpoints:
+    /// the segments' unsynced pages may be gone, and the journal is what the next open
+    /// replays.
+    broken: Option<String>,
+}
+
+/// One shard's active segment and watermark, as the writer keeps them.
 struct ShardWriter {
     index: u32,
     shared: Arc<ShardShared>,
@@ -849,31 +971,50 @@ struct ShardWriter {
     durable_file: File,
     /// The last publication failed; retried until one succeeds.
     publish_pending: bool,
+    /// The active segment's first sequence (its name).
+    segment_base: u64,
     segment_len: u64,
+    /// Written since the last checkpoint: the journal holds frames the segment may not
+    /// hold durably yet.
+    dirty: bool,
     next_seq: u64,
     segment_bytes: u64,
     retention_bytes: u64,
-    max_delay: Duration,
-    /// How long a group may wait for more while the edge is busy (`group_commit_linger_us`).
-    linger: Duration,
-    group_max_bytes: u64,
-    /// Requests in progress at the edge (see `StreamWriter::incoming`).
-    incoming: Arc<AtomicUsize>,
-    compress: bool,
-    queued_bytes: Arc<AtomicU64>,
+    /// This group's frames for the shard.
     buf: Vec<u8>,
 }
 
-impl ShardWriter {
+/// Where one request's part is in a group: request, part, shard.
+#[derive(Clone, Copy)]
+struct Slot {
+    shard: u32,
+    request: usize,
+    part: usize,
+}
+
+/// A shard's frames of this group, written to its segment and waiting for the journal.
+struct Written {
+    shard: usize,
+    /// The slots whose records the frames hold, with the sequence of each one's first.
+    slots: Vec<(Slot, u64)>,
+    next_seq: u64,
+    records: u64,
+}
+
+type Outcomes = Vec<Vec<Option<Result<u64, AppendError>>>>;
+
+impl LogWriter {
     fn run(mut self, rx: mpsc::Receiver<Command>) {
         loop {
-            // While a publication of the watermark is owed, wake up now and then to retry
+            // While a publication of a watermark is owed, wake up now and then to retry
             // it, so that an idle shard's records do not stay invisible to other processes.
-            let first = if self.publish_pending {
+            let first = if self.shards.iter().any(|s| s.publish_pending) {
                 match rx.recv_timeout(PUBLISH_RETRY) {
                     Ok(cmd) => cmd,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.publish(self.next_seq);
+                        for s in self.shards.iter_mut().filter(|s| s.publish_pending) {
+                            s.publish(s.next_seq);
+                        }
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -893,6 +1034,11 @@ impl ShardWriter {
                     group.push(req);
                 }
                 Command::Close(ack) => close = Some(ack),
+                #[cfg(feature = "failpoints")]
+                Command::Halt(ack) => {
+                    let _ = ack.send(());
+                    return;
+                }
             }
             let started = Instant::now();
             let deadline = started + self.max_delay;
@@ -938,23 +1084,276 @@ impl ShardWriter {
                         group.push(req);
                     }
                     Command::Close(ack) => close = Some(ack),
+                    #[cfg(feature = "failpoints")]
+                    Command::Halt(ack) => {
+                        let _ = ack.send(());
+                        return;
+                    }
                 }
             }
             if !group.is_empty() {
                 self.commit(group);
+                if self.journal_len >= journal::CHECKPOINT_BYTES {
+                    self.checkpoint_or_fail();
+                }
             }
             if let Some(ack) = close {
-                if self.publish_pending {
-                    self.publish(self.next_seq);
-                }
-                let _ = ack.send(failpoint::sync_all(&self.file, &self.shared.dir));
+                let _ = ack.send(self.close());
                 return;
             }
         }
         // Channel closed without an explicit close (the log was dropped).
-        let _ = failpoint::sync_all(&self.file, &self.shared.dir);
+        let _ = self.close();
     }
 
+    /// Makes everything written durable in the segments (a checkpoint) and publishes what
+    /// is owed.
+    fn close(&mut self) -> io::Result<()> {
+        self.checkpoint()?;
+        for s in self.shards.iter_mut().filter(|s| s.publish_pending) {
+            s.publish(s.next_seq);
+        }
+        Ok(())
+    }
+
+    /// Fsyncs every segment written since the last checkpoint, then empties the journal:
+    /// from here on the segments alone hold what was acknowledged.
+    fn checkpoint(&mut self) -> io::Result<()> {
+        if let Some(reason) = &self.broken {
+            return Err(io::Error::other(format!(
+                "the log stopped ({reason}); the next open replays the journal"
+            )));
+        }
+        let started = Instant::now();
+        for s in self.shards.iter_mut().filter(|s| s.dirty) {
+            failpoint::sync_data(&s.file, &s.shared.dir)?;
+            s.dirty = false;
+        }
+        if self.journal_len > journal::EMPTY_LEN {
+            failpoint::set_len(&self.journal, journal::EMPTY_LEN, &self.journal_path)?;
+            failpoint::sync_all(&self.journal, &self.journal_path)?;
+            self.journal_len = journal::EMPTY_LEN;
+        }
+        metrics::histogram!("floodgate_stream_checkpoint_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// A checkpoint; one that fails stops the log (a segment's fsync failed, or the journal
+    /// cannot be emptied and its length is no longer known).
+    fn checkpoint_or_fail(&mut self) -> bool {
+        if self.broken.is_some() {
+            return false;
+        }
+        match self.checkpoint() {
+            Ok(()) => true,
+            Err(e) => {
+                self.fail_all(format!("checkpoint failed: {e}"));
+                false
+            }
+        }
+    }
+
+    fn fail_all(&mut self, reason: String) {
+        tracing::error!(%reason, "log writer failed; appends are refused until restart");
+        for s in &self.shards {
+            *s.shared.failed.lock().unwrap() = Some(reason.clone());
+        }
+        self.broken.get_or_insert(reason);
+    }
+
+    fn commit(&mut self, group: Vec<AppendRequest>) {
+        let mut outcomes: Outcomes = group.iter().map(|r| vec![None; r.parts.len()]).collect();
+        let mut slots: Vec<Slot> = group
+            .iter()
+            .enumerate()
+            .flat_map(|(request, r)| {
+                r.parts.iter().enumerate().map(move |(part, p)| Slot {
+                    shard: p.shard,
+                    request,
+                    part,
+                })
+            })
+            .collect();
+        // By shard, each shard's parts in the order they came (a stable sort).
+        slots.sort_by_key(|s| s.shard);
+
+        // A shard about to roll seals its segment: first make the journal hold nothing
+        // for it, so that replay never writes into a sealed segment (which retention may
+        // delete).
+        let rolls = slots.iter().any(|slot| {
+            let s = &self.shards[slot.shard as usize];
+            s.segment_len >= s.segment_bytes
+        });
+        if rolls {
+            // One that fails stops every shard, and the loop below refuses every part.
+            self.checkpoint_or_fail();
+        }
+
+        self.journal_buf.clear();
+        let ts = now_ms();
+        let mut written: Vec<Written> = Vec::new();
+        let mut start = 0;
+        while start < slots.len() {
+            let shard = slots[start].shard as usize;
+            let end = start
+                + slots[start..]
+                    .iter()
+                    .take_while(|s| s.shard as usize == shard)
+                    .count();
+            let these = &slots[start..end];
+            start = end;
+            let s = &mut self.shards[shard];
+            let refuse = |outcomes: &mut Outcomes, e: AppendError| {
+                for slot in these {
+                    outcomes[slot.request][slot.part] = Some(Err(e.clone()));
+                }
+            };
+            if let Some(reason) = s.shared.failed.lock().unwrap().clone() {
+                refuse(&mut outcomes, AppendError::Unavailable(reason));
+                continue;
+            }
+            if s.segment_len >= s.segment_bytes
+                && let Err(e) = s.roll()
+            {
+                s.fail(format!("cannot roll segment: {e}"));
+                refuse(
+                    &mut outcomes,
+                    AppendError::Unavailable(format!("cannot roll segment: {e}")),
+                );
+                continue;
+            }
+            let parts = these
+                .iter()
+                .map(|slot| (*slot, &group[slot.request].parts[slot.part].records[..]));
+            let encoded = match s.encode(parts, ts, self.compress) {
+                Ok(encoded) => encoded,
+                Err(e) => {
+                    refuse(
+                        &mut outcomes,
+                        AppendError::Refused(format!("cannot encode records: {e}")),
+                    );
+                    continue;
+                }
+            };
+            if let Err(e) = failpoint::write_all(&mut s.file, &s.buf, &s.shared.dir) {
+                s.undo_write(&e);
+                refuse(
+                    &mut outcomes,
+                    AppendError::Unavailable(format!("write failed: {e}")),
+                );
+                continue;
+            }
+            journal::push_entry(
+                &mut self.journal_buf,
+                s.index,
+                s.segment_base,
+                s.segment_len,
+                &s.buf,
+            );
+            written.push(encoded);
+        }
+
+        if !written.is_empty() {
+            self.make_durable(&mut outcomes, written);
+        }
+        let mut released = 0;
+        for (req, outcome) in group.into_iter().zip(outcomes) {
+            released += req.bytes;
+            let outcome = outcome
+                .into_iter()
+                .map(|o| o.unwrap_or(Err(AppendError::Unavailable("not appended".into()))))
+                .collect();
+            let _ = req.reply.send(outcome);
+        }
+        self.queued_bytes.fetch_sub(released, Ordering::AcqRel);
+    }
+
+    /// Writes the group's journal entries and fsyncs the journal; then the shards' new
+    /// records are durable: publish them and settle their outcomes. Any failure undoes the
+    /// group's writes (or stops the log, when it cannot) and refuses every written part.
+    fn make_durable(&mut self, outcomes: &mut Outcomes, written: Vec<Written>) {
+        let refuse_written = |outcomes: &mut Outcomes, written: &[Written], e: AppendError| {
+            for w in written {
+                for (slot, _) in &w.slots {
+                    outcomes[slot.request][slot.part] = Some(Err(e.clone()));
+                }
+            }
+        };
+        if let Err(e) =
+            failpoint::write_all(&mut self.journal, &self.journal_buf, &self.journal_path)
+        {
+            // Undo the journal to its last entry, and the segments to their last frames.
+            if let Err(u) = failpoint::set_len(&self.journal, self.journal_len, &self.journal_path)
+            {
+                self.fail_all(format!(
+                    "journal write failed ({e}) and could not be undone ({u})"
+                ));
+            }
+            for w in &written {
+                self.shards[w.shard].undo_write(&e);
+            }
+            refuse_written(
+                outcomes,
+                &written,
+                AppendError::Unavailable(format!("write failed: {e}")),
+            );
+            return;
+        }
+        let fsync_started = Instant::now();
+        if let Err(e) = failpoint::sync_data(&self.journal, &self.journal_path) {
+            // After a failed fsync the kernel may have dropped the dirty pages; nothing
+            // written since the last good fsync can be trusted. Stop the log.
+            self.fail_all(format!("fsync failed: {e}"));
+            refuse_written(
+                outcomes,
+                &written,
+                AppendError::Unavailable(format!("fsync failed: {e}")),
+            );
+            return;
+        }
+        metrics::histogram!("floodgate_stream_fsync_duration_seconds")
+            .record(fsync_started.elapsed().as_secs_f64());
+        self.journal_len += self.journal_buf.len() as u64;
+        let mut records = 0;
+        let mut bytes = 0;
+        for w in written {
+            let s = &mut self.shards[w.shard];
+            {
+                let mut write_error = s.shared.write_error.lock().unwrap();
+                if write_error.take().is_some() {
+                    tracing::info!(shard = s.index, "writes succeed again");
+                }
+            }
+            records += w.records;
+            bytes += s.buf.len() as u64;
+            s.segment_len += s.buf.len() as u64;
+            s.dirty = true;
+            if s.buf.capacity() > 4 * FRAME_TARGET_BYTES {
+                s.buf = Vec::new();
+            }
+            // Publish the new watermark before acknowledging, so a reader that hears of an
+            // acknowledged record can always read it: to other processes (the file), then
+            // to this one.
+            s.publish(w.next_seq);
+            s.next_seq = w.next_seq;
+            s.shared.durable_next.store(w.next_seq, Ordering::Release);
+            s.shared.durable_tx.send_replace(w.next_seq);
+            for (slot, base) in w.slots {
+                outcomes[slot.request][slot.part] = Some(Ok(base));
+            }
+        }
+        if self.journal_buf.capacity() > 4 * FRAME_TARGET_BYTES {
+            self.journal_buf = Vec::new();
+        }
+        metrics::histogram!("floodgate_stream_group_commit_records").record(records as f64);
+        metrics::histogram!("floodgate_stream_group_commit_bytes").record(bytes as f64);
+        metrics::counter!("floodgate_stream_appended_records_total").increment(records);
+        metrics::counter!("floodgate_stream_written_bytes_total").increment(bytes);
+    }
+}
+
+impl ShardWriter {
     /// Publishes `next` as the durable watermark for readers in other processes. A failure
     /// leaves the old (lower) value in place, which is safe: those readers only lag until a
     /// later publication succeeds. The records themselves are durable either way.
@@ -981,131 +1380,57 @@ impl ShardWriter {
     }
 
     fn fail(&self, reason: String) {
-        tracing::error!(shard = self.index, %reason, "shard writer failed; appends to this shard are refused until restart");
+        tracing::error!(shard = self.index, %reason, "shard failed; appends to this shard are refused until restart");
         *self.shared.failed.lock().unwrap() = Some(reason);
     }
 
-    /// Answers every request of a group; `base` is the sequence of the group's first record
-    /// (meaningful for `Ok` outcomes only).
-    fn reply_all(
-        &self,
-        group: Vec<AppendRequest>,
-        base: u64,
-        outcome: impl Fn(u64) -> Result<u64, AppendError>,
-    ) {
-        let mut released = 0;
-        let mut base = base;
-        for req in group {
-            released += req.bytes;
-            let n = req.records.len() as u64;
-            let _ = req.reply.send(outcome(base));
-            base += n;
-        }
-        self.queued_bytes.fetch_sub(released, Ordering::AcqRel);
-    }
-
-    fn commit(&mut self, group: Vec<AppendRequest>) {
-        if let Some(reason) = self.shared.failed.lock().unwrap().clone() {
-            self.reply_all(group, 0, |_| Err(AppendError::Unavailable(reason.clone())));
-            return;
-        }
-        if self.segment_len >= self.segment_bytes
-            && let Err(e) = self.roll()
-        {
-            self.fail(format!("cannot roll segment: {e}"));
-            self.reply_all(group, 0, |_| {
-                Err(AppendError::Unavailable(format!(
-                    "cannot roll segment: {e}"
-                )))
-            });
-            return;
-        }
-        // Encode the group into frames of about FRAME_TARGET_BYTES.
+    /// Encodes the parts' records into `buf` as frames of about FRAME_TARGET_BYTES, from
+    /// the shard's next sequence on: each part with the sequence of its first record.
+    fn encode<'a>(
+        &mut self,
+        parts: impl Iterator<Item = (Slot, &'a [Record])>,
+        ts: i64,
+        compress: bool,
+    ) -> io::Result<Written> {
         self.buf.clear();
-        let ts = now_ms();
         let mut seq = self.next_seq;
+        let mut placed = Vec::new();
         let mut pending: Vec<(&str, &[u8])> = Vec::new();
         let mut pending_bytes = 0usize;
         let mut frame_base = seq;
-        let mut encode_err = None;
-        let mut record_count = 0u64;
-        for req in &group {
-            for r in &req.records {
+        for (slot, records) in parts {
+            placed.push((slot, seq));
+            for r in records {
                 pending.push((r.key.as_str(), &r.payload[..]));
                 pending_bytes += frame::record_len(&r.key, &r.payload);
                 seq += 1;
-                record_count += 1;
                 if pending_bytes >= FRAME_TARGET_BYTES {
-                    if let Err(e) =
-                        frame::encode(&mut self.buf, frame_base, ts, self.compress, &pending)
-                    {
-                        encode_err.get_or_insert(e);
-                    }
+                    frame::encode(&mut self.buf, frame_base, ts, compress, &pending)?;
                     pending.clear();
                     pending_bytes = 0;
                     frame_base = seq;
                 }
             }
         }
-        if !pending.is_empty()
-            && let Err(e) = frame::encode(&mut self.buf, frame_base, ts, self.compress, &pending)
-        {
-            encode_err.get_or_insert(e);
+        if !pending.is_empty() {
+            frame::encode(&mut self.buf, frame_base, ts, compress, &pending)?;
         }
-        drop(pending);
-        if let Some(e) = encode_err {
-            self.reply_all(group, 0, |_| {
-                Err(AppendError::Refused(format!("cannot encode records: {e}")))
-            });
-            return;
+        Ok(Written {
+            shard: self.index as usize,
+            slots: placed,
+            next_seq: seq,
+            records: seq - self.next_seq,
+        })
+    }
+
+    /// Undoes a failed (or unjournaled) write so the next group starts on a frame boundary.
+    fn undo_write(&mut self, e: &io::Error) {
+        let undo = failpoint::set_len(&self.file, self.segment_len, &self.shared.dir);
+        if let Err(u) = undo {
+            self.fail(format!("write failed ({e}) and could not be undone ({u})"));
         }
-        if let Err(e) = failpoint::write_all(&mut self.file, &self.buf, &self.shared.dir) {
-            // Undo a partial write so the next group starts on a frame boundary.
-            let undo = failpoint::set_len(&self.file, self.segment_len, &self.shared.dir);
-            if let Err(u) = undo {
-                self.fail(format!("write failed ({e}) and could not be undone ({u})"));
-            }
-            *self.shared.write_error.lock().unwrap() = Some(e.to_string());
-            metrics::counter!("floodgate_stream_write_errors_total").increment(1);
-            self.reply_all(group, 0, |_| {
-                Err(AppendError::Unavailable(format!("write failed: {e}")))
-            });
-            return;
-        }
-        let fsync_started = Instant::now();
-        if let Err(e) = failpoint::sync_data(&self.file, &self.shared.dir) {
-            // After a failed fsync the kernel may have dropped the dirty pages; nothing
-            // written since the last good fsync can be trusted. Stop this shard.
-            self.fail(format!("fsync failed: {e}"));
-            self.reply_all(group, 0, |_| {
-                Err(AppendError::Unavailable(format!("fsync failed: {e}")))
-            });
-            return;
-        }
-        metrics::histogram!("floodgate_stream_fsync_duration_seconds")
-            .record(fsync_started.elapsed().as_secs_f64());
-        {
-            let mut write_error = self.shared.write_error.lock().unwrap();
-            if write_error.take().is_some() {
-                tracing::info!(shard = self.index, "writes succeed again");
-            }
-        }
-        metrics::histogram!("floodgate_stream_group_commit_records").record(record_count as f64);
-        metrics::histogram!("floodgate_stream_group_commit_bytes").record(self.buf.len() as f64);
-        metrics::counter!("floodgate_stream_appended_records_total").increment(record_count);
-        metrics::counter!("floodgate_stream_written_bytes_total").increment(self.buf.len() as u64);
-        self.segment_len += self.buf.len() as u64;
-        if self.buf.capacity() > 4 * FRAME_TARGET_BYTES {
-            self.buf = Vec::new();
-        }
-        // Publish the new watermark before acknowledging, so a reader that hears of an
-        // acknowledged record can always read it: to other processes (the file), then to
-        // this one.
-        self.publish(seq);
-        let base = std::mem::replace(&mut self.next_seq, seq);
-        self.shared.durable_next.store(seq, Ordering::Release);
-        self.shared.durable_tx.send_replace(seq);
-        self.reply_all(group, base, Ok);
+        *self.shared.write_error.lock().unwrap() = Some(e.to_string());
+        metrics::counter!("floodgate_stream_write_errors_total").increment(1);
     }
 
     fn roll(&mut self) -> io::Result<()> {
@@ -1117,7 +1442,9 @@ impl ShardWriter {
             .open(&path)?;
         fsync_dir(&self.shared.dir)?;
         self.file = file;
+        self.segment_base = self.next_seq;
         self.segment_len = 0;
+        self.dirty = false;
         tracing::debug!(shard = self.index, base = self.next_seq, "rolled segment");
         if self.retention_bytes > 0
             && let Err(e) = self.enforce_retention()

@@ -24,7 +24,7 @@ use floodgate_core::progress::{Progress, Quiet, Unit};
 use floodgate_core::stream::StreamError;
 
 use super::segment::{self, Segment, SegmentCheck, Watermark};
-use super::{LogMeta, fsync_dir, shard_dir};
+use super::{LogMeta, fsync_dir, journal, shard_dir};
 
 /// One damaged place in a log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,6 +192,18 @@ fn verify_shards(
             problems: first_problem..report.problems.len(),
             ..f
         });
+    }
+    match journal::pending_entries(root) {
+        Ok(0) => {}
+        Ok(n) => report.notes.push(format!(
+            "the journal holds {n} entries not yet checkpointed into the segments: a running \
+             writer's latest appends, or, after a crash, acknowledged frames that the next open \
+             (or --repair) writes back into their segments before anything else; damage at the \
+             end of a shard's last segment may be one of them"
+        )),
+        Err(e) => report
+            .notes
+            .push(format!("the journal cannot be read: {e}")),
     }
     Ok((report, findings))
 }
@@ -444,6 +456,11 @@ pub fn repair(root: &Path) -> Result<(Vec<RepairAction>, LogReport), StreamError
              repairing",
             root.display()
         )));
+    }
+    // What the journal holds goes back into the segments first, as an open would do:
+    // damage it repairs is not damage.
+    if let Some(meta) = LogMeta::read(root)? {
+        journal::replay(root, meta.shards)?;
     }
     let (report, findings) = verify_shards(root, &Quiet)?;
     let mut actions = Vec::new();
