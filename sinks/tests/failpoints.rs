@@ -533,3 +533,92 @@ fn a_group_whose_journal_entry_is_torn_is_not_in_the_log() {
         );
     });
 }
+
+/// After a power cut the segments may lack what the journal holds. A reader in another
+/// process that opens the log before any writer has (a `lake rebuild`, `stream read`)
+/// gets every acknowledged record all the same.
+#[test]
+fn a_reader_after_a_power_cut_reads_what_only_the_journal_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("stream");
+    let watch = failpoint::watch(dir.path());
+    rt().block_on(async {
+        let log = Arc::new(EmbeddedLog::open(&root, &cfg()).unwrap());
+        let acked = acked(&append_concurrently(&log, "r", 4, 10).await);
+        assert_eq!(acked.len(), 40);
+        log.halt().await;
+        assert!(power_cut(&watch) > 0, "the power cut took nothing");
+        drop(log);
+
+        let reader = floodgate_sinks::EmbeddedLogReader::open(&root).unwrap();
+        let mut pos = StartPosition::TrimHorizon;
+        let mut read = Vec::new();
+        loop {
+            let batch = reader
+                .read(&ShardId("0".into()), &pos, 1_000)
+                .await
+                .unwrap();
+            if batch.records.is_empty() {
+                break;
+            }
+            read.extend(
+                batch
+                    .records
+                    .iter()
+                    .map(|r| String::from_utf8(r.payload.to_vec()).unwrap()),
+            );
+            pos = batch.next.unwrap();
+        }
+        read.sort();
+        let mut want = acked.clone();
+        want.sort();
+        assert_eq!(
+            read, want,
+            "the reader did not see every acknowledged record"
+        );
+    });
+}
+
+/// A journal damaged in its middle cannot say what came after the damage. When its
+/// readable entries end below what a shard acknowledged, open refuses and changes
+/// nothing: cutting the segments back to those entries would destroy acknowledged records
+/// that a crash (which keeps the page cache) left whole.
+#[test]
+fn a_journal_damaged_in_the_middle_is_refused_and_nothing_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("stream");
+    rt().block_on(async {
+        let log = Arc::new(EmbeddedLog::open(&root, &cfg()).unwrap());
+        for round in 0..3 {
+            let outcomes = append_concurrently(&log, &format!("g{round}"), 1, 10).await;
+            assert_eq!(acked(&outcomes).len(), 10);
+        }
+        log.halt().await;
+        drop(log);
+        let journal = root.join("journal");
+        let contents = floodgate_sinks::log_journal::read(&journal).unwrap();
+        assert_eq!(contents.entries.len(), 3, "one entry per group");
+        // Flip a byte of the second entry's frames: the first still reads.
+        let mut bytes = std::fs::read(&journal).unwrap();
+        let second = 8 + 28 + contents.entries[0].frames.len();
+        bytes[second + 28 + 5] ^= 0xff;
+        std::fs::write(&journal, &bytes).unwrap();
+        let before = segment_bytes(&root);
+
+        let err = EmbeddedLog::open(&root, &cfg()).unwrap_err();
+        assert!(
+            err.to_string().contains("journal") && err.to_string().contains("acknowledged"),
+            "{err}"
+        );
+        assert_eq!(
+            segment_bytes(&root),
+            before,
+            "the refused open cut a segment"
+        );
+        assert_eq!(
+            std::fs::read(&journal).unwrap(),
+            bytes,
+            "the journal was changed"
+        );
+    });
+}

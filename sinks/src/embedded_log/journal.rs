@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 
 use floodgate_core::stream::StreamError;
 
-use super::{fsync_dir, segment, shard_dir};
+use super::{frame, segment, shard_dir, write_atomically};
 use crate::failpoint;
 
 /// The journal's file name under the stream root.
@@ -84,6 +84,8 @@ pub struct Entry {
 #[derive(Debug, Default)]
 pub struct Contents {
     pub entries: Vec<Entry>,
+    /// Where the last whole entry ends.
+    pub valid_len: u64,
     /// Bytes after the last whole entry (a torn write that was never acknowledged).
     pub torn_bytes: u64,
 }
@@ -133,6 +135,7 @@ pub fn read(path: &Path) -> io::Result<Contents> {
         });
         at = end;
     }
+    contents.valid_len = at as u64;
     contents.torn_bytes = (bytes.len() - at) as u64;
     Ok(contents)
 }
@@ -156,62 +159,116 @@ pub struct Replayed {
     pub torn_bytes: u64,
 }
 
-/// Replays the journal of the log at `root` into its segments, fsyncs them, and empties the
-/// journal (creating it if there is none). Runs at open, before any shard's recovery, with
-/// the log's `LOCK` held.
+/// The sequence after the last record of the frames in `frames` (one entry's bytes).
+fn frames_end(frames: &[u8]) -> Option<u64> {
+    let mut at = 0usize;
+    let mut end = None;
+    while at < frames.len() {
+        let header: &[u8; frame::HEADER_LEN] =
+            frames.get(at..at + frame::HEADER_LEN)?.try_into().ok()?;
+        let h = frame::Header::parse(header)?;
+        end = Some(h.next_sequence());
+        at = at.checked_add(usize::try_from(h.frame_len()).ok()?)?;
+    }
+    (at == frames.len()).then_some(end).flatten()
+}
+
+/// Replays the journal of the log at `root` into its segments and fsyncs them; the journal
+/// itself is left as it is (see [`reset`]). Writing an entry back is idempotent, so this
+/// may run any number of times before the journal is emptied. Runs with the log's `LOCK`
+/// held: at open, before any shard's recovery; in `verify --repair`; and before an offline
+/// reader reads ([`settle`]).
+///
+/// Refuses, changing nothing, a journal that would take acknowledged records away: one
+/// whose entries for a shard end below the watermark that shard published (a journal
+/// damaged in the middle, whose later entries cannot be read), or that names a segment that
+/// does not exist.
 pub fn replay(root: &Path, shards: u32) -> Result<Replayed, StreamError> {
     let path = path(root);
-    let contents =
-        read(&path).map_err(|e| StreamError::Corrupt(format!("{}: {e}", path.display())))?;
+    let corrupt = |what: String| {
+        StreamError::Corrupt(format!(
+            "{}: {what}; nothing was changed (`floodgate stream verify` checks the segments)",
+            path.display()
+        ))
+    };
+    let contents = read(&path).map_err(|e| corrupt(e.to_string()))?;
     let mut replayed = Replayed {
         entries: contents.entries.len(),
         torn_bytes: contents.torn_bytes,
         ..Replayed::default()
     };
-    // Per shard: the segment its last entry went to, and where that entry ends.
-    let mut last: Vec<Option<(u64, u64)>> = vec![None; shards as usize];
-    let mut touched: Vec<(PathBuf, File)> = Vec::new();
-    let mut created_in: Vec<PathBuf> = Vec::new();
+    if contents.entries.is_empty() {
+        return Ok(replayed);
+    }
+    // Per shard: the segment its last entry went to, where that entry ends, and the
+    // sequence after its last record.
+    let mut last: Vec<Option<(u64, u64, u64)>> = vec![None; shards as usize];
     for e in &contents.entries {
         if e.shard >= shards {
-            return Err(StreamError::Corrupt(format!(
-                "{}: an entry names shard {}, but the log has {shards}",
-                path.display(),
+            return Err(corrupt(format!(
+                "an entry names shard {}, but the log has {shards}",
                 e.shard
             )));
         }
+        let seg = segment::segment_path(&shard_dir(root, e.shard), e.segment_base);
+        if !seg.is_file() {
+            return Err(corrupt(format!(
+                "an entry names segment {}, which does not exist",
+                seg.display()
+            )));
+        }
+        let end_sequence = frames_end(&e.frames).ok_or_else(|| {
+            corrupt(format!(
+                "an entry for {} holds no whole frames",
+                seg.display()
+            ))
+        })?;
+        last[e.shard as usize] = Some((
+            e.segment_base,
+            e.offset.saturating_add(e.frames.len() as u64),
+            end_sequence,
+        ));
+    }
+    for (shard, end) in last.iter().enumerate() {
+        let Some((_, _, end_sequence)) = *end else {
+            continue;
+        };
+        let dir = shard_dir(root, shard as u32);
+        if let Some(w) = segment::read_watermark(&dir)?.known()
+            && end_sequence < w
+        {
+            return Err(corrupt(format!(
+                "its entries for shard {shard} end at sequence {end_sequence}, but records up \
+                 to {w} were acknowledged: the journal is damaged after its last whole entry \
+                 (byte {})",
+                contents.valid_len
+            )));
+        }
+    }
+
+    let mut touched: Vec<(PathBuf, File)> = Vec::new();
+    for e in &contents.entries {
         let dir = shard_dir(root, e.shard);
         let seg = segment::segment_path(&dir, e.segment_base);
-        let at = touched.iter().position(|(p, _)| *p == seg);
-        let file = match at {
+        let file = match touched.iter().position(|(p, _)| *p == seg) {
             Some(i) => &mut touched[i].1,
             None => {
-                let existed = seg.exists();
-                let file = OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(&seg)?;
-                if !existed {
-                    created_in.push(dir.clone());
-                }
-                touched.push((seg.clone(), file));
+                let file = OpenOptions::new().write(true).open(&seg)?;
+                touched.push((seg, file));
                 &mut touched.last_mut().expect("pushed").1
             }
         };
         file.seek(SeekFrom::Start(e.offset))?;
         failpoint::write_all(file, &e.frames, &dir)?;
         replayed.bytes += e.frames.len() as u64;
-        last[e.shard as usize] = Some((e.segment_base, e.offset + e.frames.len() as u64));
     }
     // What a segment holds past its shard's last entry was written by a group whose entry
     // never became durable: it was never acknowledged. Cut it, unless the segment is no
     // longer the shard's last (then it was sealed, and fsynced, after the entry).
     for (shard, end) in last.iter().enumerate() {
-        let Some((base, end)) = *end else { continue };
+        let Some((base, end, _)) = *end else { continue };
         let dir = shard_dir(root, shard as u32);
-        let newest = segment::list(&dir)?.last().map(|s| s.base);
-        if newest != Some(base) {
+        if segment::list(&dir)?.last().map(|s| s.base) != Some(base) {
             continue;
         }
         let seg = segment::segment_path(&dir, base);
@@ -228,31 +285,59 @@ pub fn replay(root: &Path, shards: u32) -> Result<Replayed, StreamError> {
     for (seg, file) in &touched {
         failpoint::sync_all(file, seg.parent().unwrap_or(root))?;
     }
-    created_in.dedup();
-    for dir in &created_in {
-        fsync_dir(dir)?;
-    }
-    // Now empty the journal (or create it).
-    let existed = path.exists();
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)?;
-    let len = file.metadata()?.len();
-    if len != EMPTY_LEN || !existed {
-        failpoint::set_len(&file, 0, &path)?;
-        failpoint::write_all(&mut file, MAGIC, &path)?;
-        failpoint::sync_all(&file, &path)?;
-    }
-    if !existed {
-        fsync_dir(root)?;
-    }
     Ok(replayed)
 }
 
-/// Whether the journal at `root` holds entries (a log that was not closed cleanly and not
-/// opened since): `verify` says so, since opening the log writes them back.
+/// Empties the journal of the log at `root` (creating it if there is none): once every
+/// shard's segments hold what it held, durably. The writer's open calls it after recovery
+/// has accepted every shard, `verify --repair` after its replay.
+pub fn reset(root: &Path) -> io::Result<()> {
+    let path = path(root);
+    match OpenOptions::new().write(true).open(&path) {
+        Ok(file) if file.metadata()?.len() >= EMPTY_LEN && read(&path).is_ok() => {
+            if file.metadata()?.len() > EMPTY_LEN {
+                failpoint::set_len(&file, EMPTY_LEN, &path)?;
+                failpoint::sync_all(&file, &path)?;
+            }
+            Ok(())
+        }
+        // Missing, or never whole: write a new one in one step, so that no journal is ever
+        // without its header.
+        Ok(_) => write_atomically(&path, MAGIC),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => write_atomically(&path, MAGIC),
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes the segments of the log at `root` hold everything its journal holds, for a reader
+/// in another process: when no writer holds the log's `LOCK` and the journal has entries
+/// (the writer was stopped by a crash or a power cut and has not opened the log since),
+/// replays it with the `LOCK` held. With a writer running there is nothing to do: it
+/// replayed the journal when it opened the log, and its segments' pages are in the cache.
+pub fn settle(root: &Path, shards: u32) -> Result<(), StreamError> {
+    if pending_entries(root).map_err(|e| StreamError::Corrupt(e.to_string()))? == 0 {
+        return Ok(());
+    }
+    let lock = match OpenOptions::new().write(true).open(root.join("LOCK")) {
+        Ok(lock) => lock,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if lock.try_lock().is_err() {
+        return Ok(());
+    }
+    let replayed = replay(root, shards)?;
+    tracing::info!(
+        root = %root.display(),
+        entries = replayed.entries,
+        cut_bytes = replayed.cut_bytes,
+        "replayed the journal of a log whose writer stopped without closing it"
+    );
+    Ok(())
+}
+
+/// How many entries the journal at `root` holds: a running writer's latest groups, or, in a
+/// log that was not closed cleanly and not opened since, frames to write back.
 pub fn pending_entries(root: &Path) -> io::Result<usize> {
     Ok(read(&path(root))?.entries.len())
 }

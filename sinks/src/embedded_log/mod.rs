@@ -376,6 +376,8 @@ impl EmbeddedLog {
             });
             shards.push(shared);
         }
+        // Every shard's segments now hold, fsynced, what the journal held: empty it.
+        journal::reset(root)?;
         let journal_path = journal::path(root);
         let journal = OpenOptions::new().append(true).open(&journal_path)?;
         let writer = LogWriter {
@@ -474,7 +476,8 @@ impl Drop for EmbeddedLog {
         // Let the writer finish what is queued and checkpoint; it exits when the channel
         // closes. Waiting for it means that once the log is dropped its files are settled.
         self.sender.take();
-        if let Some(t) = self.thread.get_mut().unwrap().take() {
+        let thread = self.thread.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = thread.take() {
             let _ = t.join();
         }
     }
@@ -839,8 +842,10 @@ fn try_read_shard(
 /// `floodgate serve`). Takes no lock and writes nothing.
 ///
 /// Every read is bounded by the shard's published durable watermark (`shard-NNNN/durable`,
-/// read on every call: it is 16 bytes), so a record is seen only once it is fsynced, never
-/// while its frame could still be undone. A shard without a watermark file (a log last
+/// read on every call: it is 16 bytes), so a record is seen only once it is durable (in the
+/// journal, or in its segment), never while its frame could still be undone. Opening one
+/// replays the journal of a log whose writer stopped without closing it
+/// ([`journal::settle`]), since a power cut may have left acknowledged records only there. A shard without a watermark file (a log last
 /// written by a floodgate that did not publish one, or one whose writer is still opening)
 /// reads as empty until a writer publishes one: nothing there is known to be durable.
 #[derive(Debug)]
@@ -860,6 +865,9 @@ impl EmbeddedLogReader {
                 root.display()
             ))
         })?;
+        // A writer stopped by a power cut may have left acknowledged records only in the
+        // journal: put them back in their segments before reading those.
+        journal::settle(root, meta.shards)?;
         Ok(EmbeddedLogReader {
             root: root.to_owned(),
             meta,
@@ -1183,7 +1191,7 @@ impl LogWriter {
         // delete).
         let rolls = slots.iter().any(|slot| {
             let s = &self.shards[slot.shard as usize];
-            s.segment_len >= s.segment_bytes
+            s.segment_len >= s.segment_bytes && s.shared.failed.lock().unwrap().is_none()
         });
         if rolls {
             // One that fails stops every shard, and the loop below refuses every part.

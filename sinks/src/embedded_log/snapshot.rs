@@ -29,7 +29,7 @@ use floodgate_core::progress::{Progress, Unit};
 
 use super::frame::{self, HEADER_LEN, Header};
 use super::segment::{self, DAMAGED_MARK, Segment, Watermark};
-use super::{LogMeta, shard_dir};
+use super::{LogMeta, journal, shard_dir};
 use crate::backup::copy::{self, Copied, at};
 use crate::checkpoint::create_dir_durably;
 
@@ -192,6 +192,9 @@ impl LogCopy {
                     format!("no log at {} (meta.json is missing)", src.display()),
                 )
             })?;
+        // A log whose writer stopped without closing it: the journal's frames go back into
+        // their segments before any is copied.
+        journal::settle(src, meta.shards).map_err(|e| io::Error::other(e.to_string()))?;
         create_dir_durably(dst)?;
         let meta_file = copy::copy_file(&src.join("meta.json"), &dst.join("meta.json"), progress)?;
         let listed: Vec<Vec<Segment>> = (0..meta.shards)

@@ -1,7 +1,9 @@
 //! `floodgate stream verify`: checks every frame of every segment of a log, and repairs
 //! damage with the operator's consent.
 //!
-//! [`check`] reads only, so it is safe beside a running writer: per shard it reads the
+//! [`check`] reads only, so it is safe beside a running writer (with none running, it first
+//! lets [`super::journal::settle`] write back what the journal holds, as the writer's next
+//! open would, since a power cut may have taken it from the segments): per shard it reads the
 //! published durable watermark first, then lists the segments, and does not look past the
 //! watermark in the last one (that is a write in progress, not damage). It checks each
 //! frame's header, length, CRC and decodability, that sequences run on without a gap inside
@@ -166,6 +168,9 @@ fn verify_shards(
             root.display()
         ))
     })?;
+    // With no writer running, what the journal holds goes back into the segments first, as
+    // the writer's next open would do: a power cut may have taken it from them.
+    journal::settle(root, meta.shards)?;
     // The total is what the segments hold when the check begins (a live writer adds to it).
     let total = (0..meta.shards)
         .filter_map(|shard| segment::list(&shard_dir(root, shard)).ok())
@@ -461,6 +466,7 @@ pub fn repair(root: &Path) -> Result<(Vec<RepairAction>, LogReport), StreamError
     // damage it repairs is not damage.
     if let Some(meta) = LogMeta::read(root)? {
         journal::replay(root, meta.shards)?;
+        journal::reset(root)?;
     }
     let (report, findings) = verify_shards(root, &Quiet)?;
     let mut actions = Vec::new();
