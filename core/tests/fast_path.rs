@@ -238,6 +238,8 @@ fn odd_value() -> impl Strategy<Value = Value> {
         Just(json!("2026-11-22t10:00:00z")),
         Just(json!("2026-02-30T10:00:00Z")),
         Just(json!("2016-12-31T23:59:60Z")),
+        Just(json!("2016-12-31T22:59:60Z")),
+        Just(json!("2026-11-22 10:00:00Z")),
         Just(json!("application/json")),
         Just(json!("application/cloudevents+json; charset=utf-8")),
         Just(json!("text/plain")),
