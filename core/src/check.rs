@@ -55,7 +55,9 @@ pub fn check_body_traced(
     max_events: usize,
     trace: Option<&TraceContext>,
 ) -> Result<Vec<Outcome>, DecodeError> {
-    let items = decode::decode_with(body, format, max_events, |raw| registry.accept_fast(raw))?;
+    let items = decode::decode_with(body, format, max_events, |text| {
+        registry.accept_fast_prefix(text)
+    })?;
     let mut out = Vec::with_capacity(items.len());
     for item in items {
         let value = match item.parsed {

@@ -99,12 +99,9 @@ pub fn decode(
     format: BodyFormat,
     max_events: usize,
 ) -> Result<Vec<Item<'_>>, DecodeError> {
-    let items = decode_with(
-        body,
-        format,
-        max_events,
-        |_| None::<std::convert::Infallible>,
-    )?;
+    let items = decode_with(body, format, max_events, |_| {
+        None::<(std::convert::Infallible, usize)>
+    })?;
     Ok(items
         .into_iter()
         .map(|item| Item {
@@ -118,15 +115,17 @@ pub fn decode(
         .collect())
 }
 
-/// [`decode`], with a look at each event's text first: an event for which `early` gives
-/// `Some` is not parsed (the caller took it from its text; `early` must only give `Some`
-/// for text that parses as one JSON value with unique member names). The body's faults
-/// are the same either way.
+/// [`decode`], with a look at each event's text first. `early` is given text that starts
+/// with an event and may go on past it (in a batch, the rest of the body): when it gives
+/// `Some((t, len))`, the event is the first `len` bytes, and it is not parsed (the caller
+/// took it from its text). `early` must only give `Some` when those bytes are one JSON
+/// object with unique member names. A batch's events are so read in one pass over the
+/// body. The body's faults are the same either way.
 pub fn decode_with<T>(
     body: &[u8],
     format: BodyFormat,
     max_events: usize,
-    early: impl FnMut(&str) -> Option<T>,
+    early: impl FnMut(&str) -> Option<(T, usize)>,
 ) -> Result<Vec<Decoded<'_, T>>, DecodeError> {
     let text = match std::str::from_utf8(body) {
         Ok(t) => t,
@@ -154,8 +153,8 @@ pub fn decode_with<T>(
             }
             let mut early = early;
             let raw = text.trim_matches([' ', '\t', '\r', '\n']);
-            let parsed = match early(raw) {
-                Some(t) => Parsed::Early(t),
+            let parsed = match early(raw).filter(|(_, len)| *len == raw.len()) {
+                Some((t, _)) => Parsed::Early(t),
                 None => match strict::from_str(text) {
                     Ok(value) => Parsed::Value(value),
                     Err(StrictError::Syntax(e)) => return Err(syntax(e)),
@@ -172,7 +171,79 @@ pub fn decode_with<T>(
 fn decode_array<T>(
     text: &str,
     max_events: usize,
-    mut early: impl FnMut(&str) -> Option<T>,
+    mut early: impl FnMut(&str) -> Option<(T, usize)>,
+) -> Result<Vec<Decoded<'_, T>>, DecodeError> {
+    match decode_array_once(text, max_events, &mut early) {
+        Some(items) => Ok(items),
+        None => decode_array_twice(text, max_events, early),
+    }
+}
+
+/// JSON's insignificant whitespace.
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// A well-formed batch of at most `max_events` events, in one pass: each event is read
+/// where it starts, by `early` or else as a raw value, and the array's own syntax between
+/// them by hand. `None` for any other body (a syntax fault anywhere, too many events, an
+/// empty array, an event nested too deep): [`decode_array_twice`] then reads it from the
+/// start and reports the fault where it is. So no body is answered differently; a valid
+/// batch is just not scanned twice.
+fn decode_array_once<'a, T>(
+    text: &'a str,
+    max_events: usize,
+    early: &mut impl FnMut(&str) -> Option<(T, usize)>,
+) -> Option<Vec<Decoded<'a, T>>> {
+    let bytes = text.as_bytes();
+    let skip_space = |at: usize| at + bytes[at..].iter().take_while(|b| is_space(**b)).count();
+    let mut at = skip_space(0);
+    if bytes.get(at) != Some(&b'[') {
+        return None;
+    }
+    at = skip_space(at + 1);
+    if bytes.get(at) == Some(&b']') {
+        return None;
+    }
+    // About 350 bytes an event is usual; the vector grows if not.
+    let mut items = Vec::with_capacity((text.len() / 256 + 1).min(max_events));
+    loop {
+        if items.len() == max_events {
+            return None;
+        }
+        // `rest` starts with the event: `at` is past any whitespace.
+        let rest = &text[at..];
+        let (raw, parsed) = match early(rest) {
+            Some((t, len)) => (rest.get(..len)?, Parsed::Early(t)),
+            None => {
+                let mut values = serde_json::Deserializer::from_str(rest).into_iter::<&RawValue>();
+                values.next()?.ok()?;
+                let raw = &rest[..values.byte_offset()];
+                match strict::from_str(raw) {
+                    Ok(value) => (raw, Parsed::Value(value)),
+                    Err(StrictError::Duplicate { pointer }) => {
+                        (raw, Parsed::Fault(duplicate(pointer)))
+                    }
+                    Err(StrictError::Syntax(_)) => return None,
+                }
+            }
+        };
+        items.push(Decoded { raw, parsed });
+        at = skip_space(at + raw.len());
+        match bytes.get(at) {
+            Some(b',') => at = skip_space(at + 1),
+            Some(b']') => return (skip_space(at + 1) == bytes.len()).then_some(items),
+            _ => return None,
+        }
+    }
+}
+
+/// Any batch: its events' raw text first (faults of the array's syntax reported by
+/// position), then each event.
+fn decode_array_twice<T>(
+    text: &str,
+    max_events: usize,
+    mut early: impl FnMut(&str) -> Option<(T, usize)>,
 ) -> Result<Vec<Decoded<'_, T>>, DecodeError> {
     let too_many = Cell::new(false);
     let mut de = serde_json::Deserializer::from_str(text);
@@ -188,7 +259,7 @@ fn decode_array<T>(
     let mut items = Vec::with_capacity(raws.len());
     for raw in raws {
         let raw = raw.get();
-        if let Some(t) = early(raw) {
+        if let Some((t, _)) = early(raw).filter(|(_, len)| *len == raw.len()) {
             items.push(Decoded {
                 raw,
                 parsed: Parsed::Early(t),
@@ -220,7 +291,7 @@ fn decode_array<T>(
 fn decode_ndjson<T>(
     text: &str,
     max_events: usize,
-    mut early: impl FnMut(&str) -> Option<T>,
+    mut early: impl FnMut(&str) -> Option<(T, usize)>,
 ) -> Result<Vec<Decoded<'_, T>>, DecodeError> {
     let mut items = Vec::new();
     let mut first_error = None;
@@ -232,7 +303,7 @@ fn decode_ndjson<T>(
         if items.len() == max_events {
             return Err(DecodeError::TooManyEvents { max: max_events });
         }
-        if let Some(t) = early(line) {
+        if let Some((t, _)) = early(line).filter(|(_, len)| *len == line.len()) {
             items.push(Decoded {
                 raw: line,
                 parsed: Parsed::Early(t),
@@ -388,5 +459,101 @@ mod tests {
             decode(b"{oops", BodyFormat::Ndjson, 5).unwrap_err(),
             DecodeError::Syntax { line: 1, .. }
         ));
+    }
+
+    /// A test's early look: takes objects with a member `fast` (read as a raw value, then
+    /// strictly), and gives their length; the event is "taken" as its length.
+    fn take_fast(text: &str) -> Option<(usize, usize)> {
+        let mut values = serde_json::Deserializer::from_str(text).into_iter::<&RawValue>();
+        values.next()?.ok()?;
+        let len = values.byte_offset();
+        let value = strict::from_str(&text[..len]).ok()?;
+        value.get("fast")?;
+        Some((len, len))
+    }
+
+    /// Pieces of batches: events of every kind, and text that breaks the array.
+    fn piece() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(r#"{"fast":1,"a":"x"}"#.to_owned()),
+            Just(r#"{"fast":{"deep":[1,2,{"b":"]"}]},"s":"a\"b\\"}"#.to_owned()),
+            Just(r#"{"slow":true}"#.to_owned()),
+            Just(r#"{"a":1,"a":2}"#.to_owned()),
+            Just(r#"{"fast":1,"fast":2}"#.to_owned()),
+            Just("{\n\"fast\": 1\n}".to_owned()),
+            Just("12".to_owned()),
+            Just("1e5".to_owned()),
+            Just(r#""str,]""#.to_owned()),
+            Just("null".to_owned()),
+            Just("[]".to_owned()),
+            Just("{}".to_owned()),
+            Just(format!("{}{}", "[".repeat(130), "]".repeat(130))),
+            Just(format!(
+                "{{\"fast\":{}{}}}",
+                "[".repeat(126),
+                "]".repeat(126)
+            )),
+            Just(r#"{"fast":1"#.to_owned()),
+            Just("tru".to_owned()),
+            Just("1x".to_owned()),
+            Just(",".to_owned()),
+            Just("]".to_owned()),
+            Just(r#"{"fast":"\ud800"}"#.to_owned()),
+        ]
+    }
+
+    fn space() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::string::string_regex("[ \t\r\n]{0,2}").unwrap()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4000))]
+
+        /// The one-pass reading of a batch gives what the two-pass one does, whenever it
+        /// gives anything, and it gives something for every well-formed batch.
+        #[test]
+        fn a_batch_read_once_reads_as_one_read_twice(
+            events in proptest::collection::vec((piece(), space(), space()), 0..6),
+            commas in proptest::collection::vec(proptest::bool::weighted(0.9), 6),
+            open in space(),
+            trailing in proptest::prelude::prop_oneof![
+                proptest::prelude::Just(String::new()),
+                proptest::prelude::Just(" \n".to_owned()),
+                proptest::prelude::Just(",".to_owned()),
+                proptest::prelude::Just("x".to_owned()),
+                proptest::prelude::Just("]".to_owned()),
+            ],
+            max in 1usize..6,
+        ) {
+            let mut body = format!("{open}[");
+            for (i, (event, before, after)) in events.iter().enumerate() {
+                if i > 0 && commas[i] {
+                    body.push(',');
+                }
+                body.push_str(before);
+                body.push_str(event);
+                body.push_str(after);
+            }
+            body.push(']');
+            body.push_str(&trailing);
+
+            let twice = format!("{:?}", decode_array_twice(&body, max, take_fast));
+            if let Some(once) = decode_array_once(&body, max, &mut take_fast) {
+                proptest::prop_assert_eq!(format!("{:?}", Ok::<_, DecodeError>(once)), twice.clone());
+            }
+            proptest::prop_assert_eq!(format!("{:?}", decode_array(&body, max, take_fast)), twice);
+
+            // Well-formed: events that are whole values, nested within bounds, commas
+            // between them, nothing after the array but whitespace, not too many.
+            let well_formed = !events.is_empty()
+                && events.len() <= max
+                && commas[1..events.len()].iter().all(|c| *c)
+                && trailing.trim().is_empty()
+                && events.iter().all(|(e, _, _)| serde_json::from_str::<serde_json::Value>(e).is_ok());
+            if well_formed {
+                proptest::prop_assert!(decode_array_once(&body, max, &mut take_fast).is_some(), "{}", body);
+            }
+        }
     }
 }

@@ -594,12 +594,18 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
     }
 }
 
-/// Reads one event's envelope; `None` when the fast path declines it.
-pub(crate) fn read_envelope(raw: &str) -> Option<Envelope<'_>> {
-    let mut de = serde_json::Deserializer::from_str(raw);
-    let envelope = de::Deserializer::deserialize_map(&mut de, EnvelopeVisitor).ok()?;
-    de.end().ok()?;
-    Some(envelope)
+impl<'de> de::Deserialize<'de> for Envelope<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(EnvelopeVisitor)
+    }
+}
+
+/// Reads the envelope of the event that `text` starts with (an object; `text` may go on
+/// past it), and the event's length; `None` when the fast path declines it.
+pub(crate) fn read_envelope(text: &str) -> Option<(Envelope<'_>, usize)> {
+    let mut events = serde_json::Deserializer::from_str(text).into_iter::<Envelope<'_>>();
+    let envelope = events.next()?.ok()?;
+    Some((envelope, events.byte_offset()))
 }
 
 /// Checks `data` against `schema`; returns the value of the partition key's member when

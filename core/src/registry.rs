@@ -312,15 +312,30 @@ impl Registry {
     /// path can ([`crate::fast`]): then [`Registry::check`] of its parse would accept it
     /// with the same attributes and key. `None` says nothing about the event: check it.
     pub fn accept_fast(&self, raw: &str) -> Option<Accepted> {
-        // Events spread over lines are stored re-encoded, from their parse. (A fold, not
-        // `contains`: it vectorises; `str::contains` with a char set walks chars.)
-        let spans_lines = raw
+        let (accepted, len) = self.accept_fast_prefix(raw)?;
+        // As one JSON value alone: the end may only be followed by whitespace, and none
+        // that breaks a line (see `accept_fast_prefix`).
+        raw[len..]
             .bytes()
-            .fold(false, |seen, b| seen | (b == b'\n') | (b == b'\r'));
-        if self.reference_only || spans_lines {
+            .all(|b| b == b' ' || b == b'\t')
+            .then_some(accepted)
+    }
+
+    /// [`Registry::accept_fast`] of the event that `text` starts with (`text` may go on
+    /// past it, as the rest of a batch does), and the event's length in bytes.
+    pub fn accept_fast_prefix(&self, text: &str) -> Option<(Accepted, usize)> {
+        if self.reference_only {
             return None;
         }
-        let envelope = fast::read_envelope(raw)?;
+        let (envelope, len) = fast::read_envelope(text)?;
+        // Events spread over lines are stored re-encoded, from their parse. (A fold, not
+        // `contains`: it vectorises; `str::contains` with a char set walks chars.)
+        let spans_lines = text.as_bytes()[..len]
+            .iter()
+            .fold(false, |seen, b| seen | (*b == b'\n') | (*b == b'\r'));
+        if spans_lines {
+            return None;
+        }
         let schema = self
             .select(&envelope.event_type, envelope.dataschema.as_deref())
             .ok()?;
@@ -338,12 +353,15 @@ impl Registry {
         if envelope::partition_key_fault(&key).is_some() {
             return None;
         }
-        Some(Accepted {
-            id: envelope.id.into_owned(),
-            source: envelope.source.into_owned(),
-            event_type: schema.event_type.clone(),
-            key,
-        })
+        Some((
+            Accepted {
+                id: envelope.id.into_owned(),
+                source: envelope.source.into_owned(),
+                event_type: schema.event_type.clone(),
+                key,
+            },
+            len,
+        ))
     }
 
     /// Checks one event completely: envelope, schema selection, `data`, partition key.
