@@ -132,6 +132,18 @@ pub trait StreamWriter: Send + Sync + fmt::Debug {
     ///   fate is then unknown to the caller, as with any lost response.
     async fn append(&self, records: Vec<Record>) -> Vec<Result<Appended, AppendError>>;
 
+    /// [`StreamWriter::append`], answering only whether each record was appended, for a
+    /// caller with no use for where (the edge). The same contract, record for record. A
+    /// writer that can answer this for less overrides it: the embedded log would otherwise
+    /// build a shard id and a sequence number, two allocations, for every record.
+    async fn append_acked(&self, records: Vec<Record>) -> Vec<Result<(), AppendError>> {
+        self.append(records)
+            .await
+            .into_iter()
+            .map(|r| r.map(|_| ()))
+            .collect()
+    }
+
     /// Ok when an append issued now could succeed (the stream is open and healthy).
     async fn check_writable(&self) -> Result<(), StreamError>;
 

@@ -9,7 +9,7 @@ use floodgate_core::FieldError;
 use floodgate_core::check::{Outcome, check_body_traced};
 use floodgate_core::decode::{BodyFormat, DecodeError};
 use floodgate_core::registry::Registry;
-use floodgate_core::stream::{AppendError, Appended, ConsumerLag, Record, StreamWriter};
+use floodgate_core::stream::{AppendError, ConsumerLag, Record, StreamWriter};
 use floodgate_core::trace_context::{TRACEPARENT, TRACESTATE, TraceContext};
 use http_body_util::BodyExt;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
@@ -155,7 +155,7 @@ struct Claims {
 
 impl Claims {
     /// Remembers the appended events as accepted and forgets the others.
-    fn settle(mut self, appended: &[Result<Appended, AppendError>]) {
+    fn settle(mut self, appended: &[Result<(), AppendError>]) {
         if let Some(d) = self.dedupe.take() {
             let outcomes: Vec<(dedupe::Key, bool)> = self
                 .keys
@@ -216,11 +216,11 @@ async fn append_and_settle(
     claims: Claims,
     held: Vec<Record>,
     charge: BodyCharge,
-) -> (Vec<Result<Appended, AppendError>>, BodyCharge) {
+) -> (Vec<Result<(), AppendError>>, BodyCharge) {
     let appended = if records.is_empty() {
         Vec::new()
     } else {
-        stream.append(records).await
+        stream.append_acked(records).await
     };
     claims.settle(&appended);
     // Rejected events are kept for audit before the producer hears about them.
@@ -582,7 +582,7 @@ impl Events {
         if let Some(who) = caller.principal() {
             Self::charge(who, &mut outcomes, rate)?;
         }
-        let planned = self.plan(&outcomes);
+        let planned = self.plan(&mut outcomes);
         let appended = self
             .append(&outcomes, planned.records, planned.claims, charge)
             .await?;
@@ -808,8 +808,9 @@ impl Events {
     }
 
     /// Which valid events to append: not those accepted within the dedupe window, nor a
-    /// second copy within this very request.
-    fn plan(&self, outcomes: &[Outcome]) -> Planned {
+    /// second copy within this very request. The appended events' keys and payloads are
+    /// moved into the records (the answer needs neither).
+    fn plan(&self, outcomes: &mut [Outcome]) -> Planned {
         let now = now_ms();
         let mut plans: Vec<Option<Plan>> = Vec::with_capacity(outcomes.len());
         let mut records = Vec::with_capacity(outcomes.len());
@@ -840,7 +841,7 @@ impl Events {
                 claim_of.insert(i, (k, c));
             }
         }
-        for (i, o) in outcomes.iter().enumerate() {
+        for (i, o) in outcomes.iter_mut().enumerate() {
             let Outcome::Valid { key, payload, .. } = o else {
                 continue;
             };
@@ -855,8 +856,8 @@ impl Events {
                         claims.keys.push((*k, records.len()));
                     }
                     records.push(Record {
-                        key: key.clone(),
-                        payload: payload.clone(),
+                        key: std::mem::take(key),
+                        payload: std::mem::take(payload),
                     });
                     Plan::Append(records.len() - 1)
                 }
@@ -878,7 +879,7 @@ impl Events {
         records: Vec<Record>,
         claims: Claims,
         charge: BodyCharge,
-    ) -> Result<Vec<Result<Appended, AppendError>>, EdgeError> {
+    ) -> Result<Vec<Result<(), AppendError>>, EdgeError> {
         let held: Vec<Record> = if self.quarantine.is_some() {
             outcomes
                 .iter()
@@ -917,7 +918,7 @@ impl Events {
         &self,
         outcomes: Vec<Outcome>,
         mut plans: Vec<Option<Plan>>,
-        appended: &[Result<Appended, AppendError>],
+        appended: &[Result<(), AppendError>],
     ) -> Response<Body> {
         // Events per (type, outcome) for the counter: a batch holds few distinct pairs, and
         // usually one, so a short list searched from its latest entry beats hashing each

@@ -483,20 +483,20 @@ impl Drop for EmbeddedLog {
     }
 }
 
-#[async_trait]
-impl StreamWriter for EmbeddedLog {
-    async fn append(&self, records: Vec<Record>) -> Vec<Result<Appended, AppendError>> {
+impl EmbeddedLog {
+    /// Appends `records`; for each, the shard and sequence it was given, or why not.
+    async fn append_positions(&self, records: Vec<Record>) -> Vec<Result<(u32, u64), AppendError>> {
         let started = Instant::now();
         let n = records.len();
-        let mut results: Vec<Option<Result<Appended, AppendError>>> = vec![None; n];
+        let mut results: Vec<Option<Result<(u32, u64), AppendError>>> = vec![None; n];
         if self.closed.load(Ordering::Acquire) {
             return vec![Err(AppendError::Unavailable("the log is closed".into())); n];
         }
-        // Split by shard, keeping input order within each shard.
+        // Split by shard, keeping input order within each shard, and count each shard's
+        // bytes for the writer's queue.
         let shard_count = self.shard_count();
-        let mut per_shard: Vec<(Vec<usize>, Vec<Record>)> =
+        let mut per_shard: Vec<(Vec<usize>, Vec<Record>, u64)> =
             (0..shard_count).map(|_| Default::default()).collect();
-        let mut bytes = 0u64;
         for (i, record) in records.into_iter().enumerate() {
             if record.key.len() > MAX_KEY_BYTES {
                 results[i] = Some(Err(AppendError::Refused(format!(
@@ -512,11 +512,11 @@ impl StreamWriter for EmbeddedLog {
             }
             let shard = shard_for_key(&record.key, shard_count) as usize;
             let slot = &mut per_shard[shard];
-            bytes += (record.key.len() + record.payload.len() + 6) as u64;
+            slot.2 += (record.key.len() + record.payload.len() + 6) as u64;
             slot.0.push(i);
             slot.1.push(record);
         }
-        let refuse = |results: &mut Vec<Option<Result<Appended, AppendError>>>,
+        let refuse = |results: &mut Vec<Option<Result<(u32, u64), AppendError>>>,
                       indexes: &[usize],
                       e: &AppendError| {
             for &i in indexes {
@@ -525,25 +525,23 @@ impl StreamWriter for EmbeddedLog {
         };
         let mut parts = Vec::new();
         let mut part_indexes = Vec::new();
-        for (shard, (indexes, records)) in per_shard.into_iter().enumerate() {
+        let mut bytes = 0u64;
+        for (shard, (indexes, records, shard_bytes)) in per_shard.into_iter().enumerate() {
             if indexes.is_empty() {
                 continue;
             }
             if let Some(reason) = self.shards[shard].failed.lock().unwrap().clone() {
-                bytes -= records
-                    .iter()
-                    .map(|r| (r.key.len() + r.payload.len() + 6) as u64)
-                    .sum::<u64>();
                 refuse(&mut results, &indexes, &AppendError::Unavailable(reason));
                 continue;
             }
+            bytes += shard_bytes;
             parts.push(Part {
                 shard: shard as u32,
                 records,
             });
             part_indexes.push((shard, indexes));
         }
-        let everything = |results: &mut Vec<Option<Result<Appended, AppendError>>>,
+        let everything = |results: &mut Vec<Option<Result<(u32, u64), AppendError>>>,
                           part_indexes: &[(usize, Vec<usize>)],
                           e: AppendError| {
             for (_, indexes) in part_indexes {
@@ -582,12 +580,11 @@ impl StreamWriter for EmbeddedLog {
                     match rx.await {
                         Ok(outcomes) => {
                             for ((shard, indexes), outcome) in part_indexes.iter().zip(outcomes) {
-                                let id = ShardId(shard.to_string());
                                 for (k, &i) in indexes.iter().enumerate() {
-                                    results[i] = Some(outcome.clone().map(|base| Appended {
-                                        shard: id.clone(),
-                                        sequence: SequenceNumber::from_u64(base + k as u64),
-                                    }));
+                                    results[i] = Some(match &outcome {
+                                        Ok(base) => Ok((*shard as u32, base + k as u64)),
+                                        Err(e) => Err(e.clone()),
+                                    });
                                 }
                             }
                         }
@@ -605,6 +602,30 @@ impl StreamWriter for EmbeddedLog {
         results
             .into_iter()
             .map(|r| r.unwrap_or(Err(AppendError::Unavailable("not appended".into()))))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl StreamWriter for EmbeddedLog {
+    async fn append(&self, records: Vec<Record>) -> Vec<Result<Appended, AppendError>> {
+        self.append_positions(records)
+            .await
+            .into_iter()
+            .map(|r| {
+                r.map(|(shard, sequence)| Appended {
+                    shard: ShardId(shard.to_string()),
+                    sequence: SequenceNumber::from_u64(sequence),
+                })
+            })
+            .collect()
+    }
+
+    async fn append_acked(&self, records: Vec<Record>) -> Vec<Result<(), AppendError>> {
+        self.append_positions(records)
+            .await
+            .into_iter()
+            .map(|r| r.map(|_| ()))
             .collect()
     }
 

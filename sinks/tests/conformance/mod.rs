@@ -959,6 +959,19 @@ pub async fn stream_writer(name: &str, writer: &dyn StreamWriter, reader: &dyn S
         );
     }
 
+    // `append_acked` is the same append, answering only whether each record was taken.
+    let acked = writer
+        .append_acked(vec![
+            record("k3", b"acked-0".to_vec()),
+            record(&"k".repeat(257), b"key too long".to_vec()),
+            record("k4", b"acked-1".to_vec()),
+        ])
+        .await;
+    assert!(
+        matches!(acked[..], [Ok(()), Err(AppendError::Refused(_)), Ok(())]),
+        "{name}: append_acked: {acked:?}"
+    );
+
     // Successive calls for one key: the second lands after the first, in the same shard.
     let a = writer.append(vec![record("same", b"first".to_vec())]).await;
     let b = writer
@@ -976,9 +989,17 @@ pub async fn stream_writer(name: &str, writer: &dyn StreamWriter, reader: &dyn S
         a.sequence
     );
 
-    let want: HashSet<&[u8]> = [&b"ok-0"[..], b"ok-1", b"ok-2", b"first", b"second"]
-        .into_iter()
-        .collect();
+    let want: HashSet<&[u8]> = [
+        &b"ok-0"[..],
+        b"ok-1",
+        b"ok-2",
+        b"acked-0",
+        b"acked-1",
+        b"first",
+        b"second",
+    ]
+    .into_iter()
+    .collect();
     let got = read_back(name, reader).await;
     let got_set: HashSet<&[u8]> = got.iter().map(Vec::as_slice).collect();
     assert!(
@@ -1007,6 +1028,13 @@ pub async fn stream_writer(name: &str, writer: &dyn StreamWriter, reader: &dyn S
     assert!(
         after.len() == 1 && after[0].is_err(),
         "{name}: an append after close: {after:?}"
+    );
+    let after = writer
+        .append_acked(vec![record("k0", b"late".to_vec())])
+        .await;
+    assert!(
+        after.len() == 1 && after[0].is_err(),
+        "{name}: append_acked after close: {after:?}"
     );
     assert_eq!(
         read_back(name, reader).await.len(),
