@@ -9,15 +9,19 @@
 //!   kind of `Op` on the files under one path. Faults are scoped by path so that tests
 //!   running in parallel in one process each fault only their own directory.
 //! - `watch` a directory and later call `Watch::lose_unsynced`: every file written under
-//!   it is cut back to the length it had at its last successful fsync, which is what a
-//!   power cut may leave of it. An acknowledgement that no fsync covered then shows up as
-//!   a lost record, which a crash by SIGKILL (the page cache survives it) never shows.
+//!   it is cut back to the length it had at its last successful fsync, and every range
+//!   overwritten in place since then gets its old bytes back, which is what a power cut
+//!   may leave of it. An acknowledgement that no fsync covered then shows up as a lost
+//!   record, which a crash by SIGKILL (the page cache survives it) never shows.
+//!   `Watch::lose_unsynced_pages` loses only some of those pages, chosen by a seed, as a
+//!   disk that writes back pages in any order may: it finds writes whose order matters.
 //!
 //! The functions take the file and a path naming where it is (the file itself, or its
 //! shard directory): the path is what `arm` matches, so call sites need no extra state.
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// A kind of operation a fault can be armed for.
@@ -57,6 +61,11 @@ mod off {
     }
 
     #[inline(always)]
+    pub(crate) fn write_all_at(file: &File, buf: &[u8], offset: u64, _at: &Path) -> io::Result<()> {
+        file.write_all_at(buf, offset)
+    }
+
+    #[inline(always)]
     pub(crate) fn sync_data(file: &File, _at: &Path) -> io::Result<()> {
         file.sync_data()
     }
@@ -73,13 +82,13 @@ mod off {
 }
 
 #[cfg(not(feature = "failpoints"))]
-pub(crate) use off::{set_len, sync_all, sync_data, write_all};
+pub(crate) use off::{set_len, sync_all, sync_data, write_all, write_all_at};
 
 #[cfg(feature = "failpoints")]
 pub use on::{Armed, Watch, arm, arm_times, watch};
 
 #[cfg(feature = "failpoints")]
-pub(crate) use on::{set_len, sync_all, sync_data, write_all};
+pub(crate) use on::{set_len, sync_all, sync_data, write_all, write_all_at};
 
 #[cfg(feature = "failpoints")]
 mod on {
@@ -106,13 +115,20 @@ mod on {
         hits: Arc<AtomicU32>,
     }
 
+    /// A file, by device and inode.
+    type Inode = (u64, u64);
+    /// Ranges of a file overwritten in place since its last fsync: offset, old bytes.
+    type PreImages = Vec<(u64, Vec<u8>)>;
+
     /// A watched directory: the length of each file (by device and inode) that its last
-    /// successful fsync made durable.
+    /// successful fsync made durable, and the old bytes of each range overwritten in place
+    /// since then (oldest first).
     #[derive(Debug)]
     struct Watched {
         id: u64,
         dir: PathBuf,
-        durable: HashMap<(u64, u64), u64>,
+        durable: HashMap<Inode, u64>,
+        overwritten: HashMap<Inode, PreImages>,
     }
 
     static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -207,6 +223,7 @@ mod on {
             id,
             dir: dir.to_owned(),
             durable: HashMap::new(),
+            overwritten: HashMap::new(),
         });
         ACTIVE.fetch_add(1, Ordering::AcqRel);
         Watch {
@@ -224,18 +241,40 @@ mod on {
     }
 
     impl Watch {
-        /// Simulates a power cut: cuts every file written through this module under the
-        /// watched directory back to its length at its last successful fsync (a file never
+        /// Simulates a power cut: every file written through this module under the watched
+        /// directory gets back the old bytes of what was overwritten in place since its last
+        /// successful fsync, and is cut back to its length at that fsync (a file never
         /// fsynced here keeps the length it had when first written here). Call it with the
         /// writers stopped. Returns how many bytes were lost.
         pub fn lose_unsynced(&self) -> io::Result<u64> {
-            let durable = {
+            self.lose(&mut |_| true)
+        }
+
+        /// As [`Watch::lose_unsynced`], but each 4 KiB page overwritten since the last
+        /// fsync loses its new bytes or keeps them as `seed` decides, as a disk that writes
+        /// back dirty pages in any order may leave them. The length is cut as there.
+        pub fn lose_unsynced_pages(&self, seed: u64) -> io::Result<u64> {
+            // xorshift64*: enough to pick pages, and the same pages for the same seed.
+            let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            self.lose(&mut |_| {
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 63 == 1
+            })
+        }
+
+        /// Reverts the overwritten pages `revert` picks (by offset), newest write first so
+        /// that a page overwritten twice gets its durable bytes back, then cuts lengths.
+        fn lose(&self, revert: &mut dyn FnMut(u64) -> bool) -> io::Result<u64> {
+            const PAGE: u64 = 4096;
+            let (durable, overwritten) = {
                 let watched = lock(&WATCHED);
                 let w = watched
                     .iter()
                     .find(|w| w.id == self.id)
                     .expect("a live watch is registered");
-                w.durable.clone()
+                (w.durable.clone(), w.overwritten.clone())
             };
             let mut lost = 0;
             let mut dirs = vec![self.dir.clone()];
@@ -247,15 +286,32 @@ mod on {
                         dirs.push(entry.path());
                         continue;
                     }
-                    let Some(&len) = durable.get(&(meta.dev(), meta.ino())) else {
+                    let inode = (meta.dev(), meta.ino());
+                    let Some(&len) = durable.get(&inode) else {
                         continue;
                     };
-                    if meta.len() > len {
-                        lost += meta.len() - len;
-                        std::fs::OpenOptions::new()
-                            .write(true)
-                            .open(entry.path())?
-                            .set_len(len)?;
+                    let file = std::fs::OpenOptions::new().write(true).open(entry.path())?;
+                    // Decide page by page, once per page, and apply to every write of it.
+                    let mut decided: HashMap<u64, bool> = HashMap::new();
+                    for (offset, old) in overwritten.get(&inode).into_iter().flatten().rev() {
+                        let end = offset + old.len() as u64;
+                        let mut at = *offset;
+                        while at < end {
+                            let page_end = ((at / PAGE) + 1) * PAGE;
+                            let until = page_end.min(end);
+                            if *decided.entry(at / PAGE).or_insert_with(|| revert(at)) {
+                                let from = (at - offset) as usize;
+                                let to = (until - offset) as usize;
+                                file.write_all_at(&old[from..to], at)?;
+                                lost += until - at;
+                            }
+                            at = until;
+                        }
+                    }
+                    let now = file.metadata()?.len();
+                    if now > len {
+                        lost += now - len;
+                        file.set_len(len)?;
                     }
                 }
             }
@@ -315,7 +371,60 @@ mod on {
         }
         call(file)?;
         record(file, at, |_, now| now);
+        forget_overwrites(file, at);
         Ok(())
+    }
+
+    /// Keeps, in every watch covering `at`, the bytes that writing `len` bytes at `offset`
+    /// overwrites in `file` (which must be open for reading too).
+    fn keep_overwritten(file: &File, at: &Path, offset: u64, len: usize) {
+        let mut watched = lock(&WATCHED);
+        if !watched.iter().any(|w| at.starts_with(&w.dir)) {
+            return;
+        }
+        let Ok(meta) = file.metadata() else { return };
+        let end = (offset + len as u64).min(meta.len());
+        if end <= offset {
+            return;
+        }
+        let mut old = vec![0; (end - offset) as usize];
+        file.read_exact_at(&mut old, offset)
+            .expect("a watched file written in place is open for reading too");
+        for w in watched.iter_mut().filter(|w| at.starts_with(&w.dir)) {
+            w.overwritten
+                .entry((meta.dev(), meta.ino()))
+                .or_default()
+                .push((offset, old.clone()));
+        }
+    }
+
+    /// After a successful fsync of `file`: what it overwrote is durable.
+    fn forget_overwrites(file: &File, at: &Path) {
+        let mut watched = lock(&WATCHED);
+        let Ok(meta) = file.metadata() else { return };
+        for w in watched.iter_mut().filter(|w| at.starts_with(&w.dir)) {
+            w.overwritten.remove(&(meta.dev(), meta.ino()));
+        }
+    }
+
+    pub(crate) fn write_all_at(file: &File, buf: &[u8], offset: u64, at: &Path) -> io::Result<()> {
+        if ACTIVE.load(Ordering::Acquire) == 0 {
+            return file.write_all_at(buf, offset);
+        }
+        record(file, at, |durable, _| durable);
+        let write = |buf: &[u8]| {
+            keep_overwritten(file, at, offset, buf.len());
+            file.write_all_at(buf, offset)
+        };
+        match fault_for(Op::Write, at) {
+            None => write(buf),
+            Some(Fault::ShortWrite) => {
+                let part = (buf.len() / 2).max(1).min(buf.len());
+                write(&buf[..part])?;
+                Err(error(Fault::ShortWrite))
+            }
+            Some(fault) => Err(error(fault)),
+        }
     }
 
     pub(crate) fn sync_data(file: &File, at: &Path) -> io::Result<()> {

@@ -67,10 +67,14 @@ use segment::{Position, ScanEnd, Segment, Watermark};
 
 /// Version of the on-disk format written in `meta.json`. 2: the journal (`journal.rs`) may
 /// hold acknowledged frames that a segment does not yet hold durably, so a floodgate that
-/// does not replay it must not open the log. A log of format 1 is upgraded at open.
-const FORMAT_VERSION: u32 = 2;
-/// The format before the journal; opened and upgraded.
+/// does not replay it must not open the log. 3: the journal keeps its size and tells its
+/// generations apart, which a floodgate of format 2 cannot read. Logs of formats 1 and 2
+/// are upgraded at open.
+const FORMAT_VERSION: u32 = 3;
+/// The format before the journal, and the format whose journal was cut back at each
+/// checkpoint: both opened and upgraded.
 const FORMAT_BEFORE_JOURNAL: u32 = 1;
+const FORMAT_BEFORE_GENERATIONS: u32 = 2;
 /// How often a writer retries publishing its watermark after a failed publication.
 /// While a group lingers, how often it looks again whether the edge is still busy.
 const LINGER_SLICE: Duration = Duration::from_micros(250);
@@ -264,7 +268,14 @@ impl EmbeddedLog {
                     cfg.shards
                 )));
             }
-            Some(meta) if meta.format != FORMAT_VERSION && meta.format != FORMAT_BEFORE_JOURNAL => {
+            Some(meta)
+                if ![
+                    FORMAT_VERSION,
+                    FORMAT_BEFORE_GENERATIONS,
+                    FORMAT_BEFORE_JOURNAL,
+                ]
+                .contains(&meta.format) =>
+            {
                 return Err(StreamError::Corrupt(format!(
                     "log format {} is not supported (expected {FORMAT_VERSION})",
                     meta.format
@@ -293,7 +304,7 @@ impl EmbeddedLog {
                 "replayed the journal into the segments"
             );
         }
-        if meta.format == FORMAT_BEFORE_JOURNAL {
+        if meta.format != FORMAT_VERSION {
             let upgraded = LogMeta {
                 format: FORMAT_VERSION,
                 shards: meta.shards,
@@ -302,7 +313,7 @@ impl EmbeddedLog {
                 &root.join("meta.json"),
                 &serde_json::to_vec(&upgraded).unwrap(),
             )?;
-            tracing::info!(root = %root.display(), "upgraded the log to format {FORMAT_VERSION} (journal)");
+            tracing::info!(root = %root.display(), "upgraded the log to format {FORMAT_VERSION} (journal generations)");
         }
 
         let queued_bytes = Arc::new(AtomicU64::new(0));
@@ -376,15 +387,21 @@ impl EmbeddedLog {
             });
             shards.push(shared);
         }
-        // Every shard's segments now hold, fsynced, what the journal held: empty it.
-        journal::reset(root)?;
+        // Every shard's segments now hold, fsynced, what the journal held: start its next
+        // generation.
+        let journal_generation = journal::reset(root)?;
         let journal_path = journal::path(root);
-        let journal = OpenOptions::new().append(true).open(&journal_path)?;
+        // Read too: the failpoints keep what each write overwrites.
+        let journal = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&journal_path)?;
         let writer = LogWriter {
             shards: writers,
             journal,
             journal_path,
-            journal_len: journal::EMPTY_LEN,
+            journal_len: journal::HEADER_LEN,
+            journal_generation,
             journal_buf: Vec::new(),
             max_delay: Duration::from_micros(cfg.group_commit_max_delay_us),
             linger: Duration::from_micros(cfg.group_commit_linger_us),
@@ -971,10 +988,12 @@ impl StreamReader for EmbeddedLogReader {
 /// The log's writer thread: the only code that writes segments and the journal.
 struct LogWriter {
     shards: Vec<ShardWriter>,
-    /// The journal, opened for appending; `journal_len` is its length.
+    /// The journal; `journal_len` is where its current generation's entries end (the file
+    /// may be longer: older generations' entries).
     journal: File,
     journal_path: PathBuf,
     journal_len: u64,
+    journal_generation: u64,
     journal_buf: Vec<u8>,
     max_delay: Duration,
     /// How long a group may wait for more while the edge is busy (`group_commit_linger_us`).
@@ -1145,8 +1164,8 @@ impl LogWriter {
         Ok(())
     }
 
-    /// Fsyncs every segment written since the last checkpoint, then empties the journal:
-    /// from here on the segments alone hold what was acknowledged.
+    /// Fsyncs every segment written since the last checkpoint, then starts the journal's
+    /// next generation: from here on the segments alone hold what was acknowledged.
     fn checkpoint(&mut self) -> io::Result<()> {
         if let Some(reason) = &self.broken {
             return Err(io::Error::other(format!(
@@ -1158,13 +1177,16 @@ impl LogWriter {
             failpoint::sync_data(&s.file, &s.shared.dir)?;
             s.dirty = false;
         }
-        // The cut needs no fsync of its own: the journal's next fsync, before anything is
-        // acknowledged again, makes it durable along with the new entries. A crash before
-        // that brings back the old entries, whose replay rewrites what the segments hold
-        // and cuts what no acknowledgement covers.
-        if self.journal_len > journal::EMPTY_LEN {
-            failpoint::set_len(&self.journal, journal::EMPTY_LEN, &self.journal_path)?;
-            self.journal_len = journal::EMPTY_LEN;
+        // The segments now hold every entry's frames durably: a new generation leaves
+        // them behind, and its entries overwrite theirs.
+        if self.journal_len > journal::HEADER_LEN {
+            journal::start_generation(
+                &self.journal,
+                &self.journal_path,
+                self.journal_generation + 1,
+            )?;
+            self.journal_generation += 1;
+            self.journal_len = journal::HEADER_LEN;
         }
         metrics::histogram!("floodgate_stream_checkpoint_duration_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -1278,6 +1300,7 @@ impl LogWriter {
             }
             journal::push_entry(
                 &mut self.journal_buf,
+                self.journal_generation,
                 s.index,
                 s.segment_base,
                 s.segment_len,
@@ -1312,9 +1335,12 @@ impl LogWriter {
                 }
             }
         };
-        if let Err(e) =
-            failpoint::write_all(&mut self.journal, &self.journal_buf, &self.journal_path)
-        {
+        if let Err(e) = failpoint::write_all_at(
+            &self.journal,
+            &self.journal_buf,
+            self.journal_len,
+            &self.journal_path,
+        ) {
             // Undo the journal to its last entry, and the segments to their last frames.
             if let Err(u) = failpoint::set_len(&self.journal, self.journal_len, &self.journal_path)
             {
