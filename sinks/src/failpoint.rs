@@ -315,6 +315,10 @@ mod on {
                     }
                 }
             }
+            // What was lost is gone: a second power cut does not lose it again.
+            if let Some(w) = lock(&WATCHED).iter_mut().find(|w| w.id == self.id) {
+                w.overwritten.clear();
+            }
             Ok(lost)
         }
     }

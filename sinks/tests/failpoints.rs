@@ -329,10 +329,13 @@ fn active_segment_len(root: &Path) -> u64 {
 }
 
 /// A checkpoint starts a new journal generation whose entries overwrite the old ones in
-/// place. A power cut while that is under way may keep any mix of the old and new pages
-/// (here: a checkpoint whose journal fsync fails, then pages lost by the seed's choice).
-/// The new header is durable before any new entry is written, so no mix reads as a part
-/// of the old generation: every acknowledged record is there after the reopen, every time.
+/// place. Here the journal's fsync fails from the checkpoint on, and a power cut then loses
+/// pages by the seed's choice. The writer fsyncs the new header before writing any entry
+/// of its generation, so that fsync is the one that fails: no new entry is written, and
+/// the disk holds either header over the old entries. A writer that wrote the big record's
+/// entry (several pages) before the header was durable would leave mixes of old and new
+/// pages under the old header, whose generation then reads only in part: open refuses the
+/// log, its entries ending below the acknowledged watermark.
 #[test]
 fn a_power_cut_during_a_new_journal_generation_loses_nothing_acknowledged() {
     let segment_bytes = 16 * 1024;
@@ -357,7 +360,7 @@ fn a_power_cut_during_a_new_journal_generation_loses_nothing_acknowledged() {
                 i += 1;
             }
             assert!(acked.len() > 50, "too few entries: {}", acked.len());
-            // A record of several pages, so that its entry spans them.
+            // A record of several pages, so that its entry would span them.
             let mut x = seed.wrapping_add(1);
             let big: String = (0..40_000)
                 .map(|_| {

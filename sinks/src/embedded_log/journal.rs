@@ -15,7 +15,7 @@
 //! leaves the page cache, and replay then writes bytes that are already there.
 //!
 //! ```text
-//! journal file: "FGJRNL02", generation (u64 LE), then entries, each:
+//! journal file: "FGJRNL02", generation (u64 LE, random), then entries, each:
 //! offset size  field
 //!   0     4    frames_len      u32 LE
 //!   4     4    crc32           IEEE CRC-32 of bytes 0..4 and 8..36+frames_len
@@ -32,7 +32,10 @@
 //! half the latency and about 60 % of the CPU of an fdatasync after an append). The
 //! entries of a generation are read from the header on, up to the first that is torn,
 //! fails its CRC or belongs to another generation: what lies beyond is an older
-//! generation's, already checkpointed. The new header is fsynced before any entry of its
+//! generation's, already checkpointed. A generation is a random number, not a count: the
+//! reader may land inside an older generation's frames, whose payloads producers chose,
+//! and a payload that spelled out an entry would also have to guess the generation.
+//! The new header is fsynced before any entry of its
 //! generation is written, so a power cut never leaves the old header over a mix of old and
 //! new entries (the old generation's entries would then read only partly, and replay
 //! would take back records that the checkpoint had made durable).
@@ -71,6 +74,23 @@ pub const CHECKPOINT_BYTES: u64 = 8 * 1024 * 1024;
 /// The journal's path under the stream root.
 pub fn path(root: &Path) -> PathBuf {
     root.join(FILE)
+}
+
+/// A new generation: random, never 0 (format 1's) and never `previous`.
+pub fn next_generation(previous: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // `RandomState` is seeded from the system's randomness; the clock only varies the input.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    hasher.write_u128(nanos);
+    hasher.write_u64(previous);
+    match hasher.finish() {
+        0 => 1 + (previous == 1) as u64,
+        g if g == previous => g ^ 1,
+        g => g,
+    }
 }
 
 /// The journal's header for `generation`.
@@ -371,16 +391,18 @@ pub fn reset(root: &Path) -> io::Result<u64> {
         Err(e) => return Err(e),
     };
     match current {
-        Some(generation) => {
+        Some(current) => {
+            let generation = next_generation(current);
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
-            start_generation(&file, &path, generation + 1)?;
-            Ok(generation + 1)
+            start_generation(&file, &path, generation)?;
+            Ok(generation)
         }
         // Missing, never whole, or format 1: write a new one in one step, so that no
         // journal is ever without its header.
         None => {
-            write_atomically(&path, &header(1))?;
-            Ok(1)
+            let generation = next_generation(0);
+            write_atomically(&path, &header(generation))?;
+            Ok(generation)
         }
     }
 }
@@ -513,17 +535,20 @@ mod tests {
         assert_eq!(got, vec![(1, 0, &b"one"[..]), (1, 3, &b"two"[..])]);
         assert_eq!(contents.generation, 0);
 
-        assert_eq!(reset(dir.path()).unwrap(), 1);
-        assert_eq!(std::fs::read(&path).unwrap(), header(1));
+        let first = reset(dir.path()).unwrap();
+        assert_ne!(first, 0);
+        assert_eq!(std::fs::read(&path).unwrap(), header(first));
         // Each reset after that starts the next generation and keeps the file's size.
         std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
             .unwrap()
-            .write_all(&entry(1, 0, b"x"))
+            .write_all(&entry(first, 0, b"x"))
             .unwrap();
+        assert_eq!(read(&path).unwrap().entries.len(), 1);
         let len = std::fs::metadata(&path).unwrap().len();
-        assert_eq!(reset(dir.path()).unwrap(), 2);
+        let second = reset(dir.path()).unwrap();
+        assert!(second != first && second != 0);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
         assert!(read(&path).unwrap().entries.is_empty());
     }

@@ -1180,12 +1180,9 @@ impl LogWriter {
         // The segments now hold every entry's frames durably: a new generation leaves
         // them behind, and its entries overwrite theirs.
         if self.journal_len > journal::HEADER_LEN {
-            journal::start_generation(
-                &self.journal,
-                &self.journal_path,
-                self.journal_generation + 1,
-            )?;
-            self.journal_generation += 1;
+            let next = journal::next_generation(self.journal_generation);
+            journal::start_generation(&self.journal, &self.journal_path, next)?;
+            self.journal_generation = next;
             self.journal_len = journal::HEADER_LEN;
         }
         metrics::histogram!("floodgate_stream_checkpoint_duration_seconds")
@@ -1193,8 +1190,8 @@ impl LogWriter {
         Ok(())
     }
 
-    /// A checkpoint; one that fails stops the log (a segment's fsync failed, or the journal
-    /// cannot be emptied and its length is no longer known).
+    /// A checkpoint; one that fails stops the log (a segment's fsync failed, or the journal's
+    /// new generation could not be made durable).
     fn checkpoint_or_fail(&mut self) -> bool {
         if self.broken.is_some() {
             return false;
@@ -1341,9 +1338,13 @@ impl LogWriter {
             self.journal_len,
             &self.journal_path,
         ) {
-            // Undo the journal to its last entry, and the segments to their last frames.
-            if let Err(u) = failpoint::set_len(&self.journal, self.journal_len, &self.journal_path)
-            {
+            // Undo the journal to its last entry, durably before the refusal is answered:
+            // the entries it wrote lie inside the file's size, where a page written back
+            // without the cut would read after a power cut as this generation's, and bring
+            // back records that were refused. Then the segments to their last frames.
+            let undo = failpoint::set_len(&self.journal, self.journal_len, &self.journal_path)
+                .and_then(|()| failpoint::sync_data(&self.journal, &self.journal_path));
+            if let Err(u) = undo {
                 self.fail_all(format!(
                     "journal write failed ({e}) and could not be undone ({u})"
                 ));
