@@ -93,6 +93,23 @@ fn a_second_writer_is_refused_and_shard_count_is_fixed() {
     assert!(err.to_string().contains("4 shards"), "{err}");
 }
 
+/// `stream verify --repair` writes a journal of this format, so it marks a log of an
+/// older format as of this one, which an older floodgate then refuses by name.
+#[test]
+fn a_repair_marks_a_log_of_an_older_format_as_of_this_one() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let log = EmbeddedLog::open(dir.path(), &cfg()).unwrap();
+        assert!(log.append(vec![rec("a", "1")]).await[0].is_ok());
+        log.close().await.unwrap();
+    });
+    let meta = dir.path().join("meta.json");
+    std::fs::write(&meta, r#"{"format":2,"shards":4}"#).unwrap();
+    floodgate_sinks::log_verify::repair(dir.path()).unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    assert_eq!(meta["format"], 3, "{meta}");
+}
+
 /// A log written before the journal (format 1: no `journal` file) opens, keeps its
 /// records, and is marked format 3, which a floodgate that does not replay the journal's
 /// generations refuses; so does one of format 2 (a journal cut back at each checkpoint,

@@ -104,6 +104,30 @@ pub struct LogMeta {
 }
 
 impl LogMeta {
+    /// Marks a log of an older format (whose journal, if any, was replayed, and which is
+    /// read as this format from here on) as of this format, which older floodgates refuse.
+    fn upgrade(&self, root: &Path) -> io::Result<()> {
+        if !matches!(
+            self.format,
+            FORMAT_BEFORE_JOURNAL | FORMAT_BEFORE_GENERATIONS
+        ) {
+            return Ok(());
+        }
+        let upgraded = LogMeta {
+            format: FORMAT_VERSION,
+            shards: self.shards,
+        };
+        write_atomically(
+            &root.join("meta.json"),
+            &serde_json::to_vec(&upgraded).unwrap(),
+        )?;
+        tracing::info!(
+            root = %root.display(),
+            "upgraded the log to format {FORMAT_VERSION} (journal generations)"
+        );
+        Ok(())
+    }
+
     fn read(root: &Path) -> Result<Option<LogMeta>, StreamError> {
         match fs::read(root.join("meta.json")) {
             Ok(bytes) => serde_json::from_slice(&bytes)
@@ -304,17 +328,7 @@ impl EmbeddedLog {
                 "replayed the journal into the segments"
             );
         }
-        if meta.format != FORMAT_VERSION {
-            let upgraded = LogMeta {
-                format: FORMAT_VERSION,
-                shards: meta.shards,
-            };
-            write_atomically(
-                &root.join("meta.json"),
-                &serde_json::to_vec(&upgraded).unwrap(),
-            )?;
-            tracing::info!(root = %root.display(), "upgraded the log to format {FORMAT_VERSION} (journal generations)");
-        }
+        meta.upgrade(root)?;
 
         let queued_bytes = Arc::new(AtomicU64::new(0));
         let incoming = Arc::new(AtomicUsize::new(0));

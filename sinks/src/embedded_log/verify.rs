@@ -463,10 +463,11 @@ pub fn repair(root: &Path) -> Result<(Vec<RepairAction>, LogReport), StreamError
         )));
     }
     // What the journal holds goes back into the segments first, as an open would do:
-    // damage it repairs is not damage.
+    // damage it repairs is not damage. Its new journal is of this format, and so the log.
     if let Some(meta) = LogMeta::read(root)? {
         journal::replay(root, meta.shards)?;
         journal::reset(root)?;
+        meta.upgrade(root)?;
     }
     let (report, findings) = verify_shards(root, &Quiet)?;
     let mut actions = Vec::new();
