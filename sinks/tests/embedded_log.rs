@@ -367,7 +367,11 @@ proptest! {
         batches in proptest::collection::vec(
             proptest::collection::vec(0u8..6, 1..40), 1..12),
         shards in 1u32..6,
-        compression in prop_oneof![Just(Compression::None), Just(Compression::Zstd)],
+        compression in prop_oneof![
+            Just(Compression::None),
+            Just(Compression::Zstd),
+            Just(Compression::Lz4)
+        ],
     ) {
         let dir = tempfile::tempdir().unwrap();
         let config = EmbeddedStreamConfig { shards, compression, ..cfg() };

@@ -339,7 +339,7 @@ impl StreamFixture for Outbox {
 
 #[test]
 fn embedded_log_read_in_process() {
-    for compression in [Compression::None, Compression::Zstd] {
+    for compression in [Compression::None, Compression::Zstd, Compression::Lz4] {
         let fixture = InProcessLog::new(small_segments(compression));
         rt().block_on(conformance::stream_reader(&fixture));
     }

@@ -7,7 +7,7 @@
 //!   8     8    base_sequence   u64 LE, sequence of the first record
 //!  16     4    record_count    u32 LE
 //!  20     8    appended_at_ms  i64 LE
-//!  28     1    codec           0 = none, 1 = zstd (the body is compressed)
+//!  28     1    codec           0 = none, 1 = zstd, 2 = lz4 (block, its size first)
 //!  29     3    reserved        zero
 //!  32     …    body            records: key_len u16 | payload_len u32 | key | payload
 //! ```
@@ -20,6 +20,7 @@
 //! file and offset (see `segment.rs`).
 
 use bytes::Bytes;
+use floodgate_core::config::Compression;
 
 pub const HEADER_LEN: usize = 32;
 /// No frame body is larger than this; a header claiming more is garbage.
@@ -28,6 +29,7 @@ const RECORD_OVERHEAD: usize = 6;
 
 const CODEC_NONE: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
+const CODEC_LZ4: u8 = 2;
 /// zstd level for frames: the fastest levels keep appends CPU-cheap.
 const ZSTD_LEVEL: i32 = 1;
 
@@ -71,6 +73,20 @@ fn zstd_decompress(body: &[u8]) -> std::io::Result<Vec<u8>> {
     })
 }
 
+fn lz4_decompress(body: &[u8]) -> std::io::Result<Vec<u8>> {
+    let (len, rest) =
+        lz4_flex::block::uncompressed_size(body).map_err(|e| invalid(&format!("lz4 body: {e}")))?;
+    if len > MAX_DECOMPRESSED_LEN {
+        return Err(invalid("frame body decompresses past 1 GiB"));
+    }
+    let out =
+        lz4_flex::block::decompress(rest, len).map_err(|e| invalid(&format!("lz4 body: {e}")))?;
+    if out.len() != len {
+        return Err(invalid("lz4 body shorter than its recorded size"));
+    }
+    Ok(out)
+}
+
 /// A parsed frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -94,7 +110,7 @@ impl Header {
         };
         let sane = (h.body_len as usize) <= MAX_BODY_LEN
             && h.record_count > 0
-            && (h.codec == CODEC_NONE || h.codec == CODEC_ZSTD)
+            && matches!(h.codec, CODEC_NONE | CODEC_ZSTD | CODEC_LZ4)
             && buf[29..32] == [0, 0, 0];
         sane.then_some(h)
     }
@@ -119,7 +135,7 @@ pub fn encode(
     out: &mut Vec<u8>,
     base_sequence: u64,
     appended_at_ms: i64,
-    compress: bool,
+    compression: Compression,
     records: &[(&str, &[u8])],
 ) -> std::io::Result<()> {
     let mut body = Vec::with_capacity(records.iter().map(|(k, p)| record_len(k, p)).sum());
@@ -133,10 +149,10 @@ pub fn encode(
         body.extend_from_slice(key.as_bytes());
         body.extend_from_slice(payload);
     }
-    let (codec, body) = if compress {
-        (CODEC_ZSTD, zstd_compress(&body)?)
-    } else {
-        (CODEC_NONE, body)
+    let (codec, body) = match compression {
+        Compression::Zstd => (CODEC_ZSTD, zstd_compress(&body)?),
+        Compression::Lz4 => (CODEC_LZ4, lz4_flex::block::compress_prepend_size(&body)),
+        Compression::None => (CODEC_NONE, body),
     };
     if body.len() > MAX_BODY_LEN {
         return Err(invalid("frame body over the 64 MiB limit"));
@@ -175,6 +191,7 @@ pub struct DecodedRecord {
 pub fn decode_body(header: &Header, body: Vec<u8>) -> std::io::Result<Vec<DecodedRecord>> {
     let body = match header.codec {
         CODEC_ZSTD => zstd_decompress(&body)?,
+        CODEC_LZ4 => lz4_decompress(&body)?,
         _ => body,
     };
     let body = Bytes::from(body);
@@ -219,13 +236,13 @@ fn invalid(msg: &str) -> std::io::Error {
 mod tests {
     use super::*;
 
-    fn roundtrip(compress: bool) {
+    fn roundtrip(compression: Compression) {
         let mut buf = Vec::new();
         encode(
             &mut buf,
             7,
             1234,
-            compress,
+            compression,
             &[("k1", b"hello"), ("", b""), ("k3", b"{}")],
         )
         .unwrap();
@@ -255,12 +272,34 @@ mod tests {
 
     #[test]
     fn roundtrip_plain() {
-        roundtrip(false);
+        roundtrip(Compression::None);
     }
 
     #[test]
     fn roundtrip_zstd() {
-        roundtrip(true);
+        roundtrip(Compression::Zstd);
+    }
+
+    #[test]
+    fn roundtrip_lz4() {
+        roundtrip(Compression::Lz4);
+    }
+
+    /// A CRC-valid frame whose lz4 body lies about its size, or is cut, is an error, not
+    /// a panic or a 4 GiB allocation.
+    #[test]
+    fn lz4_bodies_that_lie_are_refused() {
+        let body: Vec<u8> = (0..5000u32).map(|b| (b % 13) as u8).collect();
+        let packed = lz4_flex::block::compress_prepend_size(&body);
+        assert_eq!(lz4_decompress(&packed).unwrap(), body);
+        let mut larger = packed.clone();
+        larger[..4].copy_from_slice(&(body.len() as u32 + 10).to_le_bytes());
+        assert!(lz4_decompress(&larger).is_err());
+        let mut huge = packed.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(lz4_decompress(&huge).is_err());
+        assert!(lz4_decompress(&packed[..packed.len() / 2]).is_err());
+        assert!(lz4_decompress(&packed[..2]).is_err());
     }
 
     /// Bodies with and without a recorded size (a streaming encoder leaves it out), many

@@ -420,7 +420,7 @@ impl EmbeddedLog {
             max_delay: Duration::from_micros(cfg.group_commit_max_delay_us),
             linger: Duration::from_micros(cfg.group_commit_linger_us),
             group_max_bytes: cfg.group_commit_max_bytes,
-            compress: cfg.compression == Compression::Zstd,
+            compression: cfg.compression,
             queued_bytes: queued_bytes.clone(),
             incoming: incoming.clone(),
             broken: None,
@@ -1015,7 +1015,7 @@ struct LogWriter {
     group_max_bytes: u64,
     /// Requests in progress at the edge (see `StreamWriter::incoming`).
     incoming: Arc<AtomicUsize>,
-    compress: bool,
+    compression: Compression,
     queued_bytes: Arc<AtomicU64>,
     /// Why the log stopped (an fsync failed), if it did. A stopped log never checkpoints:
     /// the segments' unsynced pages may be gone, and the journal is what the next open
@@ -1291,7 +1291,7 @@ impl LogWriter {
             let parts = these
                 .iter()
                 .map(|slot| (*slot, &group[slot.request].parts[slot.part].records[..]));
-            let encoded = match s.encode(parts, ts, self.compress) {
+            let encoded = match s.encode(parts, ts, self.compression) {
                 Ok(encoded) => encoded,
                 Err(e) => {
                     refuse(
@@ -1463,7 +1463,7 @@ impl ShardWriter {
         &mut self,
         parts: impl Iterator<Item = (Slot, &'a [Record])>,
         ts: i64,
-        compress: bool,
+        compression: Compression,
     ) -> io::Result<Written> {
         self.buf.clear();
         let mut seq = self.next_seq;
@@ -1478,7 +1478,7 @@ impl ShardWriter {
                 pending_bytes += frame::record_len(&r.key, &r.payload);
                 seq += 1;
                 if pending_bytes >= FRAME_TARGET_BYTES {
-                    frame::encode(&mut self.buf, frame_base, ts, compress, &pending)?;
+                    frame::encode(&mut self.buf, frame_base, ts, compression, &pending)?;
                     pending.clear();
                     pending_bytes = 0;
                     frame_base = seq;
@@ -1486,7 +1486,7 @@ impl ShardWriter {
             }
         }
         if !pending.is_empty() {
-            frame::encode(&mut self.buf, frame_base, ts, compress, &pending)?;
+            frame::encode(&mut self.buf, frame_base, ts, compression, &pending)?;
         }
         Ok(Written {
             shard: self.index as usize,

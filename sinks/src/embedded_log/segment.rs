@@ -722,7 +722,14 @@ mod tests {
         for seq in 0..n {
             offsets.push(bytes.len() as u64);
             let payload = format!("payload-{seq}");
-            frame::encode(&mut bytes, seq, 7, false, &[("k", payload.as_bytes())]).unwrap();
+            frame::encode(
+                &mut bytes,
+                seq,
+                7,
+                floodgate_core::config::Compression::None,
+                &[("k", payload.as_bytes())],
+            )
+            .unwrap();
         }
         let path = segment_path(dir, 0);
         fs::write(&path, &bytes).unwrap();
