@@ -1,5 +1,5 @@
 //! Durable appends to the embedded log: records/s and MB/s for fsync groups of 100 and
-//! 1,000 records of ~440 bytes, uncompressed and zstd. Each iteration is one append call
+//! 1,000 records of ~440 bytes, uncompressed, zstd and lz4. Each iteration is one append call
 //! that returns only after its fsync, as the edge's acks do.
 
 use std::sync::Arc;
@@ -45,7 +45,7 @@ fn bench(c: &mut Criterion) {
     }
     let mut g = c.benchmark_group("log_append_fsync");
     g.sample_size(20);
-    for compression in [Compression::None, Compression::Zstd] {
+    for compression in [Compression::None, Compression::Zstd, Compression::Lz4] {
         for group in [100usize, 1000] {
             let dir = tempfile::tempdir().unwrap();
             let cfg = EmbeddedStreamConfig {

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use floodgate_bench::{one_of_each_type, sample_batch};
+use floodgate_core::config::Compression;
 use floodgate_core::decode::{BodyFormat, decode};
 use floodgate_core::registry::Registry;
 use floodgate_core::state::StateStore;
@@ -104,18 +105,22 @@ fn frame_bench(c: &mut Criterion) {
             .map(|(k, p)| (k.as_str(), p.as_slice()))
             .collect();
         g.throughput(Throughput::Elements(n as u64));
-        for (name, compress) in [("none", false), ("zstd", true)] {
+        for (name, compression) in [
+            ("none", Compression::None),
+            ("zstd", Compression::Zstd),
+            ("lz4", Compression::Lz4),
+        ] {
             let mut out = Vec::new();
             g.bench_function(format!("{name}_{n}"), |b| {
                 b.iter(|| {
                     out.clear();
-                    log_frame::encode(&mut out, 1, 0, compress, &recs).unwrap();
+                    log_frame::encode(&mut out, 1, 0, compression, &recs).unwrap();
                     out.len()
                 })
             });
             // And back, as a consumer reads it (CRC check included).
             let mut frame = Vec::new();
-            log_frame::encode(&mut frame, 1, 0, compress, &recs).unwrap();
+            log_frame::encode(&mut frame, 1, 0, compression, &recs).unwrap();
             let header_bytes: [u8; log_frame::HEADER_LEN] =
                 frame[..log_frame::HEADER_LEN].try_into().unwrap();
             let header = log_frame::Header::parse(&header_bytes).unwrap();
