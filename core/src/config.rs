@@ -13,7 +13,7 @@
 //! shards = 4
 //! group_commit_max_delay_us = 0
 //! group_commit_linger_us = 2000
-//! compression = "lz4"       # or "zstd" (fewer bytes, more CPU), or "none"
+//! compression = "zstd"      # or "lz4" (less CPU, 2.4x the bytes), or "none"
 //! ```
 
 use std::net::SocketAddr;
@@ -507,18 +507,19 @@ impl Default for KinesisStreamConfig {
     }
 }
 
-/// Compression of the log's record batches. lz4 is the default: a group commit's frame
-/// holds a shard's part of one group, about 25 records at 200,000 events/s on 4 shards,
-/// and on frames that small zstd (level 1) costs 0.43 µs an event to compress and 0.23 to
-/// decompress (for each consumer), lz4 0.16 and 0.05 (bench: `codec/*_25`). zstd leaves
-/// 2.4 times fewer bytes (27 against 65 an event, from ~400): choose it where disk space
-/// matters more than CPU.
+/// Compression of the log's record batches. A group commit's frame holds a shard's part of
+/// one group, about 25 records at 200,000 events/s on 4 shards; on frames that small zstd
+/// (level 1) costs 0.43 µs an event to compress and 0.23 to decompress (for each
+/// consumer), lz4 0.16 and 0.05 (bench: `codec/*_25`), but zstd leaves 2.4 times fewer
+/// bytes (27 against 65 an event, from ~400). zstd is the default: with lz4 `ingest` spends
+/// 4.5 % less CPU an event, but `serve` at saturation took 5 % fewer events a second
+/// (bench/results/performance-2026-12-03-pass7.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
     None,
-    Zstd,
     #[default]
+    Zstd,
     Lz4,
 }
 
@@ -561,7 +562,7 @@ impl Default for EmbeddedStreamConfig {
             group_commit_max_delay_us: 0,
             group_commit_linger_us: 2000,
             group_commit_max_bytes: 16 * MIB,
-            compression: Compression::Lz4,
+            compression: Compression::Zstd,
             max_queued_bytes: 256 * MIB,
         }
     }
