@@ -1386,7 +1386,7 @@ impl StreamWriter for KinesisWriter {
                                 call: call.clone(),
                                 index: i,
                                 arrival,
-                                key: r.key,
+                                key: r.key.to_string(),
                                 hash,
                                 payload: r.payload,
                             });
@@ -2070,7 +2070,7 @@ mod tests {
     #[test]
     fn records_are_refused_over_kinesis_limits() {
         let r = |key: &str, n: usize| Record {
-            key: key.to_owned(),
+            key: key.into(),
             payload: Bytes::from(vec![0; n]),
         };
         assert!(refuse(&r("k", MAX_RECORD_BYTES - 1)).is_none());

@@ -120,7 +120,7 @@ async fn append_ok(writer: &KinesisWriter, records: Vec<Record>) -> Vec<Appended
 
 fn record(key: &str, payload: impl Into<Bytes>) -> Record {
     Record {
-        key: key.to_owned(),
+        key: key.into(),
         payload: payload.into(),
     }
 }
@@ -398,7 +398,7 @@ fn aggregated_records_read_by_aws_kinesis_agg() {
             let got = found.get(&r.payload[..]).map_or(&[][..], Vec::as_slice);
             assert_eq!(
                 got,
-                &[(at.shard.0.clone(), at.sequence.clone(), r.key.clone())][..],
+                &[(at.shard.0.clone(), at.sequence.clone(), r.key.to_string())][..],
                 "event with key {} acked at {at:?}",
                 r.key
             );

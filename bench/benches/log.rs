@@ -24,7 +24,7 @@ fn bench(c: &mut Criterion) {
     let records: Vec<Record> = events
         .iter()
         .map(|e| Record {
-            key: "E1".to_owned(), // one shard: one fsync per append
+            key: "E1".into(), // one shard: one fsync per append
             payload: Bytes::from(serde_json::to_vec(e).unwrap()),
         })
         .collect();

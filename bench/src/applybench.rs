@@ -53,7 +53,7 @@ async fn run(args: Args) -> Result<()> {
         .map(|k| {
             let e = json!({"specversion":"1.0","id":format!("c{k}"),"source":"/b","type":"inventory.event.created",
                 "data":{"eventId":format!("ev-{k}"),"name":"n","venue":"v","startsAt":"2026-12-01T20:00:00Z","capacity":1_000_000}});
-            Record { key: format!("ev-{k}"), payload: Bytes::from(e.to_string()) }
+            Record { key: format!("ev-{k}").into(), payload: Bytes::from(e.to_string()) }
         })
         .collect();
     log.append(creates).await;
@@ -66,7 +66,7 @@ async fn run(args: Args) -> Result<()> {
                 let mut e = e;
                 e["data"]["eventId"] = json!(format!("ev-{k}"));
                 Record {
-                    key: format!("ev-{k}"),
+                    key: (format!("ev-{k}")).into(),
                     payload: Bytes::from(e.to_string()),
                 }
             })

@@ -66,7 +66,7 @@ async fn run(args: Args) -> Result<()> {
                 let payload = Bytes::from(e.to_string());
                 input_bytes += payload.len() as u64;
                 Record {
-                    key: format!("ev-{k}"),
+                    key: (format!("ev-{k}")).into(),
                     payload,
                 }
             })

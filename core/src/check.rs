@@ -3,28 +3,31 @@
 //! Pure CPU work with no I/O, shared by the edge (on its blocking pool for big bodies),
 //! the benches and `floodgate schemas check`.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 
-use crate::FieldError;
 use crate::decode::{self, BodyFormat, DecodeError, Parsed};
 use crate::envelope::event_id;
 use crate::registry::Registry;
 use crate::trace_context::{TRACEPARENT, TRACESTATE, TraceContext, insert_attributes};
+use crate::{ByteString, FieldError};
 
 /// The decision for one event of a body, before the append.
 #[derive(Debug)]
 pub enum Outcome {
+    /// The attributes are slices of the body where it spells them without escapes.
     Valid {
-        id: String,
-        source: String,
-        event_type: String,
-        key: String,
+        id: ByteString,
+        source: ByteString,
+        event_type: ByteString,
+        key: ByteString,
         payload: Bytes,
     },
     Rejected {
-        id: Option<String>,
+        id: Option<ByteString>,
         /// The event's type when it is a registered one (a metric label).
-        event_type: Option<String>,
+        event_type: Option<ByteString>,
         errors: Vec<FieldError>,
         /// The event's bytes as sent, for the quarantine.
         raw: Bytes,
@@ -72,10 +75,10 @@ pub fn check_body_traced(
                     payload = Bytes::from(with);
                 }
                 out.push(Outcome::Valid {
-                    id: accepted.id,
-                    source: accepted.source,
-                    event_type: accepted.event_type,
-                    key: accepted.key,
+                    id: shared(body, accepted.id),
+                    source: shared(body, accepted.source),
+                    event_type: accepted.event_type.clone(),
+                    key: shared(body, accepted.key),
                     payload,
                 });
                 continue;
@@ -117,10 +120,10 @@ pub fn check_body_traced(
                     }
                 }
                 out.push(Outcome::Valid {
-                    id: checked.envelope.id.to_owned(),
-                    source: checked.envelope.source.to_owned(),
+                    id: ByteString::from(checked.envelope.id),
+                    source: ByteString::from(checked.envelope.source),
                     event_type: checked.schema.event_type.clone(),
-                    key: checked.key.into_owned(),
+                    key: ByteString::from(checked.key.into_owned()),
                     payload,
                 });
             }
@@ -128,10 +131,10 @@ pub fn check_body_traced(
                 let event_type = value
                     .get("type")
                     .and_then(|t| t.as_str())
-                    .filter(|t| registry.latest(t).is_some())
-                    .map(str::to_owned);
+                    .and_then(|t| registry.latest(t))
+                    .map(|schema| schema.event_type.clone());
                 out.push(Outcome::Rejected {
-                    id: event_id(&value).map(str::to_owned),
+                    id: event_id(&value).map(ByteString::from),
                     event_type,
                     errors,
                     raw: body.slice_ref(item.raw.as_bytes()),
@@ -140,6 +143,25 @@ pub fn check_body_traced(
         }
     }
     Ok(out)
+}
+
+/// `text` as a slice of `body` when it is one (the event spelled it without escapes), so
+/// that keeping it copies nothing; else its own copy.
+fn shared(body: &Bytes, text: Cow<'_, str>) -> ByteString {
+    match text {
+        Cow::Borrowed(s) if within(body, s) => {
+            ByteString::try_from(body.slice_ref(s.as_bytes())).unwrap_or_else(|_| s.into())
+        }
+        Cow::Borrowed(s) => s.into(),
+        Cow::Owned(s) => s.into(),
+    }
+}
+
+/// Whether `s` lies inside `body` (as [`Bytes::slice_ref`] requires).
+fn within(body: &Bytes, s: &str) -> bool {
+    let range = body.as_ptr_range();
+    let (start, end) = (s.as_ptr(), s.as_ptr().wrapping_add(s.len()));
+    range.start <= start && end <= range.end
 }
 
 #[cfg(test)]
@@ -169,6 +191,39 @@ mod tests {
 
     fn strict(payload: &Bytes) -> serde_json::Value {
         crate::strict::from_str(std::str::from_utf8(payload).unwrap()).unwrap()
+    }
+
+    /// An accepted event's attributes are slices of the body (keeping them copies
+    /// nothing); one spelled with escapes is its own copy, decoded.
+    #[test]
+    fn attributes_are_slices_of_the_body_unless_escaped() {
+        // `seats` as the integer the fast path reads (it leaves `2.0` to the reference).
+        let plain = booking("").replace(r#""seats":2.0"#, r#""seats":2"#);
+        let escaped = plain.replace(r#""id":"e1""#, r#""id":"e\u0032""#);
+        assert!(plain.contains(r#""seats":2,"#) && escaped.contains("u0032"));
+        let body = Bytes::from(format!("[{plain},{escaped}]"));
+        let registry = Registry::builtin().unwrap();
+        let out = check_body(&registry, &body, BodyFormat::Batch, 10).unwrap();
+        let attributes = |o: &Outcome| match o {
+            Outcome::Valid {
+                id,
+                source,
+                event_type,
+                key,
+                ..
+            } => (id.clone(), source.clone(), event_type.clone(), key.clone()),
+            Outcome::Rejected { errors, .. } => panic!("rejected: {errors:?}"),
+        };
+        let (id, source, event_type, key) = attributes(&out[0]);
+        assert_eq!((&*id, &*source, &*key), ("e1", "/s", "E1"));
+        assert_eq!(&*event_type, "booking.requested");
+        for s in [&id, &source, &key] {
+            assert!(within(&body, s), "{s:?} is a copy");
+        }
+        let (id, _, _, key) = attributes(&out[1]);
+        assert_eq!(&*id, "e2");
+        assert!(!within(&body, &id));
+        assert!(within(&body, &key));
     }
 
     #[test]

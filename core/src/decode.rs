@@ -121,12 +121,12 @@ pub fn decode(
 /// took it from its text). `early` must only give `Some` when those bytes are one JSON
 /// object with unique member names. A batch's events are so read in one pass over the
 /// body. The body's faults are the same either way.
-pub fn decode_with<T>(
-    body: &[u8],
+pub fn decode_with<'a, T>(
+    body: &'a [u8],
     format: BodyFormat,
     max_events: usize,
-    early: impl FnMut(&str) -> Option<(T, usize)>,
-) -> Result<Vec<Decoded<'_, T>>, DecodeError> {
+    early: impl FnMut(&'a str) -> Option<(T, usize)>,
+) -> Result<Vec<Decoded<'a, T>>, DecodeError> {
     let text = match std::str::from_utf8(body) {
         Ok(t) => t,
         Err(e) => {
@@ -168,11 +168,11 @@ pub fn decode_with<T>(
     }
 }
 
-fn decode_array<T>(
-    text: &str,
+fn decode_array<'a, T>(
+    text: &'a str,
     max_events: usize,
-    mut early: impl FnMut(&str) -> Option<(T, usize)>,
-) -> Result<Vec<Decoded<'_, T>>, DecodeError> {
+    mut early: impl FnMut(&'a str) -> Option<(T, usize)>,
+) -> Result<Vec<Decoded<'a, T>>, DecodeError> {
     match decode_array_once(text, max_events, &mut early) {
         Some(items) => Ok(items),
         None => decode_array_twice(text, max_events, early),
@@ -193,7 +193,7 @@ fn is_space(b: u8) -> bool {
 fn decode_array_once<'a, T>(
     text: &'a str,
     max_events: usize,
-    early: &mut impl FnMut(&str) -> Option<(T, usize)>,
+    early: &mut impl FnMut(&'a str) -> Option<(T, usize)>,
 ) -> Option<Vec<Decoded<'a, T>>> {
     let bytes = text.as_bytes();
     let skip_space = |at: usize| at + bytes[at..].iter().take_while(|b| is_space(**b)).count();
@@ -240,11 +240,11 @@ fn decode_array_once<'a, T>(
 
 /// Any batch: its events' raw text first (faults of the array's syntax reported by
 /// position), then each event.
-fn decode_array_twice<T>(
-    text: &str,
+fn decode_array_twice<'a, T>(
+    text: &'a str,
     max_events: usize,
-    mut early: impl FnMut(&str) -> Option<(T, usize)>,
-) -> Result<Vec<Decoded<'_, T>>, DecodeError> {
+    mut early: impl FnMut(&'a str) -> Option<(T, usize)>,
+) -> Result<Vec<Decoded<'a, T>>, DecodeError> {
     let too_many = Cell::new(false);
     let mut de = serde_json::Deserializer::from_str(text);
     let raws = match de.deserialize_seq(BoundedSeq {
@@ -288,11 +288,11 @@ fn decode_array_twice<T>(
     Ok(items)
 }
 
-fn decode_ndjson<T>(
-    text: &str,
+fn decode_ndjson<'a, T>(
+    text: &'a str,
     max_events: usize,
-    mut early: impl FnMut(&str) -> Option<(T, usize)>,
-) -> Result<Vec<Decoded<'_, T>>, DecodeError> {
+    mut early: impl FnMut(&'a str) -> Option<(T, usize)>,
+) -> Result<Vec<Decoded<'a, T>>, DecodeError> {
     let mut items = Vec::new();
     let mut first_error = None;
     for (n, line) in text.split('\n').enumerate() {

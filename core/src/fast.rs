@@ -31,6 +31,8 @@ use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::ByteString;
+
 use crate::envelope::{self, SPEC_VERSION};
 use crate::strict;
 use crate::trace_context::{TRACEPARENT, TRACESTATE};
@@ -443,14 +445,16 @@ impl<'de> de::Deserialize<'de> for Extension<'de> {
 }
 
 /// An event the fast path accepted: what the edge needs to append it, as
-/// [`crate::registry::CheckedEvent`] would give it.
+/// [`crate::registry::CheckedEvent`] would give it. The attributes borrow from the event's
+/// text where it spells them without escapes (nearly always), so accepting an event
+/// allocates nothing; the caller, holding the body, can keep them as slices of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Accepted {
-    pub id: String,
-    pub source: String,
+pub struct Accepted<'a> {
+    pub id: Cow<'a, str>,
+    pub source: Cow<'a, str>,
     /// The type's registered name.
-    pub event_type: String,
-    pub key: String,
+    pub event_type: &'a ByteString,
+    pub key: Cow<'a, str>,
 }
 
 /// The attributes the fast path read from an event whose envelope it accepts.
@@ -608,9 +612,13 @@ pub(crate) fn read_envelope(text: &str) -> Option<(Envelope<'_>, usize)> {
     Some((envelope, events.byte_offset()))
 }
 
-/// Checks `data` against `schema`; returns the value of the partition key's member when
-/// the schema names one and `data` has it, `Err` when the fast path declines.
-pub(crate) fn check_data(schema: &FastSchema, data: &RawValue) -> Result<Option<Value>, ()> {
+/// Checks `data` against `schema`; returns the partition key that the key's member gives
+/// (as [`crate::registry::SchemaEntry::key_of`] reads it) when the schema names one and
+/// `data` has it, `Err` when the fast path declines.
+pub(crate) fn check_data<'de>(
+    schema: &FastSchema,
+    data: &'de RawValue,
+) -> Result<Option<Cow<'de, str>>, ()> {
     let mut de = serde_json::Deserializer::from_str(data.get());
     let seed = ObjectSeed {
         node: &schema.root,
@@ -645,20 +653,23 @@ struct ObjectSeed<'s> {
 }
 
 impl<'de> DeserializeSeed<'de> for ObjectSeed<'_> {
-    type Value = Option<Value>;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<Value>, D::Error> {
+    type Value = Option<Cow<'de, str>>;
+    fn deserialize<D: de::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> Result<Option<Cow<'de, str>>, D::Error> {
         d.deserialize_map(self)
     }
 }
 
 impl<'de> Visitor<'de> for ObjectSeed<'_> {
-    type Value = Option<Value>;
+    type Value = Option<Cow<'de, str>>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Value>, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Cow<'de, str>>, A::Error> {
         let mut seen = 0u64;
         let mut captured = None;
         while let Some(Text(name)) = map.next_key()? {
@@ -688,7 +699,7 @@ impl<'de> Visitor<'de> for ObjectSeed<'_> {
                         return Err(decline());
                     }
                     if self.capture == Some(i) {
-                        captured = Some(Value::String(text.into_owned()));
+                        captured = Some(text);
                     }
                 }
                 Node::DateTime => {
@@ -697,7 +708,7 @@ impl<'de> Visitor<'de> for ObjectSeed<'_> {
                         return Err(decline());
                     }
                     if self.capture == Some(i) {
-                        captured = Some(Value::String(text.into_owned()));
+                        captured = Some(text);
                     }
                 }
                 Node::Integer { min, max } => {
@@ -708,12 +719,11 @@ impl<'de> Visitor<'de> for ObjectSeed<'_> {
                         return Err(decline());
                     }
                     if self.capture == Some(i) {
-                        captured = Some(match i64::try_from(n) {
-                            Ok(n) => Value::from(n),
-                            Err(_) => {
-                                Value::from(u64::try_from(n).map_err(|_| decline::<A::Error>())?)
-                            }
-                        });
+                        // As a JSON number: an i64 or a u64, whose decimal is the key.
+                        if i64::try_from(n).is_err() && u64::try_from(n).is_err() {
+                            return Err(decline());
+                        }
+                        captured = Some(Cow::Owned(n.to_string()));
                     }
                 }
                 Node::Leaf(validator) => {
@@ -722,7 +732,12 @@ impl<'de> Visitor<'de> for ObjectSeed<'_> {
                         return Err(decline());
                     }
                     if self.capture == Some(i) {
-                        captured = Some(value);
+                        captured = match value {
+                            Value::String(s) => Some(Cow::Owned(s)),
+                            Value::Number(n) => Some(Cow::Owned(n.to_string())),
+                            Value::Bool(b) => Some(Cow::Owned(b.to_string())),
+                            _ => None,
+                        };
                     }
                 }
             }

@@ -45,6 +45,10 @@ pub mod stream;
 pub mod strict;
 pub mod trace_context;
 
+/// A UTF-8 string held in [`bytes::Bytes`]: a slice of a request body shares its buffer.
+/// Events' attributes and partition keys travel as these from the edge to the stream.
+pub use bytestring::ByteString;
+
 use serde::Serialize;
 
 /// One fault in one event: where (a JSON pointer into the event) and why.

@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use crate::envelope::{self, Envelope};
 use crate::fast::{self, Accepted, FastSchema};
-use crate::{FieldError, escape_pointer_token};
+use crate::{ByteString, FieldError, escape_pointer_token};
 
 include!(concat!(env!("OUT_DIR"), "/builtin_schemas.rs"));
 
@@ -51,7 +51,8 @@ pub struct RegistryError {
 /// One compiled schema version of one event type.
 #[derive(Debug)]
 pub struct SchemaEntry {
-    pub event_type: String,
+    /// The type's registered name; shared (not copied) by every event accepted as one.
+    pub event_type: ByteString,
     pub version: u32,
     /// The schema's `$id`, when it declares one. A `dataschema` equal to it selects it.
     pub id: Option<String>,
@@ -311,7 +312,7 @@ impl Registry {
     /// Accepts one event straight from its text (`raw`, one JSON value), when the fast
     /// path can ([`crate::fast`]): then [`Registry::check`] of its parse would accept it
     /// with the same attributes and key. `None` says nothing about the event: check it.
-    pub fn accept_fast(&self, raw: &str) -> Option<Accepted> {
+    pub fn accept_fast<'a>(&'a self, raw: &'a str) -> Option<Accepted<'a>> {
         let (accepted, len) = self.accept_fast_prefix(raw)?;
         // As one JSON value alone: the end may only be followed by whitespace, and none
         // that breaks a line (see `accept_fast_prefix`).
@@ -323,7 +324,7 @@ impl Registry {
 
     /// [`Registry::accept_fast`] of the event that `text` starts with (`text` may go on
     /// past it, as the rest of a batch does), and the event's length in bytes.
-    pub fn accept_fast_prefix(&self, text: &str) -> Option<(Accepted, usize)> {
+    pub fn accept_fast_prefix<'a>(&'a self, text: &'a str) -> Option<(Accepted<'a>, usize)> {
         if self.reference_only {
             return None;
         }
@@ -339,25 +340,19 @@ impl Registry {
         let schema = self
             .select(&envelope.event_type, envelope.dataschema.as_deref())
             .ok()?;
-        let key = fast::check_data(schema.fast.as_ref()?, envelope.data).ok()?;
         // As `check` and `SchemaEntry::key_of` pick it.
-        let key = match key {
-            Some(Value::String(s)) => Some(s),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            Some(Value::Bool(b)) => Some(b.to_string()),
-            _ => None,
-        };
+        let key = fast::check_data(schema.fast.as_ref()?, envelope.data).ok()?;
         let key = key
-            .or_else(|| envelope.partitionkey.map(Cow::into_owned))
-            .unwrap_or_else(|| envelope.id.to_string());
+            .or(envelope.partitionkey)
+            .unwrap_or_else(|| envelope.id.clone());
         if envelope::partition_key_fault(&key).is_some() {
             return None;
         }
         Some((
             Accepted {
-                id: envelope.id.into_owned(),
-                source: envelope.source.into_owned(),
-                event_type: schema.event_type.clone(),
+                id: envelope.id,
+                source: envelope.source,
+                event_type: &schema.event_type,
                 key,
             },
             len,
@@ -532,7 +527,7 @@ fn compile(event_type: &str, version: u32, document: Value) -> Result<SchemaEntr
         .map_err(|e| format!("not a valid JSON Schema 2020-12: {e}"))?;
     let fast = FastSchema::compile(&document, partition_key.as_deref());
     Ok(SchemaEntry {
-        event_type: event_type.to_owned(),
+        event_type: ByteString::from(event_type),
         version,
         id,
         partition_key,

@@ -14,6 +14,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::ByteString;
+
 /// A shard's identity: `"0"`, `"1"`, … in the embedded log, `shardId-000000000001` in Kinesis.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -76,7 +78,8 @@ impl fmt::Display for SequenceNumber {
 /// One event to append: its partition key and its bytes (the event's JSON).
 #[derive(Debug, Clone)]
 pub struct Record {
-    pub key: String,
+    /// Usually a slice of the request body the event came in (see [`crate::ByteString`]).
+    pub key: ByteString,
     pub payload: Bytes,
 }
 

@@ -95,7 +95,7 @@ fn the_events_producers_send_are_taken_fast_with_the_references_attributes() {
         let checked = reference.check(&event).unwrap();
         assert_eq!(accepted.id, checked.envelope.id);
         assert_eq!(accepted.source, checked.envelope.source);
-        assert_eq!(accepted.event_type, checked.schema.event_type);
+        assert_eq!(*accepted.event_type, checked.schema.event_type);
         assert_eq!(accepted.key, checked.key);
         assert!(
             reference.accept_fast(&raw).is_none(),

@@ -31,7 +31,7 @@ fuzz_target!(|input: &[u8]| {
             .unwrap_or_else(|e| panic!("taken fast, refused by the reference: {e:?}"));
         assert_eq!(accepted.id, checked.envelope.id);
         assert_eq!(accepted.source, checked.envelope.source);
-        assert_eq!(accepted.event_type, checked.schema.event_type);
+        assert_eq!(*accepted.event_type, checked.schema.event_type);
         assert_eq!(accepted.key, checked.key);
     }
     let body = Bytes::copy_from_slice(input);

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Bytes, BytesMut};
-use floodgate_core::FieldError;
 use floodgate_core::check::{Outcome, check_body_traced};
 use floodgate_core::decode::{BodyFormat, DecodeError};
 use floodgate_core::registry::Registry;
 use floodgate_core::stream::{AppendError, ConsumerLag, Record, StreamWriter};
 use floodgate_core::trace_context::{TRACEPARENT, TRACESTATE, TraceContext};
+use floodgate_core::{ByteString, FieldError};
 use http_body_util::BodyExt;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
@@ -305,7 +305,7 @@ impl EventStatus {
 #[derive(Serialize)]
 struct EventResult {
     index: usize,
-    id: Option<String>,
+    id: Option<ByteString>,
     status: EventStatus,
     /// `true` when the event was accepted before (same source and id) and not appended
     /// again.
@@ -316,7 +316,7 @@ struct EventResult {
 }
 
 impl EventResult {
-    fn new(index: usize, id: Option<String>, status: EventStatus) -> Self {
+    fn new(index: usize, id: Option<ByteString>, status: EventStatus) -> Self {
         Self {
             index,
             id,
@@ -409,7 +409,7 @@ fn quarantine_record(raw: &[u8], reasons: &[FieldError]) -> Record {
         }
     }
     Record {
-        key: "quarantine".to_owned(),
+        key: ByteString::from_static("quarantine"),
         payload: Bytes::from(payload),
     }
 }
@@ -435,7 +435,7 @@ fn apply_type_filter(who: &Principal, outcomes: &mut [Outcome]) -> Result<(), Ed
     let mut allowed = 0;
     for o in outcomes.iter_mut() {
         let t = match o {
-            Outcome::Valid { event_type, .. } => Some(event_type.as_str()),
+            Outcome::Valid { event_type, .. } => Some(&**event_type),
             Outcome::Rejected { event_type, .. } => event_type.as_deref(),
         };
         if who.allows(t) {
@@ -923,7 +923,7 @@ impl Events {
         // Events per (type, outcome) for the counter: a batch holds few distinct pairs, and
         // usually one, so a short list searched from its latest entry beats hashing each
         // event's type.
-        let mut counts: Vec<(String, &'static str, u64)> = Vec::new();
+        let mut counts: Vec<(ByteString, &'static str, u64)> = Vec::new();
         let mut retry_after_ms = 0u64;
         let mut results: Vec<EventResult> = Vec::with_capacity(outcomes.len());
         for (index, outcome) in outcomes.into_iter().enumerate() {
@@ -975,7 +975,7 @@ impl Events {
                         errors: Some(errors),
                         ..EventResult::new(index, id, EventStatus::Rejected)
                     },
-                    event_type.unwrap_or_else(|| "unknown".to_owned()),
+                    event_type.unwrap_or_else(|| ByteString::from_static("unknown")),
                 ),
             };
             let label = result.status.label(result.duplicate.is_some());
@@ -990,7 +990,7 @@ impl Events {
             results.push(result);
         }
         for (event_type, outcome, n) in counts {
-            metrics::counter!("floodgate_ingest_events_total", "type" => event_type, "outcome" => outcome)
+            metrics::counter!("floodgate_ingest_events_total", "type" => event_type.to_string(), "outcome" => outcome)
                 .increment(n);
         }
 

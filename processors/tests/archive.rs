@@ -59,7 +59,7 @@ async fn append(log: &EmbeddedLog, from: usize, n: usize) -> SequenceNumber {
         .append(
             (from..from + n)
                 .map(|i| Record {
-                    key: "k".to_owned(),
+                    key: "k".into(),
                     payload: Bytes::from(event(i)),
                 })
                 .collect(),

@@ -83,7 +83,7 @@ async fn trickle(linger: Duration, n: usize, every: Duration) -> (usize, Vec<Str
     for i in 0..n {
         let out = log
             .append(vec![Record {
-                key: "k".to_owned(),
+                key: "k".into(),
                 payload: Bytes::from(format!("r{i}")),
             }])
             .await;

@@ -163,7 +163,7 @@ impl Position {
             let n = e.events.len();
             for (i, ev) in e.events.iter().enumerate().skip(from) {
                 records.push(Record {
-                    key: key(e.seq, i, n),
+                    key: key(e.seq, i, n).into(),
                     payload: Bytes::copy_from_slice(ev.as_bytes()),
                 });
             }
@@ -443,7 +443,7 @@ async fn migrate(dir: &Path, cfg: &OutboxConfig) -> io::Result<()> {
             for (i, ev) in line.events.into_iter().enumerate() {
                 bytes += ev.len();
                 let record = Record {
-                    key: key(line.seq, i, n),
+                    key: key(line.seq, i, n).into(),
                     payload: Bytes::from(ev),
                 };
                 batch.push((record, (line.seq, i as u64)));

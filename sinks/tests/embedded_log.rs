@@ -23,7 +23,7 @@ fn cfg() -> EmbeddedStreamConfig {
 
 fn rec(key: &str, payload: &str) -> Record {
     Record {
-        key: key.to_owned(),
+        key: key.into(),
         payload: Bytes::from(payload.to_owned()),
     }
 }

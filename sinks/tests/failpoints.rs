@@ -61,7 +61,7 @@ async fn append_concurrently(
                 let records = payloads
                     .iter()
                     .map(|p| Record {
-                        key: format!("key-{}", p.len() % 7),
+                        key: (format!("key-{}", p.len() % 7)).into(),
                         payload: Bytes::from(p.clone()),
                     })
                     .collect();
@@ -543,7 +543,7 @@ fn one_fsync_makes_a_group_durable_on_every_shard() {
         let log = EmbeddedLog::open(&root, &cfg).unwrap();
         let records: Vec<Record> = (0..200)
             .map(|i| Record {
-                key: format!("key-{i}"),
+                key: format!("key-{i}").into(),
                 payload: Bytes::from(format!("p-{i}")),
             })
             .collect();

@@ -55,7 +55,7 @@ async fn append(log: &EmbeddedLog, shard: u32, n: usize) {
     for _ in 0..n {
         let outcome = log
             .append(vec![Record {
-                key: key.clone(),
+                key: key.clone().into(),
                 payload: payload.clone(),
             }])
             .await;

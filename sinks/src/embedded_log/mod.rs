@@ -1474,7 +1474,7 @@ impl ShardWriter {
         for (slot, records) in parts {
             placed.push((slot, seq));
             for r in records {
-                pending.push((r.key.as_str(), &r.payload[..]));
+                pending.push((&*r.key, &r.payload[..]));
                 pending_bytes += frame::record_len(&r.key, &r.payload);
                 seq += 1;
                 if pending_bytes >= FRAME_TARGET_BYTES {

@@ -449,7 +449,7 @@ mod tests {
         for i in from..from + n {
             let r = log
                 .append(vec![Record {
-                    key: format!("{i}:0/1"),
+                    key: (format!("{i}:0/1")).into(),
                     payload: Bytes::from(format!("record-{i}-{}", "x".repeat(200))),
                 }])
                 .await;

@@ -147,7 +147,7 @@ impl Model {
                 let n = self.next_n;
                 self.next_n += 1;
                 Record {
-                    key: key.to_owned(),
+                    key: key.into(),
                     payload: Bytes::from(format!(
                         r#"{{"n":{n},"key":"{key}","time":"{time}","pad":"{}"}}"#,
                         "p".repeat(100)
@@ -188,7 +188,7 @@ impl Model {
             );
             let shard = self
                 .shard_of_key
-                .entry(record.key.clone())
+                .entry(record.key.to_string())
                 .or_insert_with(|| at.shard.clone());
             assert_eq!(
                 *shard, at.shard,
@@ -211,7 +211,7 @@ impl Model {
                 .expect("the suite's payloads carry their number");
             let sent = Sent {
                 n,
-                key: record.key,
+                key: record.key.to_string(),
                 payload: record.payload,
                 shard: at.shard,
                 sequence: at.sequence,
@@ -764,7 +764,7 @@ async fn durability<F: StreamFixture>(
     let keys_of: HashMap<Bytes, (String, usize)> = records
         .iter()
         .enumerate()
-        .map(|(i, r)| (r.payload.clone(), (r.key.clone(), i)))
+        .map(|(i, r)| (r.payload.clone(), (r.key.to_string(), i)))
         .collect();
     if !fx.write_without_durability(records).await {
         return;
@@ -932,7 +932,7 @@ pub async fn stream_writer(name: &str, writer: &dyn StreamWriter, reader: &dyn S
 
     // One outcome per record, in input order; a refused record fails alone.
     let record = |key: &str, payload: Vec<u8>| Record {
-        key: key.to_owned(),
+        key: key.into(),
         payload: Bytes::from(payload),
     };
     let batch = vec![
