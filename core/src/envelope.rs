@@ -309,14 +309,17 @@ pub fn is_rfc3339(s: &str) -> bool {
 }
 
 /// Whether a `datacontenttype` denotes JSON data (absent means JSON in the JSON format).
+/// Media types compare without regard to ASCII case (RFC 9110 §8.3.1); every event that
+/// names its type comes through here, so this compares in place rather than lowercasing
+/// a copy.
 pub fn is_json_content_type(ct: &str) -> bool {
-    let essence = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
+    let essence = ct.split(';').next().unwrap_or("").trim().as_bytes();
+    essence.eq_ignore_ascii_case(b"application/json")
+        || essence.eq_ignore_ascii_case(b"text/json")
+        || essence
+            .len()
+            .checked_sub(5)
+            .is_some_and(|at| essence[at..].eq_ignore_ascii_case(b"+json"))
 }
 
 fn required_string<'a>(
@@ -534,6 +537,28 @@ mod tests {
     fn json_content_types() {
         assert!(is_json_content_type("application/json; charset=utf-8"));
         assert!(is_json_content_type("application/cloudevents+json"));
+        assert!(is_json_content_type(" Application/JSON "));
+        assert!(is_json_content_type("TEXT/Json;q=1"));
+        assert!(is_json_content_type("application/vnd.api+JSON"));
         assert!(!is_json_content_type("application/octet-stream"));
+        assert!(!is_json_content_type("json"));
+        assert!(!is_json_content_type("application/json-seq"));
+        assert!(!is_json_content_type("x+jsoné"));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// The in-place comparison decides as lowercasing a copy did.
+        #[test]
+        fn json_content_types_are_read_as_by_lowercasing(
+            ct in "[ \t]{0,2}(application|text|Application|TEXT|x|é)?(/|\\+)?(json|JSON|Json|cloudevents\\+json|jsoné|son)?[ \t]{0,2}(;[ a-z=-]{0,8})?|\\PC{0,20}",
+        ) {
+            let lowered = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            let by_copy = lowered == "application/json"
+                || lowered == "text/json"
+                || lowered.ends_with("+json");
+            proptest::prop_assert_eq!(is_json_content_type(&ct), by_copy, "{:?}", ct);
+        }
     }
 }
