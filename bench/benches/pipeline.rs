@@ -166,14 +166,25 @@ fn codec_bench(c: &mut Criterion) {
             body.len() as f64 / lz4_packed.len() as f64,
         );
         g.throughput(Throughput::Elements(n as u64));
-        let mut zc = zstd::bulk::Compressor::new(1).unwrap();
-        g.bench_function(format!("zstd1_compress_{n}"), |b| {
-            b.iter(|| zc.compress(&body).unwrap().len())
-        });
-        let mut zd = zstd::bulk::Decompressor::new().unwrap();
-        g.bench_function(format!("zstd1_decompress_{n}"), |b| {
-            b.iter(|| zd.decompress(&zstd_packed, body.len()).unwrap().len())
-        });
+        // Level 1 is the log's; the negative ("fast") levels skip entropy-coding the
+        // literals, trading bytes for CPU toward lz4.
+        for level in [1, -1, -3] {
+            let name = if level < 0 {
+                format!("zstd_fast{}", -level)
+            } else {
+                format!("zstd{level}")
+            };
+            let mut zc = zstd::bulk::Compressor::new(level).unwrap();
+            let packed = zc.compress(&body).unwrap();
+            eprintln!("  zstd level {level}: {} bytes", packed.len());
+            g.bench_function(format!("{name}_compress_{n}"), |b| {
+                b.iter(|| zc.compress(&body).unwrap().len())
+            });
+            let mut zd = zstd::bulk::Decompressor::new().unwrap();
+            g.bench_function(format!("{name}_decompress_{n}"), |b| {
+                b.iter(|| zd.decompress(&packed, body.len()).unwrap().len())
+            });
+        }
         g.bench_function(format!("lz4_compress_{n}"), |b| {
             b.iter(|| lz4_flex::block::compress_prepend_size(&body).len())
         });
