@@ -583,10 +583,13 @@ impl Events {
             Self::charge(who, &mut outcomes, rate)?;
         }
         let planned = self.plan(&mut outcomes);
-        let appended = self
+        let (appended, charge) = self
             .append(&outcomes, planned.records, planned.claims, charge)
             .await?;
-        Ok(self.answer(outcomes, planned.plans, &appended))
+        let response = self.answer(outcomes, planned.plans, &appended);
+        // The outcomes' ids are slices of the body: it stays charged until they are gone.
+        drop(charge);
+        Ok(response)
     }
 
     /// Before the body is read: the credential (401), the consumers' lag (503), and one
@@ -872,14 +875,14 @@ impl Events {
 
     /// Appends the records, and keeps the rejected events in the quarantine, on a task
     /// of its own (see [`append_and_settle`]); returns once the stream has answered for
-    /// every record.
+    /// every record, with the body's charge, which the caller holds until it has answered.
     async fn append(
         &self,
         outcomes: &[Outcome],
         records: Vec<Record>,
         claims: Claims,
         charge: BodyCharge,
-    ) -> Result<Vec<Result<(), AppendError>>, EdgeError> {
+    ) -> Result<(Vec<Result<(), AppendError>>, BodyCharge), EdgeError> {
         let held: Vec<Record> = if self.quarantine.is_some() {
             outcomes
                 .iter()
@@ -900,7 +903,7 @@ impl Events {
             charge,
         ));
         match task.await {
-            Ok((appended, _charge)) => Ok(appended),
+            Ok((appended, charge)) => Ok((appended, charge)),
             Err(e) => {
                 // The claims were released as the task unwound; the records' fate is
                 // unknown.
