@@ -329,11 +329,10 @@ impl Registry {
             return None;
         }
         let (envelope, len) = fast::read_envelope(text)?;
-        // Events spread over lines are stored re-encoded, from their parse. (A fold, not
-        // `contains`: it vectorises; `str::contains` with a char set walks chars.)
-        let spans_lines = text.as_bytes()[..len]
-            .iter()
-            .fold(false, |seen, b| seen | (*b == b'\n') | (*b == b'\r'));
+        // Events spread over lines are stored re-encoded, from their parse. (`memchr2`
+        // compares 16 or 32 bytes at a time; a byte loop here cost as much as reading the
+        // event's strings: 14 % of the whole check, counted with callgrind.)
+        let spans_lines = memchr::memchr2(b'\n', b'\r', &text.as_bytes()[..len]).is_some();
         if spans_lines {
             return None;
         }

@@ -131,6 +131,10 @@ fn what_the_fast_path_declines_is_still_decided_by_the_reference() {
             e.to_string()
         },
         serde_json::to_string_pretty(&base).unwrap(),
+        // Lines broken by a carriage return alone.
+        serde_json::to_string_pretty(&base)
+            .unwrap()
+            .replace('\n', "\r"),
     ];
     for raw in declined {
         assert!(fast.accept_fast(&raw).is_none(), "{raw}");
