@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 use crate::decode::{self, BodyFormat, DecodeError, Parsed};
 use crate::envelope::event_id;
+use crate::fast::BodyHint;
 use crate::registry::Registry;
 use crate::trace_context::{TRACEPARENT, TRACESTATE, TraceContext, insert_attributes};
 use crate::{ByteString, FieldError};
@@ -58,8 +59,9 @@ pub fn check_body_traced(
     max_events: usize,
     trace: Option<&TraceContext>,
 ) -> Result<Vec<Outcome>, DecodeError> {
+    let mut hint = BodyHint::default();
     let items = decode::decode_with(body, format, max_events, |text| {
-        registry.accept_fast_prefix(text)
+        registry.accept_fast_in_body(text, &mut hint)
     })?;
     let mut out = Vec::with_capacity(items.len());
     for item in items {

@@ -25,6 +25,7 @@
 //! fast path never accepts what the reference rejects.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
@@ -462,13 +463,93 @@ pub struct Accepted<'a> {
 }
 
 /// The attributes the fast path read from an event whose envelope it accepts.
-pub(crate) struct Envelope<'de> {
+pub(crate) struct Envelope<'de, 's> {
     pub id: Cow<'de, str>,
     pub source: Cow<'de, str>,
     pub event_type: Cow<'de, str>,
     pub dataschema: Option<Cow<'de, str>>,
     pub partitionkey: Option<Cow<'de, str>>,
-    pub data: &'de RawValue,
+    pub data: Data<'de, 's>,
+}
+
+/// An event's `data` as the envelope's reader left it.
+pub(crate) enum Data<'de, 's> {
+    /// Kept as text, to be checked once the schema is known ([`check_data`]).
+    Raw(&'de RawValue),
+    /// Checked against `schema` as it was read, which gave `key` ([`check_data`]'s
+    /// result). The caller must still make sure `schema` is the one the event's type and
+    /// `dataschema` select: it was chosen before the reader had seen all of the envelope.
+    Checked {
+        schema: &'s FastSchema,
+        key: Option<Cow<'de, str>>,
+    },
+}
+
+/// Chooses the schema of an event type (and `dataschema`, when given); `None` when the
+/// fast path has none for it.
+pub(crate) type Select<'s> = dyn Fn(&str, Option<&str>) -> Option<&'s FastSchema> + 's;
+
+/// How the envelope's reader takes `data`: checked in place against a schema chosen
+/// before the envelope is whole, or kept as text.
+///
+/// An event's `data` may come before its `type` (`serde_json` writes an object's members
+/// sorted, so `data` is first), and the `type` (with `dataschema`) chooses the schema. Kept
+/// as text, `data` is read twice: skipped, then parsed. Checked in place, it is read once,
+/// against the schema its type chooses when the type came first, or else the schema the
+/// body's previous event had (a body's events are mostly of one type). A choice that
+/// turns out wrong, or a `data` that fails it, costs one more read of the event, as text.
+#[derive(Clone, Copy)]
+pub(crate) struct DataPlan<'a, 's> {
+    /// The schema for an event whose type the reader has not met by `data`.
+    pub guess: Option<&'s FastSchema>,
+    /// For an event whose type came before `data`.
+    pub select: Option<&'a Select<'s>>,
+}
+
+impl DataPlan<'_, '_> {
+    /// Keep `data` as text.
+    pub const RAW: Self = DataPlan {
+        guess: None,
+        select: None,
+    };
+}
+
+/// What the fast path carries from one event of a body to the next: the schema the last
+/// accepted event had, as the guess for the next one's `data` ([`DataPlan`]).
+#[derive(Debug, Default)]
+pub struct BodyHint<'s> {
+    last: Option<&'s FastSchema>,
+    misses: u8,
+}
+
+impl<'s> BodyHint<'s> {
+    /// After this many wrong choices in a body (a body of mixed types, say), its later
+    /// events are read with their `data` kept as text until the type is known.
+    const MAX_MISSES: u8 = 4;
+
+    pub(crate) fn plan<'a>(&self, select: &'a Select<'s>) -> DataPlan<'a, 's> {
+        if self.misses >= Self::MAX_MISSES {
+            return DataPlan::RAW;
+        }
+        DataPlan {
+            guess: self.last,
+            select: Some(select),
+        }
+    }
+
+    /// The wrong choices made so far in this body.
+    #[cfg(test)]
+    pub(crate) fn misses(&self) -> u8 {
+        self.misses
+    }
+
+    pub(crate) fn missed(&mut self) {
+        self.misses = self.misses.saturating_add(1);
+    }
+
+    pub(crate) fn accepted(&mut self, schema: &'s FastSchema) {
+        self.last = Some(schema);
+    }
 }
 
 /// A context attribute's text, as the envelope check takes it: not empty, and no control
@@ -480,16 +561,28 @@ fn attribute<'de, E: de::Error>(text: Text<'de>) -> Result<Cow<'de, str>, E> {
     Ok(text.0)
 }
 
-struct EnvelopeVisitor;
+struct EnvelopeVisitor<'a, 's> {
+    plan: DataPlan<'a, 's>,
+    /// Set when `data` failed the schema chosen for it in place: the event may still be
+    /// one the fast path takes, read again with `data` as text.
+    speculation_failed: &'a Cell<bool>,
+}
 
-impl<'de> Visitor<'de> for EnvelopeVisitor {
-    type Value = Envelope<'de>;
+impl<'de, 's> DeserializeSeed<'de> for EnvelopeVisitor<'_, 's> {
+    type Value = Envelope<'de, 's>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Envelope<'de, 's>, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, 's> Visitor<'de> for EnvelopeVisitor<'_, 's> {
+    type Value = Envelope<'de, 's>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a CloudEvent")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope<'de>, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope<'de, 's>, A::Error> {
         // Members seen so far: the attributes the spec names (`envelope::KNOWN`) by one bit
         // each, any other (extension) name in `extensions`, which allocates only for an
         // event that has extensions.
@@ -554,11 +647,30 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
                     }
                 }
                 "data" => {
-                    let raw: &'de RawValue = map.next_value()?;
-                    if raw.get() == "null" {
-                        return Err(decline());
-                    }
-                    data = Some(raw);
+                    let schema = match (&event_type, self.plan.select) {
+                        (Some(t), Some(select)) => select(t, dataschema.as_deref()),
+                        _ => self.plan.guess,
+                    };
+                    data = Some(match schema {
+                        Some(schema) => {
+                            let seed = ObjectSeed {
+                                node: &schema.root,
+                                level: 2,
+                                capture: schema.key_member,
+                            };
+                            let key = map
+                                .next_value_seed(seed)
+                                .inspect_err(|_| self.speculation_failed.set(true))?;
+                            Data::Checked { schema, key }
+                        }
+                        None => {
+                            let raw: &'de RawValue = map.next_value()?;
+                            if raw.get() == "null" {
+                                return Err(decline());
+                            }
+                            Data::Raw(raw)
+                        }
+                    });
                 }
                 // Binary data and trace context: the reference path.
                 "data_base64" => return Err(decline()),
@@ -608,18 +720,37 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
     }
 }
 
-impl<'de> de::Deserialize<'de> for Envelope<'de> {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_map(EnvelopeVisitor)
-    }
+/// Why [`read_envelope`] gave no envelope.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Unread {
+    /// The fast path declines the event.
+    Declined,
+    /// `data` failed the schema chosen for it in place ([`DataPlan`]); read it again with
+    /// [`DataPlan::RAW`].
+    Speculated,
 }
 
-/// Reads the envelope of the event that `text` starts with (an object; `text` may go on
-/// past it), and the event's length; `None` when the fast path declines it.
-pub(crate) fn read_envelope(text: &str) -> Option<(Envelope<'_>, usize)> {
-    let mut events = serde_json::Deserializer::from_str(text).into_iter::<Envelope<'_>>();
-    let envelope = events.next()?.ok()?;
-    Some((envelope, events.byte_offset()))
+/// Reads the envelope of the event that `text` starts with (an object, after any
+/// whitespace; `text` may go on past it), taking its `data` as `plan` says, and the
+/// event's length.
+pub(crate) fn read_envelope<'de, 's>(
+    text: &'de str,
+    plan: DataPlan<'_, 's>,
+) -> Result<(Envelope<'de, 's>, usize), Unread> {
+    let speculation_failed = Cell::new(false);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let read = EnvelopeVisitor {
+        plan,
+        speculation_failed: &speculation_failed,
+    }
+    .deserialize(&mut de);
+    match read {
+        // A stream made from the deserializer starts counting where it stands: just past
+        // the event's closing brace.
+        Ok(envelope) => Ok((envelope, de.into_iter::<de::IgnoredAny>().byte_offset())),
+        Err(_) if speculation_failed.get() => Err(Unread::Speculated),
+        Err(_) => Err(Unread::Declined),
+    }
 }
 
 /// Checks `data` against `schema`; returns the partition key that the key's member gives

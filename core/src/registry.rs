@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::envelope::{self, Envelope};
-use crate::fast::{self, Accepted, FastSchema};
+use crate::fast::{self, Accepted, BodyHint, FastSchema};
 use crate::{ByteString, FieldError, escape_pointer_token};
 
 include!(concat!(env!("OUT_DIR"), "/builtin_schemas.rs"));
@@ -325,37 +325,75 @@ impl Registry {
     /// [`Registry::accept_fast`] of the event that `text` starts with (`text` may go on
     /// past it, as the rest of a batch does), and the event's length in bytes.
     pub fn accept_fast_prefix<'a>(&'a self, text: &'a str) -> Option<(Accepted<'a>, usize)> {
+        self.accept_fast_in_body(text, &mut BodyHint::default())
+    }
+
+    /// [`Registry::accept_fast_prefix`] for one event of a body after another: `hint`
+    /// carries what the body's earlier events tell about this one's schema, so that its
+    /// `data` can be checked as it is read, once ([`fast::DataPlan`]). The answer is the
+    /// same whatever `hint` holds; only the work differs.
+    pub fn accept_fast_in_body<'a, 'r: 'a>(
+        &'r self,
+        text: &'a str,
+        hint: &mut BodyHint<'r>,
+    ) -> Option<(Accepted<'a>, usize)> {
         if self.reference_only {
             return None;
         }
-        let (envelope, len) = fast::read_envelope(text)?;
-        // Events spread over lines are stored re-encoded, from their parse. (`memchr2`
-        // compares 16 or 32 bytes at a time; a byte loop here cost as much as reading the
-        // event's strings: 14 % of the whole check, counted with callgrind.)
-        let spans_lines = memchr::memchr2(b'\n', b'\r', &text.as_bytes()[..len]).is_some();
-        if spans_lines {
-            return None;
+        let select = |t: &str, ds: Option<&str>| self.select(t, ds).ok()?.fast.as_ref();
+        let mut plan = hint.plan(&select);
+        // Read once as planned, and at most once more with `data` as text, which can
+        // neither be Speculated nor Checked.
+        let mut reread = false;
+        loop {
+            let (envelope, len) = match fast::read_envelope(text, plan) {
+                Ok(read) => read,
+                Err(fast::Unread::Speculated) if !reread => {
+                    hint.missed();
+                    (plan, reread) = (fast::DataPlan::RAW, true);
+                    continue;
+                }
+                Err(_) => return None,
+            };
+            // Events spread over lines are stored re-encoded, from their parse. (`memchr2`
+            // compares 16 or 32 bytes at a time; a byte loop here cost as much as reading
+            // the event's strings: 14 % of the whole check, counted with callgrind.)
+            if memchr::memchr2(b'\n', b'\r', &text.as_bytes()[..len]).is_some() {
+                return None;
+            }
+            let schema = self
+                .select(&envelope.event_type, envelope.dataschema.as_deref())
+                .ok()?;
+            let fast = schema.fast.as_ref()?;
+            // As `check` and `SchemaEntry::key_of` pick it.
+            let key = match envelope.data {
+                fast::Data::Raw(data) => fast::check_data(fast, data).ok()?,
+                fast::Data::Checked { schema, key } if std::ptr::eq(schema, fast) => key,
+                // Checked in place against another type's schema: read it again.
+                fast::Data::Checked { .. } if !reread => {
+                    hint.missed();
+                    (plan, reread) = (fast::DataPlan::RAW, true);
+                    continue;
+                }
+                fast::Data::Checked { .. } => return None,
+            };
+            hint.accepted(fast);
+            let key = key
+                .or(envelope.partitionkey)
+                .unwrap_or_else(|| envelope.id.clone());
+            if envelope::partition_key_fault(&key).is_some() {
+                return None;
+            }
+            return Some((
+                Accepted {
+                    id: envelope.id,
+                    source: envelope.source,
+                    event_type: &schema.event_type,
+                    key,
+                },
+                len,
+            ));
         }
-        let schema = self
-            .select(&envelope.event_type, envelope.dataschema.as_deref())
-            .ok()?;
-        // As `check` and `SchemaEntry::key_of` pick it.
-        let key = fast::check_data(schema.fast.as_ref()?, envelope.data).ok()?;
-        let key = key
-            .or(envelope.partitionkey)
-            .unwrap_or_else(|| envelope.id.clone());
-        if envelope::partition_key_fault(&key).is_some() {
-            return None;
-        }
-        Some((
-            Accepted {
-                id: envelope.id,
-                source: envelope.source,
-                event_type: &schema.event_type,
-                key,
-            },
-            len,
-        ))
     }
 
     /// Checks one event completely: envelope, schema selection, `data`, partition key.
@@ -581,6 +619,100 @@ fn check_backward_compatible(prev: &Value, next: &Value) -> Result<(), String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// `booking.requested` with `data` first (as `serde_json` writes a `Value`) or last (as
+    /// the CloudEvents SDKs write it).
+    fn booking(data_last: bool) -> String {
+        let data = r#""data":{"bookingId":"bk-1","customerId":"c-1","eventId":"concert-7","requestedAt":"2026-11-22T09:59:59Z","seats":2}"#;
+        let attributes =
+            r#""id":"e1","source":"/shop","specversion":"1.0","type":"booking.requested""#;
+        if data_last {
+            format!("{{{attributes},{data}}}")
+        } else {
+            format!("{{{data},{attributes}}}")
+        }
+    }
+
+    /// Two types whose `data` fits either schema: a guess from the one, checked in place,
+    /// must not give the other its key.
+    #[test]
+    fn a_guess_that_fits_another_types_data_is_not_taken() {
+        let schema = |key: &str| {
+            json!({
+                "type": "object",
+                "additionalProperties": false,
+                "x-floodgate-partition-key": key,
+                "properties": {"x": {"type": "string"}, "y": {"type": "string"}}
+            })
+        };
+        let registry = Registry::from_sources([
+            src("a.one/v1.json", schema("/x")),
+            src("a.two/v1.json", schema("/y")),
+        ])
+        .unwrap();
+        let event = |t: &str| {
+            format!(
+                r#"{{"data":{{"x":"kx","y":"ky"}},"id":"1","source":"/s","specversion":"1.0","type":"{t}"}}"#
+            )
+        };
+        let (text_one, text_two) = (event("a.one"), event("a.two"));
+        let mut hint = BodyHint::default();
+        let (one, _) = registry.accept_fast_in_body(&text_one, &mut hint).unwrap();
+        let (two, _) = registry.accept_fast_in_body(&text_two, &mut hint).unwrap();
+        assert_eq!((&**one.event_type, &*one.key), ("a.one", "kx"));
+        assert_eq!((&**two.event_type, &*two.key), ("a.two", "ky"));
+        assert_eq!(hint.misses(), 1);
+    }
+
+    #[test]
+    fn data_is_checked_as_read_when_its_schema_is_known_or_guessed() {
+        /// Whether `text`'s `data` is checked as it is read, with the plan `hint` makes.
+        fn checked<'r>(registry: &'r Registry, text: &str, hint: &BodyHint<'r>) -> bool {
+            let select = |t: &str, ds: Option<&str>| registry.select(t, ds).ok()?.fast.as_ref();
+            let fast = select("booking.requested", None).unwrap();
+            let (envelope, len) = fast::read_envelope(text, hint.plan(&select)).unwrap();
+            assert_eq!(len, text.len());
+            match envelope.data {
+                fast::Data::Checked { schema, key } => {
+                    assert!(std::ptr::eq(schema, fast));
+                    assert_eq!(key.as_deref(), Some("concert-7"));
+                    true
+                }
+                fast::Data::Raw(_) => false,
+            }
+        }
+        let registry = Registry::builtin().unwrap();
+        let fast = registry
+            .select("booking.requested", None)
+            .unwrap()
+            .fast
+            .as_ref()
+            .unwrap();
+        let fresh = BodyHint::default();
+        let mut after_a_booking = BodyHint::default();
+        after_a_booking.accepted(fast);
+        // The type first: its schema. `data` first: the previous event's, if any.
+        assert!(checked(&registry, &booking(true), &fresh));
+        assert!(!checked(&registry, &booking(false), &fresh));
+        assert!(checked(&registry, &booking(false), &after_a_booking));
+
+        // A wrong guess costs a second read, not the event: an inventory event after a
+        // booking, its `data` first, fails the booking schema in place and is accepted
+        // when read again.
+        let inventory = r#"{"data":{"capacity":100,"eventId":"concert-7","name":"Show","startsAt":"2026-12-01T20:00:00Z","venue":"Hall"},"id":"c1","source":"/shop","specversion":"1.0","type":"inventory.event.created"}"#;
+        let mut hint = BodyHint::default();
+        hint.accepted(fast);
+        let (accepted, len) = registry.accept_fast_in_body(inventory, &mut hint).unwrap();
+        assert_eq!(
+            (&**accepted.event_type, &*accepted.key, len),
+            ("inventory.event.created", "concert-7", inventory.len())
+        );
+        assert_eq!(hint.misses(), 1);
+        // And the hint follows the body: the next inventory event's guess is right.
+        let (accepted, _) = registry.accept_fast_in_body(inventory, &mut hint).unwrap();
+        assert_eq!(&**accepted.event_type, "inventory.event.created");
+        assert_eq!(hint.misses(), 1);
+    }
 
     fn src(rel: &str, doc: Value) -> SchemaSource {
         SchemaSource {

@@ -351,6 +351,9 @@ enum Spelling {
     EscapedSlash,
     /// Over several lines.
     Pretty,
+    /// `data` after the attributes, as the CloudEvents SDKs write it (a `Value` writes its
+    /// members sorted, `data` first).
+    DataLast,
 }
 
 fn spelling() -> impl Strategy<Value = Spelling> {
@@ -361,6 +364,7 @@ fn spelling() -> impl Strategy<Value = Spelling> {
         1 => Just(Spelling::EscapedName),
         1 => Just(Spelling::EscapedSlash),
         1 => Just(Spelling::Pretty),
+        2 => Just(Spelling::DataLast),
     ]
 }
 
@@ -402,6 +406,16 @@ fn event_text(base: usize, changes: &[Change], spelling: Spelling) -> String {
         Spelling::EscapedName => text.replacen("\"id\"", "\"\\u0069d\"", 1),
         Spelling::EscapedSlash => text.replace("://", ":\\/\\/"),
         Spelling::Pretty => serde_json::to_string_pretty(&event).unwrap(),
+        Spelling::DataLast => {
+            let object = event.as_object().unwrap();
+            let mut members: Vec<String> = object
+                .iter()
+                .filter(|(k, _)| *k != "data")
+                .map(|(k, v)| format!("{}:{v}", Value::from(k.as_str())))
+                .collect();
+            members.extend(object.get("data").map(|d| format!("\"data\":{d}")));
+            format!("{{{}}}", members.join(","))
+        }
     }
 }
 
