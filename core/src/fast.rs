@@ -523,16 +523,15 @@ pub struct BodyHint<'s> {
 }
 
 impl<'s> BodyHint<'s> {
-    /// After this many wrong choices in a body (a body of mixed types, say), its later
-    /// events are read with their `data` kept as text until the type is known.
-    const MAX_MISSES: u8 = 4;
+    /// After this many events read again in a body (a body of mixed types, say, or of
+    /// events that fail their schema), its later events are not guessed at: `data` before
+    /// the type is kept as text. (After the type, its schema is no guess; `data` that fails
+    /// it costs one more read of an event the reference path then takes anyway.)
+    pub(crate) const MAX_MISSES: u8 = 4;
 
     pub(crate) fn plan<'a>(&self, select: &'a Select<'s>) -> DataPlan<'a, 's> {
-        if self.misses >= Self::MAX_MISSES {
-            return DataPlan::RAW;
-        }
         DataPlan {
-            guess: self.last,
+            guess: self.last.filter(|_| self.misses < Self::MAX_MISSES),
             select: Some(select),
         }
     }

@@ -695,6 +695,13 @@ mod tests {
         assert!(checked(&registry, &booking(true), &fresh));
         assert!(!checked(&registry, &booking(false), &fresh));
         assert!(checked(&registry, &booking(false), &after_a_booking));
+        // A body that has had to read events again stops guessing, but for the type's
+        // own schema.
+        for _ in 0..BodyHint::MAX_MISSES {
+            after_a_booking.missed();
+        }
+        assert!(!checked(&registry, &booking(false), &after_a_booking));
+        assert!(checked(&registry, &booking(true), &after_a_booking));
 
         // A wrong guess costs a second read, not the event: an inventory event after a
         // booking, its `data` first, fails the booking schema in place and is accepted
