@@ -115,7 +115,7 @@ enum Node {
 struct TextRule {
     min_chars: u64,
     max_chars: u64,
-    class: Option<CharClass>,
+    class: Option<Box<CharClass>>,
 }
 
 struct CharClass {
@@ -139,7 +139,7 @@ impl TextRule {
                 "type" if value == "string" => typed = true,
                 "minLength" => rule.min_chars = value.as_u64()?,
                 "maxLength" => rule.max_chars = value.as_u64()?,
-                "pattern" => rule.class = Some(CharClass::parse(value.as_str()?)?),
+                "pattern" => rule.class = Some(Box::new(CharClass::parse(value.as_str()?)?)),
                 k if ANNOTATIONS.contains(&k) => {}
                 _ => return None,
             }
