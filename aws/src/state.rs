@@ -10,7 +10,7 @@
 //! | shard position | `SHARD#<shardId>` | `POSITION` | `sequence` (S: the last stream sequence applied), `outboxSeq` (N: the shard's last outbox entry) |
 //! | outbox entry | `OUTBOX#<shardId>` | the entry's seq, 20 digits | `seq` (N), `events` (S: NDJSON, one derived CloudEvent a line) |
 //! | dead letter | `DEAD#<shardId>` | the record's sequence, 64 digits | `sequence`, `reason`, `detail`, `payload` (S), `payloadBytes` (N) |
-//! | shard registry | `SHARDS` | `SHARDS` | `shards` (SS): every shard with a position, for the relay |
+//! | shard registry | `SHARDS` | `SHARDS` | `shards` (SS): every shard with a position, for the relay; each store writes its shards again every 5 s |
 //!
 //! A `bookingId` is global: its item is keyed by the id alone and created with
 //! `attribute_not_exists`, so two shards cannot both create it.
@@ -50,7 +50,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
@@ -92,6 +92,10 @@ const INVENTORY_SK: &str = "INVENTORY";
 const BOOKING_SK: &str = "BOOKING";
 const POSITION_SK: &str = "POSITION";
 const SHARDS_KEY: &str = "SHARDS";
+/// How often a store writes a shard it applies to into the registry item again: the bound on
+/// how long a lost entry keeps that shard's outbox from the relay, for one `UpdateItem` per
+/// shard and interval.
+const REGISTRY_REFRESH: Duration = Duration::from_secs(5);
 
 type Item = HashMap<String, AttributeValue>;
 
@@ -224,8 +228,10 @@ pub struct DynamoDbStateStore {
     /// Per shard: its position item as last read or written. A cache the transaction's
     /// condition checks, never trusted on its own.
     positions: Mutex<HashMap<String, Position>>,
-    /// Shards this store has put in the registry item.
-    registered: Mutex<HashSet<String>>,
+    /// Shards this store has put in the registry item, and when. An entry older than
+    /// `registry_refresh` is written again (see [`Self::register`]).
+    registered: Mutex<HashMap<String, Instant>>,
+    registry_refresh: Duration,
     /// Write units and transactions of the applies this store made (see [`Self::usage`]).
     units: std::sync::atomic::AtomicU64,
     transactions: std::sync::atomic::AtomicU64,
@@ -261,7 +267,8 @@ impl DynamoDbStateStore {
                 max_bytes: MAX_APPLY_BYTES,
             },
             positions: Mutex::new(HashMap::new()),
-            registered: Mutex::new(HashSet::new()),
+            registered: Mutex::new(HashMap::new()),
+            registry_refresh: REGISTRY_REFRESH,
             units: Default::default(),
             transactions: Default::default(),
             outbox_round: Default::default(),
@@ -275,6 +282,12 @@ impl DynamoDbStateStore {
             self.units.load(std::sync::atomic::Ordering::Relaxed),
             self.transactions.load(std::sync::atomic::Ordering::Relaxed),
         )
+    }
+
+    /// With another interval for writing a shard into the registry again (tests: short).
+    pub fn with_registry_refresh(mut self, every: Duration) -> Self {
+        self.registry_refresh = every;
+        self
     }
 
     /// With smaller apply limits (tests: to slice batches often).
@@ -346,14 +359,19 @@ impl DynamoDbStateStore {
         self.positions.lock().ok()?.get(shard).cloned()
     }
 
-    /// Puts `shard` in the registry item the relay reads (once per shard and process).
+    /// Puts `shard` in the registry item the relay reads, and again every
+    /// `registry_refresh` while this store applies to it.
+    ///
+    /// The `ADD` is idempotent, and writing it again is what heals an entry that a
+    /// concurrent write lost: moto's `UpdateItem` is not atomic, so two first `ADD`s on the
+    /// missing item can both read nothing and the second write drop the first's shard.
+    /// Cached forever, such a shard's outbox would never reach the relay.
     async fn register(&self, shard: &str) -> Result<(), StateError> {
-        if self
-            .registered
-            .lock()
-            .map(|r| r.contains(shard))
-            .unwrap_or(false)
-        {
+        let fresh = |r: &HashMap<String, Instant>| {
+            r.get(shard)
+                .is_some_and(|at| at.elapsed() < self.registry_refresh)
+        };
+        if self.registered.lock().map(|r| fresh(&r)).unwrap_or(false) {
             return Ok(());
         }
         self.client
@@ -366,7 +384,7 @@ impl DynamoDbStateStore {
             .await
             .map_err(|e| classify("UpdateItem", &self.table, &e))?;
         if let Ok(mut r) = self.registered.lock() {
-            r.insert(shard.to_owned());
+            r.insert(shard.to_owned(), Instant::now());
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ mod state_conformance;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
@@ -16,7 +17,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use floodgate_aws::emulator::{self, Emulator};
 use floodgate_aws::leases::TableOutcome;
 use floodgate_aws::state::{DynamoDbStateStore, ensure_table};
-use floodgate_core::state::{Inventory, StateChanges, StateStore};
+use floodgate_core::state::{Inventory, OutboxCursor, StateChanges, StateStore};
 use floodgate_core::stream::{SequenceNumber, ShardId};
 use state_conformance::StateFixture;
 
@@ -180,5 +181,63 @@ fn the_table_is_created_once_and_checked() {
             .unwrap();
         let err = ensure_table(&d.client, "leases").await.unwrap_err();
         assert!(err.to_string().contains("not a state table"), "{err}");
+    });
+}
+
+/// A shard the registry item lost is written into it again by the store's next apply after
+/// the refresh interval, so the relay finds its outbox late, not never. moto loses entries
+/// this way: its `UpdateItem` is not atomic, and two first `ADD`s on the missing item can
+/// both read nothing, the second write dropping the first's shard. The test loses the entry
+/// by overwriting the item, as that second write does. Its control, a store that never
+/// refreshes, shows the overwrite hides the shard.
+#[test]
+fn a_shard_lost_from_the_registry_is_written_again() {
+    let d = Dynamo::new();
+    rt().block_on(async {
+        for (refresh, found) in [
+            (Duration::from_millis(200), true),
+            (Duration::from_secs(3600), false),
+        ] {
+            let table = d.table().await;
+            let store =
+                DynamoDbStateStore::new(d.client.clone(), &table).with_registry_refresh(refresh);
+            let shard = "shardId-000000000001";
+            let apply = |n: u64, derived: &str| StateChanges {
+                shard: ShardId(shard.into()),
+                last_sequence: SequenceNumber::from_u64(n),
+                expected_position: Some((n > 1).then(|| SequenceNumber::from_u64(n - 1))),
+                derived: vec![derived.into()],
+                ..StateChanges::default()
+            };
+            assert!(store.apply(apply(1, "a")).await.unwrap());
+            d.client
+                .put_item()
+                .table_name(&table)
+                .item("pk", AttributeValue::S("SHARDS".into()))
+                .item("sk", AttributeValue::S("SHARDS".into()))
+                .item(
+                    "shards",
+                    AttributeValue::Ss(vec!["shardId-000000000000".into()]),
+                )
+                .send()
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(store.apply(apply(2, "b")).await.unwrap());
+            let mine: Vec<Vec<String>> = store
+                .outbox_after(&OutboxCursor::new(), 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.partition == shard)
+                .map(|e| e.events)
+                .collect();
+            let want = if found {
+                vec![vec!["a".to_owned()], vec!["b".to_owned()]]
+            } else {
+                vec![]
+            };
+            assert_eq!(mine, want, "refreshed every {refresh:?}");
+        }
     });
 }
