@@ -102,6 +102,33 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// The consumers' runtime in `serve`: threads of their own, at a lower priority than the
+/// edge's (`nice`), so that when both want the two cores the edge's requests run first.
+/// Its blocking pool (log reads, SQLite, lake encoding) starts its threads the same way.
+/// The priority is set, not added to: a thread the pool starts from one of its own threads
+/// inherits that one's.
+pub(crate) fn consumer_runtime(nice: u8) -> Result<tokio::runtime::Runtime> {
+    let edge = this_thread_nice().unwrap_or(0);
+    let target = (edge + i32::from(nice)).min(19);
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fg-consumer")
+        .on_thread_start(move || set_thread_nice(target))
+        .build()?)
+}
+
+fn this_thread_nice() -> Option<i32> {
+    rustix::process::getpriority_process(Some(rustix::thread::gettid())).ok()
+}
+
+/// Sets this thread's nice value (on Linux a thread id in `PRIO_PROCESS` names that one
+/// thread). Best effort: a thread left at the edge's priority only shares the cores equally.
+fn set_thread_nice(nice: i32) {
+    if this_thread_nice() != Some(nice) {
+        let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice);
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called (not
 /// when first polled), so a signal that arrives right after start-up is not lost.
 pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {

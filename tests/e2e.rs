@@ -465,3 +465,56 @@ fn schemas_cli_and_bad_schema_dir() {
     assert_eq!(r.status, 207);
     assert_eq!(r.json()["results"][1]["errors"][0]["pointer"], "/type");
 }
+
+/// Each thread of `pid`: its name and nice value, from `/proc/<pid>/task/*/stat`.
+#[cfg(target_os = "linux")]
+fn threads_nice(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(stat) = std::fs::read_to_string(task.unwrap().path().join("stat")) else {
+            continue; // the thread ended
+        };
+        let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
+        let name = stat[open + 1..close].to_owned();
+        // After the name: state (field 3) … nice (field 19).
+        let nice = stat[close + 1..].split_whitespace().nth(16).unwrap();
+        out.push((name, nice.parse().unwrap()));
+    }
+    out
+}
+
+/// `serve` runs its processors on threads of their own (`fg-consumer`, blocking pool
+/// included), `ingest.consumer_nice` nicer than the edge's (`fg-worker`), so that the edge's
+/// requests go first when the cores are busy.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_processors_run_nicer_than_the_edge() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("floodgate.toml");
+    std::fs::write(&config, "[ingest]\nconsumer_nice = 7\n").unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &["--config", config.to_str().unwrap()]);
+    let events: Vec<Value> = (0..20)
+        .map(|i| booking(&format!("n-{i}"), &format!("bk-n-{i}"), "E-nice", 1))
+        .collect();
+    assert_eq!(server.post_batch(&events).status, 200);
+    let base = threads_nice(server.child.id())
+        .into_iter()
+        .find(|(name, _)| name == "fg-worker")
+        .expect("the edge's workers")
+        .1;
+    // More `fg-consumer` threads than the runtime's workers: the processors' blocking work
+    // (their log reads) runs on that runtime's pool, not the edge's.
+    let workers = std::thread::available_parallelism().unwrap().get();
+    let threads = common::wait_for(30, "the processors' blocking threads", || {
+        let t = threads_nice(server.child.id());
+        (t.iter().filter(|(n, _)| n == "fg-consumer").count() > workers).then_some(t)
+    });
+    for (name, nice) in &threads {
+        match name.as_str() {
+            "fg-worker" => assert_eq!(*nice, base, "{threads:?}"),
+            "fg-consumer" => assert_eq!(*nice, (base + 7).min(19), "{threads:?}"),
+            _ => {}
+        }
+    }
+}

@@ -334,6 +334,10 @@ pub struct IngestConfig {
     /// `MillisBehindLatest`): more than this behind, new events are answered 503. 0: no
     /// bound.
     pub max_consumer_lag_ms: u64,
+    /// In `serve`, the processors run on threads of their own, this much nicer (lower
+    /// priority, 0-19) than the edge's: when both want the cores, the edge's requests run
+    /// first, and the processors take what the edge leaves. 0: equal shares.
+    pub consumer_nice: u8,
     pub auth: AuthConfig,
 }
 
@@ -444,6 +448,7 @@ impl Default for IngestConfig {
             max_inflight_body_bytes: 512 * MIB,
             max_consumer_lag_records: 2_000_000,
             max_consumer_lag_ms: 300_000,
+            consumer_nice: 10,
             auth: AuthConfig::default(),
         }
     }
@@ -585,6 +590,9 @@ impl Config {
         let s = &self.stream.embedded;
         if !(1..=1024).contains(&s.shards) {
             return e("stream.embedded.shards must be between 1 and 1024");
+        }
+        if self.ingest.consumer_nice > 19 {
+            return e("ingest.consumer_nice must be between 0 and 19");
         }
         if self.stream.backend == StreamBackend::Kinesis {
             let k = &self.stream.kinesis;
@@ -767,6 +775,17 @@ mod tests {
         let c = Config::from_toml("[ingest]\nidle_timeout_ms = 0").unwrap();
         let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("idle_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn consumer_nice_is_read_and_checked() {
+        assert_eq!(Config::default().ingest.consumer_nice, 10);
+        let c = Config::from_toml("[ingest]\nconsumer_nice = 19").unwrap();
+        assert_eq!(c.ingest.consumer_nice, 19);
+        c.validate().unwrap();
+        let c = Config::from_toml("[ingest]\nconsumer_nice = 20").unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("consumer_nice"), "{e}");
     }
 
     #[test]

@@ -23,7 +23,9 @@ use crate::backends::{
     Archive, Coordination, Publish, Quarantine, Stream, lake_store, local_checkpoints, open_state,
     runtime_config,
 };
-use crate::setup::{check_auth_posture, effective_config, load_registry, runtime, shutdown_signal};
+use crate::setup::{
+    check_auth_posture, consumer_runtime, effective_config, load_registry, runtime, shutdown_signal,
+};
 use crate::{ProcessArgs, ServeArgs};
 
 /// The processors' side: bookings state, outbox and their consumer tasks.
@@ -191,7 +193,14 @@ pub(crate) fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
     );
     let auth_required = check_auth_posture(&config, args.insecure_no_auth)?;
     let registry = Arc::new(load_registry(config.schemas_dir.as_deref())?);
-    runtime()?.block_on(async move {
+    // The processors' own runtime (threads at `consumer_nice`); the edge keeps this one's.
+    let consumers_rt = if with_processors {
+        Some(consumer_runtime(config.ingest.consumer_nice)?)
+    } else {
+        None
+    };
+    let consumers = &consumers_rt;
+    let result = runtime()?.block_on(async move {
         let metrics = floodgate_ingest::telemetry::install();
         floodgate_ingest::telemetry::spawn_upkeep(metrics.clone());
         floodgate_ingest::telemetry::spawn_disk_gauges(config.data_dir.clone());
@@ -199,6 +208,10 @@ pub(crate) fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
         let quarantine = Quarantine::for_edge(&config).await?;
         let state = open_state(&config).await?;
         let processors = if with_processors {
+            // Everything the processors spawn (consumers, relay, blocking encodes) lands on
+            // their runtime. This future is polled on this thread only (block_on), so the
+            // guard scopes exactly the start-up.
+            let _in = consumers.as_ref().map(|rt| rt.enter());
             Some(
                 Processors::start(
                     &config,
@@ -260,7 +273,11 @@ pub(crate) fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
         quarantine.close().await?;
         tracing::info!("log closed; every acknowledged event is on disk");
         Ok(())
-    })
+    });
+    if let Some(rt) = consumers_rt {
+        rt.shutdown_background();
+    }
+    result
 }
 
 pub(crate) fn process(args: ProcessArgs) -> Result<()> {
