@@ -2230,6 +2230,28 @@ mod tests {
         assert!(e.to_string().contains("event 2: /data/i32"), "{e}");
     }
 
+    /// An event is read as text after one UTF-8 check of the whole; its row is the one its
+    /// bytes give, for text that is not UTF-8 throughout too (serde_json does not check the
+    /// strings it skips).
+    #[test]
+    fn a_head_read_as_text_is_the_head_its_bytes_give() {
+        let table = every_kind();
+        let layout = Layout::of(&table);
+        let texts: [&'static [u8]; 3] = [
+            br#"{"id":"e1","source":"/s","type":"t","data":{"d":"x","i32":7}}"#,
+            b"{\"zz\":\"\xc3\",\"id\":\"e1\",\"source\":\"/s\",\"type\":\"t\",\"data\":{\"d\":\"x\",\"i32\":7}}",
+            b"{\"id\":\"e\xff\",\"source\":\"/s\",\"type\":\"t\",\"data\":{\"d\":\"x\",\"i32\":7}}",
+        ];
+        for text in texts {
+            let got = Head::read(text, &|_| Some(&layout)).and_then(|h| layout.stage(h));
+            let from_bytes = Head::read_with(serde_json::Deserializer::from_slice(text), &|_| {
+                Some(&layout)
+            })
+            .and_then(|h| layout.stage(h));
+            assert_eq!(got, from_bytes, "{}", String::from_utf8_lossy(text));
+        }
+    }
+
     /// Rows that fit are read the typed way: the reference is the exception, not the rule.
     #[test]
     fn a_plain_event_is_read_the_typed_way() {

@@ -237,7 +237,19 @@ impl<'a, 'l> Head<'a, 'l> {
         payload: &'a [u8],
         layout_of: &dyn Fn(&str) -> Option<&'l Layout>,
     ) -> Option<Self> {
-        let mut de = serde_json::Deserializer::from_slice(payload);
+        match std::str::from_utf8(payload) {
+            // One check of the whole text, so the reader takes each string without its own.
+            Ok(text) => Self::read_with(serde_json::Deserializer::from_str(text), layout_of),
+            // The same answer as ever for text that is not UTF-8 throughout.
+            Err(_) => Self::read_with(serde_json::Deserializer::from_slice(payload), layout_of),
+        }
+    }
+
+    /// [`Self::read`] with the reader given (tests: to read bytes as bytes).
+    pub(crate) fn read_with<R: serde_json::de::Read<'a>>(
+        mut de: serde_json::Deserializer<R>,
+        layout_of: &dyn Fn(&str) -> Option<&'l Layout>,
+    ) -> Option<Self> {
         let head = de::Deserializer::deserialize_map(&mut de, HeadSeed { layout_of }).ok()?;
         de.end().ok()?;
         Some(head)
