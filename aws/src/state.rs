@@ -10,7 +10,7 @@
 //! | shard position | `SHARD#<shardId>` | `POSITION` | `sequence` (S: the last stream sequence applied), `outboxSeq` (N: the shard's last outbox entry) |
 //! | outbox entry | `OUTBOX#<shardId>` | the entry's seq, 20 digits | `seq` (N), `events` (S: NDJSON, one derived CloudEvent a line) |
 //! | dead letter | `DEAD#<shardId>` | the record's sequence, 64 digits | `sequence`, `reason`, `detail`, `payload` (S), `payloadBytes` (N) |
-//! | shard registry | `SHARDS` | `SHARDS` | `shards` (SS): every shard with a position, for the relay; each store writes its shards again every 5 s |
+//! | shard registry | `SHARDS` | `SHARDS` | `shards` (SS): every shard with a position, for the relay; each store checks its shards are listed every 5 s |
 //!
 //! A `bookingId` is global: its item is keyed by the id alone and created with
 //! `attribute_not_exists`, so two shards cannot both create it.
@@ -92,10 +92,13 @@ const INVENTORY_SK: &str = "INVENTORY";
 const BOOKING_SK: &str = "BOOKING";
 const POSITION_SK: &str = "POSITION";
 const SHARDS_KEY: &str = "SHARDS";
-/// How often a store writes a shard it applies to into the registry item again: the bound on
-/// how long a lost entry keeps that shard's outbox from the relay, for one `UpdateItem` per
-/// shard and interval.
+/// How often a store checks that a shard it applies to is still in the registry item: the
+/// bound on how long a lost entry keeps an active shard's outbox from the relay, for one
+/// read of the item per shard and interval.
 const REGISTRY_REFRESH: Duration = Duration::from_secs(5);
+/// Writes of one shard into the registry item, each read back, before an apply goes on
+/// without it listed (the next apply tries again).
+const REGISTER_ATTEMPTS: usize = 3;
 
 type Item = HashMap<String, AttributeValue>;
 
@@ -359,13 +362,15 @@ impl DynamoDbStateStore {
         self.positions.lock().ok()?.get(shard).cloned()
     }
 
-    /// Puts `shard` in the registry item the relay reads, and again every
-    /// `registry_refresh` while this store applies to it.
+    /// Makes sure `shard` is in the registry item the relay reads: when this store first
+    /// applies to it, and again every `registry_refresh` while it does.
     ///
-    /// The `ADD` is idempotent, and writing it again is what heals an entry that a
-    /// concurrent write lost: moto's `UpdateItem` is not atomic, so two first `ADD`s on the
-    /// missing item can both read nothing and the second write drop the first's shard.
-    /// Cached forever, such a shard's outbox would never reach the relay.
+    /// The check reads the item and writes (`ADD`, idempotent) only when the shard is
+    /// missing, then reads it back. A write can go missing: moto's `UpdateItem` is not
+    /// atomic, so two first `ADD`s on the missing item can both read nothing, and the
+    /// second write drops the first's shard. Read back, such a loss is seen and written
+    /// again at once; one that lands after the read back is found at the next refresh.
+    /// Real DynamoDB's `ADD` is atomic; there the refresh costs one read of the item.
     async fn register(&self, shard: &str) -> Result<(), StateError> {
         let fresh = |r: &HashMap<String, Instant>| {
             r.get(shard)
@@ -374,18 +379,25 @@ impl DynamoDbStateStore {
         if self.registered.lock().map(|r| fresh(&r)).unwrap_or(false) {
             return Ok(());
         }
-        self.client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(Self::key(SHARDS_KEY.to_owned(), SHARDS_KEY)))
-            .update_expression("ADD shards :s")
-            .expression_attribute_values(":s", AttributeValue::Ss(vec![shard.to_owned()]))
-            .send()
-            .await
-            .map_err(|e| classify("UpdateItem", &self.table, &e))?;
-        if let Ok(mut r) = self.registered.lock() {
-            r.insert(shard.to_owned(), Instant::now());
+        for _ in 0..REGISTER_ATTEMPTS {
+            if self.shards().await?.contains(shard) {
+                if let Ok(mut r) = self.registered.lock() {
+                    r.insert(shard.to_owned(), Instant::now());
+                }
+                return Ok(());
+            }
+            self.client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(Self::key(SHARDS_KEY.to_owned(), SHARDS_KEY)))
+                .update_expression("ADD shards :s")
+                .expression_attribute_values(":s", AttributeValue::Ss(vec![shard.to_owned()]))
+                .send()
+                .await
+                .map_err(|e| classify("UpdateItem", &self.table, &e))?;
         }
+        // Still missing: not cached, so the next apply checks again.
+        tracing::warn!(table = %self.table, shard, "the shard registry keeps losing this shard");
         Ok(())
     }
 

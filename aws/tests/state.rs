@@ -185,7 +185,8 @@ fn the_table_is_created_once_and_checked() {
 }
 
 /// A shard the registry item lost is written into it again by the store's next apply after
-/// the refresh interval, so the relay finds its outbox late, not never. moto loses entries
+/// the refresh interval, so the relay finds its outbox late, not never, as long as the shard
+/// is applied to. moto loses entries
 /// this way: its `UpdateItem` is not atomic, and two first `ADD`s on the missing item can
 /// both read nothing, the second write dropping the first's shard. The test loses the entry
 /// by overwriting the item, as that second write does. Its control, a store that never
