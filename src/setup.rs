@@ -117,17 +117,31 @@ pub(crate) fn consumer_runtime(nice: u8) -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+#[cfg(target_os = "linux")]
 fn this_thread_nice() -> Option<i32> {
     rustix::process::getpriority_process(Some(rustix::thread::gettid())).ok()
 }
 
 /// Sets this thread's nice value (on Linux a thread id in `PRIO_PROCESS` names that one
-/// thread). Best effort: a thread left at the edge's priority only shares the cores equally.
+/// thread). A thread left at the edge's priority only shares the cores equally.
+#[cfg(target_os = "linux")]
 fn set_thread_nice(nice: i32) {
-    if this_thread_nice() != Some(nice) {
-        let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice);
+    if this_thread_nice() != Some(nice)
+        && let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice)
+    {
+        tracing::warn!(nice, error = %e, "cannot lower a processor thread's priority");
     }
 }
+
+/// Elsewhere a process-wide nice value cannot name one thread: the processors share the
+/// cores equally.
+#[cfg(not(target_os = "linux"))]
+fn this_thread_nice() -> Option<i32> {
+    None
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_thread_nice(_nice: i32) {}
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called (not
 /// when first polled), so a signal that arrives right after start-up is not lost.

@@ -335,8 +335,9 @@ pub struct IngestConfig {
     /// bound.
     pub max_consumer_lag_ms: u64,
     /// In `serve`, the processors run on threads of their own, this much nicer (lower
-    /// priority, 0-19) than the edge's: when both want the cores, the edge's requests run
-    /// first, and the processors take what the edge leaves. 0: equal shares.
+    /// priority, 0-19; the sum capped at 19) than the edge's (Linux): when both want the
+    /// cores, the edge's requests run first, and the processors take what the edge leaves.
+    /// 0: equal shares.
     pub consumer_nice: u8,
     pub auth: AuthConfig,
 }

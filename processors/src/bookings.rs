@@ -924,8 +924,12 @@ mod tests {
     /// rules skip, or in one they read).
     #[test]
     fn records_are_parsed_as_their_bytes_would_be() {
-        let texts: [&'static [u8]; 4] = [
+        let texts: [&'static [u8]; 7] = [
             br#"{"type":"booking.requested","data":{"eventId":"concert-1","seats":2}}"#,
+            "{\"type\":\"booking.requested\",\"data\":{\"eventId\":\"café-\\u00e9\\n\",\"seats\":2}}"
+                .as_bytes(),
+            "{\"type\":\"booking.requested\",\"data\":{\"eventId\":\"a\u{1}b\"}}".as_bytes(),
+            br#"{"type":"booking.requested","data":{"seats":2}} x"#,
             b"{\"note\":\"\xc3\",\"type\":\"booking.requested\",\"data\":{\"seats\":1}}",
             b"{\"type\":\"booking.requested\",\"data\":{\"eventId\":\"\xff\"}}",
             br#"{"type":"t","data":{"eventId":5}}"#,

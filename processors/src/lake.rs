@@ -2237,8 +2237,13 @@ mod tests {
     fn a_head_read_as_text_is_the_head_its_bytes_give() {
         let table = every_kind();
         let layout = Layout::of(&table);
-        let texts: [&'static [u8]; 3] = [
+        let texts: [&'static [u8]; 6] = [
             br#"{"id":"e1","source":"/s","type":"t","data":{"d":"x","i32":7}}"#,
+            "{\"id\":\"é\\u00e9\\\"\",\"source\":\"/s\",\"type\":\"t\",\"data\":{\"d\":\"ü\",\"i32\":7}}"
+                .as_bytes(),
+            "{\"id\":\"a\u{1}b\",\"source\":\"/s\",\"type\":\"t\",\"data\":{\"d\":\"x\",\"i32\":7}}"
+                .as_bytes(),
+            br#"{"id":"e1","source":"/s","type":"t","data":{"d":"x","i32":7}} x"#,
             b"{\"zz\":\"\xc3\",\"id\":\"e1\",\"source\":\"/s\",\"type\":\"t\",\"data\":{\"d\":\"x\",\"i32\":7}}",
             b"{\"id\":\"e\xff\",\"source\":\"/s\",\"type\":\"t\",\"data\":{\"d\":\"x\",\"i32\":7}}",
         ];
