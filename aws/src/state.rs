@@ -231,8 +231,8 @@ pub struct DynamoDbStateStore {
     /// Per shard: its position item as last read or written. A cache the transaction's
     /// condition checks, never trusted on its own.
     positions: Mutex<HashMap<String, Position>>,
-    /// Shards this store has put in the registry item, and when. An entry older than
-    /// `registry_refresh` is written again (see [`Self::register`]).
+    /// Shards this store found in the registry item, and when. An entry older than
+    /// `registry_refresh` is checked again (see [`Self::register`]).
     registered: Mutex<HashMap<String, Instant>>,
     registry_refresh: Duration,
     /// Write units and transactions of the applies this store made (see [`Self::usage`]).
@@ -287,7 +287,7 @@ impl DynamoDbStateStore {
         )
     }
 
-    /// With another interval for writing a shard into the registry again (tests: short).
+    /// With another interval for checking a shard is still in the registry (tests: short).
     pub fn with_registry_refresh(mut self, every: Duration) -> Self {
         self.registry_refresh = every;
         self
