@@ -16,13 +16,16 @@
 //!   writes exactly the same `firstSeq..=lastSeq` (so the same names) before anything more
 //!   is buffered, and a retried batch skips the records already buffered.
 //!
-//! Every event ends in exactly one table. Before a row is buffered it is checked against
-//! its table ([`crate::parquet::check`]): each value must convert to its column's type and
-//! every required column must have one. An event that does not fit (an `integer` past its
-//! column, a `time` the lake cannot read, a type without a table, an unreadable record) goes
-//! to the `quarantine` table with the JSON pointer and the reason, and the lake moves on;
-//! so does, as a last line of defence, every row of a table file that fails to encode. No
-//! value can hold the consumer up. Diverted rows are written in the run's quarantine file,
+//! Every event ends in exactly one table. A row is checked against its table
+//! ([`crate::parquet::check`]): each value must convert to its column's type and every
+//! required column must have one. An event whose envelope places it (a type with a table,
+//! a readable `time`, an `id` and a `source`) is buffered on that alone and checked when
+//! its file is encoded, where its `data` is read anyway; any other is checked before it is
+//! buffered. An event that does not fit (an `integer` past its column, a `time` the lake
+//! cannot read, a type without a table, an unreadable record) goes to the `quarantine`
+//! table with the JSON pointer and the reason, and the lake moves on; so does, as a last
+//! line of defence, every row of a table file that fails to encode. No value can hold the
+//! consumer up. Diverted rows are written in the run's quarantine file,
 //! named `<consumer>.<shard>-<firstSeq>-<lastSeq>.parquet` (`lake.0-…`, `lake-derived.0-…`),
 //! a name the quarantine log's own consumer (whose one shard is also `0`) never uses; their
 //! `shard` column holds the same `<consumer>.<shard>`.
@@ -137,7 +140,7 @@ struct EventRow {
 }
 
 /// One row of the `quarantine` table waiting for its file.
-#[derive(Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct HeldRow {
     received_us: i64,
     event_id: Option<String>,
@@ -900,15 +903,15 @@ impl LakeProcessor {
         }
     }
 
-    /// The group of an event that fits its table, when the typed reading decides it
-    /// ([`lake_rows`](crate::lake_rows)); `None` leaves it to the reference.
+    /// The group of an event whose envelope places it: a type with a table this module
+    /// reads, a readable `time`, an `id` and a `source`; `None` leaves it to the reference
+    /// now. Its `data` is read, and the row checked against its table, when its file is
+    /// encoded ([`slice_columns`]): a row that does not fit is diverted to the quarantine
+    /// there, with the reasons the reference gives (see [`judge`]).
     fn fits(&self, payload: &[u8], received_us: i64) -> Option<(Arc<str>, i64)> {
-        let head = Head::read(payload, &|t| self.layouts.get(t))?;
-        let event_type = head.event_type()?;
-        let (name, layout) = (self.names.get(event_type)?, self.layouts.get(event_type)?);
-        let time = head.time_us()?;
-        layout.stage(head)?;
-        Some((name.clone(), hour_of(partition_micros(time, received_us))))
+        place(payload, received_us, |t| {
+            Some((self.names.get(t)?.clone(), self.layouts.get(t)?))
+        })
     }
 
     /// Turns one record into a row of its table, or of the quarantine when it does not fit.
@@ -918,8 +921,8 @@ impl LakeProcessor {
             let sequence = r.sequence.to_string();
             return Row::Held(quarantine_row(&r.payload, received_us, sequence));
         }
-        // Most rows fit, and are read once, borrowed; anything else is decided (and every
-        // misfit named) by the reference below.
+        // Most rows are placed by their envelope alone, borrowed; anything else is decided
+        // (and every misfit named) by the reference below.
         match self.fits(&r.payload, received_us) {
             Some(group) => Row::Typed {
                 group,
@@ -934,63 +937,119 @@ impl LakeProcessor {
     /// [`row_of`](Self::row_of) the reference way: the event parsed as `Value`s and
     /// checked against its table, every misfit named.
     fn reference_row<'a>(&self, r: &'a StoredRecord, received_us: i64) -> Row<'a> {
-        let raw = || String::from_utf8_lossy(&r.payload).into_owned();
-        let divert = |row: HeldRow, reason: &'static str| {
-            metrics::counter!("floodgate_lake_quarantined_total", "reason" => reason).increment(1);
-            Row::Held(row)
-        };
-        let (row, unreadable_time) =
-            match ParsedRow::parse(&r.payload, received_us, r.sequence.to_string()) {
-                Ok(parsed) => parsed,
-                Err(e) => {
-                    let row = HeldRow {
-                        received_us,
-                        event_id: None,
-                        source: None,
-                        event_type: None,
-                        reasons: vec![FieldError::new(
-                            "",
-                            format!("the lake cannot read this record as a CloudEvent: {e}"),
-                        )],
-                        raw: raw(),
-                        sequence: r.sequence.to_string(),
-                    };
-                    return divert(row, "unreadable");
-                }
-            };
-        let event_type = row
-            .event_type
-            .as_ref()
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        let (Some(name), Some(table)) = (self.names.get(event_type), self.tables.get(event_type))
-        else {
-            let reason = FieldError::new(
-                "/type",
-                format!("the lake has no table for event type {event_type:?}"),
-            );
-            return divert(row.held(vec![reason], raw()), "unknown_type");
-        };
-        let mut misfits = Vec::new();
-        if let Some(t) = unreadable_time {
-            misfits.push(FieldError::new(
-                "/time",
-                format!("{t:?} is not an RFC 3339 date-time the lake can read"),
-            ));
-        }
-        misfits.extend(fit(table, &row));
-        if !misfits.is_empty() {
-            return divert(row.held(misfits, raw()), "does_not_fit");
-        }
-        // The row keeps the producer's `time` as a column whatever its partition.
-        let at = partition_micros(row.time.as_ref().and_then(Value::as_i64), received_us);
-        Row::Typed {
-            group: (name.clone(), hour_of(at)),
-            payload: &r.payload,
-            sequence: r.sequence.as_str(),
-            received_us,
+        let judged = judge(&r.payload, received_us, r.sequence.to_string(), |t| {
+            self.tables.get(t)
+        });
+        match judged {
+            Judged::Fits { table, at_us, .. } => match self.names.get(&table.event_type) {
+                Some(name) => Row::Typed {
+                    group: (name.clone(), hour_of(at_us)),
+                    payload: &r.payload,
+                    sequence: r.sequence.as_str(),
+                    received_us,
+                },
+                // `tables` and `names` have the same keys: unreachable.
+                None => Row::Held(HeldRow {
+                    received_us,
+                    event_id: None,
+                    source: None,
+                    event_type: Some(table.event_type.clone()),
+                    reasons: vec![FieldError::new("/type", "the lake lost this type's table")],
+                    raw: String::from_utf8_lossy(&r.payload).into_owned(),
+                    sequence: r.sequence.to_string(),
+                }),
+            },
+            Judged::Held(row, reason) => {
+                metrics::counter!("floodgate_lake_quarantined_total", "reason" => reason)
+                    .increment(1);
+                Row::Held(row)
+            }
         }
     }
+}
+
+/// The group (`T`, with `table_of`'s layout for the event's type, and the hour) of an
+/// event whose envelope alone places it; see [`LakeProcessor::fits`].
+fn place<'l, T>(
+    payload: &[u8],
+    received_us: i64,
+    table_of: impl Fn(&str) -> Option<(T, &'l Layout)>,
+) -> Option<(T, i64)> {
+    let head = Head::read_envelope(payload)?;
+    let (group, layout) = table_of(head.event_type()?)?;
+    if !layout.supported() || !head.has_ids() {
+        return None;
+    }
+    let time = head.time_us()?;
+    Some((group, hour_of(partition_micros(time, received_us))))
+}
+
+/// What the reference makes of an event: a row of `table`, partitioned at `at_us`, or a
+/// quarantine row with the reasons and the metric's label.
+enum Judged<'t> {
+    Fits {
+        table: &'t Table,
+        row: ParsedRow,
+        at_us: i64,
+    },
+    Held(HeldRow, &'static str),
+}
+
+/// The reference's judgement of an event (its text, when the stream received it, its
+/// sequence): parsed as `Value`s, its table found by its type with `table_of`, and checked
+/// against that table, every misfit named. Buffering uses it for rows whose envelope does
+/// not place them, encoding for rows whose typed reading declines.
+fn judge<'t>(
+    payload: &[u8],
+    received_us: i64,
+    sequence: String,
+    table_of: impl Fn(&str) -> Option<&'t Table>,
+) -> Judged<'t> {
+    let raw = || String::from_utf8_lossy(payload).into_owned();
+    let (row, unreadable_time) = match ParsedRow::parse(payload, received_us, String::new()) {
+        Ok((row, unreadable_time)) => (ParsedRow { sequence, ..row }, unreadable_time),
+        Err(e) => {
+            let row = HeldRow {
+                received_us,
+                event_id: None,
+                source: None,
+                event_type: None,
+                reasons: vec![FieldError::new(
+                    "",
+                    format!("the lake cannot read this record as a CloudEvent: {e}"),
+                )],
+                raw: raw(),
+                sequence,
+            };
+            return Judged::Held(row, "unreadable");
+        }
+    };
+    let event_type = row
+        .event_type
+        .as_ref()
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let Some(table) = table_of(event_type) else {
+        let reason = FieldError::new(
+            "/type",
+            format!("the lake has no table for event type {event_type:?}"),
+        );
+        return Judged::Held(row.held(vec![reason], raw()), "unknown_type");
+    };
+    let mut misfits = Vec::new();
+    if let Some(t) = unreadable_time {
+        misfits.push(FieldError::new(
+            "/time",
+            format!("{t:?} is not an RFC 3339 date-time the lake can read"),
+        ));
+    }
+    misfits.extend(fit(table, &row));
+    if !misfits.is_empty() {
+        return Judged::Held(row.held(misfits, raw()), "does_not_fit");
+    }
+    // The row keeps the producer's `time` as a column whatever its partition.
+    let at_us = partition_micros(row.time.as_ref().and_then(Value::as_i64), received_us);
+    Judged::Fits { table, row, at_us }
 }
 
 /// Why `row` does not fit `table`: one reason per column whose value does not convert, or
@@ -1091,32 +1150,36 @@ fn columns_for(
 /// One typed file: its rows read back from the arena and appended to Arrow builders a
 /// slice of [`ENCODE_CHUNK_ROWS`] at a time, so the rows' columns never cost more than one
 /// slice's worth beside the encoded file. A row is read once, borrowed
-/// ([`lake_rows`](crate::lake_rows)); one the typed reading declines is parsed and
-/// converted by the reference, [`columns_for`]'s way.
+/// ([`lake_rows`](crate::lake_rows)); one the typed reading declines is judged by the
+/// reference ([`judge`]): converted [`columns_for`]'s way when it fits, else pushed to
+/// `diverted` (in order, with its metric's label) and left out of the file. `None` when
+/// every row was diverted.
 fn encode_group(
     table: &Table,
     group: &[EventRow],
     arena: &Arena,
     shard: &str,
-) -> Result<Bytes, EncodeError> {
+    diverted: &mut Vec<(HeldRow, &'static str)>,
+) -> Result<Option<Bytes>, EncodeError> {
     let mut file = parquet::FileEncoder::new(&table.schema)?;
     let layout = Layout::of(table);
     let mut columns = Columns::new(table, group.len().min(ENCODE_CHUNK_ROWS))?;
+    let before = diverted.len();
     for slice in group.chunks(ENCODE_CHUNK_ROWS) {
-        file.write(slice_columns(
-            table,
-            &layout,
-            &mut columns,
-            slice,
-            arena,
-            shard,
-        )?)?;
+        let in_slice = diverted.len();
+        let batch = slice_columns(table, &layout, &mut columns, slice, arena, shard, diverted)?;
+        if diverted.len() - in_slice < slice.len() {
+            file.write(batch)?;
+        }
     }
-    file.finish()
+    if diverted.len() - before == group.len() {
+        return Ok(None);
+    }
+    file.finish().map(Some)
 }
 
-/// The Arrow columns of `rows`, appended to `columns` (which are left empty for the next
-/// slice).
+/// The Arrow columns of the rows of `rows` that fit, appended to `columns` (which are left
+/// empty for the next slice); the others are pushed to `diverted`.
 fn slice_columns(
     table: &Table,
     layout: &Layout,
@@ -1124,13 +1187,23 @@ fn slice_columns(
     rows: &[EventRow],
     arena: &Arena,
     shard: &str,
+    diverted: &mut Vec<(HeldRow, &'static str)>,
 ) -> Result<Vec<ArrayRef>, EncodeError> {
     for row in rows {
         let payload = arena.payload(row);
         let staged = Head::read(payload, &|_| Some(layout)).and_then(|head| layout.stage(head));
         let mut cells = match staged {
             Some(cells) => cells,
-            None => reference_cells(table, payload, row.received_us)?,
+            None => {
+                let this_table = |t: &str| (t == table.event_type).then_some(table);
+                match judge(payload, row.received_us, arena.sequence(row), this_table) {
+                    Judged::Fits { row, .. } => reference_cells(table, &row),
+                    Judged::Held(held, reason) => {
+                        diverted.push((held, reason));
+                        continue;
+                    }
+                }
+            }
         };
         cells[lake_rows::RECEIVED_AT] = Some(Cell::Int(row.received_us));
         cells[lake_rows::SHARD] = Some(Cell::Str(Cow::Borrowed(shard)));
@@ -1140,17 +1213,11 @@ fn slice_columns(
     columns.finish()
 }
 
-/// A row's cells the reference way: parsed as `Value`s, each converted as [`columns_for`]
+/// A parsed row's cells the reference way, each value converted as [`columns_for`]
 /// converts it (what does not convert is a null). The lake's own columns stay `None`.
-fn reference_cells<'a>(
-    table: &Table,
-    payload: &[u8],
-    received_us: i64,
-) -> Result<Vec<Option<Cell<'a>>>, EncodeError> {
-    let (row, _) = ParsedRow::parse(payload, received_us, String::new())
-        .map_err(|e| EncodeError::Row(format!("a buffered event no longer reads: {e}")))?;
+fn reference_cells<'a>(table: &Table, row: &ParsedRow) -> Vec<Option<Cell<'a>>> {
     let data = row.data.as_ref().and_then(Value::as_object);
-    Ok(table
+    table
         .schema
         .fields()
         .iter()
@@ -1169,33 +1236,40 @@ fn reference_cells<'a>(
             };
             lake_rows::cell_of(field.data_type(), value)
         })
-        .collect())
+        .collect()
 }
 
 /// The lake's per-row work for one typed file, outside the consumer: each event (its text,
-/// when the stream received it, its sequence) is parsed and checked against `table` as
-/// buffering does, copied into an arena, then read again and encoded as `encode_group`
-/// does at a flush. For benches (`bench/benches/pipeline.rs`); `Err` names the first event
-/// that does not fit.
+/// when the stream received it, its sequence) is placed by its envelope as buffering does
+/// (judged by the reference when that does not place it), copied into an arena, then read
+/// again and encoded as `encode_group` does at a flush. For benches
+/// (`bench/benches/pipeline.rs`); `Err` names the first event that does not fit.
 pub fn encode_events(
     table: &Table,
     shard: &str,
     events: &[(&[u8], i64, &str)],
 ) -> Result<Bytes, EncodeError> {
     let layout = Layout::of(table);
+    let this_table = |t: &str| (t == table.event_type).then_some(table);
+    let misfit = |i: usize, held: &HeldRow| {
+        let first = held.reasons.first();
+        EncodeError::Row(format!(
+            "event {i}: {} {}",
+            first.map_or("", |r| &r.pointer),
+            first.map_or("", |r| &r.message)
+        ))
+    };
     let mut arena = Arena::default();
     let mut rows = Vec::with_capacity(events.len());
     for (i, &(payload, received_us, sequence)) in events.iter().enumerate() {
-        let typed = Head::read(payload, &|_| Some(&layout)).and_then(|head| layout.stage(head));
-        if typed.is_none() {
-            let (parsed, _) = ParsedRow::parse(payload, received_us, sequence.to_owned())
-                .map_err(|e| EncodeError::Row(format!("event {i}: {e}")))?;
-            if let Some(misfit) = fit(table, &parsed).first() {
-                return Err(EncodeError::Row(format!(
-                    "event {i}: {} {}",
-                    misfit.pointer, misfit.message
-                )));
-            }
+        let placed = place(payload, received_us, |t| {
+            (t == table.event_type).then_some(((), &layout))
+        });
+        if placed.is_none()
+            && let Judged::Held(held, _) =
+                judge(payload, received_us, sequence.to_owned(), this_table)
+        {
+            return Err(misfit(i, &held));
         }
         let (chunk, start) = arena.push([payload, sequence.as_bytes()], 1 << 20);
         rows.push(EventRow {
@@ -1206,7 +1280,13 @@ pub fn encode_events(
             sequence_len: sequence.len() as u32,
         });
     }
-    encode_group(table, &rows, &arena, shard)
+    let mut diverted = Vec::new();
+    let file = encode_group(table, &rows, &arena, shard, &mut diverted)?;
+    if let Some((held, _)) = diverted.first() {
+        let i = events.iter().position(|e| e.2 == held.sequence);
+        return Err(misfit(i.unwrap_or(usize::MAX), held));
+    }
+    file.ok_or_else(|| EncodeError::Row("no events".to_owned()))
 }
 
 /// The quarantine row of a typed row whose file failed to encode: the event's own text
@@ -1246,25 +1326,30 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic".to_owned())
 }
 
-/// Every file of one run: each typed group, then the quarantine's. A typed group that fails
-/// to encode (a bug the row check missed) goes to the quarantine whole, each row with the
-/// error as its reason: no value may hold the consumer up.
+/// Every file of one run (each typed group, then the quarantine's), and how many rows went
+/// to the quarantine here, by the label of `floodgate_lake_quarantined_total` (counted once
+/// the run is written). A row that does not fit its table goes to the quarantine with the
+/// reference's reasons; a typed group that fails to encode (a bug the row check missed)
+/// goes whole, each row with the error as its reason: no value may hold the consumer up.
+/// Each quarantine file's rows are in stream order.
 fn encode_run(
     rows: &Pending,
     tables: &HashMap<Arc<str>, Table>,
     (typed_stem, held_stem): (&str, &str),
     run: &str,
-) -> Result<Vec<RunFile>, EncodeError> {
+) -> Result<(Vec<RunFile>, BTreeMap<&'static str, u64>), EncodeError> {
     let mut files = Vec::new();
     let mut failed: BTreeMap<i64, Vec<HeldRow>> = BTreeMap::new();
+    let mut quarantined: BTreeMap<&'static str, u64> = BTreeMap::new();
     for ((table_name, hour), group) in &rows.typed {
+        let mut diverted = Vec::new();
         let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let table = tables.get(table_name).ok_or_else(|| {
                 EncodeError::Arrow(arrow_schema::ArrowError::SchemaError(format!(
                     "no table {table_name}"
                 )))
             })?;
-            encode_group(table, group, &rows.arena, typed_stem)
+            encode_group(table, group, &rows.arena, typed_stem, &mut diverted)
         }))
         .unwrap_or_else(|p| {
             Err(EncodeError::Arrow(arrow_schema::ArrowError::ComputeError(
@@ -1272,16 +1357,27 @@ fn encode_run(
             )))
         });
         match encoded {
-            Ok(bytes) => files.push(RunFile {
-                partition: partition_key(table_name, *hour),
-                name: format!("{typed_stem}-{run}.parquet"),
-                bytes,
-                rows: group.len(),
-            }),
+            Ok(bytes) => {
+                let kept = group.len() - diverted.len();
+                for (row, reason) in diverted {
+                    *quarantined.entry(reason).or_default() += 1;
+                    failed
+                        .entry(hour_of(row.received_us))
+                        .or_default()
+                        .push(row);
+                }
+                if let Some(bytes) = bytes {
+                    files.push(RunFile {
+                        partition: partition_key(table_name, *hour),
+                        name: format!("{typed_stem}-{run}.parquet"),
+                        bytes,
+                        rows: kept,
+                    });
+                }
+            }
             Err(e) => {
                 tracing::error!(table = %table_name, error = %e, rows = group.len(), "a lake file failed to encode; its rows go to the quarantine");
-                metrics::counter!("floodgate_lake_quarantined_total", "reason" => "encode")
-                    .increment(group.len() as u64);
+                *quarantined.entry("encode").or_default() += group.len() as u64;
                 for row in group {
                     let reason = FieldError::new(
                         "",
@@ -1298,13 +1394,19 @@ fn encode_run(
     let hours: BTreeSet<i64> = rows.held.keys().chain(failed.keys()).copied().collect();
     let schema = floodgate_core::lake::quarantine_schema();
     for hour in hours {
-        let group: Vec<&HeldRow> = rows
+        let mut group: Vec<&HeldRow> = rows
             .held
             .get(&hour)
             .into_iter()
             .chain(failed.get(&hour))
             .flatten()
             .collect();
+        // Held at buffering, then diverted here: back in stream order (sequences are
+        // decimal, so shorter is earlier).
+        group.sort_by(|a, b| {
+            (a.sequence.len(), a.sequence.as_bytes())
+                .cmp(&(b.sequence.len(), b.sequence.as_bytes()))
+        });
         let columns = quarantine_columns(&schema, &group, held_stem)?;
         files.push(RunFile {
             partition: partition_key(QUARANTINE_TABLE, hour),
@@ -1313,7 +1415,7 @@ fn encode_run(
             rows: group.len(),
         });
     }
-    Ok(files)
+    Ok((files, quarantined))
 }
 
 impl LakeProcessor {
@@ -1362,8 +1464,9 @@ impl LakeProcessor {
             files
         })
         .await
-        .map_err(|e| ProcessError::Other(format!("lake encoding of run {run}: {e}")))?
         .map_err(|e| ProcessError::Other(format!("lake encoding of run {run}: {e}")))?;
+        let (files, quarantined) =
+            files.map_err(|e| ProcessError::Other(format!("lake encoding of run {run}: {e}")))?;
         metrics::histogram!("floodgate_lake_encode_wait_seconds").record(waited.as_secs_f64());
         let mut written: Vec<String> = Vec::new();
         let (mut bytes_written, mut rows_written) = (0u64, 0usize);
@@ -1396,6 +1499,10 @@ impl LakeProcessor {
                         .await);
                 }
             }
+        }
+        for (reason, rows) in quarantined {
+            metrics::counter!("floodgate_lake_quarantined_total", "reason" => reason)
+                .increment(rows);
         }
         metrics::counter!("floodgate_lake_files_total").increment(written.len() as u64);
         metrics::counter!("floodgate_lake_rows_total").increment(rows_written as u64);
@@ -1720,7 +1827,8 @@ mod tests {
         };
         rows.push(row, 256);
         let tables = HashMap::from([(Arc::from("t"), table)]);
-        let files = encode_run(&rows, &tables, ("0", "lake.0"), "7-7").unwrap();
+        let (files, quarantined) = encode_run(&rows, &tables, ("0", "lake.0"), "7-7").unwrap();
+        assert_eq!(quarantined, BTreeMap::from([("encode", 1)]));
         assert_eq!(files.len(), 1);
         assert_eq!(files[0].partition, "quarantine/dt=1970-01-01/hour=00");
         assert_eq!(files[0].name, "lake.0-7-7.parquet");
@@ -2085,9 +2193,12 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
 
-        /// The typed reading takes a row only when the reference would, and puts it in the
-        /// same table and hour; it takes every plain row; and the columns built for the
-        /// buffered rows, whichever way each was read, are the reference's.
+        /// Every row ends where the reference puts it: placed by its envelope (or, when
+        /// that declines, by the reference) in the reference's table and hour, then, at
+        /// encoding, kept in the file or diverted to the quarantine with the reference's
+        /// reasons. Every plain row is placed by its envelope and read the typed way; and
+        /// the columns built for the rows kept, whichever way each was read, are the
+        /// reference's.
         #[test]
         fn typed_rows_agree_with_the_reference(
             texts in proptest::collection::vec(event_text(), 1..40),
@@ -2102,6 +2213,7 @@ mod tests {
             let mut arena = Arena::default();
             let mut rows = Vec::new();
             let mut parsed = Vec::new();
+            let mut expected_held = Vec::new();
             for (i, (text, plain)) in texts.iter().enumerate() {
                 let record = StoredRecord {
                     sequence: SequenceNumber::from_u64(10_000 + i as u64),
@@ -2110,19 +2222,32 @@ mod tests {
                     appended_at_ms: base_ms + offsets_ms[i % offsets_ms.len()],
                 };
                 let received_us = record.appended_at_ms * 1000;
-                let typed = lake.fits(&record.payload, received_us);
+                let placed = lake.fits(&record.payload, received_us);
                 let reference = lake.reference_row(&record, received_us);
                 if *plain {
-                    proptest::prop_assert!(typed.is_some(), "typed declined a plain row: {}", text);
+                    proptest::prop_assert!(placed.is_some(), "the envelope declined a plain row: {}", text);
+                    let head = Head::read(text.as_bytes(), &|_| Some(&layout));
+                    proptest::prop_assert!(head.and_then(|h| layout.stage(h)).is_some(), "typed declined a plain row: {}", text);
                 }
-                let reference_group = match &reference {
-                    Row::Typed { group, .. } => Some(group.clone()),
-                    Row::Held(_) => None,
+                let buffered = match lake.row_of(&record) {
+                    Row::Typed { group, .. } => Some(group),
+                    Row::Held(held) => {
+                        proptest::prop_assert!(placed.is_none(), "{}", text);
+                        proptest::prop_assert!(matches!(&reference, Row::Held(r) if *r == held), "{}", text);
+                        None
+                    }
                 };
-                if typed.is_some() {
-                    proptest::prop_assert_eq!(&typed, &reference_group, "{}", text);
+                match &reference {
+                    Row::Typed { group, .. } => {
+                        proptest::prop_assert_eq!(buffered.as_ref(), Some(group), "{}", text);
+                        let sequence = record.sequence.to_string();
+                        parsed.push(ParsedRow::parse(text.as_bytes(), received_us, sequence).unwrap().0);
+                    }
+                    // Placed by its envelope, the reference's to divert at encoding.
+                    Row::Held(held) if buffered.is_some() => expected_held.push(held.clone()),
+                    Row::Held(_) => {}
                 }
-                if reference_group.is_some() {
+                if buffered.is_some() {
                     let sequence = record.sequence.to_string();
                     let (chunk, start) = arena.push([text.as_bytes(), sequence.as_bytes()], 4096);
                     rows.push(EventRow {
@@ -2132,14 +2257,18 @@ mod tests {
                         start,
                         sequence_len: sequence.len() as u32,
                     });
-                    parsed.push(ParsedRow::parse(text.as_bytes(), received_us, sequence).unwrap().0);
                 }
             }
             let mut columns = Columns::new(&table, rows.len()).unwrap();
             // Twice through the same builders: they must be left ready for the next slice.
             for _ in 0..2 {
-                let typed =
-                    slice_columns(&table, &layout, &mut columns, &rows, &arena, "shard-0").unwrap();
+                let mut diverted = Vec::new();
+                let typed = slice_columns(
+                    &table, &layout, &mut columns, &rows, &arena, "shard-0", &mut diverted,
+                )
+                .unwrap();
+                let held: Vec<HeldRow> = diverted.into_iter().map(|(h, _)| h).collect();
+                proptest::prop_assert_eq!(&held, &expected_held);
                 let reference = columns_for(&table, &parsed, "shard-0").unwrap();
                 proptest::prop_assert_eq!(typed.len(), reference.len());
                 for (i, (a, b)) in typed.iter().zip(&reference).enumerate() {
@@ -2149,8 +2278,30 @@ mod tests {
         }
     }
 
-    /// Wherever a hostile value stands, the typed way takes its event only as the
-    /// reference does: not at all when the reference cannot read it.
+    /// Where each event ends, as the lake decides it: buffered by its envelope (or the
+    /// reference) and then kept at encoding, or held at either step. `None`: held.
+    fn decided(lake: &LakeProcessor, record: &StoredRecord) -> Option<(Arc<str>, i64)> {
+        let Row::Typed { group, .. } = lake.row_of(record) else {
+            return None;
+        };
+        let table = every_kind();
+        let sequence = record.sequence.to_string();
+        let mut arena = Arena::default();
+        let (chunk, start) = arena.push([&record.payload, sequence.as_bytes()], 4096);
+        let row = EventRow {
+            received_us: record.appended_at_ms * 1000,
+            payload_len: record.payload.len(),
+            chunk,
+            start,
+            sequence_len: sequence.len() as u32,
+        };
+        let mut diverted = Vec::new();
+        encode_group(&table, &[row], &arena, "shard-0", &mut diverted).unwrap();
+        diverted.is_empty().then_some(group)
+    }
+
+    /// Wherever a hostile value stands, the lake keeps its event only as the reference
+    /// does: not at all when the reference cannot read it.
     #[test]
     fn hostile_values_are_read_as_the_reference_reads_them() {
         let (_dir, lake) = every_kind_lake();
@@ -2162,12 +2313,12 @@ mod tests {
                 payload: Bytes::from(text),
                 appended_at_ms: received_us / 1000,
             };
-            let typed = lake.fits(&record.payload, received_us);
+            let placed = lake.fits(&record.payload, received_us);
             let reference = match lake.reference_row(&record, received_us) {
                 Row::Typed { group, .. } => Some(group),
                 Row::Held(_) => None,
             };
-            (typed, reference)
+            (placed, decided(&lake, &record), reference)
         };
         let fitting = r#""d":"x","i32":7"#;
         let mut unreadable = 0;
@@ -2176,21 +2327,21 @@ mod tests {
                 let text = format!(
                     r#"{{"id":"e1","source":"/s","type":"t","data":{{{fitting},"{member}":{value}}}}}"#
                 );
-                let (typed, reference) = row(text.clone());
-                assert!(typed.is_none() || typed == reference, "{text}");
+                let (_, decided, reference) = row(text.clone());
+                assert_eq!(decided, reference, "{text}");
                 unreadable += usize::from(reference.is_none() && member == "other");
             }
         }
         // Out of range, lone surrogates, and the deepest nestings (in `other` alone).
         assert_eq!(unreadable, 12, "the reference refuses what it cannot read");
-        // …and the same event without them is the typed way's, whichever of `type` and
-        // `data` comes first…
+        // …and the same event without them is placed by its envelope, whichever of `type`
+        // and `data` comes first…
         for text in [
             format!(r#"{{"id":"e1","source":"/s","type":"t","data":{{{fitting}}}}}"#),
             format!(r#"{{"data":{{{fitting}}},"id":"e1","source":"/s","type":"t"}}"#),
         ] {
-            let (typed, reference) = row(text);
-            assert!(typed.is_some() && typed == reference);
+            let (placed, decided, reference) = row(text);
+            assert!(placed.is_some() && placed == reference && decided == reference);
         }
         // …but not with anything after it, nor with a member twice.
         for text in [
@@ -2199,9 +2350,87 @@ mod tests {
             format!(r#"{{"id":"e1","source":"/s","type":"t","data":{{{fitting}}},"type":"t"}}"#),
             format!(r#"{{"id":"e1","source":"/s","type":"t","data":{{{fitting}}},"data":{{}}}}"#),
         ] {
-            let (typed, reference) = row(text.clone());
-            assert!(typed.is_none() || typed == reference, "{text}");
+            let (placed, decided, reference) = row(text.clone());
+            assert!(placed.is_none() && decided == reference, "{text}");
         }
+    }
+
+    /// A row placed by its envelope that does not fit is diverted when its file is
+    /// encoded: out of the typed file, into the run's quarantine file in stream order
+    /// among the rows held at buffering, named by its pointer, and counted for the metric
+    /// (once the run is written).
+    #[test]
+    fn a_misfit_placed_by_its_envelope_is_diverted_at_encoding() {
+        use arrow_array::Array;
+        let (_dir, lake) = every_kind_lake();
+        let received_ms = 1_796_119_200_000;
+        let texts = [
+            (
+                9,
+                r#"{"id":"a","source":"/s","type":"t","data":{"d":"x","i32":7.5}}"#,
+            ),
+            (
+                10,
+                r#"{"id":"b","source":"/s","type":"t","data":{"d":"x","i32":7}}"#,
+            ),
+            (11, r#"{"id":"c","source":"/s","type":"nope","data":{}}"#),
+        ];
+        let records: Vec<StoredRecord> = texts
+            .iter()
+            .map(|(sequence, text)| StoredRecord {
+                sequence: SequenceNumber::from_u64(*sequence),
+                key: "k".to_owned(),
+                payload: Bytes::from_static(text.as_bytes()),
+                appended_at_ms: received_ms,
+            })
+            .collect();
+        let mut rows = Pending::default();
+        for record in &records {
+            rows.push(lake.row_of(record), 4096);
+        }
+        assert_eq!(rows.typed.values().map(Vec::len).sum::<usize>(), 2);
+        let (files, quarantined) =
+            encode_run(&rows, &lake.by_name, ("0", "lake.0"), "9-11").unwrap();
+        assert_eq!(quarantined, BTreeMap::from([("does_not_fit", 1)]));
+        let read = |bytes: &Bytes| -> Vec<arrow_array::RecordBatch> {
+            ::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
+                .unwrap()
+                .build()
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        let strings = |batch: &arrow_array::RecordBatch, column: &str| -> Vec<String> {
+            let array = batch.column_by_name(column).unwrap();
+            let array = array.as_any().downcast_ref::<StringArray>().unwrap();
+            (0..array.len())
+                .map(|i| array.value(i).to_owned())
+                .collect()
+        };
+        assert_eq!(files.len(), 2);
+        assert!(
+            files[0].partition.starts_with("t/"),
+            "{}",
+            files[0].partition
+        );
+        assert_eq!(files[0].rows, 1);
+        let typed = read(&files[0].bytes);
+        assert_eq!(strings(&typed[0], "event_id"), ["b"]);
+        assert!(files[1].partition.starts_with("quarantine/"));
+        assert_eq!(files[1].rows, 2);
+        let held = read(&files[1].bytes);
+        assert_eq!(strings(&held[0], "sequence"), ["9", "11"]);
+        assert_eq!(strings(&held[0], "event_id"), ["a", "c"]);
+        let reasons = held[0].column_by_name("reasons").unwrap();
+        let reasons = reasons.as_any().downcast_ref::<ListArray>().unwrap();
+        let first = reasons.value(0);
+        let first = first.as_any().downcast_ref::<StructArray>().unwrap();
+        let pointer = first
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        assert_eq!(pointer.value(0), "/data/i32");
     }
 
     /// The benches' entry point reads and checks rows as buffering does: a misfit, typed

@@ -166,9 +166,13 @@ fn once<'de, T: Deserialize<'de>, M: MapAccess<'de>>(
     Ok(())
 }
 
-/// Reads an event object into a [`Head`].
+/// The layout of an event type's table, where the lake has one.
+type LayoutOf<'f, 'l> = &'f dyn Fn(&str) -> Option<&'l Layout>;
+
+/// Reads an event object into a [`Head`]: its `data` too, with `layout_of`; the envelope
+/// alone without (`data` checked as JSON and kept as text).
 struct HeadSeed<'f, 'l> {
-    layout_of: &'f dyn Fn(&str) -> Option<&'l Layout>,
+    layout_of: Option<LayoutOf<'f, 'l>>,
 }
 
 impl<'de, 'f, 'l> Visitor<'de> for HeadSeed<'f, 'l> {
@@ -191,8 +195,10 @@ impl<'de, 'f, 'l> Visitor<'de> for HeadSeed<'f, 'l> {
                     if data.is_some() {
                         return Err(decline());
                     }
-                    let layout = match &event_type {
-                        Some(Some(Text(t))) => Some((self.layout_of)(t).ok_or_else(decline)?),
+                    let layout = match (&event_type, self.layout_of) {
+                        (Some(Some(Text(t))), Some(layout_of)) => {
+                            Some(layout_of(t).ok_or_else(decline)?)
+                        }
                         _ => None,
                     };
                     data = Some(match layout {
@@ -237,22 +243,47 @@ impl<'a, 'l> Head<'a, 'l> {
         payload: &'a [u8],
         layout_of: &dyn Fn(&str) -> Option<&'l Layout>,
     ) -> Option<Self> {
+        Self::read_from(payload, Some(layout_of))
+    }
+
+    /// The event's envelope alone, as [`Self::read`] reads it, its `data` only checked
+    /// as JSON and kept as text: what buffering needs to place a row (its type, time and
+    /// ids), at half the cost of reading the row. [`Layout::stage`] reads the rest when
+    /// the row's file is encoded.
+    pub(crate) fn read_envelope(payload: &'a [u8]) -> Option<Self> {
+        Self::read_from(payload, None)
+    }
+
+    fn read_from(payload: &'a [u8], layout_of: Option<LayoutOf<'_, 'l>>) -> Option<Self> {
         match std::str::from_utf8(payload) {
             // One check of the whole text, so the reader takes each string without its own.
-            Ok(text) => Self::read_with(serde_json::Deserializer::from_str(text), layout_of),
+            Ok(text) => Self::read_seed(serde_json::Deserializer::from_str(text), layout_of),
             // The same answer as ever for text that is not UTF-8 throughout.
-            Err(_) => Self::read_with(serde_json::Deserializer::from_slice(payload), layout_of),
+            Err(_) => Self::read_seed(serde_json::Deserializer::from_slice(payload), layout_of),
         }
     }
 
     /// [`Self::read`] with the reader given (tests: to read bytes as bytes).
+    #[cfg(test)]
     pub(crate) fn read_with<R: serde_json::de::Read<'a>>(
-        mut de: serde_json::Deserializer<R>,
+        de: serde_json::Deserializer<R>,
         layout_of: &dyn Fn(&str) -> Option<&'l Layout>,
+    ) -> Option<Self> {
+        Self::read_seed(de, Some(layout_of))
+    }
+
+    fn read_seed<R: serde_json::de::Read<'a>>(
+        mut de: serde_json::Deserializer<R>,
+        layout_of: Option<LayoutOf<'_, 'l>>,
     ) -> Option<Self> {
         let head = de::Deserializer::deserialize_map(&mut de, HeadSeed { layout_of }).ok()?;
         de.end().ok()?;
         Some(head)
+    }
+
+    /// Whether the envelope has the `id` and `source` (strings) every typed row needs.
+    pub(crate) fn has_ids(&self) -> bool {
+        self.id.is_some() && self.source.is_some()
     }
 
     /// The producer's `time` in microseconds: `Some(None)` when it has none; `None` when
@@ -314,6 +345,12 @@ fn whole_value<'de, D: de::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
 }
 
 impl Layout {
+    /// Whether this module reads every column of the table (else [`Self::stage`] declines
+    /// every row).
+    pub(crate) fn supported(&self) -> bool {
+        self.supported
+    }
+
     pub(crate) fn of(table: &Table) -> Layout {
         let fields = table.schema.fields();
         let kinds: Vec<Option<Kind>> = fields.iter().map(|f| Kind::of(f.data_type())).collect();
