@@ -125,12 +125,52 @@ lease_duration_ms = {LEASE_MS}
 
     /// The bookings consumer's leases, as the table says.
     fn leases(&self) -> Vec<LeaseInfo> {
+        self.leases_of("bookings")
+    }
+
+    /// A consumer's leases, as the table says.
+    fn leases_of(&self, consumer: &str) -> Vec<LeaseInfo> {
         let store = DynamoDbLeases::new(
             self.moto.dynamodb_client(),
             format!("{}-leases", self.stream),
             Duration::from_millis(LEASE_MS),
         );
-        rt().block_on(store.leases("bookings")).unwrap()
+        rt().block_on(store.leases(consumer)).unwrap()
+    }
+
+    /// Waits until the worker `pid` holds the lake consumer's lease of every open shard.
+    /// A worker drains at SIGTERM the shards it runs, and only those: a lease nobody holds
+    /// yet (a killed worker's, until it expires; one another worker released at its own
+    /// SIGTERM; a merged child whose parents the lake has only just finished) is read by
+    /// the next worker that runs. Each consumer takes its leases on its own, so the
+    /// bookings consumer's holdings say nothing of the lake's.
+    fn wait_for_lake_leases(&self, pid: u32) {
+        let open: Vec<String> = rt()
+            .block_on(floodgate_aws::kinesis::list_shards(
+                &self.kinesis_client,
+                &self.stream,
+            ))
+            .unwrap()
+            .into_iter()
+            .filter(|s| {
+                s.sequence_number_range()
+                    .is_some_and(|r| r.ending_sequence_number().is_none())
+            })
+            .map(|s| s.shard_id().to_owned())
+            .collect();
+        let mine = format!(":pid{pid}-");
+        wait_for(120, "the lake's leases of every open shard", || {
+            let leases = self.leases_of("lake");
+            open.iter()
+                .all(|shard| {
+                    leases.iter().any(|l| {
+                        l.shard.0 == *shard
+                            && !l.finished
+                            && l.owner.as_deref().is_some_and(|o| o.contains(&mine))
+                    })
+                })
+                .then_some(())
+        });
     }
 
     /// The relay lease's owner and counter (raw, as the table holds them).
@@ -414,8 +454,26 @@ fn lake_ids(lake: &Path) -> HashMap<String, usize> {
 
 fn check_lake(d: &Deployment, acked: &[(usize, String, String)]) {
     let counts = lake_ids(&d.data().join("lake"));
-    for (_, id, _) in acked {
-        assert_eq!(counts.get(id), Some(&1), "{id} in the lake once");
+    let wrong: Vec<(&str, usize)> = acked
+        .iter()
+        .map(|(_, id, _)| (id.as_str(), counts.get(id).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n != 1)
+        .collect();
+    if !wrong.is_empty() {
+        // The workers' logs and the lake are what explain it: keep them.
+        let kept = std::env::temp_dir().join(format!("aws-workers-failed-{}", std::process::id()));
+        let _ = Command::new("cp")
+            .arg("-r")
+            .arg(d.dir.path())
+            .arg(&kept)
+            .status();
+        panic!(
+            "{} of {} acked events are not in the lake exactly once (first: {:?}); deployment kept in {}",
+            wrong.len(),
+            acked.len(),
+            &wrong[..wrong.len().min(10)],
+            kept.display()
+        );
     }
 }
 
@@ -484,6 +542,7 @@ fn workers_split_the_shards_rebalance_when_one_joins_and_take_over_after_kill_9(
         "hand-off after SIGTERM (exit included): {} ms",
         started.elapsed().as_millis()
     );
+    d.wait_for_lake_leases(c.id());
     terminate(&mut c);
     check_lake(&d, &acked);
 }
@@ -547,6 +606,8 @@ fn splitting_and_merging_under_load_keeps_each_keys_order_and_loses_nothing() {
     });
     let acked = load.stop();
     check_outcomes(&d, &edge, &acked, 8);
+    // The merged child is the lake's only once it has finished both of its parents.
+    d.wait_for_lake_leases(worker.id());
     terminate(&mut worker);
     check_lake(&d, &acked);
 }
@@ -609,6 +670,7 @@ fn the_same_event_accepted_by_two_edges_is_applied_and_stored_once() {
     for (_, _, b) in &acked {
         assert_eq!(decisions.get(b), Some(&1), "{b} decided once");
     }
+    d.wait_for_lake_leases(worker.id());
     terminate(&mut worker);
     check_lake(&d, &acked);
 }
