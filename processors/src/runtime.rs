@@ -110,6 +110,15 @@ pub struct RuntimeConfig {
     pub batch_linger: Duration,
     /// Wait before retrying a batch that failed, or a lease another worker holds.
     pub retry_delay: Duration,
+    /// At most one checkpoint commit per shard in this span while batches keep coming; the
+    /// latest durable position is committed at the next commit, when the shard goes idle,
+    /// and when the shard stops (shutdown, hand-off, its end). A commit is a file written
+    /// and fsynced twice (embedded) or a conditional write (DynamoDB); a consumer that keeps
+    /// up commits after every small batch, dozens of times a second per shard, for a
+    /// position that only says where a restart begins. Processors are replay-safe from any
+    /// earlier checkpoint (their effects are idempotent or keyed by their own position), so
+    /// a crash costs at most this span's records read again. Zero: after every batch.
+    pub commit_interval: Duration,
     /// This worker's identity in leases.
     pub owner: String,
     /// Where each shard's lag is published for the edge's backpressure, if anywhere.
@@ -149,6 +158,9 @@ impl RuntimeConfig {
 /// bench/results/performance-2026-12-02.md.
 pub const BATCH_LINGER_MS: u64 = 25;
 
+/// The default [`RuntimeConfig::commit_interval`], in ms.
+pub const COMMIT_INTERVAL_MS: u64 = 200;
+
 /// Records filtered for repeats between two yields to the scheduler.
 const REPEATS_CHUNK: usize = 1024;
 
@@ -184,6 +196,7 @@ impl Default for RuntimeConfig {
             idle_max: Duration::from_millis(50),
             batch_linger: Duration::from_millis(BATCH_LINGER_MS),
             retry_delay: Duration::from_millis(500),
+            commit_interval: Duration::from_millis(COMMIT_INTERVAL_MS),
             owner: default_owner(),
             lag: None,
             drain_limit: Duration::from_secs(10),
@@ -706,6 +719,10 @@ async fn consume(
         StartPosition::After(seq) => Some(seq.clone()),
         _ => None,
     };
+    // A durable position not committed yet (see `RuntimeConfig::commit_interval`), and
+    // when the last commit was made.
+    let mut pending: Option<SequenceNumber> = None;
+    let mut last_commit: Option<std::time::Instant> = None;
     let mut idle = config.idle_min;
     // On shutdown the loop drains: it stops at the first read that finds nothing new, so
     // everything the edge accepted before it stopped is processed (and, for the lake,
@@ -763,6 +780,18 @@ async fn consume(
             }
             if stopping {
                 break;
+            }
+            // Caught up: what was held back is committed now.
+            if let Some(seq) = pending.take() {
+                commit_if_newer(
+                    checkpoints,
+                    (&consumer, &shard, &config.owner),
+                    &mut committed,
+                    seq,
+                    lost,
+                )
+                .await;
+                last_commit = Some(std::time::Instant::now());
             }
             if let Err(e) = processor.tick(&shard, false).await {
                 tracing::warn!(error = %e, "tick failed; retrying later");
@@ -839,14 +868,20 @@ async fn consume(
             if is_lost() {
                 return ShardExit::LeaseLost;
             }
-            commit_if_newer(
-                checkpoints,
-                (&consumer, &shard, &config.owner),
-                &mut committed,
-                seq,
-                lost,
-            )
-            .await;
+            if last_commit.is_some_and(|t| t.elapsed() < config.commit_interval) {
+                pending = Some(seq);
+            } else {
+                pending = None;
+                commit_if_newer(
+                    checkpoints,
+                    (&consumer, &shard, &config.owner),
+                    &mut committed,
+                    seq,
+                    lost,
+                )
+                .await;
+                last_commit = Some(std::time::Instant::now());
+            }
         }
         metrics::counter!("floodgate_processor_records_total", &labels)
             .increment(batch.records.len() as u64);
@@ -865,9 +900,19 @@ async fn consume(
     if is_lost() {
         return ShardExit::LeaseLost;
     }
-    // Stopping (or at the shard's end): let a buffering processor make the rest durable,
-    // then record it. At the end no later record will close a buffered run, so all of it
-    // is made durable.
+    // Stopping (or at the shard's end): first what was held back, ...
+    if let Some(seq) = pending.take() {
+        commit_if_newer(
+            checkpoints,
+            (&consumer, &shard, &config.owner),
+            &mut committed,
+            seq,
+            lost,
+        )
+        .await;
+    }
+    // ... then let a buffering processor make the rest durable, and record it. At the end
+    // no later record will close a buffered run, so all of it is made durable.
     let flushed = if at_end {
         processor.end_of_shard(&shard).await
     } else {

@@ -1,0 +1,258 @@
+//! Checkpoint commits while a shard is busy: at most one per `commit_interval`, and the
+//! latest durable position is committed all the same once the shard idles or stops. A
+//! commit is two fsyncs on the embedded store and a conditional write on DynamoDB; a
+//! consumer that keeps up made one after every small batch.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use floodgate_core::config::EmbeddedStreamConfig;
+use floodgate_core::stream::{
+    CheckpointStore, LeaseInfo, Record, SequenceNumber, ShardId, ShardInfo, StoredRecord,
+    StreamError, StreamWriter,
+};
+use floodgate_processors::runtime::{
+    COMMIT_INTERVAL_MS, ProcessError, RuntimeConfig, ShardProcessor, spawn_consumers,
+};
+use floodgate_sinks::{EmbeddedCheckpoints, EmbeddedLog};
+use tokio::sync::watch;
+
+/// The embedded checkpoint store, counting the commits made through it.
+#[derive(Debug)]
+struct Counted {
+    inner: EmbeddedCheckpoints,
+    commits: AtomicUsize,
+}
+
+#[async_trait]
+impl CheckpointStore for Counted {
+    async fn acquire_lease(&self, c: &str, s: &ShardId, o: &str) -> Result<bool, StreamError> {
+        self.inner.acquire_lease(c, s, o).await
+    }
+    async fn renew_lease(&self, c: &str, s: &ShardId, o: &str) -> Result<bool, StreamError> {
+        self.inner.renew_lease(c, s, o).await
+    }
+    async fn release_lease(&self, c: &str, s: &ShardId, o: &str) -> Result<(), StreamError> {
+        self.inner.release_lease(c, s, o).await
+    }
+    async fn checkpoint(
+        &self,
+        c: &str,
+        s: &ShardId,
+    ) -> Result<Option<SequenceNumber>, StreamError> {
+        self.inner.checkpoint(c, s).await
+    }
+    async fn commit(&self, c: &str, s: &ShardId, seq: &SequenceNumber) -> Result<(), StreamError> {
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        self.inner.commit(c, s, seq).await
+    }
+    async fn leases(&self, c: &str) -> Result<Vec<LeaseInfo>, StreamError> {
+        self.inner.leases(c).await
+    }
+    async fn steal_lease(&self, c: &str, s: &ShardId, o: &str) -> Result<bool, StreamError> {
+        self.inner.steal_lease(c, s, o).await
+    }
+    async fn finish_shard(&self, c: &str, s: &ShardId) -> Result<(), StreamError> {
+        self.inner.finish_shard(c, s).await
+    }
+    async fn ensure_leases(&self, c: &str, shards: &[ShardInfo]) -> Result<(), StreamError> {
+        self.inner.ensure_leases(c, shards).await
+    }
+    async fn shard_finished(&self, c: &str, s: &ShardId) -> Result<bool, StreamError> {
+        self.inner.shard_finished(c, s).await
+    }
+}
+
+/// Counts its batches and records; each batch takes `pause`.
+#[derive(Debug, Default)]
+struct Slow {
+    pause: Duration,
+    batches: AtomicUsize,
+    records: Mutex<Vec<SequenceNumber>>,
+}
+
+#[async_trait]
+impl ShardProcessor for Slow {
+    fn consumer(&self) -> &str {
+        "slow"
+    }
+
+    async fn start_position(
+        &self,
+        _shard: &ShardId,
+    ) -> Result<Option<SequenceNumber>, ProcessError> {
+        Ok(None)
+    }
+
+    async fn process(
+        &self,
+        _shard: &ShardId,
+        records: &[StoredRecord],
+    ) -> Result<(), ProcessError> {
+        tokio::time::sleep(self.pause).await;
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        self.records
+            .lock()
+            .unwrap()
+            .extend(records.iter().map(|r| r.sequence.clone()));
+        Ok(())
+    }
+}
+
+struct Run {
+    _dir: tempfile::TempDir,
+    checkpoints: Arc<Counted>,
+    processor: Arc<Slow>,
+    last: SequenceNumber,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// 1,000 records in one append, then a consumer reading 10 at a time (100 batches back to
+/// back, each taking `pause`) with `interval` between commits.
+async fn start(interval: Duration, pause: Duration) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("stream");
+    let config = EmbeddedStreamConfig {
+        shards: 1,
+        ..EmbeddedStreamConfig::default()
+    };
+    let log = Arc::new(EmbeddedLog::open(&root, &config).unwrap());
+    let appended = log
+        .append(
+            (0..1000)
+                .map(|i| Record {
+                    key: "k".into(),
+                    payload: Bytes::from(format!("r{i}")),
+                })
+                .collect(),
+        )
+        .await;
+    let last = appended.last().unwrap().as_ref().unwrap().sequence.clone();
+    let checkpoints = Arc::new(Counted {
+        inner: EmbeddedCheckpoints::open(&root).unwrap(),
+        commits: AtomicUsize::new(0),
+    });
+    let processor = Arc::new(Slow {
+        pause,
+        ..Slow::default()
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let tasks = spawn_consumers(
+        log,
+        checkpoints.clone(),
+        processor.clone(),
+        RuntimeConfig {
+            max_batch_records: 10,
+            batch_linger: Duration::ZERO,
+            commit_interval: interval,
+            ..RuntimeConfig::default()
+        },
+        stop_rx,
+    )
+    .await
+    .unwrap();
+    Run {
+        _dir: dir,
+        checkpoints,
+        processor,
+        last,
+        stop,
+        tasks,
+    }
+}
+
+impl Run {
+    async fn checkpoint(&self) -> Option<SequenceNumber> {
+        self.checkpoints
+            .checkpoint("slow", &ShardId("0".into()))
+            .await
+            .unwrap()
+    }
+
+    fn commits(&self) -> usize {
+        self.checkpoints.commits.load(Ordering::SeqCst)
+    }
+
+    async fn wait_for_checkpoint_at_last(&self) {
+        for _ in 0..600 {
+            if self.checkpoint().await.as_ref() == Some(&self.last) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "the checkpoint never reached the last record: {:?}",
+            self.checkpoint().await
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_shard_commits_once_an_interval_and_its_last_position_once_idle() {
+    // An interval no batch run reaches: the first batch's commit, then the idle one.
+    let run = start(Duration::from_secs(3600), Duration::ZERO).await;
+    run.wait_for_checkpoint_at_last().await;
+    let seen = run.processor.records.lock().unwrap().len();
+    assert_eq!(seen, 1000, "every record processed once");
+    let batches = run.processor.batches.load(Ordering::SeqCst);
+    assert!(batches >= 100, "10 records a batch: {batches} batches");
+    assert!(
+        run.commits() <= 2,
+        "{} commits for {batches} batches in one interval",
+        run.commits()
+    );
+    let mut run = run;
+    run.stop.send(true).unwrap();
+    for t in run.tasks.drain(..) {
+        t.await.unwrap();
+    }
+    assert_eq!(run.checkpoint().await.as_ref(), Some(&run.last));
+
+    // Zero: a commit after every batch, as before the interval existed.
+    let mut eager = start(Duration::ZERO, Duration::ZERO).await;
+    eager.wait_for_checkpoint_at_last().await;
+    let batches = eager.processor.batches.load(Ordering::SeqCst);
+    assert!(
+        eager.commits() >= batches,
+        "{} commits for {batches} batches",
+        eager.commits()
+    );
+    eager.stop.send(true).unwrap();
+    for t in eager.tasks.drain(..) {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        RuntimeConfig::default().commit_interval,
+        Duration::from_millis(COMMIT_INTERVAL_MS)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_stopped_while_busy_commits_what_it_held_back() {
+    // 100 batches of 5 ms: stopped a tenth of the way in, the shard drains the rest and
+    // commits its last position before it ends, however long the interval.
+    let mut run = start(Duration::from_secs(3600), Duration::from_millis(5)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        run.processor.records.lock().unwrap().len() < 1000,
+        "still busy when stopped"
+    );
+    run.stop.send(true).unwrap();
+    for t in run.tasks.drain(..) {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("the consumer stops")
+            .unwrap();
+    }
+    assert_eq!(run.processor.records.lock().unwrap().len(), 1000, "drained");
+    assert_eq!(
+        run.checkpoint().await.as_ref(),
+        Some(&run.last),
+        "the held-back position committed at the stop"
+    );
+    assert!(run.commits() <= 2, "{} commits", run.commits());
+}
