@@ -31,9 +31,11 @@
 //! and fails: its checkpoint is not moved, and the next start archives it again.
 //!
 //! So an event may be archived more than once: a call whose answer was lost (a reset after
-//! Firehose took it) is sent again, a batch cut short by a crash or a shutdown is archived
-//! again from the checkpoint, and a worker that lost its lease mid-batch may finish a put
-//! that the shard's new owner repeats. Every line carries the event's `id` and `source`:
+//! Firehose took it) is sent again, what followed the last checkpoint commit is archived
+//! again after a crash (a busy shard commits at most every
+//! [`crate::runtime::RuntimeConfig::commit_interval`], 200 ms by default), a batch cut short
+//! by a shutdown is archived again from the checkpoint, and a worker that lost its lease
+//! mid-batch may finish a put that the shard's new owner repeats. Every line carries the event's `id` and `source`:
 //! readers drop repeats by them.
 
 use std::hash::BuildHasher as _;
