@@ -781,7 +781,8 @@ async fn consume(
             if stopping {
                 break;
             }
-            // Caught up: what was held back is committed now.
+            // Caught up: what was held back is committed now. A refused commit means the
+            // lease is gone: nothing more (a tick may flush) before stopping.
             if let Some(seq) = pending.take() {
                 commit_if_newer(
                     checkpoints,
@@ -792,6 +793,9 @@ async fn consume(
                 )
                 .await;
                 last_commit = Some(std::time::Instant::now());
+                if is_lost() {
+                    return ShardExit::LeaseLost;
+                }
             }
             if let Err(e) = processor.tick(&shard, false).await {
                 tracing::warn!(error = %e, "tick failed; retrying later");
@@ -846,6 +850,22 @@ async fn consume(
             }
             metrics::counter!("floodgate_processor_batch_failures_total", &labels).increment(1);
             tracing::error!(error = %e, "batch failed; retrying from the same position");
+            // A batch that keeps failing (its sink down) must not keep the batches before
+            // it uncommitted for the whole outage.
+            if let Some(seq) = pending.take() {
+                commit_if_newer(
+                    checkpoints,
+                    (&consumer, &shard, &config.owner),
+                    &mut committed,
+                    seq,
+                    lost,
+                )
+                .await;
+                last_commit = Some(std::time::Instant::now());
+                if is_lost() {
+                    return ShardExit::LeaseLost;
+                }
+            }
             if pause(config.retry_delay, &mut shutdown).await {
                 break;
             }
@@ -900,7 +920,8 @@ async fn consume(
     if is_lost() {
         return ShardExit::LeaseLost;
     }
-    // Stopping (or at the shard's end): first what was held back, ...
+    // Stopping (or at the shard's end): first what was held back (a refusal means the
+    // lease is gone, and then nothing is flushed), ...
     if let Some(seq) = pending.take() {
         commit_if_newer(
             checkpoints,
@@ -910,6 +931,9 @@ async fn consume(
             lost,
         )
         .await;
+        if is_lost() {
+            return ShardExit::LeaseLost;
+        }
     }
     // ... then let a buffering processor make the rest durable, and record it. At the end
     // no later record will close a buffered run, so all of it is made durable.

@@ -3,7 +3,7 @@
 //! commit is two fsyncs on the embedded store and a conditional write on DynamoDB; a
 //! consumer that keeps up made one after every small batch.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,11 +20,13 @@ use floodgate_processors::runtime::{
 use floodgate_sinks::{EmbeddedCheckpoints, EmbeddedLog};
 use tokio::sync::watch;
 
-/// The embedded checkpoint store, counting the commits made through it.
+/// The embedded checkpoint store, counting the commits made through it; once `gone` is
+/// raised, the lease is another worker's: commits are refused and renewals answer no.
 #[derive(Debug)]
 struct Counted {
     inner: EmbeddedCheckpoints,
     commits: AtomicUsize,
+    gone: AtomicBool,
 }
 
 #[async_trait]
@@ -33,6 +35,9 @@ impl CheckpointStore for Counted {
         self.inner.acquire_lease(c, s, o).await
     }
     async fn renew_lease(&self, c: &str, s: &ShardId, o: &str) -> Result<bool, StreamError> {
+        if self.gone.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
         self.inner.renew_lease(c, s, o).await
     }
     async fn release_lease(&self, c: &str, s: &ShardId, o: &str) -> Result<(), StreamError> {
@@ -47,6 +52,11 @@ impl CheckpointStore for Counted {
     }
     async fn commit(&self, c: &str, s: &ShardId, seq: &SequenceNumber) -> Result<(), StreamError> {
         self.commits.fetch_add(1, Ordering::SeqCst);
+        if self.gone.load(Ordering::SeqCst) {
+            return Err(StreamError::Unavailable(
+                "the lease is another worker's".into(),
+            ));
+        }
         self.inner.commit(c, s, seq).await
     }
     async fn leases(&self, c: &str) -> Result<Vec<LeaseInfo>, StreamError> {
@@ -66,11 +76,15 @@ impl CheckpointStore for Counted {
     }
 }
 
-/// Counts its batches and records; each batch takes `pause`.
+/// Counts its batches and records; each batch takes `pause`; from batch `fail_from` on
+/// (when set) every batch fails, as against a sink that went down.
 #[derive(Debug, Default)]
 struct Slow {
     pause: Duration,
+    fail_from: Option<usize>,
     batches: AtomicUsize,
+    /// `tick(_, true)` calls: the flush before a shard stops.
+    final_ticks: AtomicUsize,
     records: Mutex<Vec<SequenceNumber>>,
 }
 
@@ -93,11 +107,24 @@ impl ShardProcessor for Slow {
         records: &[StoredRecord],
     ) -> Result<(), ProcessError> {
         tokio::time::sleep(self.pause).await;
+        if self
+            .fail_from
+            .is_some_and(|n| self.batches.load(Ordering::SeqCst) >= n)
+        {
+            return Err(ProcessError::Other("the sink is down".into()));
+        }
         self.batches.fetch_add(1, Ordering::SeqCst);
         self.records
             .lock()
             .unwrap()
             .extend(records.iter().map(|r| r.sequence.clone()));
+        Ok(())
+    }
+
+    async fn tick(&self, _shard: &ShardId, last: bool) -> Result<(), ProcessError> {
+        if last {
+            self.final_ticks.fetch_add(1, Ordering::SeqCst);
+        }
         Ok(())
     }
 }
@@ -114,6 +141,10 @@ struct Run {
 /// 1,000 records in one append, then a consumer reading 10 at a time (100 batches back to
 /// back, each taking `pause`) with `interval` between commits.
 async fn start(interval: Duration, pause: Duration) -> Run {
+    start_with(interval, pause, None).await
+}
+
+async fn start_with(interval: Duration, pause: Duration, fail_from: Option<usize>) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("stream");
     let config = EmbeddedStreamConfig {
@@ -135,9 +166,11 @@ async fn start(interval: Duration, pause: Duration) -> Run {
     let checkpoints = Arc::new(Counted {
         inner: EmbeddedCheckpoints::open(&root).unwrap(),
         commits: AtomicUsize::new(0),
+        gone: AtomicBool::new(false),
     });
     let processor = Arc::new(Slow {
         pause,
+        fail_from,
         ..Slow::default()
     });
     let (stop, stop_rx) = watch::channel(false);
@@ -149,6 +182,8 @@ async fn start(interval: Duration, pause: Duration) -> Run {
             max_batch_records: 10,
             batch_linger: Duration::ZERO,
             commit_interval: interval,
+            // No renewal during a run: a lost lease is found by a refused commit.
+            renew_interval: Duration::from_secs(3600),
             ..RuntimeConfig::default()
         },
         stop_rx,
@@ -171,6 +206,17 @@ impl Run {
             .checkpoint("slow", &ShardId("0".into()))
             .await
             .unwrap()
+    }
+
+    /// Waits until the processor has applied `n` records; the last one's sequence.
+    async fn processor_seen(&self, n: usize) -> SequenceNumber {
+        for _ in 0..600 {
+            if let Some(seq) = self.processor.records.lock().unwrap().get(n - 1) {
+                return seq.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the processor never applied {n} records");
     }
 
     fn commits(&self) -> usize {
@@ -233,10 +279,15 @@ async fn a_busy_shard_commits_once_an_interval_and_its_last_position_once_idle()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_stopped_while_busy_commits_what_it_held_back() {
-    // 100 batches of 5 ms: stopped a tenth of the way in, the shard drains the rest and
+    // 100 batches of 5 ms: stopped once the first is done, the shard drains the rest and
     // commits its last position before it ends, however long the interval.
     let mut run = start(Duration::from_secs(3600), Duration::from_millis(5)).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..3000 {
+        if run.processor.batches.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(
         run.processor.records.lock().unwrap().len() < 1000,
         "still busy when stopped"
@@ -255,4 +306,58 @@ async fn a_shard_stopped_while_busy_commits_what_it_held_back() {
         "the held-back position committed at the stop"
     );
     assert!(run.commits() <= 2, "{} commits", run.commits());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_keeps_failing_does_not_hold_back_the_ones_before_it() {
+    // 30 batches applied, then the sink goes down: the checkpoint reaches the 30th
+    // batch's last record while the 31st is retried, without waiting for the outage to end.
+    let mut run = start_with(Duration::from_secs(3600), Duration::ZERO, Some(30)).await;
+    let want = run.processor_seen(300).await;
+    let mut at = None;
+    for _ in 0..600 {
+        at = run.checkpoint().await;
+        if at.as_ref() == Some(&want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        at,
+        Some(want),
+        "the applied batches committed during the outage"
+    );
+    run.stop.send(true).unwrap();
+    for t in run.tasks.drain(..) {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("the consumer stops")
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_back_commit_refused_at_the_stop_flushes_nothing() {
+    // The lease passes to another worker while batches are held back: the commit at the
+    // stop is refused, and the shard ends there, lost, without its final flush (the new
+    // owner has planned its runs from the checkpoint it found).
+    let mut run = start(Duration::from_secs(3600), Duration::from_millis(5)).await;
+    run.processor_seen(10).await;
+    run.checkpoints.gone.store(true, Ordering::SeqCst);
+    run.stop.send(true).unwrap();
+    for t in run.tasks.drain(..) {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("the consumer stops")
+            .unwrap();
+    }
+    assert!(
+        run.checkpoints.commits.load(Ordering::SeqCst) >= 2,
+        "the stop tried to commit"
+    );
+    assert_eq!(
+        run.processor.final_ticks.load(Ordering::SeqCst),
+        0,
+        "no flush after the lease was found gone"
+    );
 }
