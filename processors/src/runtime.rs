@@ -715,14 +715,18 @@ async fn consume(
         }
     }
     tracing::info!(?position, "consumer started");
-    let mut committed = match &position {
-        StartPosition::After(seq) => Some(seq.clone()),
-        _ => None,
+    let mut commits = Commits {
+        checkpoints,
+        at: (&consumer, &shard, &config.owner),
+        lost,
+        interval: config.commit_interval,
+        committed: match &position {
+            StartPosition::After(seq) => Some(seq.clone()),
+            _ => None,
+        },
+        held: None,
+        last: None,
     };
-    // A durable position not committed yet (see `RuntimeConfig::commit_interval`), and
-    // when the last commit was made.
-    let mut pending: Option<SequenceNumber> = None;
-    let mut last_commit: Option<std::time::Instant> = None;
     let mut idle = config.idle_min;
     // On shutdown the loop drains: it stops at the first read that finds nothing new, so
     // everything the edge accepted before it stopped is processed (and, for the lake,
@@ -781,33 +785,15 @@ async fn consume(
             if stopping {
                 break;
             }
-            // Caught up: what was held back is committed now. A refused commit means the
-            // lease is gone: nothing more (a tick may flush) before stopping.
-            if let Some(seq) = pending.take() {
-                commit_if_newer(
-                    checkpoints,
-                    (&consumer, &shard, &config.owner),
-                    &mut committed,
-                    seq,
-                    lost,
-                )
-                .await;
-                last_commit = Some(std::time::Instant::now());
-                if is_lost() {
-                    return ShardExit::LeaseLost;
-                }
+            // Caught up: what was held back is committed now (nothing more, a tick may
+            // flush, once the lease is found gone).
+            if !commits.release_held().await {
+                return ShardExit::LeaseLost;
             }
             if let Err(e) = processor.tick(&shard, false).await {
                 tracing::warn!(error = %e, "tick failed; retrying later");
             } else if let Progress::Through(Some(seq)) = processor.progress(&shard) {
-                commit_if_newer(
-                    checkpoints,
-                    (&consumer, &shard, &config.owner),
-                    &mut committed,
-                    seq,
-                    lost,
-                )
-                .await;
+                commits.commit(seq).await;
             }
             // On shutdown, go round once more to drain.
             pause(idle, &mut shutdown).await;
@@ -852,19 +838,8 @@ async fn consume(
             tracing::error!(error = %e, "batch failed; retrying from the same position");
             // A batch that keeps failing (its sink down) must not keep the batches before
             // it uncommitted for the whole outage.
-            if let Some(seq) = pending.take() {
-                commit_if_newer(
-                    checkpoints,
-                    (&consumer, &shard, &config.owner),
-                    &mut committed,
-                    seq,
-                    lost,
-                )
-                .await;
-                last_commit = Some(std::time::Instant::now());
-                if is_lost() {
-                    return ShardExit::LeaseLost;
-                }
+            if !commits.release_held().await {
+                return ShardExit::LeaseLost;
             }
             if pause(config.retry_delay, &mut shutdown).await {
                 break;
@@ -888,20 +863,7 @@ async fn consume(
             if is_lost() {
                 return ShardExit::LeaseLost;
             }
-            if last_commit.is_some_and(|t| t.elapsed() < config.commit_interval) {
-                pending = Some(seq);
-            } else {
-                pending = None;
-                commit_if_newer(
-                    checkpoints,
-                    (&consumer, &shard, &config.owner),
-                    &mut committed,
-                    seq,
-                    lost,
-                )
-                .await;
-                last_commit = Some(std::time::Instant::now());
-            }
+            commits.durable(seq).await;
         }
         metrics::counter!("floodgate_processor_records_total", &labels)
             .increment(batch.records.len() as u64);
@@ -922,18 +884,8 @@ async fn consume(
     }
     // Stopping (or at the shard's end): first what was held back (a refusal means the
     // lease is gone, and then nothing is flushed), ...
-    if let Some(seq) = pending.take() {
-        commit_if_newer(
-            checkpoints,
-            (&consumer, &shard, &config.owner),
-            &mut committed,
-            seq,
-            lost,
-        )
-        .await;
-        if is_lost() {
-            return ShardExit::LeaseLost;
-        }
+    if !commits.release_held().await {
+        return ShardExit::LeaseLost;
     }
     // ... then let a buffering processor make the rest durable, and record it. At the end
     // no later record will close a buffered run, so all of it is made durable.
@@ -946,14 +898,7 @@ async fn consume(
         Ok(()) => {
             let progress = processor.progress(&shard);
             if let Progress::Through(Some(seq)) = &progress {
-                commit_if_newer(
-                    checkpoints,
-                    (&consumer, &shard, &config.owner),
-                    &mut committed,
-                    seq.clone(),
-                    lost,
-                )
-                .await;
+                commits.commit(seq.clone()).await;
             }
             match progress {
                 Progress::All => true,
@@ -974,14 +919,7 @@ async fn consume(
     if at_end && covered && !is_lost() {
         // Past repeats dropped at the very end too, so the checkpoint is the shard's last.
         if let Some(seq) = last_read.clone() {
-            commit_if_newer(
-                checkpoints,
-                (&consumer, &shard, &config.owner),
-                &mut committed,
-                seq,
-                lost,
-            )
-            .await;
+            commits.commit(seq).await;
         }
         match checkpoints.finish_shard(&consumer, &shard).await {
             Ok(()) => {
@@ -995,28 +933,58 @@ async fn consume(
     ShardExit::Stopped
 }
 
-/// Commits `seq` unless an equal or later one is committed. A refused commit is checked
-/// against the lease: if the lease is gone, `lost` is raised at once (the renewal timer
-/// would notice only later), so nothing more is processed.
-async fn commit_if_newer(
-    checkpoints: &dyn CheckpointStore,
-    at: (&str, &ShardId, &str),
-    committed: &mut Option<SequenceNumber>,
-    seq: SequenceNumber,
-    lost: &AtomicBool,
-) {
-    let (consumer, shard, owner) = at;
-    if committed.as_ref().is_some_and(|c| *c >= seq) {
-        return;
+/// One shard tenure's checkpoint: what is committed, and the durable position held back
+/// while batches keep coming (see [`RuntimeConfig::commit_interval`]).
+struct Commits<'a> {
+    checkpoints: &'a dyn CheckpointStore,
+    /// (consumer, shard, owner)
+    at: (&'a str, &'a ShardId, &'a str),
+    lost: &'a AtomicBool,
+    interval: Duration,
+    committed: Option<SequenceNumber>,
+    held: Option<SequenceNumber>,
+    last: Option<std::time::Instant>,
+}
+
+impl Commits<'_> {
+    /// A batch's effects are durable through `seq`: committed now, or held back when the
+    /// last commit is under an interval old.
+    async fn durable(&mut self, seq: SequenceNumber) {
+        if self.last.is_some_and(|t| t.elapsed() < self.interval) {
+            self.held = Some(seq);
+        } else {
+            self.held = None;
+            self.commit(seq).await;
+        }
     }
-    match checkpoints.commit(consumer, shard, &seq).await {
-        Ok(()) => *committed = Some(seq),
-        Err(e) => {
-            if let Ok(false) = checkpoints.renew_lease(consumer, shard, owner).await {
-                tracing::warn!(error = %e, "checkpoint commit refused: the lease is gone; stopping the shard");
-                lost.store(true, Ordering::SeqCst);
-            } else {
-                tracing::warn!(error = %e, "checkpoint commit failed; effects are safe, will commit later");
+
+    /// Commits what is held back, if anything. `false` when the lease is gone (found by a
+    /// refused commit or by the renewal timer): the shard must stop before doing more.
+    async fn release_held(&mut self) -> bool {
+        if let Some(seq) = self.held.take() {
+            self.commit(seq).await;
+        }
+        !self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Commits `seq` unless an equal or later one is committed. A refused commit is checked
+    /// against the lease: if the lease is gone, `lost` is raised at once (the renewal timer
+    /// would notice only later), so nothing more is processed.
+    async fn commit(&mut self, seq: SequenceNumber) {
+        self.last = Some(std::time::Instant::now());
+        let (consumer, shard, owner) = self.at;
+        if self.committed.as_ref().is_some_and(|c| *c >= seq) {
+            return;
+        }
+        match self.checkpoints.commit(consumer, shard, &seq).await {
+            Ok(()) => self.committed = Some(seq),
+            Err(e) => {
+                if let Ok(false) = self.checkpoints.renew_lease(consumer, shard, owner).await {
+                    tracing::warn!(error = %e, "checkpoint commit refused: the lease is gone; stopping the shard");
+                    self.lost.store(true, Ordering::SeqCst);
+                } else {
+                    tracing::warn!(error = %e, "checkpoint commit failed; effects are safe, will commit later");
+                }
             }
         }
     }
