@@ -95,6 +95,8 @@ const FRAME_TARGET_BYTES: usize = 1024 * 1024;
 pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
 /// Kinesis' limit on partition key length, applied here for the same reason.
 pub const MAX_KEY_BYTES: usize = 256;
+/// The most records a read reserves room for up front (a caller may ask for any number).
+const MAX_RESERVED_RECORDS: usize = 16 * 1024;
 
 /// `meta.json`: what must never change for an existing log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -797,7 +799,9 @@ fn try_read_shard(
         }
     }
     .max(first.base);
-    let mut records = Vec::new();
+    // Sized once: a read of thousands of records grew its list a dozen times, each a copy.
+    let wanted = usize::try_from(bound.saturating_sub(start)).map_or(max, |n| n.min(max));
+    let mut records = Vec::with_capacity(wanted.min(MAX_RESERVED_RECORDS));
     let mut new_hint = None;
     if start < bound && max > 0 {
         let idx = segments
