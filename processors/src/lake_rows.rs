@@ -299,6 +299,68 @@ impl<'a, 'l> Head<'a, 'l> {
     pub(crate) fn event_type(&self) -> Option<&str> {
         self.event_type.as_ref().map(|t| &*t.0)
     }
+
+    /// Where this envelope's strings and `data` lie in `payload` (the text it was read
+    /// from), with its time: `None` unless `id`, `source` and `type` are strings without
+    /// escapes (slices of the text), `time` reads as a time, and `data` was kept as text.
+    pub(crate) fn spans(&self, payload: &[u8]) -> Option<Spans> {
+        let span = |text: &str| -> Option<Span> {
+            let start = (text.as_ptr() as usize).checked_sub(payload.as_ptr() as usize)?;
+            let end = start.checked_add(text.len())?;
+            (end <= payload.len()).then_some(())?;
+            Some(Span(
+                u16::try_from(start).ok()?,
+                u16::try_from(text.len()).ok()?,
+            ))
+        };
+        let borrowed = |t: &Option<Text<'a>>| match t {
+            Some(Text(Cow::Borrowed(s))) => span(s),
+            _ => None,
+        };
+        let time = self.time_us()?;
+        Some(Spans {
+            id: borrowed(&self.id)?,
+            source: borrowed(&self.source)?,
+            event_type: borrowed(&self.event_type)?,
+            data: match &self.data {
+                Data::Absent => None,
+                Data::Text(raw) => Some(span(raw.get())?),
+                Data::Read(..) => return None,
+            },
+            time_us: time.unwrap_or_default(),
+            has_time: time.is_some(),
+        })
+    }
+}
+
+/// A part of an event's text: its offset and length in bytes. Sixteen bits each, as a
+/// buffered row's size is what a buffer's memory counts: an event of 64 KiB or more is
+/// read whole again instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Span(u16, u16);
+
+impl Span {
+    fn of<'a>(&self, payload: &'a [u8]) -> Option<&'a str> {
+        let start = self.0 as usize;
+        let bytes = payload.get(start..start.checked_add(self.1 as usize)?)?;
+        std::str::from_utf8(bytes).ok()
+    }
+}
+
+/// What buffering learnt of a placed event's envelope ([`Head::spans`]), so that encoding
+/// its row reads its `data` alone ([`Layout::stage_spans`]) rather than the whole event
+/// again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Spans {
+    id: Span,
+    source: Span,
+    event_type: Span,
+    /// `None`: no `data`, or `null`.
+    data: Option<Span>,
+    /// The `time` in microseconds, when `has_time` (two fields rather than an `Option`,
+    /// which would make a buffered row 8 bytes larger).
+    time_us: i64,
+    has_time: bool,
 }
 
 /// Nesting the typed way reads as a whole `Value` at most: the reference parses `data`
@@ -379,28 +441,64 @@ impl Layout {
         if !self.supported {
             return None;
         }
-        let time = head.time_us()?.map(Cell::Int);
-        let mut row: Staged<'a> = match head.data {
+        let time = head.time_us()?;
+        let row: Staged<'a> = match head.data {
             Data::Read(layout, row) if std::ptr::eq(layout, self) => row,
             // Read by another table's layout: not this one's to judge.
             Data::Read(..) => return None,
             Data::Absent => vec![None; self.kinds.len()],
-            Data::Text(data) => {
-                let mut row = vec![None; self.kinds.len()];
-                let mut de = serde_json::Deserializer::from_str(data.get());
-                DataSeed {
-                    layout: self,
-                    row: &mut row,
-                }
-                .deserialize(&mut de)
-                .ok()?;
-                row
-            }
+            Data::Text(data) => self.data_row(data.get())?,
         };
-        row[EVENT_ID] = Some(Cell::Str(head.id?.0));
-        row[SOURCE] = Some(Cell::Str(head.source?.0));
-        row[TYPE] = Some(Cell::Str(head.event_type?.0));
-        row[TIME] = time;
+        self.complete(row, head.id?.0, head.source?.0, head.event_type?.0, time)
+    }
+
+    /// [`Self::stage`] for an event whose envelope buffering read already: `data` read
+    /// from its span of `payload`, the envelope's values taken from theirs. The same row
+    /// as `stage` gives for the whole event (`spans_stage_as_the_whole_event_does`).
+    pub(crate) fn stage_spans<'a>(&self, payload: &'a [u8], spans: &Spans) -> Option<Staged<'a>> {
+        if !self.supported {
+            return None;
+        }
+        let row = match spans.data {
+            None => vec![None; self.kinds.len()],
+            Some(data) => self.data_row(data.of(payload)?)?,
+        };
+        let text = |span: Span| span.of(payload).map(Cow::Borrowed);
+        self.complete(
+            row,
+            text(spans.id)?,
+            text(spans.source)?,
+            text(spans.event_type)?,
+            spans.has_time.then_some(spans.time_us),
+        )
+    }
+
+    /// A row with the data columns read from `data` (the text of an object or `null`).
+    fn data_row<'a>(&self, data: &'a str) -> Option<Staged<'a>> {
+        let mut row = vec![None; self.kinds.len()];
+        let mut de = serde_json::Deserializer::from_str(data);
+        DataSeed {
+            layout: self,
+            row: &mut row,
+        }
+        .deserialize(&mut de)
+        .ok()?;
+        Some(row)
+    }
+
+    /// `row` with its envelope's columns set, when every required column has a value.
+    fn complete<'a>(
+        &self,
+        mut row: Staged<'a>,
+        id: Cow<'a, str>,
+        source: Cow<'a, str>,
+        event_type: Cow<'a, str>,
+        time_us: Option<i64>,
+    ) -> Option<Staged<'a>> {
+        row[EVENT_ID] = Some(Cell::Str(id));
+        row[SOURCE] = Some(Cell::Str(source));
+        row[TYPE] = Some(Cell::Str(event_type));
+        row[TIME] = time_us.map(Cell::Int);
         // The lake's own columns are always there; every other required one must be.
         let required_missing =
             row.iter()
