@@ -200,6 +200,17 @@ async fn start_with(interval: Duration, pause: Duration, fail_from: Option<usize
     }
 }
 
+/// Polls `check` every 50 ms for up to 30 s: its first `Some`; panics naming `what`.
+async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    for _ in 0..600 {
+        if let Some(t) = check().await {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}");
+}
+
 impl Run {
     async fn checkpoint(&self) -> Option<SequenceNumber> {
         self.checkpoints
@@ -210,67 +221,68 @@ impl Run {
 
     /// Waits until the processor has applied `n` records; the last one's sequence.
     async fn processor_seen(&self, n: usize) -> SequenceNumber {
-        for _ in 0..600 {
-            if let Some(seq) = self.processor.records.lock().unwrap().get(n - 1) {
-                return seq.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the processor never applied {n} records");
+        eventually(
+            &format!("the processor never applied {n} records"),
+            async || self.processor.records.lock().unwrap().get(n - 1).cloned(),
+        )
+        .await
+    }
+
+    fn batches(&self) -> usize {
+        self.processor.batches.load(Ordering::SeqCst)
     }
 
     fn commits(&self) -> usize {
         self.checkpoints.commits.load(Ordering::SeqCst)
     }
 
-    async fn wait_for_checkpoint_at_last(&self) {
-        for _ in 0..600 {
-            if self.checkpoint().await.as_ref() == Some(&self.last) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    async fn wait_for_checkpoint_at(&self, want: &SequenceNumber) {
+        eventually(
+            &format!("the checkpoint never reached {want:?}"),
+            async || (self.checkpoint().await.as_ref() == Some(want)).then_some(()),
+        )
+        .await
+    }
+
+    /// Stops the consumer and waits for its tasks to end.
+    async fn stop(&mut self) {
+        self.stop.send(true).unwrap();
+        for t in self.tasks.drain(..) {
+            tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .expect("the consumer stops")
+                .unwrap();
         }
-        panic!(
-            "the checkpoint never reached the last record: {:?}",
-            self.checkpoint().await
-        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_shard_commits_once_an_interval_and_its_last_position_once_idle() {
     // An interval no batch run reaches: the first batch's commit, then the idle one.
-    let run = start(Duration::from_secs(3600), Duration::ZERO).await;
-    run.wait_for_checkpoint_at_last().await;
+    let mut run = start(Duration::from_secs(3600), Duration::ZERO).await;
+    run.wait_for_checkpoint_at(&run.last).await;
     let seen = run.processor.records.lock().unwrap().len();
     assert_eq!(seen, 1000, "every record processed once");
-    let batches = run.processor.batches.load(Ordering::SeqCst);
+    let batches = run.batches();
     assert!(batches >= 100, "10 records a batch: {batches} batches");
     assert!(
         run.commits() <= 2,
         "{} commits for {batches} batches in one interval",
         run.commits()
     );
-    let mut run = run;
-    run.stop.send(true).unwrap();
-    for t in run.tasks.drain(..) {
-        t.await.unwrap();
-    }
+    run.stop().await;
     assert_eq!(run.checkpoint().await.as_ref(), Some(&run.last));
 
     // Zero: a commit after every batch, as before the interval existed.
     let mut eager = start(Duration::ZERO, Duration::ZERO).await;
-    eager.wait_for_checkpoint_at_last().await;
-    let batches = eager.processor.batches.load(Ordering::SeqCst);
+    eager.wait_for_checkpoint_at(&eager.last).await;
+    let batches = eager.batches();
     assert!(
         eager.commits() >= batches,
         "{} commits for {batches} batches",
         eager.commits()
     );
-    eager.stop.send(true).unwrap();
-    for t in eager.tasks.drain(..) {
-        t.await.unwrap();
-    }
+    eager.stop().await;
     assert_eq!(
         RuntimeConfig::default().commit_interval,
         Duration::from_millis(COMMIT_INTERVAL_MS)
@@ -282,23 +294,12 @@ async fn a_shard_stopped_while_busy_commits_what_it_held_back() {
     // 100 batches of 5 ms: stopped once the first is done, the shard drains the rest and
     // commits its last position before it ends, however long the interval.
     let mut run = start(Duration::from_secs(3600), Duration::from_millis(5)).await;
-    for _ in 0..3000 {
-        if run.processor.batches.load(Ordering::SeqCst) > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("no batch", async || (run.batches() > 0).then_some(())).await;
     assert!(
         run.processor.records.lock().unwrap().len() < 1000,
         "still busy when stopped"
     );
-    run.stop.send(true).unwrap();
-    for t in run.tasks.drain(..) {
-        tokio::time::timeout(Duration::from_secs(30), t)
-            .await
-            .expect("the consumer stops")
-            .unwrap();
-    }
+    run.stop().await;
     assert_eq!(run.processor.records.lock().unwrap().len(), 1000, "drained");
     assert_eq!(
         run.checkpoint().await.as_ref(),
@@ -314,26 +315,9 @@ async fn a_batch_that_keeps_failing_does_not_hold_back_the_ones_before_it() {
     // batch's last record while the 31st is retried, without waiting for the outage to end.
     let mut run = start_with(Duration::from_secs(3600), Duration::ZERO, Some(30)).await;
     let want = run.processor_seen(300).await;
-    let mut at = None;
-    for _ in 0..600 {
-        at = run.checkpoint().await;
-        if at.as_ref() == Some(&want) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        at,
-        Some(want),
-        "the applied batches committed during the outage"
-    );
-    run.stop.send(true).unwrap();
-    for t in run.tasks.drain(..) {
-        tokio::time::timeout(Duration::from_secs(30), t)
-            .await
-            .expect("the consumer stops")
-            .unwrap();
-    }
+    // The applied batches committed during the outage.
+    run.wait_for_checkpoint_at(&want).await;
+    run.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,13 +328,7 @@ async fn a_held_back_commit_refused_at_the_stop_flushes_nothing() {
     let mut run = start(Duration::from_secs(3600), Duration::from_millis(5)).await;
     run.processor_seen(10).await;
     run.checkpoints.gone.store(true, Ordering::SeqCst);
-    run.stop.send(true).unwrap();
-    for t in run.tasks.drain(..) {
-        tokio::time::timeout(Duration::from_secs(30), t)
-            .await
-            .expect("the consumer stops")
-            .unwrap();
-    }
+    run.stop().await;
     assert!(
         run.checkpoints.commits.load(Ordering::SeqCst) >= 2,
         "the stop tried to commit"
