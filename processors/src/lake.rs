@@ -326,11 +326,14 @@ impl Arena {
 /// buffer's map, an estimate.
 const GROUP_BYTES: u64 = 64;
 
-/// Rows a group's list grows by when it is full: a quarter of what it holds (at least one),
-/// so a small buffer is not charged for rows it does not have. Grown by this exact step
-/// (not doubled), so what the next row costs is known before it is added.
+/// Rows a group's list grows by when it is full: what it holds (at least 4), by this exact
+/// step, so what the next row costs is known before it is added. It used to grow by a
+/// quarter, so as to charge a buffer less for rows it does not have (at most a quarter of
+/// its list, now at most half); but each growth copies the whole list into fresh pages,
+/// and growing by quarters copied every row about four times over: in perf at 150,000
+/// events/s, 1.5 % of `serve`'s CPU.
 fn growth_step(capacity: usize) -> usize {
-    (capacity / 4).max(1)
+    capacity.max(4)
 }
 
 /// What adding one row to `list` (absent: a new group) costs in its list and map.
