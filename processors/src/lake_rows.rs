@@ -91,6 +91,9 @@ pub(crate) type Staged<'a> = Vec<Option<Cell<'a>>>;
 pub(crate) struct Layout {
     kinds: Vec<Kind>,
     nullable: Vec<bool>,
+    /// The columns a row must have a value in: those not nullable, but the lake's own
+    /// (`received_at`, `shard`, `sequence`), which it always sets.
+    required: Vec<usize>,
     /// `(member, column)` for every data column.
     members: Vec<(String, usize)>,
     /// Whether every column is one this module reads (else it declines every row).
@@ -424,6 +427,14 @@ impl Layout {
                 .map(|k| k.unwrap_or(Kind::Nested(DataType::Null)))
                 .collect(),
             nullable: fields.iter().map(|f| f.is_nullable()).collect(),
+            required: fields
+                .iter()
+                .enumerate()
+                .filter(|(i, f)| {
+                    !f.is_nullable() && !matches!(i, &RECEIVED_AT | &SHARD | &SEQUENCE)
+                })
+                .map(|(i, _)| i)
+                .collect(),
             members: table
                 .data_members
                 .iter()
@@ -499,14 +510,7 @@ impl Layout {
         row[SOURCE] = Some(Cell::Str(source));
         row[TYPE] = Some(Cell::Str(event_type));
         row[TIME] = time_us.map(Cell::Int);
-        // The lake's own columns are always there; every other required one must be.
-        let required_missing =
-            row.iter()
-                .zip(&self.nullable)
-                .enumerate()
-                .any(|(i, (cell, nullable))| {
-                    cell.is_none() && !nullable && !matches!(i, RECEIVED_AT | SHARD | SEQUENCE)
-                });
+        let required_missing = self.required.iter().any(|&i| row[i].is_none());
         (!required_missing).then_some(row)
     }
 }
