@@ -189,12 +189,20 @@ pub struct DecodedRecord {
 
 /// Decodes the records of a CRC-checked frame body.
 pub fn decode_body(header: &Header, body: Vec<u8>) -> std::io::Result<Vec<DecodedRecord>> {
-    let body = match header.codec {
+    records(header, decompress(header, body)?)
+}
+
+/// A CRC-checked frame body, decompressed: what [`records`] splits.
+pub fn decompress(header: &Header, body: Vec<u8>) -> std::io::Result<Bytes> {
+    Ok(Bytes::from(match header.codec {
         CODEC_ZSTD => zstd_decompress(&body)?,
         CODEC_LZ4 => lz4_decompress(&body)?,
         _ => body,
-    };
-    let body = Bytes::from(body);
+    }))
+}
+
+/// The records of a decompressed frame body; each payload is a slice of it.
+pub fn records(header: &Header, body: Bytes) -> std::io::Result<Vec<DecodedRecord>> {
     let mut out = Vec::with_capacity(header.record_count as usize);
     let mut pos = 0usize;
     for i in 0..u64::from(header.record_count) {

@@ -36,6 +36,7 @@
 //! [`verify::repair`] repairs with the operator's consent.
 
 pub mod frame;
+mod frame_cache;
 pub mod journal;
 mod segment;
 pub mod snapshot;
@@ -58,6 +59,7 @@ use floodgate_core::stream::{
     AppendError, Appended, ReadBatch, Record, SequenceNumber, ShardId, ShardInfo, StartPosition,
     StoredRecord, StreamError, StreamReader, StreamWriter,
 };
+use frame_cache::FrameCache;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
@@ -193,6 +195,8 @@ struct ShardShared {
     /// shard still takes appends, but one issued now would likely fail too, so it is not
     /// ready. Cleared by the next write that succeeds.
     write_error: Mutex<Option<String>>,
+    /// The frames read last, for the next consumer of the same records.
+    frames: FrameCache,
 }
 
 enum Command {
@@ -384,6 +388,7 @@ impl EmbeddedLog {
                 durable_tx,
                 failed: Mutex::new(None),
                 write_error: Mutex::new(None),
+                frames: FrameCache::default(),
             });
             let file = OpenOptions::new().append(true).open(&active.path)?;
             writers.push(ShardWriter {
@@ -725,10 +730,12 @@ impl StreamReader for EmbeddedLog {
         let shared = &self.shards[index as usize];
         let bound = shared.durable_next.load(Ordering::Acquire);
         let hints = self.hints.lock().unwrap().get(&index).cloned();
-        let dir = shared.dir.clone();
+        let shared = shared.clone();
         let from = from.clone();
         let (batch, hint) = tokio::task::spawn_blocking(move || {
-            read_shard(&dir, &from, max_records, bound, hints.unwrap_or_default())
+            let hints = hints.unwrap_or_default();
+            let frames = Some(&shared.frames);
+            read_shard(&shared.dir, &from, max_records, bound, hints, frames)
         })
         .await
         .map_err(|e| StreamError::Unavailable(format!("read task failed: {e}")))??;
@@ -758,11 +765,12 @@ fn read_shard(
     max: usize,
     bound: u64,
     hints: Hints,
+    cache: Option<&FrameCache>,
 ) -> Result<(ReadBatch, Option<ReadHint>), StreamError> {
     // A segment can be deleted by retention between listing and opening; list again.
     let mut attempts = 0;
     loop {
-        match try_read_shard(dir, from, max, bound, &hints) {
+        match try_read_shard(dir, from, max, bound, &hints, cache) {
             Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 3 => attempts += 1,
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 return Err(StreamError::Corrupt(e.to_string()));
@@ -778,6 +786,7 @@ fn try_read_shard(
     max: usize,
     bound: u64,
     hints: &Hints,
+    cache: Option<&FrameCache>,
 ) -> io::Result<(ReadBatch, Option<ReadHint>)> {
     let segments = segment::list(dir)?;
     let Some(first) = segments.first() else {
@@ -825,8 +834,15 @@ fn try_read_shard(
                 };
             }
             let later = segments.get(i + 1);
-            let scanned =
-                segment::read_records(seg, later.is_some(), at, start, bound, max, &mut records);
+            let scanned = segment::read_records(
+                seg,
+                later.is_some(),
+                at,
+                start..bound,
+                max,
+                &mut records,
+                cache,
+            );
             let scanned = match scanned {
                 // Deliver what precedes damage; the next read starts at it and fails.
                 Err(e) if e.kind() == io::ErrorKind::InvalidData && !records.is_empty() => {
@@ -975,7 +991,15 @@ impl EmbeddedLogReader {
         // The bound first, then the listing: every record below it is in a listed segment.
         let bound = self.durable_bound(shard, &dir)?;
         let hints = self.hints.lock().unwrap().get(&shard).cloned();
-        let (batch, hint) = read_shard(&dir, from, max_records, bound, hints.unwrap_or_default())?;
+        // Read by one consumer at a time (`floodgate stream`, the derived lake): no cache.
+        let (batch, hint) = read_shard(
+            &dir,
+            from,
+            max_records,
+            bound,
+            hints.unwrap_or_default(),
+            None,
+        )?;
         if let Some(h) = hint {
             self.hints.lock().unwrap().entry(shard).or_default().keep(h);
         }
@@ -1624,6 +1648,63 @@ mod tests {
             );
             assert!(hinted(20), "one consumer's read took the other's place");
             log.close().await.unwrap();
+        });
+    }
+
+    /// Two consumers reading the same records, at the same place or not: the second reads
+    /// each frame from the cache the first filled, and gets the very records the file holds.
+    #[test]
+    fn a_second_consumer_reads_the_frames_the_first_decoded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedStreamConfig {
+            shards: 1,
+            ..EmbeddedStreamConfig::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let log = EmbeddedLog::open(dir.path(), &cfg).unwrap();
+            let shard = ShardId("0".into());
+            // Five frames of ten records each.
+            for f in 0..5 {
+                let batch = (0..10)
+                    .map(|i| Record {
+                        key: format!("k{f}").into(),
+                        payload: format!("r{f}-{i}").into_bytes().into(),
+                    })
+                    .collect();
+                for r in log.append(batch).await {
+                    r.unwrap();
+                }
+            }
+            let at = |n: u64| StartPosition::At(SequenceNumber::from_u64(n));
+            let hits = || log.shards[0].frames.hits();
+            let first = log.read(&shard, &at(0), 100).await.unwrap().records;
+            assert_eq!(first.len(), 50);
+            assert_eq!(hits(), 0, "the first reader decodes every frame");
+            // The second, a batch at a time: each batch starts inside a frame and runs on
+            // past its end, and is whole.
+            let mut second = Vec::new();
+            let mut from = at(0);
+            while second.len() < 50 {
+                let batch = log.read(&shard, &from, 15).await.unwrap();
+                assert_eq!(batch.records.len(), 15.min(50 - second.len()));
+                from = batch.next.clone().unwrap();
+                second.extend(batch.records);
+            }
+            assert_eq!(format!("{first:?}"), format!("{second:?}"));
+            assert!(
+                hits() >= 5,
+                "{} of the second reader's frames cached",
+                hits()
+            );
+            // What a fresh open reads from the file alone is the same.
+            log.close().await.unwrap();
+            let cold = EmbeddedLogReader::open(dir.path()).unwrap();
+            let third = cold.read(&shard, &at(0), 100).await.unwrap().records;
+            assert_eq!(format!("{first:?}"), format!("{third:?}"));
         });
     }
 }

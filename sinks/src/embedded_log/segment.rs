@@ -20,6 +20,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use super::frame::{self, DecodedRecord, HEADER_LEN, Header};
+use super::frame_cache::FrameCache;
 
 pub const SEGMENT_SUFFIX: &str = ".seg";
 /// Between a segment's file name and the byte offset in the name of its moved-aside tail.
@@ -521,9 +522,10 @@ fn damaged(seg: &Segment, pos: u64, sequence: u64, reason: &str) -> io::Error {
     )
 }
 
-/// Records of one segment with sequence in `[from, bound)`, at most `max`, starting the
-/// scan at `start` (a frame boundary). `bound` is the shard's durable watermark; `sealed`
-/// says a later segment exists, so this one is complete. Stops quietly at `bound` (what
+/// Records of one segment with sequence in `wanted` (`from..bound`), at most `max`,
+/// starting the scan at `start` (a frame boundary). `bound` is the shard's durable
+/// watermark; `sealed` says a later segment exists, so this one is complete. A frame
+/// `cache` holds is not read from the file again (see [`FrameCache`]). Stops quietly at `bound` (what
 /// follows is a write in progress) and at the end of a sealed segment. Anything else that
 /// stops the scan below `bound` (a bad frame, a frame out of sequence, the file ending
 /// early) is damage, reported as an `InvalidData` error naming the file and offset: records
@@ -532,11 +534,12 @@ pub fn read_records(
     seg: &Segment,
     sealed: bool,
     start: Position,
-    from: u64,
-    bound: u64,
+    wanted: std::ops::Range<u64>,
     max: usize,
     out: &mut Vec<DecodedRecord>,
+    cache: Option<&FrameCache>,
 ) -> io::Result<ScanEnd> {
+    let (from, bound) = (wanted.start, wanted.end);
     let file = File::open(&seg.path)?;
     // Frames below `bound` were whole before this open: the bound was read first.
     let file_len = file.metadata()?.len();
@@ -601,21 +604,36 @@ pub fn read_records(
             expect = header.next_sequence();
             continue;
         }
-        let mut body = vec![0u8; header.body_len as usize];
-        if read_full(&mut reader, &mut body)? < body.len() {
-            return Err(damaged(seg, pos, expect, "short frame body"));
-        }
-        if !frame::crc_ok(&hb, &header, &body) {
-            return Err(damaged(seg, pos, expect, "frame CRC mismatch"));
-        }
-        let records = frame::decode_body(&header, body).map_err(|e| {
+        let undecodable = |e: io::Error| {
             damaged(
                 seg,
                 pos,
                 expect,
                 &format!("frame body does not decode: {e}"),
             )
-        })?;
+        };
+        let body = match cache.and_then(|c| c.get(seg.base, pos, &hb)) {
+            // Another consumer read this frame a moment ago.
+            Some(body) => {
+                reader.seek_relative(i64::from(header.body_len))?;
+                body
+            }
+            None => {
+                let mut body = vec![0u8; header.body_len as usize];
+                if read_full(&mut reader, &mut body)? < body.len() {
+                    return Err(damaged(seg, pos, expect, "short frame body"));
+                }
+                if !frame::crc_ok(&hb, &header, &body) {
+                    return Err(damaged(seg, pos, expect, "frame CRC mismatch"));
+                }
+                let body = frame::decompress(&header, body).map_err(undecodable)?;
+                if let Some(c) = cache {
+                    c.put(seg.base, pos, hb, body.clone());
+                }
+                body
+            }
+        };
+        let records = frame::records(&header, body).map_err(undecodable)?;
         let mut stopped_inside = false;
         for r in records {
             if r.sequence < from || r.sequence >= bound {
