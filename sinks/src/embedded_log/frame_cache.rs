@@ -7,9 +7,14 @@
 //! frame is only ever read below the durable watermark, where nothing rewrites it, and a
 //! segment repaired or replaced on another open starts with an empty cache; the header
 //! check is there so that any other frame at that place still reads from the file.
+//!
+//! A hit does not read the body on disk again, so it does not check its CRC again either:
+//! the copy kept was checked when it was read, moments before, and a read of the file in
+//! that window would have come from the page cache, not the disk, all the same.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+#[cfg(test)]
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
@@ -26,8 +31,16 @@ const KEEP_BYTES: usize = 4 << 20;
 
 #[derive(Debug, Default)]
 pub(crate) struct FrameCache {
-    frames: Mutex<VecDeque<Cached>>,
+    frames: Mutex<Frames>,
+    #[cfg(test)]
     hits: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Frames {
+    list: VecDeque<Cached>,
+    /// The bodies' bytes in `list`.
+    bytes: usize,
 }
 
 #[derive(Debug)]
@@ -47,21 +60,25 @@ impl FrameCache {
         offset: u64,
         header: &[u8; HEADER_LEN],
     ) -> Option<Bytes> {
-        let frames = self.frames.lock().unwrap();
+        let frames = self.lock();
         let body = frames
+            .list
             .iter()
             .rev()
             .find(|c| c.segment_base == segment_base && c.offset == offset && c.header == *header)
             .map(|c| c.body.clone());
         drop(frames);
+        #[cfg(test)]
         if body.is_some() {
             self.hits.fetch_add(1, Ordering::Relaxed);
         }
         body
     }
 
-    /// Keeps a frame just decoded (its body CRC-checked and decompressed), dropping the
-    /// oldest past [`KEEP_FRAMES`] or [`KEEP_BYTES`]. A body larger than that is not kept.
+    /// Keeps a frame just decoded (its body CRC-checked, decompressed and split into its
+    /// records), dropping the oldest past [`KEEP_FRAMES`] or [`KEEP_BYTES`]. A body larger
+    /// than that is not kept. Two readers that missed the same frame at once may both keep
+    /// it: the later copy is found first, and both age out.
     pub(crate) fn put(
         &self,
         segment_base: u64,
@@ -72,24 +89,32 @@ impl FrameCache {
         if body.len() > KEEP_BYTES {
             return;
         }
-        let mut frames = self.frames.lock().unwrap();
-        if frames
-            .iter()
-            .any(|c| c.segment_base == segment_base && c.offset == offset && c.header == header)
-        {
-            return;
-        }
-        frames.push_back(Cached {
+        let mut frames = self.lock();
+        frames.bytes += body.len();
+        frames.list.push_back(Cached {
             segment_base,
             offset,
             header,
             body,
         });
-        let mut bytes: usize = frames.iter().map(|c| c.body.len()).sum();
-        while frames.len() > KEEP_FRAMES || bytes > KEEP_BYTES {
-            let Some(old) = frames.pop_front() else { break };
-            bytes -= old.body.len();
+        while frames.list.len() > KEEP_FRAMES || frames.bytes > KEEP_BYTES {
+            let Some(old) = frames.list.pop_front() else {
+                break;
+            };
+            frames.bytes -= old.body.len();
         }
+    }
+
+    /// The frames; a reader that panicked holding them left them whole (each change is
+    /// one push or pop).
+    fn lock(&self) -> std::sync::MutexGuard<'_, Frames> {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many frames are kept.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().list.len()
     }
 
     /// How many reads found their frame here.
@@ -133,14 +158,11 @@ mod tests {
         cache.put(1, 1, header, Bytes::from(vec![0u8; big]));
         assert_eq!(cache.get(1, 0, &header), None);
         assert!(cache.get(1, 1, &header).is_some());
-        let held: usize = cache
-            .frames
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|c| c.body.len())
-            .sum();
+        let frames = cache.lock();
+        let held: usize = frames.list.iter().map(|c| c.body.len()).sum();
+        assert_eq!(held, frames.bytes);
         assert!(held <= KEEP_BYTES);
+        drop(frames);
         // A body larger than the bound is not kept at all.
         cache.put(2, 0, header, Bytes::from(vec![0u8; KEEP_BYTES + 1]));
         assert_eq!(cache.get(2, 0, &header), None);

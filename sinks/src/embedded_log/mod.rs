@@ -1700,6 +1700,7 @@ mod tests {
                 "{} of the second reader's frames cached",
                 hits()
             );
+            assert_eq!(log.shards[0].frames.len(), 5, "each frame kept once");
             // What a fresh open reads from the file alone is the same.
             log.close().await.unwrap();
             let cold = EmbeddedLogReader::open(dir.path()).unwrap();

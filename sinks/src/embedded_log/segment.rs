@@ -612,11 +612,11 @@ pub fn read_records(
                 &format!("frame body does not decode: {e}"),
             )
         };
-        let body = match cache.and_then(|c| c.get(seg.base, pos, &hb)) {
+        let (body, cached) = match cache.and_then(|c| c.get(seg.base, pos, &hb)) {
             // Another consumer read this frame a moment ago.
             Some(body) => {
                 reader.seek_relative(i64::from(header.body_len))?;
-                body
+                (body, true)
             }
             None => {
                 let mut body = vec![0u8; header.body_len as usize];
@@ -626,14 +626,16 @@ pub fn read_records(
                 if !frame::crc_ok(&hb, &header, &body) {
                     return Err(damaged(seg, pos, expect, "frame CRC mismatch"));
                 }
-                let body = frame::decompress(&header, body).map_err(undecodable)?;
-                if let Some(c) = cache {
-                    c.put(seg.base, pos, hb, body.clone());
-                }
-                body
+                (
+                    frame::decompress(&header, body).map_err(undecodable)?,
+                    false,
+                )
             }
         };
-        let records = frame::records(&header, body).map_err(undecodable)?;
+        let records = frame::records(&header, body.clone()).map_err(undecodable)?;
+        if let Some(c) = cache.filter(|_| !cached) {
+            c.put(seg.base, pos, hb, body);
+        }
         let mut stopped_inside = false;
         for r in records {
             if r.sequence < from || r.sequence >= bound {
