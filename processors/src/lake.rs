@@ -326,14 +326,14 @@ impl Arena {
 /// buffer's map, an estimate.
 const GROUP_BYTES: u64 = 64;
 
-/// Rows a group's list grows by when it is full: what it holds (at least 4), by this exact
-/// step, so what the next row costs is known before it is added. It used to grow by a
-/// quarter, so as to charge a buffer less for rows it does not have (at most a quarter of
-/// its list, now at most half); but each growth copies the whole list into fresh pages,
-/// and growing by quarters copied every row about four times over: in perf at 150,000
-/// events/s, 1.5 % of `serve`'s CPU.
+/// Rows a group's list grows by when it is full: what it holds (at least 4, at most 64 Ki
+/// rows, 3.5 MiB), by this exact step, so what the next row costs is known before it is
+/// added. It used to grow by a quarter, so as to charge a buffer less for rows it does not
+/// have (at most a quarter of its list, now at most half, or 64 Ki rows); but each growth
+/// copies the whole list into fresh pages, and growing by quarters copied every row about
+/// four times over: in perf at 150,000 events/s, 1.5 % of `serve`'s CPU.
 fn growth_step(capacity: usize) -> usize {
-    capacity.max(4)
+    capacity.clamp(4, 64 * 1024)
 }
 
 /// What adding one row to `list` (absent: a new group) costs in its list and map.

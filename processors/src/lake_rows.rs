@@ -337,8 +337,8 @@ impl<'a, 'l> Head<'a, 'l> {
 }
 
 /// A part of an event's text: its offset and length in bytes. Sixteen bits each, as a
-/// buffered row's size is what a buffer's memory counts: an event of 64 KiB or more is
-/// read whole again instead.
+/// buffered row's size is what a buffer's memory counts: an event with a part that starts
+/// or ends past 64 KiB has no spans, and is read whole again instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Span(u16, u16);
 
@@ -465,7 +465,7 @@ impl Layout {
 
     /// [`Self::stage`] for an event whose envelope buffering read already: `data` read
     /// from its span of `payload`, the envelope's values taken from theirs. The same row
-    /// as `stage` gives for the whole event (`spans_stage_as_the_whole_event_does`).
+    /// as `stage` gives for the whole event (`typed_rows_agree_with_the_reference` checks it).
     pub(crate) fn stage_spans<'a>(&self, payload: &'a [u8], spans: &Spans) -> Option<Staged<'a>> {
         if !self.supported {
             return None;
