@@ -1598,10 +1598,8 @@ impl ShardWriter {
 mod tests {
     use super::*;
 
-    /// Two consumers of one shard, one of them caught up and polling: each read resumes
-    /// from where that consumer left off instead of scanning the segment from its start.
-    #[test]
-    fn each_consumer_keeps_its_place_even_when_a_read_finds_nothing() {
+    /// Runs `test` with a new one-shard log in a temp dir (given too), on a runtime of its own.
+    fn on_one_shard(test: impl AsyncFnOnce(EmbeddedLog, &Path)) {
         let dir = tempfile::tempdir().unwrap();
         let cfg = EmbeddedStreamConfig {
             shards: 1,
@@ -1613,6 +1611,15 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let log = EmbeddedLog::open(dir.path(), &cfg).unwrap();
+            test(log, dir.path()).await;
+        });
+    }
+
+    /// Two consumers of one shard, one of them caught up and polling: each read resumes
+    /// from where that consumer left off instead of scanning the segment from its start.
+    #[test]
+    fn each_consumer_keeps_its_place_even_when_a_read_finds_nothing() {
+        on_one_shard(async |log, _dir| {
             let shard = ShardId("0".into());
             for i in 0..50 {
                 let r = log
@@ -1655,17 +1662,7 @@ mod tests {
     /// each frame from the cache the first filled, and gets the very records the file holds.
     #[test]
     fn a_second_consumer_reads_the_frames_the_first_decoded() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = EmbeddedStreamConfig {
-            shards: 1,
-            ..EmbeddedStreamConfig::default()
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let log = EmbeddedLog::open(dir.path(), &cfg).unwrap();
+        on_one_shard(async |log, dir| {
             let shard = ShardId("0".into());
             // Five frames of ten records each.
             for f in 0..5 {
@@ -1703,7 +1700,7 @@ mod tests {
             assert_eq!(log.shards[0].frames.len(), 5, "each frame kept once");
             // What a fresh open reads from the file alone is the same.
             log.close().await.unwrap();
-            let cold = EmbeddedLogReader::open(dir.path()).unwrap();
+            let cold = EmbeddedLogReader::open(dir).unwrap();
             let third = cold.read(&shard, &at(0), 100).await.unwrap().records;
             assert_eq!(format!("{first:?}"), format!("{third:?}"));
         });
