@@ -278,6 +278,70 @@ struct BatchResponse {
     results: Vec<EventResult>,
 }
 
+impl BatchResponse {
+    /// The answer's JSON: the bytes `serde_json::to_vec(self)` writes (a property test holds
+    /// the two equal), written by hand because serde's escaping of every key and id was
+    /// half of the answer's cost, about 5 % of `ingest`'s CPU at saturation.
+    fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.results.len() * 80);
+        let mut num = itoa::Buffer::new();
+        out.extend_from_slice(b"{\"accepted\":");
+        out.extend_from_slice(num.format(self.accepted).as_bytes());
+        out.extend_from_slice(b",\"rejected\":");
+        out.extend_from_slice(num.format(self.rejected).as_bytes());
+        out.extend_from_slice(b",\"retry\":");
+        out.extend_from_slice(num.format(self.retry).as_bytes());
+        out.extend_from_slice(b",\"results\":[");
+        for (i, r) in self.results.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"index\":");
+            out.extend_from_slice(num.format(r.index).as_bytes());
+            out.extend_from_slice(b",\"id\":");
+            match &r.id {
+                Some(id) => json_str(&mut out, id),
+                None => out.extend_from_slice(b"null"),
+            }
+            out.extend_from_slice(match r.status {
+                EventStatus::Accepted => b",\"status\":\"accepted\"",
+                EventStatus::Rejected => b",\"status\":\"rejected\"",
+                EventStatus::Retry => b",\"status\":\"retry\"",
+            });
+            if let Some(duplicate) = r.duplicate {
+                out.extend_from_slice(if duplicate {
+                    b",\"duplicate\":true"
+                } else {
+                    b",\"duplicate\":false"
+                });
+            }
+            if let Some(errors) = &r.errors {
+                out.extend_from_slice(b",\"errors\":");
+                // Rare, and its messages may need any escape: serde's writer.
+                serde_json::to_writer(&mut out, errors).expect("writing to a Vec cannot fail");
+            }
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"]}");
+        out
+    }
+}
+
+/// `s` as a JSON string. Most ids need no escape and are copied as they are; the scan does
+/// not stop early, so that it runs as one vectorised pass.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    let needs_escape = s.bytes().fold(false, |acc, b| {
+        acc | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if needs_escape {
+        serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
+}
+
 /// What the producer hears about one event of its request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -302,7 +366,7 @@ impl EventStatus {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
 struct EventResult {
     index: usize,
     id: Option<ByteString>,
@@ -1012,15 +1076,14 @@ impl Events {
         } else {
             StatusCode::UNPROCESSABLE_ENTITY
         };
-        let mut resp = response::json(
-            status,
-            &BatchResponse {
-                accepted,
-                rejected,
-                retry,
-                results,
-            },
-        );
+        let body = BatchResponse {
+            accepted,
+            rejected,
+            retry,
+            results,
+        }
+        .to_json();
+        let mut resp = response::with_type(status, response::JSON, Bytes::from(body));
         if retry > 0 {
             let secs = self
                 .limits
@@ -1120,5 +1183,59 @@ mod tests {
         let held: serde_json::Value = serde_json::from_slice(&record.payload).unwrap();
         assert_eq!(held["raw"], "{\"id\":1}");
         assert_eq!(held["reasons"].as_array().unwrap().len(), 1);
+    }
+
+    fn an_event_result() -> impl proptest::strategy::Strategy<Value = EventResult> {
+        use proptest::prelude::*;
+        let status = prop_oneof![
+            Just(EventStatus::Accepted),
+            Just(EventStatus::Rejected),
+            Just(EventStatus::Retry)
+        ];
+        // Ids of every kind: plain, with quotes, backslashes, controls and non-ASCII.
+        let id = proptest::option::of(prop_oneof![
+            "[a-z0-9-]{0,40}",
+            "\\PC{0,12}",
+            proptest::collection::vec(any::<char>(), 0..12)
+                .prop_map(|c| c.into_iter().collect::<String>()),
+        ]);
+        let errors = proptest::option::of(proptest::collection::vec(
+            ("\\PC{0,8}", any::<String>()).prop_map(|(p, m)| FieldError::new(p, m)),
+            0..3,
+        ));
+        (
+            any::<usize>(),
+            id,
+            status,
+            proptest::option::of(any::<bool>()),
+            errors,
+        )
+            .prop_map(|(index, id, status, duplicate, errors)| EventResult {
+                index,
+                id: id.map(ByteString::from),
+                status,
+                duplicate,
+                errors,
+            })
+    }
+
+    proptest::proptest! {
+        /// The hand-written answer is byte for byte what serde writes for the same value.
+        #[test]
+        fn the_answer_is_what_serde_writes(
+            counts in proptest::array::uniform3(proptest::prelude::any::<usize>()),
+            results in proptest::collection::vec(an_event_result(), 0..8),
+        ) {
+            let answer = BatchResponse {
+                accepted: counts[0],
+                rejected: counts[1],
+                retry: counts[2],
+                results,
+            };
+            proptest::prop_assert_eq!(
+                String::from_utf8(answer.to_json()).unwrap(),
+                serde_json::to_string(&answer).unwrap()
+            );
+        }
     }
 }
