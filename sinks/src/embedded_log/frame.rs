@@ -44,16 +44,37 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { std::cell::RefCell::new(None) };
+    // The body being encoded and its compressed form, kept between frames: a fresh
+    // megabyte buffer for each frame faulted its pages in again, which made copying the
+    // records in 3 % of `ingest`'s CPU at saturation.
+    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-fn zstd_compress(body: &[u8]) -> std::io::Result<Vec<u8>> {
+/// A scratch buffer larger than this after a frame is given back rather than kept.
+const MAX_KEPT_SCRATCH: usize = 8 * 1024 * 1024;
+
+/// Compresses `body` into `packed` (replacing what it held).
+fn zstd_compress_into(body: &[u8], packed: &mut Vec<u8>) -> std::io::Result<()> {
+    packed.clear();
+    packed.reserve(zstd::zstd_safe::compress_bound(body.len()));
     COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
         if c.is_none() {
             *c = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?);
         }
-        c.as_mut().expect("set above").compress(body)
-    })
+        c.as_mut()
+            .expect("set above")
+            .compress_to_buffer(body, packed)
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+fn zstd_compress(body: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut packed = Vec::new();
+    zstd_compress_into(body, &mut packed)?;
+    Ok(packed)
 }
 
 fn zstd_decompress(body: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -138,7 +159,38 @@ pub fn encode(
     compression: Compression,
     records: &[(&str, &[u8])],
 ) -> std::io::Result<()> {
-    let mut body = Vec::with_capacity(records.iter().map(|(k, p)| record_len(k, p)).sum());
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let (body, packed) = &mut *scratch;
+        let written = encode_with(
+            out,
+            base_sequence,
+            appended_at_ms,
+            compression,
+            records,
+            body,
+            packed,
+        );
+        for buf in [body, packed] {
+            if buf.capacity() > MAX_KEPT_SCRATCH {
+                *buf = Vec::new();
+            }
+        }
+        written
+    })
+}
+
+fn encode_with(
+    out: &mut Vec<u8>,
+    base_sequence: u64,
+    appended_at_ms: i64,
+    compression: Compression,
+    records: &[(&str, &[u8])],
+    body: &mut Vec<u8>,
+    packed: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    body.clear();
+    body.reserve(records.iter().map(|(k, p)| record_len(k, p)).sum());
     for (key, payload) in records {
         let key_len =
             u16::try_from(key.len()).map_err(|_| invalid("key longer than 65535 bytes"))?;
@@ -149,9 +201,15 @@ pub fn encode(
         body.extend_from_slice(key.as_bytes());
         body.extend_from_slice(payload);
     }
-    let (codec, body) = match compression {
-        Compression::Zstd => (CODEC_ZSTD, zstd_compress(&body)?),
-        Compression::Lz4 => (CODEC_LZ4, lz4_flex::block::compress_prepend_size(&body)),
+    let (codec, body): (u8, &[u8]) = match compression {
+        Compression::Zstd => {
+            zstd_compress_into(body, packed)?;
+            (CODEC_ZSTD, packed)
+        }
+        Compression::Lz4 => {
+            *packed = lz4_flex::block::compress_prepend_size(body);
+            (CODEC_LZ4, packed)
+        }
         Compression::None => (CODEC_NONE, body),
     };
     if body.len() > MAX_BODY_LEN {
@@ -164,7 +222,7 @@ pub fn encode(
     out.extend_from_slice(&(records.len() as u32).to_le_bytes());
     out.extend_from_slice(&appended_at_ms.to_le_bytes());
     out.extend_from_slice(&[codec, 0, 0, 0]);
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     let crc = crc32fast::hash(&out[start + 8..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     Ok(())
@@ -275,6 +333,43 @@ mod tests {
                     "flip at {i} undetected"
                 );
             }
+        }
+    }
+
+    /// Frames encoded one after another on one thread share its scratch buffers: each
+    /// holds its own records only, whether the frame before was larger or smaller.
+    #[test]
+    fn consecutive_frames_hold_only_their_own_records() {
+        for compression in [Compression::None, Compression::Zstd, Compression::Lz4] {
+            let big = vec![b'x'; 3000];
+            let batches: [&[(&str, &[u8])]; 3] = [
+                &[("a", &big), ("b", &big)],
+                &[("c", b"small")],
+                &[("d", b"{}"), ("e", b"[]")],
+            ];
+            let mut out = Vec::new();
+            for (base, records) in batches.iter().enumerate() {
+                encode(&mut out, base as u64 * 10, 0, compression, records).unwrap();
+            }
+            let mut at = 0;
+            for records in batches {
+                let hb: [u8; HEADER_LEN] = out[at..at + HEADER_LEN].try_into().unwrap();
+                let h = Header::parse(&hb).unwrap();
+                let body = out[at + HEADER_LEN..at + h.frame_len() as usize].to_vec();
+                assert!(crc_ok(&hb, &h, &body));
+                let got: Vec<(String, Vec<u8>)> = decode_body(&h, body)
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| (r.key.to_string(), r.payload.to_vec()))
+                    .collect();
+                let want: Vec<(String, Vec<u8>)> = records
+                    .iter()
+                    .map(|(k, p)| (k.to_string(), p.to_vec()))
+                    .collect();
+                assert_eq!(got, want, "{compression:?}");
+                at += h.frame_len() as usize;
+            }
+            assert_eq!(at, out.len());
         }
     }
 
