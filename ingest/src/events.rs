@@ -327,19 +327,37 @@ impl BatchResponse {
     }
 }
 
-/// `s` as a JSON string. Most ids need no escape and are copied as they are; the scan does
-/// not stop early, so that it runs as one vectorised pass.
+/// `s` as a JSON string. Most ids need no escape and are copied as they are.
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    let needs_escape = s.bytes().fold(false, |acc, b| {
-        acc | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    if needs_escape {
+    if may_need_escape(s.as_bytes()) {
         serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
     } else {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
     }
+}
+
+/// Whether `s` holds a byte JSON escapes (a quote, a backslash or a control character),
+/// eight bytes at a time; `true` may be wrong, `false` never is. A byte by byte scan was
+/// 2.7 % of `ingest`'s samples.
+fn may_need_escape(s: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // A byte of `w` is below `n` (n <= 128): the classic "has less" test.
+    let below = |w: u64, n: u8| w.wrapping_sub(ONES * u64::from(n)) & !w & HIGH != 0;
+    let has = |w: u64, b: u8| below(w ^ (ONES * u64::from(b)), 1);
+    let mut chunks = s.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_ne_bytes(c.try_into().expect("eight bytes"));
+        if below(w, 0x20) | has(w, b'"') | has(w, b'\\') {
+            return true;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 /// What the producer hears about one event of its request.
@@ -1220,6 +1238,18 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// The word-wise scan never misses a byte JSON escapes, wherever it sits.
+        #[test]
+        fn the_escape_scan_misses_nothing(s in "\\PC{0,24}", at in 0usize..25, b in 0u8..0x80) {
+            let mut bytes = s.into_bytes();
+            let at = at.min(bytes.len());
+            bytes.insert(at, b);
+            let escaped = bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
+            if escaped {
+                proptest::prop_assert!(may_need_escape(&bytes));
+            }
+        }
+
         /// The hand-written answer is byte for byte what serde writes for the same value.
         #[test]
         fn the_answer_is_what_serde_writes(
