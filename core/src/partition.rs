@@ -44,12 +44,14 @@ fn md5_key(key: &[u8]) -> u128 {
     u128::from_be_bytes(Md5::digest(key).into())
 }
 
-/// Keys longer than this are hashed every time (a slot is one 64-byte line).
+/// Keys longer than this are hashed every time (a slot is one 64-byte line). Only the
+/// threads that route records (the runtime's workers) ever fill a table.
 const MEMO_KEY_MAX: usize = 47;
 /// Slots a thread keeps: 256 KiB.
 const MEMO_SLOTS: usize = 4096;
 
 #[derive(Clone, Copy)]
+#[repr(C, align(64))]
 struct Slot {
     /// The key's length, or `u8::MAX` for an empty slot (no key is that long).
     len: u8,

@@ -339,8 +339,9 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// Whether `s` holds a byte JSON escapes (a quote, a backslash or a control character),
-/// eight bytes at a time; `true` may be wrong, `false` never is. A byte by byte scan was
-/// 2.7 % of `ingest`'s samples.
+/// eight bytes at a time (a byte by byte scan was 2.7 % of `ingest`'s samples). The "has a
+/// byte below n" test is exact for n <= 128: a borrow starts only at such a byte, and the
+/// lowest one sets its own high bit.
 fn may_need_escape(s: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
@@ -1203,6 +1204,51 @@ mod tests {
         assert_eq!(held["reasons"].as_array().unwrap().len(), 1);
     }
 
+    fn escapes(bytes: &[u8]) -> bool {
+        bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    }
+
+    /// Every byte value at every place of a buffer of 17 (two words and a tail), among
+    /// fillers that sit next to the escaped ranges.
+    #[test]
+    fn the_escape_scan_finds_every_byte_everywhere() {
+        for filler in [b'a', 0x20, 0x21, 0x23, 0x5b, 0x5d, 0x7f, 0x80, 0xff] {
+            let plain = [filler; 17];
+            assert_eq!(may_need_escape(&plain), escapes(&plain), "{filler:#x}");
+            for b in 0..=255u8 {
+                for at in 0..plain.len() {
+                    let mut bytes = plain;
+                    bytes[at] = b;
+                    assert_eq!(may_need_escape(&bytes), escapes(&bytes), "{b:#x} at {at}");
+                }
+            }
+        }
+    }
+
+    /// Ids serde writes raw although they look unusual, and escapes past the first word.
+    #[test]
+    fn the_answer_copies_what_serde_copies() {
+        for id in [
+            "\u{7f}",
+            "\u{2028}",
+            "\0",
+            "é",
+            "0123456789\"x",
+            "0123456789abcdefg\\h",
+        ] {
+            let answer = BatchResponse {
+                accepted: 1,
+                rejected: 0,
+                retry: 0,
+                results: vec![EventResult::new(0, Some(id.into()), EventStatus::Accepted)],
+            };
+            assert_eq!(
+                String::from_utf8(answer.to_json()).unwrap(),
+                serde_json::to_string(&answer).unwrap()
+            );
+        }
+    }
+
     fn an_event_result() -> impl proptest::strategy::Strategy<Value = EventResult> {
         use proptest::prelude::*;
         let status = prop_oneof![
@@ -1238,16 +1284,10 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// The word-wise scan never misses a byte JSON escapes, wherever it sits.
+        /// The word-wise scan answers as a byte by byte one, for any bytes.
         #[test]
-        fn the_escape_scan_misses_nothing(s in "\\PC{0,24}", at in 0usize..25, b in 0u8..0x80) {
-            let mut bytes = s.into_bytes();
-            let at = at.min(bytes.len());
-            bytes.insert(at, b);
-            let escaped = bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
-            if escaped {
-                proptest::prop_assert!(may_need_escape(&bytes));
-            }
+        fn the_escape_scan_is_exact(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)) {
+            proptest::prop_assert_eq!(may_need_escape(&bytes), escapes(&bytes));
         }
 
         /// The hand-written answer is byte for byte what serde writes for the same value.

@@ -207,7 +207,13 @@ fn encode_with(
             (CODEC_ZSTD, packed)
         }
         Compression::Lz4 => {
-            *packed = lz4_flex::block::compress_prepend_size(body);
+            // `compress_prepend_size`'s layout (the size first), into the kept buffer.
+            packed.clear();
+            packed.resize(4 + lz4_flex::block::get_maximum_output_size(body.len()), 0);
+            packed[..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
+            let n = lz4_flex::block::compress_into(body, &mut packed[4..])
+                .map_err(|e| invalid(&format!("lz4: {e}")))?;
+            packed.truncate(4 + n);
             (CODEC_LZ4, packed)
         }
         Compression::None => (CODEC_NONE, body),
@@ -371,6 +377,19 @@ mod tests {
             }
             assert_eq!(at, out.len());
         }
+    }
+
+    /// The kept buffer's lz4 body is the bytes `compress_prepend_size` gives.
+    #[test]
+    fn lz4_bodies_are_compress_prepend_size() {
+        let payload: Vec<u8> = (0..5000u32).map(|i| (i % 7) as u8).collect();
+        let records: &[(&str, &[u8])] = &[("k", &payload), ("key-2", b"{}")];
+        let mut out = Vec::new();
+        encode(&mut out, 0, 0, Compression::Lz4, records).unwrap();
+        let mut plain = Vec::new();
+        encode(&mut plain, 0, 0, Compression::None, records).unwrap();
+        let want = lz4_flex::block::compress_prepend_size(&plain[HEADER_LEN..]);
+        assert_eq!(&out[HEADER_LEN..], &want[..]);
     }
 
     #[test]
