@@ -48,6 +48,27 @@ pub struct RegistryError {
     pub message: String,
 }
 
+/// `name` as a `ByteString` whose clones share nothing that counts: every accepted event
+/// takes a clone of its type's name, and a shared one made both of the edge's workers
+/// bump one reference count, a cache line they pulled from each other for every event.
+/// Names are kept for the life of the process, once each (a process loads few).
+fn interned(name: &str) -> ByteString {
+    static NAMES: std::sync::Mutex<std::collections::BTreeSet<&'static str>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut names = NAMES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let kept = match names.get(name) {
+        Some(kept) => *kept,
+        None => {
+            let kept: &'static str = Box::leak(name.to_owned().into_boxed_str());
+            names.insert(kept);
+            kept
+        }
+    };
+    ByteString::from_static(kept)
+}
+
 /// One compiled schema version of one event type.
 #[derive(Debug)]
 pub struct SchemaEntry {
@@ -564,7 +585,7 @@ fn compile(event_type: &str, version: u32, document: Value) -> Result<SchemaEntr
         .map_err(|e| format!("not a valid JSON Schema 2020-12: {e}"))?;
     let fast = FastSchema::compile(&document, partition_key.as_deref());
     Ok(SchemaEntry {
-        event_type: ByteString::from(event_type),
+        event_type: interned(&event_type),
         version,
         id,
         partition_key,
@@ -874,5 +895,17 @@ mod tests {
         assert_eq!(nokey.check(&e).unwrap().key, "P");
         let e = json!({"specversion":"1.0","id":"7","source":"s","type":"t","data":{}});
         assert_eq!(nokey.check(&e).unwrap().key, "7");
+    }
+    /// A type's name is kept once however many registries load it, and its clones are
+    /// static (no reference count).
+    #[test]
+    fn type_names_are_interned() {
+        let a = Registry::builtin().unwrap();
+        let b = Registry::builtin().unwrap();
+        let name = |r: &Registry| r.latest("booking.requested").unwrap().event_type.clone();
+        let (x, y) = (name(&a), name(&b));
+        assert_eq!(x.as_ptr(), y.as_ptr());
+        assert_eq!(interned("booking.requested").as_ptr(), x.as_ptr());
+        assert_ne!(interned("a.new.type").as_ptr(), x.as_ptr());
     }
 }
