@@ -585,7 +585,7 @@ fn compile(event_type: &str, version: u32, document: Value) -> Result<SchemaEntr
         .map_err(|e| format!("not a valid JSON Schema 2020-12: {e}"))?;
     let fast = FastSchema::compile(&document, partition_key.as_deref());
     Ok(SchemaEntry {
-        event_type: interned(&event_type),
+        event_type: interned(event_type),
         version,
         id,
         partition_key,
