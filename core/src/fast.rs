@@ -25,10 +25,10 @@
 //! fast path never accepts what the reference rejects.
 
 use std::borrow::Cow;
-use std::cell::Cell;
 use std::fmt;
+use std::marker::PhantomData;
 
-use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -350,29 +350,6 @@ fn integer_bounds(schema: &serde_json::Map<String, Value>) -> Option<(Option<i64
     typed.then_some((min, max))
 }
 
-/// An integer as the text spells it without a fraction or an exponent; anything else
-/// (`2.0`, `1e0`, a string) fails, and the member goes the reference way.
-struct Integer(i128);
-
-impl<'de> de::Deserialize<'de> for Integer {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Integer;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an integer")
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<Integer, E> {
-                Ok(Integer(i128::from(v)))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<Integer, E> {
-                Ok(Integer(i128::from(v)))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
 /// Whether any object within `v` has a member named in `names`.
 fn mentions(v: &Value, names: &[&str]) -> bool {
     match v {
@@ -382,11 +359,6 @@ fn mentions(v: &Value, names: &[&str]) -> bool {
         Value::Array(a) => a.iter().any(|v| mentions(v, names)),
         _ => false,
     }
-}
-
-/// Why the fast path declined; never shown (the reference path says what is wrong).
-fn decline<E: de::Error>() -> E {
-    E::custom("declined by the fast path")
 }
 
 /// A member name or string, borrowed from the text unless it holds escapes.
@@ -411,41 +383,6 @@ impl<'de> de::Deserialize<'de> for Text<'de> {
             }
         }
         d.deserialize_str(V)
-    }
-}
-
-/// An extension attribute's value, as far as the fast path takes them.
-enum Extension<'de> {
-    Text(Cow<'de, str>),
-    Bool,
-    Null,
-}
-
-impl<'de> de::Deserialize<'de> for Extension<'de> {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Extension<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string, a boolean or null")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Extension<'de>, E> {
-                Ok(Extension::Text(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Extension<'de>, E> {
-                Ok(Extension::Text(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Extension<'de>, E> {
-                Ok(Extension::Text(Cow::Owned(v)))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Extension<'de>, E> {
-                Ok(Extension::Bool)
-            }
-            fn visit_unit<E>(self) -> Result<Extension<'de>, E> {
-                Ok(Extension::Null)
-            }
-        }
-        d.deserialize_any(V)
     }
 }
 
@@ -551,171 +488,322 @@ impl<'s> BodyHint<'s> {
     }
 }
 
+/// Why the fast path declined; never shown (the reference path says what is wrong).
+#[derive(Debug, PartialEq, Eq)]
+struct Declined;
+
 /// A context attribute's text, as the envelope check takes it: not empty, and no control
 /// characters or noncharacters.
-fn attribute<'de, E: de::Error>(text: Text<'de>) -> Result<Cow<'de, str>, E> {
-    if text.0.is_empty() || envelope::bad_char(&text.0).is_some() {
-        return Err(decline());
+fn attribute(text: Cow<'_, str>) -> Result<Cow<'_, str>, Declined> {
+    if text.is_empty() || envelope::bad_char(&text).is_some() {
+        return Err(Declined);
     }
-    Ok(text.0)
+    Ok(text)
 }
 
-struct EnvelopeVisitor<'a, 's> {
-    plan: DataPlan<'a, 's>,
-    /// Set when `data` failed the schema chosen for it in place: the event may still be
-    /// one the fast path takes, read again with `data` as text.
-    speculation_failed: &'a Cell<bool>,
+/// The fast path's reader of JSON text: the grammar of RFC 8259 as `serde_json` reads it,
+/// for the values the fast path takes, one byte at a time from where it stands.
+///
+/// It reads objects, strings without escapes, integers and the three literals itself, and
+/// hands anything else (a string with escapes, a leaf, `data` kept as text) to
+/// `serde_json`, carrying on past what that read. It never accepts text `serde_json`
+/// refuses: where the two could differ it declines. (Through `serde_json`'s visitors the
+/// envelope's reading was a third of the edge's CPU: every string went through its
+/// scratch-buffer machinery and every member through a `MapAccess` call chain.)
+struct Reader<'de> {
+    text: &'de str,
+    pos: usize,
 }
 
-impl<'de, 's> DeserializeSeed<'de> for EnvelopeVisitor<'_, 's> {
-    type Value = Envelope<'de, 's>;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Envelope<'de, 's>, D::Error> {
-        d.deserialize_map(self)
+impl<'de> Reader<'de> {
+    fn new(text: &'de str) -> Self {
+        Reader { text, pos: 0 }
+    }
+
+    /// The next byte that is not JSON whitespace, which stays unread.
+    fn peek(&mut self) -> Option<u8> {
+        let bytes = self.text.as_bytes();
+        while let Some(&b) = bytes.get(self.pos) {
+            if !matches!(b, b' ' | b'\n' | b'\t' | b'\r') {
+                return Some(b);
+            }
+            self.pos += 1;
+        }
+        None
+    }
+
+    fn eat(&mut self, byte: u8) -> Result<(), Declined> {
+        if self.peek() != Some(byte) {
+            return Err(Declined);
+        }
+        self.pos += 1;
+        Ok(())
+    }
+
+    /// An object's `{`, and whether a member follows (else its `}` is read too).
+    fn open(&mut self) -> Result<bool, Declined> {
+        self.eat(b'{')?;
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// A member's name and its `:`.
+    fn name(&mut self) -> Result<Cow<'de, str>, Declined> {
+        let name = self.string()?;
+        self.eat(b':')?;
+        Ok(name)
+    }
+
+    /// What follows a member's value: `,` and another member (`true`), or `}` (`false`).
+    fn more(&mut self) -> Result<bool, Declined> {
+        let more = match self.peek() {
+            Some(b',') => true,
+            Some(b'}') => false,
+            _ => return Err(Declined),
+        };
+        self.pos += 1;
+        Ok(more)
+    }
+
+    /// A string, borrowed from the text unless it holds escapes (which `serde_json`
+    /// reads).
+    fn string(&mut self) -> Result<Cow<'de, str>, Declined> {
+        if self.peek() != Some(b'"') {
+            return Err(Declined);
+        }
+        let start = self.pos + 1;
+        let end = string_end(self.text.as_bytes(), start).ok_or(Declined)?;
+        match self.text.as_bytes()[end] {
+            b'"' => {
+                self.pos = end + 1;
+                // Quotes are ASCII, so both ends are on character boundaries.
+                self.text.get(start..end).map(Cow::Borrowed).ok_or(Declined)
+            }
+            b'\\' => self.serde(PhantomData::<Text<'de>>).map(|Text(text)| text),
+            // A control character, which JSON strings must escape.
+            _ => Err(Declined),
+        }
+    }
+
+    /// An integer spelled as `serde_json` gives it to a visitor as an `i64` or a `u64`:
+    /// no fraction, no exponent, no leading zero, no `-0`, within those types.
+    fn integer(&mut self) -> Result<i128, Declined> {
+        self.peek();
+        let bytes = self.text.as_bytes();
+        let negative = bytes.get(self.pos) == Some(&b'-');
+        let first = self.pos + usize::from(negative);
+        let mut end = first;
+        let mut n = 0u64;
+        while let Some(&b @ b'0'..=b'9') = bytes.get(end) {
+            n = n
+                .checked_mul(10)
+                .and_then(|n| n.checked_add(u64::from(b - b'0')))
+                .ok_or(Declined)?;
+            end += 1;
+        }
+        let digits = end - first;
+        if digits == 0
+            || (digits > 1 && bytes[first] == b'0')
+            || matches!(bytes.get(end), Some(b'.' | b'e' | b'E'))
+        {
+            return Err(Declined);
+        }
+        self.pos = end;
+        match negative {
+            false => Ok(i128::from(n)),
+            true if n == 0 || n > 1 << 63 => Err(Declined),
+            true => Ok(-i128::from(n)),
+        }
+    }
+
+    /// `true`, `false` or `null`, as `literal` spells it.
+    fn literal(&mut self, literal: &[u8]) -> Result<(), Declined> {
+        self.peek();
+        if !self.text.as_bytes()[self.pos..].starts_with(literal) {
+            return Err(Declined);
+        }
+        self.pos += literal.len();
+        Ok(())
+    }
+
+    /// The value at the reader, read by `serde_json` with `seed`.
+    fn serde<T>(&mut self, seed: impl DeserializeSeed<'de, Value = T>) -> Result<T, Declined> {
+        let text: &'de str = self.text;
+        let mut de = serde_json::Deserializer::from_str(text.get(self.pos..).ok_or(Declined)?);
+        let value = seed.deserialize(&mut de).map_err(|_| Declined)?;
+        // A stream made from the deserializer starts counting where it stands: just past
+        // the value.
+        self.pos += de.into_iter::<de::IgnoredAny>().byte_offset();
+        Ok(value)
     }
 }
 
-impl<'de, 's> Visitor<'de> for EnvelopeVisitor<'_, 's> {
-    type Value = Envelope<'de, 's>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a CloudEvent")
+/// Where the string whose text starts at `from` stops being plain: the index of the first
+/// `"`, `\` or control character, if any. Eight bytes at a time: each test flags the
+/// bytes it finds, and a byte it does not find only when a lower byte was found (the
+/// borrow from a found byte), so the lowest flag of all three is exact.
+fn string_end(bytes: &[u8], from: usize) -> Option<usize> {
+    const ONES: u64 = u64::MAX / 255;
+    const HIGHS: u64 = ONES << 7;
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x;
+    let mut i = from;
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let x = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        let found = (zero(x ^ (ONES * u64::from(b'"')))
+            | zero(x ^ (ONES * u64::from(b'\\')))
+            | x.wrapping_sub(ONES * 0x20) & !x)
+            & HIGHS;
+        if found != 0 {
+            return Some(i + (found.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
     }
+    let tail = bytes.get(i..)?;
+    tail.iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .map(|at| i + at)
+}
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope<'de, 's>, A::Error> {
-        // Members seen so far: the attributes the spec names (`envelope::KNOWN`) by one bit
-        // each, any other (extension) name in `extensions`, which allocates only for an
-        // event that has extensions.
-        let mut seen_attributes = 0u16;
-        let mut extensions: Vec<Cow<'de, str>> = Vec::new();
-        let mut members = 0usize;
-        let (mut specversion, mut id, mut source, mut event_type) = (false, None, None, None);
-        let (mut dataschema, mut partitionkey, mut data) = (None, None, None);
-        while let Some(Text(name)) = map.next_key()? {
-            if members == MAX_MEMBERS {
-                return Err(decline());
+/// Reads an envelope at `r`; sets `speculation_failed` when `data`, checked in place
+/// against a schema chosen before the envelope was whole, failed it.
+fn envelope<'de, 's>(
+    r: &mut Reader<'de>,
+    plan: DataPlan<'_, 's>,
+    speculation_failed: &mut bool,
+) -> Result<Envelope<'de, 's>, Declined> {
+    // Members seen so far: the attributes the spec names (`envelope::KNOWN`) by one bit
+    // each, any other (extension) name in `extensions`, which allocates only for an event
+    // that has extensions.
+    let mut seen_attributes = 0u16;
+    let mut extensions: Vec<Cow<'de, str>> = Vec::new();
+    let mut members = 0usize;
+    let (mut specversion, mut id, mut source, mut event_type) = (false, None, None, None);
+    let (mut dataschema, mut partitionkey, mut data) = (None, None, None);
+    let mut more = r.open()?;
+    while more {
+        let name = r.name()?;
+        if members == MAX_MEMBERS {
+            return Err(Declined);
+        }
+        members += 1;
+        let attribute_bit = envelope::KNOWN.iter().position(|a| *a == name);
+        match attribute_bit {
+            Some(bit) => {
+                if seen_attributes & (1 << bit) != 0 {
+                    return Err(Declined);
+                }
+                seen_attributes |= 1 << bit;
             }
-            members += 1;
-            let attribute_bit = envelope::KNOWN.iter().position(|a| *a == name);
-            match attribute_bit {
-                Some(bit) => {
-                    if seen_attributes & (1 << bit) != 0 {
-                        return Err(decline());
-                    }
-                    seen_attributes |= 1 << bit;
+            None if extensions.contains(&name) => return Err(Declined),
+            None => {}
+        }
+        match &*name {
+            "specversion" => {
+                if r.string()? != SPEC_VERSION {
+                    return Err(Declined);
                 }
-                None if extensions.contains(&name) => return Err(decline()),
-                None => {}
+                specversion = true;
             }
-            match &*name {
-                "specversion" => {
-                    let Text(v) = map.next_value()?;
-                    if v != SPEC_VERSION {
-                        return Err(decline());
-                    }
-                    specversion = true;
+            "id" => id = Some(attribute(r.string()?)?),
+            "source" => {
+                let s = attribute(r.string()?)?;
+                // In ASCII the only such character is the space.
+                let spaced = if s.is_ascii() {
+                    memchr::memchr(b' ', s.as_bytes()).is_some()
+                } else {
+                    s.chars().any(|c| c.is_whitespace() && !c.is_control())
+                };
+                if spaced {
+                    return Err(Declined);
                 }
-                "id" => id = Some(attribute(map.next_value()?)?),
-                "source" => {
-                    let s = attribute(map.next_value()?)?;
-                    // In ASCII the only such character is the space.
-                    let spaced = if s.is_ascii() {
-                        memchr::memchr(b' ', s.as_bytes()).is_some()
-                    } else {
-                        s.chars().any(|c| c.is_whitespace() && !c.is_control())
-                    };
-                    if spaced {
-                        return Err(decline());
-                    }
-                    source = Some(s);
-                }
-                "type" => event_type = Some(attribute(map.next_value()?)?),
-                "subject" => {
-                    attribute::<A::Error>(map.next_value()?)?;
-                }
-                "dataschema" => dataschema = Some(attribute(map.next_value()?)?),
-                "datacontenttype" => {
-                    let ct = attribute::<A::Error>(map.next_value()?)?;
-                    if !envelope::is_json_content_type(&ct) {
-                        return Err(decline());
-                    }
-                }
-                "time" => {
-                    let Text(t) = map.next_value()?;
-                    if !envelope::is_rfc3339(&t) {
-                        return Err(decline());
-                    }
-                }
-                "data" => {
-                    let schema = match (&event_type, self.plan.select) {
-                        (Some(t), Some(select)) => select(t, dataschema.as_deref()),
-                        _ => self.plan.guess,
-                    };
-                    data = Some(match schema {
-                        Some(schema) => {
-                            let seed = ObjectSeed {
-                                node: &schema.root,
-                                level: 2,
-                                capture: schema.key_member,
-                            };
-                            let key = map
-                                .next_value_seed(seed)
-                                .inspect_err(|_| self.speculation_failed.set(true))?;
-                            Data::Checked { schema, key }
-                        }
-                        None => {
-                            let raw: &'de RawValue = map.next_value()?;
-                            if raw.get() == "null" {
-                                return Err(decline());
-                            }
-                            Data::Raw(raw)
-                        }
-                    });
-                }
-                // Binary data and trace context: the reference path.
-                "data_base64" => return Err(decline()),
-                n if n == TRACEPARENT || n == TRACESTATE => return Err(decline()),
-                n => {
-                    if n.is_empty()
-                        || n.len() > envelope::MAX_EXTENSION_NAME_CHARS
-                        || !n
-                            .bytes()
-                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-                    {
-                        return Err(decline());
-                    }
-                    match map.next_value()? {
-                        Extension::Text(s) => {
-                            if envelope::bad_char(&s).is_some() {
-                                return Err(decline());
-                            }
-                            if n == "partitionkey" {
-                                if envelope::partition_key_fault(&s).is_some() {
-                                    return Err(decline());
-                                }
-                                partitionkey = Some(s);
-                            }
-                        }
-                        Extension::Null => {}
-                        Extension::Bool if n == "partitionkey" => return Err(decline()),
-                        Extension::Bool => {}
-                    }
+                source = Some(s);
+            }
+            "type" => event_type = Some(attribute(r.string()?)?),
+            "subject" => {
+                attribute(r.string()?)?;
+            }
+            "dataschema" => dataschema = Some(attribute(r.string()?)?),
+            "datacontenttype" => {
+                if !envelope::is_json_content_type(&attribute(r.string()?)?) {
+                    return Err(Declined);
                 }
             }
-            if attribute_bit.is_none() {
-                extensions.push(name);
+            "time" => {
+                if !envelope::is_rfc3339(&r.string()?) {
+                    return Err(Declined);
+                }
+            }
+            "data" => {
+                let schema = match (&event_type, plan.select) {
+                    (Some(t), Some(select)) => select(t, dataschema.as_deref()),
+                    _ => plan.guess,
+                };
+                data = Some(match schema {
+                    Some(schema) => {
+                        let key = object(r, &schema.root, 2, schema.key_member)
+                            .inspect_err(|_| *speculation_failed = true)?;
+                        Data::Checked { schema, key }
+                    }
+                    None => {
+                        let raw: &'de RawValue = r.serde(PhantomData)?;
+                        if raw.get() == "null" {
+                            return Err(Declined);
+                        }
+                        Data::Raw(raw)
+                    }
+                });
+            }
+            // Binary data and trace context: the reference path.
+            "data_base64" => return Err(Declined),
+            n if n == TRACEPARENT || n == TRACESTATE => return Err(Declined),
+            n => {
+                if n.is_empty()
+                    || n.len() > envelope::MAX_EXTENSION_NAME_CHARS
+                    || !n
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                {
+                    return Err(Declined);
+                }
+                match r.peek() {
+                    Some(b'"') => {
+                        let s = r.string()?;
+                        if envelope::bad_char(&s).is_some() {
+                            return Err(Declined);
+                        }
+                        if n == "partitionkey" {
+                            if envelope::partition_key_fault(&s).is_some() {
+                                return Err(Declined);
+                            }
+                            partitionkey = Some(s);
+                        }
+                    }
+                    Some(b'n') => r.literal(b"null")?,
+                    Some(b't' | b'f') if n == "partitionkey" => return Err(Declined),
+                    Some(b't') => r.literal(b"true")?,
+                    Some(b'f') => r.literal(b"false")?,
+                    _ => return Err(Declined),
+                }
             }
         }
-        match (specversion, id, source, event_type, data) {
-            (true, Some(id), Some(source), Some(event_type), Some(data)) => Ok(Envelope {
-                id,
-                source,
-                event_type,
-                dataschema,
-                partitionkey,
-                data,
-            }),
-            _ => Err(decline()),
+        if attribute_bit.is_none() {
+            extensions.push(name);
         }
+        more = r.more()?;
+    }
+    match (specversion, id, source, event_type, data) {
+        (true, Some(id), Some(source), Some(event_type), Some(data)) => Ok(Envelope {
+            id,
+            source,
+            event_type,
+            dataschema,
+            partitionkey,
+            data,
+        }),
+        _ => Err(Declined),
     }
 }
 
@@ -731,24 +819,17 @@ pub(crate) enum Unread {
 
 /// Reads the envelope of the event that `text` starts with (an object, after any
 /// whitespace; `text` may go on past it), taking its `data` as `plan` says, and the
-/// event's length.
+/// event's length: up to and with its closing brace.
 pub(crate) fn read_envelope<'de, 's>(
     text: &'de str,
     plan: DataPlan<'_, 's>,
 ) -> Result<(Envelope<'de, 's>, usize), Unread> {
-    let speculation_failed = Cell::new(false);
-    let mut de = serde_json::Deserializer::from_str(text);
-    let read = EnvelopeVisitor {
-        plan,
-        speculation_failed: &speculation_failed,
-    }
-    .deserialize(&mut de);
-    match read {
-        // A stream made from the deserializer starts counting where it stands: just past
-        // the event's closing brace.
-        Ok(envelope) => Ok((envelope, de.into_iter::<de::IgnoredAny>().byte_offset())),
-        Err(_) if speculation_failed.get() => Err(Unread::Speculated),
-        Err(_) => Err(Unread::Declined),
+    let mut r = Reader::new(text);
+    let mut speculation_failed = false;
+    match envelope(&mut r, plan, &mut speculation_failed) {
+        Ok(envelope) => Ok((envelope, r.pos)),
+        Err(Declined) if speculation_failed => Err(Unread::Speculated),
+        Err(Declined) => Err(Unread::Declined),
     }
 }
 
@@ -759,20 +840,17 @@ pub(crate) fn check_data<'de>(
     schema: &FastSchema,
     data: &'de RawValue,
 ) -> Result<Option<Cow<'de, str>>, ()> {
-    let mut de = serde_json::Deserializer::from_str(data.get());
-    let seed = ObjectSeed {
-        node: &schema.root,
-        level: 2,
-        capture: schema.key_member,
-    };
-    let key = seed.deserialize(&mut de).map_err(|_| ())?;
-    de.end().map_err(|_| ())?;
+    let mut r = Reader::new(data.get());
+    let key = object(&mut r, &schema.root, 2, schema.key_member).map_err(|_| ())?;
+    if r.peek().is_some() {
+        return Err(());
+    }
     Ok(key)
 }
 
 /// How deep a value the fast path takes may reach inside its event, counting the event
-/// itself as 1. `serde_json` refuses text nested past 128; the fast path parses `data` on
-/// its own, one level up from where the reference meets it, so it keeps well inside.
+/// itself as 1. `serde_json` refuses text nested past 128; the fast path parses leaves on
+/// their own, deeper than where the reference meets them, so it keeps well inside.
 const MAX_DEPTH: usize = 100;
 
 /// How deep `v` nests: 0 for a scalar, 1 for `[]`.
@@ -784,109 +862,83 @@ fn depth(v: &Value) -> usize {
     }
 }
 
-struct ObjectSeed<'s> {
-    node: &'s ObjectNode,
-    /// This object's depth in the event (`data` is 2).
+/// Reads an object of `node`'s shape at `r`, at depth `level` of its event (`data` is 2),
+/// and returns member `capture`'s value as a partition key.
+fn object<'de>(
+    r: &mut Reader<'de>,
+    node: &ObjectNode,
     level: usize,
-    /// The member whose value to return.
     capture: Option<usize>,
-}
-
-impl<'de> DeserializeSeed<'de> for ObjectSeed<'_> {
-    type Value = Option<Cow<'de, str>>;
-    fn deserialize<D: de::Deserializer<'de>>(
-        self,
-        d: D,
-    ) -> Result<Option<Cow<'de, str>>, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for ObjectSeed<'_> {
-    type Value = Option<Cow<'de, str>>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Cow<'de, str>>, A::Error> {
-        let mut seen = 0u64;
-        let mut captured = None;
-        while let Some(Text(name)) = map.next_key()? {
-            let Some(i) = self.node.members.iter().position(|(n, _)| *n == name) else {
-                // Not allowed (the object is closed); drain nothing, the answer is known.
-                return Err(decline());
-            };
-            let bit = 1u64 << i;
-            if seen & bit != 0 {
-                return Err(decline());
+) -> Result<Option<Cow<'de, str>>, Declined> {
+    let mut seen = 0u64;
+    let mut captured = None;
+    let mut more = r.open()?;
+    while more {
+        let name = r.name()?;
+        // Not allowed (the object is closed): the answer is known.
+        let i = node
+            .members
+            .iter()
+            .position(|(n, _)| *n == name)
+            .ok_or(Declined)?;
+        let bit = 1u64 << i;
+        if seen & bit != 0 {
+            return Err(Declined);
+        }
+        seen |= bit;
+        let value = match &node.members[i].1 {
+            Node::Object(object) => {
+                if level >= MAX_DEPTH {
+                    return Err(Declined);
+                }
+                self::object(r, object, level + 1, None)?;
+                None
             }
-            seen |= bit;
-            match &self.node.members[i].1 {
-                Node::Object(object) => {
-                    if self.level >= MAX_DEPTH {
-                        return Err(decline());
-                    }
-                    map.next_value_seed(ObjectSeed {
-                        node: object,
-                        level: self.level + 1,
-                        capture: None,
-                    })?;
+            Node::Text(rule) => {
+                let text = r.string()?;
+                if !rule.accepts(&text) {
+                    return Err(Declined);
                 }
-                Node::Text(rule) => {
-                    let Text(text) = map.next_value()?;
-                    if !rule.accepts(&text) {
-                        return Err(decline());
-                    }
-                    if self.capture == Some(i) {
-                        captured = Some(text);
-                    }
+                Some(text)
+            }
+            Node::DateTime => {
+                let text = r.string()?;
+                if !date_time_accepts(&text) {
+                    return Err(Declined);
                 }
-                Node::DateTime => {
-                    let Text(text) = map.next_value()?;
-                    if !date_time_accepts(&text) {
-                        return Err(decline());
-                    }
-                    if self.capture == Some(i) {
-                        captured = Some(text);
-                    }
+                Some(text)
+            }
+            Node::Integer { min, max } => {
+                let n = r.integer()?;
+                if min.is_some_and(|m| n < i128::from(m)) || max.is_some_and(|m| n > i128::from(m))
+                {
+                    return Err(Declined);
                 }
-                Node::Integer { min, max } => {
-                    let Integer(n) = map.next_value()?;
-                    if min.is_some_and(|m| n < i128::from(m))
-                        || max.is_some_and(|m| n > i128::from(m))
-                    {
-                        return Err(decline());
-                    }
-                    if self.capture == Some(i) {
-                        // As a JSON number: an i64 or a u64, whose decimal is the key.
-                        if i64::try_from(n).is_err() && u64::try_from(n).is_err() {
-                            return Err(decline());
-                        }
-                        captured = Some(Cow::Owned(n.to_string()));
-                    }
+                // As a JSON number, the key is its decimal.
+                (capture == Some(i)).then(|| Cow::Owned(n.to_string()))
+            }
+            Node::Leaf(validator) => {
+                let value = r.serde(strict::StrictValue)?;
+                if level + depth(&value) > MAX_DEPTH || !validator.is_valid(&value) {
+                    return Err(Declined);
                 }
-                Node::Leaf(validator) => {
-                    let value = map.next_value_seed(strict::StrictValue)?;
-                    if self.level + depth(&value) > MAX_DEPTH || !validator.is_valid(&value) {
-                        return Err(decline());
-                    }
-                    if self.capture == Some(i) {
-                        captured = match value {
-                            Value::String(s) => Some(Cow::Owned(s)),
-                            Value::Number(n) => Some(Cow::Owned(n.to_string())),
-                            Value::Bool(b) => Some(Cow::Owned(b.to_string())),
-                            _ => None,
-                        };
-                    }
+                match value {
+                    Value::String(s) => Some(Cow::Owned(s)),
+                    Value::Number(n) if capture == Some(i) => Some(Cow::Owned(n.to_string())),
+                    Value::Bool(b) if capture == Some(i) => Some(Cow::Owned(b.to_string())),
+                    _ => None,
                 }
             }
+        };
+        if capture == Some(i) {
+            captured = value;
         }
-        if seen & self.node.required != self.node.required {
-            return Err(decline());
-        }
-        Ok(captured)
+        more = r.more()?;
     }
+    if seen & node.required != node.required {
+        return Err(Declined);
+    }
+    Ok(captured)
 }
 
 #[cfg(test)]
@@ -992,5 +1044,140 @@ mod tests {
         assert!(!compiles(json!({"type": "string", "format": "date-time"})));
         assert!(!compiles(json!({"pattern": "^[a-z]{3}$"})));
         assert!(!compiles(json!({"type": "string", "maxLength": 1.5})));
+    }
+    /// `serde_json`'s reading of a whole text as a string, or `None` when it refuses it.
+    fn serde_string(text: &str) -> Option<String> {
+        serde_json::from_str::<String>(text).ok()
+    }
+
+    /// The reader's, with nothing but whitespace after the value.
+    fn read_whole<'a, T>(
+        text: &'a str,
+        read: impl FnOnce(&mut Reader<'a>) -> Result<T, Declined>,
+    ) -> Option<T> {
+        let mut r = Reader::new(text);
+        let value = read(&mut r).ok()?;
+        r.peek().is_none().then_some(value)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5000))]
+
+        /// A string the reader takes is the one `serde_json` reads, borrowed unless it
+        /// holds escapes; and it takes every string `serde_json` does.
+        #[test]
+        fn the_reader_reads_strings_as_serde_json(
+            text in "[ \t]?\"([a-z\"\\\\/ é\u{7f}\u{2028}\t\n\u{1}]|\\\\[\"\\\\/bfnrtu]|\\\\u00[0-9a-f]{2}){0,24}\"?[ \n]?",
+        ) {
+            let ours = read_whole(&text, Reader::string);
+            let serde = serde_string(&text);
+            prop_assert_eq!(ours.as_deref(), serde.as_deref(), "{:?}", text);
+            if let Some(Cow::Borrowed(_)) = ours {
+                prop_assert!(!text.contains('\\'));
+            }
+        }
+
+        /// The integers the reader takes are those `serde_json` gives as an `i64` or a
+        /// `u64`, with their values; it declines the rest (fractions, exponents, `-0`,
+        /// leading zeros, overflow), which the reference path then reads.
+        #[test]
+        fn the_reader_reads_integers_as_serde_json(
+            text in "-?(0|[1-9][0-9]{0,20}|0[0-9]{1,3}|18446744073709551[0-9]{3}|922337203685477580[0-9])(\\.[0-9]{0,3})?([eE][+-]?[0-9]{1,2})? ?|[-+0-9.eE ]{0,6}",
+        ) {
+            let serde = match serde_json::from_str::<Value>(&text) {
+                Ok(Value::Number(n)) => n
+                    .as_i64()
+                    .map(i128::from)
+                    .or(n.as_u64().map(i128::from)),
+                _ => None,
+            };
+            prop_assert_eq!(read_whole(&text, Reader::integer), serde, "{:?}", text);
+        }
+    }
+
+    /// The integers at the edges of `i64` and `u64`, which `serde_json` reads as floats
+    /// one past them.
+    #[test]
+    fn the_reader_reads_integers_to_the_edges_of_serde_jsons() {
+        for (text, n) in [
+            ("0", Some(0)),
+            ("-0", None),
+            ("-9223372036854775808", Some(i128::from(i64::MIN))),
+            ("-9223372036854775809", None),
+            ("18446744073709551615", Some(i128::from(u64::MAX))),
+            ("18446744073709551616", None),
+            ("01", None),
+            ("1.0", None),
+            ("1e0", None),
+            ("-", None),
+            ("+1", None),
+        ] {
+            assert_eq!(read_whole(text, Reader::integer), n, "{text}");
+        }
+    }
+
+    #[test]
+    fn the_reader_reads_literals_and_objects_as_json_spells_them() {
+        assert_eq!(read_whole(" true ", |r| r.literal(b"true")), Some(()));
+        assert_eq!(read_whole("tru", |r| r.literal(b"true")), None);
+        assert_eq!(read_whole("nul", |r| r.literal(b"null")), None);
+        // An object's punctuation: `{}`, members, and no trailing comma.
+        let members = |text: &str| {
+            read_whole(text, |r| {
+                let mut names = Vec::new();
+                let mut more = r.open()?;
+                while more {
+                    names.push(r.name()?.into_owned());
+                    r.integer()?;
+                    more = r.more()?;
+                }
+                Ok(names)
+            })
+        };
+        assert_eq!(members(" { } "), Some(vec![]));
+        assert_eq!(
+            members("{\"a\" : 1 ,\n\"b\":2}"),
+            Some(vec!["a".into(), "b".into()])
+        );
+        for bad in [
+            "{\"a\":1,}",
+            "{,}",
+            "{\"a\" 1}",
+            "{\"a\":1 \"b\":2}",
+            "{\"a\":1",
+            "{a:1}",
+        ] {
+            assert_eq!(members(bad), None, "{bad}");
+        }
+    }
+
+    /// `string_end`'s eight-at-a-time scan against a byte-by-byte one, for every byte
+    /// value at every place of a 17-byte buffer (two words and a tail), alone and after
+    /// a byte it finds.
+    #[test]
+    fn the_string_scan_finds_the_first_quote_backslash_or_control() {
+        let plain = |b: u8| b != b'"' && b != b'\\' && b >= 0x20;
+        for earlier in [None, Some(b'"'), Some(0x1f)] {
+            for at in 0..17 {
+                for byte in 0..=255u8 {
+                    let mut buf = [b'a'; 17];
+                    buf[at] = byte;
+                    if let Some(e) = earlier
+                        && at > 0
+                    {
+                        buf[at - 1] = e;
+                    }
+                    for from in [0, 1, 9] {
+                        let expected = buf[from..]
+                            .iter()
+                            .position(|&b| !plain(b))
+                            .map(|p| from + p);
+                        assert_eq!(string_end(&buf, from), expected, "{buf:?} from {from}");
+                    }
+                }
+            }
+        }
+        assert_eq!(string_end(b"abc", 3), None);
+        assert_eq!(string_end(b"abc", 4), None);
     }
 }
