@@ -420,6 +420,68 @@ fn event_text(base: usize, changes: &[Change], spelling: Spelling) -> String {
 }
 
 proptest! {
+    // Cheap cases, and a broken reading shows in few of them.
+    #![proptest_config(ProptestConfig::with_cases(20000))]
+
+    /// One event's text with a few bytes replaced, inserted or removed (the grammar's
+    /// punctuation, digits, escapes, whitespace and controls): the same outcome either
+    /// way. The fast path reads JSON itself, and this holds it to the reference's reading
+    /// of broken and odd text, as a fuzzer would.
+    #[test]
+    fn an_event_with_bytes_changed_gets_the_references_outcome(
+        base in 0usize..7,
+        data_last in any::<bool>(),
+        edits in proptest::collection::vec(
+            (any::<proptest::sample::Index>(), 0u8..6, proptest::sample::select(EDIT_BYTES)),
+            1..4,
+        ),
+    ) {
+        let spelling = if data_last { Spelling::DataLast } else { Spelling::AsIs };
+        let mut bytes = event_text(base, &[], spelling).into_bytes();
+        for (at, how, byte) in edits {
+            // Half the edits land beside the grammar's punctuation, where readers differ.
+            let marks: Vec<usize> = (0..bytes.len())
+                .filter(|&i| b"{}[],:\"".contains(&bytes[i]))
+                .flat_map(|i| [i, i + 1])
+                .filter(|&i| i < bytes.len())
+                .collect();
+            let at = if how >= 3 && !marks.is_empty() {
+                marks[at.index(marks.len())]
+            } else {
+                at.index(bytes.len())
+            };
+            let how = how % 3;
+            match how {
+                0 => bytes[at] = byte,
+                1 => bytes.insert(at, byte),
+                _ => {
+                    bytes.remove(at);
+                }
+            }
+        }
+        // Every edit byte is ASCII, but a removal can split a character.
+        let Ok(text) = String::from_utf8(bytes) else {
+            return Ok(());
+        };
+        let (fast, reference) = registries_cached();
+        if let Some(accepted) = fast.accept_fast(&text) {
+            let event = floodgate_core::strict::from_str(&text);
+            prop_assert!(event.is_ok(), "taken fast, yet it does not parse: {text}");
+            let event = event.unwrap();
+            let checked = reference.check(&event);
+            prop_assert!(checked.is_ok(), "taken fast, refused by the reference: {text}");
+            prop_assert_eq!(&accepted.key, &checked.unwrap().key);
+        }
+        let (a, b) = outcomes(&text, BodyFormat::Single, None);
+        prop_assert_eq!(a, b, "{}", text);
+    }
+}
+
+/// The bytes the byte-level edits put in: JSON's punctuation and literals' letters, digits
+/// and number marks, escapes, every kind of whitespace, and controls.
+const EDIT_BYTES: &[u8] = b"{}[],:\"\\/ \t\n\r\x00\x01\x1f\x7f0129-+.eEtrufalsnu";
+
+proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
     /// One event, changed in up to four ways and spelled oddly: the same outcome either
