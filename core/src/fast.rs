@@ -66,7 +66,7 @@ const CONTEXTUAL: &[&str] = &[
 
 /// Members an object may name with the bit set of [`ObjectNode::required`].
 const MAX_MEMBERS: usize = 64;
-// The envelope's visitor tracks the attributes the spec names by one bit each.
+// The envelope's reader tracks the attributes the spec names by one bit each.
 const _: () = assert!(envelope::KNOWN.len() <= 16);
 
 /// A schema's `data` check, specialised; see the module docs.
@@ -502,7 +502,7 @@ fn attribute(text: Cow<'_, str>) -> Result<Cow<'_, str>, Declined> {
 }
 
 /// The fast path's reader of JSON text: the grammar of RFC 8259 as `serde_json` reads it,
-/// for the values the fast path takes, one byte at a time from where it stands.
+/// for the values the fast path takes, from where it stands.
 ///
 /// It reads objects, strings without escapes, integers and the three literals itself, and
 /// hands anything else (a string with escapes, a leaf, `data` kept as text) to
