@@ -90,6 +90,9 @@ struct ObjectNode {
     members: Vec<(String, Node)>,
     /// Bit `i` set: member `i` is required.
     required: u64,
+    /// Bit `i` set: member `i`'s name is spelled in JSON as it is (it holds no quote,
+    /// backslash or control character), so the reader can match it in place ([`member`]).
+    plain: u64,
 }
 
 enum Node {
@@ -283,10 +286,21 @@ fn object_node(schema: &Value, root: bool) -> Option<ObjectNode> {
         let i = members.iter().position(|(n, _)| n == name)?;
         mask |= 1 << i;
     }
+    let plain = members
+        .iter()
+        .enumerate()
+        .filter(|(_, (name, _))| is_plain(name))
+        .fold(0, |plain, (i, _)| plain | 1 << i);
     Some(ObjectNode {
         members,
         required: mask,
+        plain,
     })
+}
+
+/// Whether JSON spells `name` as it is: no quote, backslash or control character.
+fn is_plain(name: &str) -> bool {
+    name.bytes().all(|b| b != b'"' && b != b'\\' && b >= 0x20)
 }
 
 fn node(schema: &Value) -> Option<Node> {
@@ -550,6 +564,40 @@ impl<'de> Reader<'de> {
         Ok(true)
     }
 
+    /// Whether the member name at the reader is `name`, which must be plain
+    /// ([`is_plain`]): if so, reads it and its `:`; if not, reads nothing but whitespace.
+    /// (A name matched in place needs no scan for its end.)
+    fn named(&mut self, name: &str) -> Result<bool, Declined> {
+        if self.peek() != Some(b'"') {
+            return Err(Declined);
+        }
+        let start = self.pos + 1;
+        let end = start + name.len();
+        let bytes = self.text.as_bytes();
+        if bytes.get(start..end) != Some(name.as_bytes()) || bytes.get(end) != Some(&b'"') {
+            return Ok(false);
+        }
+        self.pos = end + 1;
+        self.eat(b':')?;
+        Ok(true)
+    }
+
+    /// The attribute the spec names (its place in [`envelope::KNOWN`], whose names are
+    /// plain) that the member name at the reader spells as it is, read with its `:`; or
+    /// `None`, having read nothing but whitespace.
+    fn known_attribute(&mut self) -> Result<Option<usize>, Declined> {
+        if self.peek() != Some(b'"') {
+            return Err(Declined);
+        }
+        let first = self.text.as_bytes().get(self.pos + 1).copied();
+        for (bit, name) in envelope::KNOWN.iter().enumerate() {
+            if first == name.as_bytes().first().copied() && self.named(name)? {
+                return Ok(Some(bit));
+            }
+        }
+        Ok(None)
+    }
+
     /// A member's name and its `:`.
     fn name(&mut self) -> Result<Cow<'de, str>, Declined> {
         let name = self.string()?;
@@ -582,10 +630,18 @@ impl<'de> Reader<'de> {
                 // Quotes are ASCII, so both ends are on character boundaries.
                 self.text.get(start..end).map(Cow::Borrowed).ok_or(Declined)
             }
-            b'\\' => self.serde(PhantomData::<Text<'de>>).map(|Text(text)| text),
+            b'\\' => self.escaped(),
             // A control character, which JSON strings must escape.
             _ => Err(Declined),
         }
+    }
+
+    /// The string at the reader, which holds escapes: `serde_json` reads it. (Out of line,
+    /// so that [`Self::string`] stays small for the strings that have none.)
+    #[cold]
+    #[inline(never)]
+    fn escaped(&mut self) -> Result<Cow<'de, str>, Declined> {
+        self.serde(PhantomData::<Text<'de>>).map(|Text(text)| text)
     }
 
     /// An integer spelled as `serde_json` gives it to a visitor as an `i64` or a `u64`:
@@ -684,12 +740,18 @@ fn envelope<'de, 's>(
     let (mut dataschema, mut partitionkey, mut data) = (None, None, None);
     let mut more = r.open()?;
     while more {
-        let name = r.name()?;
+        let (name, attribute_bit) = match r.known_attribute()? {
+            Some(bit) => (Cow::Borrowed(envelope::KNOWN[bit]), Some(bit)),
+            None => {
+                let name = r.name()?;
+                let bit = envelope::KNOWN.iter().position(|a| *a == name);
+                (name, bit)
+            }
+        };
         if members == MAX_MEMBERS {
             return Err(Declined);
         }
         members += 1;
-        let attribute_bit = envelope::KNOWN.iter().position(|a| *a == name);
         match attribute_bit {
             Some(bit) => {
                 if seen_attributes & (1 << bit) != 0 {
@@ -862,6 +924,30 @@ fn depth(v: &Value) -> usize {
     }
 }
 
+/// Which of `node`'s members the name at `r` is, read with its `:`: matched in place among
+/// the plain names that start with its first byte (no scan, whatever order the producer
+/// writes them in), else read as a string and looked up. `Err` for a name the object does
+/// not allow (it is closed: the answer is known).
+fn member(r: &mut Reader<'_>, node: &ObjectNode) -> Result<usize, Declined> {
+    if r.peek() != Some(b'"') {
+        return Err(Declined);
+    }
+    let first = r.text.as_bytes().get(r.pos + 1).copied();
+    for (i, (name, _)) in node.members.iter().enumerate() {
+        if node.plain & (1 << i) != 0
+            && first == name.as_bytes().first().copied()
+            && r.named(name)?
+        {
+            return Ok(i);
+        }
+    }
+    let name = r.name()?;
+    node.members
+        .iter()
+        .position(|(n, _)| *n == name)
+        .ok_or(Declined)
+}
+
 /// Reads an object of `node`'s shape at `r`, at depth `level` of its event (`data` is 2),
 /// and returns member `capture`'s value as a partition key.
 fn object<'de>(
@@ -874,13 +960,7 @@ fn object<'de>(
     let mut captured = None;
     let mut more = r.open()?;
     while more {
-        let name = r.name()?;
-        // Not allowed (the object is closed): the answer is known.
-        let i = node
-            .members
-            .iter()
-            .position(|(n, _)| *n == name)
-            .ok_or(Declined)?;
+        let i = member(r, node)?;
         let bit = 1u64 << i;
         if seen & bit != 0 {
             return Err(Declined);
@@ -1149,6 +1229,40 @@ mod tests {
         ] {
             assert_eq!(members(bad), None, "{bad}");
         }
+    }
+
+    /// A member name is matched in place only when JSON spells it as it is: a name with a
+    /// quote in it is read as a string, so that its raw bytes in the text do not pass for
+    /// it; a name is matched whole, not as the prefix of a longer one; and a name matched
+    /// in place still counts towards repeats.
+    #[test]
+    fn member_names_are_matched_in_place_only_when_plain() {
+        let schema = FastSchema::compile(
+            &json!({"type": "object", "additionalProperties": false,
+                    "properties": {"a\"b": {"type": "integer"}, "c": {"type": "integer"},
+                                   "cd": {"type": "integer"}, "d": {"type": "integer"}}}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(schema.root.plain, 0b1110);
+        let read = |text: &str| read_whole(text, |r| object(r, &schema.root, 2, None)).is_some();
+        for (text, taken) in [
+            (r#"{"a\"b":1,"c":2,"d":3}"#, true),
+            (r#"{"d":3,"c":2,"a\"b":1}"#, true),
+            (r#"{"c":2,"d":3}"#, true),
+            (r#"{"\u0063":2,"d":3}"#, true),
+            (r#"{"a"b":1}"#, false),
+            (r#"{"c":2,"c":2}"#, false),
+            (r#"{"c":2,"d":3,"c":2}"#, false),
+            (r#"{"d":3,"d":3}"#, false),
+            (r#"{"cd":2,"c":1}"#, true),
+            (r#"{"ce":2}"#, false),
+            (r#"{"c" 2}"#, false),
+            (r#"{"c":2,"e":3}"#, false),
+        ] {
+            assert_eq!(read(text), taken, "{text}");
+        }
+        assert!(envelope::KNOWN.iter().all(|name| is_plain(name)));
     }
 
     /// `string_end`'s eight-at-a-time scan against a byte-by-byte one, for every byte
