@@ -623,7 +623,7 @@ impl<'de> Reader<'de> {
             return Err(Declined);
         }
         let start = self.pos + 1;
-        let end = string_end(self.text.as_bytes(), start).ok_or(Declined)?;
+        let end = first_escaped(self.text.as_bytes(), start).ok_or(Declined)?;
         match self.text.as_bytes()[end] {
             b'"' => {
                 self.pos = end + 1;
@@ -697,11 +697,13 @@ impl<'de> Reader<'de> {
     }
 }
 
-/// Where the string whose text starts at `from` stops being plain: the index of the first
-/// `"`, `\` or control character, if any. Eight bytes at a time: each test flags the
-/// bytes it finds, and a byte it does not find only when a lower byte was found (the
-/// borrow from a found byte), so the lowest flag of all three is exact.
-fn string_end(bytes: &[u8], from: usize) -> Option<usize> {
+/// The index of the first byte at or after `from` that a JSON string must escape (a `"`,
+/// a `\` or a control character), if any: where a string's text starts being more than
+/// its value (the reader), or whether a value can be written as it is (the edge's
+/// answer). Eight bytes at a time: each test flags the bytes it finds, and a byte it does
+/// not find only when a lower byte was found (the borrow from a found byte), so the
+/// lowest flag of all three is exact.
+pub fn first_escaped(bytes: &[u8], from: usize) -> Option<usize> {
     const ONES: u64 = u64::MAX / 255;
     const HIGHS: u64 = ONES << 7;
     let zero = |x: u64| x.wrapping_sub(ONES) & !x;
@@ -1265,7 +1267,7 @@ mod tests {
         assert!(envelope::KNOWN.iter().all(|name| is_plain(name)));
     }
 
-    /// `string_end`'s eight-at-a-time scan against a byte-by-byte one, for every byte
+    /// `first_escaped`'s eight-at-a-time scan against a byte-by-byte one, for every byte
     /// value at every place of a 17-byte buffer (two words and a tail), alone and after
     /// a byte it finds.
     #[test]
@@ -1286,12 +1288,12 @@ mod tests {
                             .iter()
                             .position(|&b| !plain(b))
                             .map(|p| from + p);
-                        assert_eq!(string_end(&buf, from), expected, "{buf:?} from {from}");
+                        assert_eq!(first_escaped(&buf, from), expected, "{buf:?} from {from}");
                     }
                 }
             }
         }
-        assert_eq!(string_end(b"abc", 3), None);
-        assert_eq!(string_end(b"abc", 4), None);
+        assert_eq!(first_escaped(b"abc", 3), None);
+        assert_eq!(first_escaped(b"abc", 4), None);
     }
 }

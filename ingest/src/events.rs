@@ -338,27 +338,11 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-/// Whether `s` holds a byte JSON escapes (a quote, a backslash or a control character),
-/// eight bytes at a time (a byte by byte scan was 2.7 % of `ingest`'s samples). The "has a
-/// byte below n" test is exact for n <= 128: a borrow starts only at such a byte, and the
-/// lowest one sets its own high bit.
+/// Whether `s` holds a byte JSON escapes (a quote, a backslash or a control character):
+/// the fast path's scan, eight bytes at a time (a byte by byte scan was 2.7 % of
+/// `ingest`'s samples).
 fn may_need_escape(s: &[u8]) -> bool {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
-    // A byte of `w` is below `n` (n <= 128): the classic "has less" test.
-    let below = |w: u64, n: u8| w.wrapping_sub(ONES * u64::from(n)) & !w & HIGH != 0;
-    let has = |w: u64, b: u8| below(w ^ (ONES * u64::from(b)), 1);
-    let mut chunks = s.chunks_exact(8);
-    for c in &mut chunks {
-        let w = u64::from_ne_bytes(c.try_into().expect("eight bytes"));
-        if below(w, 0x20) | has(w, b'"') | has(w, b'\\') {
-            return true;
-        }
-    }
-    chunks
-        .remainder()
-        .iter()
-        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    floodgate_core::fast::first_escaped(s, 0).is_some()
 }
 
 /// What the producer hears about one event of its request.
