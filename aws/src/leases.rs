@@ -16,6 +16,7 @@
 //! | `ownerSwitchesSinceCheckpoint` | N | owner changes since the last commit |
 //! | `parentShardId` | SS | the shards this one was split or merged from; only when there are any (DynamoDB rejects empty sets) |
 //! | `floodgateSequence` | S | Floodgate's own: the whole sequence number last committed (see below) |
+//! | `floodgateHandoffTo` | S | Floodgate's own: the worker that asked the owner to hand the lease over; removed when the lease is taken or released |
 //!
 //! Floodgate's sequence numbers on Kinesis are composites ([`crate::seq`]): the Kinesis part
 //! goes to `checkpoint` and the subsequence to `checkpointSubSequenceNumber`, as KCL writes
@@ -49,6 +50,17 @@
 //! answer was lost (a timeout) may still have happened; the store's next write to that
 //! lease then fails its condition and reports the lease lost, and `acquire_lease` takes it
 //! back at once (the item names this owner).
+//!
+//! # Balancing: hand-over, not theft
+//!
+//! A worker below its share asks a busier one for a lease
+//! ([`CheckpointStore::request_lease`]): it writes its name to `floodgateHandoffTo`,
+//! conditional on the owner only, and moves no counter, so the owner's renewals and
+//! commits go on succeeding. The owner sees the request when it next lists the leases,
+//! finishes the shard (flush, checkpoint) and releases it; the asker takes it free. KCL
+//! 2.x steals outright instead, and its old owner keeps processing until its next
+//! renewal; for the lake that would be a run written by the old owner beside the new
+//! owner's replay of the same records.
 //!
 //! # Creating items
 //!
@@ -94,6 +106,8 @@ pub const OWNER_SWITCHES: &str = "ownerSwitchesSinceCheckpoint";
 pub const PARENT_SHARD_ID: &str = "parentShardId";
 /// Floodgate's own: the whole sequence number last committed.
 pub const FLOODGATE_SEQUENCE: &str = "floodgateSequence";
+/// Floodgate's own: the worker that asked the owner to hand the lease over.
+pub const HANDOFF_TO: &str = "floodgateHandoffTo";
 
 /// `checkpoint` of a lease nothing has been committed to: read from the shard's start.
 pub const TRIM_HORIZON: &str = "TRIM_HORIZON";
@@ -288,6 +302,7 @@ struct Lease {
     owner: Option<String>,
     counter: u64,
     checkpoint: Checkpoint,
+    handoff_to: Option<String>,
 }
 
 type Item = HashMap<String, AttributeValue>;
@@ -446,10 +461,12 @@ impl DynamoDbLeases {
                 }
             }
         };
+        let handoff_to = string(HANDOFF_TO)?.cloned();
         Ok(Lease {
             owner,
             counter,
             checkpoint,
+            handoff_to,
         })
     }
 
@@ -528,6 +545,8 @@ impl DynamoDbLeases {
         if switch {
             update.push_str(" ADD #switches :one");
         }
+        // A request to hand the lease over was made to its last owner.
+        update.push_str(" REMOVE #handoff");
         let mut req = self
             .client
             .update_item()
@@ -536,6 +555,7 @@ impl DynamoDbLeases {
             .update_expression(update)
             .expression_attribute_names("#owner", LEASE_OWNER)
             .expression_attribute_names("#counter", LEASE_COUNTER)
+            .expression_attribute_names("#handoff", HANDOFF_TO)
             .expression_attribute_values(":owner", s(owner))
             .expression_attribute_values(":next", n(next))
             .expression_attribute_values(":expected", n(lease.counter));
@@ -590,6 +610,20 @@ impl DynamoDbLeases {
         set: &[(&str, AttributeValue)],
         remove: &[&str],
     ) -> Result<bool, StreamError> {
+        self.fenced_write_adding(op, key, slot, set, remove, &[])
+            .await
+    }
+
+    /// [`Self::fenced_write`] that also adds one to each of `add_one`.
+    async fn fenced_write_adding(
+        &self,
+        op: &str,
+        key: &str,
+        slot: &mut Option<Held>,
+        set: &[(&str, AttributeValue)],
+        remove: &[&str],
+        add_one: &[&str],
+    ) -> Result<bool, StreamError> {
         // A write whose answer was lost (a timeout, a reset) may have been applied: the
         // counter then moved by this worker's own hand. So a failed condition is checked
         // against the item: still this worker's, the counter is adopted and the write made
@@ -604,7 +638,10 @@ impl DynamoDbLeases {
             let Some(owner) = slot.as_ref().map(|h| h.owner.clone()) else {
                 return Ok(false);
             };
-            match self.fenced_write_once(op, key, slot, set, remove).await? {
+            match self
+                .fenced_write_once(op, key, slot, set, remove, add_one)
+                .await?
+            {
                 Some(done) => return Ok(done),
                 None if adopted >= MAX_ADOPTIONS => {}
                 None => {
@@ -649,6 +686,7 @@ impl DynamoDbLeases {
         slot: &mut Option<Held>,
         set: &[(&str, AttributeValue)],
         remove: &[&str],
+        add_one: &[&str],
     ) -> Result<Option<bool>, StreamError> {
         let Some(held) = slot.as_ref() else {
             return Ok(Some(false));
@@ -676,6 +714,14 @@ impl DynamoDbLeases {
             update.push_str(if i == 0 { " REMOVE " } else { ", " });
             let _ = write!(update, "#r{i}");
             req = req.expression_attribute_names(format!("#r{i}"), *name);
+        }
+        for (i, name) in add_one.iter().enumerate() {
+            update.push_str(if i == 0 { " ADD " } else { ", " });
+            let _ = write!(update, "#a{i} :one");
+            req = req.expression_attribute_names(format!("#a{i}"), *name);
+        }
+        if !add_one.is_empty() {
+            req = req.expression_attribute_values(":one", n(1));
         }
         match req.update_expression(update).send().await {
             Ok(_) => {
@@ -820,9 +866,49 @@ impl CheckpointStore for DynamoDbLeases {
             return Ok(());
         }
         let result = self
-            .fenced_write("UpdateItem (release)", &key, &mut slot, &[], &[LEASE_OWNER])
+            .fenced_write(
+                "UpdateItem (release)",
+                &key,
+                &mut slot,
+                &[],
+                &[LEASE_OWNER, HANDOFF_TO],
+            )
             .await;
         *slot = None;
+        result.map(|_| ())
+    }
+
+    /// Writes `to` as the owner (an owner switch, as KCL counts them) and removes the
+    /// request, fenced like every write of the holder's. If the write fails for another
+    /// reason than the lease being gone, this store stops holding it all the same, and the
+    /// lease lapses after the lease duration.
+    async fn hand_over_lease(
+        &self,
+        consumer: &str,
+        shard: &ShardId,
+        owner: &str,
+        to: &str,
+    ) -> Result<(), StreamError> {
+        let key = Self::key(consumer, shard)?;
+        let slot = self.slot(&key);
+        let mut slot = slot.lock().await;
+        if slot.as_ref().is_none_or(|h| h.owner != owner) {
+            return Ok(());
+        }
+        let result = self
+            .fenced_write_adding(
+                "UpdateItem (hand over)",
+                &key,
+                &mut slot,
+                &[(LEASE_OWNER, s(to))],
+                &[HANDOFF_TO],
+                &[OWNER_SWITCHES],
+            )
+            .await;
+        *slot = None;
+        if matches!(result, Ok(true)) {
+            tracing::info!(table = %self.table, lease = key, from = owner, to, "lease handed over");
+        }
         result.map(|_| ())
     }
 
@@ -902,6 +988,7 @@ impl CheckpointStore for DynamoDbLeases {
                     owner: lease.owner,
                     live,
                     finished: matches!(lease.checkpoint, Checkpoint::ShardEnd(_)),
+                    handoff_to: lease.handoff_to,
                 }
             })
             .collect();
@@ -909,22 +996,52 @@ impl CheckpointStore for DynamoDbLeases {
         Ok(out)
     }
 
-    /// Takes the lease whoever holds it, live or not, conditional on the counter and owner
-    /// read just before (strongly consistent). `false` when it is absent or changed hands
-    /// between that read and the write.
-    async fn steal_lease(
+    /// Writes `owner` to `floodgateHandoffTo`, conditional on the owner read just before
+    /// (strongly consistent) and leaving the counter alone. `false` when the lease is
+    /// absent, free, already `owner`'s, or changed hands between the read and the write.
+    async fn request_lease(
         &self,
         consumer: &str,
         shard: &ShardId,
         owner: &str,
     ) -> Result<bool, StreamError> {
         let key = Self::key(consumer, shard)?;
-        let slot = self.slot(&key);
-        let mut slot = slot.lock().await;
         let Some(lease) = self.read(&key).await? else {
             return Ok(false);
         };
-        self.take(&key, &mut slot, &lease, owner).await
+        let Some(holder) = lease.owner.filter(|h| h != owner) else {
+            return Ok(false);
+        };
+        if lease.handoff_to.as_deref() == Some(owner) {
+            return Ok(true);
+        }
+        match self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(LEASE_KEY, s(key.as_str()))
+            .update_expression("SET #handoff = :to")
+            .condition_expression("#owner = :holder")
+            .expression_attribute_names("#handoff", HANDOFF_TO)
+            .expression_attribute_names("#owner", LEASE_OWNER)
+            .expression_attribute_values(":to", s(owner))
+            .expression_attribute_values(":holder", s(holder.clone()))
+            .send()
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(
+                    table = %self.table,
+                    lease = key,
+                    from = holder,
+                    to = owner,
+                    "asked the lease's owner to hand it over"
+                );
+                Ok(true)
+            }
+            Err(e) if condition_failed(&e) => Ok(false),
+            Err(e) => Err(self.unavailable("UpdateItem (request)", &key, &e)),
+        }
     }
 
     /// Writes `checkpoint = SHARD_END`, keeping the last real checkpoint in

@@ -1,6 +1,6 @@
 //! The DynamoDB lease table on moto server: the lease and checkpoint conformance suite
 //! (`sinks/tests/lease_conformance/`), and what only DynamoDB does — leases that expire when
-//! not renewed, stealing that fences the old holder, `SHARD_END`, the item layout KCL
+//! not renewed, hand-over on request that fences the old holder, `SHARD_END`, the item layout KCL
 //! tooling reads, listing across Scan pages, creating the table, and errors that name
 //! DynamoDB. Each test starts its own moto server (`scripts/emulators` installs it).
 #![cfg(feature = "emulator-tests")]
@@ -108,7 +108,7 @@ impl LeaseFixture for Dynamo {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             lists_leases: true,
-            steals: true,
+            hands_over: true,
             shard_end: true,
             loss: LeaseLoss::Expires(self.lease_duration),
         }
@@ -174,8 +174,8 @@ fn conformance_a_dead_workers_lease_is_taken() {
 }
 
 #[test]
-fn conformance_listing_stealing_and_shard_end() {
-    rt().block_on(lease_conformance::listing_stealing_and_shard_end(
+fn conformance_listing_handing_over_and_shard_end() {
+    rt().block_on(lease_conformance::listing_handing_over_and_shard_end(
         &conformance(),
     ));
 }
@@ -420,11 +420,13 @@ fn an_unrenewed_lease_expires_and_a_renewed_one_does_not() {
     });
 }
 
-/// A live lease stolen for balancing: the old holder's renewal says `false`, its commit
-/// and `SHARD_END` are refused, it cannot take the lease back while the thief renews, and
-/// the steal counts as an owner switch until the next commit.
+/// A live lease asked for to balance the workers: the request names the asker in
+/// `floodgateHandoffTo` and moves no counter, so its holder renews and commits on; the
+/// asker cannot take it until the holder hands it over; handed over, it names the asker
+/// (an owner switch), the request is gone, nobody else may take it, and the old holder is
+/// fenced out.
 #[test]
-fn a_stolen_lease_fences_its_old_holder() {
+fn a_lease_asked_for_stays_with_its_holder_until_handed_over() {
     rt().block_on(async {
         let dynamo = Dynamo::new(Duration::from_secs(10));
         let table = dynamo.table().await;
@@ -432,47 +434,91 @@ fn a_stolen_lease_fences_its_old_holder() {
         let s0 = shard(0);
         let key = "lake:shardId-000000000000";
         assert!(
-            !b.steal_lease("lake", &s0, "worker-b").await.unwrap(),
-            "nothing to steal"
+            !b.request_lease("lake", &s0, "worker-b").await.unwrap(),
+            "nothing to ask for"
         );
 
         assert!(a.acquire_lease("lake", &s0, "worker-a").await.unwrap());
+        assert!(
+            !a.request_lease("lake", &s0, "worker-a").await.unwrap(),
+            "its own lease"
+        );
         a.commit("lake", &s0, &composite(KINESIS, 3)).await.unwrap();
-        let listed = b.leases("lake").await.unwrap();
-        assert_eq!(listed[0].owner.as_deref(), Some("worker-a"));
-        assert!(listed[0].live);
+        let before = raw_item(&dynamo.client, &table, key).await;
 
-        assert!(b.steal_lease("lake", &s0, "worker-b").await.unwrap());
+        assert!(b.request_lease("lake", &s0, "worker-b").await.unwrap());
+        assert!(
+            b.request_lease("lake", &s0, "worker-b").await.unwrap(),
+            "asking again"
+        );
+        let item = raw_item(&dynamo.client, &table, key).await;
+        assert_eq!(
+            item["floodgateHandoffTo"],
+            AttributeValue::S("worker-b".into())
+        );
+        assert_eq!(item["leaseOwner"], AttributeValue::S("worker-a".into()));
+        assert_eq!(
+            item["leaseCounter"], before["leaseCounter"],
+            "a request is no write of the holder's"
+        );
+        assert!(!b.acquire_lease("lake", &s0, "worker-b").await.unwrap());
+        assert!(a.renew_lease("lake", &s0, "worker-a").await.unwrap());
+        a.commit("lake", &s0, &composite(KINESIS, 4)).await.unwrap();
+        let listed = a.leases("lake").await.unwrap();
+        assert_eq!(listed[0].owner.as_deref(), Some("worker-a"));
+        assert_eq!(listed[0].handoff_to.as_deref(), Some("worker-b"));
+
+        a.hand_over_lease("lake", &s0, "worker-a", "worker-b")
+            .await
+            .unwrap();
         let item = raw_item(&dynamo.client, &table, key).await;
         assert_eq!(item["leaseOwner"], AttributeValue::S("worker-b".into()));
+        assert!(
+            !item.contains_key("floodgateHandoffTo"),
+            "the hand-over answers the request"
+        );
         assert_eq!(
             item["ownerSwitchesSinceCheckpoint"],
-            AttributeValue::N("1".into())
+            AttributeValue::N("1".into()),
+            "a hand-over is an owner switch"
+        );
+        let third = dynamo.store(&table);
+        assert!(
+            !third.acquire_lease("lake", &s0, "worker-c").await.unwrap(),
+            "a lease handed over is the asker's, not free"
+        );
+        assert!(b.acquire_lease("lake", &s0, "worker-b").await.unwrap());
+        assert_eq!(
+            b.checkpoint("lake", &s0).await.unwrap(),
+            Some(composite(KINESIS, 4))
         );
 
+        // The old holder is fenced out.
         assert!(!a.renew_lease("lake", &s0, "worker-a").await.unwrap());
         let err = a
-            .commit("lake", &s0, &composite(KINESIS, 4))
+            .commit("lake", &s0, &composite(KINESIS, 5))
             .await
             .unwrap_err();
         assert!(err.to_string().contains("lease"), "{err}");
         assert!(a.finish_shard("lake", &s0).await.is_err());
         assert!(!a.acquire_lease("lake", &s0, "worker-a").await.unwrap());
-        assert_eq!(
-            a.checkpoint("lake", &s0).await.unwrap(),
-            Some(composite(KINESIS, 3))
-        );
 
-        b.commit("lake", &s0, &composite(KINESIS, 4)).await.unwrap();
-        let item = raw_item(&dynamo.client, &table, key).await;
-        assert_eq!(
-            item["ownerSwitchesSinceCheckpoint"],
-            AttributeValue::N("0".into())
-        );
-        assert_eq!(
-            b.leases("lake").await.unwrap()[0].owner.as_deref(),
-            Some("worker-b")
-        );
+        // A request left over from an earlier tenure is not carried into the next one:
+        // taking a lease removes it.
+        assert!(a.request_lease("lake", &s0, "worker-a").await.unwrap());
+        b.release_lease("lake", &s0, "worker-b").await.unwrap();
+        dynamo
+            .client
+            .update_item()
+            .table_name(&table)
+            .key("leaseKey", AttributeValue::S(key.to_owned()))
+            .update_expression("SET floodgateHandoffTo = :w")
+            .expression_attribute_values(":w", AttributeValue::S("worker-c".into()))
+            .send()
+            .await
+            .unwrap();
+        assert!(a.acquire_lease("lake", &s0, "worker-a").await.unwrap());
+        assert_eq!(a.leases("lake").await.unwrap()[0].handoff_to, None);
     });
 }
 
@@ -728,8 +774,16 @@ fn a_write_whose_answer_was_lost_does_not_lose_the_lease() {
         store.commit(c, &s, &seq(8)).await.unwrap();
         assert_eq!(store.checkpoint(c, &s).await.unwrap(), Some(seq(8)));
         // Someone else's write still means the lease is lost.
-        let other = DynamoDbLeases::new(direct, "lost-answers", Duration::from_secs(10));
-        assert!(other.steal_lease(c, &s, "other").await.unwrap());
+        direct
+            .update_item()
+            .table_name("lost-answers")
+            .key("leaseKey", AttributeValue::S(format!("{c}:{}", s.0)))
+            .update_expression("SET leaseOwner = :o ADD leaseCounter :one")
+            .expression_attribute_values(":o", AttributeValue::S("other".into()))
+            .expression_attribute_values(":one", AttributeValue::N("1".into()))
+            .send()
+            .await
+            .unwrap();
         assert!(!store.renew_lease(c, &s, "me").await.unwrap());
     });
 }

@@ -292,16 +292,37 @@ pub trait CheckpointStore: Send + Sync + fmt::Debug {
         Ok(Vec::new())
     }
 
-    /// Takes a lease that another live worker holds, to balance the load: that worker
-    /// finds its lease gone at its next renewal or commit, and stops. Returns `false`
-    /// when the lease changed hands meanwhile. Stores that cannot steal answer `false`.
-    async fn steal_lease(
+    /// Asks the live worker holding a lease to hand it to `owner`, to balance the load:
+    /// the holder sees the request in [`LeaseInfo::handoff_to`] at its next listing,
+    /// finishes the shard (flushes, checkpoints) and hands the lease over
+    /// ([`CheckpointStore::hand_over_lease`]), and `owner` takes it up with
+    /// `acquire_lease`. The lease never changes hands while its holder
+    /// still writes: a worker whose lease was taken outright would go on writing the
+    /// lake's runs until its next renewal, beside the new owner's replay of the same
+    /// records. The request moves no fencing token (the holder's writes go on succeeding)
+    /// and does not count as a renewal. Returns `false` when the lease has no owner or
+    /// changed hands meanwhile. Stores that cannot see other workers answer `false`.
+    async fn request_lease(
         &self,
         _consumer: &str,
         _shard: &ShardId,
         _owner: &str,
     ) -> Result<bool, StreamError> {
         Ok(false)
+    }
+
+    /// Gives a held lease to `to` (the worker that asked for it) rather than freeing it, so
+    /// that neither this worker nor a third takes it back before `to` does; fenced like
+    /// `commit`. `to` takes it up with `acquire_lease`, and if it never does, the lease
+    /// expires as any other. Stores that cannot name another owner release it.
+    async fn hand_over_lease(
+        &self,
+        consumer: &str,
+        shard: &ShardId,
+        owner: &str,
+        _to: &str,
+    ) -> Result<(), StreamError> {
+        self.release_lease(consumer, shard, owner).await
     }
 
     /// Records that `consumer` has processed `shard` to its end (a closed shard: split or
@@ -341,6 +362,9 @@ pub struct LeaseInfo {
     pub live: bool,
     /// The consumer finished the (closed) shard.
     pub finished: bool,
+    /// The worker that asked the holder to hand the lease over
+    /// ([`CheckpointStore::request_lease`]), if one did since the lease was taken.
+    pub handoff_to: Option<String>,
 }
 
 #[cfg(test)]

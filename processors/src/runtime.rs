@@ -12,10 +12,13 @@
 //!   parent the stream still lists is finished (read to its end, its effects committed,
 //!   `SHARD_END` recorded), so a key's records are applied in order across a reshard.
 //! - **Balance.** Where the store lists leases (DynamoDB), each worker aims at its share
-//!   (shards / live workers, rounded up): it takes expired or free leases first, then steals
-//!   one at a time from the busiest worker while that one holds more than its share. Where
-//!   it cannot (the embedded store's flocks), every worker waits on every shard and the
-//!   first takes it, as a standby does.
+//!   (shards / live workers, rounded up): it takes expired or free leases first, then asks
+//!   the busiest worker, while that one holds more than its share, to hand one lease over
+//!   ([`CheckpointStore::request_lease`]), one at a time. The holder sees the request at
+//!   its next round, finishes the shard (no drain: it flushes, checkpoints and releases),
+//!   and the lease is then free to take. A lease never changes hands while its holder may
+//!   still write. Where the store cannot list leases (the embedded store's flocks), every
+//!   worker waits on every shard and the first takes it, as a standby does.
 //! - **Hand-off.** On shutdown each shard drains what is already in the stream (bounded by
 //!   `drain_limit`), flushes, checkpoints, and releases its lease, so another worker
 //!   continues exactly there.
@@ -230,6 +233,8 @@ struct Running {
     task: JoinHandle<ShardExit>,
     /// Tells the task to stop (hand the shard to another worker) without shutting down.
     stop: watch::Sender<bool>,
+    /// The worker to hand the lease to when the task stops, set before `stop`.
+    to: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// Why a shard task ended.
@@ -289,8 +294,9 @@ async fn coordinate(
         .await
         {
             Ok(plan) => {
-                for shard in plan.give_up {
+                for (shard, to) in plan.give_up {
                     if let Some(r) = running.get(&shard) {
+                        *r.to.lock().unwrap_or_else(|e| e.into_inner()) = Some(to);
                         let _ = r.stop.send(true);
                     }
                 }
@@ -301,6 +307,7 @@ async fn coordinate(
                         continue;
                     }
                     let (stop, stop_rx) = watch::channel(false);
+                    let to = Arc::new(std::sync::Mutex::new(None));
                     let task = tokio::spawn(
                         run_shard(
                             reader.clone(),
@@ -309,14 +316,14 @@ async fn coordinate(
                             shard.clone(),
                             config.clone(),
                             shutdown.clone(),
-                            stop_rx,
+                            (stop_rx, to.clone()),
                             wait,
                         )
                         .instrument(
                             tracing::info_span!("consumer", consumer = %consumer, shard = %shard),
                         ),
                     );
-                    running.insert(shard, Running { task, stop });
+                    running.insert(shard, Running { task, stop, to });
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot sync the shards and leases; retrying"),
@@ -340,9 +347,8 @@ struct Plan {
     /// Shards to start a task for; `true`: the task waits for the lease (the store cannot
     /// list leases, so every worker waits on every shard), `false`: the lease is held.
     start: Vec<(ShardId, bool)>,
-    /// Running shards to hand to others (none today: a worker gives a shard up only when
-    /// it is stolen from it, which its renewal notices).
-    give_up: Vec<ShardId>,
+    /// Running shards to hand over, each to the worker that asked for it.
+    give_up: Vec<(ShardId, String)>,
 }
 
 async fn sync_once(
@@ -376,16 +382,17 @@ async fn sync_once(
         return Ok(plan);
     }
     let me = config.owner.as_str();
+    plan.give_up = asked_of(me, &leases, |s| running.contains_key(s));
     for pick in balance(me, &ready, &leases, running) {
         // A pick that fails is skipped, not the round: leases already taken are consumed.
         let taken = match pick {
             Pick::Take(ref shard) => checkpoints.acquire_lease(consumer, shard, me).await,
-            Pick::Steal(ref shard, ref from) => {
-                let ok = checkpoints.steal_lease(consumer, shard, me).await;
-                if matches!(ok, Ok(true)) {
-                    tracing::info!(%shard, from = %from, "took a lease to balance the workers");
+            Pick::Ask(ref shard, ref from) => {
+                // The holder hands it over at its next round; it is taken free after that.
+                if let Err(e) = checkpoints.request_lease(consumer, shard, me).await {
+                    tracing::warn!(error = %e, %shard, %from, "cannot ask for a lease; trying next round");
                 }
-                ok
+                continue;
             }
         };
         let taken = match taken {
@@ -395,14 +402,28 @@ async fn sync_once(
                 false
             }
         };
-        if taken {
-            let shard = match pick {
-                Pick::Take(s) | Pick::Steal(s, _) => s,
-            };
+        if taken && let Pick::Take(shard) = pick {
             plan.start.push((shard, false));
         }
     }
     Ok(plan)
+}
+
+/// The running shards whose leases another worker asked this one to hand over, and to whom.
+fn asked_of(
+    me: &str,
+    leases: &[LeaseInfo],
+    running: impl Fn(&ShardId) -> bool,
+) -> Vec<(ShardId, String)> {
+    leases
+        .iter()
+        .filter(|l| l.owner.as_deref() == Some(me) && running(&l.shard))
+        .filter_map(|l| {
+            let to = l.handoff_to.as_deref().filter(|to| *to != me)?;
+            tracing::info!(shard = %l.shard, to, "handing a lease over, as another worker asked");
+            Some((l.shard.clone(), to.to_owned()))
+        })
+        .collect()
 }
 
 /// The shards that may be consumed now: not finished, and every parent the stream still
@@ -425,15 +446,15 @@ fn ready_shards(shards: &[ShardInfo], finished: &HashSet<ShardId>) -> Vec<ShardI
 enum Pick {
     /// A lease that is free, expired, or this worker's own.
     Take(ShardId),
-    /// A live lease of another worker (which holds more than its share).
-    Steal(ShardId, String),
+    /// A live lease of another worker (which holds more than its share), to ask for.
+    Ask(ShardId, String),
 }
 
 /// KCL's balancing, one round: the leases this worker should take now. Its share is the
 /// ready shards over the live workers (this one included), rounded up. Below it, it takes
-/// free or expired leases first; then, if still below, one lease from the worker holding
-/// the most, when that worker holds more than the share. At most one steal a round, so
-/// workers converge without thrashing.
+/// free or expired leases first; then, if still below, asks for one lease of the worker
+/// holding the most, when that worker holds more than the share. At most one request a
+/// round, so workers converge without thrashing.
 fn balance(
     me: &str,
     ready: &[ShardId],
@@ -493,7 +514,7 @@ fn balance(
                     && !running.contains_key(&l.shard)
             })
         {
-            picks.push(Pick::Steal(l.shard.clone(), owner));
+            picks.push(Pick::Ask(l.shard.clone(), owner));
         }
     }
     picks
@@ -545,7 +566,7 @@ async fn run_shard(
     shard: ShardId,
     config: RuntimeConfig,
     shutdown: watch::Receiver<bool>,
-    handoff: watch::Receiver<bool>,
+    (handoff, to): (watch::Receiver<bool>, Arc<std::sync::Mutex<Option<String>>>),
     wait_for_lease: bool,
 ) -> ShardExit {
     let consumer = processor.consumer().to_owned();
@@ -588,6 +609,7 @@ async fn run_shard(
         &shard,
         &config,
         &mut stop,
+        &handoff,
         &lost,
     )
     .await;
@@ -602,12 +624,25 @@ async fn run_shard(
     let labels = [("consumer", consumer.clone()), ("shard", shard.0.clone())];
     metrics::gauge!("floodgate_processor_lag_records", &labels).set(0.0);
     metrics::gauge!("floodgate_processor_lag_milliseconds", &labels).set(0.0);
-    if exit != ShardExit::LeaseLost
-        && let Err(e) = checkpoints
-            .release_lease(&consumer, &shard, &config.owner)
-            .await
-    {
-        tracing::warn!(error = %e, "cannot release the lease");
+    if exit != ShardExit::LeaseLost {
+        // Handed straight to the worker that asked: released, it could go to anyone,
+        // this worker included, before the asker's next round.
+        let to = to.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let given = match &to {
+            Some(to) => {
+                checkpoints
+                    .hand_over_lease(&consumer, &shard, &config.owner, to)
+                    .await
+            }
+            None => {
+                checkpoints
+                    .release_lease(&consumer, &shard, &config.owner)
+                    .await
+            }
+        };
+        if let Err(e) = given {
+            tracing::warn!(error = %e, ?to, "cannot release the lease");
+        }
     }
     exit
 }
@@ -653,6 +688,7 @@ async fn renew(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn consume(
     reader: &dyn StreamReader,
     checkpoints: &dyn CheckpointStore,
@@ -660,6 +696,7 @@ async fn consume(
     shard: &ShardId,
     config: &RuntimeConfig,
     stop: &mut watch::Receiver<bool>,
+    handoff: &watch::Receiver<bool>,
     lost: &AtomicBool,
 ) -> ShardExit {
     let shard = shard.clone();
@@ -740,6 +777,10 @@ async fn consume(
     loop {
         if is_lost() {
             return ShardExit::LeaseLost;
+        }
+        if *handoff.borrow() {
+            // Another worker asked for the shard: no drain, it continues from here.
+            break;
         }
         let stopping = *shutdown.borrow();
         if stopping {
@@ -1010,6 +1051,7 @@ mod tests {
             owner: owner.map(str::to_owned),
             live,
             finished: false,
+            handoff_to: None,
         }
     }
 
@@ -1041,27 +1083,27 @@ mod tests {
     }
 
     #[test]
-    fn a_joining_worker_takes_free_leases_then_steals_one_from_the_busiest() {
+    fn a_joining_worker_takes_free_leases_then_asks_the_busiest_for_one() {
         let ready: Vec<ShardId> = ["a", "b", "c", "d"].iter().map(|s| id(s)).collect();
         let running = HashMap::new();
         // Nobody holds anything: take all four (share = 4 with one worker).
         let free: Vec<LeaseInfo> = ready.iter().map(|s| lease(&s.0, None, false)).collect();
         assert_eq!(balance("me", &ready, &free, &running).len(), 4);
-        // Another worker holds all four, live: share is 2, so steal one (one per round).
+        // Another worker holds all four, live: share is 2, so ask for one (one per round).
         let held: Vec<LeaseInfo> = ready
             .iter()
             .map(|s| lease(&s.0, Some("w1"), true))
             .collect();
         assert_eq!(
             balance("me", &ready, &held, &running),
-            vec![Pick::Steal(id("a"), "w1".to_owned())]
+            vec![Pick::Ask(id("a"), "w1".to_owned())]
         );
-        // Its lease on "c" expired: take that before stealing.
+        // Its lease on "c" expired: take that before asking.
         let mut some_expired = held.clone();
         some_expired[2].live = false;
         assert_eq!(
             balance("me", &ready, &some_expired, &running),
-            vec![Pick::Take(id("c")), Pick::Steal(id("a"), "w1".to_owned())]
+            vec![Pick::Take(id("c")), Pick::Ask(id("a"), "w1".to_owned())]
         );
         // Balanced (two each): nothing to do.
         let even = vec![
@@ -1073,6 +1115,27 @@ mod tests {
         assert!(
             balance("me", &ready, &even, &running).is_empty(),
             "share is 2, nobody holds more"
+        );
+    }
+
+    #[test]
+    fn a_worker_hands_over_the_running_leases_others_asked_for() {
+        let asked = |shard: &str, owner: &str, to: Option<&str>| LeaseInfo {
+            handoff_to: to.map(str::to_owned),
+            ..lease(shard, Some(owner), true)
+        };
+        let leases = vec![
+            asked("a", "me", Some("w2")),
+            asked("b", "me", None),
+            asked("c", "me", Some("me")),
+            asked("d", "w1", Some("w2")),
+            asked("e", "me", Some("w2")),
+        ];
+        let running = |s: &ShardId| s.0 != "e";
+        assert_eq!(
+            asked_of("me", &leases, running),
+            vec![(id("a"), "w2".to_owned())],
+            "only its own running leases, asked for by another worker"
         );
     }
 }

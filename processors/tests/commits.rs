@@ -62,8 +62,8 @@ impl CheckpointStore for Counted {
     async fn leases(&self, c: &str) -> Result<Vec<LeaseInfo>, StreamError> {
         self.inner.leases(c).await
     }
-    async fn steal_lease(&self, c: &str, s: &ShardId, o: &str) -> Result<bool, StreamError> {
-        self.inner.steal_lease(c, s, o).await
+    async fn request_lease(&self, c: &str, s: &ShardId, o: &str) -> Result<bool, StreamError> {
+        self.inner.request_lease(c, s, o).await
     }
     async fn finish_shard(&self, c: &str, s: &ShardId) -> Result<(), StreamError> {
         self.inner.finish_shard(c, s).await

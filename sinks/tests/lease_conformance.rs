@@ -2,7 +2,7 @@
 //! store: each worker is an [`EmbeddedCheckpoints`] opened on one shared directory, as
 //! `floodgate process` instances on one machine open it. Its leases are flocks, so a
 //! worker loses them when its store is dropped (its process exits), and never otherwise;
-//! it cannot list, steal or end shards.
+//! it cannot list, hand over or end shards.
 
 // The embedded store never expires a lease (`LeaseLoss::Expires` is DynamoDB's).
 #[allow(dead_code)]
@@ -39,7 +39,7 @@ impl LeaseFixture for Embedded {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             lists_leases: false,
-            steals: false,
+            hands_over: false,
             shard_end: false,
             loss: LeaseLoss::WhenDropped,
         }
@@ -105,8 +105,8 @@ fn a_dead_workers_lease_is_taken() {
 }
 
 #[test]
-fn listing_stealing_and_shard_end_are_not_offered() {
-    rt().block_on(lease_conformance::listing_stealing_and_shard_end(
+fn listing_handing_over_and_shard_end_are_not_offered() {
+    rt().block_on(lease_conformance::listing_handing_over_and_shard_end(
         &Embedded::default(),
     ));
 }

@@ -15,7 +15,7 @@
 //! other's checkpoints; releasing a lease keeps its checkpoint; every sequence number,
 //! the embedded log's u64s and Kinesis composites alike, reads back exactly; a dead
 //! worker's lease can be taken, in the way the backend loses leases
-//! ([`LeaseLoss`]). What only some stores do ([`Capabilities`]: listing, stealing,
+//! ([`LeaseLoss`]). What only some stores do ([`Capabilities`]: listing, handing over,
 //! `SHARD_END`) is checked where offered, and the trait's defaults where not.
 
 use std::sync::Arc;
@@ -40,8 +40,9 @@ pub struct Capabilities {
     /// `leases` lists every lease of a consumer, with `ensure_leases` creating free ones.
     /// (The embedded store answers an empty list.)
     pub lists_leases: bool,
-    /// `steal_lease` takes a live lease from its holder. (The embedded store answers false.)
-    pub steals: bool,
+    /// `request_lease` asks a live lease's holder to hand it over, and `leases` shows the
+    /// request. (The embedded store answers false.)
+    pub hands_over: bool,
     /// `finish_shard` records `SHARD_END`. (The embedded store refuses: its shards never end.)
     pub shard_end: bool,
     pub loss: LeaseLoss,
@@ -475,9 +476,9 @@ pub async fn a_dead_workers_lease_is_taken(fixture: &dyn LeaseFixture) {
     );
 }
 
-/// Listing (with `ensure_leases`), stealing and `SHARD_END` where the store offers them;
-/// the trait's defaults (an empty list, no steal, `finish_shard` refused) where not.
-pub async fn listing_stealing_and_shard_end(fixture: &dyn LeaseFixture) {
+/// Listing (with `ensure_leases`), handing over and `SHARD_END` where the store offers them;
+/// the trait's defaults (an empty list, no hand-over, `finish_shard` refused) where not.
+pub async fn listing_handing_over_and_shard_end(fixture: &dyn LeaseFixture) {
     let name = fixture.name();
     let caps = fixture.capabilities();
     let [a, b] = workers::<2>(fixture).await;
@@ -539,18 +540,55 @@ pub async fn listing_stealing_and_shard_end(fixture: &dyn LeaseFixture) {
     }
 
     // The holder of the parent from here on.
-    let holder = if caps.steals {
+    let holder = if caps.hands_over {
         assert!(
-            b.steal_lease(LAKE, &parent, "worker-b").await.unwrap(),
+            b.request_lease(LAKE, &parent, "worker-b").await.unwrap(),
             "{name}"
         );
         assert!(
+            !b.acquire_lease(LAKE, &parent, "worker-b").await.unwrap(),
+            "{name}: asked for, the lease is still its holder's"
+        );
+        // The request fences nothing: the holder renews and commits until it lets go.
+        assert!(
+            a.renew_lease(LAKE, &parent, "worker-a").await.unwrap(),
+            "{name}: a request for the lease cost its holder a renewal"
+        );
+        a.commit(LAKE, &parent, &seq(5)).await.unwrap();
+        let asked: Vec<Option<String>> = a
+            .leases(LAKE)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.handoff_to)
+            .collect();
+        assert_eq!(
+            asked,
+            vec![Some("worker-b".to_owned()), None, None],
+            "{name}: the holder sees who asked"
+        );
+        a.release_lease(LAKE, &parent, "worker-a").await.unwrap();
+        assert!(
+            b.acquire_lease(LAKE, &parent, "worker-b").await.unwrap(),
+            "{name}: released, the lease goes to whoever takes it"
+        );
+        assert_eq!(
+            b.leases(LAKE).await.unwrap()[0].handoff_to,
+            None,
+            "{name}: the request ends with the hand-over"
+        );
+        assert_eq!(
+            b.checkpoint(LAKE, &parent).await.unwrap(),
+            Some(seq(5)),
+            "{name}: the new holder starts where the old one committed"
+        );
+        assert!(
             !a.renew_lease(LAKE, &parent, "worker-a").await.unwrap(),
-            "{name}: the lease was stolen but its old holder renewed it"
+            "{name}: the old holder renewed a lease it handed over"
         );
         assert!(
             a.commit(LAKE, &parent, &seq(6)).await.is_err(),
-            "{name}: the lease was stolen but its old holder committed"
+            "{name}: the old holder committed after handing the lease over"
         );
         b.commit(LAKE, &parent, &seq(6)).await.unwrap();
         if caps.lists_leases {
@@ -560,7 +598,7 @@ pub async fn listing_stealing_and_shard_end(fixture: &dyn LeaseFixture) {
         &b
     } else {
         assert!(
-            !b.steal_lease(LAKE, &parent, "worker-b").await.unwrap(),
+            !b.request_lease(LAKE, &parent, "worker-b").await.unwrap(),
             "{name}"
         );
         assert!(
@@ -570,7 +608,7 @@ pub async fn listing_stealing_and_shard_end(fixture: &dyn LeaseFixture) {
         a.commit(LAKE, &parent, &seq(6)).await.unwrap();
         &a
     };
-    let other = if caps.steals { &a } else { &b };
+    let other = if caps.hands_over { &a } else { &b };
 
     assert!(!a.shard_finished(LAKE, &parent).await.unwrap(), "{name}");
     if caps.shard_end {
