@@ -698,6 +698,22 @@ fn faults_lose_nothing(
         outcomes.join(", "),
         metric(&f.edge, "floodgate_processor_repeats_dropped_total", &[]) as u64
     );
+    // A shard whose lease renewals failed for too long under the faults was stopped (it
+    // could not know it still held the lease), and its coordinator takes it again at its
+    // next round. SIGTERM drains only the shards this worker holds: wait until it holds
+    // every one again, or the lake rows of a shard stopped at that moment would be left
+    // for the next worker to write, after this test has looked.
+    for (consumer, shards) in [("bookings", 2.0), ("lake", 2.0), ("lake-quarantine", 1.0)] {
+        let label = format!("consumer=\"{consumer}\"");
+        wait_for(
+            60,
+            &format!("serve to hold every {consumer} lease again"),
+            || {
+                (metric(&f.edge, "floodgate_processor_leases_held", &[&label]) == shards)
+                    .then_some(())
+            },
+        );
+    }
     // SIGTERM: the consumers drain, the lake flushes, the leases are handed back.
     assert_eq!(f.edge.terminate(), Some(0), "serve exits cleanly");
     eprintln!(

@@ -587,6 +587,7 @@ async fn run_shard(
             }
         }
     }
+    let _held = Held::new(&consumer);
     // Renew on a timer, whatever the shard is doing; a failed renewal raises `lost`.
     let lost = Arc::new(AtomicBool::new(false));
     let (renewer_stop, renewer_stop_rx) = watch::channel(false);
@@ -645,6 +646,24 @@ async fn run_shard(
         }
     }
     exit
+}
+
+/// A shard this worker consumes under its lease, counted on /metrics while its task runs.
+struct Held(String);
+
+impl Held {
+    fn new(consumer: &str) -> Self {
+        metrics::gauge!("floodgate_processor_leases_held", "consumer" => consumer.to_owned())
+            .increment(1.0);
+        Self(consumer.to_owned())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        metrics::gauge!("floodgate_processor_leases_held", "consumer" => self.0.clone())
+            .decrement(1.0);
+    }
 }
 
 /// Renews the lease every `every` until told to stop; raises `lost` (and stops) when the
