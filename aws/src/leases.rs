@@ -57,7 +57,8 @@
 //! ([`CheckpointStore::request_lease`]): it writes its name to `floodgateHandoffTo`,
 //! conditional on the owner only, and moves no counter, so the owner's renewals and
 //! commits go on succeeding. The owner sees the request when it next lists the leases,
-//! finishes the shard (flush, checkpoint) and releases it; the asker takes it free. KCL
+//! finishes the shard (flush, checkpoint) and writes the asker as the owner
+//! ([`CheckpointStore::hand_over_lease`]); the asker takes it up. KCL
 //! 2.x steals outright instead, and its old owner keeps processing until its next
 //! renewal; for the lake that would be a run written by the old owner beside the new
 //! owner's replay of the same records.

@@ -15,9 +15,10 @@
 //!   (shards / live workers, rounded up): it takes expired or free leases first, then asks
 //!   the busiest worker, while that one holds more than its share, to hand one lease over
 //!   ([`CheckpointStore::request_lease`]), one at a time. The holder sees the request at
-//!   its next round, finishes the shard (no drain: it flushes, checkpoints and releases),
-//!   and the lease is then free to take. A lease never changes hands while its holder may
-//!   still write. Where the store cannot list leases (the embedded store's flocks), every
+//!   its next round and, while it holds more than its share (the askers counted as
+//!   workers), finishes the shard (no drain: it flushes and checkpoints) and writes the
+//!   asker as the owner, which takes it up at its own next round. A lease never changes
+//!   hands while its holder may still write. Where the store cannot list leases (the embedded store's flocks), every
 //!   worker waits on every shard and the first takes it, as a standby does.
 //! - **Hand-off.** On shutdown each shard drains what is already in the stream (bounded by
 //!   `drain_limit`), flushes, checkpoints, and releases its lease, so another worker
@@ -382,7 +383,7 @@ async fn sync_once(
         return Ok(plan);
     }
     let me = config.owner.as_str();
-    plan.give_up = asked_of(me, &leases, |s| running.contains_key(s));
+    plan.give_up = asked_of(me, &ready, &leases, |s| running.contains_key(s));
     for pick in balance(me, &ready, &leases, running) {
         // A pick that fails is skipped, not the round: leases already taken are consumed.
         let taken = match pick {
@@ -409,21 +410,55 @@ async fn sync_once(
     Ok(plan)
 }
 
-/// The running shards whose leases another worker asked this one to hand over, and to whom.
+/// The running shards whose leases another worker asked this one to hand over, and to
+/// whom: as many as this worker holds above its share, so that a request made on an older
+/// view (the asker has since taken a free lease) does not move a lease for nothing.
 fn asked_of(
     me: &str,
+    ready: &[ShardId],
     leases: &[LeaseInfo],
     running: impl Fn(&ShardId) -> bool,
 ) -> Vec<(ShardId, String)> {
+    let (load, share) = shares(me, ready, leases, &running);
+    let above = load[me].saturating_sub(share);
     leases
         .iter()
         .filter(|l| l.owner.as_deref() == Some(me) && running(&l.shard))
         .filter_map(|l| {
             let to = l.handoff_to.as_deref().filter(|to| *to != me)?;
-            tracing::info!(shard = %l.shard, to, "handing a lease over, as another worker asked");
             Some((l.shard.clone(), to.to_owned()))
         })
+        .take(above)
+        .inspect(|(shard, to)| {
+            tracing::info!(%shard, to, "handing a lease over, as another worker asked");
+        })
         .collect()
+}
+
+/// Each worker's count of the ready shards, and the share of each: the ready shards over
+/// the workers, rounded up. The workers are the owners of live leases, the workers that
+/// asked for one (they may hold none yet), and this one, whose count is what it runs,
+/// whatever the listing said a moment ago.
+fn shares<'a>(
+    me: &'a str,
+    ready: &[ShardId],
+    leases: &'a [LeaseInfo],
+    running: &impl Fn(&ShardId) -> bool,
+) -> (HashMap<&'a str, usize>, usize) {
+    let ready_set: HashSet<&ShardId> = ready.iter().collect();
+    let mut load: HashMap<&str, usize> = HashMap::new();
+    for l in leases.iter().filter(|l| ready_set.contains(&l.shard)) {
+        if let Some(owner) = l.owner.as_deref().filter(|_| l.live) {
+            *load.entry(owner).or_default() += 1;
+        }
+        if let Some(asker) = &l.handoff_to {
+            load.entry(asker.as_str()).or_default();
+        }
+    }
+    let mine = ready.iter().filter(|s| running(s)).count();
+    load.insert(me, mine);
+    let share = ready.len().div_ceil(load.len());
+    (load, share)
 }
 
 /// The shards that may be consumed now: not finished, and every parent the stream still
@@ -463,25 +498,22 @@ fn balance(
 ) -> Vec<Pick> {
     let ready_set: HashSet<&ShardId> = ready.iter().collect();
     let by_shard: HashMap<&ShardId, &LeaseInfo> = leases.iter().map(|l| (&l.shard, l)).collect();
-    let mut load: HashMap<&str, usize> = HashMap::new();
-    load.insert(me, 0);
-    for l in leases
-        .iter()
-        .filter(|l| l.live && ready_set.contains(&l.shard))
-    {
-        if let Some(owner) = &l.owner {
-            *load.entry(owner.as_str()).or_default() += 1;
+    let (load, share) = shares(me, ready, leases, &|s| running.contains_key(s));
+    let mut picks = Vec::new();
+    let mut have = load[me];
+    // Ours but not running, whatever the share: handed to this worker at its request, or
+    // a lease a previous task of ours lost by timeout, or the process restarted under the
+    // same owner. Nobody else takes it while it is live.
+    for s in ready {
+        let ours = by_shard
+            .get(s)
+            .is_some_and(|l| l.live && l.owner.as_deref() == Some(me));
+        if ours && !running.contains_key(s) {
+            picks.push(Pick::Take(s.clone()));
+            have += 1;
         }
     }
-    // What this worker runs counts as its own, whatever the listing said a moment ago.
-    let mine = ready.iter().filter(|s| running.contains_key(*s)).count();
-    load.insert(me, mine);
-    let workers = load.len().max(1);
-    let share = ready.len().div_ceil(workers);
-    let mut picks = Vec::new();
-    let mut have = mine;
-    // Free, expired, or ours but not running (a previous task of ours lost it, or the
-    // process restarted under the same owner).
+    // Free or expired.
     for s in ready {
         if have >= share {
             break;
@@ -491,7 +523,7 @@ fn balance(
         }
         let takeable = match by_shard.get(s) {
             None => true,
-            Some(l) => !l.live || l.owner.as_deref() == Some(me) || l.owner.is_none(),
+            Some(l) => !l.live || l.owner.is_none(),
         };
         if takeable {
             picks.push(Pick::Take(s.clone()));
@@ -1150,11 +1182,53 @@ mod tests {
             asked("d", "w1", Some("w2")),
             asked("e", "me", Some("w2")),
         ];
-        let running = |s: &ShardId| s.0 != "e";
+        let ready: Vec<ShardId> = ["a", "b", "c", "d", "e"].iter().map(|s| id(s)).collect();
+        let running = |s: &ShardId| s.0 != "d" && s.0 != "e";
+        // Three workers (w2 holds nothing yet but asked), five shards: a share of two,
+        // and this worker runs three.
         assert_eq!(
-            asked_of("me", &leases, running),
+            asked_of("me", &ready, &leases, running),
             vec![(id("a"), "w2".to_owned())],
-            "only its own running leases, asked for by another worker"
+            "only its own running leases, asked for by another worker, down to its share"
+        );
+        let few = [id("a"), id("d")];
+        assert_eq!(
+            asked_of("me", &few, &leases, running),
+            vec![],
+            "at its share, a request (made on an older view) is not answered"
+        );
+    }
+
+    #[test]
+    fn a_lease_handed_to_this_worker_is_taken_up_whatever_its_share() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let run = || Running {
+            task: tokio::spawn(async { ShardExit::Stopped }),
+            stop: watch::channel(false).0,
+            to: Arc::default(),
+        };
+        let ready: Vec<ShardId> = ["a", "b", "c", "d", "e", "f"]
+            .iter()
+            .map(|s| id(s))
+            .collect();
+        let running: HashMap<ShardId, Running> =
+            ["b", "c", "d"].iter().map(|s| (id(s), run())).collect();
+        let leases = vec![
+            lease("a", Some("me"), true),
+            lease("b", Some("me"), true),
+            lease("c", Some("me"), true),
+            lease("d", Some("me"), true),
+            lease("e", Some("w1"), true),
+            lease("f", Some("w1"), true),
+        ];
+        // At its share (three of six, two workers), it still takes up "a": nobody else
+        // may while the lease names it.
+        assert_eq!(
+            balance("me", &ready, &leases, &running),
+            vec![Pick::Take(id("a"))]
         );
     }
 }

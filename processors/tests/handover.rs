@@ -21,32 +21,38 @@ use floodgate_processors::runtime::{ProcessError, RuntimeConfig, ShardProcessor,
 use floodgate_sinks::EmbeddedLog;
 use tokio::sync::watch;
 
-/// One call that wrote: a batch processed, or the flush before a shard stops.
+/// One call that wrote: a batch processed (with its records' sequence numbers), or the
+/// flush before a shard stops (none).
 #[derive(Debug, Clone)]
 struct Write {
     owner: &'static str,
     shard: String,
     start: Instant,
     end: Instant,
+    records: Vec<SequenceNumber>,
 }
 
-/// A processor whose every write takes `pause`, recording when it ran and for whom.
+/// A processor whose every batch takes `pause`, and whose flush before a shard stops takes
+/// `flush` (longer than a coordinator's round: a hand-over made before the flush ended
+/// would let the asker begin meanwhile), recording when each ran and for whom.
 #[derive(Debug)]
 struct Slow {
     owner: &'static str,
     pause: Duration,
+    flush: Duration,
     writes: Arc<Mutex<Vec<Write>>>,
 }
 
 impl Slow {
-    async fn write(&self, shard: &ShardId) {
+    async fn write(&self, shard: &ShardId, pause: Duration, records: Vec<SequenceNumber>) {
         let start = Instant::now();
-        tokio::time::sleep(self.pause).await;
+        tokio::time::sleep(pause).await;
         self.writes.lock().unwrap().push(Write {
             owner: self.owner,
             shard: shard.0.clone(),
             start,
             end: Instant::now(),
+            records,
         });
     }
 }
@@ -64,18 +70,15 @@ impl ShardProcessor for Slow {
         Ok(None)
     }
 
-    async fn process(
-        &self,
-        shard: &ShardId,
-        _records: &[StoredRecord],
-    ) -> Result<(), ProcessError> {
-        self.write(shard).await;
+    async fn process(&self, shard: &ShardId, records: &[StoredRecord]) -> Result<(), ProcessError> {
+        let records = records.iter().map(|r| r.sequence.clone()).collect();
+        self.write(shard, self.pause, records).await;
         Ok(())
     }
 
     async fn tick(&self, shard: &ShardId, last: bool) -> Result<(), ProcessError> {
         if last {
-            self.write(shard).await;
+            self.write(shard, self.flush, Vec::new()).await;
         }
         Ok(())
     }
@@ -102,7 +105,7 @@ async fn a_lease_changes_hands_only_after_its_holder_last_wrote() {
         tokio::spawn(async move {
             let mut n = 0u64;
             while !*stop.borrow() {
-                let batch = (0..16)
+                let batch = (0..64)
                     .map(|k| Record {
                         key: format!("key-{k}").into(),
                         payload: Bytes::from(format!("r{n}-{k}")),
@@ -126,6 +129,7 @@ async fn a_lease_changes_hands_only_after_its_holder_last_wrote() {
             let processor = Arc::new(Slow {
                 owner,
                 pause: Duration::from_millis(40),
+                flush: lease_duration * 2 / 3,
                 writes,
             });
             spawn_consumers(
@@ -135,6 +139,9 @@ async fn a_lease_changes_hands_only_after_its_holder_last_wrote() {
                 RuntimeConfig {
                     owner: owner.to_owned(),
                     max_batch_records: 20,
+                    // Positions are held back between commits, so that a hand-over
+                    // without its last commit would show.
+                    commit_interval: Duration::from_secs(30),
                     ..RuntimeConfig::for_shared_stream(lease_duration)
                 },
                 stop_rx,
@@ -195,5 +202,23 @@ async fn a_lease_changes_hands_only_after_its_holder_last_wrote() {
     assert!(
         overlapping.is_empty(),
         "worker a wrote shard {moved} after worker b began there, by {overlapping:?}"
+    );
+    // And b began where a's checkpoint ended: right after a's last record.
+    let last_of_a = on_shard
+        .iter()
+        .filter(|w| w.owner == "a")
+        .flat_map(|w| w.records.last())
+        .max()
+        .expect("a processed the shard first");
+    let first_of_b = on_shard
+        .iter()
+        .filter(|w| w.owner == "b")
+        .flat_map(|w| w.records.first())
+        .min()
+        .expect("b processed the shard");
+    assert_eq!(
+        first_of_b.as_u64(),
+        last_of_a.as_u64().map(|n| n + 1),
+        "b began at {first_of_b:?}, not right after a's last record {last_of_a:?}"
     );
 }

@@ -567,15 +567,17 @@ pub async fn listing_handing_over_and_shard_end(fixture: &dyn LeaseFixture) {
             vec![Some("worker-b".to_owned()), None, None],
             "{name}: the holder sees who asked"
         );
-        a.release_lease(LAKE, &parent, "worker-a").await.unwrap();
+        a.hand_over_lease(LAKE, &parent, "worker-a", "worker-b")
+            .await
+            .unwrap();
         assert!(
             b.acquire_lease(LAKE, &parent, "worker-b").await.unwrap(),
-            "{name}: released, the lease goes to whoever takes it"
+            "{name}: handed over, the lease is the asker's to take up"
         );
         assert_eq!(
             b.leases(LAKE).await.unwrap()[0].handoff_to,
             None,
-            "{name}: the request ends with the hand-over"
+            "{name}: the hand-over answers the request"
         );
         assert_eq!(
             b.checkpoint(LAKE, &parent).await.unwrap(),
