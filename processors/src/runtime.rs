@@ -714,14 +714,27 @@ async fn renew(
     // Renewals are every third of the lease's life. A worker that cannot renew for two
     // and a half of them (the store unreachable) stops the shard itself, before another
     // worker may take the lease over: it cannot know it still holds it.
+    // A renewal counts from when it was sent (the store may have applied it at once), and
+    // a call that hangs (retries, a store that holds requests open) is cut at the same
+    // limit: the stop must come in time, not whenever the call gives up.
     let mut renewed = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
-        match checkpoints.renew_lease(&consumer, &shard, &owner).await {
-            Ok(true) => renewed = tokio::time::Instant::now(),
+        let sent = tokio::time::Instant::now();
+        let limit = renewed + every * 5 / 2;
+        let answer =
+            tokio::time::timeout_at(limit, checkpoints.renew_lease(&consumer, &shard, &owner))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StreamError::Unavailable(
+                        "the renewal did not answer in time".into(),
+                    ))
+                });
+        match answer {
+            Ok(true) => renewed = sent,
             Ok(false) => {
                 tracing::warn!("lease lost; stopping before committing anything more");
                 lost.store(true, Ordering::SeqCst);

@@ -21,12 +21,14 @@ use floodgate_sinks::{EmbeddedCheckpoints, EmbeddedLog};
 use tokio::sync::watch;
 
 /// The embedded checkpoint store, counting the commits made through it; once `gone` is
-/// raised, the lease is another worker's: commits are refused and renewals answer no.
+/// raised, the lease is another worker's: commits are refused and renewals answer no; once
+/// `hang` is raised, renewals never answer.
 #[derive(Debug)]
 struct Counted {
     inner: EmbeddedCheckpoints,
     commits: AtomicUsize,
     gone: AtomicBool,
+    hang: AtomicBool,
 }
 
 #[async_trait]
@@ -37,6 +39,9 @@ impl CheckpointStore for Counted {
     async fn renew_lease(&self, c: &str, s: &ShardId, o: &str) -> Result<bool, StreamError> {
         if self.gone.load(Ordering::SeqCst) {
             return Ok(false);
+        }
+        if self.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
         }
         self.inner.renew_lease(c, s, o).await
     }
@@ -141,10 +146,17 @@ struct Run {
 /// 1,000 records in one append, then a consumer reading 10 at a time (100 batches back to
 /// back, each taking `pause`) with `interval` between commits.
 async fn start(interval: Duration, pause: Duration) -> Run {
-    start_with(interval, pause, None).await
+    start_with(interval, pause, None, None).await
 }
 
-async fn start_with(interval: Duration, pause: Duration, fail_from: Option<usize>) -> Run {
+/// `renew`: renew the lease this often, and list the shards only once; `None`: no renewal
+/// during a run (a lost lease is found by a refused commit).
+async fn start_with(
+    interval: Duration,
+    pause: Duration,
+    fail_from: Option<usize>,
+    renew: Option<Duration>,
+) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("stream");
     let config = EmbeddedStreamConfig {
@@ -167,6 +179,7 @@ async fn start_with(interval: Duration, pause: Duration, fail_from: Option<usize
         inner: EmbeddedCheckpoints::open(&root).unwrap(),
         commits: AtomicUsize::new(0),
         gone: AtomicBool::new(false),
+        hang: AtomicBool::new(false),
     });
     let processor = Arc::new(Slow {
         pause,
@@ -182,8 +195,9 @@ async fn start_with(interval: Duration, pause: Duration, fail_from: Option<usize
             max_batch_records: 10,
             batch_linger: Duration::ZERO,
             commit_interval: interval,
-            // No renewal during a run: a lost lease is found by a refused commit.
-            renew_interval: Duration::from_secs(3600),
+            renew_interval: renew.unwrap_or(Duration::from_secs(3600)),
+            // One round: a shard that stopped is not started again.
+            sync_interval: Duration::from_secs(3600),
             ..RuntimeConfig::default()
         },
         stop_rx,
@@ -313,7 +327,7 @@ async fn a_shard_stopped_while_busy_commits_what_it_held_back() {
 async fn a_batch_that_keeps_failing_does_not_hold_back_the_ones_before_it() {
     // 30 batches applied, then the sink goes down: the checkpoint reaches the 30th
     // batch's last record while the 31st is retried, without waiting for the outage to end.
-    let mut run = start_with(Duration::from_secs(3600), Duration::ZERO, Some(30)).await;
+    let mut run = start_with(Duration::from_secs(3600), Duration::ZERO, Some(30), None).await;
     let want = run.processor_seen(300).await;
     // The applied batches committed during the outage.
     run.wait_for_checkpoint_at(&want).await;
@@ -338,4 +352,31 @@ async fn a_held_back_commit_refused_at_the_stop_flushes_nothing() {
         0,
         "no flush after the lease was found gone"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_that_never_answers_stops_the_shard_in_time() {
+    // The store holds a renewal open (SDK retries, adoption, a store that never answers):
+    // the shard stops within two and a half renewal periods of the last renewal, as when
+    // renewals fail, before another worker may take the lease; not whenever the call ends.
+    let renew = Duration::from_millis(100);
+    let mut run = start_with(
+        Duration::from_secs(3600),
+        Duration::from_millis(20),
+        None,
+        Some(renew),
+    )
+    .await;
+    run.processor_seen(10).await;
+    run.checkpoints.hang.store(true, Ordering::SeqCst);
+    tokio::time::sleep(renew * 10).await;
+    let stopped_at = run.batches();
+    tokio::time::sleep(renew * 3).await;
+    assert_eq!(
+        run.batches(),
+        stopped_at,
+        "the shard went on processing while its renewal hung"
+    );
+    assert!(stopped_at < 100, "it stopped before the stream's end");
+    run.stop().await;
 }
