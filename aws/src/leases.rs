@@ -738,6 +738,52 @@ impl DynamoDbLeases {
         }
     }
 
+    /// Lets a held lease go: released (no owner), or handed over to `to`; a request to
+    /// hand it over is answered either way. This store stops holding it whatever the
+    /// write's outcome.
+    async fn let_go(
+        &self,
+        consumer: &str,
+        shard: &ShardId,
+        owner: &str,
+        to: Option<&str>,
+    ) -> Result<(), StreamError> {
+        let key = Self::key(consumer, shard)?;
+        let slot = self.slot(&key);
+        let mut slot = slot.lock().await;
+        if slot.as_ref().is_none_or(|h| h.owner != owner) {
+            return Ok(());
+        }
+        let result = match to {
+            None => {
+                self.fenced_write(
+                    "UpdateItem (release)",
+                    &key,
+                    &mut slot,
+                    &[],
+                    &[LEASE_OWNER, HANDOFF_TO],
+                )
+                .await
+            }
+            Some(to) => {
+                self.fenced_write_adding(
+                    "UpdateItem (hand over)",
+                    &key,
+                    &mut slot,
+                    &[(LEASE_OWNER, s(to))],
+                    &[HANDOFF_TO],
+                    &[OWNER_SWITCHES],
+                )
+                .await
+            }
+        };
+        *slot = None;
+        if let (Ok(true), Some(to)) = (&result, to) {
+            tracing::info!(table = %self.table, lease = key, from = owner, to, "lease handed over");
+        }
+        result.map(|_| ())
+    }
+
     /// The error of a commit or finish this store may not make.
     fn refused(&self, what: &str, consumer: &str, shard: &ShardId, why: &str) -> StreamError {
         StreamError::Unavailable(format!(
@@ -860,29 +906,11 @@ impl CheckpointStore for DynamoDbLeases {
         shard: &ShardId,
         owner: &str,
     ) -> Result<(), StreamError> {
-        let key = Self::key(consumer, shard)?;
-        let slot = self.slot(&key);
-        let mut slot = slot.lock().await;
-        if slot.as_ref().is_none_or(|h| h.owner != owner) {
-            return Ok(());
-        }
-        let result = self
-            .fenced_write(
-                "UpdateItem (release)",
-                &key,
-                &mut slot,
-                &[],
-                &[LEASE_OWNER, HANDOFF_TO],
-            )
-            .await;
-        *slot = None;
-        result.map(|_| ())
+        self.let_go(consumer, shard, owner, None).await
     }
 
     /// Writes `to` as the owner (an owner switch, as KCL counts them) and removes the
-    /// request, fenced like every write of the holder's. If the write fails for another
-    /// reason than the lease being gone, this store stops holding it all the same, and the
-    /// lease lapses after the lease duration.
+    /// request, fenced like every write of the holder's; on failure, as `release_lease`.
     async fn hand_over_lease(
         &self,
         consumer: &str,
@@ -890,27 +918,7 @@ impl CheckpointStore for DynamoDbLeases {
         owner: &str,
         to: &str,
     ) -> Result<(), StreamError> {
-        let key = Self::key(consumer, shard)?;
-        let slot = self.slot(&key);
-        let mut slot = slot.lock().await;
-        if slot.as_ref().is_none_or(|h| h.owner != owner) {
-            return Ok(());
-        }
-        let result = self
-            .fenced_write_adding(
-                "UpdateItem (hand over)",
-                &key,
-                &mut slot,
-                &[(LEASE_OWNER, s(to))],
-                &[HANDOFF_TO],
-                &[OWNER_SWITCHES],
-            )
-            .await;
-        *slot = None;
-        if matches!(result, Ok(true)) {
-            tracing::info!(table = %self.table, lease = key, from = owner, to, "lease handed over");
-        }
-        result.map(|_| ())
+        self.let_go(consumer, shard, owner, Some(to)).await
     }
 
     /// The last committed sequence; of a finished shard, the last one committed before
