@@ -102,7 +102,19 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     if args.rate_events.is_some() || !args.sweep_events.is_empty() {
-        return rt.block_on(open_loop(args));
+        let out = args.out.clone();
+        let report = rt.block_on(open_loop(args))?;
+        // Connections of sends that timed out, and connects still under way, belong to
+        // the runtime's tasks: under overload they can hold every file this process may
+        // open. Shutting the runtime down closes them before the report is written.
+        drop(rt);
+        let (json_path, svg_path) = floodgate_bench::open_loop::write_report(&report, &out)?;
+        eprintln!(
+            "loadgen: report in {}, plot in {}",
+            json_path.display(),
+            svg_path.display()
+        );
+        return Ok(());
     }
     rt.block_on(run(args))
 }
@@ -118,7 +130,7 @@ fn open_files_limit() -> Option<u64> {
         .ok()
 }
 
-async fn open_loop(args: Args) -> Result<()> {
+async fn open_loop(args: Args) -> Result<floodgate_bench::open_loop::Report> {
     // Each request in flight holds a connection: past the open-files limit, sends would
     // fail as connection errors that say nothing about the server.
     if let Some(limit) = open_files_limit()
@@ -157,14 +169,7 @@ async fn open_loop(args: Args) -> Result<()> {
         },
         threads: args.threads,
     };
-    let report = floodgate_bench::open_loop::sweep(&config, &mut std::io::stdout()).await?;
-    let (json_path, svg_path) = floodgate_bench::open_loop::write_report(&report, &args.out)?;
-    eprintln!(
-        "loadgen: report in {}, plot in {}",
-        json_path.display(),
-        svg_path.display()
-    );
-    Ok(())
+    floodgate_bench::open_loop::sweep(&config, &mut std::io::stdout()).await
 }
 
 async fn run(args: Args) -> Result<()> {
