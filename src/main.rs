@@ -22,6 +22,45 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Makes mimalloc give freed memory back to the OS soon, so that the process's resident
+/// memory follows what its buffers hold (the memory budget it prints) rather than the most
+/// they ever held. By default, on Linux, mimalloc commits its 1 GiB arenas up front and
+/// returns freed pages 10 to 100 ms later.
+/// Under a burst of 2,000 connections `serve` then peaked at 0.95–1.0 GiB of RSS, where
+/// glibc's malloc peaked at 0.55 GiB with the same build and load; with these defaults,
+/// 0.55–0.65 GiB, for 3–8 % of closed-loop throughput.
+///
+/// These are defaults: `MIMALLOC_ARENA_EAGER_COMMIT=2 MIMALLOC_PURGE_DELAY=10` in the
+/// environment restores mimalloc's own, trading resident memory for that throughput.
+///
+/// It runs as an ELF constructor, before `main` and so before the first allocation, which
+/// reserves the first arena: set in `main`, the options left the peak at 0.8 GiB.
+// The one unsafe block of the workspace: a call into the allocator this binary links.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+extern "C" fn tune_allocator() {
+    // The numbers of `mi_option_e` in `mimalloc.h` (the same in mimalloc 2.x and 3.x);
+    // the crate's bindings do not name these two.
+    const ARENA_EAGER_COMMIT: std::ffi::c_int = 4;
+    const PURGE_DELAY: std::ffi::c_int = 15;
+    unsafe extern "C" {
+        fn mi_option_set_default(option: std::ffi::c_int, value: std::ffi::c_long);
+    }
+    // SAFETY: an option is a plain integer in a static table that mimalloc reads when it
+    // commits and purges memory; setting its default needs no heap, and the environment
+    // still overrides it when mimalloc first reads the option.
+    unsafe {
+        mi_option_set_default(ARENA_EAGER_COMMIT, 0);
+        mi_option_set_default(PURGE_DELAY, 1);
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[used]
+#[allow(unsafe_code)]
+#[unsafe(link_section = ".init_array")]
+static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "floodgate",
