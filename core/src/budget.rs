@@ -26,6 +26,46 @@ const MIB: u64 = 1024 * KIB;
 /// plus a time-ordered queue entry (24 B).
 pub const DEDUPE_BYTES_PER_ID: u64 = 130;
 
+/// The largest read (and write) buffer of an HTTP/1 connection (hyper's `max_buf_size`):
+/// a request's headers must fit in it, and a body arrives in reads of at most this size.
+/// hyper's default (about 400 KiB) let every busy connection hold that much beside the
+/// body it was reading.
+pub const HTTP1_BUFFER_BYTES: u64 = 32 * KIB;
+
+/// HTTP/2 flow control: the body bytes a client may have sent on one connection, and on
+/// one stream, before the edge has read them. These are the protocol's initial windows
+/// (RFC 9113 §6.9.2); hyper's defaults are 1 MiB each, which a client could fill on every
+/// connection, unread and uncounted.
+pub const HTTP2_CONNECTION_WINDOW_BYTES: u64 = 64 * KIB;
+/// See [`HTTP2_CONNECTION_WINDOW_BYTES`].
+pub const HTTP2_STREAM_WINDOW_BYTES: u64 = 64 * KIB;
+/// Answer bytes an HTTP/2 stream buffers before it waits for the client (hyper's default
+/// is 400 KiB; an answer is a few KiB).
+pub const HTTP2_SEND_BUFFER_BYTES: u64 = 16 * KIB;
+
+/// A connection's own state, whatever its requests: hyper's connection and the task that
+/// drives it, the socket's registration, HTTP/2's header tables.
+pub const CONNECTION_STATE_BYTES: u64 = 16 * KIB;
+
+/// The most one connection holds besides its requests: its state and its buffers, the
+/// larger of HTTP/1's read and write buffers and HTTP/2's receive window and send buffer.
+///
+/// Measured with 3,000 HTTP/1 connections to `floodgate ingest`: about 37 KiB each once
+/// idle after a 20 KiB request, and 32 KiB each with a request's head read and its body
+/// still to come (that is, with [`REQUEST_STATE_BYTES`] in use too).
+pub const CONNECTION_BYTES: u64 = CONNECTION_STATE_BYTES
+    + if 2 * HTTP1_BUFFER_BYTES > HTTP2_CONNECTION_WINDOW_BYTES + HTTP2_SEND_BUFFER_BYTES {
+        2 * HTTP1_BUFFER_BYTES
+    } else {
+        HTTP2_CONNECTION_WINDOW_BYTES + HTTP2_SEND_BUFFER_BYTES
+    };
+
+/// One request's state besides its body: its head, the handler's future, its events'
+/// outcomes and its answer. The edge charges it to `ingest.max_inflight_body_bytes` when
+/// it admits the request, so that requests waiting for their bodies, and the streams of
+/// an HTTP/2 connection, are bounded with the bodies.
+pub const REQUEST_STATE_BYTES: u64 = 16 * KIB;
+
 /// Records per read of a shard consumer (`RuntimeConfig::max_batch_records` in the
 /// processors; a test there keeps the two equal).
 pub const READ_BATCH_RECORDS: u64 = 10_000;
@@ -134,6 +174,22 @@ impl MemoryBudget {
         let ingest = &config.ingest;
         let stream = &config.stream.embedded;
         if role.edge() {
+            line(
+                "connections",
+                (ingest.max_connections as u64).saturating_mul(CONNECTION_BYTES),
+                format!(
+                    "ingest.max_connections × {} (state and HTTP buffers)",
+                    Human(CONNECTION_BYTES)
+                ),
+            );
+            line(
+                "in-flight requests",
+                ingest.max_inflight_body_bytes,
+                format!(
+                    "ingest.max_inflight_body_bytes: bodies as read, and {} of state a request",
+                    Human(REQUEST_STATE_BYTES)
+                ),
+            );
             let ids = if ingest.dedupe_window_ms == 0 {
                 0
             } else {
@@ -145,11 +201,6 @@ impl MemoryBudget {
                 format!(
                     "ingest.dedupe_max_ids × {DEDUPE_BYTES_PER_ID} B (0 when dedupe_window_ms = 0)"
                 ),
-            );
-            line(
-                "in-flight bodies",
-                ingest.max_inflight_body_bytes,
-                "ingest.max_inflight_body_bytes".to_owned(),
             );
             // Events waiting for their fsync, in the stream and in the quarantine (a one-shard
             // log opened with the stream's settings). They are copies of the events of bodies
@@ -301,6 +352,7 @@ mod tests {
     #[test]
     fn every_line_follows_its_settings() {
         let mut c = Config::default();
+        c.ingest.max_connections = 10_000;
         c.stream.embedded.shards = 4;
         c.ingest.dedupe_max_ids = 1_000_000;
         c.ingest.max_inflight_body_bytes = 100 * MIB;
@@ -311,7 +363,8 @@ mod tests {
         c.state.mmap_bytes = 16 * MIB;
         let b = MemoryBudget::from_config(&c);
         assert_eq!(b.line("dedupe window"), 130_000_000);
-        assert_eq!(b.line("in-flight bodies"), 100 * MIB);
+        assert_eq!(b.line("in-flight requests"), 100 * MIB);
+        assert_eq!(b.line("connections"), 10_000 * CONNECTION_BYTES);
         assert_eq!(b.line("append queues"), 100 * MIB);
         assert_eq!(b.line("processor read batches"), 10 * 10_000 * 1024);
         assert_eq!(b.line("relay batch"), 8 * 10_000 * 1024);
@@ -323,6 +376,7 @@ mod tests {
         assert_eq!(b.line("state memory map"), 48 * MIB);
         assert_eq!(b.state_cache_bytes, 8 * MIB);
         let sum = BASELINE_BYTES
+            + 10_000 * CONNECTION_BYTES
             + 130_000_000
             + 100 * MIB
             + 100 * MIB
@@ -336,6 +390,12 @@ mod tests {
         let mut more = c.clone();
         more.ingest.dedupe_max_ids = 2_000_000;
         assert_eq!(MemoryBudget::from_config(&more).total(), sum + 130_000_000);
+        let mut more = c.clone();
+        more.ingest.max_connections = 20_000;
+        assert_eq!(
+            MemoryBudget::from_config(&more).total(),
+            sum + 10_000 * CONNECTION_BYTES
+        );
         // Queued events are copies of in-flight ones: the smaller bound holds.
         let mut less = c.clone();
         less.ingest.max_inflight_body_bytes = 60 * MIB;
@@ -402,7 +462,8 @@ mod tests {
         assert_eq!(ingest.line("lake buffers"), 0);
         assert_eq!(ingest.line("processor read batches"), 0);
         assert_eq!(process.line("dedupe window"), 0);
-        assert_eq!(process.line("in-flight bodies"), 0);
+        assert_eq!(process.line("in-flight requests"), 0);
+        assert_eq!(process.line("connections"), 0);
         // Baseline and state are in all three; everything else in exactly one of the two.
         let shared =
             BASELINE_BYTES + serve.line("state page cache") + serve.line("state memory map");

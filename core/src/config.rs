@@ -309,7 +309,8 @@ pub struct IngestConfig {
     pub body_timeout_ms: u64,
     /// How long one request may take from its headers to its answer.
     pub request_timeout_ms: u64,
-    /// Connections served at once; more wait in the kernel's accept queue.
+    /// Connections served at once; more wait in the kernel's accept queue. Each costs the
+    /// memory budget `budget::CONNECTION_BYTES`.
     pub max_connections: usize,
     /// A connection with no request in flight and no bytes moving for this long is closed
     /// (HTTP/1 keep-alive, HTTP/2, and a connection that never sends a request), so idle
@@ -323,8 +324,9 @@ pub struct IngestConfig {
     /// `Retry-After` sent with 503 when the stream cannot take a batch.
     pub retry_after_secs: u64,
     /// Request bodies held in memory at once, in bytes, across all connections, charged by
-    /// the bytes read so far (a compressed body also by its inflated size). A request that
-    /// would pass it is answered 503 with `Retry-After`.
+    /// the bytes read so far (a compressed body also by its inflated size), plus each
+    /// request's own state (`budget::REQUEST_STATE_BYTES`). A request that would pass it is
+    /// answered 503 with `Retry-After`.
     pub max_inflight_body_bytes: u64,
     /// When the processors in this process are more than this many records behind the
     /// stream's head on any shard, new events are answered 503 with `Retry-After`.
@@ -682,8 +684,16 @@ impl Config {
         if self.lake.max_buffer_bytes < MIB {
             return e("lake.max_buffer_bytes must be at least 1048576");
         }
-        if self.ingest.max_inflight_body_bytes < self.ingest.max_body_bytes {
-            return e("ingest.max_inflight_body_bytes must be at least ingest.max_body_bytes");
+        if self.ingest.max_inflight_body_bytes
+            < self
+                .ingest
+                .max_body_bytes
+                .saturating_add(crate::budget::REQUEST_STATE_BYTES)
+        {
+            return e(&format!(
+                "ingest.max_inflight_body_bytes must be at least ingest.max_body_bytes + {} (one request's state)",
+                crate::budget::REQUEST_STATE_BYTES
+            ));
         }
         let auth = &self.ingest.auth;
         let mut names = std::collections::HashSet::new();

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use floodgate_core::budget::REQUEST_STATE_BYTES;
 use floodgate_core::check::{Outcome, check_body_traced};
 use floodgate_core::decode::{BodyFormat, DecodeError};
 use floodgate_core::registry::Registry;
@@ -107,41 +108,52 @@ enum ReadError {
     Failed(String),
 }
 
-/// Reads a whole body of at most `max` bytes, charging `charge` for each frame as it
-/// arrives.
-async fn read_body<B>(body: B, max: u64, charge: &mut BodyCharge) -> Result<Bytes, ReadError>
+/// Reads a whole body of at most `max` bytes (`declared` by its `Content-Length`, when it
+/// is), charging `charge` for the memory it takes as the frames arrive.
+///
+/// Each frame is copied out and let go at once. A frame is a slice of hyper's read
+/// buffer, and holding it would keep that whole buffer allocated (and make hyper allocate
+/// another for the connection's next read) while the charge counted only the slice. The
+/// body grows geometrically, never past its declared length, and is charged by its
+/// capacity: what it holds in memory, at most twice what it has sent.
+async fn read_body<B>(
+    body: B,
+    max: u64,
+    declared: Option<u64>,
+    charge: &mut BodyCharge,
+) -> Result<Bytes, ReadError>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut body = std::pin::pin!(body);
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut total = 0u64;
+    let mut buf: Vec<u8> = Vec::new();
+    let ceiling = declared.unwrap_or(max).min(max) as usize;
     while let Some(frame) = body.as_mut().frame().await {
         let frame = frame.map_err(|e| ReadError::Failed(e.into().to_string()))?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers
         };
-        total += data.len() as u64;
-        if total > max {
+        let need = buf.len() + data.len();
+        if need as u64 > max {
             return Err(ReadError::TooLarge);
         }
-        if !charge.add(data.len() as u64) {
-            return Err(ReadError::OverBudget);
-        }
-        chunks.push(data);
-    }
-    Ok(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().expect("one chunk"),
-        _ => {
-            let mut all = BytesMut::with_capacity(total as usize);
-            for c in chunks {
-                all.extend_from_slice(&c);
+        if need > buf.capacity() {
+            let grown = (2 * buf.capacity()).min(ceiling).max(need);
+            if !charge.add((grown - buf.capacity()) as u64) {
+                return Err(ReadError::OverBudget);
             }
-            all.freeze()
+            buf.reserve_exact(grown - buf.len());
         }
-    })
+        buf.extend_from_slice(&data);
+    }
+    if buf.capacity() > buf.len() {
+        // A body shorter than declared, or sent without a length: keep only what it is.
+        let slack = (buf.capacity() - buf.len()) as u64;
+        buf.shrink_to_fit();
+        charge.release(slack);
+    }
+    Ok(Bytes::from(buf))
 }
 
 /// A request's claims in the dedupe window, with the index of the record each claimed
@@ -745,7 +757,15 @@ impl Events {
         }
         // Bodies in memory are bounded across all requests, by the bytes each one holds.
         let mut charge = BodyCharge::new(self.inflight.clone());
-        let read = read_body(req.into_body(), limits.max_body_bytes, &mut charge);
+        if !charge.add(REQUEST_STATE_BYTES) {
+            return Err(self.over_budget());
+        }
+        let read = read_body(
+            req.into_body(),
+            limits.max_body_bytes,
+            declared,
+            &mut charge,
+        );
         let body = match tokio::time::timeout(limits.body_timeout, read).await {
             Err(_) => return Err(EdgeError::BodyTimeout),
             Ok(Err(ReadError::TooLarge)) => return Err(too_large),
@@ -1104,6 +1124,64 @@ mod tests {
     use super::*;
 
     const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    /// A body that yields the given frames, as hyper yields slices of its read buffer.
+    struct Frames(std::collections::VecDeque<Bytes>);
+
+    impl hyper::body::Body for Frames {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(hyper::body::Frame::data(b))))
+        }
+    }
+
+    fn frames(sizes: &[usize]) -> (Frames, Vec<u8>) {
+        let mut all = Vec::new();
+        let frames = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let f = vec![b'a' + i as u8; n];
+                all.extend_from_slice(&f);
+                Bytes::from(f)
+            })
+            .collect();
+        (Frames(frames), all)
+    }
+
+    /// A body is read into a buffer of its own, charged by what that buffer holds: its
+    /// length once read, with or without a declared length, and never the frames' buffers.
+    #[tokio::test]
+    async fn a_body_is_charged_what_its_buffer_holds() {
+        let budget = Arc::new(Semaphore::new(1024));
+        for declared in [Some(35 * 1024), None] {
+            let (body, all) = frames(&[8 * 1024, 16 * 1024, 11 * 1024]);
+            let mut charge = BodyCharge::new(budget.clone());
+            let read = read_body(body, 1 << 20, declared, &mut charge).await;
+            let read = read.ok().expect("within its limits");
+            assert_eq!(&read[..], &all[..]);
+            assert_eq!(charge.bytes, 35 * 1024, "declared {declared:?}");
+            assert_eq!(budget.available_permits(), 1024 - 35);
+            drop(charge);
+            assert_eq!(budget.available_permits(), 1024);
+        }
+        // Growing past the budget stops the read, whatever the frames already charged.
+        let small = Arc::new(Semaphore::new(30));
+        let (body, _) = frames(&[8 * 1024, 16 * 1024, 11 * 1024]);
+        let mut charge = BodyCharge::new(small);
+        let read = read_body(body, 1 << 20, None, &mut charge).await;
+        assert!(matches!(read, Err(ReadError::OverBudget)));
+        // A body past its limit is refused as it arrives.
+        let (body, _) = frames(&[8 * 1024, 16 * 1024]);
+        let mut charge = BodyCharge::new(budget.clone());
+        let read = read_body(body, 20 * 1024, None, &mut charge).await;
+        assert!(matches!(read, Err(ReadError::TooLarge)));
+    }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -19,6 +19,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use floodgate_core::budget::{
+    HTTP1_BUFFER_BYTES, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_SEND_BUFFER_BYTES,
+    HTTP2_STREAM_WINDOW_BYTES,
+};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -178,14 +182,21 @@ pub async fn serve(
     let idle_timeout = config.idle_timeout;
     let permits = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Each connection's buffers are bounded by the memory budget's numbers (hyper's
+    // defaults let a busy HTTP/1 connection read ahead 400 KiB, and an HTTP/2 client send
+    // 1 MiB, that nothing counted).
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(HTTP1_BUFFER_BYTES as usize)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES as u32)
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES as u32)
+        .max_send_buf_size(HTTP2_SEND_BUFFER_BYTES as usize)
         .max_concurrent_streams(256);
     let builder = Arc::new(builder);
     // Tells every connection to finish gracefully; each holds a receiver until it ends,

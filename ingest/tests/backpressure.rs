@@ -203,7 +203,8 @@ async fn consumer_lag_in_time_past_its_bound_gets_503() {
 async fn inflight_body_bytes_are_bounded() {
     let cfg = IngestConfig {
         max_body_bytes: 64 * 1024,
-        max_inflight_body_bytes: 64 * 1024,
+        // One largest body and its request's state.
+        max_inflight_body_bytes: 64 * 1024 + floodgate_core::budget::REQUEST_STATE_BYTES,
         ..IngestConfig::default()
     };
     let app = app_with(Arc::new(FullStream::default()), cfg).build();
@@ -252,6 +253,44 @@ async fn slow_bodies_are_charged_what_they_sent() {
         drop(tx);
         assert_eq!(holder.await.unwrap(), 200);
     }
+}
+
+/// A request is charged its own state besides its body from the moment it is admitted,
+/// so that requests waiting for their bodies (or the streams of one HTTP/2 connection)
+/// are bounded with the bodies: four that have sent a byte each leave no room for a
+/// fifth, however small its body.
+// One thread: a request has charged a chunk by the time the test sees it taken.
+#[tokio::test]
+async fn waiting_requests_are_charged_their_state() {
+    use floodgate_core::budget::REQUEST_STATE_BYTES;
+    let cfg = IngestConfig {
+        max_body_bytes: 64 * 1024,
+        max_inflight_body_bytes: 5 * REQUEST_STATE_BYTES,
+        ..IngestConfig::default()
+    };
+    let app = app_with(Arc::new(FullStream::default()), cfg).build();
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        let (tx, holder) = start_chunked(&app);
+        send_taken(&tx, Bytes::from_static(b"[")).await;
+        waiting.push((tx, holder));
+    }
+    let (status, retry_after, body) = post(&app, &[event("w0", 1)]).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert_eq!(body["error"]["code"], "inflight_bytes");
+    for (i, (tx, holder)) in waiting.into_iter().enumerate() {
+        let mut rest = serde_json::to_vec(&event(&format!("w{}", i + 1), 1)).unwrap();
+        rest.push(b']');
+        tx.send(Bytes::from(rest)).await.unwrap();
+        drop(tx);
+        assert_eq!(holder.await.unwrap(), 200);
+    }
+    assert_eq!(
+        post(&app, &[event("w5", 1)]).await.0,
+        200,
+        "their state is given back"
+    );
 }
 
 /// A compressed body is charged what it inflates to as it inflates, not the body limit
