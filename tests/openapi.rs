@@ -249,12 +249,13 @@ fn refusals_answer_as_documented() {
     const OPS: &str = "fg_openapi_ops";
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("floodgate.toml");
-    // Bodies in memory are bounded by one largest body (and its request's state), so that
-    // a compressed body (held while it inflates) over half that size finds no room: 503.
+    // Requests in memory are bounded by one largest request (its body, its state and its
+    // ten events' state), so that a compressed body (held while it inflates) over half
+    // that size finds no room: 503.
     std::fs::write(
         &config,
         format!(
-            "[ingest]\nmax_body_bytes = 65536\nmax_inflight_body_bytes = 81920\n\
+            "[ingest]\nmax_body_bytes = 65536\nmax_batch_events = 10\nmax_inflight_body_bytes = 87040\n\
              [ingest.auth]\nrequired = true\n\
              [[ingest.auth.api_keys]]\nname = \"limited\"\nkey_sha256 = \"{}\"\n\
              allowed_types = [\"booking.*\"]\nrate_per_sec = 1\nburst = 2\n\

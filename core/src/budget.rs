@@ -60,11 +60,25 @@ pub const CONNECTION_BYTES: u64 = CONNECTION_STATE_BYTES
         HTTP2_CONNECTION_WINDOW_BYTES + HTTP2_SEND_BUFFER_BYTES
     };
 
-/// One request's state besides its body: its head, the handler's future, its events'
-/// outcomes and its answer. The edge charges it to `ingest.max_inflight_body_bytes` when
-/// it admits the request, so that requests waiting for their bodies, and the streams of
-/// an HTTP/2 connection, are bounded with the bodies.
+/// One request's state besides its body and its events: its head and the handler's
+/// future. The edge charges it to `ingest.max_inflight_body_bytes` when it admits the
+/// request, so that requests waiting for their bodies, and the streams of an HTTP/2
+/// connection, are bounded with the bodies.
 pub const REQUEST_STATE_BYTES: u64 = 16 * KIB;
+
+/// One event's state besides its bytes in the body: its outcome, its record, its result
+/// and its part of the answer (about 400 bytes; rounded up). The edge charges it to
+/// `ingest.max_inflight_body_bytes` for every event of a batch once the batch is decoded;
+/// once the batch is answered, only the answer's bytes stay charged, until they are sent.
+pub const EVENT_STATE_BYTES: u64 = 512;
+
+/// What one largest request is charged at most: its body, its state and its events'.
+pub fn largest_request_bytes(ingest: &crate::config::IngestConfig) -> u64 {
+    ingest
+        .max_body_bytes
+        .saturating_add(REQUEST_STATE_BYTES)
+        .saturating_add((ingest.max_batch_events as u64).saturating_mul(EVENT_STATE_BYTES))
+}
 
 /// Records per read of a shard consumer (`RuntimeConfig::max_batch_records` in the
 /// processors; a test there keeps the two equal).
@@ -186,7 +200,7 @@ impl MemoryBudget {
                 "in-flight requests",
                 ingest.max_inflight_body_bytes,
                 format!(
-                    "ingest.max_inflight_body_bytes: bodies as read, and {} of state a request",
+                    "ingest.max_inflight_body_bytes: bodies as read, {} a request and {EVENT_STATE_BYTES} B an event of state, answers until sent",
                     Human(REQUEST_STATE_BYTES)
                 ),
             );

@@ -323,10 +323,11 @@ pub struct IngestConfig {
     pub dedupe_max_ids: usize,
     /// `Retry-After` sent with 503 when the stream cannot take a batch.
     pub retry_after_secs: u64,
-    /// Request bodies held in memory at once, in bytes, across all connections, charged by
-    /// the bytes read so far (a compressed body also by its inflated size), plus each
-    /// request's own state (`budget::REQUEST_STATE_BYTES`). A request that would pass it is
-    /// answered 503 with `Retry-After`.
+    /// Requests held in memory at once, in bytes, across all connections: each body charged
+    /// by the memory it takes as it arrives (a compressed body also as it inflates), each
+    /// request's and each event's state (`budget::REQUEST_STATE_BYTES`,
+    /// `budget::EVENT_STATE_BYTES`), and each answer until it is sent. A request that would
+    /// pass it is answered 503 with `Retry-After`.
     pub max_inflight_body_bytes: u64,
     /// When the processors in this process are more than this many records behind the
     /// stream's head on any shard, new events are answered 503 with `Retry-After`.
@@ -684,15 +685,15 @@ impl Config {
         if self.lake.max_buffer_bytes < MIB {
             return e("lake.max_buffer_bytes must be at least 1048576");
         }
-        if self.ingest.max_inflight_body_bytes
-            < self
-                .ingest
-                .max_body_bytes
-                .saturating_add(crate::budget::REQUEST_STATE_BYTES)
-        {
+        // One largest request must fit, or it would be answered 503 forever.
+        let largest = crate::budget::largest_request_bytes(&self.ingest);
+        if self.ingest.max_inflight_body_bytes < largest {
             return e(&format!(
-                "ingest.max_inflight_body_bytes must be at least ingest.max_body_bytes + {} (one request's state)",
-                crate::budget::REQUEST_STATE_BYTES
+                "ingest.max_inflight_body_bytes must be at least {largest}: one largest request \
+                 (ingest.max_body_bytes, {} of its state and {} B for each of \
+                 ingest.max_batch_events)",
+                crate::budget::REQUEST_STATE_BYTES,
+                crate::budget::EVENT_STATE_BYTES
             ));
         }
         let auth = &self.ingest.auth;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use floodgate_core::budget::REQUEST_STATE_BYTES;
+use floodgate_core::budget::{EVENT_STATE_BYTES, REQUEST_STATE_BYTES};
 use floodgate_core::check::{Outcome, check_body_traced};
 use floodgate_core::decode::{BodyFormat, DecodeError};
 use floodgate_core::registry::Registry;
@@ -49,10 +49,13 @@ const QUARANTINE_MAX_RECORD: usize = (1 << 20) - 1024;
 /// never holds an async worker for more than a fraction of a millisecond.
 const INLINE_CHECK_MAX_BYTES: usize = 64 * 1024;
 
-/// One request's share of the budget for bodies in memory (`max_inflight_body_bytes`,
-/// as KiB permits of `Events::inflight`). It grows with the bytes actually held, as the
-/// body's frames arrive and as a compressed body inflates, so a slow or chunked body
-/// costs what it has sent, not the largest body it might become.
+/// One request's share of the budget for requests in memory (`max_inflight_body_bytes`,
+/// as KiB permits of `Events::inflight`): its state from admission
+/// ([`REQUEST_STATE_BYTES`]), then the memory its body actually takes as the frames arrive
+/// and as a compressed body inflates (so a slow or chunked body costs what it has sent,
+/// not the largest body it might become), and each event's state once decoded
+/// ([`EVENT_STATE_BYTES`]). Once the request is answered only the answer's bytes stay
+/// charged, until hyper has sent them.
 #[derive(Debug)]
 struct BodyCharge {
     budget: Arc<Semaphore>,
@@ -89,6 +92,11 @@ impl BodyCharge {
         true
     }
 
+    /// Gives back all but `n` bytes (what is left of a request once it is answered).
+    fn keep(&mut self, n: u64) {
+        self.release(self.bytes.saturating_sub(n));
+    }
+
     /// Gives `n` bytes back (a compressed body once it has been inflated and dropped).
     fn release(&mut self, n: u64) {
         self.bytes = self.bytes.saturating_sub(n);
@@ -115,7 +123,8 @@ enum ReadError {
 /// buffer, and holding it would keep that whole buffer allocated (and make hyper allocate
 /// another for the connection's next read) while the charge counted only the slice. The
 /// body grows geometrically, never past its declared length, and is charged by its
-/// capacity: what it holds in memory, at most twice what it has sent.
+/// capacity: what it holds in memory, its length when the length was declared, and at
+/// most twice what it has sent when it was not.
 async fn read_body<B>(
     body: B,
     max: u64,
@@ -147,12 +156,8 @@ where
         }
         buf.extend_from_slice(&data);
     }
-    if buf.capacity() > buf.len() {
-        // A body shorter than declared, or sent without a length: keep only what it is.
-        let slack = (buf.capacity() - buf.len()) as u64;
-        buf.shrink_to_fit();
-        charge.release(slack);
-    }
+    // A body sent without a length keeps its spare capacity, charged: a shrink would move
+    // nothing (allocators keep a block that shrinks by less than half).
     Ok(Bytes::from(buf))
 }
 
@@ -656,18 +661,28 @@ impl Events {
         let caller = self.admit(req.headers(), rate)?;
         let _in_progress = InProgress::new(self.incoming.as_ref());
         let received = self.receive(req).await?;
-        let (mut outcomes, charge) = self.check(received).await?;
+        let (mut outcomes, mut charge) = self.check(received).await?;
         metrics::histogram!("floodgate_ingest_batch_size_events").record(outcomes.len() as f64);
+        // Each event's outcome, record and result, besides its bytes in the body.
+        if !charge.add(outcomes.len() as u64 * EVENT_STATE_BYTES) {
+            return Err(self.over_budget());
+        }
         if let Some(who) = caller.principal() {
             Self::charge(who, &mut outcomes, rate)?;
         }
         let planned = self.plan(&mut outcomes);
-        let (appended, charge) = self
+        let (appended, mut charge) = self
             .append(&outcomes, planned.records, planned.claims, charge)
             .await?;
-        let response = self.answer(outcomes, planned.plans, &appended);
+        let mut response = self.answer(outcomes, planned.plans, &appended);
         // The outcomes' ids are slices of the body: it stays charged until they are gone.
-        drop(charge);
+        // Then only the answer is left, charged until hyper has sent it.
+        charge.keep(
+            hyper::body::Body::size_hint(response.body())
+                .exact()
+                .unwrap_or(0),
+        );
+        response.body_mut().hold(charge);
         Ok(response)
     }
 
@@ -1155,7 +1170,7 @@ mod tests {
     }
 
     /// A body is read into a buffer of its own, charged by what that buffer holds: its
-    /// length once read, with or without a declared length, and never the frames' buffers.
+    /// length when it was declared, its capacity when it was not.
     #[tokio::test]
     async fn a_body_is_charged_what_its_buffer_holds() {
         let budget = Arc::new(Semaphore::new(1024));
@@ -1165,8 +1180,11 @@ mod tests {
             let read = read_body(body, 1 << 20, declared, &mut charge).await;
             let read = read.ok().expect("within its limits");
             assert_eq!(&read[..], &all[..]);
-            assert_eq!(charge.bytes, 35 * 1024, "declared {declared:?}");
-            assert_eq!(budget.available_permits(), 1024 - 35);
+            // Declared, the buffer is the body's size; not, it doubled past it (8, 24, 48
+            // KiB), and the spare capacity is memory too.
+            let held = if declared.is_some() { 35 } else { 48 };
+            assert_eq!(charge.bytes, held * 1024, "declared {declared:?}");
+            assert_eq!(budget.available_permits(), 1024 - held as usize);
             drop(charge);
             assert_eq!(budget.available_permits(), 1024);
         }

@@ -203,8 +203,8 @@ async fn consumer_lag_in_time_past_its_bound_gets_503() {
 async fn inflight_body_bytes_are_bounded() {
     let cfg = IngestConfig {
         max_body_bytes: 64 * 1024,
-        // One largest body and its request's state.
-        max_inflight_body_bytes: 64 * 1024 + floodgate_core::budget::REQUEST_STATE_BYTES,
+        // One largest body, its request's state, and room for its events' state.
+        max_inflight_body_bytes: 64 * 1024 + floodgate_core::budget::REQUEST_STATE_BYTES + 1024,
         ..IngestConfig::default()
     };
     let app = app_with(Arc::new(FullStream::default()), cfg).build();
@@ -291,6 +291,68 @@ async fn waiting_requests_are_charged_their_state() {
         200,
         "their state is given back"
     );
+}
+
+/// Each event of a batch is charged its state (outcome, record, result) once the batch is
+/// decoded, beyond its bytes in the body: a batch of many small events can be refused
+/// where one of few, or the same bytes in fewer events, fits.
+// One thread: nothing else holds the budget.
+#[tokio::test]
+async fn a_batch_is_charged_its_events_state() {
+    use floodgate_core::budget::{EVENT_STATE_BYTES, REQUEST_STATE_BYTES};
+    let cfg = IngestConfig {
+        max_inflight_body_bytes: REQUEST_STATE_BYTES + 4 * 1024,
+        ..IngestConfig::default()
+    };
+    let app = app_with(Arc::new(FullStream::default()), cfg).build();
+    let batch = |prefix: &str, n: usize| -> Vec<Value> {
+        (0..n).map(|i| event(&format!("{prefix}{i}"), 1)).collect()
+    };
+    let ten = batch("e", 10);
+    let body_len = serde_json::to_vec(&ten).unwrap().len() as u64;
+    assert!(
+        body_len < 4 * 1024 && body_len + 10 * EVENT_STATE_BYTES > 4 * 1024,
+        "the body fits, its events' state does not: {body_len}"
+    );
+    let (status, retry_after, body) = post(&app, &ten).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert_eq!(body["error"]["code"], "inflight_bytes");
+    let (status, _, body) = post(&app, &batch("f", 2)).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// An answer stays charged until it is sent: answers a client has not read (HTTP/1
+/// clients that stopped reading, the streams of an HTTP/2 connection) fill the budget
+/// like bodies do, and their bytes come back once hyper drops them.
+// One thread: the answers are held by the test, not by a connection.
+#[tokio::test]
+async fn unsent_answers_stay_charged() {
+    use floodgate_core::budget::REQUEST_STATE_BYTES;
+    // One request of one event: its state, its body and its event's state, about 17 KiB;
+    // room for one more KiB.
+    let cfg = IngestConfig {
+        max_inflight_body_bytes: REQUEST_STATE_BYTES + 2 * 1024,
+        ..IngestConfig::default()
+    };
+    let app = app_with(Arc::new(FullStream::default()), cfg).build();
+    let one = |id: &str| {
+        hyper::Request::post("/v1/events")
+            .header("content-type", "application/cloudevents-batch+json")
+            .body(Full::new(Bytes::from(
+                serde_json::to_vec(&[event(id, 1)]).unwrap(),
+            )))
+            .unwrap()
+    };
+    let first = app.handle(one("u1")).await;
+    assert_eq!(first.status(), 200);
+    let second = app.handle(one("u2")).await;
+    assert_eq!(second.status(), 200, "one unsent answer leaves room");
+    let third = app.handle(one("u3")).await;
+    assert_eq!(third.status(), 503, "two unsent answers do not");
+    drop((first, second, third));
+    let (status, _, body) = post(&app, &[event("u4", 1)]).await;
+    assert_eq!(status, 200, "sent answers give their bytes back: {body}");
 }
 
 /// A compressed body is charged what it inflates to as it inflates, not the body limit
