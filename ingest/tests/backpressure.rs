@@ -238,21 +238,10 @@ async fn slow_bodies_are_charged_what_they_sent() {
     };
     assert_eq!(cfg.max_body_bytes, 5 * 1024 * 1024);
     let app = app_with(Arc::new(FullStream::default()), cfg).build();
-    let mut slow = Vec::new();
-    for _ in 0..100 {
-        let (tx, holder) = start_chunked(&app);
-        send_taken(&tx, Bytes::from_static(b"[")).await;
-        slow.push((tx, holder));
-    }
+    let slow = start_slow(&app, 100).await;
     let (status, _, body) = post(&app, &[event("s0", 1)]).await;
     assert_eq!(status, 200, "a small POST behind 100 slow ones: {body}");
-    for (i, (tx, holder)) in slow.into_iter().enumerate() {
-        let mut rest = serde_json::to_vec(&event(&format!("s{}", i + 1), 1)).unwrap();
-        rest.push(b']');
-        tx.send(Bytes::from(rest)).await.unwrap();
-        drop(tx);
-        assert_eq!(holder.await.unwrap(), 200);
-    }
+    finish_slow(slow, "s").await;
 }
 
 /// A request is charged its own state besides its body from the moment it is admitted,
@@ -269,23 +258,12 @@ async fn waiting_requests_are_charged_their_state() {
         ..IngestConfig::default()
     };
     let app = app_with(Arc::new(FullStream::default()), cfg).build();
-    let mut waiting = Vec::new();
-    for _ in 0..4 {
-        let (tx, holder) = start_chunked(&app);
-        send_taken(&tx, Bytes::from_static(b"[")).await;
-        waiting.push((tx, holder));
-    }
+    let waiting = start_slow(&app, 4).await;
     let (status, retry_after, body) = post(&app, &[event("w0", 1)]).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(retry_after.as_deref(), Some("1"));
     assert_eq!(body["error"]["code"], "inflight_bytes");
-    for (i, (tx, holder)) in waiting.into_iter().enumerate() {
-        let mut rest = serde_json::to_vec(&event(&format!("w{}", i + 1), 1)).unwrap();
-        rest.push(b']');
-        tx.send(Bytes::from(rest)).await.unwrap();
-        drop(tx);
-        assert_eq!(holder.await.unwrap(), 200);
-    }
+    finish_slow(waiting, "w").await;
     assert_eq!(
         post(&app, &[event("w5", 1)]).await.0,
         200,
@@ -433,6 +411,33 @@ fn start_chunked(
         async move { app.handle(req).await.status().as_u16() }
     });
     (tx, holder)
+}
+
+type Slow = (
+    tokio::sync::mpsc::Sender<Bytes>,
+    tokio::task::JoinHandle<u16>,
+);
+
+/// Starts `n` chunked POSTs that have sent one byte (`[`) each and wait.
+async fn start_slow(app: &App, n: usize) -> Vec<Slow> {
+    let mut slow = Vec::new();
+    for _ in 0..n {
+        let (tx, holder) = start_chunked(app);
+        send_taken(&tx, Bytes::from_static(b"[")).await;
+        slow.push((tx, holder));
+    }
+    slow
+}
+
+/// Ends each of `slow` with one event (ids `<prefix>1`, `<prefix>2`, …); each is accepted.
+async fn finish_slow(slow: Vec<Slow>, prefix: &str) {
+    for (i, (tx, holder)) in slow.into_iter().enumerate() {
+        let mut rest = serde_json::to_vec(&event(&format!("{prefix}{}", i + 1), 1)).unwrap();
+        rest.push(b']');
+        tx.send(Bytes::from(rest)).await.unwrap();
+        drop(tx);
+        assert_eq!(holder.await.unwrap(), 200);
+    }
 }
 
 /// Sends `chunk` and returns once the request has taken it from the channel. On a
