@@ -28,7 +28,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// up front and returns freed pages 1 s later. Under a burst from 8,192 client connections
 /// (2,000 served at once), `serve` then peaked at 0.95–1.0 GiB of RSS, where glibc's
 /// malloc peaked at 0.55 GiB with the same build and load; with these defaults (arenas
-/// committed on demand, freed pages returned after 1 ms), at 0.52–0.65 GiB, for 3–8 % of
+/// committed on demand, freed pages returned after 1 ms), at 0.51–0.63 GiB, for 3–8 % of
 /// closed-loop throughput.
 ///
 /// These are defaults: `MIMALLOC_ARENA_EAGER_COMMIT=2 MIMALLOC_PURGE_DELAY=1000` in the
