@@ -218,7 +218,7 @@ pub(crate) enum KeysCommand {
     },
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Default)]
 pub(crate) struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:8080]
     #[arg(long, env = "FLOODGATE_LISTEN")]
@@ -238,6 +238,11 @@ pub(crate) struct ServeArgs {
     /// Serve on a non-loopback address without requiring credentials
     #[arg(long)]
     pub(crate) insecure_no_auth: bool,
+    /// A second listener for /metrics, /healthz and /readyz only, with connections of its
+    /// own, so that scrapes and probes answer while --listen is at its connection limit
+    /// [default: none]
+    #[arg(long, env = "FLOODGATE_OPS_LISTEN")]
+    pub(crate) ops_listen: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -368,12 +373,10 @@ fn main() -> ExitCode {
             schemas,
         }) => cmd::lake::compact(
             ServeArgs {
-                listen: None,
                 data_dir,
                 config,
                 schemas,
-                shards: None,
-                insecure_no_auth: false,
+                ..ServeArgs::default()
             },
             &table,
             dt.as_deref(),
@@ -387,12 +390,8 @@ fn main() -> ExitCode {
         }) => cmd::lake::rebuild(data_dir, config, to_prefix).map(|()| ExitCode::SUCCESS),
         Command::Aws(AwsCommand::Init { config, check }) => {
             let args = ServeArgs {
-                listen: None,
-                data_dir: None,
                 config: Some(config),
-                schemas: None,
-                shards: None,
-                insecure_no_auth: false,
+                ..ServeArgs::default()
             };
             if check {
                 cmd::aws::check(args)

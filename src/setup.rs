@@ -82,6 +82,9 @@ pub(crate) fn effective_config(args: &ServeArgs) -> Result<Config> {
     if let Some(listen) = args.listen {
         config.ingest.listen = listen;
     }
+    if let Some(ops) = args.ops_listen {
+        config.ingest.ops_listen = Some(ops);
+    }
     if let Some(dir) = &args.data_dir {
         config.data_dir.clone_from(dir);
     }

@@ -1,6 +1,7 @@
 //! Connection hygiene on the real binary: slow headers and slow bodies are cut off, the
 //! connection limit holds new connections back in the accept queue instead of serving
-//! them all, and a graceful shutdown under load loses no acked event.
+//! them all (while the operations listener still answers), and a graceful shutdown under
+//! load loses no acked event.
 
 mod common;
 
@@ -109,6 +110,145 @@ fn the_connection_limit_holds_new_connections_back() {
     let resp = read_response(&mut third).unwrap();
     assert_eq!(resp.status, 200);
     assert_eq!(accept_queue(port), 0);
+}
+
+/// `ingest.ops_listen`: with the edge's one connection taken by a request still sending
+/// its body, `/metrics`, `/healthz` and `/readyz` answer on the operations listener (the
+/// edge's own listener would hold them in its accept queue), which serves nothing else;
+/// once the edge drains, its `/readyz` says so while the request in flight finishes.
+#[test]
+fn the_operations_listener_answers_while_the_edge_is_full_and_says_when_it_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("floodgate.toml");
+    std::fs::write(
+        &config,
+        "[ingest]\nmax_connections = 1\nidle_timeout_ms = 600000\nheader_read_timeout_ms = 600000\n\
+         body_timeout_ms = 600000\nrequest_timeout_ms = 600000\nshutdown_grace_ms = 600000\n",
+    )
+    .unwrap();
+    let mut child = common::floodgate()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--ops-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&config)
+        .env("FLOODGATE_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let mut addr_of = |what: &str| -> std::net::SocketAddr {
+        let line = lines.next().expect(what).unwrap();
+        assert!(line.contains(what), "{line}");
+        let addr = line.split("http://").nth(1).unwrap();
+        addr.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let edge = addr_of("listening on");
+    let ops = addr_of("operations on");
+    std::thread::spawn(move || for _ in lines {});
+    let server = Server {
+        child,
+        addr: edge,
+        data_dir: dir.path().join("data"),
+    };
+
+    // The edge's one connection: a batch whose body is half sent.
+    let body = serde_json::to_vec(&[booking("ops-1", "b-ops-1", "ev-ops", 1)]).unwrap();
+    let (first, rest) = body.split_at(body.len() / 2);
+    let mut slow = TcpStream::connect(edge).unwrap();
+    slow.write_all(
+        format!(
+            "POST /v1/events HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\
+             content-type: application/cloudevents-batch+json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    slow.write_all(first).unwrap();
+    let gauge = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("floodgate_ingest_open_connections "))
+            .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+    };
+    common::wait_for(30, "the edge to hold its one connection", || {
+        let metrics = common::request(ops, "GET", "/metrics", &[], None);
+        assert_eq!(metrics.status, 200);
+        assert!(
+            metrics
+                .header("content-type")
+                .unwrap()
+                .starts_with("text/plain"),
+            "{:?}",
+            metrics.headers
+        );
+        (gauge(&String::from_utf8_lossy(&metrics.body)) == Some(1)).then_some(())
+    });
+    let health = common::request(ops, "GET", "/healthz", &[], None);
+    assert_eq!(
+        (health.status, &health.json()["status"]),
+        (200, &"ok".into())
+    );
+    let ready = common::request(ops, "GET", "/readyz", &[], None);
+    assert_eq!(
+        (ready.status, &ready.json()["status"]),
+        (200, &"ready".into())
+    );
+    let events = common::post(ops, "/v1/events", Some("application/json"), &body, &[]);
+    assert_eq!(
+        events.status, 404,
+        "the operations listener takes no events"
+    );
+    assert_eq!(events.json()["error"]["code"], "not_found");
+    // The edge's own listener is full: a probe there waits in its accept queue.
+    let _waiting = TcpStream::connect(edge).unwrap();
+    common::wait_for(30, "the edge's accept queue to hold a probe", || {
+        (accept_queue(edge.port()) == 1).then_some(())
+    });
+
+    // SIGTERM: the edge drains (the slow request may still finish), and says so.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let draining = common::wait_for(30, "/readyz to say the edge drains", || {
+        let ready = common::request(ops, "GET", "/readyz", &[], None);
+        (ready.status == 503).then_some(ready)
+    });
+    assert_eq!(draining.json()["error"]["code"], "not_ready");
+    assert_eq!(
+        common::request(ops, "GET", "/healthz", &[], None).status,
+        200
+    );
+    slow.write_all(rest).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let answered = read_response(&mut slow).unwrap();
+    assert_eq!(
+        answered.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answered.body)
+    );
+    assert_eq!(answered.json()["results"][0]["status"], "accepted");
+    let mut server = server;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not exit after draining"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(stream_read(&server.data_dir, &[]).len(), 1);
 }
 
 /// `floodgate_ingest_open_connections` from /metrics, asked on the keep-alive `probe`.

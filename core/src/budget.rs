@@ -60,6 +60,11 @@ pub const CONNECTION_BYTES: u64 = CONNECTION_STATE_BYTES
         HTTP2_CONNECTION_WINDOW_BYTES + HTTP2_SEND_BUFFER_BYTES
     };
 
+/// Connections the operations endpoint (`/metrics`, `/healthz`, `/readyz`) serves at once:
+/// `floodgate process`'s listener, and the edge's `ingest.ops_listen`. Scrapers and probes
+/// need one or two; more wait in its accept queue.
+pub const OPS_CONNECTIONS: u64 = 32;
+
 /// One request's state besides its body and its events: its head and the handler's
 /// future. The edge charges it to `ingest.max_inflight_body_bytes` when it admits the
 /// request, so that requests waiting for their bodies, and the streams of an HTTP/2
@@ -225,6 +230,21 @@ impl MemoryBudget {
                 (2 * stream.max_queued_bytes).min(ingest.max_inflight_body_bytes),
                 "2 logs × stream.embedded.max_queued_bytes, at most ingest.max_inflight_body_bytes"
                     .to_owned(),
+            );
+        }
+        if role == Role::Process || (role.edge() && ingest.ops_listen.is_some()) {
+            line(
+                "operations endpoint",
+                OPS_CONNECTIONS * CONNECTION_BYTES,
+                format!(
+                    "{OPS_CONNECTIONS} connections × {} (/metrics, /healthz, /readyz{})",
+                    Human(CONNECTION_BYTES),
+                    if role == Role::Process {
+                        ""
+                    } else {
+                        " on ingest.ops_listen"
+                    }
+                ),
             );
         }
         let shards = u64::from(stream.shards);
@@ -478,10 +498,26 @@ mod tests {
         assert_eq!(process.line("dedupe window"), 0);
         assert_eq!(process.line("in-flight requests"), 0);
         assert_eq!(process.line("connections"), 0);
-        // Baseline and state are in all three; everything else in exactly one of the two.
+        // Baseline and state are in all three; the operations endpoint is process's own
+        // unless the edge is given one; everything else in exactly one of the two.
+        assert_eq!(process.line("operations endpoint"), 32 * CONNECTION_BYTES);
+        assert_eq!(serve.line("operations endpoint"), 0);
         let shared =
             BASELINE_BYTES + serve.line("state page cache") + serve.line("state memory map");
-        assert_eq!(ingest.total() + process.total(), serve.total() + shared);
+        assert_eq!(
+            ingest.total() + process.total(),
+            serve.total() + shared + process.line("operations endpoint")
+        );
+        let mut ops = c.clone();
+        ops.ingest.ops_listen = Some(([127, 0, 0, 1], 9090).into());
+        for role in [Role::Serve, Role::Ingest] {
+            let with = MemoryBudget::for_role(&ops, role);
+            assert_eq!(with.line("operations endpoint"), 32 * CONNECTION_BYTES);
+            assert_eq!(
+                with.total(),
+                MemoryBudget::for_role(&c, role).total() + 32 * CONNECTION_BYTES
+            );
+        }
         assert_eq!(process.lake_buffer_share, serve.lake_buffer_share);
     }
 

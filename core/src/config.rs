@@ -297,6 +297,12 @@ impl Default for LakeConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     pub listen: SocketAddr,
+    /// A second listener for operations only: `/metrics`, `/healthz` and `/readyz`, a few
+    /// connections of its own (`budget::OPS_CONNECTIONS`), no credentials. Scrapes and
+    /// probes then answer while `listen` is at `max_connections` and its accept queue is
+    /// full. The edge's own listener serves those routes too. Unset: no second listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops_listen: Option<SocketAddr>,
     /// Largest request body, after decompression.
     pub max_body_bytes: u64,
     /// Largest number of events in one request.
@@ -438,6 +444,7 @@ impl Default for IngestConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            ops_listen: None,
             max_body_bytes: 5 * MIB,
             max_batch_events: 500,
             shutdown_grace_ms: 30_000,
@@ -670,6 +677,12 @@ impl Config {
         if self.ingest.max_connections == 0 {
             return e("ingest.max_connections must be at least 1");
         }
+        if let Some(ops) = self.ingest.ops_listen
+            && ops.port() != 0
+            && ops == self.ingest.listen
+        {
+            return e("ingest.ops_listen must differ from ingest.listen");
+        }
         if self.ingest.header_read_timeout_ms == 0
             || self.ingest.body_timeout_ms == 0
             || self.ingest.request_timeout_ms == 0
@@ -787,6 +800,27 @@ mod tests {
         let c = Config::from_toml("[ingest]\nidle_timeout_ms = 0").unwrap();
         let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("idle_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn ops_listen_is_optional_and_apart_from_listen() {
+        assert_eq!(Config::default().ingest.ops_listen, None);
+        let c = Config::from_toml("[ingest]\nops_listen = \"127.0.0.1:9090\"").unwrap();
+        assert_eq!(c.ingest.ops_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        c.validate().unwrap();
+        assert!(
+            toml::to_string(&c)
+                .unwrap()
+                .contains("ops_listen = \"127.0.0.1:9090\"")
+        );
+        let c = Config::from_toml("[ingest]\nops_listen = \"127.0.0.1:8080\"").unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("ops_listen"), "{e}");
+        // Two ephemeral ports are two ports.
+        let c =
+            Config::from_toml("[ingest]\nlisten = \"127.0.0.1:0\"\nops_listen = \"127.0.0.1:0\"")
+                .unwrap();
+        c.validate().unwrap();
     }
 
     #[test]

@@ -288,7 +288,8 @@ impl App {
         }
     }
 
-    async fn ready(&self) -> Response<Body> {
+    /// The answer to `/readyz`: 200 while the stream takes appends.
+    pub(crate) async fn ready(&self) -> Response<Body> {
         match self.inner.stream.check_writable().await {
             Ok(()) => response::json(StatusCode::OK, &json!({"status": "ready"})),
             Err(e) => EdgeError::NotReady(e.to_string()).into_response(),

@@ -1,8 +1,10 @@
-//! The operations endpoint of a process that runs no edge (`floodgate process`):
-//! `GET /metrics` for Prometheus, `GET /healthz` (the process answers) and `GET /readyz`
-//! (its processors are running), so that workers, and all of their lag, are scraped and
-//! probed like the edge. HTTP/1.1 only, a few connections at a time, no credentials: it
-//! serves nothing but these three routes.
+//! The operations endpoint: `GET /metrics` for Prometheus, `GET /healthz` (the process
+//! answers) and `GET /readyz`, on a listener of its own. `floodgate process`, which runs no
+//! edge, is scraped and probed here, so that workers, and all of their lag, are watched like
+//! the edge. The edge serves these routes on its own listener too, and here as well when
+//! `ingest.ops_listen` is set: there a scrape or a probe does not wait behind clients for
+//! one of `ingest.max_connections`. HTTP/1.1 only, a few connections at a time
+//! ([`OPS_CONNECTIONS`]), no credentials: it serves nothing but these three routes.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,14 +21,14 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::response::{self, Body};
+use floodgate_core::budget::{HTTP1_BUFFER_BYTES, OPS_CONNECTIONS};
 
-/// Connections served at once; scrapers and probes need one or two.
-const MAX_CONNECTIONS: usize = 32;
+use crate::App;
+use crate::response::{self, Body};
 /// A scraper sends its headers at once; a connection that does not is dropped.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Whether the processors run: set once they have started, cleared when they stop.
+/// A flag for `/readyz`: set once what it stands for runs, cleared when it stops.
 #[derive(Debug, Default)]
 pub struct Readiness(AtomicBool);
 
@@ -40,14 +42,47 @@ impl Readiness {
     }
 }
 
+/// What `/readyz` answers from.
+#[derive(Clone, Debug)]
+pub enum Probe {
+    /// `floodgate process`: its processors run.
+    Processors(Arc<Readiness>),
+    /// The edge's `ingest.ops_listen`: the edge serves (it is not starting or draining),
+    /// and its stream takes appends, as the edge's own `/readyz` says.
+    Edge { app: App, serving: Arc<Readiness> },
+}
+
+impl Probe {
+    async fn ready(&self) -> Response<Body> {
+        match self {
+            Probe::Processors(running) if running.get() => ready(),
+            Probe::Processors(_) => response::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "the processors are not running (starting or stopping)",
+            ),
+            Probe::Edge { app, serving } if serving.get() => app.ready().await,
+            Probe::Edge { .. } => response::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "the edge is not serving (starting or draining)",
+            ),
+        }
+    }
+}
+
+fn ready() -> Response<Body> {
+    response::json(StatusCode::OK, &json!({"status": "ready"}))
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     metrics: PrometheusHandle,
-    ready: Arc<Readiness>,
+    probe: Probe,
     shutdown: impl Future<Output = ()>,
 ) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let permits = Arc::new(tokio::sync::Semaphore::new(OPS_CONNECTIONS as usize));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -65,15 +100,16 @@ pub async fn serve(
             },
             () = &mut shutdown => return,
         };
-        let (metrics, ready) = (metrics.clone(), ready.clone());
+        let (metrics, probe) = (metrics.clone(), probe.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let resp = route(&req, &metrics, &ready);
-                async move { Ok::<_, Infallible>(resp) }
+                let (metrics, probe) = (metrics.clone(), probe.clone());
+                async move { Ok::<_, Infallible>(route(&req, &metrics, &probe).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(HTTP1_BUFFER_BYTES as usize)
                 .serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "operations endpoint: connection ended with an error");
@@ -83,7 +119,7 @@ pub async fn serve(
     }
 }
 
-fn route<B>(req: &Request<B>, metrics: &PrometheusHandle, ready: &Readiness) -> Response<Body> {
+async fn route<B>(req: &Request<B>, metrics: &PrometheusHandle, probe: &Probe) -> Response<Body> {
     let path = req.uri().path();
     if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
         return response::error(
@@ -111,11 +147,6 @@ fn route<B>(req: &Request<B>, metrics: &PrometheusHandle, ready: &Readiness) -> 
             Bytes::from(crate::telemetry::render(metrics)),
         ),
         "/healthz" => response::json(StatusCode::OK, &json!({"status": "ok"})),
-        _ if ready.get() => response::json(StatusCode::OK, &json!({"status": "ready"})),
-        _ => response::error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "the processors are not running (starting or stopping)",
-        ),
+        _ => probe.ready().await,
     }
 }

@@ -68,12 +68,9 @@ pub(crate) fn rebuild(
     to_prefix: Option<String>,
 ) -> Result<()> {
     let config = effective_config(&ServeArgs {
-        listen: None,
         data_dir: Some(data_dir),
         config: config_path,
-        schemas: None,
-        shards: None,
-        insecure_no_auth: false,
+        ..ServeArgs::default()
     })?;
     let registry = load_registry(config.schemas_dir.as_deref())?;
     let tables = floodgate_core::lake::tables(&registry)?;

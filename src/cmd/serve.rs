@@ -234,7 +234,7 @@ pub(crate) fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
                 .context("cannot set up [ingest.auth]")?,
         );
         auth.spawn_refresh();
-        let mut app = App::builder(registry, writer, metrics)
+        let mut app = App::builder(registry, writer, metrics.clone())
             .limits(Limits::from_config(&config.ingest))
             .state(state)
             .auth(auth);
@@ -254,8 +254,45 @@ pub(crate) fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", config.ingest.listen))?;
         let addr = listener.local_addr()?;
-        let shutdown = shutdown_signal();
+        // The operations listener answers from the edge's start to the end of its drain
+        // (/readyz 503 once draining), and stops after the processors.
+        let serving = Arc::new(floodgate_ingest::ops::Readiness::default());
+        let ops = match config.ingest.ops_listen {
+            Some(ops_addr) => {
+                let ops_listener = tokio::net::TcpListener::bind(ops_addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {ops_addr} (ops_listen)"))?;
+                let ops_addr = ops_listener.local_addr()?;
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let task = tokio::spawn(floodgate_ingest::ops::serve(
+                    ops_listener,
+                    metrics.clone(),
+                    floodgate_ingest::ops::Probe::Edge {
+                        app: app.clone(),
+                        serving: serving.clone(),
+                    },
+                    async move {
+                        let _ = stopped.await;
+                    },
+                ));
+                Some((ops_addr, stop, task))
+            }
+            None => None,
+        };
+        let shutdown = {
+            // Made now: the signals are caught from here on.
+            let signal = shutdown_signal();
+            let serving = serving.clone();
+            async move {
+                signal.await;
+                serving.set(false);
+            }
+        };
+        serving.set(true);
         println!("floodgate listening on http://{addr}");
+        if let Some((ops_addr, _, _)) = &ops {
+            println!("floodgate operations on http://{ops_addr} (/metrics, /healthz, /readyz)");
+        }
         io::stdout().flush()?;
         tracing::info!(%addr, data_dir = %config.data_dir.display(), processors = with_processors, "serving");
         floodgate_ingest::server::serve(
@@ -268,6 +305,10 @@ pub(crate) fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
         if let Some(p) = processors {
             p.stop().await;
             tracing::info!("processors stopped");
+        }
+        if let Some((_, stop, task)) = ops {
+            let _ = stop.send(());
+            let _ = task.await;
         }
         stream.close().await?;
         quarantine.close().await?;
@@ -282,12 +323,9 @@ pub(crate) fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
 
 pub(crate) fn process(args: ProcessArgs) -> Result<()> {
     let config_args = ServeArgs {
-        listen: None,
         data_dir: args.data_dir,
         config: args.config,
-        schemas: None,
-        shards: None,
-        insecure_no_auth: false,
+        ..ServeArgs::default()
     };
     let config = effective_config(&config_args)?;
     eprintln!(
@@ -318,7 +356,7 @@ pub(crate) fn process(args: ProcessArgs) -> Result<()> {
         let ops = tokio::spawn(floodgate_ingest::ops::serve(
             listener,
             metrics,
-            ready.clone(),
+            floodgate_ingest::ops::Probe::Processors(ready.clone()),
             async move {
                 let _ = ops_stopped.await;
             },
