@@ -12,7 +12,7 @@
 //! [stream.embedded]
 //! shards = 4
 //! group_commit_max_delay_us = 0
-//! group_commit_linger_us = 2000
+//! group_commit_linger_us = 0
 //! compression = "zstd"      # or "lz4" (less CPU, 2.4x the bytes), or "none"
 //! ```
 
@@ -558,7 +558,11 @@ pub struct EmbeddedStreamConfig {
     /// While the edge is busy (at least 16 requests in progress), wait up to this long for
     /// more appends before writing and fsyncing a group: fewer, larger fsyncs under load,
     /// and the CPU each fsync costs goes to the edge instead. A group stops waiting soon
-    /// after the edge quietens, so a few producers' appends are never held. 0: never.
+    /// after the edge quietens, so a few producers' appends are never held. 0 (the
+    /// default): never; the appends that arrive during one group's fsync make the next.
+    /// Lingering pays only where the edge is short of CPU: with the edge's check at
+    /// 1.4 µs an event, 2 ms of it halved `ingest`'s closed-loop throughput (32 producers)
+    /// and saved `serve` nothing measurable.
     pub group_commit_linger_us: u64,
     /// Upper bound on the bytes written per fsync group.
     pub group_commit_max_bytes: u64,
@@ -576,7 +580,7 @@ impl Default for EmbeddedStreamConfig {
             segment_bytes: 128 * MIB,
             retention_bytes: 0,
             group_commit_max_delay_us: 0,
-            group_commit_linger_us: 2000,
+            group_commit_linger_us: 0,
             group_commit_max_bytes: 16 * MIB,
             compression: Compression::Zstd,
             max_queued_bytes: 256 * MIB,
