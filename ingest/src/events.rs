@@ -124,7 +124,7 @@ enum ReadError {
 /// another for the connection's next read) while the charge counted only the slice. The
 /// body grows geometrically, never past its declared length, and is charged by its
 /// capacity: what it holds in memory, its length when the length was declared, and at
-/// most twice what it has sent when it was not (see [`grown_capacity`]).
+/// most twice what it has sent when it was not.
 async fn read_body<B>(
     body: B,
     max: u64,
@@ -148,7 +148,7 @@ where
             return Err(ReadError::TooLarge);
         }
         if need > buf.capacity() {
-            let grown = grown_capacity(buf.capacity(), need, ceiling, declared.is_some());
+            let grown = (2 * buf.capacity()).min(ceiling).max(need);
             if !charge.add((grown - buf.capacity()) as u64) {
                 return Err(ReadError::OverBudget);
             }
@@ -159,23 +159,6 @@ where
     // A body sent without a length keeps its spare capacity, charged: a shrink would move
     // nothing (allocators keep a block that shrinks by less than half).
     Ok(Bytes::from(buf))
-}
-
-/// A declared body up to this size is allocated whole when its first bytes arrive: one
-/// allocation, no copies as it grows (a batch of a hundred events is about 35 KiB, and
-/// arrives in two or three frames). A larger one starts here and doubles.
-const WHOLE_BODY_BYTES: usize = 64 * 1024;
-
-/// The capacity a body's buffer grows to when it must hold `need` bytes: twice what it
-/// had, never past `ceiling` (its declared length, or the limit), and at least `need`. A
-/// declared body's first allocation is its whole length up to [`WHOLE_BODY_BYTES`].
-fn grown_capacity(capacity: usize, need: usize, ceiling: usize, declared: bool) -> usize {
-    let doubled = if capacity == 0 && declared {
-        WHOLE_BODY_BYTES
-    } else {
-        2 * capacity
-    };
-    doubled.min(ceiling).max(need)
 }
 
 /// A request's claims in the dedupe window, with the index of the record each claimed
@@ -1184,30 +1167,6 @@ mod tests {
             })
             .collect();
         (Frames(frames), all)
-    }
-
-    /// A declared body of a batch's size is allocated once; a larger one, and one sent
-    /// without a length, double from what has arrived, never past the declared length.
-    #[test]
-    fn a_body_grows_in_few_allocations() {
-        let grow = |declared: Option<usize>, frames: &[usize]| {
-            let ceiling = declared.unwrap_or(5 << 20);
-            let (mut capacity, mut len, mut sizes) = (0, 0, Vec::new());
-            for f in frames {
-                len += f;
-                if len > capacity {
-                    capacity = grown_capacity(capacity, len, ceiling, declared.is_some());
-                    sizes.push(capacity / 1024);
-                }
-            }
-            sizes
-        };
-        let k = 1024;
-        assert_eq!(grow(Some(35 * k), &[8 * k, 16 * k, 11 * k]), [35]);
-        assert_eq!(grow(Some(64 * k), &[64 * k]), [64]);
-        assert_eq!(grow(Some(100 * k), &[8 * k, 60 * k, 32 * k]), [64, 100]);
-        assert_eq!(grow(Some(300 * k), &[100 * k; 3]), [100, 200, 300]);
-        assert_eq!(grow(None, &[8 * k, 16 * k, 11 * k]), [8, 24, 48]);
     }
 
     /// A body is read into a buffer of its own, charged by what that buffer holds: its
