@@ -31,10 +31,13 @@ COPY --from=build /out/usr/local/bin/floodgate /usr/local/bin/floodgate
 COPY --from=build --chown=65532:65532 /out/var/lib/floodgate /var/lib/floodgate
 USER 65532:65532
 ENV FLOODGATE_DATA_DIR=/var/lib/floodgate
+# serve and ingest also answer /metrics, /healthz and /readyz on 9092, apart from clients,
+# so that the health check answers while the edge is at its connection limit.
+ENV FLOODGATE_OPS_LISTEN=127.0.0.1:9092
 VOLUME ["/var/lib/floodgate"]
 # 8080: the edge (serve, ingest); 9091: the workers' /metrics, /healthz, /readyz (process --listen).
 EXPOSE 8080 9091
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-  CMD ["/usr/local/bin/floodgate", "healthcheck"]
+  CMD ["/usr/local/bin/floodgate", "healthcheck", "--url", "http://127.0.0.1:9092/healthz"]
 ENTRYPOINT ["/usr/local/bin/floodgate"]
 CMD ["serve", "--listen", "0.0.0.0:8080"]

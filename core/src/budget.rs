@@ -509,7 +509,7 @@ mod tests {
             serve.total() + shared + process.line("operations endpoint")
         );
         let mut ops = c.clone();
-        ops.ingest.ops_listen = Some(([127, 0, 0, 1], 9090).into());
+        ops.ingest.ops_listen = Some(([127, 0, 0, 1], 9092).into());
         for role in [Role::Serve, Role::Ingest] {
             let with = MemoryBudget::for_role(&ops, role);
             assert_eq!(with.line("operations endpoint"), 32 * CONNECTION_BYTES);

@@ -809,13 +809,13 @@ mod tests {
     #[test]
     fn ops_listen_is_optional_and_apart_from_listen() {
         assert_eq!(Config::default().ingest.ops_listen, None);
-        let c = Config::from_toml("[ingest]\nops_listen = \"127.0.0.1:9090\"").unwrap();
-        assert_eq!(c.ingest.ops_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        let c = Config::from_toml("[ingest]\nops_listen = \"127.0.0.1:9092\"").unwrap();
+        assert_eq!(c.ingest.ops_listen, Some("127.0.0.1:9092".parse().unwrap()));
         c.validate().unwrap();
         assert!(
             toml::to_string(&c)
                 .unwrap()
-                .contains("ops_listen = \"127.0.0.1:9090\"")
+                .contains("ops_listen = \"127.0.0.1:9092\"")
         );
         let c = Config::from_toml("[ingest]\nops_listen = \"127.0.0.1:8080\"").unwrap();
         let e = c.validate().unwrap_err();

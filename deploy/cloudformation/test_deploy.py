@@ -351,6 +351,11 @@ class Deployment:
         )
         expect(c["healthCheck"]["command"][:3] == ["CMD", "/usr/local/bin/floodgate", "healthcheck"],
                f"health check {c['healthCheck']}")
+        if lid.startswith("Edge"):
+            # Probed on the operations listener, which answers while the edge is full.
+            expect("--ops-listen 127.0.0.1:9092" in command, f"command {command}")
+            expect(c["healthCheck"]["command"][3:] == ["--url", "http://127.0.0.1:9092/healthz"],
+                   f"health check {c['healthCheck']}")
         secrets = {x["name"]: x["valueFrom"] for x in c.get("secrets", [])}
         expect(secrets.get("FLOODGATE_CONFIG_TOML") == self.physical["Config"], f"secrets {secrets}")
         expect(c.get("stopTimeout", 0) > 30, f"stop timeout {c.get('stopTimeout')}")

@@ -204,6 +204,15 @@ pub(crate) fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
         let metrics = floodgate_ingest::telemetry::install();
         floodgate_ingest::telemetry::spawn_upkeep(metrics.clone());
         floodgate_ingest::telemetry::spawn_disk_gauges(config.data_dir.clone());
+        // Bound before anything starts, so that a taken port stops the start-up cleanly.
+        let ops_listener = match config.ingest.ops_listen {
+            Some(ops_addr) => Some(
+                tokio::net::TcpListener::bind(ops_addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {ops_addr} (ops_listen)"))?,
+            ),
+            None => None,
+        };
         let stream = Stream::for_edge(&config).await?;
         let quarantine = Quarantine::for_edge(&config).await?;
         let state = open_state(&config).await?;
@@ -257,11 +266,8 @@ pub(crate) fn serve(args: ServeArgs, with_processors: bool) -> Result<()> {
         // The operations listener answers from the edge's start to the end of its drain
         // (/readyz 503 once draining), and stops after the processors.
         let serving = Arc::new(floodgate_ingest::ops::Readiness::default());
-        let ops = match config.ingest.ops_listen {
-            Some(ops_addr) => {
-                let ops_listener = tokio::net::TcpListener::bind(ops_addr)
-                    .await
-                    .with_context(|| format!("cannot listen on {ops_addr} (ops_listen)"))?;
+        let ops = match ops_listener {
+            Some(ops_listener) => {
                 let ops_addr = ops_listener.local_addr()?;
                 let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
                 let task = tokio::spawn(floodgate_ingest::ops::serve(
