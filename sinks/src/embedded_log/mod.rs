@@ -92,6 +92,17 @@ const LINGER_SLICE: Duration = Duration::from_micros(250);
 pub const LINGER_MIN_IN_PROGRESS: usize = 16;
 
 const PUBLISH_RETRY: Duration = Duration::from_secs(1);
+/// Once this much of a segment has been written since its last writeback began, the writer
+/// asks the kernel to start writing it back ([`segment::start_writeback`]), without waiting.
+/// A checkpoint's fsync of the segments then finds most pages already on their way. Left to
+/// the kernel, every page written since the last checkpoint (8 MiB of journal's worth) was
+/// still dirty at the fsync, and the writer stopped 5-10 ms at every checkpoint, about once
+/// a second at 750,000 events/s: the requests that came meanwhile waited for it, and
+/// `ingest`'s open-loop p99 at that rate stood at 15-340 ms. Starting each MiB's writeback
+/// as it is written brought checkpoints under 2.5 ms (measured with the kernel's own
+/// background writeback at 1 MiB). Durability does not change: only the journal's fsync
+/// acknowledges, and a checkpoint still fsyncs every segment.
+const WRITEBACK_BYTES: u64 = 1024 * 1024;
 /// Frames are cut at about this many uncompressed bytes.
 const FRAME_TARGET_BYTES: usize = 1024 * 1024;
 /// The largest record (key + payload) the log takes; the Kinesis limit, so that anything
@@ -402,6 +413,7 @@ impl EmbeddedLog {
                 publish_pending: false,
                 segment_base: active.base,
                 segment_len: recovered.valid_len,
+                writeback_from: recovered.valid_len,
                 dirty: false,
                 next_seq: recovered.next_sequence,
                 segment_bytes: cfg.segment_bytes,
@@ -1066,6 +1078,9 @@ struct ShardWriter {
     /// The active segment's first sequence (its name).
     segment_base: u64,
     segment_len: u64,
+    /// Where in the active segment the bytes begin whose writeback has not been started
+    /// ([`WRITEBACK_BYTES`]).
+    writeback_from: u64,
     /// Written since the last checkpoint: the journal holds frames the segment may not
     /// hold durably yet.
     dirty: bool,
@@ -1220,6 +1235,7 @@ impl LogWriter {
         for s in self.shards.iter_mut().filter(|s| s.dirty) {
             failpoint::sync_data(&s.file, &s.shared.dir)?;
             s.dirty = false;
+            s.writeback_from = s.segment_len;
         }
         // The segments now hold every entry's frames durably: a new generation leaves
         // them behind, and its entries overwrite theirs.
@@ -1363,6 +1379,10 @@ impl LogWriter {
             let _ = req.reply.send(outcome);
         }
         self.queued_bytes.fetch_sub(released, Ordering::AcqRel);
+        // After the answers, so that they never wait for it.
+        for s in &mut self.shards {
+            s.start_writeback_if_due();
+        }
     }
 
     /// Writes the group's journal entries and fsyncs the journal; then the shards' new
@@ -1456,6 +1476,13 @@ impl LogWriter {
     }
 }
 
+/// The range (offset, length) of a segment whose writeback is due, when `written` bytes of
+/// it are written and the writeback of those from `from` on has not begun.
+fn writeback_due(from: u64, written: u64) -> Option<(u64, u64)> {
+    let len = written.checked_sub(from)?;
+    (len >= WRITEBACK_BYTES).then_some((from, len))
+}
+
 impl ShardWriter {
     /// Publishes `next` as the durable watermark for readers in other processes. A failure
     /// leaves the old (lower) value in place, which is safe: those readers only lag until a
@@ -1536,6 +1563,19 @@ impl ShardWriter {
         metrics::counter!("floodgate_stream_write_errors_total").increment(1);
     }
 
+    /// Starts the writeback of what was written since the last one began, once that is
+    /// [`WRITEBACK_BYTES`] or more.
+    fn start_writeback_if_due(&mut self) {
+        let Some((offset, len)) = writeback_due(self.writeback_from, self.segment_len) else {
+            return;
+        };
+        self.writeback_from = offset + len;
+        if let Err(e) = segment::start_writeback(&self.file, offset, len) {
+            // Only a hint: the checkpoint's fsync writes whatever it did not.
+            tracing::debug!(shard = self.index, error = %e, "could not start a segment's writeback");
+        }
+    }
+
     fn roll(&mut self) -> io::Result<()> {
         failpoint::sync_all(&self.file, &self.shared.dir)?;
         let path = segment::segment_path(&self.shared.dir, self.next_seq);
@@ -1547,6 +1587,7 @@ impl ShardWriter {
         self.file = file;
         self.segment_base = self.next_seq;
         self.segment_len = 0;
+        self.writeback_from = 0;
         self.dirty = false;
         tracing::debug!(shard = self.index, base = self.next_seq, "rolled segment");
         if self.retention_bytes > 0
@@ -1599,6 +1640,42 @@ impl ShardWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every byte written has its writeback started once, in order, a MiB or more at a
+    /// time: the ranges run on from each other and never past what was written.
+    #[test]
+    fn writeback_is_started_for_each_mib_written_and_never_twice() {
+        let mut from = 0;
+        let mut started = Vec::new();
+        let mut written = 0;
+        // Groups of odd sizes, as a writer appends them.
+        for group in [300_000u64, 700_000, 48_576, 1, 2_000_000, 10, 1_048_575, 5] {
+            written += group;
+            if let Some((offset, len)) = writeback_due(from, written) {
+                assert!(len >= WRITEBACK_BYTES && offset + len == written);
+                started.push((offset, len));
+                from = offset + len;
+            }
+        }
+        assert_eq!(
+            started,
+            [
+                (0, 1_048_576),
+                (1_048_576, 2_000_001),
+                (3_048_577, 1_048_585)
+            ]
+        );
+        // Nothing is due below a MiB, nor for a range that a checkpoint already covered
+        // (the writer's `from` then stands past what it had written).
+        assert_eq!(writeback_due(from, from + WRITEBACK_BYTES - 1), None);
+        assert_eq!(writeback_due(from + 10, from), None);
+        // The call itself, on a real file: a hint the kernel takes, for any range.
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = File::create(dir.path().join("seg")).unwrap();
+        std::io::Write::write_all(&mut f, &vec![7u8; 2 * WRITEBACK_BYTES as usize]).unwrap();
+        segment::start_writeback(&f, 0, 2 * WRITEBACK_BYTES).unwrap();
+        segment::start_writeback(&f, WRITEBACK_BYTES, 10 * WRITEBACK_BYTES).unwrap();
+    }
 
     /// Runs `test` with a new one-shard log in a temp dir (given too), on a runtime of its own.
     fn on_one_shard(test: impl AsyncFnOnce(EmbeddedLog, &Path)) {

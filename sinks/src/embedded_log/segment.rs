@@ -119,6 +119,35 @@ impl Watermark {
     }
 }
 
+/// Asks the kernel to start writing `len` bytes of `file` from `offset` back to the disk,
+/// and returns without waiting for it (`sync_file_range(2)`, `SYNC_FILE_RANGE_WRITE`). It
+/// makes nothing durable (no metadata, no flush of the disk's cache): it only spreads the
+/// writing that a later fsync would otherwise do all at once. Elsewhere than Linux, nothing.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: the call reads and writes no memory of this process; the descriptor is
+    // borrowed from `file`, open for the whole call.
+    let done = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Elsewhere than Linux the kernel writes back on its own schedule.
+#[cfg(not(target_os = "linux"))]
+pub fn start_writeback(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
+    Ok(())
+}
+
 pub fn encode_watermark(next: u64) -> [u8; WATERMARK_LEN] {
     let mut out = [0u8; WATERMARK_LEN];
     let value = next.to_le_bytes();
