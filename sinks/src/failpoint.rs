@@ -2,7 +2,8 @@
 //!
 //! Every write, fsync and undo (`set_len`) that an acknowledgement stands on — the log's
 //! segment writes and fsyncs, the outbox's lines, checkpoint files — goes through the
-//! functions here. Without the feature they are the plain `std` calls, inlined: nothing is
+//! functions here, and so does the hint that starts a segment's writeback early, whose
+//! failure must cost nothing. Without the feature they are the plain `std` calls, inlined: nothing is
 //! checked and nothing is recorded. With it, a test can:
 //!
 //! - `arm` a `Fault` (EIO, ENOSPC, or a short write that then fails with ENOSPC) for one
@@ -34,6 +35,9 @@ pub enum Op {
     Sync,
     /// `set_len`: the undo of a failed write, or the cut of a torn tail.
     SetLen,
+    /// The hint that starts a segment range's writeback (`sync_file_range`), which makes
+    /// nothing durable: its failure must cost nothing.
+    Writeback,
 }
 
 /// What an armed operation does instead of its work.
@@ -79,16 +83,26 @@ mod off {
     pub(crate) fn set_len(file: &File, len: u64, _at: &Path) -> io::Result<()> {
         file.set_len(len)
     }
+
+    #[inline(always)]
+    pub(crate) fn start_writeback(
+        file: &File,
+        offset: u64,
+        len: u64,
+        _at: &Path,
+    ) -> io::Result<()> {
+        crate::embedded_log::start_writeback(file, offset, len)
+    }
 }
 
 #[cfg(not(feature = "failpoints"))]
-pub(crate) use off::{set_len, sync_all, sync_data, write_all, write_all_at};
+pub(crate) use off::{set_len, start_writeback, sync_all, sync_data, write_all, write_all_at};
 
 #[cfg(feature = "failpoints")]
 pub use on::{Armed, Watch, arm, arm_times, watch};
 
 #[cfg(feature = "failpoints")]
-pub(crate) use on::{set_len, sync_all, sync_data, write_all, write_all_at};
+pub(crate) use on::{set_len, start_writeback, sync_all, sync_data, write_all, write_all_at};
 
 #[cfg(feature = "failpoints")]
 mod on {
@@ -451,5 +465,16 @@ mod on {
         // What an undo cut is gone whether or not it was durable.
         record(file, at, |durable, _| durable.min(len));
         Ok(())
+    }
+
+    pub(crate) fn start_writeback(file: &File, offset: u64, len: u64, at: &Path) -> io::Result<()> {
+        if ACTIVE.load(Ordering::Acquire) == 0 {
+            return crate::embedded_log::start_writeback(file, offset, len);
+        }
+        // Recorded nowhere: the watch's power cut loses what it hinted at as before.
+        if let Some(fault) = fault_for(Op::Writeback, at) {
+            return Err(error(fault));
+        }
+        crate::embedded_log::start_writeback(file, offset, len)
     }
 }

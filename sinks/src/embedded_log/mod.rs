@@ -42,6 +42,8 @@ mod segment;
 pub mod snapshot;
 pub mod verify;
 
+pub(crate) use segment::start_writeback;
+
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -1571,9 +1573,18 @@ impl ShardWriter {
             return;
         };
         self.writeback_from = offset + len;
-        if let Err(e) = segment::start_writeback(&self.file, offset, len) {
-            // Only a hint: the checkpoint's fsync writes whatever it did not.
-            tracing::debug!(shard = self.index, error = %e, "could not start a segment's writeback");
+        if let Err(e) = failpoint::start_writeback(&self.file, offset, len, &self.shared.dir) {
+            // Only a hint: the checkpoint's fsync writes whatever it did not, and reports
+            // the disk's error if there is one. A file system without the call says so
+            // every time, which is not worth a warning.
+            match e.kind() {
+                io::ErrorKind::Unsupported | io::ErrorKind::InvalidInput => {
+                    tracing::debug!(shard = self.index, error = %e, "could not start a segment's writeback")
+                }
+                _ => {
+                    tracing::warn!(shard = self.index, error = %e, "could not start a segment's writeback")
+                }
+            }
         }
     }
 

@@ -130,6 +130,8 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     };
+    // WRITE only, never a WAIT flag: waiting would block the writer, and it would take
+    // (and clear) a writeback error that the checkpoint's fdatasync must see and fail on.
     // SAFETY: the call reads and writes no memory of this process; the descriptor is
     // borrowed from `file`, open for the whole call.
     let done = unsafe {
