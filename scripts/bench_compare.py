@@ -9,7 +9,12 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
+
+# Benches that time third-party code only (the log's codecs on a fixed frame): when they
+# moved as much as the rest, the host changed, not the code.
+HOST_PROBES = "codec/"
 
 
 def read_runs(root):
@@ -100,6 +105,15 @@ def main():
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    probes = [runs[k][0] / baseline[k]["median_ns"]
+              for k in runs if k.startswith(HOST_PROBES) and k in baseline]
+    if probes:
+        host = statistics.median(probes)
+        if abs(host - 1) * 100 > a.threshold:
+            print(f"\nthe host is not the baseline's: the {HOST_PROBES}* benches, which time "
+                  f"only third-party code, take {host:.2f}x their baseline time (median of "
+                  f"{len(probes)}). Compare on one host: --save at the old commit here, "
+                  "then run the new one.")
     if slower:
         print(f"\n{len(slower)} bench(es) more than {a.threshold:g}% slower than the baseline: "
               + ", ".join(slower))
