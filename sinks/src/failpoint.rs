@@ -3,8 +3,8 @@
 //! Every write, fsync and undo (`set_len`) that an acknowledgement stands on — the log's
 //! segment writes and fsyncs, the outbox's lines, checkpoint files — goes through the
 //! functions here, and so does the hint that starts a segment's writeback early, whose
-//! failure must cost nothing. Without the feature they are the plain `std` calls, inlined: nothing is
-//! checked and nothing is recorded. With it, a test can:
+//! failure must cost nothing. Without the feature they are the plain calls, inlined:
+//! nothing is checked and nothing is recorded. With it, a test can:
 //!
 //! - `arm` a `Fault` (EIO, ENOSPC, or a short write that then fails with ENOSPC) for one
 //!   kind of `Op` on the files under one path. Faults are scoped by path so that tests
